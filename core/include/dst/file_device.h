@@ -1,0 +1,45 @@
+// FileDevice: a BlockDevice over a regular file or a block device.
+//
+// I/O runs on a small pool of worker threads doing pread/pwrite (never on an event loop).
+// With direct_io the file is opened O_DIRECT; requests whose buffer or offset are not aligned
+// to the device's direct-I/O alignment go through a second, buffered descriptor, which Linux
+// keeps coherent with direct I/O.
+//
+// Durability: a write completes when the kernel has it (page cache); kIoFua writes use
+// RWF_DSYNC; a flush is fdatasync().  Trim punches a hole (BLKDISCARD on block devices);
+// write-zeroes uses FALLOC_FL_ZERO_RANGE (BLKZEROOUT), falling back to writing zeroes.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "dst/block_device.h"
+
+namespace dst {
+
+struct FileDeviceOptions {
+  bool read_only = false;
+  bool direct_io = false;
+  bool create = false;          // create the file if missing (needs size)
+  std::uint64_t size = 0;       // 0: use the file's size; else truncate/extend a new file to this
+  int io_threads = 4;
+};
+
+class FileDevice : public BlockDevice {
+ public:
+  static Result<std::shared_ptr<FileDevice>> Open(const std::string& path,
+                                                  const FileDeviceOptions& opts = {});
+  ~FileDevice() override;
+
+  DeviceInfo Info() const override;
+  void Submit(IoRequest* req) override;
+  std::string Describe() const override;
+  const std::string& path() const;
+
+  class Impl;
+ private:
+  explicit FileDevice(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace dst

@@ -1,0 +1,231 @@
+#include "dst/file_device.h"
+
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#ifndef STATX_DIOALIGN
+#define STATX_DIOALIGN 0x00002000U
+#endif
+
+namespace dst {
+
+class FileDevice::Impl {
+ public:
+  ~Impl() {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+    if (direct_fd_ >= 0) ::close(direct_fd_);
+    if (fd_ >= 0) ::close(fd_);
+  }
+
+  Status Open(const std::string& path, const FileDeviceOptions& o) {
+    path_ = path;
+    int flags = (o.read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC;
+    if (o.create && !o.read_only) flags |= O_CREAT;
+    fd_ = ::open(path.c_str(), flags, 0644);
+    if (fd_ < 0) return Status::FromErrno(errno, "open " + path);
+    struct stat st;
+    if (fstat(fd_, &st) != 0) return Status::FromErrno(errno, "stat " + path);
+    is_blockdev_ = S_ISBLK(st.st_mode);
+    if (!is_blockdev_ && !S_ISREG(st.st_mode))
+      return Status::InvalidArgument(path + " is neither a regular file nor a block device");
+    if (is_blockdev_) {
+      uint64_t bytes = 0;
+      if (ioctl(fd_, BLKGETSIZE64, &bytes) != 0) return Status::FromErrno(errno, "BLKGETSIZE64 " + path);
+      info_.size = bytes;
+      int ss = 512;
+      if (ioctl(fd_, BLKSSZGET, &ss) == 0 && ss > 0) info_.logical_block_size = ss;
+      dio_align_ = info_.logical_block_size;
+    } else {
+      if (o.size && static_cast<uint64_t>(st.st_size) != o.size && (o.create || st.st_size == 0)) {
+        if (ftruncate(fd_, static_cast<off_t>(o.size)) != 0)
+          return Status::FromErrno(errno, "truncate " + path);
+        st.st_size = static_cast<off_t>(o.size);
+      }
+      info_.size = static_cast<uint64_t>(st.st_size);
+      info_.logical_block_size = 512;
+      dio_align_ = 4096;
+      struct statx sx;
+      if (statx(fd_, "", AT_EMPTY_PATH, STATX_DIOALIGN, &sx) == 0 && (sx.stx_mask & STATX_DIOALIGN) &&
+          sx.stx_dio_offset_align > 0) {
+        dio_align_ = std::max<uint32_t>(sx.stx_dio_offset_align, sx.stx_dio_mem_align);
+      }
+    }
+    // Round the exported size down to whole blocks.
+    info_.size -= info_.size % info_.logical_block_size;
+    info_.read_only = o.read_only;
+    info_.max_io_bytes = 32u << 20;
+    if (o.direct_io) {
+      direct_fd_ = ::open(path.c_str(), (flags & ~O_CREAT) | O_DIRECT, 0644);
+      if (direct_fd_ < 0) return Status::FromErrno(errno, "open O_DIRECT " + path);
+    }
+    int n = o.io_threads > 0 ? o.io_threads : 1;
+    for (int i = 0; i < n; ++i) workers_.emplace_back([this] { Run(); });
+    return Status::OK();
+  }
+
+  void Submit(IoRequest* req) {
+    Status st = ValidateRequest(info_, *req);
+    if (!st.ok()) {
+      req->done(req, std::move(st));
+      return;
+    }
+    req->link = nullptr;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (tail_) tail_->link = req; else head_ = req;
+      tail_ = req;
+    }
+    cv_.notify_one();
+  }
+
+  DeviceInfo info_;
+  std::string path_;
+
+ private:
+  void Run() {
+    for (;;) {
+      IoRequest* req;
+      {
+        std::unique_lock<std::mutex> l(mu_);
+        cv_.wait(l, [&] { return stopping_ || head_; });
+        if (!head_) return;  // stopping and drained
+        req = head_;
+        head_ = req->link;
+        if (!head_) tail_ = nullptr;
+      }
+      req->done(req, Execute(*req));
+    }
+  }
+
+  bool Aligned(const IoRequest& r) const {
+    return direct_fd_ >= 0 && r.offset % dio_align_ == 0 && r.length % dio_align_ == 0 &&
+           reinterpret_cast<uintptr_t>(r.data) % dio_align_ == 0;
+  }
+
+  Status Execute(const IoRequest& r) {
+    switch (r.op) {
+      case IoOp::kRead: {
+        int fd = Aligned(r) ? direct_fd_ : fd_;
+        uint64_t done = 0;
+        while (done < r.length) {
+          ssize_t n = ::pread(fd, r.data + done, r.length - done, static_cast<off_t>(r.offset + done));
+          if (n < 0) {
+            if (errno == EINTR) continue;
+            return Status::FromErrno(errno);
+          }
+          if (n == 0) {  // past EOF of a file that shrank: read as zeroes
+            std::memset(r.data + done, 0, r.length - done);
+            break;
+          }
+          done += static_cast<uint64_t>(n);
+        }
+        return Status::OK();
+      }
+      case IoOp::kWrite: {
+        int fd = Aligned(r) ? direct_fd_ : fd_;
+        int wflags = (r.flags & kIoFua) ? RWF_DSYNC : 0;
+        uint64_t done = 0;
+        while (done < r.length) {
+          struct iovec iov = {r.data + done, r.length - done};
+          ssize_t n = ::pwritev2(fd, &iov, 1, static_cast<off_t>(r.offset + done), wflags);
+          if (n < 0) {
+            if (errno == EINTR) continue;
+            return Status::FromErrno(errno);
+          }
+          done += static_cast<uint64_t>(n);
+        }
+        return Status::OK();
+      }
+      case IoOp::kFlush:
+        if (::fdatasync(fd_) != 0) return Status::FromErrno(errno);
+        return Status::OK();
+      case IoOp::kTrim:
+        if (is_blockdev_) {
+          uint64_t range[2] = {r.offset, r.length};
+          if (ioctl(fd_, BLKDISCARD, range) == 0) return Status::OK();
+          return Status::OK();  // discard is advisory
+        }
+        if (::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(r.offset),
+                        static_cast<off_t>(r.length)) == 0)
+          return Status::OK();
+        return Status::OK();  // advisory: filesystems without hole punching ignore it
+      case IoOp::kWriteZeroes:
+        return WriteZeroes(r);
+    }
+    return Status::InvalidArgument();
+  }
+
+  Status WriteZeroes(const IoRequest& r) {
+    if (is_blockdev_) {
+      uint64_t range[2] = {r.offset, r.length};
+      if (ioctl(fd_, BLKZEROOUT, range) == 0) return Status::OK();
+    } else {
+      int mode = (r.flags & kIoNoUnmap) ? FALLOC_FL_ZERO_RANGE
+                                        : (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE);
+      if (::fallocate(fd_, mode | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(r.offset),
+                      static_cast<off_t>(r.length)) == 0)
+        return Status::OK();
+      if (::fallocate(fd_, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(r.offset),
+                      static_cast<off_t>(r.length)) == 0)
+        return Status::OK();
+    }
+    // Fallback: write zeroes from a static page (rare: filesystems without fallocate modes).
+    static const char kZero[65536] = {};
+    uint64_t done = 0;
+    while (done < r.length) {
+      size_t n = std::min<uint64_t>(sizeof(kZero), r.length - done);
+      ssize_t w = ::pwrite(fd_, kZero, n, static_cast<off_t>(r.offset + done));
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        return Status::FromErrno(errno);
+      }
+      done += static_cast<uint64_t>(w);
+    }
+    return Status::OK();
+  }
+
+  int fd_ = -1;
+  int direct_fd_ = -1;
+  bool is_blockdev_ = false;
+  uint32_t dio_align_ = 4096;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  IoRequest* head_ = nullptr;  // GUARDED_BY(mu_)
+  IoRequest* tail_ = nullptr;  // GUARDED_BY(mu_)
+  bool stopping_ = false;      // GUARDED_BY(mu_)
+  std::vector<std::thread> workers_;
+};
+
+Result<std::shared_ptr<FileDevice>> FileDevice::Open(const std::string& path,
+                                                     const FileDeviceOptions& opts) {
+  auto impl = std::make_unique<Impl>();
+  Status st = impl->Open(path, opts);
+  if (!st.ok()) return st;
+  return std::shared_ptr<FileDevice>(new FileDevice(std::move(impl)));
+}
+
+FileDevice::FileDevice(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+FileDevice::~FileDevice() = default;
+DeviceInfo FileDevice::Info() const { return impl_->info_; }
+void FileDevice::Submit(IoRequest* req) { impl_->Submit(req); }
+std::string FileDevice::Describe() const { return "file " + impl_->path_; }
+const std::string& FileDevice::path() const { return impl_->path_; }
+
+}  // namespace dst

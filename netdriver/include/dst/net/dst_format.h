@@ -1,0 +1,74 @@
+// DST protocol v1 wire constants.  The specification is docs/protocol.md; every constant here
+// names the section that defines it.  All integers on the wire are big-endian.
+#pragma once
+
+#include <cstdint>
+
+namespace dst::net {
+
+// docs/protocol.md §2 "Frame header".
+inline constexpr std::uint32_t kMagic = 0x44535431;  // "DST1"
+inline constexpr std::size_t kHeaderSize = 48;
+inline constexpr std::uint16_t kProtocolVersion = 1;
+
+// §3 "Commands".  A reply carries the request's command with kReplyBit set.
+enum class Cmd : std::uint16_t {
+  kHello = 1,
+  kRead = 2,
+  kWrite = 3,
+  kFlush = 4,
+  kTrim = 5,
+  kWriteZeroes = 6,
+  kPing = 7,
+  kDisconnect = 8,
+};
+inline constexpr std::uint16_t kReplyBit = 0x8000;
+inline constexpr std::uint16_t kMaxCmd = 8;
+
+// §4 "Request flags".
+inline constexpr std::uint16_t kFlagFua = 0x0001;     // WRITE: durable before the reply
+inline constexpr std::uint16_t kFlagNoUnmap = 0x0002; // WRITE_ZEROES: keep the blocks allocated
+inline constexpr std::uint16_t kFlagsKnown = kFlagFua | kFlagNoUnmap;
+
+// §5 "Status codes" (values are Linux errno numbers, fixed by this spec, not by the host).
+enum class WireStatus : std::uint32_t {
+  kOk = 0,
+  kPerm = 1,          // EPERM: write to a read-only export
+  kNoEnt = 2,         // ENOENT: unknown export (HELLO)
+  kIo = 5,            // EIO
+  kNoMem = 12,        // ENOMEM: server out of buffers
+  kBusy = 16,         // EBUSY
+  kInval = 22,        // EINVAL: malformed or misaligned request
+  kNoSpc = 28,        // ENOSPC
+  kRofs = 30,         // EROFS
+  kRange = 34,        // ERANGE: offset/length past the end of the export
+  kProto = 71,        // EPROTO: framing error; the server closes after sending it
+  kMsgSize = 90,      // EMSGSIZE: length above the negotiated maximum payload
+  kNotSup = 95,       // EOPNOTSUPP
+  kShutdown = 108,    // ESHUTDOWN: server draining
+  kTimedOut = 110,    // ETIMEDOUT
+};
+
+// §6 "Handshake".
+inline constexpr std::uint16_t kMaxExportNameLen = 255;
+inline constexpr std::uint32_t kMaxHelloPayload = 4096;
+inline constexpr std::uint32_t kHelloRequestFixed = 2 + 2 + 4 + 8 + 2;   // + name
+inline constexpr std::uint32_t kHelloReplySize = 2 + 2 + 4 + 8 + 4 + 4 + 4;
+// Export flags in the HELLO reply.
+inline constexpr std::uint16_t kExportReadOnly = 0x0001;
+inline constexpr std::uint16_t kExportCanFlush = 0x0002;
+inline constexpr std::uint16_t kExportCanFua = 0x0004;
+inline constexpr std::uint16_t kExportCanTrim = 0x0008;
+inline constexpr std::uint16_t kExportCanWriteZeroes = 0x0010;
+// Permission bits (as the original DST CFG reply).
+inline constexpr std::uint32_t kPermRead = 1;
+inline constexpr std::uint32_t kPermWrite = 2;
+// Feature bits: none defined in v1; unknown bits are ignored by the server and echoed as 0.
+inline constexpr std::uint32_t kFeaturesKnown = 0;
+
+// §7 "Limits".
+inline constexpr std::uint32_t kDefaultMaxPayload = 1u << 20;   // 1 MiB
+inline constexpr std::uint32_t kAbsoluteMaxPayload = 32u << 20; // hard cap on any length field
+inline constexpr std::uint16_t kDefaultPort = 7400;
+
+}  // namespace dst::net

@@ -1,0 +1,89 @@
+// Exporter: the DST protocol server.  Serves named exports (any BlockDevice: a file, a disk,
+// later an array) to many clients at once over TCP, with the batched transmitter.
+//
+// Per connection:   ACCEPTED --HELLO ok--> SERVING --DISCONNECT / EOF / framing error--> DRAINING
+//                       |                                                               |
+//                       +--bad hello / unknown export (error reply)-----> CLOSED <------+
+// A request is validated (codec CheckRequest) before any buffer is taken; a bad one gets an
+// error reply and the connection stays up; a framing error gets a logged close.  Other
+// connections never notice.
+//
+// Session fence (docs/protocol.md §6.3): a HELLO carrying the session id of a live connection
+// stops reading on the old connection and waits for its in-flight requests to finish before
+// the new one is answered, so a stale write can never land after a newer one.
+//
+// Threading: the Exporter runs on the io_context given to it (one or more threads).  Public
+// methods are thread-safe.  Device I/O completes on device threads and is handed back to the
+// connection's io thread.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <boost/asio/io_context.hpp>
+
+#include "dst/block_device.h"
+#include "dst/net/transmitter.h"
+#include "dst/status.h"
+
+namespace dst::net {
+
+struct ExporterOptions {
+  std::string listen_address = "127.0.0.1";
+  std::uint16_t port = kDefaultPort;  // 0: pick a free port (see Exporter::port())
+  bool batching = true;
+  std::uint32_t max_payload = kDefaultMaxPayload;
+  std::uint32_t max_inflight_per_connection = 128;
+  std::size_t buffer_count = 256;  // shared pool of max_payload-sized buffers
+};
+
+struct ExportSpec {
+  std::string name;
+  std::shared_ptr<BlockDevice> device;
+  bool read_only = false;
+};
+
+struct ExportStatus {
+  std::string name;
+  std::string device;  // Describe()
+  std::uint64_t size = 0;
+  bool read_only = false;
+  int connections = 0;
+};
+
+struct ExporterStats {
+  std::uint64_t connections_total = 0;
+  int connections_open = 0;
+  std::uint64_t requests = 0;
+  std::uint64_t errors_replied = 0;   // requests answered with a non-OK status
+  std::uint64_t protocol_errors = 0;  // connections closed for framing errors
+  std::uint64_t frames_sent = 0;
+  std::uint64_t send_calls = 0;
+  double frames_per_call = 0;
+};
+
+class Exporter {
+ public:
+  Exporter(boost::asio::io_context& io, ExporterOptions opts);
+  ~Exporter();
+
+  Status Start();                 // binds and starts accepting
+  std::uint16_t port() const;     // the bound port
+
+  Status AddExport(ExportSpec spec);       // kExists if the name is taken
+  Status RemoveExport(const std::string& name);  // kBusy while clients are connected
+  std::vector<ExportStatus> ListExports() const;
+  ExporterStats Stats() const;
+
+  // Stops accepting, lets in-flight requests finish, flushes every export, closes all
+  // connections, then calls done (on an io thread).  Used for SIGTERM.
+  void Drain(std::function<void(Status)> done);
+
+  class Impl;
+ private:
+  std::shared_ptr<Impl> impl_;
+};
+
+}  // namespace dst::net
