@@ -51,7 +51,7 @@ struct RemoteOptions {
 Status ParseDstUri(const std::string& uri, RemoteOptions* opts);
 
 struct RemoteStats {
-  std::string state;  // "connected", "reconnecting", "failing", "closed"
+  std::string state;  // "connected", "reconnecting", "failing", "closed" ("connecting" only inside Connect())
   std::uint64_t reconnects = 0;
   std::uint64_t resent = 0;       // requests re-sent after a reconnect
   std::uint64_t timeouts = 0;     // requests failed with EIO after io_timeout

@@ -1,0 +1,1007 @@
+// Unit tests for dst::net::RemoteDevice against an in-process fake DST server (raw sockets +
+// codec.h) that can misbehave on purpose: reorder or delay replies, go silent, close mid-frame,
+// send replies with a stale generation.  Also counts heap allocations per I/O.
+#include <arpa/inet.h>
+#include <execinfo.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <QtTest/QtTest>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <new>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+
+#include "dst/block_device.h"
+#include "dst/net/codec.h"
+#include "dst/net/remote_device.h"
+#include "test_env.h"
+
+// --- allocation counter ----------------------------------------------------------------------
+// Counts every heap allocation made while g_count_allocs is set, except on threads that opt out
+// (the fake server's threads: they are not the client).
+static std::atomic<bool> g_count_allocs{false};
+static std::atomic<std::uint64_t> g_allocs{0};
+static thread_local bool t_no_count = false;
+
+// DST_ALLOC_TRACE=1 prints a backtrace of the first few counted allocations (to find them).
+static void* CountedAlloc(std::size_t n) {
+  if (g_count_allocs.load(std::memory_order_relaxed) && !t_no_count) {
+    if (g_allocs.fetch_add(1, std::memory_order_relaxed) < 6 && getenv("DST_ALLOC_TRACE")) {
+      t_no_count = true;
+      void* bt[30];
+      int k = backtrace(bt, 30);
+      fprintf(stderr, "--- alloc %zu\n", n);
+      backtrace_symbols_fd(bt, k, 2);
+      t_no_count = false;
+    }
+  }
+  void* p = std::malloc(n ? n : 1);
+  if (!p) throw std::bad_alloc();
+  return p;
+}
+void* operator new(std::size_t n) { return CountedAlloc(n); }
+void* operator new[](std::size_t n) { return CountedAlloc(n); }
+void* operator new(std::size_t n, const std::nothrow_t&) noexcept {
+  if (g_count_allocs.load(std::memory_order_relaxed) && !t_no_count) g_allocs.fetch_add(1);
+  return std::malloc(n ? n : 1);
+}
+void* operator new[](std::size_t n, const std::nothrow_t&) noexcept {
+  if (g_count_allocs.load(std::memory_order_relaxed) && !t_no_count) g_allocs.fetch_add(1);
+  return std::malloc(n ? n : 1);
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+
+using namespace dst;
+using namespace dst::net;
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+namespace {
+
+std::int64_t MsSince(Clock::time_point t) {
+  return std::chrono::duration_cast<milliseconds>(Clock::now() - t).count();
+}
+
+bool ReadFull(int fd, void* buf, std::size_t n) {
+  auto* p = static_cast<char*>(buf);
+  while (n) {
+    ssize_t r = ::read(fd, p, n);
+    if (r <= 0) {
+      if (r < 0 && errno == EINTR) continue;
+      return false;
+    }
+    p += r;
+    n -= static_cast<std::size_t>(r);
+  }
+  return true;
+}
+
+bool WriteFull(int fd, const void* buf, std::size_t n) {
+  auto* p = static_cast<const char*>(buf);
+  while (n) {
+    ssize_t w = ::send(fd, p, n, MSG_NOSIGNAL);
+    if (w <= 0) {
+      if (w < 0 && errno == EINTR) continue;
+      return false;
+    }
+    p += w;
+    n -= static_cast<std::size_t>(w);
+  }
+  return true;
+}
+
+// ---- fake server ------------------------------------------------------------------------------
+
+struct Event {
+  enum Kind { kArrive, kReply } kind;
+  std::uint16_t cmd;
+  std::uint64_t offset;
+  std::uint32_t length;
+  std::uint64_t id;
+  int conn;
+};
+
+class FakeServer {
+ public:
+  explicit FakeServer(std::uint64_t size = 16u << 20) : disk_(size, 0) {
+    listen_fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int one = 1;
+    setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ::bind(listen_fd_, reinterpret_cast<sockaddr*>(&a), sizeof a);
+    socklen_t len = sizeof a;
+    getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&a), &len);
+    port_ = ntohs(a.sin_port);
+    ::listen(listen_fd_, 16);
+    accept_thread_ = std::thread([this] { AcceptLoop(); });
+  }
+
+  ~FakeServer() {
+    stop_ = true;
+    accept_thread_.join();
+    ::close(listen_fd_);
+    std::vector<std::shared_ptr<Conn>> conns;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      conns = conns_;
+    }
+    for (auto& c : conns) Shutdown(*c);
+    for (auto& c : conns) {
+      if (c->reader.joinable()) c->reader.join();
+      if (c->replier.joinable()) c->replier.join();
+      ::close(c->fd);
+    }
+  }
+
+  std::uint16_t port() const { return port_; }
+
+  // Behaviour knobs (may be changed at any time).
+  std::atomic<bool> silent{false};        // never reply to anything but HELLO
+  std::atomic<bool> drop_io{false};       // answer PINGs, never I/O (a hung disk behind a live server)
+  std::atomic<int> reorder_batch{0};      // >0: hold replies, send each batch reversed
+  std::atomic<int> write_delay_ms{0};     // delay WRITE replies (reads pass them)
+  std::atomic<int> close_after{0};        // close a connection after this many requests (once)
+  std::atomic<bool> close_mid_frame{false};
+  std::atomic<bool> inject_stale{false};  // send a stale-generation READ reply before each READ reply
+  std::atomic<std::uint64_t> hello_size{0};  // 0: disk size
+  std::atomic<bool> hello_read_only{false};
+
+  std::atomic<int> connections{0};
+  std::atomic<int> stale_sent{0};
+  std::atomic<int> max_outstanding{0};
+
+  std::vector<Event> events() {
+    std::lock_guard<std::mutex> l(mu_);
+    return events_;
+  }
+  std::vector<Clock::time_point> accept_times() {
+    std::lock_guard<std::mutex> l(mu_);
+    return accept_times_;
+  }
+  void ClearEvents() {
+    std::lock_guard<std::mutex> l(mu_);
+    events_.clear();
+  }
+  std::vector<char> Disk() {
+    std::lock_guard<std::mutex> l(disk_mu_);
+    return disk_;
+  }
+  void SetDisk(std::uint64_t off, const char* p, std::size_t n) {
+    std::lock_guard<std::mutex> l(disk_mu_);
+    std::memcpy(disk_.data() + off, p, n);
+  }
+  void Record(Event e) {
+    std::lock_guard<std::mutex> l(mu_);
+    events_.push_back(e);
+  }
+
+ private:
+  struct Job {
+    Header h;
+    Clock::time_point due;
+    Clock::time_point arrive;
+  };
+  struct Conn {
+    int fd = -1;
+    int index = 0;
+    std::thread reader, replier;
+    std::mutex mu;
+    std::condition_variable cv;
+    std::deque<Job> jobs;
+    bool stop = false;
+    std::mutex send_mu;
+    std::atomic<int> outstanding{0};
+  };
+
+  void Shutdown(Conn& c) {
+    {
+      std::lock_guard<std::mutex> l(c.mu);
+      c.stop = true;
+      c.cv.notify_all();
+    }
+    ::shutdown(c.fd, SHUT_RDWR);
+  }
+
+  void AcceptLoop() {
+    t_no_count = true;
+    while (!stop_) {
+      pollfd p{listen_fd_, POLLIN, 0};
+      if (::poll(&p, 1, 20) <= 0) continue;
+      int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+      if (fd < 0) continue;
+      int one = 1;
+      setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+      auto c = std::make_shared<Conn>();
+      c->fd = fd;
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        c->index = static_cast<int>(conns_.size());
+        conns_.push_back(c);
+        accept_times_.push_back(Clock::now());
+      }
+      connections.fetch_add(1);
+      Conn* cp = c.get();
+      c->reader = std::thread([this, cp] { ReaderLoop(*cp); });
+      c->replier = std::thread([this, cp] { ReplierLoop(*cp); });
+    }
+  }
+
+  void ReaderLoop(Conn& c) {
+    t_no_count = true;
+    std::vector<char> payload(kAbsoluteMaxPayload);
+    std::uint8_t hb[kHeaderSize];
+    int requests = 0;
+    while (true) {
+      if (!ReadFull(c.fd, hb, kHeaderSize)) break;
+      Header h;
+      if (!DecodeHeader(hb, &h).ok()) break;
+      if (HasPayload(h) && !ReadFull(c.fd, payload.data(), h.length)) break;
+      if (h.command() == Cmd::kHello) {
+        HelloRequest hr;
+        if (!DecodeHelloRequest(reinterpret_cast<std::uint8_t*>(payload.data()), h.length, &hr).ok()) break;
+        HelloReply r;
+        r.export_flags = kExportCanFlush | kExportCanFua | kExportCanTrim | kExportCanWriteZeroes;
+        if (hello_read_only) r.export_flags |= kExportReadOnly;
+        r.size = hello_size ? hello_size.load() : disk_.size();
+        r.permissions = hello_read_only ? kPermRead : (kPermRead | kPermWrite);
+        std::uint8_t out[kHeaderSize + kHelloReplySize];
+        Header rh;
+        rh.cmd = h.cmd | kReplyBit;
+        rh.length = kHelloReplySize;
+        rh.id = h.id;
+        EncodeHeader(rh, out);
+        EncodeHelloReply(r, out + kHeaderSize, kHelloReplySize);
+        std::lock_guard<std::mutex> l(c.send_mu);
+        if (!WriteFull(c.fd, out, sizeof out)) break;
+        continue;
+      }
+      if (h.command() != Cmd::kPing) {
+        ++requests;
+        Record({Event::kArrive, h.cmd, h.offset, h.length, h.id, c.index});
+        const int o = c.outstanding.fetch_add(1) + 1;
+        int m = max_outstanding.load();
+        while (o > m && !max_outstanding.compare_exchange_weak(m, o)) {}
+      }
+      if (h.command() == Cmd::kWrite) SetDisk(h.offset, payload.data(), h.length);
+      if (h.command() == Cmd::kWriteZeroes || h.command() == Cmd::kTrim) {
+        std::vector<char> z(h.length, 0);
+        SetDisk(h.offset, z.data(), h.length);
+      }
+      int ca = close_after.load();
+      if (ca > 0 && requests >= ca && close_after.compare_exchange_strong(ca, 0)) {
+        if (close_mid_frame) {
+          Header rh;
+          rh.cmd = h.cmd | kReplyBit;
+          rh.id = h.id;
+          std::uint8_t out[kHeaderSize];
+          EncodeHeader(rh, out);
+          std::lock_guard<std::mutex> l(c.send_mu);
+          WriteFull(c.fd, out, 20);  // a torn header
+        }
+        break;
+      }
+      Job j;
+      j.h = h;
+      j.arrive = Clock::now();
+      j.due = j.arrive;
+      if (h.command() == Cmd::kWrite && write_delay_ms > 0) j.due += milliseconds(write_delay_ms.load());
+      std::lock_guard<std::mutex> l(c.mu);
+      c.jobs.push_back(j);
+      c.cv.notify_all();
+    }
+    Shutdown(c);
+  }
+
+  void SendReply(Conn& c, const Job& j, std::vector<char>& buf) {
+    if (silent) return;
+    const Header& h = j.h;
+    if (drop_io && h.command() != Cmd::kPing) return;
+    Header rh;
+    rh.cmd = h.cmd | kReplyBit;
+    rh.id = h.id;
+    rh.length = h.length;
+    rh.offset = h.offset;
+    std::size_t n = kHeaderSize;
+    if (h.command() == Cmd::kRead) {
+      if (inject_stale) {
+        Header sh = rh;
+        sh.id = (((h.id >> 32) + 1000) << 32) | (h.id & 0xffffffffu);  // a generation never used
+        EncodeHeader(sh, reinterpret_cast<std::uint8_t*>(buf.data()));
+        std::memset(buf.data() + kHeaderSize, 0xEE, h.length);
+        std::lock_guard<std::mutex> l(c.send_mu);
+        WriteFull(c.fd, buf.data(), kHeaderSize + h.length);
+        stale_sent.fetch_add(1);
+      }
+      std::lock_guard<std::mutex> l(disk_mu_);
+      std::memcpy(buf.data() + kHeaderSize, disk_.data() + h.offset, h.length);
+      n += h.length;
+    } else if (h.command() == Cmd::kFlush || h.command() == Cmd::kPing) {
+      rh.length = 0;
+      rh.offset = 0;
+    }
+    EncodeHeader(rh, reinterpret_cast<std::uint8_t*>(buf.data()));
+    if (h.command() != Cmd::kPing) {
+      c.outstanding.fetch_sub(1);
+      Record({Event::kReply, h.cmd, h.offset, h.length, h.id, c.index});
+    }
+    std::lock_guard<std::mutex> l(c.send_mu);
+    WriteFull(c.fd, buf.data(), n);
+  }
+
+  void ReplierLoop(Conn& c) {
+    t_no_count = true;
+    std::vector<char> buf(kHeaderSize + kAbsoluteMaxPayload);
+    std::unique_lock<std::mutex> l(c.mu);
+    while (!c.stop) {
+      if (c.jobs.empty()) {
+        c.cv.wait(l);
+        continue;
+      }
+      const auto now = Clock::now();
+      const int rb = reorder_batch.load();
+      if (rb > 0) {
+        if (static_cast<int>(c.jobs.size()) < rb && now - c.jobs.front().arrive < milliseconds(20)) {
+          c.cv.wait_for(l, milliseconds(2));
+          continue;
+        }
+        std::vector<Job> batch(c.jobs.begin(), c.jobs.end());
+        c.jobs.clear();
+        l.unlock();
+        std::reverse(batch.begin(), batch.end());
+        for (auto& j : batch) SendReply(c, j, buf);
+        l.lock();
+        continue;
+      }
+      auto it = std::find_if(c.jobs.begin(), c.jobs.end(), [&](const Job& j) { return j.due <= now; });
+      if (it == c.jobs.end()) {
+        auto next = std::min_element(c.jobs.begin(), c.jobs.end(),
+                                     [](const Job& a, const Job& b) { return a.due < b.due; });
+        c.cv.wait_until(l, next->due);
+        continue;
+      }
+      Job j = *it;
+      c.jobs.erase(it);
+      l.unlock();
+      SendReply(c, j, buf);
+      l.lock();
+    }
+  }
+
+  int listen_fd_ = -1;
+  std::uint16_t port_ = 0;
+  std::atomic<bool> stop_{false};
+  std::thread accept_thread_;
+  std::mutex mu_;
+  std::vector<std::shared_ptr<Conn>> conns_;
+  std::vector<Event> events_;
+  std::vector<Clock::time_point> accept_times_;
+  std::mutex disk_mu_;
+  std::vector<char> disk_;
+};
+
+// ---- client-side helpers --------------------------------------------------------------------
+
+// Runs an io_context on one thread for the test's lifetime.
+struct IoThread {
+  boost::asio::io_context io;
+  boost::asio::executor_work_guard<boost::asio::io_context::executor_type> guard{io.get_executor()};
+  std::thread t{[this] { io.run(); }};
+  ~IoThread() {
+    guard.reset();
+    io.stop();
+    t.join();
+  }
+};
+
+// Counts completions of asynchronously submitted requests.
+struct Batch {
+  std::mutex mu;
+  std::condition_variable cv;
+  int done = 0;
+  int errors = 0;
+  int first_errno = 0;
+  static void Done(IoRequest* r, Status st) {
+    auto* b = static_cast<Batch*>(r->ctx);
+    std::lock_guard<std::mutex> l(b->mu);
+    if (!st.ok()) {
+      if (!b->errors) b->first_errno = st.ToErrno();
+      ++b->errors;
+    }
+    ++b->done;
+    b->cv.notify_all();
+  }
+  bool Wait(int n, milliseconds timeout = milliseconds(20000)) {
+    std::unique_lock<std::mutex> l(mu);
+    return cv.wait_for(l, timeout, [&] { return done >= n; });
+  }
+};
+
+void Fill(char* p, std::size_t n, std::uint32_t seed) {
+  std::uint32_t x = seed * 2654435761u + 1;
+  for (std::size_t i = 0; i < n; ++i) {
+    x ^= x << 13;
+    x ^= x >> 17;
+    x ^= x << 5;
+    p[i] = static_cast<char>(x);
+  }
+}
+
+RemoteOptions Opts(std::uint16_t port) {
+  RemoteOptions o;
+  o.host = "127.0.0.1";
+  o.port = port;
+  o.export_name = "disk";
+  o.queue_depth = 32;
+  o.keepalive_interval = milliseconds(200);
+  o.keepalive_timeout = milliseconds(600);
+  o.io_timeout = milliseconds(10000);
+  o.connect_timeout = milliseconds(2000);
+  o.reconnect_min = milliseconds(20);
+  o.reconnect_max = milliseconds(200);
+  return o;
+}
+
+}  // namespace
+
+class RemoteDeviceTest : public QObject {
+  Q_OBJECT
+ private slots:
+  void parseUri() {
+    RemoteOptions o;
+    QVERIFY(ParseDstUri("dst://127.0.0.1:7500/disk1", &o).ok());
+    QCOMPARE(o.host, std::string("127.0.0.1"));
+    QCOMPARE(o.port, std::uint16_t(7500));
+    QCOMPARE(o.export_name, std::string("disk1"));
+    QVERIFY(ParseDstUri("dst://localhost/vol", &o).ok());
+    QCOMPARE(o.host, std::string("localhost"));
+    QCOMPARE(o.port, std::uint16_t(7400));
+    QCOMPARE(o.export_name, std::string("vol"));
+    QVERIFY(ParseDstUri("dst://[::1]:7401/x", &o).ok());
+    QCOMPARE(o.host, std::string("::1"));
+    QCOMPARE(o.port, std::uint16_t(7401));
+    QVERIFY(ParseDstUri("dst://[::1]/x", &o).ok());
+    QCOMPARE(o.port, std::uint16_t(7400));
+    const char* bad[] = {
+        "",                        // empty
+        "nbd://h/x",               // wrong scheme
+        "dst://h",                 // no export
+        "dst://h/",                // empty export
+        "dst:///x",                // no host
+        "dst://h:/x",              // empty port
+        "dst://h:0/x",             // port 0
+        "dst://h:65536/x",         // port too big
+        "dst://h:12a/x",           // non-numeric port
+        "dst://h:123456/x",        // too many digits
+        "dst://h/with space",      // unprintable/space in name
+        "dst://[::1/x",            // unbalanced bracket
+        "dst://[::1]x/x",          // junk after bracket
+    };
+    for (const char* b : bad) {
+      RemoteOptions keep;
+      keep.host = "unchanged";
+      Status st = ParseDstUri(b, &keep);
+      QVERIFY2(!st.ok(), b);
+      QCOMPARE(st.code(), Status::Code::kInvalidArgument);
+      QCOMPARE(keep.host, std::string("unchanged"));
+    }
+    std::string long_name = "dst://h/" + std::string(256, 'a');
+    QVERIFY(!ParseDstUri(long_name, &o).ok());
+  }
+
+  void connectFailures() {
+    IoThread io;
+    RemoteOptions o = Opts(dst::net::kDefaultPort);
+    // Nothing listens on this port: refused until connect_timeout, then a clear error.
+    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+    socklen_t len = sizeof a;
+    getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+    o.port = ntohs(a.sin_port);  // bound but not listening: connection refused
+    o.connect_timeout = milliseconds(500);
+    auto t0 = Clock::now();
+    auto r = RemoteDevice::Connect(io.io, o);
+    ::close(fd);
+    QVERIFY(!r.ok());
+    QVERIFY2(MsSince(t0) < 3000, "connect failure must be bounded");
+    o.queue_depth = 0;
+    QVERIFY(!RemoteDevice::Connect(io.io, o).ok());
+  }
+
+  void basicIoAndInfo() {
+    FakeServer srv(8u << 20);
+    IoThread io;
+    auto r = RemoteDevice::Connect(io.io, Opts(srv.port()));
+    QVERIFY2(r.ok(), r.status().ToString().c_str());
+    auto dev = r.value();
+    DeviceInfo info = dev->Info();
+    QCOMPARE(info.size, std::uint64_t(8u << 20));
+    QCOMPARE(info.max_io_bytes, kDefaultMaxPayload);
+    QVERIFY(!info.read_only);
+    QCOMPARE(QString::fromStdString(dev->Describe()),
+             QString("dst://127.0.0.1:%1/disk").arg(srv.port()));
+    std::vector<char> w(128 << 10), rd(128 << 10);
+    Fill(w.data(), w.size(), 7);
+    QVERIFY(WriteSync(*dev, 4096, w.data(), w.size()).ok());
+    QVERIFY(ReadSync(*dev, 4096, rd.data(), rd.size()).ok());
+    QVERIFY(w == rd);
+    QVERIFY(FlushSync(*dev).ok());
+    // Write-zeroes and trim reach the server.
+    IoRequest z;
+    z.op = IoOp::kWriteZeroes;
+    z.offset = 4096;
+    z.length = 8192;
+    QVERIFY(SubmitSync(*dev, z).ok());
+    QVERIFY(ReadSync(*dev, 4096, rd.data(), 8192).ok());
+    QVERIFY(std::all_of(rd.begin(), rd.begin() + 8192, [](char c) { return c == 0; }));
+    // Invalid requests fail locally without touching the connection.
+    QCOMPARE(ReadSync(*dev, 8u << 20, rd.data(), 4096).code(), Status::Code::kOutOfRange);
+    QCOMPARE(ReadSync(*dev, 3, rd.data(), 4096).code(), Status::Code::kInvalidArgument);
+    auto st = dev->Stats();
+    QCOMPARE(QString::fromStdString(st.state), QString("connected"));
+    QCOMPARE(st.reconnects, std::uint64_t(0));
+    QVERIFY(st.frames_sent >= 5);
+    dev->Close();
+    QCOMPARE(ReadSync(*dev, 0, rd.data(), 4096).ToErrno(), EIO);
+    QCOMPARE(QString::fromStdString(dev->Stats().state), QString("closed"));
+  }
+
+  void pipeliningOutOfOrder() {
+    FakeServer srv(32u << 20);
+    srv.reorder_batch = 8;
+    IoThread io;
+    auto r = RemoteDevice::Connect(io.io, Opts(srv.port()));
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    constexpr int kN = 256;
+    constexpr std::uint32_t kLen = 64 << 10;
+    std::vector<char> data(std::size_t(kN) * kLen);
+    Fill(data.data(), data.size(), 99);
+    std::vector<IoRequest> reqs(kN);
+    Batch wb;
+    for (int i = 0; i < kN; ++i) {
+      IoRequest& q = reqs[i];
+      q.op = IoOp::kWrite;
+      q.offset = std::uint64_t(i) * kLen;
+      q.length = kLen;
+      q.data = data.data() + std::size_t(i) * kLen;
+      q.done = &Batch::Done;
+      q.ctx = &wb;
+      dev->Submit(&q);
+    }
+    QVERIFY(wb.Wait(kN));
+    QCOMPARE(wb.errors, 0);
+    std::vector<char> back(data.size());
+    Batch rb;
+    for (int i = 0; i < kN; ++i) {
+      IoRequest& q = reqs[i];
+      q = IoRequest{};
+      q.op = IoOp::kRead;
+      q.offset = std::uint64_t(i) * kLen;
+      q.length = kLen;
+      q.data = back.data() + std::size_t(i) * kLen;
+      q.done = &Batch::Done;
+      q.ctx = &rb;
+      dev->Submit(&q);
+    }
+    QVERIFY(rb.Wait(kN));
+    QCOMPARE(rb.errors, 0);
+    QVERIFY(back == data);
+    // Many requests were in flight at once and replies came back reversed.
+    QVERIFY2(srv.max_outstanding >= 8, qPrintable(QString::number(srv.max_outstanding)));
+    auto ev = srv.events();
+    int inversions = 0;
+    std::uint64_t last = 0;
+    for (auto& e : ev)
+      if (e.kind == Event::kReply && e.cmd == std::uint16_t(Cmd::kRead)) {
+        if (e.offset < last) ++inversions;
+        last = e.offset;
+      }
+    QVERIFY2(inversions > 10, "fake server should have reordered replies");
+    auto st = dev->Stats();
+    QCOMPARE(st.reconnects, std::uint64_t(0));
+    QCOMPARE(st.inflight, std::uint32_t(0));
+    qInfo("frames/send call: %.2f", st.frames_per_call);
+  }
+
+  void overlappingWritesKeepOrder() {
+    FakeServer srv(8u << 20);
+    srv.write_delay_ms = 80;
+    IoThread io;
+    auto r = RemoteDevice::Connect(io.io, Opts(srv.port()));
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    constexpr std::uint32_t k64 = 64 << 10;
+    std::vector<char> a(k64), b(k64), c(k64), rd(k64);
+    std::memset(a.data(), 'A', k64);
+    std::memset(b.data(), 'B', k64);
+    std::memset(c.data(), 'C', k64);
+    IoRequest w1{}, w2{}, w3{}, rq{}, fl{}, w4{};
+    Batch bt;
+    auto prep = [&](IoRequest& q, IoOp op, std::uint64_t off, char* p) {
+      q.op = op;
+      q.offset = off;
+      q.length = op == IoOp::kFlush ? 0 : k64;
+      if (op == IoOp::kFlush) q.offset = 0;
+      q.data = p;
+      q.done = &Batch::Done;
+      q.ctx = &bt;
+    };
+    prep(w1, IoOp::kWrite, 0, a.data());            // W1 [0,64K)
+    prep(w2, IoOp::kWrite, 32 << 10, b.data());     // W2 [32K,96K) overlaps W1
+    prep(w3, IoOp::kWrite, 1 << 20, c.data());      // W3 elsewhere: may pass
+    prep(rq, IoOp::kRead, 2 << 20, rd.data());      // a read: may pass
+    prep(fl, IoOp::kFlush, 0, nullptr);             // flush after W1..W3
+    prep(w4, IoOp::kWrite, 64 << 10, c.data());     // W4 [64K,128K) overlaps W2 only
+    const auto t0 = Clock::now();
+    for (IoRequest* q : {&w1, &w2, &w3, &rq, &fl, &w4}) dev->Submit(q);
+    QVERIFY(bt.Wait(6));
+    QCOMPARE(bt.errors, 0);
+    qInfo("ordered batch took %lld ms", static_cast<long long>(MsSince(t0)));
+    auto ev = srv.events();
+    auto find = [&](Event::Kind k, std::uint16_t cmd, std::uint64_t off) {
+      for (std::size_t i = 0; i < ev.size(); ++i)
+        if (ev[i].kind == k && (ev[i].cmd & ~kReplyBit) == cmd && ev[i].offset == off) return int(i);
+      return -1;
+    };
+    const std::uint16_t W = std::uint16_t(Cmd::kWrite);
+    const int w1_reply = find(Event::kReply, W, 0);
+    const int w2_arrive = find(Event::kArrive, W, 32 << 10);
+    const int w2_reply = find(Event::kReply, W, 32 << 10);
+    const int w3_arrive = find(Event::kArrive, W, 1 << 20);
+    const int w3_reply = find(Event::kReply, W, 1 << 20);
+    const int w4_arrive = find(Event::kArrive, W, 64 << 10);
+    const int r_arrive = find(Event::kArrive, std::uint16_t(Cmd::kRead), 2 << 20);
+    const int fl_arrive = find(Event::kArrive, std::uint16_t(Cmd::kFlush), 0);
+    QVERIFY(w1_reply >= 0 && w2_arrive >= 0 && w3_arrive >= 0 && w4_arrive >= 0 && fl_arrive >= 0);
+    QVERIFY2(w2_arrive > w1_reply, "overlapping W2 must not reach the server before W1 is acknowledged");
+    QVERIFY2(w4_arrive > w2_reply, "W4 overlaps W2: it must wait for W2");
+    QVERIFY2(w3_arrive < w1_reply, "a non-overlapping write should not wait");
+    QVERIFY2(r_arrive < w1_reply, "reads pass writes");
+    QVERIFY2(fl_arrive > w1_reply && fl_arrive > w2_reply && fl_arrive > w3_reply,
+             "flush must be sent only after all earlier writes are acknowledged");
+    // Final contents: A for [0,32K), B for [32K,64K), C for [64K,128K).
+    std::vector<char> disk = srv.Disk();
+    QVERIFY(std::all_of(disk.begin(), disk.begin() + (32 << 10), [](char x) { return x == 'A'; }));
+    QVERIFY(std::all_of(disk.begin() + (32 << 10), disk.begin() + (64 << 10), [](char x) { return x == 'B'; }));
+    QVERIFY(std::all_of(disk.begin() + (64 << 10), disk.begin() + (128 << 10), [](char x) { return x == 'C'; }));
+  }
+
+  void reconnectResendsAfterMidFrameClose() {
+    FakeServer srv(16u << 20);
+    srv.close_after = 20;
+    srv.close_mid_frame = true;
+    srv.write_delay_ms = 5;  // keep requests in flight when the connection drops
+    IoThread io;
+    auto r = RemoteDevice::Connect(io.io, Opts(srv.port()));
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    constexpr int kN = 96;
+    constexpr std::uint32_t kLen = 32 << 10;
+    std::vector<char> data(std::size_t(kN) * kLen);
+    Fill(data.data(), data.size(), 5);
+    std::vector<IoRequest> reqs(kN);
+    Batch wb;
+    for (int i = 0; i < kN; ++i) {
+      IoRequest& q = reqs[i];
+      q.op = IoOp::kWrite;
+      q.offset = std::uint64_t(i) * kLen;
+      q.length = kLen;
+      q.data = data.data() + std::size_t(i) * kLen;
+      q.done = &Batch::Done;
+      q.ctx = &wb;
+      dev->Submit(&q);
+    }
+    QVERIFY(wb.Wait(kN));
+    QCOMPARE(wb.errors, 0);
+    std::vector<char> back(data.size());
+    for (std::size_t off = 0; off < back.size(); off += 1 << 20)
+      QVERIFY(ReadSync(*dev, off, back.data() + off, std::min<std::size_t>(1 << 20, back.size() - off)).ok());
+    QVERIFY(back == data);
+    auto st = dev->Stats();
+    QVERIFY(st.reconnects >= 1);
+    QVERIFY(st.resent >= 1);
+    QCOMPARE(QString::fromStdString(st.state), QString("connected"));
+    QVERIFY(srv.connections >= 2);
+    qInfo("reconnects=%llu resent=%llu", (unsigned long long)st.reconnects, (unsigned long long)st.resent);
+  }
+
+  void keepaliveDetectsSilentServer() {
+    FakeServer srv(8u << 20);
+    std::vector<char> pattern(64 << 10);
+    Fill(pattern.data(), pattern.size(), 3);
+    srv.SetDisk(0, pattern.data(), pattern.size());
+    IoThread io;
+    RemoteOptions o = Opts(srv.port());
+    o.keepalive_interval = milliseconds(200);
+    o.keepalive_timeout = milliseconds(800);
+    auto r = RemoteDevice::Connect(io.io, o);
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    srv.silent = true;  // TCP stays up, nothing is answered (a SIGSTOPped peer)
+    std::vector<char> rd(64 << 10);
+    IoRequest q{};
+    q.op = IoOp::kRead;
+    q.offset = 0;
+    q.length = rd.size();
+    q.data = rd.data();
+    Batch b;
+    q.done = &Batch::Done;
+    q.ctx = &b;
+    const auto t0 = Clock::now();
+    dev->Submit(&q);
+    // Detection shows up as the second connection.
+    while (srv.connections < 2 && MsSince(t0) < 5000) std::this_thread::sleep_for(milliseconds(5));
+    QVERIFY(srv.connections >= 2);
+    auto acc = srv.accept_times();
+    const auto detect_ms = std::chrono::duration_cast<milliseconds>(acc[1] - t0).count();
+    qInfo("keepalive detection after %lld ms (keepalive_timeout 800 ms)", static_cast<long long>(detect_ms));
+    QVERIFY2(detect_ms >= 700, "declared dead too early");
+    QVERIFY2(detect_ms <= 800 + 600, "dead peer not detected within keepalive_timeout + slack");
+    {
+      std::lock_guard<std::mutex> l(b.mu);
+      QCOMPARE(b.done, 0);  // the caller saw nothing
+    }
+    srv.silent = false;   // peer is back: the re-sent read completes, no error
+    QVERIFY(b.Wait(1, milliseconds(5000)));
+    QCOMPARE(b.errors, 0);
+    QVERIFY(rd == pattern);
+    QVERIFY(dev->Stats().reconnects >= 1);
+  }
+
+  void ioTimeoutFailsWithEio() {
+    FakeServer srv(8u << 20);
+    IoThread io;
+    RemoteOptions o = Opts(srv.port());
+    o.keepalive_interval = milliseconds(100);
+    o.keepalive_timeout = milliseconds(300);
+    o.io_timeout = milliseconds(1500);
+    auto r = RemoteDevice::Connect(io.io, o);
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    srv.silent = true;
+    std::vector<char> rd(4 << 10 << 4);
+    std::vector<IoRequest> reqs(8);
+    Batch b;
+    const auto t0 = Clock::now();
+    for (int i = 0; i < 8; ++i) {
+      IoRequest& q = reqs[i];
+      q.op = i % 2 ? IoOp::kRead : IoOp::kWrite;
+      q.offset = std::uint64_t(i) * 8192;
+      q.length = 8192;
+      q.data = rd.data() + i * 8192;
+      q.done = &Batch::Done;
+      q.ctx = &b;
+      dev->Submit(&q);
+    }
+    QVERIFY2(b.Wait(8, milliseconds(10000)), "requests hung past io_timeout");
+    const auto ms = MsSince(t0);
+    qInfo("EIO after %lld ms (io_timeout 1500 ms)", static_cast<long long>(ms));
+    QCOMPARE(b.errors, 8);
+    QCOMPARE(b.first_errno, EIO);
+    QVERIFY2(ms >= 1400, "failed before io_timeout");
+    QVERIFY2(ms <= 1500 + 800, "EIO not within io_timeout + slack");
+    QVERIFY(dev->Stats().timeouts >= 8);
+    // Once the device is failing, new requests end at once.
+    std::this_thread::sleep_for(milliseconds(50));
+    if (dev->Stats().state == "failing") {
+      auto t1 = Clock::now();
+      QCOMPARE(ReadSync(*dev, 0, rd.data(), 4096).ToErrno(), EIO);
+      QVERIFY(MsSince(t1) < 200);
+    }
+    // The peer comes back: the device recovers.
+    srv.silent = false;
+    Status st;
+    const auto t2 = Clock::now();
+    do {
+      std::this_thread::sleep_for(milliseconds(50));
+      st = ReadSync(*dev, 0, rd.data(), 4096);
+    } while (!st.ok() && MsSince(t2) < 8000);
+    QVERIFY2(st.ok(), st.ToString().c_str());
+    QCOMPARE(QString::fromStdString(dev->Stats().state), QString("connected"));
+  }
+
+  void hungRequestOnLiveConnectionFails() {
+    FakeServer srv(8u << 20);
+    IoThread io;
+    RemoteOptions o = Opts(srv.port());
+    o.keepalive_interval = milliseconds(100);
+    o.keepalive_timeout = milliseconds(400);
+    o.io_timeout = milliseconds(1500);
+    auto r = RemoteDevice::Connect(io.io, o);
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    srv.drop_io = true;  // pings are answered, so keepalive alone never fires
+    std::vector<char> buf(8192);
+    Batch b;
+    IoRequest q{};
+    q.op = IoOp::kWrite;
+    q.length = 8192;
+    q.data = buf.data();
+    q.done = &Batch::Done;
+    q.ctx = &b;
+    const auto t0 = Clock::now();
+    dev->Submit(&q);
+    QVERIFY2(b.Wait(1, milliseconds(6000)), "request hung on a live connection");
+    const auto ms = MsSince(t0);
+    qInfo("hung request failed after %lld ms (io_timeout 1500 ms)", static_cast<long long>(ms));
+    QCOMPARE(b.first_errno, EIO);
+    QVERIFY(ms >= 1400 && ms <= 1500 + 800);
+    srv.drop_io = false;
+    Status st;
+    const auto t1 = Clock::now();
+    do {
+      std::this_thread::sleep_for(milliseconds(50));
+      st = ReadSync(*dev, 0, buf.data(), 4096);
+    } while (!st.ok() && MsSince(t1) < 5000);
+    QVERIFY2(st.ok(), st.ToString().c_str());
+    QVERIFY2(srv.connections >= 2, "the connection of a hung request must be replaced (fence)");
+  }
+
+  void writePermissionLostFailsPendingWrites() {
+    FakeServer srv(8u << 20);
+    srv.write_delay_ms = 200;
+    IoThread io;
+    auto r = RemoteDevice::Connect(io.io, Opts(srv.port()));
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    srv.hello_read_only = true;  // next handshake: read-only
+    srv.close_after = 1;
+    std::vector<char> w(4096, 'x');
+    QCOMPARE(WriteSync(*dev, 0, w.data(), w.size()).ToErrno(), EIO);
+    QCOMPARE(QString::fromStdString(dev->Stats().state), QString("failing"));
+  }
+
+  void readOnlyAfterReconnectWithoutWrites() {
+    FakeServer srv(8u << 20);
+    IoThread io;
+    auto r = RemoteDevice::Connect(io.io, Opts(srv.port()));
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    srv.hello_read_only = true;
+    srv.close_after = 1;
+    std::vector<char> b(4096);
+    QVERIFY(ReadSync(*dev, 0, b.data(), 4096).ok());  // dropped, re-sent after the reconnect
+    QVERIFY(dev->Info().read_only);
+    QCOMPARE(WriteSync(*dev, 0, b.data(), 4096).code(), Status::Code::kReadOnly);
+    QCOMPARE(QString::fromStdString(dev->Stats().state), QString("connected"));
+  }
+
+  void closeFailsPending() {
+    FakeServer srv(8u << 20);
+    IoThread io;
+    auto r = RemoteDevice::Connect(io.io, Opts(srv.port()));
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    srv.silent = true;
+    std::vector<char> rd(4096);
+    IoRequest q{};
+    q.op = IoOp::kRead;
+    q.length = 4096;
+    q.data = rd.data();
+    Batch b;
+    q.done = &Batch::Done;
+    q.ctx = &b;
+    dev->Submit(&q);
+    std::this_thread::sleep_for(milliseconds(50));
+    const auto t0 = Clock::now();
+    dev->Close();
+    QVERIFY(b.Wait(1, milliseconds(2000)));
+    QCOMPARE(b.first_errno, EIO);
+    QVERIFY(MsSince(t0) < 1000);
+  }
+
+  void staleGenerationReplyIsDrained() {
+    FakeServer srv(8u << 20);
+    std::vector<char> pattern(1 << 20);
+    Fill(pattern.data(), pattern.size(), 11);
+    srv.SetDisk(0, pattern.data(), pattern.size());
+    srv.inject_stale = true;
+    IoThread io;
+    auto r = RemoteDevice::Connect(io.io, Opts(srv.port()));
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    std::vector<char> rd(256 << 10);
+    for (int i = 0; i < 4; ++i) {
+      std::fill(rd.begin(), rd.end(), 0);
+      QVERIFY(ReadSync(*dev, std::uint64_t(i) * rd.size(), rd.data(), rd.size()).ok());
+      QVERIFY(std::equal(rd.begin(), rd.end(), pattern.begin() + i * rd.size()));
+    }
+    QVERIFY(srv.stale_sent >= 4);
+    // The stale replies (with payloads) did not desynchronise the stream.
+    QCOMPARE(dev->Stats().reconnects, std::uint64_t(0));
+    QCOMPARE(srv.connections.load(), 1);
+  }
+
+  void sizeChangeAcrossReconnectFailsDevice() {
+    FakeServer srv(8u << 20);
+    srv.write_delay_ms = 200;
+    IoThread io;
+    auto r = RemoteDevice::Connect(io.io, Opts(srv.port()));
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    srv.hello_size = 4u << 20;  // the export shrinks behind our back
+    srv.close_after = 1;
+    std::vector<char> w(4096, 'x');
+    Status st = WriteSync(*dev, 0, w.data(), w.size());
+    QCOMPARE(st.ToErrno(), EIO);
+    QCOMPARE(dev->Info().size, std::uint64_t(8u << 20));
+    QCOMPARE(QString::fromStdString(dev->Stats().state), QString("failing"));
+  }
+
+  void noAllocationPerIo() {
+    FakeServer srv(8u << 20);
+    IoThread io;
+    auto r = RemoteDevice::Connect(io.io, Opts(srv.port()));
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    constexpr int kDepth = 16;
+    constexpr std::uint32_t kLen = 16 << 10;
+    std::vector<char> buf(std::size_t(kDepth) * kLen);
+    Fill(buf.data(), buf.size(), 1);
+    std::vector<IoRequest> reqs(kDepth);
+    auto round = [&](Batch& b, int n) {
+      for (int i = 0; i < kDepth; ++i) {
+        IoRequest& q = reqs[i];
+        q = IoRequest{};
+        q.op = (n + i) % 3 == 0 ? IoOp::kRead : IoOp::kWrite;
+        q.offset = std::uint64_t(i) * kLen;
+        q.length = kLen;
+        q.data = buf.data() + std::size_t(i) * kLen;
+        q.done = &Batch::Done;
+        q.ctx = &b;
+        dev->Submit(&q);
+      }
+    };
+    for (int n = 0; n < 50; ++n) {  // warm-up
+      Batch b;
+      round(b, n);
+      QVERIFY(b.Wait(kDepth));
+    }
+    constexpr int kRounds = 200;
+    g_allocs = 0;
+    g_count_allocs = true;
+    int errors = 0;
+    for (int n = 0; n < kRounds; ++n) {
+      Batch b;
+      round(b, n);
+      b.Wait(kDepth);
+      errors += b.errors;
+    }
+    g_count_allocs = false;
+    const std::uint64_t allocs = g_allocs.load();
+    const int ios = kRounds * kDepth;
+    qInfo("allocations during %d I/Os: %llu (%.4f per I/O)", ios, (unsigned long long)allocs,
+          double(allocs) / ios);
+    QCOMPARE(errors, 0);
+    // Zero in steady state; a handful of one-off allocations (keepalive timer, Asio's per-thread
+    // caches settling) are tolerated, anything that scales with the I/O count is not.
+    QVERIFY2(allocs <= 8, qPrintable(QString("allocations: %1").arg(allocs)));
+  }
+};
+
+DST_TEST_MAIN(RemoteDeviceTest)
+#include "remote_device_test.moc"
