@@ -2,6 +2,7 @@
 
 #include <sys/socket.h>
 
+#include <boost/asio/bind_executor.hpp>
 #include <boost/asio/post.hpp>
 
 namespace dst::net {
@@ -10,6 +11,7 @@ Transmitter::Transmitter(boost::asio::ip::tcp::socket& socket, bool batching, Tx
                          std::size_t max_batch_bytes)
     : socket_(socket),
       batching_(batching),
+      ex_(socket.get_executor()),
       stats_(stats),
       max_batch_bytes_(max_batch_bytes),
       alive_(std::make_shared<bool>(true)) {
@@ -35,7 +37,7 @@ void Transmitter::Enqueue(TxFrame* f) {
 void Transmitter::Kick(std::shared_ptr<void> guard) {
   if (kicked_ || closed_) return;
   kicked_ = true;
-  boost::asio::post(socket_.get_executor(), [this, g = std::move(guard), alive = alive_] {
+  boost::asio::post(ex_, [this, g = std::move(guard), alive = alive_] {
     if (!*alive) return;
     kicked_ = false;
     Flush();
@@ -54,12 +56,12 @@ bool Transmitter::Flush() {
     const int max_frames = batching_ ? kMaxIov / 2 : 1;
     int frames = 0;
     for (TxFrame* f = head_; f && frames < max_frames && bytes < max_batch_bytes_; f = f->next, ++frames) {
-      if (skip < kHeaderSize) {
-        iov_[n++] = {const_cast<std::uint8_t*>(f->header) + skip, kHeaderSize - skip};
-        bytes += kHeaderSize - skip;
+      if (skip < f->header_len) {
+        iov_[n++] = {const_cast<std::uint8_t*>(f->header) + skip, f->header_len - skip};
+        bytes += f->header_len - skip;
         skip = 0;
       } else {
-        skip -= kHeaderSize;
+        skip -= f->header_len;
       }
       if (f->payload_len > skip) {
         iov_[n++] = {const_cast<char*>(f->payload) + skip, f->payload_len - skip};
@@ -88,7 +90,7 @@ bool Transmitter::Flush() {
     head_sent_ = 0;
     std::uint64_t done = 0;
     while (head_) {
-      const std::size_t flen = kHeaderSize + head_->payload_len;
+      const std::size_t flen = head_->header_len + head_->payload_len;
       if (left < flen) {
         head_sent_ = left;
         break;
@@ -108,7 +110,7 @@ bool Transmitter::Flush() {
 void Transmitter::WaitWritable() {
   waiting_ = true;
   socket_.async_wait(boost::asio::ip::tcp::socket::wait_write,
-                     [this, alive = alive_](const boost::system::error_code& ec) {
+                     boost::asio::bind_executor(ex_, [this, alive = alive_](const boost::system::error_code& ec) {
                        if (!*alive) return;
                        waiting_ = false;
                        if (ec) {
@@ -116,7 +118,7 @@ void Transmitter::WaitWritable() {
                          return;
                        }
                        Flush();
-                     });
+                     }));
 }
 
 void Transmitter::Fail() {

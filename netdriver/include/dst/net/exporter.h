@@ -17,6 +17,7 @@
 // connection's io thread.
 #pragma once
 
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <string>
@@ -37,6 +38,10 @@ struct ExporterOptions {
   std::uint32_t max_payload = kDefaultMaxPayload;
   std::uint32_t max_inflight_per_connection = 128;
   std::size_t buffer_count = 256;  // shared pool of max_payload-sized buffers
+  // A connection that makes no progress for this long while the server waits on it (a WRITE
+  // payload or HELLO that stops arriving, replies the client does not read) is closed, so it
+  // cannot pin pool buffers forever.  Idle connections are not affected.  0 disables.
+  std::chrono::milliseconds stall_timeout{30000};
 };
 
 struct ExportSpec {

@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <memory>
 
+#include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/ip/tcp.hpp>
 
 #include "dst/net/dst_format.h"
@@ -33,6 +34,9 @@ namespace dst::net {
 
 struct TxFrame {
   std::uint8_t header[kHeaderSize];
+  // Bytes of `header` to send.  DST frames use all 48; the NBD server sends its shorter
+  // reply headers (16/20/28 bytes) through the same transmitter.
+  std::uint8_t header_len = kHeaderSize;
   const char* payload = nullptr;
   std::uint32_t payload_len = 0;
   // Called exactly once when the frame has been fully written (ok) or dropped (!ok).  May be
@@ -76,6 +80,10 @@ class Transmitter {
   bool idle() const { return head_ == nullptr; }
   bool batching() const { return batching_; }
   void set_error_handler(void (*fn)(void* ctx), void* ctx) { on_error_ = fn; on_error_ctx_ = ctx; }
+  // Runs the Transmitter's own handlers (writable wait, Kick) on `ex` instead of the socket's
+  // executor, e.g. the connection's strand when the socket itself uses the plain io_context
+  // executor (cheaper per operation: a strand does not fit any_io_executor's small buffer).
+  void set_executor(boost::asio::any_io_executor ex) { ex_ = std::move(ex); }
 
  private:
   void WaitWritable();
@@ -83,6 +91,7 @@ class Transmitter {
 
   boost::asio::ip::tcp::socket& socket_;
   bool batching_;
+  boost::asio::any_io_executor ex_;  // where our handlers run; default: the socket's executor
   TxStats* stats_;
   std::size_t max_batch_bytes_;
   TxFrame* head_ = nullptr;
