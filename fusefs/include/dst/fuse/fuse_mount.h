@@ -7,6 +7,21 @@
 // No block logic lives here: errors are translated once, in the reply.
 //
 // Threading: AddVolume/RemoveVolume/ListVolumes are thread-safe and may be called while mounted.
+//
+// One kernel read/write (details in fusefs/src/fuse_mount.cc):
+//
+//   FUSE worker: take IoCtx (+ its pool buffer) --> [write: copy payload] --> Submit --> return
+//   device completion: more chunks? --yes--> Submit next chunk
+//                      |no  (write on a FUA-less device opened O_SYNC: --> FLUSH -->)
+//                      v
+//                      fuse_reply_buf / fuse_reply_write / fuse_reply_err(Status::ToErrno())
+//                      --> IoCtx back to the free list
+//   Partial-block writes and fallocate: the worker does read-modify-write synchronously under a
+//   per-volume lock, then replies.
+//
+// Unmount(): umount (retried for a grace period while files close), then forced (connection
+// aborted, open files get ENOTCONN) if still busy; joins the session threads, waits for every
+// in-flight device request, then closes /dev/fuse.  Idempotent; the destructor calls it.
 #pragma once
 
 #include <memory>
@@ -44,11 +59,24 @@ class FuseMount {
   std::vector<VolumeEntry> ListVolumes() const;
   const std::string& mountpoint() const;
   void Unmount();
+  // max_write the kernel accepted at FUSE_INIT (0 before the kernel's INIT arrived).
+  std::uint32_t negotiated_max_write() const;
 
   class Impl;
  private:
   explicit FuseMount(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
+
+// mlockall(MCL_CURRENT|MCL_FUTURE) for the daemon: a loop device on a FUSE file must not need
+// page-ins of the server to make progress under memory pressure.  Returns the errno on refusal
+// (RLIMIT_MEMLOCK, no CAP_IPC_LOCK); the caller decides whether that is fatal.
+Status LockMemory();
+
+// prctl(PR_SET_IO_FLUSHER) for the calling thread and the threads it creates afterwards: their
+// memory allocations do not recurse into I/O reclaim (which could wait on our own loop device).
+// Needs CAP_SYS_RESOURCE.  FuseMount sets it on its session threads itself; the daemon should
+// call it early in main() so FileDevice / network threads inherit it.
+Status MarkIoFlusher();
 
 }  // namespace dst::fuse
