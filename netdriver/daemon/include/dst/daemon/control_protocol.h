@@ -1,0 +1,117 @@
+// The dstd control protocol: JSON lines over a Unix stream socket.
+//
+//   request  {"id":1,"method":"status","params":{}}\n
+//   reply    {"id":1,"result":{...}}\n
+//            {"id":1,"error":{"code":"not_found","message":"no volume \"x\""}}\n
+//
+// * `id` is an integer or a string chosen by the client and echoed; replies on one connection
+//   may come back out of order (slow methods run on a worker thread), so match on id.
+// * `params` is optional and must be an object when present.
+// * A line longer than kMaxLineBytes gets a `too_large` error (id null) and the connection is
+//   closed: the server never buffers unbounded input.
+// * A line that is not JSON gets `parse_error` (id null); a JSON value that is not a valid request
+//   gets `invalid_request`; an unknown method `unknown_method`.  The connection stays up.
+//
+// Methods and their params/results are listed in docs/man/dstctl.8 ("CONTROL PROTOCOL").
+//
+// This library links only nlohmann-json (dstctl and the GUI use it; no engine code).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace dst::control {
+
+inline constexpr std::size_t kMaxLineBytes = 1u << 20;  // 1 MiB per request or reply line
+inline constexpr int kProtocolVersion = 1;             // "version" in status results
+
+// Error codes (the "code" member of an error object).
+inline constexpr const char* kParseError = "parse_error";
+inline constexpr const char* kInvalidRequest = "invalid_request";
+inline constexpr const char* kUnknownMethod = "unknown_method";
+inline constexpr const char* kInvalidParams = "invalid_params";
+inline constexpr const char* kTooLarge = "too_large";
+inline constexpr const char* kNotFound = "not_found";
+inline constexpr const char* kExists = "exists";
+inline constexpr const char* kBusy = "busy";
+inline constexpr const char* kUnavailable = "unavailable";
+inline constexpr const char* kIoError = "io_error";
+inline constexpr const char* kTimedOut = "timed_out";
+inline constexpr const char* kReadOnly = "read_only";
+inline constexpr const char* kNotSupported = "not_supported";
+inline constexpr const char* kShuttingDown = "shutting_down";
+inline constexpr const char* kInternal = "internal";
+
+// Every method dstd answers.
+const std::vector<std::string>& Methods();
+bool IsKnownMethod(std::string_view method);
+
+struct Request {
+  nlohmann::json id;  // integer or string
+  std::string method;
+  nlohmann::json params = nlohmann::json::object();
+};
+
+struct ErrorInfo {
+  nlohmann::json id;  // null when the request's id is unknown
+  std::string code;
+  std::string message;
+};
+
+// Parses one request line (no trailing newline).  Fails with parse_error, invalid_request or
+// unknown_method in *error.
+bool ParseRequest(std::string_view line, Request* req, ErrorInfo* error);
+
+// Encoders return one line including the trailing '\n'.
+std::string EncodeRequest(const nlohmann::json& id, std::string_view method,
+                          const nlohmann::json& params = nlohmann::json::object());
+std::string EncodeResult(const nlohmann::json& id, const nlohmann::json& result);
+std::string EncodeError(const nlohmann::json& id, std::string_view code, std::string_view message);
+
+struct Reply {
+  nlohmann::json id;
+  bool ok = false;
+  nlohmann::json result;
+  std::string error_code;
+  std::string error_message;
+};
+// Parses a reply line; false (with *why) if it is not a well-formed reply.
+bool ParseReply(std::string_view line, Reply* reply, std::string* why);
+
+// Splits a byte stream into lines with a hard length limit.
+class LineSplitter {
+ public:
+  enum class Next { kLine, kNeedMore, kTooLong };
+  explicit LineSplitter(std::size_t max_line = kMaxLineBytes) : max_line_(max_line) {}
+  void Append(const char* data, std::size_t n) { buf_.append(data, n); }
+  // kLine: *line holds the next line (without "\n" or "\r\n").  kTooLong: a line exceeds the
+  // limit; the splitter is then unusable (close the connection).
+  Next Pop(std::string* line);
+  std::size_t buffered() const { return buf_.size() - pos_; }
+
+ private:
+  std::size_t max_line_;
+  std::string buf_;
+  std::size_t pos_ = 0;
+};
+
+// sysexits code dstctl uses for an error code from dstd (see dstctl(8) EXIT STATUS).
+int ExitCodeForError(std::string_view code);
+
+// sysexits values used by dstd and dstctl.
+inline constexpr int kExUsage = 64;
+inline constexpr int kExDataErr = 65;
+inline constexpr int kExUnavailable = 69;
+inline constexpr int kExSoftware = 70;
+inline constexpr int kExIoErr = 74;
+inline constexpr int kExTempFail = 75;
+inline constexpr int kExProtocol = 76;
+inline constexpr int kExNoPerm = 77;
+inline constexpr int kExConfig = 78;
+
+}  // namespace dst::control

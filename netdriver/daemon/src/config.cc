@@ -1,0 +1,389 @@
+#include "dst/daemon/config.h"
+
+#include <sys/stat.h>
+
+#include <charconv>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include <fmt/format.h>
+#include <toml++/toml.h>
+
+namespace dst::daemon {
+
+namespace {
+
+constexpr std::uint64_t kMaxSize = std::uint64_t{1} << 60;  // 1 EiB: anything above is a typo
+
+// Builds "<file>:<line>: <where>: <key>: <problem>".
+class ErrorSink {
+ public:
+  explicit ErrorSink(const std::string& source) : source_(source) {}
+  Status Error(const toml::source_region& where, std::string_view ctx, std::string_view key,
+               std::string_view problem) const {
+    std::string m = source_;
+    if (where.begin.line > 0) m += fmt::format(":{}", where.begin.line);
+    m += ": ";
+    if (!ctx.empty()) m += fmt::format("{}: ", ctx);
+    if (!key.empty()) m += fmt::format("{}: ", key);
+    m += problem;
+    return Status::InvalidArgument(m);
+  }
+
+ private:
+  const std::string& source_;
+};
+
+const char* TypeName(const toml::node& n) {
+  switch (n.type()) {
+    case toml::node_type::string: return "a string";
+    case toml::node_type::integer: return "an integer";
+    case toml::node_type::floating_point: return "a float";
+    case toml::node_type::boolean: return "a boolean";
+    case toml::node_type::table: return "a table";
+    case toml::node_type::array: return "an array";
+    default: return "a date/time";
+  }
+}
+
+// Typed field readers: each fails with "<key>: expected X, got Y".
+struct Fields {
+  const ErrorSink& sink;
+  std::string ctx;
+
+  Status String(const toml::node& n, std::string_view key, std::string* out) const {
+    if (!n.is_string())
+      return sink.Error(n.source(), ctx, key, fmt::format("expected a string, got {}", TypeName(n)));
+    *out = *n.value<std::string>();
+    if (out->empty()) return sink.Error(n.source(), ctx, key, "must not be empty");
+    return Status::OK();
+  }
+  Status Bool(const toml::node& n, std::string_view key, bool* out) const {
+    if (!n.is_boolean())
+      return sink.Error(n.source(), ctx, key,
+                        fmt::format("expected true or false, got {}", TypeName(n)));
+    *out = *n.value<bool>();
+    return Status::OK();
+  }
+  Status UInt(const toml::node& n, std::string_view key, std::uint64_t lo, std::uint64_t hi,
+              std::uint32_t* out) const {
+    if (!n.is_integer())
+      return sink.Error(n.source(), ctx, key,
+                        fmt::format("expected an integer, got {}", TypeName(n)));
+    std::int64_t v = *n.value<std::int64_t>();
+    if (v < std::int64_t(lo) || std::uint64_t(v) > hi)
+      return sink.Error(n.source(), ctx, key,
+                        fmt::format("{} is out of range ({}..{})", v, lo, hi));
+    *out = std::uint32_t(v);
+    return Status::OK();
+  }
+  Status Size(const toml::node& n, std::string_view key, std::uint64_t* out) const {
+    if (n.is_integer()) {
+      std::int64_t v = *n.value<std::int64_t>();
+      if (v <= 0 || v % 512 != 0)
+        return sink.Error(n.source(), ctx, key,
+                          fmt::format("bad size {} (must be a positive multiple of 512 bytes)", v));
+      *out = std::uint64_t(v);
+      return Status::OK();
+    }
+    if (!n.is_string())
+      return sink.Error(n.source(), ctx, key,
+                        fmt::format("expected a size like \"1G\", got {}", TypeName(n)));
+    auto r = ParseSize(*n.value<std::string>());
+    if (!r.ok()) return sink.Error(n.source(), ctx, key, r.status().message());
+    *out = r.value();
+    return Status::OK();
+  }
+};
+
+Status UnknownKey(const ErrorSink& sink, const toml::key& k, std::string_view ctx,
+                  std::string_view allowed) {
+  return sink.Error(k.source(), ctx, k.str(),
+                    fmt::format("unknown key (allowed: {})", allowed));
+}
+
+bool PathExists(const std::string& p) {
+  struct stat st;
+  return ::stat(p.c_str(), &st) == 0;
+}
+
+Status ParseDaemon(const toml::table& t, const ErrorSink& sink, Config* cfg) {
+  Fields f{sink, "[daemon]"};
+  for (auto&& [k, v] : t) {
+    std::string_view key = k.str();
+    if (key == "listen") {
+      std::string s;
+      DST_RETURN_IF_ERROR(f.String(v, key, &s));
+      Status st = ParseListen(s, &cfg->listen_host, &cfg->listen_port);
+      if (!st.ok()) return sink.Error(v.source(), f.ctx, key, st.message());
+    } else if (key == "mountpoint") {
+      DST_RETURN_IF_ERROR(f.String(v, key, &cfg->mountpoint));
+      if (cfg->mountpoint[0] != '/')
+        return sink.Error(v.source(), f.ctx, key,
+                          fmt::format("\"{}\" must be an absolute path", cfg->mountpoint));
+    } else if (key == "batching") {
+      DST_RETURN_IF_ERROR(f.Bool(v, key, &cfg->batching));
+    } else {
+      return UnknownKey(sink, k, f.ctx, "listen, mountpoint, batching");
+    }
+  }
+  return Status::OK();
+}
+
+Status ParseExport(const toml::table& t, std::size_t index, const ErrorSink& sink,
+                   const ParseOptions& opts, ExportConfig* e) {
+  Fields f{sink, fmt::format("[[export]] #{}", index + 1)};
+  // Name first, so later messages can say which export.
+  if (auto* n = t.get("name")) {
+    DST_RETURN_IF_ERROR(f.String(*n, "name", &e->name));
+    if (!ValidName(e->name))
+      return sink.Error(n->source(), f.ctx, "name",
+                        fmt::format("bad name \"{}\" (1-64 of A-Z a-z 0-9 . _ -)", e->name));
+    f.ctx = fmt::format("export \"{}\"", e->name);
+  } else {
+    return sink.Error(t.source(), f.ctx, "name", "missing");
+  }
+  bool have_path = false;
+  for (auto&& [k, v] : t) {
+    std::string_view key = k.str();
+    if (key == "name") {
+      continue;
+    } else if (key == "path") {
+      DST_RETURN_IF_ERROR(f.String(v, key, &e->path));
+      have_path = true;
+    } else if (key == "size") {
+      DST_RETURN_IF_ERROR(f.Size(v, key, &e->size));
+    } else if (key == "read_only") {
+      DST_RETURN_IF_ERROR(f.Bool(v, key, &e->read_only));
+    } else if (key == "direct_io") {
+      DST_RETURN_IF_ERROR(f.Bool(v, key, &e->direct_io));
+    } else {
+      return UnknownKey(sink, k, f.ctx, "name, path, size, read_only, direct_io");
+    }
+  }
+  if (!have_path) return sink.Error(t.source(), f.ctx, "path", "missing");
+  if (opts.check_files && e->size == 0 && !PathExists(e->path))
+    return sink.Error(t["path"].node()->source(), f.ctx, "path",
+                      fmt::format("\"{}\" does not exist and no size is given to create it",
+                                  e->path));
+  return Status::OK();
+}
+
+Status ParseVolume(const toml::table& t, std::size_t index, const ErrorSink& sink,
+                   const ParseOptions& opts, VolumeConfig* vol) {
+  Fields f{sink, fmt::format("[[volume]] #{}", index + 1)};
+  if (auto* n = t.get("name")) {
+    DST_RETURN_IF_ERROR(f.String(*n, "name", &vol->name));
+    if (!ValidName(vol->name))
+      return sink.Error(n->source(), f.ctx, "name",
+                        fmt::format("bad name \"{}\" (1-64 of A-Z a-z 0-9 . _ -)", vol->name));
+    f.ctx = fmt::format("volume \"{}\"", vol->name);
+  } else {
+    return sink.Error(t.source(), f.ctx, "name", "missing");
+  }
+  for (auto&& [k, v] : t) {
+    std::string_view key = k.str();
+    if (key == "name") {
+      continue;
+    } else if (key == "remote") {
+      DST_RETURN_IF_ERROR(f.String(v, key, &vol->remote));
+      Status st = ParseVolumeUri(vol->remote, &vol->host, &vol->port, &vol->export_name);
+      if (!st.ok()) return sink.Error(v.source(), f.ctx, key, st.message());
+    } else if (key == "path") {
+      DST_RETURN_IF_ERROR(f.String(v, key, &vol->path));
+    } else if (key == "queue_depth") {
+      DST_RETURN_IF_ERROR(f.UInt(v, key, 1, 1024, &vol->queue_depth));
+    } else if (key == "io_timeout") {
+      DST_RETURN_IF_ERROR(f.UInt(v, key, 1, 86400, &vol->io_timeout_s));
+    } else if (key == "keepalive_timeout") {
+      DST_RETURN_IF_ERROR(f.UInt(v, key, 1, 3600, &vol->keepalive_timeout_s));
+    } else {
+      return UnknownKey(sink, k, f.ctx,
+                        "name, remote, path, queue_depth, io_timeout, keepalive_timeout");
+    }
+  }
+  if (vol->remote.empty() == vol->path.empty())
+    return sink.Error(t.source(), f.ctx, "remote/path",
+                      vol->remote.empty() ? "one of remote or path is required"
+                                          : "give either remote or path, not both");
+  if (opts.check_files && !vol->path.empty() && !PathExists(vol->path))
+    return sink.Error(t["path"].node()->source(), f.ctx, "path",
+                      fmt::format("\"{}\" does not exist", vol->path));
+  return Status::OK();
+}
+
+// Iterates an array of tables ([[export]] / [[volume]]).
+template <typename T, typename Fn>
+Status ParseArray(const toml::node& n, std::string_view key, const ErrorSink& sink,
+                  std::vector<T>* out, Fn&& parse_one) {
+  const toml::array* arr = n.as_array();
+  if (!arr || !arr->is_array_of_tables())
+    return sink.Error(n.source(), "", key,
+                      fmt::format("must be written as [[{}]] tables", key));
+  std::set<std::string> names;
+  for (std::size_t i = 0; i < arr->size(); ++i) {
+    T item;
+    DST_RETURN_IF_ERROR(parse_one(*(*arr)[i].as_table(), i, &item));
+    if (!names.insert(item.name).second)
+      return sink.Error((*arr)[i].source(), fmt::format("{} \"{}\"", key, item.name), "name",
+                        "duplicate name");
+    out->push_back(std::move(item));
+  }
+  return Status::OK();
+}
+
+}  // namespace
+
+bool ValidName(std::string_view name) {
+  if (name.empty() || name.size() > 64 || name[0] == '.') return false;
+  for (char c : name) {
+    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '.' || c == '_' || c == '-';
+    if (!ok) return false;
+  }
+  return true;
+}
+
+Result<std::uint64_t> ParseSize(std::string_view s) {
+  auto bad = [&](std::string_view why) {
+    return Status::InvalidArgument(fmt::format("bad size \"{}\" ({})", s, why));
+  };
+  if (s.empty()) return bad("empty");
+  std::uint64_t v = 0;
+  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  if (ec != std::errc() || p == s.data())
+    return bad("bytes, or a number with K, M, G or T");
+  std::string_view unit(p, s.data() + s.size() - p);
+  unsigned shift = 0;
+  if (!unit.empty()) {
+    switch (unit[0]) {
+      case 'k': case 'K': shift = 10; break;
+      case 'm': case 'M': shift = 20; break;
+      case 'g': case 'G': shift = 30; break;
+      case 't': case 'T': shift = 40; break;
+      default: return bad("bytes, or a number with K, M, G or T");
+    }
+    std::string_view rest = unit.substr(1);
+    if (!(rest.empty() || rest == "B" || rest == "iB"))
+      return bad("bytes, or a number with K, M, G or T");
+  }
+  if (v == 0) return bad("must be positive");
+  if (v > (kMaxSize >> shift)) return bad("too large");
+  v <<= shift;
+  if (v % 512 != 0) return bad("must be a multiple of 512 bytes");
+  return v;
+}
+
+Status ParseListen(std::string_view s, std::string* host, std::uint16_t* port) {
+  auto bad = [&](std::string_view why) {
+    return Status::InvalidArgument(fmt::format("bad address \"{}\" ({})", s, why));
+  };
+  std::size_t colon = s.rfind(':');
+  if (colon == std::string_view::npos) return bad("expected HOST:PORT");
+  std::string_view h = s.substr(0, colon);
+  std::string_view p = s.substr(colon + 1);
+  if (h.size() >= 2 && h.front() == '[' && h.back() == ']') h = h.substr(1, h.size() - 2);
+  else if (h.find(':') != std::string_view::npos) return bad("write IPv6 addresses as [ADDR]:PORT");
+  if (h.empty()) return bad("empty host");
+  unsigned v = 0;
+  auto [e, ec] = std::from_chars(p.data(), p.data() + p.size(), v);
+  if (p.empty() || ec != std::errc() || e != p.data() + p.size() || v > 65535)
+    return bad("port must be 0..65535");
+  *host = std::string(h);
+  *port = std::uint16_t(v);
+  return Status::OK();
+}
+
+Status ParseVolumeUri(std::string_view uri, std::string* host, std::uint16_t* port,
+                      std::string* export_name) {
+  auto bad = [&](std::string_view why) {
+    return Status::InvalidArgument(fmt::format("bad URI \"{}\" ({})", uri, why));
+  };
+  constexpr std::string_view kScheme = "dst://";
+  if (uri.substr(0, kScheme.size()) != kScheme) return bad("expected dst://HOST[:PORT]/EXPORT");
+  std::string_view rest = uri.substr(kScheme.size());
+  std::size_t slash = rest.find('/');
+  if (slash == std::string_view::npos) return bad("missing /EXPORT");
+  std::string_view authority = rest.substr(0, slash);
+  std::string_view name = rest.substr(slash + 1);
+  if (!ValidName(name)) return bad("bad export name");
+  std::string h;
+  std::uint16_t p = 7400;
+  bool has_port = false;
+  if (!authority.empty() && authority.front() == '[') {
+    std::size_t close = authority.find(']');
+    if (close == std::string_view::npos) return bad("unclosed [");
+    h = std::string(authority.substr(1, close - 1));
+    std::string_view after = authority.substr(close + 1);
+    if (!after.empty()) {
+      if (after[0] != ':') return bad("junk after ]");
+      has_port = true;
+      authority = after.substr(1);
+    }
+  } else {
+    std::size_t colon = authority.find(':');
+    h = std::string(authority.substr(0, colon));
+    if (colon != std::string_view::npos) {
+      has_port = true;
+      authority = authority.substr(colon + 1);
+    }
+  }
+  if (h.empty()) return bad("empty host");
+  if (has_port) {
+    unsigned v = 0;
+    auto [e, ec] = std::from_chars(authority.data(), authority.data() + authority.size(), v);
+    if (authority.empty() || ec != std::errc() || e != authority.data() + authority.size() ||
+        v == 0 || v > 65535)
+      return bad("port must be 1..65535");
+    p = std::uint16_t(v);
+  }
+  *host = h;
+  *port = p;
+  *export_name = std::string(name);
+  return Status::OK();
+}
+
+Result<Config> ParseConfig(std::string_view text, const std::string& source,
+                           const ParseOptions& opts) {
+  ErrorSink sink(source);
+  toml::table root;
+  try {
+    root = toml::parse(text, source);
+  } catch (const toml::parse_error& e) {
+    return sink.Error(e.source(), "", "", fmt::format("TOML syntax: {}", e.description()));
+  }
+  Config cfg;
+  for (auto&& [k, v] : root) {
+    std::string_view key = k.str();
+    if (key == "daemon") {
+      if (!v.is_table()) return sink.Error(v.source(), "", key, "must be a [daemon] table");
+      DST_RETURN_IF_ERROR(ParseDaemon(*v.as_table(), sink, &cfg));
+    } else if (key == "export") {
+      DST_RETURN_IF_ERROR(ParseArray(v, key, sink, &cfg.exports,
+                                     [&](const toml::table& t, std::size_t i, ExportConfig* e) {
+                                       return ParseExport(t, i, sink, opts, e);
+                                     }));
+    } else if (key == "volume") {
+      DST_RETURN_IF_ERROR(ParseArray(v, key, sink, &cfg.volumes,
+                                     [&](const toml::table& t, std::size_t i, VolumeConfig* vol) {
+                                       return ParseVolume(t, i, sink, opts, vol);
+                                     }));
+    } else {
+      return sink.Error(k.source(), "", key,
+                        "unknown top-level key (allowed: [daemon], [[export]], [[volume]])");
+    }
+  }
+  return cfg;
+}
+
+Result<Config> LoadConfigFile(const std::string& path, const ParseOptions& opts) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return Status::FromErrno(errno, fmt::format("{}: cannot read", path));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  if (in.bad()) return Status::FromErrno(errno, fmt::format("{}: cannot read", path));
+  return ParseConfig(ss.str(), path, opts);
+}
+
+}  // namespace dst::daemon

@@ -1,0 +1,159 @@
+#include "dst/daemon/control_protocol.h"
+
+#include <algorithm>
+
+namespace dst::control {
+
+using nlohmann::json;
+
+const std::vector<std::string>& Methods() {
+  static const std::vector<std::string> kMethods = {
+      "status",        "export.add",    "export.list", "export.remove", "volume.import",
+      "volume.list",   "volume.remove", "mount",       "unmount",
+  };
+  return kMethods;
+}
+
+bool IsKnownMethod(std::string_view method) {
+  const auto& m = Methods();
+  return std::find(m.begin(), m.end(), method) != m.end();
+}
+
+bool ParseRequest(std::string_view line, Request* req, ErrorInfo* error) {
+  error->id = nullptr;
+  json j = json::parse(line.begin(), line.end(), nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) {
+    error->code = kParseError;
+    error->message = "request is not valid JSON";
+    return false;
+  }
+  if (!j.is_object()) {
+    error->code = kInvalidRequest;
+    error->message = "request must be a JSON object";
+    return false;
+  }
+  auto id = j.find("id");
+  if (id != j.end() && (id->is_number_integer() || id->is_string())) error->id = *id;
+  if (id == j.end() || !(id->is_number_integer() || id->is_string())) {
+    error->code = kInvalidRequest;
+    error->message = id == j.end() ? "missing \"id\"" : "\"id\" must be an integer or a string";
+    return false;
+  }
+  auto method = j.find("method");
+  if (method == j.end() || !method->is_string()) {
+    error->code = kInvalidRequest;
+    error->message = method == j.end() ? "missing \"method\"" : "\"method\" must be a string";
+    return false;
+  }
+  auto params = j.find("params");
+  if (params != j.end() && !params->is_object() && !params->is_null()) {
+    error->code = kInvalidRequest;
+    error->message = "\"params\" must be an object";
+    return false;
+  }
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    if (it.key() != "id" && it.key() != "method" && it.key() != "params") {
+      error->code = kInvalidRequest;
+      error->message = "unknown member \"" + it.key() + "\"";
+      return false;
+    }
+  }
+  std::string m = method->get<std::string>();
+  if (!IsKnownMethod(m)) {
+    error->code = kUnknownMethod;
+    error->message = "unknown method \"" + m + "\"";
+    return false;
+  }
+  req->id = *id;
+  req->method = std::move(m);
+  req->params = (params == j.end() || params->is_null()) ? json::object() : *params;
+  return true;
+}
+
+static std::string Line(const json& j) {
+  // Replace invalid UTF-8 instead of throwing: a path with odd bytes must not kill the server.
+  std::string s = j.dump(-1, ' ', false, json::error_handler_t::replace);
+  s.push_back('\n');
+  return s;
+}
+
+std::string EncodeRequest(const json& id, std::string_view method, const json& params) {
+  return Line(json{{"id", id}, {"method", method}, {"params", params}});
+}
+
+std::string EncodeResult(const json& id, const json& result) {
+  return Line(json{{"id", id}, {"result", result}});
+}
+
+std::string EncodeError(const json& id, std::string_view code, std::string_view message) {
+  return Line(json{{"id", id}, {"error", {{"code", code}, {"message", message}}}});
+}
+
+bool ParseReply(std::string_view line, Reply* reply, std::string* why) {
+  json j = json::parse(line.begin(), line.end(), nullptr, false);
+  if (j.is_discarded() || !j.is_object()) {
+    *why = "reply is not a JSON object";
+    return false;
+  }
+  reply->id = j.contains("id") ? j["id"] : json();
+  auto r = j.find("result");
+  auto e = j.find("error");
+  if ((r == j.end()) == (e == j.end())) {
+    *why = "reply must have exactly one of \"result\" and \"error\"";
+    return false;
+  }
+  if (r != j.end()) {
+    reply->ok = true;
+    reply->result = *r;
+    return true;
+  }
+  if (!e->is_object() || !e->contains("code") || !(*e)["code"].is_string()) {
+    *why = "malformed error object";
+    return false;
+  }
+  reply->ok = false;
+  reply->error_code = (*e)["code"].get<std::string>();
+  auto m = e->find("message");
+  reply->error_message = (m != e->end() && m->is_string()) ? m->get<std::string>() : reply->error_code;
+  return true;
+}
+
+LineSplitter::Next LineSplitter::Pop(std::string* line) {
+  if (pos_ > buf_.size()) return Next::kTooLong;  // poisoned
+  std::size_t nl = buf_.find('\n', pos_);
+  if (nl == std::string::npos) {
+    if (buf_.size() - pos_ > max_line_) {
+      pos_ = buf_.size() + 1;
+      return Next::kTooLong;
+    }
+    // Compact so the buffer does not grow with consumed lines.
+    if (pos_ > 0) {
+      buf_.erase(0, pos_);
+      pos_ = 0;
+    }
+    return Next::kNeedMore;
+  }
+  if (nl - pos_ > max_line_) {
+    pos_ = buf_.size() + 1;
+    return Next::kTooLong;
+  }
+  std::size_t end = nl;
+  if (end > pos_ && buf_[end - 1] == '\r') --end;
+  line->assign(buf_, pos_, end - pos_);
+  pos_ = nl + 1;
+  return Next::kLine;
+}
+
+int ExitCodeForError(std::string_view code) {
+  if (code == kNotFound || code == kExists || code == kInvalidParams || code == kReadOnly)
+    return kExDataErr;
+  if (code == kBusy || code == kTimedOut || code == kShuttingDown) return kExTempFail;
+  if (code == kUnavailable) return kExUnavailable;
+  if (code == kIoError) return kExIoErr;
+  if (code == kNotSupported) return kExDataErr;
+  if (code == kParseError || code == kInvalidRequest || code == kUnknownMethod || code == kTooLarge)
+    return kExProtocol;
+  return kExSoftware;
+}
+
+}  // namespace dst::control

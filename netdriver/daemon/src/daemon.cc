@@ -1,0 +1,884 @@
+#include "daemon.h"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <future>
+
+#include <boost/asio/steady_timer.hpp>
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "dst/file_device.h"
+
+namespace dst::daemon {
+
+namespace asio = boost::asio;
+using nlohmann::json;
+namespace ctl = dst::control;
+
+// ---------------------------------------------------------------------------------------------
+// WorkQueue
+
+WorkQueue::WorkQueue(int threads) {
+  for (int i = 0; i < threads; ++i) {
+    threads_.emplace_back([this] {
+      for (;;) {
+        std::function<void()> fn;
+        {
+          std::unique_lock<std::mutex> l(mu_);
+          cv_.wait(l, [this] { return stop_ || !q_.empty(); });
+          if (q_.empty()) return;
+          fn = std::move(q_.front());
+          q_.pop_front();
+        }
+        fn();
+      }
+    });
+  }
+}
+
+WorkQueue::~WorkQueue() { Stop(); }
+
+void WorkQueue::Post(std::function<void()> fn) {
+  std::lock_guard<std::mutex> l(mu_);
+  if (stop_) return;  // shutting down: the caller's reply is dropped with its connection
+  q_.push_back(std::move(fn));
+  cv_.notify_one();
+}
+
+void WorkQueue::Stop() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  for (auto& t : threads_)
+    if (t.joinable()) t.join();
+  threads_.clear();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+namespace {
+
+const char* ErrorCode(const Status& s) {
+  switch (s.code()) {
+    case Status::Code::kOk: return ctl::kInternal;
+    case Status::Code::kInvalidArgument: return ctl::kInvalidParams;
+    case Status::Code::kOutOfRange: return ctl::kInvalidParams;
+    case Status::Code::kNotFound: return ctl::kNotFound;
+    case Status::Code::kExists: return ctl::kExists;
+    case Status::Code::kReadOnly: return ctl::kReadOnly;
+    case Status::Code::kNotSupported: return ctl::kNotSupported;
+    case Status::Code::kTimedOut: return ctl::kTimedOut;
+    case Status::Code::kUnavailable: return ctl::kUnavailable;
+    case Status::Code::kBusy: return ctl::kBusy;
+    case Status::Code::kIoError:
+    case Status::Code::kProtocolError:
+    case Status::Code::kNoSpace: return ctl::kIoError;
+  }
+  return ctl::kInternal;
+}
+
+std::string Message(const Status& s) {
+  return s.message().empty() ? std::string(Status::CodeName(s.code())) : s.message();
+}
+
+std::string ErrorLine(const json& id, const Status& s) {
+  return ctl::EncodeError(id, ErrorCode(s), Message(s));
+}
+
+// Param readers: a missing required member or a wrong type is invalid_params.
+Status GetString(const json& p, const char* key, bool required, std::string* out) {
+  auto it = p.find(key);
+  if (it == p.end() || it->is_null()) {
+    return required ? Status::InvalidArgument(fmt::format("missing parameter \"{}\"", key))
+                    : Status::OK();
+  }
+  if (!it->is_string() || it->get<std::string>().empty())
+    return Status::InvalidArgument(fmt::format("parameter \"{}\" must be a non-empty string", key));
+  *out = it->get<std::string>();
+  return Status::OK();
+}
+
+Status GetBool(const json& p, const char* key, bool* out) {
+  auto it = p.find(key);
+  if (it == p.end() || it->is_null()) return Status::OK();
+  if (!it->is_boolean())
+    return Status::InvalidArgument(fmt::format("parameter \"{}\" must be true or false", key));
+  *out = it->get<bool>();
+  return Status::OK();
+}
+
+Status GetUInt(const json& p, const char* key, std::uint64_t lo, std::uint64_t hi,
+               std::uint32_t* out) {
+  auto it = p.find(key);
+  if (it == p.end() || it->is_null()) return Status::OK();
+  if (!it->is_number_integer() || it->get<std::int64_t>() < std::int64_t(lo) ||
+      it->get<std::int64_t>() > std::int64_t(hi))
+    return Status::InvalidArgument(
+        fmt::format("parameter \"{}\" must be an integer in {}..{}", key, lo, hi));
+  *out = std::uint32_t(it->get<std::int64_t>());
+  return Status::OK();
+}
+
+Status GetName(const json& p, std::string* out) {
+  DST_RETURN_IF_ERROR(GetString(p, "name", true, out));
+  if (!ValidName(*out))
+    return Status::InvalidArgument(
+        fmt::format("bad name \"{}\" (1-64 of A-Z a-z 0-9 . _ -, not starting with .)", *out));
+  return Status::OK();
+}
+
+std::string VolumeSource(const VolumeConfig& c) { return c.remote.empty() ? c.path : c.remote; }
+
+// A flush that gives up after `timeout`: FlushSync would wait forever on a remote that never
+// answers, and shutdown must not hang on one bad peer.  The request lives in a shared block the
+// completion owns too, so a late completion after we gave up is harmless.
+Status FlushWithDeadline(BlockDevice& dev, std::chrono::milliseconds timeout) {
+  struct Op {
+    IoRequest req;
+    std::mutex mu;
+    std::condition_variable cv;
+    bool done = false;
+    Status st;
+  };
+  auto op = std::make_shared<Op>();
+  op->req.op = IoOp::kFlush;
+  op->req.ctx = new std::shared_ptr<Op>(op);
+  op->req.done = [](IoRequest* r, Status st) {
+    auto* holder = static_cast<std::shared_ptr<Op>*>(r->ctx);
+    std::shared_ptr<Op> o = *holder;
+    delete holder;
+    std::lock_guard<std::mutex> l(o->mu);
+    o->st = st;
+    o->done = true;
+    o->cv.notify_all();
+  };
+  dev.Submit(&op->req);
+  std::unique_lock<std::mutex> l(op->mu);
+  if (!op->cv.wait_for(l, timeout, [&] { return op->done; }))
+    return Status::TimedOut(fmt::format("flush did not finish within {} ms", timeout.count()));
+  return op->st;
+}
+
+std::chrono::milliseconds FlushTimeout(const VolumeConfig& c) {
+  return std::chrono::seconds(std::min<std::uint32_t>(c.io_timeout_s, 20) + 2);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Daemon
+
+Daemon::Daemon(Config cfg, DaemonOptions opts) : cfg_(std::move(cfg)), opts_(std::move(opts)) {}
+
+Daemon::~Daemon() { Shutdown(); }
+
+Status Daemon::LockStateDir() {
+  std::error_code ec;
+  std::filesystem::create_directories(opts_.state_dir, ec);
+  if (ec)
+    return Status::FromErrno(ec.value(), fmt::format("cannot create state directory {}",
+                                                     opts_.state_dir));
+  std::string path = opts_.state_dir + "/dstd.pid";
+  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) return Status::FromErrno(errno, fmt::format("cannot open {}", path));
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    int err = errno;
+    char buf[32] = {};
+    ssize_t n = ::pread(fd, buf, sizeof buf - 1, 0);
+    ::close(fd);
+    if (err == EWOULDBLOCK) {
+      std::string pid = n > 0 ? std::string(buf, std::size_t(n)) : "?";
+      while (!pid.empty() && (pid.back() == '\n' || pid.back() == ' ')) pid.pop_back();
+      return Status::Busy(fmt::format(
+          "state directory {} is in use by another dstd (pid {}, lock {})", opts_.state_dir, pid,
+          path));
+    }
+    return Status::FromErrno(err, fmt::format("cannot lock {}", path));
+  }
+  std::string pid = fmt::format("{}\n", ::getpid());
+  if (::ftruncate(fd, 0) != 0 || ::pwrite(fd, pid.data(), pid.size(), 0) != ssize_t(pid.size())) {
+    int err = errno;
+    ::close(fd);
+    return Status::FromErrno(err, fmt::format("cannot write {}", path));
+  }
+  lock_fd_ = fd;
+  return Status::OK();
+}
+
+int Daemon::Start() {
+  if (Status st = LockStateDir(); !st.ok()) {
+    spdlog::error("{}", Message(st));
+    return st.code() == Status::Code::kBusy ? ctl::kExTempFail : ctl::kExIoErr;
+  }
+
+  // Writeback through loop-on-FUSE must never wait for memory dstd itself has to page in.
+  if (::mlockall(MCL_CURRENT | MCL_FUTURE) == 0) {
+    memory_locked_ = true;
+    spdlog::info("memory locked (mlockall)");
+  } else {
+    spdlog::warn("mlockall refused ({}); running with pageable memory", std::strerror(errno));
+  }
+
+  work_.emplace(io_.get_executor());
+  for (int i = 0; i < 2; ++i) io_threads_.emplace_back([this] { io_.run(); });
+
+  net::ExporterOptions eo;
+  eo.listen_address = cfg_.listen_host;
+  eo.port = cfg_.listen_port;
+  eo.batching = cfg_.batching;
+  exporter_ = std::make_unique<net::Exporter>(io_, eo);
+  if (Status st = exporter_->Start(); !st.ok()) {
+    std::string m = Message(st);
+    if (m.find(cfg_.listen_host) == std::string::npos)
+      m = fmt::format("cannot listen on {}:{}: {}", cfg_.listen_host, cfg_.listen_port, m);
+    spdlog::error("exporter: {}", m);
+    return ctl::kExUnavailable;
+  }
+  exporter_started_ = true;
+  spdlog::info("exporter listening on {}:{} (batching {})", cfg_.listen_host, exporter_->port(),
+               cfg_.batching ? "on" : "off");
+
+  for (const auto& e : cfg_.exports) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      exports_[e.name] = e;
+    }
+    if (Status st = OpenExport(e); !st.ok()) {
+      spdlog::error("export \"{}\": {}", e.name, Message(st));
+      return ctl::kExIoErr;
+    }
+  }
+
+  for (const auto& vc : cfg_.volumes) {
+    auto vol = std::make_shared<Volume>();
+    vol->cfg = vc;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      volumes_[vc.name] = vol;
+    }
+    if (Status st = ConnectVolume(vol); !st.ok()) {
+      spdlog::warn("volume \"{}\": {}; retrying in the background", vc.name, Message(st));
+      ScheduleRetry(vol);
+    }
+  }
+
+  if (!cfg_.mountpoint.empty()) {
+    if (Status st = DoMount(cfg_.mountpoint); !st.ok()) {
+      spdlog::error("cannot mount FUSE at {}: {}", cfg_.mountpoint, Message(st));
+      return ctl::kExUnavailable;
+    }
+  }
+
+  std::error_code ec;
+  auto parent = std::filesystem::path(opts_.control_path).parent_path();
+  if (!parent.empty()) std::filesystem::create_directories(parent, ec);
+  control_ = std::make_unique<ControlServer>(
+      io_, opts_.control_path, [this](ctl::Request req, Reply reply) {
+        Handle(std::move(req), std::move(reply));
+      });
+  if (Status st = control_->Start(); !st.ok()) {
+    spdlog::error("{}", Message(st));
+    control_.reset();
+    return st.code() == Status::Code::kBusy ? ctl::kExTempFail : ctl::kExUnavailable;
+  }
+  spdlog::info("control socket {}", opts_.control_path);
+  spdlog::info("dstd {} ready (pid {})", "0.1.0", ::getpid());
+  return 0;
+}
+
+void Daemon::Shutdown() {
+  if (stopping_.exchange(true)) return;
+  spdlog::info("shutting down");
+  if (control_) control_->Stop();
+  workers_.Stop();
+
+  if (exporter_ && exporter_started_ && !io_threads_.empty()) {
+    auto done = std::make_shared<std::promise<Status>>();
+    auto fut = done->get_future();
+    exporter_->Drain([done](Status st) { done->set_value(st); });
+    if (fut.wait_for(std::chrono::seconds(60)) != std::future_status::ready) {
+      spdlog::error("exporter drain did not finish within 60 s; closing anyway");
+    } else if (Status st = fut.get(); !st.ok()) {
+      spdlog::warn("exporter drain: {}", Message(st));
+    } else {
+      spdlog::info("exporter drained");
+    }
+  }
+
+  std::vector<std::shared_ptr<Volume>> vols;
+  std::shared_ptr<fuse::FuseMount> mount;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& [name, v] : volumes_) vols.push_back(v);
+    mount = std::move(mount_);
+  }
+  for (auto& v : vols) {
+    if (!v->dev) continue;
+    Status st = FlushWithDeadline(*v->dev, FlushTimeout(v->cfg));
+    if (st.ok()) continue;
+    spdlog::warn("volume \"{}\": flush failed: {}", v->cfg.name, Message(st));
+    if (st.IsTimedOut() && v->remote) {
+      // Stuck peer: fail its pending requests now so the FUSE unmount below cannot hang on them.
+      v->remote->Close();
+      v->remote.reset();
+      v->dev.reset();
+    }
+  }
+  if (mount) {
+    spdlog::info("unmounting {}", mount->mountpoint());
+    mount->Unmount();
+    mount.reset();
+  }
+  for (auto& v : vols) {
+    // The FUSE mount is gone: whatever it still wrote reached the device; make it durable.
+    if (v->dev) (void)FlushWithDeadline(*v->dev, FlushTimeout(v->cfg));
+    if (v->remote) v->remote->Close();
+  }
+  vols.clear();
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    volumes_.clear();
+  }
+
+  work_.reset();
+  io_.stop();
+  for (auto& t : io_threads_) t.join();
+  io_threads_.clear();
+  exporter_.reset();
+  control_.reset();
+  if (lock_fd_ >= 0) {
+    if (::ftruncate(lock_fd_, 0) != 0) { /* stale pid content is harmless */ }
+    ::close(lock_fd_);
+    lock_fd_ = -1;
+  }
+  spdlog::info("stopped");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Devices
+
+Status Daemon::OpenExport(const ExportConfig& e) {
+  FileDeviceOptions fo;
+  fo.read_only = e.read_only;
+  fo.direct_io = e.direct_io;
+  fo.create = e.size > 0;
+  fo.size = e.size;
+  auto dev = FileDevice::Open(e.path, fo);
+  if (!dev.ok()) return dev.status().WithContext(e.path);
+  net::ExportSpec spec;
+  spec.name = e.name;
+  spec.device = dev.value();
+  spec.read_only = e.read_only;
+  DST_RETURN_IF_ERROR(exporter_->AddExport(std::move(spec)));
+  spdlog::info("export \"{}\": {} ({} bytes{})", e.name, e.path, dev.value()->Info().size,
+               e.read_only ? ", read-only" : "");
+  return Status::OK();
+}
+
+Status Daemon::ConnectVolume(const std::shared_ptr<Volume>& vol) {
+  const VolumeConfig& c = vol->cfg;
+  std::shared_ptr<BlockDevice> dev;
+  std::shared_ptr<net::RemoteDevice> remote;
+  if (!c.remote.empty()) {
+    net::RemoteOptions ro;
+    ro.host = c.host;
+    ro.port = c.port;
+    ro.export_name = c.export_name;
+    ro.queue_depth = c.queue_depth;
+    ro.batching = cfg_.batching;
+    ro.keepalive_timeout = std::chrono::seconds(c.keepalive_timeout_s);
+    ro.keepalive_interval = std::min<std::chrono::milliseconds>(
+        std::chrono::milliseconds(1000), ro.keepalive_timeout / 3);
+    ro.io_timeout = std::chrono::seconds(c.io_timeout_s);
+    auto r = net::RemoteDevice::Connect(io_, ro);
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      ++vol->attempts;
+      if (!r.ok()) vol->error = Message(r.status());
+    }
+    if (!r.ok()) {
+      return r.status().message().find(c.remote) == std::string::npos
+                 ? r.status().WithContext(c.remote)
+                 : r.status();
+    }
+    remote = r.value();
+    dev = remote;
+  } else {
+    auto r = FileDevice::Open(c.path, FileDeviceOptions{});
+    if (!r.ok()) {
+      std::lock_guard<std::mutex> l(mu_);
+      vol->error = Message(r.status());
+      return r.status().WithContext(c.path);
+    }
+    dev = r.value();
+  }
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (vol->removed || stopping_) {
+      if (remote) remote->Close();
+      return Status::NotFound(fmt::format("volume \"{}\" was removed while connecting", c.name));
+    }
+    vol->dev = dev;
+    vol->remote = remote;
+    vol->state = remote ? "connected" : "ready";
+    vol->error.clear();
+  }
+  spdlog::info("volume \"{}\": {} ({} bytes)", c.name, dev->Describe(), dev->Info().size);
+  AddToMount(vol);
+  return Status::OK();
+}
+
+void Daemon::ScheduleRetry(const std::shared_ptr<Volume>& vol) {
+  int attempts;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    attempts = vol->attempts;
+  }
+  auto delay = std::chrono::milliseconds(std::min(10000, 1000 * (1 << std::min(attempts, 4))));
+  auto timer = std::make_shared<asio::steady_timer>(io_, delay);
+  timer->async_wait([this, vol, timer](boost::system::error_code ec) {
+    if (ec || stopping_) return;
+    workers_.Post([this, vol] {
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        if (vol->removed || stopping_) return;
+      }
+      if (Status st = ConnectVolume(vol); !st.ok()) {
+        spdlog::debug("volume \"{}\": {}", vol->cfg.name, Message(st));
+        ScheduleRetry(vol);
+      }
+    });
+  });
+}
+
+void Daemon::AddToMount(const std::shared_ptr<Volume>& vol) {
+  std::shared_ptr<fuse::FuseMount> m;
+  std::shared_ptr<BlockDevice> dev;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!mount_ || vol->in_mount || !vol->dev || vol->removed || vol->removing) return;
+    m = mount_;
+    dev = vol->dev;
+    vol->in_mount = true;
+  }
+  if (Status st = m->AddVolume(vol->cfg.name, dev); !st.ok()) {
+    spdlog::warn("volume \"{}\": cannot add to FUSE mount: {}", vol->cfg.name, Message(st));
+    std::lock_guard<std::mutex> l(mu_);
+    vol->in_mount = false;
+  }
+}
+
+Status Daemon::DoMount(const std::string& dir) {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) return Status::FromErrno(ec.value(), fmt::format("cannot create {}", dir));
+  fuse::FuseOptions fo;
+  fo.mountpoint = dir;
+  auto r = fuse::FuseMount::Mount(fo);
+  if (!r.ok()) return r.status();
+  std::shared_ptr<fuse::FuseMount> m(std::move(r.value()));
+  std::vector<std::shared_ptr<Volume>> vols;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    mount_ = m;
+    for (auto& [name, v] : volumes_) {
+      v->in_mount = false;
+      vols.push_back(v);
+    }
+  }
+  spdlog::info("FUSE mounted at {}", dir);
+  for (auto& v : vols) AddToMount(v);
+  return Status::OK();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Control requests
+
+void Daemon::Handle(ctl::Request req, Reply reply) {
+  if (stopping_) {
+    reply(ctl::EncodeError(req.id, ctl::kShuttingDown, "dstd is shutting down"));
+    return;
+  }
+  const std::string& m = req.method;
+  const json& p = req.params;
+  spdlog::debug("control: {} {}", m, p.dump(-1, ' ', false, json::error_handler_t::replace));
+  Finish finish = [id = req.id, reply = std::move(reply), m](Result<json> r) {
+    if (!r.ok()) spdlog::info("control: {} failed: {}", m, Message(r.status()));
+    reply(r.ok() ? ctl::EncodeResult(id, r.value()) : ErrorLine(id, r.status()));
+  };
+  if (m == "status") {
+    finish(StatusJson());
+  } else if (m == "export.list") {
+    finish(json{{"exports", ExportsJson()}});
+  } else if (m == "volume.list") {
+    finish(json{{"volumes", VolumesJson()}});
+  } else if (m == "export.add") {
+    ExportAdd(p, std::move(finish));
+  } else if (m == "export.remove") {
+    ExportRemove(p, std::move(finish));
+  } else if (m == "volume.import") {
+    VolumeImport(p, std::move(finish));
+  } else if (m == "volume.remove") {
+    VolumeRemove(p, std::move(finish));
+  } else if (m == "mount") {
+    MountRpc(p, std::move(finish));
+  } else if (m == "unmount") {
+    UnmountRpc(std::move(finish));
+  } else {
+    // ParseRequest only lets known methods through; this is a Methods()/dispatch mismatch.
+    finish(Status::NotSupported(fmt::format("method \"{}\" is not implemented", m)));
+  }
+}
+
+void Daemon::ExportAdd(const json& p, Finish finish) {
+  ExportConfig e;
+  Status st = GetName(p, &e.name);
+  if (st.ok()) st = GetString(p, "path", true, &e.path);
+  if (st.ok() && e.path[0] != '/')
+    st = Status::InvalidArgument(fmt::format("path \"{}\" must be absolute", e.path));
+  if (st.ok()) st = GetBool(p, "read_only", &e.read_only);
+  if (st.ok()) st = GetBool(p, "direct_io", &e.direct_io);
+  if (st.ok()) {
+    auto it = p.find("size");
+    if (it != p.end() && !it->is_null()) {
+      Result<std::uint64_t> sz = Status::InvalidArgument("parameter \"size\" must be a string or an integer");
+      if (it->is_string()) sz = ParseSize(it->get<std::string>());
+      else if (it->is_number_unsigned()) sz = ParseSize(std::to_string(it->get<std::uint64_t>()));
+      if (sz.ok()) e.size = sz.value();
+      else st = sz.status();
+    }
+  }
+  if (st.ok() && e.size == 0 && ::access(e.path.c_str(), F_OK) != 0)
+    st = Status::NotFound(fmt::format("{} does not exist (give a size to create it)", e.path));
+  if (st.ok()) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!exports_.emplace(e.name, e).second)
+      st = Status::Exists(fmt::format("export \"{}\" already exists", e.name));
+  }
+  if (!st.ok()) return finish(st);
+  workers_.Post([this, e, finish] {
+    if (Status s = OpenExport(e); !s.ok()) {
+      std::lock_guard<std::mutex> l(mu_);
+      exports_.erase(e.name);
+      return finish(s);
+    }
+    for (auto& j : ExportsJson())
+      if (j["name"] == e.name) return finish(j);
+    finish(json::object());
+  });
+}
+
+void Daemon::ExportRemove(const json& p, Finish finish) {
+  std::string name;
+  if (Status st = GetString(p, "name", true, &name); !st.ok()) return finish(st);
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!exports_.count(name))
+      return finish(Status::NotFound(fmt::format("no export \"{}\"", name)));
+  }
+  workers_.Post([this, name, finish] {
+    Status st = exporter_->RemoveExport(name);
+    if (st.ok() || st.IsNotFound()) {
+      std::lock_guard<std::mutex> l(mu_);
+      exports_.erase(name);
+    }
+    if (st.ok()) spdlog::info("export \"{}\" removed", name);
+    if (st.code() == Status::Code::kBusy && st.message().empty())
+      st = Status::Busy(fmt::format("export \"{}\" has connected clients", name));
+    if (st.ok()) return finish(json::object());
+    finish(st);
+  });
+}
+
+void Daemon::VolumeImport(const json& p, Finish finish) {
+  VolumeConfig c;
+  std::string uri;
+  Status st = GetName(p, &c.name);
+  if (st.ok()) st = GetString(p, "uri", true, &uri);
+  if (st.ok()) {
+    if (uri.rfind("dst://", 0) == 0) {
+      c.remote = uri;
+      st = ParseVolumeUri(uri, &c.host, &c.port, &c.export_name);
+    } else {
+      if (uri.rfind("file://", 0) == 0) uri = uri.substr(7);
+      if (uri.empty() || uri[0] != '/')
+        st = Status::InvalidArgument(
+            fmt::format("bad URI \"{}\" (expected dst://HOST[:PORT]/EXPORT or an absolute path)",
+                        uri));
+      c.path = uri;
+    }
+  }
+  if (st.ok()) st = GetUInt(p, "queue_depth", 1, 1024, &c.queue_depth);
+  if (st.ok()) st = GetUInt(p, "io_timeout", 1, 86400, &c.io_timeout_s);
+  if (st.ok()) st = GetUInt(p, "keepalive_timeout", 1, 3600, &c.keepalive_timeout_s);
+  auto vol = std::make_shared<Volume>();
+  vol->cfg = c;
+  if (st.ok()) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!volumes_.emplace(c.name, vol).second)
+      st = Status::Exists(fmt::format("volume \"{}\" already exists", c.name));
+  }
+  if (!st.ok()) return finish(st);
+  workers_.Post([this, vol, finish] {
+    Status s = ConnectVolume(vol);
+    if (!s.ok()) {
+      std::lock_guard<std::mutex> l(mu_);
+      auto it = volumes_.find(vol->cfg.name);
+      if (it != volumes_.end() && it->second == vol) volumes_.erase(it);
+      vol->removed = true;
+      return finish(s);
+    }
+    for (auto& j : VolumesJson())
+      if (j["name"] == vol->cfg.name) return finish(j);
+    finish(json::object());
+  });
+}
+
+void Daemon::VolumeRemove(const json& p, Finish finish) {
+  std::string name;
+  if (Status st = GetString(p, "name", true, &name); !st.ok()) return finish(st);
+  std::shared_ptr<Volume> vol;
+  std::shared_ptr<fuse::FuseMount> m;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = volumes_.find(name);
+    if (it == volumes_.end())
+      return finish(Status::NotFound(fmt::format("no volume \"{}\"", name)));
+    vol = it->second;
+    if (vol->removing)
+      return finish(Status::Busy(fmt::format("volume \"{}\" is being removed", name)));
+    if (!vol->dev) {
+      // Still connecting: the retry loop sees `removed` and stops.
+      vol->removed = true;
+      volumes_.erase(it);
+      spdlog::info("volume \"{}\" removed (was not connected)", name);
+      return finish(json::object());
+    }
+    vol->removing = true;
+    if (vol->in_mount) m = mount_;
+  }
+  workers_.Post([this, vol, m, name, finish] {
+    if (m) {
+      Status st = m->RemoveVolume(name);
+      if (!st.ok() && !st.IsNotFound()) {
+        std::lock_guard<std::mutex> l(mu_);
+        vol->removing = false;
+        if (st.code() == Status::Code::kBusy)
+          st = Status::Busy(fmt::format("volume \"{}\" is in use ({}/{}.img is open)", name,
+                                        m->mountpoint(), name));
+        return finish(st);
+      }
+    }
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      vol->in_mount = false;
+      vol->removed = true;
+      volumes_.erase(name);
+    }
+    if (Status st = FlushWithDeadline(*vol->dev, FlushTimeout(vol->cfg)); !st.ok())
+      spdlog::warn("volume \"{}\": flush before removal failed: {}", name, Message(st));
+    if (vol->remote) vol->remote->Close();
+    spdlog::info("volume \"{}\" removed", name);
+    finish(json::object());
+  });
+}
+
+void Daemon::MountRpc(const json& p, Finish finish) {
+  std::string dir;
+  Status st = GetString(p, "path", true, &dir);
+  if (st.ok() && dir[0] != '/')
+    st = Status::InvalidArgument(fmt::format("mount point \"{}\" must be absolute", dir));
+  if (st.ok()) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (mount_) st = Status::Exists(fmt::format("already mounted at {}", mount_->mountpoint()));
+    else if (mount_busy_) st = Status::Busy("a mount or unmount is in progress");
+    else mount_busy_ = true;
+  }
+  if (!st.ok()) return finish(st);
+  workers_.Post([this, dir, finish] {
+    Status s = DoMount(dir);
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      mount_busy_ = false;
+    }
+    if (!s.ok()) return finish(s.WithContext(fmt::format("cannot mount {}", dir)));
+    finish(json{{"mount", dir}});
+  });
+}
+
+void Daemon::UnmountRpc(Finish finish) {
+  std::shared_ptr<fuse::FuseMount> m;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (mount_busy_) return finish(Status::Busy("a mount or unmount is in progress"));
+    if (!mount_) return finish(Status::NotFound("nothing is mounted"));
+    m = mount_;
+  }
+  for (const auto& f : m->ListVolumes()) {
+    if (f.open_count > 0)
+      return finish(Status::Busy(fmt::format("{}/{}.img is open ({} users)", m->mountpoint(),
+                                             f.name, f.open_count)));
+  }
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (mount_ != m) return finish(Status::Busy("the mount changed meanwhile"));
+    mount_busy_ = true;
+    mount_.reset();
+    for (auto& [name, v] : volumes_) v->in_mount = false;
+  }
+  workers_.Post([this, m, finish]() mutable {
+    std::string dir = m->mountpoint();
+    m->Unmount();
+    m.reset();
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      mount_busy_ = false;
+    }
+    spdlog::info("FUSE unmounted from {}", dir);
+    finish(json::object());
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Status
+
+// Per-export transmit counters, when the Exporter's ExportStatus provides them (a template, so
+// the requires-expression is checked only on instantiation).
+template <typename S>
+static void AddExportCounters(json& j, const S& s) {
+  if constexpr (requires { s.frames_sent; s.send_calls; s.requests; }) {
+    j["requests"] = s.requests;
+    j["frames_sent"] = s.frames_sent;
+    j["send_calls"] = s.send_calls;
+    j["frames_per_call"] = s.send_calls ? double(s.frames_sent) / double(s.send_calls) : 0.0;
+  }
+}
+
+json Daemon::ExportsJson() {
+  std::map<std::string, ExportConfig> cfgs;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    cfgs = exports_;
+  }
+  json arr = json::array();
+  if (!exporter_) return arr;
+  for (const auto& s : exporter_->ListExports()) {
+    json j{{"name", s.name},         {"device", s.device},           {"size", s.size},
+           {"read_only", s.read_only}, {"connections", s.connections}};
+    auto c = cfgs.find(s.name);
+    j["path"] = c != cfgs.end() ? json(c->second.path) : json();
+    j["direct_io"] = c != cfgs.end() && c->second.direct_io;
+    AddExportCounters(j, s);
+    arr.push_back(std::move(j));
+  }
+  return arr;
+}
+
+json Daemon::VolumeJson(const std::string& name, const Volume& v) {
+  json j{{"name", name},
+         {"uri", v.cfg.remote.empty() ? json() : json(v.cfg.remote)},
+         {"path", v.cfg.path.empty() ? json() : json(v.cfg.path)},
+         {"source", VolumeSource(v.cfg)},
+         {"queue_depth", v.cfg.queue_depth},
+         {"io_timeout", v.cfg.io_timeout_s},
+         {"keepalive_timeout", v.cfg.keepalive_timeout_s}};
+  std::string state = v.state;
+  std::uint64_t size = 0;
+  bool ro = false;
+  if (v.dev) {
+    DeviceInfo info = v.dev->Info();
+    size = info.size;
+    ro = info.read_only;
+  }
+  net::RemoteStats rs;
+  if (v.remote) {
+    rs = v.remote->Stats();
+    state = rs.state;
+  }
+  if (v.removing) state = "removing";
+  j["state"] = state;
+  j["size"] = size;
+  j["read_only"] = ro;
+  j["reconnects"] = rs.reconnects;
+  j["resent"] = rs.resent;
+  j["timeouts"] = rs.timeouts;
+  j["inflight"] = rs.inflight;
+  j["requests"] = rs.requests;
+  j["frames_sent"] = rs.frames_sent;
+  j["send_calls"] = rs.send_calls;
+  j["frames_per_call"] = rs.frames_per_call;
+  j["error"] = v.error.empty() ? json() : json(v.error);
+  j["file"] = nullptr;
+  j["open_count"] = 0;
+  return j;
+}
+
+json Daemon::VolumesJson() {
+  std::vector<std::pair<std::string, Volume>> snap;
+  std::shared_ptr<fuse::FuseMount> m;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& [name, v] : volumes_) snap.emplace_back(name, *v);
+    m = mount_;
+  }
+  std::vector<fuse::VolumeEntry> files;
+  if (m) files = m->ListVolumes();
+  json arr = json::array();
+  for (auto& [name, v] : snap) {
+    json j = VolumeJson(name, v);
+    for (const auto& f : files) {
+      if (f.name != name) continue;
+      j["file"] = m->mountpoint() + "/" + name + ".img";
+      j["open_count"] = f.open_count;
+    }
+    arr.push_back(std::move(j));
+  }
+  return arr;
+}
+
+json Daemon::StatusJson() {
+  json st;
+  st["version"] = ctl::kProtocolVersion;
+  double uptime =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
+  st["daemon"] = {
+      {"pid", ::getpid()},
+      {"version", "0.1.0"},
+      {"listen", {{"address", cfg_.listen_host}, {"port", exporter_ ? exporter_->port() : 0}}},
+      {"uptime_s", uptime},
+      {"batching", cfg_.batching},
+      {"memory_locked", memory_locked_},
+      {"state_dir", opts_.state_dir},
+      {"control", opts_.control_path},
+  };
+  if (exporter_) {
+    net::ExporterStats s = exporter_->Stats();
+    st["exporter"] = {{"connections_total", s.connections_total},
+                      {"connections_open", s.connections_open},
+                      {"requests", s.requests},
+                      {"errors_replied", s.errors_replied},
+                      {"protocol_errors", s.protocol_errors},
+                      {"frames_sent", s.frames_sent},
+                      {"send_calls", s.send_calls},
+                      {"frames_per_call", s.frames_per_call}};
+  }
+  st["exports"] = ExportsJson();
+  st["volumes"] = VolumesJson();
+  std::shared_ptr<fuse::FuseMount> m;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    m = mount_;
+  }
+  st["mount"] = m ? json(m->mountpoint()) : json();
+  return st;
+}
+
+}  // namespace dst::daemon

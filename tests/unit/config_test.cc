@@ -1,0 +1,214 @@
+// dstd configuration parsing and validation (netdriver/daemon/src/config.cc).
+#include <QTemporaryDir>
+#include <QtTest/QtTest>
+
+#include <fstream>
+
+#include "dst/daemon/config.h"
+#include "test_env.h"
+
+using dst::daemon::Config;
+using dst::daemon::LoadConfigFile;
+using dst::daemon::ParseConfig;
+using dst::daemon::ParseListen;
+using dst::daemon::ParseSize;
+using dst::daemon::ParseVolumeUri;
+
+class ConfigTest : public QObject {
+  Q_OBJECT
+
+ private:
+  // Parses `text` as "test.toml" (file checks off) and returns the error message, or "" if OK.
+  static std::string Error(const std::string& text, bool check_files = false) {
+    auto r = ParseConfig(text, "test.toml", {check_files});
+    return r.ok() ? std::string() : r.status().message();
+  }
+
+ private slots:
+  void FullConfig() {
+    auto r = ParseConfig("\n"
+        "[daemon]\n"
+        "listen = \"127.0.0.1:7401\"\n"
+        "mountpoint = \"/run/dst/volumes\"\n"
+        "batching = false\n"
+        "\n"
+        "[[export]]\n"
+        "name = \"disk1\"\n"
+        "path = \"/var/lib/dst/disk1.img\"\n"
+        "size = \"1G\"\n"
+        "read_only = true\n"
+        "direct_io = true\n"
+        "\n"
+        "[[export]]\n"
+        "name = \"disk2\"\n"
+        "path = \"/var/lib/dst/disk2.img\"\n"
+        "size = 1048576\n"
+        "\n"
+        "[[volume]]\n"
+        "name = \"vol1\"\n"
+        "remote = \"dst://10.0.0.2:7400/disk1\"\n"
+        "queue_depth = 32\n"
+        "io_timeout = 30\n"
+        "keepalive_timeout = 3\n"
+        "\n"
+        "[[volume]]\n"
+        "name = \"local\"\n"
+        "path = \"/srv/local.img\"\n", "x.toml", {false});
+    QVERIFY2(r.ok(), r.status().message().c_str());
+    const Config& c = r.value();
+    QCOMPARE(c.listen_host, std::string("127.0.0.1"));
+    QCOMPARE(c.listen_port, std::uint16_t(7401));
+    QCOMPARE(c.mountpoint, std::string("/run/dst/volumes"));
+    QCOMPARE(c.batching, false);
+    QCOMPARE(c.exports.size(), std::size_t(2));
+    QCOMPARE(c.exports[0].name, std::string("disk1"));
+    QCOMPARE(c.exports[0].size, std::uint64_t(1) << 30);
+    QVERIFY(c.exports[0].read_only);
+    QVERIFY(c.exports[0].direct_io);
+    QCOMPARE(c.exports[1].size, std::uint64_t(1) << 20);
+    QVERIFY(!c.exports[1].read_only);
+    QCOMPARE(c.volumes.size(), std::size_t(2));
+    QCOMPARE(c.volumes[0].host, std::string("10.0.0.2"));
+    QCOMPARE(c.volumes[0].port, std::uint16_t(7400));
+    QCOMPARE(c.volumes[0].export_name, std::string("disk1"));
+    QCOMPARE(c.volumes[0].queue_depth, 32u);
+    QCOMPARE(c.volumes[0].io_timeout_s, 30u);
+    QCOMPARE(c.volumes[0].keepalive_timeout_s, 3u);
+    QCOMPARE(c.volumes[1].path, std::string("/srv/local.img"));
+    QCOMPARE(c.volumes[1].queue_depth, 64u);  // default
+  }
+
+  void Defaults() {
+    auto r = ParseConfig("", "empty.toml", {false});
+    QVERIFY(r.ok());
+    QCOMPARE(r.value().listen_host, std::string("127.0.0.1"));
+    QCOMPARE(r.value().listen_port, std::uint16_t(7400));
+    QVERIFY(r.value().batching);
+    QVERIFY(r.value().mountpoint.empty());
+    auto p0 = ParseConfig("[daemon]\nlisten = \"[::1]:0\"\n", "v6.toml", {false});
+    QVERIFY(p0.ok());
+    QCOMPARE(p0.value().listen_host, std::string("::1"));
+    QCOMPARE(p0.value().listen_port, std::uint16_t(0));
+  }
+
+  void Sizes() {
+    QCOMPARE(ParseSize("4096").value(), std::uint64_t(4096));
+    QCOMPARE(ParseSize("512K").value(), std::uint64_t(512) << 10);
+    QCOMPARE(ParseSize("512M").value(), std::uint64_t(512) << 20);
+    QCOMPARE(ParseSize("1G").value(), std::uint64_t(1) << 30);
+    QCOMPARE(ParseSize("2T").value(), std::uint64_t(2) << 40);
+    QCOMPARE(ParseSize("1GiB").value(), std::uint64_t(1) << 30);
+    QCOMPARE(ParseSize("3g").value(), std::uint64_t(3) << 30);
+    for (const char* bad : {"", "1X", "G", "-1", "0", "1.5G", "100", "1 G", "1Gb", "99999999999T"}) {
+      auto r = ParseSize(bad);
+      QVERIFY2(!r.ok(), bad);
+      QVERIFY2(r.status().message().find("bad size") != std::string::npos, bad);
+    }
+  }
+
+  void Uris() {
+    std::string host, name;
+    std::uint16_t port = 0;
+    QVERIFY(ParseVolumeUri("dst://host.example:7500/disk1", &host, &port, &name).ok());
+    QCOMPARE(host, std::string("host.example"));
+    QCOMPARE(port, std::uint16_t(7500));
+    QCOMPARE(name, std::string("disk1"));
+    QVERIFY(ParseVolumeUri("dst://127.0.0.1/d", &host, &port, &name).ok());
+    QCOMPARE(port, std::uint16_t(7400));
+    QVERIFY(ParseVolumeUri("dst://[::1]:7401/d", &host, &port, &name).ok());
+    QCOMPARE(host, std::string("::1"));
+    for (const char* bad : {"nbd://h/d", "dst://h", "dst:///d", "dst://h:0/d", "dst://h:70000/d",
+                            "dst://h:x/d", "dst://h/", "dst://h/a/b", "dst://[::1/d"}) {
+      QVERIFY2(!ParseVolumeUri(bad, &host, &port, &name).ok(), bad);
+    }
+    QVERIFY(!ParseListen("nohostport", &host, &port).ok());
+    QVERIFY(!ParseListen("h:65536", &host, &port).ok());
+    QVERIFY(!ParseListen("::1:80", &host, &port).ok());
+  }
+
+  // Each invalid config fails with one line naming the file, line, key and problem.
+  void Invalid_data() {
+    QTest::addColumn<QString>("text");
+    QTest::addColumn<QString>("expected");
+    QTest::newRow("unknown top-level key") << "[deamon]\nlisten = \"x:1\"\n"
+                                           << "test.toml:1: deamon: unknown top-level key";
+    QTest::newRow("unknown daemon key") << "[daemon]\nlisten = \"127.0.0.1:1\"\nbatch = true\n"
+                                        << "test.toml:3: [daemon]: batch: unknown key";
+    QTest::newRow("bad listen") << "[daemon]\nlisten = \"127.0.0.1\"\n"
+                                << "test.toml:2: [daemon]: listen: bad address \"127.0.0.1\"";
+    QTest::newRow("bad size suffix") << "[[export]]\nname = \"d\"\npath = \"/x\"\nsize = \"1X\"\n"
+                                     << "test.toml:4: export \"d\": size: bad size \"1X\"";
+    QTest::newRow("size not multiple of 512") << "[[export]]\nname = \"d\"\npath = \"/x\"\nsize = 1000\n"
+                                              << "test.toml:4: export \"d\": size: bad size 1000";
+    QTest::newRow("duplicate export") << "[[export]]\nname = \"d\"\npath = \"/x\"\nsize = \"1M\"\n"
+                                         "[[export]]\nname = \"d\"\npath = \"/y\"\nsize = \"1M\"\n"
+                                      << "test.toml:5: export \"d\": name: duplicate name";
+    QTest::newRow("duplicate volume") << "[[volume]]\nname = \"v\"\npath = \"/a\"\n"
+                                         "[[volume]]\nname = \"v\"\npath = \"/b\"\n"
+                                      << "volume \"v\": name: duplicate name";
+    QTest::newRow("bad uri") << "[[volume]]\nname = \"v\"\nremote = \"http://h/d\"\n"
+                             << "test.toml:3: volume \"v\": remote: bad URI \"http://h/d\"";
+    QTest::newRow("remote and path") << "[[volume]]\nname = \"v\"\nremote = \"dst://h/d\"\npath = \"/x\"\n"
+                                     << "volume \"v\": remote/path: give either remote or path, not both";
+    QTest::newRow("neither remote nor path") << "[[volume]]\nname = \"v\"\n"
+                                             << "volume \"v\": remote/path: one of remote or path is required";
+    QTest::newRow("export without name") << "[[export]]\npath = \"/x\"\n"
+                                         << "[[export]] #1: name: missing";
+    QTest::newRow("export without path") << "[[export]]\nname = \"d\"\nsize = \"1M\"\n"
+                                         << "export \"d\": path: missing";
+    QTest::newRow("bad name") << "[[export]]\nname = \"a/b\"\npath = \"/x\"\n"
+                              << "[[export]] #1: name: bad name \"a/b\"";
+    QTest::newRow("wrong type") << "[[export]]\nname = \"d\"\npath = \"/x\"\nread_only = \"yes\"\n"
+                                << "test.toml:4: export \"d\": read_only: expected true or false, got a string";
+    QTest::newRow("queue depth range") << "[[volume]]\nname = \"v\"\nremote = \"dst://h/d\"\nqueue_depth = 0\n"
+                                       << "test.toml:4: volume \"v\": queue_depth: 0 is out of range (1..1024)";
+    QTest::newRow("unknown export key") << "[[export]]\nname = \"d\"\npath = \"/x\"\nsize = \"1M\"\nreadonly = true\n"
+                                        << "test.toml:5: export \"d\": readonly: unknown key";
+    QTest::newRow("export not an array of tables") << "export = \"d\"\n"
+                                                   << "export: must be written as [[export]] tables";
+    QTest::newRow("toml syntax") << "[daemon\nlisten = 1\n" << "test.toml:1: TOML syntax:";
+    QTest::newRow("relative mountpoint") << "[daemon]\nmountpoint = \"mnt\"\n"
+                                         << "mountpoint: \"mnt\" must be an absolute path";
+  }
+
+  void Invalid() {
+    QFETCH(QString, text);
+    QFETCH(QString, expected);
+    std::string err = Error(text.toStdString());
+    QVERIFY2(!err.empty(), "config was accepted");
+    QVERIFY2(err.find('\n') == std::string::npos, err.c_str());
+    QVERIFY2(err.find(expected.toStdString()) != std::string::npos,
+             ("got: " + err + "\nexpected to contain: " + expected.toStdString()).c_str());
+  }
+
+  // check_files: a missing export image needs a size; a missing local volume is an error.
+  void FileChecks() {
+    QTemporaryDir dir;
+    std::string img = dir.path().toStdString() + "/a.img";
+    std::string missing_export = "[[export]]\nname = \"d\"\npath = \"" + img + "\"\n";
+    std::string err = Error(missing_export, true);
+    QVERIFY2(err.find("does not exist and no size is given") != std::string::npos, err.c_str());
+    QVERIFY(Error(missing_export + "size = \"1M\"\n", true).empty());
+    { std::ofstream(img) << "x"; }
+    QVERIFY(Error(missing_export, true).empty());
+    std::string vol = "[[volume]]\nname = \"v\"\npath = \"" + img + ".nope\"\n";
+    err = Error(vol, true);
+    QVERIFY2(err.find("does not exist") != std::string::npos, err.c_str());
+  }
+
+  void LoadFile() {
+    QTemporaryDir dir;
+    std::string path = dir.path().toStdString() + "/dstd.toml";
+    auto missing = LoadConfigFile(path);
+    QVERIFY(!missing.ok());
+    QVERIFY(missing.status().message().find(path) != std::string::npos);
+    { std::ofstream(path) << "[daemon]\nlisten = \"127.0.0.1:0\"\nfoo = 1\n"; }
+    auto bad = LoadConfigFile(path);
+    QVERIFY(!bad.ok());
+    QVERIFY2(bad.status().message().rfind(path + ":3: [daemon]: foo: unknown key", 0) == 0,
+             bad.status().message().c_str());
+  }
+};
+
+DST_TEST_MAIN(ConfigTest)
+#include "config_test.moc"
