@@ -1,0 +1,157 @@
+// MirrorDevice: an N-way mirror (RAID1, 2 <= N <= kMaxLegs) over any BlockDevices, with a
+// persistent write-intent map, per-leg out-of-sync maps, leg identities and background resync.
+//
+// Geometry: every leg carries a 4 KiB identity header in its last 4 KiB-aligned block (magic,
+// array UUID, slot, leg generation UUID, region size, array size).  The mirror's size is the
+// smallest leg's data area (leg size rounded down to 4 KiB, minus the header), rounded down to
+// the array block size (largest leg block size).  Data sits at the same offsets on every leg,
+// so a detached leg is a plain image of the array (snapshot) that can be exported on its own.
+//
+// Write path (also trim and write-zeroes):
+//
+//   Submit --pool dry--> [wait for a context]
+//     |
+//     v
+//   window of a running resync overlaps? --yes--> [wait for the window copy]
+//     | no
+//     v
+//   intent bits of the covering regions durable? --no--> set bits, [wait for group commit]
+//     | yes                                                  (one writer thread, one commit
+//     v                                                       in flight, many regions each)
+//   FAN_OUT to every up-to-date and resyncing leg; failed/detached legs get out-of-sync bits
+//     |  each leg done (error -> leg Failed, its out-of-sync bits set)
+//     v
+//   complete: OK if at least one leg succeeded, else EIO
+//
+// Reads go to one up-to-date leg (least pending, tie -> nearest last position); an error fails
+// that leg and retries on another; no up-to-date leg -> EIO.  Flush goes to every up leg; a leg
+// whose flush fails is failed and gets the whole intent map as out-of-sync bits.
+//
+// Crash safety (invariant): persisted intent map U persisted out-of-sync map of leg L covers every
+// region whose content on L may differ from an up-to-date leg.  Intent bits are cleared lazily by
+// the writer thread: only regions untouched for a full quiet period, with no older write still
+// in flight, after a flush of every up leg; the clear is committed in the same or a later
+// transaction than any out-of-sync bit set for those regions.
+//
+// Assembly: a leg whose header matches the stored generation gets a partial resync of its
+// out-of-sync bits (none if it has none); a foreign, blank or replaced leg gets a new generation
+// and a full resync.  After an unclean shutdown the intent map is OR-ed into the out-of-sync maps
+// of every leg except the first up-to-date one, which becomes the resync source.
+//
+// Threading: Submit/Info are thread-safe and never block on I/O or on SQLite (writes wait for
+// the group commit asynchronously).  Management methods (AddLeg, FailLeg, ...) are thread-safe
+// and may block briefly (header I/O, draining a leg); never call them from a device completion.
+// Two internal threads: the map writer (group commit + lazy clear) and the resync thread.
+// No heap allocation per I/O: parent contexts (with inline child requests) come from a pool.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "dst/block_device.h"
+#include "dst/dirty_map_store.h"
+#include "dst/resync.h"
+
+namespace dst {
+
+struct MirrorOptions {
+  std::string name;                      // for Describe() and the store record
+  std::uint32_t region_size = DirtyMap::kDefaultRegionSize;  // bitmap granularity, power of 2
+  std::size_t max_inflight = 256;        // pooled parent contexts
+  std::uint32_t quiet_ms = 5000;         // lazy clear: region untouched this long
+  std::uint32_t min_commit_interval_us = 0;  // extra bound on the commit rate (one in flight always)
+  bool write_intent = true;              // false: no intent map (crash of assembler -> full resync)
+  bool assume_clean = false;             // Create(): legs hold identical data, skip initial sync
+  bool force_assemble = false;           // Assemble(): no up-to-date leg -> take the first present
+                                         // leg of ours that is not blank (mdadm --force)
+  ResyncOptions resync;
+};
+
+struct LegStatus {
+  int slot = -1;
+  LegState state = LegState::kEmpty;
+  std::string generation;
+  std::string describe;
+  std::uint64_t out_of_sync_bytes = 0;
+  std::uint32_t pending = 0;
+};
+
+struct MirrorStats {
+  std::uint64_t writes = 0, reads = 0, flushes = 0;
+  std::uint64_t read_retries = 0;
+  std::uint64_t intent_waits = 0;       // writes that waited for a commit
+  std::uint64_t commits = 0;            // group commits done by this array
+  std::uint64_t commit_failures = 0;
+  std::uint64_t regions_committed = 0;  // intent regions newly marked by writes (then committed)
+  std::uint64_t regions_cleared = 0;    // intent regions lazily cleared
+  std::uint64_t intent_regions = 0;     // currently set
+  double commits_per_second = 0;        // over the last second (or since the last commit)
+  std::uint64_t pool_waits = 0;         // parents queued for a context
+};
+
+class MirrorDevice : public BlockDevice {
+ public:
+  static constexpr int kMaxLegs = 8;
+  static constexpr std::uint32_t kLegHeaderBytes = 4096;
+
+  // A new array over `legs` (slot = index).  Writes leg headers and the store records.  Unless
+  // opts.assume_clean, legs 1..N-1 get a full resync from leg 0.  array_id empty -> new UUID.
+  static Result<std::shared_ptr<MirrorDevice>> Create(std::vector<std::shared_ptr<BlockDevice>> legs,
+                                                      std::shared_ptr<DirtyMapStore> store,
+                                                      const MirrorOptions& opts,
+                                                      std::string array_id = {});
+  // An existing array from the store; legs[slot] may be nullptr for a missing leg.
+  static Result<std::shared_ptr<MirrorDevice>> Assemble(const std::string& array_id,
+                                                        std::vector<std::shared_ptr<BlockDevice>> legs,
+                                                        std::shared_ptr<DirtyMapStore> store,
+                                                        const MirrorOptions& opts);
+  // Usable size of a mirror over devices of these sizes (headers included), for planning.
+  static std::uint64_t UsableSize(const std::vector<DeviceInfo>& legs);
+
+  ~MirrorDevice() override;  // Close() if not closed
+  // Orderly shutdown: stop resync, wait for in-flight I/O, flush legs, clear the intent map,
+  // mark the array clean.  REQUIRES: no new Submit() calls.
+  Status Close();
+  // Simulates a crash of the assembling host for tests: stops threads without flushing,
+  // clearing or committing anything further.  The device must not be used afterwards.
+  void TEST_Crash();
+
+  DeviceInfo Info() const override;
+  void Submit(IoRequest* req) override;
+  std::string Describe() const override;
+
+  const std::string& id() const;
+
+  // Management.
+  Status FailLeg(int slot);
+  Status DetachLeg(int slot);  // snapshot: waits for the leg's in-flight I/O, flushes it
+  Result<int> AddLeg(std::shared_ptr<BlockDevice> dev);              // full resync
+  Status ReAddLeg(int slot, std::shared_ptr<BlockDevice> dev);     // partial if identity matches
+  Status RemoveLeg(int slot);
+  std::vector<LegStatus> Legs() const;
+
+  // Resync control and progress (one entry per leg slot in use).
+  std::vector<ResyncProgress> Progress() const;
+  void SetResyncRate(const ResyncRate& rate);  // live
+  ResyncRate resync_rate() const;
+  void PauseResync(bool paused);
+  // Waits until no leg is resyncing (or timeout).  Returns true when idle.
+  bool WaitResyncIdle(std::chrono::milliseconds timeout);
+
+  MirrorStats Stats() const;
+  std::uint64_t TEST_IntentCount() const;
+  // Runs one lazy-clear pass now (as if the quiet period had elapsed) and waits for its commit.
+  void TEST_LazyClearNow();
+  // Waits until every pending map change is committed.
+  void TEST_WaitCommitted();
+  std::string TEST_DebugState() const;
+
+  class Impl;
+ private:
+  explicit MirrorDevice(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace dst
