@@ -143,6 +143,10 @@ class MirrorDevice::Impl {
     Ctx* iprev = nullptr;  // in-flight list
     Ctx* inext = nullptr;
     IoRequest child[kMaxLegs];
+    // Leg slot of each child.  Not kept in child[i].scratch: that field belongs to the leg
+    // device while it holds the request (block_device.h), and RemoteDevice uses it.
+    int slot_of[kMaxLegs] = {};
+    int SlotOf(const IoRequest* ch) const { return slot_of[ch - child]; }
   };
 
   struct Leg {
@@ -307,6 +311,7 @@ class MirrorDevice::Impl {
   int clear_outstanding_ = 0;
   bool clear_fail_[kMaxLegs] = {};
   IoRequest clear_flush_[kMaxLegs];
+  int clear_flush_slot_[kMaxLegs] = {};  // leg of each clear_flush_ request
   std::condition_variable writer_cv_;
   std::condition_variable commit_cv_;
   bool stopping_writer_ = false;
@@ -624,7 +629,7 @@ MirrorDevice::Impl::Admit MirrorDevice::Impl::AdmitWriteLocked(Ctx* c) {
       ch.done = &Impl::WriteChildDone;
       ch.ctx = c;
       ch.link = nullptr;
-      ch.scratch = static_cast<std::uint64_t>(s);
+      c->slot_of[n - 1] = s;
       L.pending.fetch_add(1, std::memory_order_relaxed);
     } else if (L.state == LegState::kFailed || L.state == LegState::kDetached) {
       MarkOosLocked(s, c->r0, c->r1);
@@ -649,7 +654,7 @@ void MirrorDevice::Impl::IssueChildren(Ctx* c) {
   std::shared_ptr<BlockDevice>* devs[kMaxLegs];
   for (int i = 0; i < n; ++i) {
     kids[i] = &c->child[i];
-    devs[i] = &legs_[c->child[i].scratch].dev;
+    devs[i] = &legs_[c->slot_of[i]].dev;
   }
   // Legs are never released while they have pending I/O (RemoveLeg drains), so the device
   // pointers stay valid across the submissions.
@@ -681,7 +686,7 @@ void MirrorDevice::Impl::AdmitList(Ctx* list) {
 void MirrorDevice::Impl::WriteChildDone(IoRequest* child, Status st) {
   Ctx* c = static_cast<Ctx*>(child->ctx);
   Impl* self = c->self;
-  int slot = static_cast<int>(child->scratch);
+  int slot = c->SlotOf(child);
   Leg& L = self->legs_[slot];
   if (st.ok()) {
     c->ok_count.fetch_add(1, std::memory_order_relaxed);
@@ -763,14 +768,14 @@ void MirrorDevice::Impl::StartRead(Ctx* c) {
   ch.done = &Impl::ReadChildDone;
   ch.ctx = c;
   ch.link = nullptr;
-  ch.scratch = static_cast<std::uint64_t>(best);
+  c->slot_of[0] = best;
   legs_[best].dev->Submit(&ch);
 }
 
 void MirrorDevice::Impl::ReadChildDone(IoRequest* child, Status st) {
   Ctx* c = static_cast<Ctx*>(child->ctx);
   Impl* self = c->self;
-  int slot = static_cast<int>(child->scratch);
+  int slot = c->SlotOf(child);
   Leg& L = self->legs_[slot];
   L.last_pos.store(child->offset + child->length, std::memory_order_relaxed);
   L.pending.fetch_sub(1, std::memory_order_acq_rel);
@@ -804,7 +809,7 @@ void MirrorDevice::Impl::StartFlush(Ctx* c) {
       ch.op = IoOp::kFlush;
       ch.done = &Impl::FlushChildDone;
       ch.ctx = c;
-      ch.scratch = static_cast<std::uint64_t>(s);
+      c->slot_of[n - 1] = s;
       L.pending.fetch_add(1, std::memory_order_relaxed);
     }
     c->nchild = n;
@@ -822,7 +827,7 @@ void MirrorDevice::Impl::StartFlush(Ctx* c) {
 void MirrorDevice::Impl::FlushChildDone(IoRequest* child, Status st) {
   Ctx* c = static_cast<Ctx*>(child->ctx);
   Impl* self = c->self;
-  int slot = static_cast<int>(child->scratch);
+  int slot = c->SlotOf(child);
   Leg& L = self->legs_[slot];
   if (st.ok()) {
     c->ok_count.fetch_add(1, std::memory_order_relaxed);
@@ -1031,7 +1036,7 @@ void MirrorDevice::Impl::LazyClearStartLocked(std::unique_lock<std::mutex>& l, b
       r.op = IoOp::kFlush;
       r.done = &Impl::ClearFlushDone;
       r.ctx = this;
-      r.scratch = static_cast<std::uint64_t>(s);
+      clear_flush_slot_[n - 1] = s;
       L.pending.fetch_add(1, std::memory_order_relaxed);
     }
   }
@@ -1042,13 +1047,13 @@ void MirrorDevice::Impl::LazyClearStartLocked(std::unique_lock<std::mutex>& l, b
   }
   clear_outstanding_ = n;
   l.unlock();
-  for (int i = 0; i < n; ++i) legs_[clear_flush_[i].scratch].dev->Submit(&clear_flush_[i]);
+  for (int i = 0; i < n; ++i) legs_[clear_flush_slot_[i]].dev->Submit(&clear_flush_[i]);
   l.lock();
 }
 
 void MirrorDevice::Impl::ClearFlushDone(IoRequest* r, Status st) {
   Impl* self = static_cast<Impl*>(r->ctx);
-  int s = static_cast<int>(r->scratch);
+  int s = self->clear_flush_slot_[r - self->clear_flush_];
   std::lock_guard<std::mutex> l(self->mu_);
   self->legs_[s].pending.fetch_sub(1, std::memory_order_acq_rel);
   if (!st.ok() && st.code() != Status::Code::kNotSupported) self->clear_fail_[s] = true;

@@ -69,6 +69,10 @@ int FakeDevice::DropHeld() {
 
 void FakeDevice::Submit(IoRequest* req) {
   in_flight_.fetch_add(1);
+  // The device owns `scratch` while it holds the request (block_device.h); scribble on it as
+  // RemoteDevice does, so a layer that keeps its own state there fails its tests
+  // (regression: MirrorDevice kept the leg slot in child->scratch).
+  req->scratch = 0xdeadbeefdeadbeefull;
   if (have_hook_) {
     std::lock_guard<std::mutex> l(hook_mu_);
     if (on_submit_) on_submit_(*req);
