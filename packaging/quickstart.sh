@@ -1,0 +1,370 @@
+#!/usr/bin/env bash
+# dst quick start: installs the Debian 12 packages dst needs, builds it, then either runs a
+# small end-to-end demo or the whole test suite.
+#
+#   bash packaging/quickstart.sh demo [--keep]   # two daemons, a FUSE volume, ext4 on a loop device
+#   bash packaging/quickstart.sh test            # ctest, every label (what .ci/run does)
+#   bash packaging/quickstart.sh build           # packages + build only
+#   bash packaging/quickstart.sh deps            # packages only
+#
+# Options:  --keep            (demo) leave everything running and print how to clean up
+#           --build-dir DIR   build tree (default: ./build in the repository root)
+#           --no-deps         do not touch apt (for machines that already have everything)
+# Environment: DST_JOBS (default 2) parallel build and test jobs; DST_DEMO_TIMEOUT (default 300)
+#              seconds before a hung demo is torn down; DST_DEMO_MKFS_OPTIONS extra mkfs.ext4 options.
+#
+# Runs as root on a fresh Debian 12 machine (the demo needs root for FUSE, losetup and mount).
+# Idempotent: packages already installed are not reinstalled, apt-get update runs at most once an
+# hour, the build is incremental, the demo works in a fresh temporary directory every time.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+JOBS="${DST_JOBS:-2}"
+BUILD="$ROOT/build"
+MODE=""
+KEEP=0
+NO_DEPS=0
+
+# The package list is also quoted in README.md ("Dependencies"); keep the two in sync.
+PACKAGES=(
+  build-essential cmake pkg-config                  # compiler, build system
+  libboost-dev libfuse3-dev libsqlite3-dev          # Asio, FUSE, state database
+  libcli11-dev nlohmann-json3-dev libfmt-dev libspdlog-dev libxxhash-dev libtomlplusplus-dev
+  qt6-base-dev                                      # Qt Test (tests) and the GUI
+  fuse3 kmod util-linux mount e2fsprogs             # fusermount3, modprobe, losetup, mkfs.ext4
+  fio jq                                            # benchmark and its JSON parsing
+  nbdkit libnbd-bin qemu-utils                      # NBD comparison tests (nbdfuse is in libnbd-bin)
+  iproute2 iptables procps                          # ss, fault injection, pgrep/ps in tests
+  file                                              # CPack's dpkg-shlibdeps step (cpack -G DEB)
+)
+
+if [[ -t 1 ]]; then
+  log() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+else
+  log() { printf '==> %s\n' "$*"; }
+fi
+die() { printf 'quickstart: %s\n' "$*" >&2; exit 1; }
+
+usage() {
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"
+  exit 64
+}
+
+as_root() {
+  if [[ $EUID -eq 0 ]]; then "$@"
+  elif command -v sudo >/dev/null; then sudo "$@"
+  else die "needs root for: $*"; fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# Packages
+# ---------------------------------------------------------------------------------------------
+
+missing_packages() {
+  local p status
+  for p in "${PACKAGES[@]}"; do
+    status="$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)"
+    [[ $status == installed ]] || echo "$p"
+  done
+}
+
+# apt-get update at most once an hour: the newest of apt's own periodic stamp, our stamp and the
+# lists directory.  A fresh container has empty lists, so always update then.
+apt_lists_fresh() {
+  local stamp="/var/lib/apt/periodic/dst-quickstart-update-stamp" newest=0 t f
+  compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null || return 1
+  for f in /var/lib/apt/periodic/update-success-stamp "$stamp" /var/lib/apt/lists/partial; do
+    [[ -e $f ]] || continue
+    t="$(stat -c %Y "$f")"
+    (( t > newest )) && newest=$t
+  done
+  (( $(date +%s) - newest < 3600 ))
+}
+
+install_deps() {
+  local missing
+  mapfile -t missing < <(missing_packages)
+  if [[ ${#missing[@]} -eq 0 ]]; then
+    log "all ${#PACKAGES[@]} packages already installed"
+    return
+  fi
+  log "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  if ! apt_lists_fresh; then
+    as_root apt-get update
+    as_root mkdir -p /var/lib/apt/periodic
+    as_root touch /var/lib/apt/periodic/dst-quickstart-update-stamp
+  fi
+  as_root apt-get install -y --no-install-recommends "${missing[@]}"
+}
+
+# /dev/fuse and loop devices: load the modules if the nodes are missing (fresh VMs sometimes lack
+# them until first use).  Failure is not fatal here: the tests report what is missing.
+load_modules() {
+  if [[ ! -e /dev/fuse ]]; then
+    as_root modprobe fuse 2>/dev/null || echo "quickstart: warning: /dev/fuse missing and 'modprobe fuse' failed" >&2
+  fi
+  if [[ ! -e /dev/loop-control ]]; then
+    as_root modprobe loop 2>/dev/null || echo "quickstart: warning: /dev/loop-control missing and 'modprobe loop' failed" >&2
+  fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# Build
+# ---------------------------------------------------------------------------------------------
+
+build() {
+  log "configuring $BUILD"
+  if [[ ! -f $BUILD/CMakeCache.txt ]]; then
+    cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo
+  else
+    cmake -S "$ROOT" -B "$BUILD" >/dev/null
+  fi
+  log "building with -j$JOBS"
+  cmake --build "$BUILD" -j"$JOBS"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Test
+# ---------------------------------------------------------------------------------------------
+
+run_tests() {
+  log "running ctest (all labels) in $BUILD"
+  # --no-tests=error: an empty test list is a failure, not a green run.
+  ctest --test-dir "$BUILD" --output-on-failure -j"$JOBS" --timeout 600 --no-tests=error
+}
+
+# ---------------------------------------------------------------------------------------------
+# Demo
+# ---------------------------------------------------------------------------------------------
+
+BIN=""
+WORK=""
+PIDS=()      # daemons started by this script, in start order
+LOOPDEV=""
+WATCHDOG=""
+
+# mountpoint(1) stats the directory, which fails on a dead FUSE mount (ENOTCONN): read the table.
+is_mounted() { grep -qs " $1 " /proc/self/mounts; }
+
+free_port() {
+  local p i
+  for i in $(seq 1 200); do
+    p=$(( 20000 + RANDOM % 40000 ))
+    if [[ -z "$(ss -Hltn "sport = :$p" 2>/dev/null)" ]]; then echo "$p"; return; fi
+  done
+  die "no free TCP port found"
+}
+
+ctl() {  # ctl <daemon dir> args...
+  local d="$1"; shift
+  "$BIN/dstctl" --socket "$d/dstd.sock" "$@"
+}
+
+start_daemon() {  # start_daemon <dir> [extra dstd args...]; the config is <dir>/dstd.toml
+  local d="$1"; shift
+  # setsid: a terminal's Ctrl-C reaches this script (whose trap cleans up) but not the daemons
+  # directly, so they get an orderly SIGTERM after the loop device and ext4 are gone.
+  setsid "$BIN/dstd" --config "$d/dstd.toml" --state-dir "$d" --control "$d/dstd.sock" "$@" \
+    >"$d/dstd.log" 2>&1 &
+  local pid=$!
+  PIDS+=("$pid")
+  local i
+  for i in $(seq 1 100); do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      cat "$d/dstd.log" >&2
+      die "dstd in $d exited during startup (log above)"
+    fi
+    if [[ -S $d/dstd.sock ]] && ctl "$d" status >/dev/null 2>&1; then return; fi
+    sleep 0.1
+  done
+  cat "$d/dstd.log" >&2
+  die "dstd in $d did not answer on its control socket within 10 s"
+}
+
+wait_for_file() {  # wait_for_file <path> <seconds>
+  local i
+  for i in $(seq 1 $(( $2 * 10 ))); do
+    [[ -e $1 ]] && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+stop_daemon() {  # SIGTERM (dstd drains, flushes, unmounts), SIGKILL after 30 s
+  local pid="$1" i
+  kill -0 "$pid" 2>/dev/null || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for i in $(seq 1 200); do
+    kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+    sleep 0.1
+  done
+  echo "quickstart: dstd $pid ignored SIGTERM for 20 s, killing it" >&2
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+demo_cleanup() {
+  local rc=$?
+  set +e
+  trap - EXIT INT TERM
+  if [[ -n $WATCHDOG ]]; then kill "$WATCHDOG" 2>/dev/null; wait "$WATCHDOG" 2>/dev/null; fi
+  if [[ $KEEP -eq 1 && $rc -eq 0 ]]; then
+    demo_print_keep
+    return
+  fi
+  log "cleaning up $WORK"
+  if is_mounted "$WORK/fs"; then umount "$WORK/fs" || umount -l "$WORK/fs"; fi
+  if [[ -n $LOOPDEV ]]; then losetup -d "$LOOPDEV"; fi
+  local i
+  # Stop the importer(s) before the exporter so they do not spend io_timeout reconnecting.
+  for (( i=${#PIDS[@]}-1; i>=0; i-- )); do stop_daemon "${PIDS[$i]}"; done
+  # A daemon that died without unmounting leaves a dead FUSE mount behind.
+  if is_mounted "$WORK/mnt"; then fusermount3 -u -z "$WORK/mnt" 2>/dev/null || umount -l "$WORK/mnt"; fi
+  rm -rf --one-file-system "$WORK"
+  if [[ $rc -ne 0 ]]; then echo "quickstart: demo FAILED (exit $rc)" >&2; fi
+  exit "$rc"
+}
+
+demo_print_keep() {
+  cat <<EOF
+
+Demo left running (--keep).  Look around:
+  $BIN/dstctl --socket $WORK/a/dstd.sock status
+  $BIN/dstctl --socket $WORK/b/dstd.sock volume list
+  ls -l $WORK/mnt; df -h $WORK/fs
+Clean up with:
+  umount $WORK/fs
+  losetup -d $LOOPDEV
+  kill -TERM ${PIDS[1]}; sleep 2   # dstd B (importer): drains, flushes, unmounts $WORK/mnt
+  kill -TERM ${PIDS[0]}            # dstd A (exporter)
+  rm -rf $WORK
+EOF
+}
+
+run_demo() {
+  [[ $EUID -eq 0 ]] || die "the demo needs root (FUSE mount, losetup, mount): run it with sudo"
+  BIN="$BUILD/bin"
+  [[ -x $BIN/dstd && -x $BIN/dstctl ]] || die "dstd/dstctl not found in $BIN (did the build fail?)"
+  load_modules
+
+  WORK="$(mktemp -d /tmp/dst-demo.XXXXXX)"
+  trap demo_cleanup EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  mkdir -p "$WORK/a" "$WORK/b" "$WORK/mnt" "$WORK/fs"
+  local port_a port_b
+  port_a="$(free_port)"
+  port_b="$(free_port)"
+
+  # Daemon A: the exporter.  Two sparse 256 MiB images (the second one is where a mirror leg goes
+  # once mirroring exists; today it is exported but unused).
+  log "daemon A: exporting disk0 and disk1 on 127.0.0.1:$port_a"
+  truncate -s 256M "$WORK/a/disk0.img" "$WORK/a/disk1.img"
+  cat >"$WORK/a/dstd.toml" <<EOF
+[daemon]
+listen = "127.0.0.1:$port_a"
+batching = true
+
+[[export]]
+name = "disk0"
+path = "$WORK/a/disk0.img"
+
+[[export]]
+name = "disk1"
+path = "$WORK/a/disk1.img"
+EOF
+  start_daemon "$WORK/a"
+
+  # Daemon B: the importer, configured at run time through dstctl.
+  log "daemon B: importing dst://127.0.0.1:$port_a/disk0 as volume 'demo', FUSE at $WORK/mnt"
+  cat >"$WORK/b/dstd.toml" <<EOF
+[daemon]
+listen = "127.0.0.1:$port_b"
+batching = true
+EOF
+  start_daemon "$WORK/b"
+  start_watchdog
+  ctl "$WORK/b" volume import demo "dst://127.0.0.1:$port_a/disk0"
+  demo_add_mirror
+  ctl "$WORK/b" mount "$WORK/mnt"
+  wait_for_file "$WORK/mnt/demo.img" 10 || die "$WORK/mnt/demo.img did not appear"
+  ls -l "$WORK/mnt"
+
+  log "loop device with direct I/O on $WORK/mnt/demo.img, ext4 on top"
+  LOOPDEV="$(losetup --find --show --direct-io=on "$WORK/mnt/demo.img")"
+  echo "loop device: $LOOPDEV (direct I/O: $(cat "/sys/block/${LOOPDEV#/dev/}/loop/dio" 2>/dev/null || echo '?'))"
+  # shellcheck disable=SC2086  # word splitting of the options is wanted
+  mkfs.ext4 -q -F ${DST_DEMO_MKFS_OPTIONS:-} "$LOOPDEV"
+  mount "$LOOPDEV" "$WORK/fs"
+
+  log "writing files through ext4 -> loop -> FUSE -> dstd B -> TCP -> dstd A -> disk0.img"
+  echo "hello from dst, $(date -u)" >"$WORK/fs/hello.txt"
+  dd if=/dev/urandom of="$WORK/fs/random.bin" bs=1M count=16 status=none
+  sync -f "$WORK/fs"
+  local sum_before sum_after
+  sum_before="$(sha256sum <"$WORK/fs/random.bin")"
+  # Read back past the page cache: drop it, then compare.
+  echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
+  sum_after="$(sha256sum <"$WORK/fs/random.bin")"
+  [[ $sum_before == "$sum_after" ]] || die "read-back mismatch: $sum_before vs $sum_after"
+  cat "$WORK/fs/hello.txt"
+  echo "random.bin (16 MiB) sha256 ${sum_after%% *} read back OK"
+  df -h "$WORK/fs" | sed 's/^/  /'
+
+  log "dstctl status (daemon A, exporter)"
+  ctl "$WORK/a" status
+  log "dstctl status (daemon B, importer)"
+  ctl "$WORK/b" status
+  log "demo OK"
+}
+
+# A hung I/O path leaves mkfs or mount in uninterruptible sleep, where neither a signal to this
+# script nor its EXIT trap can run.  After DST_DEMO_TIMEOUT seconds, SIGKILL the importing daemon:
+# the kernel then aborts its FUSE connection, the blocked I/O fails, and the trap cleans up.
+start_watchdog() {
+  local t="${DST_DEMO_TIMEOUT:-300}" main=$$ importer="${PIDS[${#PIDS[@]}-1]}" i
+  (
+    for (( i = 0; i < t; i++ )); do sleep 1; kill -0 "$main" 2>/dev/null || exit 0; done
+    echo "quickstart: demo still running after $t s: killing dstd $importer to release blocked I/O" >&2
+    kill -KILL "$importer" 2>/dev/null
+    kill -TERM "$main" 2>/dev/null
+  ) &
+  WATCHDOG=$!
+}
+
+# Mirroring (issue 3) slots in here: import disk1 as a second leg and join both into `demo`.
+demo_add_mirror() { :; }
+
+# ---------------------------------------------------------------------------------------------
+
+[[ $# -ge 1 ]] || usage
+MODE="$1"; shift
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --keep) KEEP=1 ;;
+    --no-deps) NO_DEPS=1 ;;
+    --build-dir) [[ $# -ge 2 ]] || usage; BUILD="$(realpath -m "$2")"; shift ;;
+    -h|--help) usage ;;
+    *) echo "quickstart: unknown option $1" >&2; usage ;;
+  esac
+  shift
+done
+
+case "$MODE" in
+  deps) install_deps ;;
+  build) [[ $NO_DEPS -eq 1 ]] || install_deps; build ;;
+  test)
+    [[ $NO_DEPS -eq 1 ]] || install_deps
+    load_modules
+    build
+    run_tests
+    ;;
+  demo)
+    [[ $NO_DEPS -eq 1 ]] || install_deps
+    build
+    run_demo
+    ;;
+  -h|--help|help) usage ;;
+  *) echo "quickstart: unknown command '$MODE'" >&2; usage ;;
+esac
