@@ -1,0 +1,116 @@
+// NbdClientDevice: a BlockDevice backed by an NBD export (nbdkit, qemu-nbd, nbd-server, a dst
+// NBD server...), so any NBD export can be a leaf of a dst array.
+//
+// Same self-healing design as RemoteDevice (remote_device.h): a fixed slot table (cookie =
+// generation << 32 | slot), Submit() wakes the connection strand through an eventfd, a batched
+// Transmitter on a dup() of the socket, keepalive probes, reconnect with backoff, re-send of
+// unacknowledged requests in submission order, io_timeout -> EIO, overlapping writes kept in
+// submission order.
+//
+//   CONNECTING --handshake ok--> CONNECTED --probe silence / socket error / ESHUTDOWN--> RECONNECTING
+//       ^                                                                                  |
+//       +------------------------------ backoff (min..max) -------------------------------+
+//   RECONNECTING --outage longer than io_timeout--> FAILING (requests end with EIO;
+//                                                   reconnects go on, success -> CONNECTED)
+//   any --Close()--> CLOSED (NBD_CMD_DISC sent if connected; pending requests end with EIO)
+//
+// Handshake (one attempt; runs on a short-lived connector thread with blocking-style poll()
+// I/O bounded by connect_timeout, so no event-loop thread ever waits on it):
+//
+//   greeting (NBDMAGIC IHAVEOPT flags) -> client flags (FIXED_NEWSTYLE [+NO_ZEROES])
+//     -> OPT_STRUCTURED_REPLY --ACK--> structured replies | --ERR_*--> simple replies
+//     -> OPT_GO(name, [INFO_BLOCK_SIZE]) --INFO*, ACK--> transmission
+//                                         --ERR_UNSUP--> OPT_EXPORT_NAME -> size+flags -> transmission
+//   (a server without FIXED_NEWSTYLE goes straight to OPT_EXPORT_NAME)
+//
+// Keepalive: NBD has no ping.  When the connection has been silent for keepalive_interval the
+// client sends a one-block NBD_CMD_READ at offset 0 into an internal buffer (every server
+// implements READ, it is side-effect free, needs no capability flag and costs one block); if
+// nothing at all arrives for keepalive_timeout while anything is outstanding, the peer counts
+// as dead and the connection is replaced.
+//
+// Ordering guarantee without a session fence: NBD servers cannot fence an old connection, so
+// after a reconnect a write that was still queued inside a *live but hung* server on the old
+// connection could in principle execute after a newer overlapping write sent on the new
+// connection.  When the old server process died (crash, kill -9, restart) or the old TCP
+// connection was reset this cannot happen, and the client itself never has two overlapping
+// writes in flight.  See docs/nbd.md, "NBD client leaf".
+//
+// IoRequest fields: the device uses `link` while it holds a request but never touches `scratch`
+// (callers such as MirrorDevice keep their own data there).  FUA is sent only when the server
+// advertises SEND_FUA (DeviceInfo::can_fua tells the caller); a flush on a server without
+// SEND_FLUSH fails with EOPNOTSUPP.
+//
+// Threading: Submit() from any thread; the connection lives on the given io_context.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include <boost/asio/io_context.hpp>
+
+#include "dst/block_device.h"
+#include "dst/status.h"
+
+namespace dst::net {
+
+struct NbdClientOptions {
+  std::string host = "127.0.0.1";
+  std::uint16_t port = 10809;
+  std::string unix_socket;  // non-empty: connect to this Unix socket instead of host:port
+  std::string export_name;  // may be empty (the server's default export)
+  std::uint32_t queue_depth = 64;
+  bool batching = true;
+  bool try_structured_replies = true;  // false: never ask (tests; old-client behaviour)
+  bool try_opt_go = true;              // false: use OPT_EXPORT_NAME directly (tests)
+  std::chrono::milliseconds keepalive_interval{1000};
+  std::chrono::milliseconds keepalive_timeout{5000};
+  std::chrono::milliseconds io_timeout{60000};
+  std::chrono::milliseconds connect_timeout{5000};
+  std::chrono::milliseconds reconnect_min{100};
+  std::chrono::milliseconds reconnect_max{2000};
+};
+
+// Parses "nbd://host[:port][/name]" (default port 10809, name may be empty, %XX decoded) and
+// "nbd+unix:///name?socket=/path" into opts.  TLS schemes (nbds://) are refused.
+Status ParseNbdUri(const std::string& uri, NbdClientOptions* opts);
+
+struct NbdClientStats {
+  std::string state;  // "connected", "reconnecting", "failing", "closed"
+  bool structured_replies = false;
+  std::uint64_t reconnects = 0;
+  std::uint64_t resent = 0;
+  std::uint64_t timeouts = 0;
+  std::uint64_t probes = 0;  // keepalive reads sent
+  std::uint32_t inflight = 0;
+  std::uint64_t requests = 0;
+  std::uint64_t frames_sent = 0;
+  std::uint64_t send_calls = 0;
+  double frames_per_call = 0;
+};
+
+class NbdClientDevice : public BlockDevice {
+ public:
+  // Connects and negotiates (blocking, bounded by connect_timeout).  Must not be called on one
+  // of the io_context's threads.
+  static Result<std::shared_ptr<NbdClientDevice>> Connect(boost::asio::io_context& io,
+                                                          const NbdClientOptions& opts);
+  ~NbdClientDevice() override;
+
+  DeviceInfo Info() const override;
+  void Submit(IoRequest* req) override;
+  std::string Describe() const override;  // the URI
+  NbdClientStats Stats() const;
+  // Sends NBD_CMD_DISC, fails every pending request with EIO and stops reconnecting.
+  void Close();
+
+  class Impl;
+
+ private:
+  explicit NbdClientDevice(std::shared_ptr<Impl> impl);
+  std::shared_ptr<Impl> impl_;
+};
+
+}  // namespace dst::net
