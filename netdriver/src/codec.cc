@@ -29,8 +29,13 @@ Status DecodeHeader(const std::uint8_t in[kHeaderSize], Header* h) {
   if (c == 0 || c > kMaxCmd) return Status::ProtocolError("unknown command");
   if (h->flags & ~kFlagsKnown) return Status::ProtocolError("unknown flags");
   if (!h->is_reply() && h->status != 0) return Status::ProtocolError("status set in a request");
-  if (h->length > kAbsoluteMaxPayload) return Status::ProtocolError("length above protocol maximum");
   const Cmd cmd = h->command();
+  // The 32 MiB cap bounds bytes that follow a header (§7).  TRIM and WRITE_ZEROES never carry a
+  // payload in either direction: their length is only a range, so any u32 is well-formed and
+  // CheckRequest judges it against the export.  READ keeps the cap because its reply carries
+  // `length` bytes.
+  if (h->length > kAbsoluteMaxPayload && !IsRangeOnly(cmd))
+    return Status::ProtocolError("length above protocol maximum");
   if (cmd == Cmd::kHello && h->length > kMaxHelloPayload)
     return Status::ProtocolError("oversized hello");
   if ((h->flags & kFlagFua) && cmd != Cmd::kWrite && cmd != Cmd::kWriteZeroes && cmd != Cmd::kTrim)
@@ -42,6 +47,8 @@ Status DecodeHeader(const std::uint8_t in[kHeaderSize], Header* h) {
     return Status::ProtocolError("length/offset set on a command without range");
   return Status::OK();
 }
+
+bool IsRangeOnly(Cmd cmd) { return cmd == Cmd::kTrim || cmd == Cmd::kWriteZeroes; }
 
 bool HasPayload(const Header& h) {
   switch (h.command()) {

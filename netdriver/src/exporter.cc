@@ -66,6 +66,11 @@ struct ExportEntry {
   DeviceInfo info;
   ExportLimits limits;
   int connections = 0;  // GUARDED_BY(Impl::mu_)
+  std::atomic<std::uint64_t> requests{0};  // every request received on a connection to it
+  // Transmit counters of its connections that have left the table; live ones are summed on
+  // demand (ListExports), so the total never drops when a connection closes.
+  std::uint64_t closed_frames = 0;      // GUARDED_BY(Impl::mu_)
+  std::uint64_t closed_send_calls = 0;  // GUARDED_BY(Impl::mu_)
 };
 
 class Conn;
@@ -127,7 +132,10 @@ class Exporter::Impl : public std::enable_shared_from_this<Exporter::Impl> {
   std::atomic<std::uint64_t> requests_{0};
   std::atomic<std::uint64_t> errors_replied_{0};
   std::atomic<std::uint64_t> protocol_errors_{0};
-  TxStats tx_stats_;  // shared by every connection's Transmitter
+  // Exporter-wide transmit totals of closed connections (each connection counts into its own
+  // TxStats, so the counters can also be split per export).
+  std::uint64_t closed_frames_ = 0;      // GUARDED_BY(mu_)
+  std::uint64_t closed_send_calls_ = 0;  // GUARDED_BY(mu_)
 };
 
 // A request slot: preallocated per connection, max_inflight_per_connection of them.
@@ -152,7 +160,7 @@ class Conn : public std::enable_shared_from_this<Conn> {
         sock_(std::move(sock)),
         nctx_(impl_->opts_.max_inflight_per_connection ? impl_->opts_.max_inflight_per_connection : 1),
         ctxs_(new ReqCtx[nctx_]),
-        tx_(sock_, impl_->opts_.batching, &impl_->tx_stats_),
+        tx_(sock_, impl_->opts_.batching, &tx_stats_),
         close_timer_(strand_),
         peer_(std::move(peer)) {
     for (std::uint32_t i = 0; i < nctx_; ++i) {
@@ -204,6 +212,7 @@ class Conn : public std::enable_shared_from_this<Conn> {
   }
 
   const std::string& peer() const { return peer_; }
+  const TxStats& tx_stats() const { return tx_stats_; }  // atomics: readable from any thread
   const Strand& strand_ref() const { return strand_; }
   std::shared_ptr<ExportEntry> export_entry() const { return exp_; }
   std::uint64_t session() const { return session_; }
@@ -261,6 +270,7 @@ class Conn : public std::enable_shared_from_this<Conn> {
   HandlerArena arena_;
   std::uint32_t nctx_;
   std::unique_ptr<ReqCtx[]> ctxs_;  // outlives tx_ (frames point into it)
+  TxStats tx_stats_;                // outlives tx_, which counts into it
   Transmitter tx_;
   asio::steady_timer close_timer_;
   std::string peer_;
@@ -370,6 +380,7 @@ void Conn::OnHeader(const boost::system::error_code& ec, std::size_t n) {
   if (h.command() == Cmd::kHello) return ProtocolError("framing error", "second HELLO", true, h.id);
 
   impl_->requests_.fetch_add(1, std::memory_order_relaxed);
+  if (exp_) exp_->requests.fetch_add(1, std::memory_order_relaxed);
   if (h.command() == Cmd::kDisconnect) {
     BeginClose(false);  // in-flight requests finish and are answered first
     return;
@@ -991,6 +1002,16 @@ void Exporter::Impl::RemoveConn(Conn* c) {
     if (it == conns_.end()) return;
     hold = std::move(it->second);
     conns_.erase(it);
+    // Fold its counters into the closed totals in the same critical section that takes it out
+    // of the live sum, so Stats()/ListExports() never count it twice or lose it.
+    const std::uint64_t frames = c->tx_stats().frames.load(std::memory_order_relaxed);
+    const std::uint64_t calls = c->tx_stats().syscalls.load(std::memory_order_relaxed);
+    closed_frames_ += frames;
+    closed_send_calls_ += calls;
+    if (auto e = c->export_entry()) {
+      e->closed_frames += frames;
+      e->closed_send_calls += calls;
+    }
   }
   MaybeDrainDone();
 }
@@ -1173,6 +1194,15 @@ std::vector<ExportStatus> Exporter::ListExports() const {
     s.size = e->info.size;
     s.read_only = e->limits.read_only;
     s.connections = e->connections;
+    s.requests = e->requests.load(std::memory_order_relaxed);
+    s.frames_sent = e->closed_frames;
+    s.send_calls = e->closed_send_calls;
+    for (const auto& [c, conn] : impl_->conns_) {
+      if (conn->export_entry() != e) continue;
+      s.frames_sent += c->tx_stats().frames.load(std::memory_order_relaxed);
+      s.send_calls += c->tx_stats().syscalls.load(std::memory_order_relaxed);
+    }
+    s.frames_per_call = s.send_calls ? double(s.frames_sent) / double(s.send_calls) : 0.0;
     out.push_back(std::move(s));
   }
   return out;
@@ -1184,13 +1214,17 @@ ExporterStats Exporter::Stats() const {
   {
     std::lock_guard<std::mutex> l(impl_->mu_);
     s.connections_open = static_cast<int>(impl_->conns_.size());
+    s.frames_sent = impl_->closed_frames_;
+    s.send_calls = impl_->closed_send_calls_;
+    for (const auto& [c, conn] : impl_->conns_) {
+      s.frames_sent += c->tx_stats().frames.load(std::memory_order_relaxed);
+      s.send_calls += c->tx_stats().syscalls.load(std::memory_order_relaxed);
+    }
   }
   s.requests = impl_->requests_.load();
   s.errors_replied = impl_->errors_replied_.load();
   s.protocol_errors = impl_->protocol_errors_.load();
-  s.frames_sent = impl_->tx_stats_.frames.load();
-  s.send_calls = impl_->tx_stats_.syscalls.load();
-  s.frames_per_call = impl_->tx_stats_.FramesPerCall();
+  s.frames_per_call = s.send_calls ? double(s.frames_sent) / double(s.send_calls) : 0.0;
   return s;
 }
 

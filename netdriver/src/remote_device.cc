@@ -14,6 +14,14 @@
 //   the server's session fence orders it), Close(), size change or lost write permission with
 //   writes pending: every request (pending, waiting, in flight) ends with EIO.
 //
+// Poison requests (docs/protocol.md §8.4): a request the server cannot even parse must not be
+// re-sent forever, since each reconnect succeeds and so the outage clock never runs out.
+//
+//   IN FLIGHT --error reply (not ESHUTDOWN)--> done(mapped status)          never re-sent
+//   IN FLIGHT --EPROTO frame naming its id--> connection lost, done(EIO)    never re-sent
+//   IN FLIGHT --connection lost before the server answered any request on it, and this request
+//              was the first one sent on it--> suspect; 3rd time in a row --> done(EIO)
+//
 // Timing runs on one periodic tick (<= 250 ms, finer for short timeouts): keepalive pings and
 // silence detection, io_timeout, handshake timeout and reconnect backoff.
 //
@@ -59,6 +67,9 @@ namespace {
 constexpr std::uint32_t kPingSlot = 0xffffffffu;
 constexpr std::size_t kPayloadChunk = 256u << 10;  // rx progress (keepalive) granularity
 constexpr std::size_t kDrainBufSize = 64u << 10;
+// Backstop: a request that was the first one sent on this many consecutive connections that
+// died before answering any request is failed with EIO instead of being re-sent again.
+constexpr int kPoisonLosses = 3;
 
 bool IsWriteType(IoOp op) {
   return op == IoOp::kWrite || op == IoOp::kTrim || op == IoOp::kWriteZeroes;
@@ -171,8 +182,9 @@ class RemoteDevice::Impl : public std::enable_shared_from_this<Impl> {
     Impl* impl = nullptr;
     IoRequest* req = nullptr;  // null: free
     std::uint32_t index = 0;
-    std::uint32_t gen = 0;
+    std::uint32_t gen = 1;     // never 0, so no request id is 0 (the "unknown id" of §8.1)
     std::uint64_t seq = 0;     // submission order
+    std::uint64_t sent_no = 0; // send order on the current connection (poison suspect)
     Clock::time_point start;   // when it entered the slot (per-request deadline)
     bool on_wire = false;      // sent on the current connection, reply outstanding
     bool tx_queued = false;    // frame still referenced by the Transmitter
@@ -190,7 +202,9 @@ class RemoteDevice::Impl : public std::enable_shared_from_this<Impl> {
   void OnHelloPayload(std::uint64_t epoch, const boost::system::error_code& ec);
   void AttemptFailed(Status st, bool hard);
   void OnHandshake(const HelloReply& r);
-  void ConnectionLost(const char* why, Clock::time_point outage_start);
+  // `closed_by_peer`: the server (or the network) ended the connection, as opposed to our own
+  // keepalive / io_timeout verdict on a silent peer, which only io_timeout may turn into errors.
+  void ConnectionLost(const char* why, Clock::time_point outage_start, bool closed_by_peer = true);
   void SetState(State s);
   void CloseSockets() {
     boost::system::error_code ec;
@@ -210,6 +224,7 @@ class RemoteDevice::Impl : public std::enable_shared_from_this<Impl> {
   void FlushTx();
   void StartRead();
   void OnHeader(const boost::system::error_code& ec);
+  void OnServerDisconnect();
   void ReadPayload(std::uint32_t slot, std::size_t done);
   void Drain();
   void CompleteSlot(Slot& s, Status st);
@@ -280,6 +295,10 @@ class RemoteDevice::Impl : public std::enable_shared_from_this<Impl> {
   std::uint32_t busy_ = 0;        // slots holding a request
   std::uint32_t busy_writes_ = 0; // ... of write type
   std::uint32_t on_wire_ = 0;     // requests with a reply outstanding on this connection
+  std::uint64_t send_count_ = 0;  // frames sent on this connection (Slot::sent_no)
+  bool answered_ = false;         // the server answered a request on this connection
+  std::uint64_t suspect_seq_ = 0; // poison backstop: request blamed for the last losses
+  int suspect_losses_ = 0;        // ... and how many consecutive ones
   Clock::time_point last_rx_;     // last byte received (or start of the current wait)
   bool ping_outstanding_ = false;
   bool ping_queued_ = false;
@@ -549,6 +568,8 @@ void RemoteDevice::Impl::OnHandshake(const HelloReply& r) {
   last_error_ = Status::OK();
   last_rx_ = Clock::now();
   last_ping_ = last_rx_;
+  answered_ = false;
+  send_count_ = 0;
   SetState(State::kConnected);
   StartRead();
   // Re-send every unacknowledged request in its original submission order.
@@ -564,9 +585,30 @@ void RemoteDevice::Impl::OnHandshake(const HelloReply& r) {
   if (was_initial) ReportFirst(Status::OK());
 }
 
-void RemoteDevice::Impl::ConnectionLost(const char* why, Clock::time_point outage_start) {
+void RemoteDevice::Impl::ConnectionLost(const char* why, Clock::time_point outage_start,
+                                        bool closed_by_peer) {
   if (state_ != State::kConnected) return;
   Log(Describe(), std::string("connection lost: ") + why);
+  // Poison backstop (§8.4): when the server closed a connection without answering any request
+  // on it, blame the first frame it was sent.  Any answer breaks the chain: the server is making
+  // progress.  A silent peer (keepalive) proves nothing about a request: that is an outage,
+  // bounded by io_timeout, and must stay invisible while shorter.
+  Slot* suspect = nullptr;
+  if (answered_) {
+    suspect_losses_ = 0;
+  } else if (closed_by_peer) {
+    for (auto& s : slots_)
+      if (s.req && s.on_wire && (!suspect || s.sent_no < suspect->sent_no)) suspect = &s;
+    if (suspect) {
+      if (suspect_losses_ > 0 && suspect->seq == suspect_seq_) {
+        ++suspect_losses_;
+      } else {
+        suspect_seq_ = suspect->seq;
+        suspect_losses_ = 1;
+      }
+      if (suspect_losses_ < kPoisonLosses) suspect = nullptr;
+    }
+  }
   ++epoch_;
   tx_.reset();  // drops queued frames: on_sent(false) clears tx_queued
   CloseSockets();
@@ -581,6 +623,14 @@ void RemoteDevice::Impl::ConnectionLost(const char* why, Clock::time_point outag
   SetState(State::kReconnecting);
   next_attempt_ = Clock::now();  // first retry at once; backoff after that
   backoff_ = opts_.reconnect_min;
+  if (suspect) {
+    // Last: done() may re-enter Submit() or Close().
+    suspect_losses_ = 0;
+    Log(Describe(), std::string(CmdName(static_cast<std::uint16_t>(ToCmd(suspect->req->op)))) +
+                        " request killed " + std::to_string(kPoisonLosses) +
+                        " connections in a row: failing it with EIO");
+    CompleteSlot(*suspect, Status::IoError("request repeatedly broke the connection"));
+  }
 }
 
 // --- submit path ---------------------------------------------------------------------------
@@ -729,6 +779,7 @@ void RemoteDevice::Impl::SendSlot(Slot& s) {
     s.frame.payload_len = 0;
   }
   if (!Outstanding()) last_rx_ = Clock::now();  // the silence clock starts now
+  s.sent_no = ++send_count_;
   s.on_wire = true;
   ++on_wire_;
   s.tx_queued = true;
@@ -795,14 +846,18 @@ void RemoteDevice::Impl::OnHeader(const boost::system::error_code& ec) {
   if (!DecodeHeader(rx_hdr_, &rx_).ok() || !rx_.is_reply()) {
     return ConnectionLost("malformed frame from server", Clock::now());
   }
-  in_outage_ = false;
   const Cmd cmd = rx_.command();
+  if (cmd == Cmd::kDisconnect) return OnServerDisconnect();
+  // Only a real answer ends an outage; an EPROTO frame before a close (above) does not, or a
+  // request the server rejects at the framing level would reconnect forever without io_timeout.
+  in_outage_ = false;
   if (cmd == Cmd::kPing) {
     if (rx_.id == (std::uint64_t(ping_gen_) << 32 | kPingSlot)) ping_outstanding_ = false;
     StartRead();
     return;
   }
   if (cmd == Cmd::kHello) return ConnectionLost("unexpected HELLO reply", Clock::now());
+  answered_ = true;  // a PING answer shows liveness, this shows the server can take requests
   const std::uint32_t idx = static_cast<std::uint32_t>(rx_.id);
   const std::uint32_t gen = static_cast<std::uint32_t>(rx_.id >> 32);
   Slot* s = idx < slots_.size() ? &slots_[idx] : nullptr;
@@ -834,6 +889,26 @@ void RemoteDevice::Impl::OnHeader(const boost::system::error_code& ec) {
   CompleteSlot(*s, FromWireStatus(rx_.status));
   Pump();
   FlushTx();
+}
+
+// DISCONNECT|reply: the server found a framing error and closes (§8.1).  When it names one of
+// our requests, that request can never succeed: fail it rather than re-send it on every new
+// connection (§8.4).  The others are re-sent as after any connection loss.
+void RemoteDevice::Impl::OnServerDisconnect() {
+  const std::uint32_t idx = static_cast<std::uint32_t>(rx_.id);
+  const std::uint32_t gen = static_cast<std::uint32_t>(rx_.id >> 32);
+  const bool ours = rx_.id != 0 && idx < slots_.size() && slots_[idx].req && slots_[idx].gen == gen &&
+                    slots_[idx].on_wire;
+  const Status why = FromWireStatus(rx_.status, "server closed the connection");
+  if (!ours) return ConnectionLost("server reported a protocol error", Clock::now());
+  Slot& s = slots_[idx];
+  const char* name = CmdName(static_cast<std::uint16_t>(ToCmd(s.req->op)));
+  Log(Describe(), std::string("server rejected a ") + name + " request (" + why.ToString() +
+                      "): failing it with EIO, not re-sending it");
+  answered_ = true;  // the loss is explained: do not blame the first request sent (backstop)
+  ConnectionLost("server reported a protocol error", Clock::now());
+  if (state_ == State::kClosed || !s.req || s.gen != gen) return;  // already ended by the backstop
+  CompleteSlot(s, Status::IoError(std::string("server rejected the ") + name + " request"));
 }
 
 void RemoteDevice::Impl::ReadPayload(std::uint32_t idx, std::size_t done) {
@@ -895,7 +970,7 @@ void RemoteDevice::Impl::FreeSlot(Slot& s) {
   --busy_;
   inflight_.store(busy_, std::memory_order_relaxed);
   s.req = nullptr;
-  ++s.gen;  // a late reply for this use no longer matches
+  if (++s.gen == 0) s.gen = 1;  // a late reply for this use no longer matches
   free_.push_back(s.index);
 }
 
@@ -958,7 +1033,7 @@ void RemoteDevice::Impl::OnTick(const boost::system::error_code& ec) {
       if (Outstanding() && now - last_rx_ >= opts_.keepalive_timeout) {
         // TCP may stay open (SIGSTOPped or hung peer): silence is the failure signal.  The
         // outage began when the peer went quiet.
-        ConnectionLost("keepalive timeout", last_rx_);
+        ConnectionLost("keepalive timeout", last_rx_, false);
         break;
       }
       if (now - last_rx_ >= opts_.keepalive_interval && now - last_ping_ >= opts_.keepalive_interval)
@@ -974,7 +1049,8 @@ void RemoteDevice::Impl::OnTick(const boost::system::error_code& ec) {
           break;
         }
       if (stuck) {
-        ConnectionLost("request exceeded io_timeout", now);
+        ConnectionLost("request exceeded io_timeout", now, false);
+        if (state_ == State::kClosed) return;  // a done() callback closed the device
         Log(Describe(), "request exceeded io_timeout: failing requests with EIO");
         SetState(State::kFailing);
         FailAll(Status::IoError(), true);

@@ -517,8 +517,14 @@ class DaemonTest : public QObject {
     json sa = CtlJson(a, {"status"});
     QVERIFY2(sa["exporter"]["requests"].get<std::uint64_t>() > 0, sa.dump().c_str());
     QVERIFY2(sa["exporter"]["frames_per_call"].get<double>() > 0, sa.dump().c_str());
-    if (sa["exports"][0].contains("frames_per_call"))
-      QVERIFY2(sa["exports"][0]["frames_per_call"].get<double>() > 0, sa.dump().c_str());
+    // Per export too (ExportStatus counters, aggregated over the export's connections).
+    const json& ex = sa["exports"][0];
+    QVERIFY2(ex.contains("frames_per_call") && ex.contains("requests") && ex.contains("frames_sent") &&
+                 ex.contains("send_calls"), sa.dump().c_str());
+    QVERIFY2(ex["requests"].get<std::uint64_t>() > 0, sa.dump().c_str());
+    QVERIFY2(ex["frames_sent"].get<std::uint64_t>() >= ex["send_calls"].get<std::uint64_t>(), sa.dump().c_str());
+    QVERIFY2(ex["send_calls"].get<std::uint64_t>() > 0, sa.dump().c_str());
+    QVERIFY2(ex["frames_per_call"].get<double>() > 0, sa.dump().c_str());
     QCOMPARE(b.Ctl({"status"}, &out, &err), 0);
     QVERIFY2(out.contains("frames/call:") && out.contains("file:" + file.toUtf8()), out.constData());
 

@@ -230,6 +230,63 @@ class CodecTest : public QObject {
     QCOMPARE(CheckRequest(Req(Cmd::kPing), l), WireStatus::kOk);
   }
 
+  // Regression: FuseMount sends punch-hole/zero-range as TRIM/WRITE_ZEROES of up to 1 GiB; the
+  // 32 MiB framing cap made the server drop the connection and the client re-send forever.
+  void largeRangeCommands() {
+    constexpr std::uint32_t kGiB = 1u << 30;
+    const std::uint32_t kMaxAligned = 0xffffffffu & ~511u;
+    Header d;
+    std::uint8_t b[kHeaderSize];
+    for (Cmd c : {Cmd::kTrim, Cmd::kWriteZeroes}) {
+      for (std::uint32_t len : {kAbsoluteMaxPayload + 512, kGiB, kMaxAligned, 0xffffffffu}) {
+        EncodeHeader(Req(c, 4096, len), b);
+        const Status st = DecodeHeader(b, &d);
+        QVERIFY2(st.ok(), qPrintable(QString("%1 length %2: %3").arg(CmdName(std::uint16_t(c))).arg(len)
+                                         .arg(QString::fromStdString(st.ToString()))));
+        QCOMPARE(d.length, len);
+        QVERIFY(!HasPayload(d));
+        // The reply frame of the same command is accepted too (the client decodes it).
+        Header r = Req(c, 4096, len);
+        r.cmd |= kReplyBit;
+        EncodeHeader(r, b);
+        QVERIFY(DecodeHeader(b, &d).ok());
+      }
+    }
+    EncodeHeader(Req(Cmd::kWriteZeroes, 0, kGiB, kFlagNoUnmap | kFlagFua), b);
+    QVERIFY(DecodeHeader(b, &d).ok());
+    // Payload-carrying frames keep the framing cap.
+    for (Cmd c : {Cmd::kWrite, Cmd::kRead}) {
+      EncodeHeader(Req(c, 0, 33u << 20), b);
+      const Status st = DecodeHeader(b, &d);
+      QCOMPARE(st.code(), Status::Code::kProtocolError);
+      EncodeHeader(Req(c, 0, kGiB), b);
+      QCOMPARE(DecodeHeader(b, &d).code(), Status::Code::kProtocolError);
+    }
+    Header rr = Req(Cmd::kRead, 0, 33u << 20);
+    rr.cmd |= kReplyBit;  // a READ reply would carry 33 MiB
+    EncodeHeader(rr, b);
+    QCOMPARE(DecodeHeader(b, &d).code(), Status::Code::kProtocolError);
+    EncodeHeader(Req(Cmd::kHello, 0, 33u << 20), b);
+    QCOMPARE(DecodeHeader(b, &d).code(), Status::Code::kProtocolError);
+    EncodeHeader(Req(Cmd::kFlush, 0, kGiB), b);
+    QCOMPARE(DecodeHeader(b, &d).code(), Status::Code::kProtocolError);
+    QVERIFY(IsRangeOnly(Cmd::kTrim) && IsRangeOnly(Cmd::kWriteZeroes));
+    QVERIFY(!IsRangeOnly(Cmd::kRead) && !IsRangeOnly(Cmd::kWrite) && !IsRangeOnly(Cmd::kHello));
+
+    // CheckRequest still applies the range rules to such lengths.
+    ExportLimits big = Limits(std::uint64_t(4) << 30);  // 4 GiB export, 64 KiB max payload
+    QCOMPARE(CheckRequest(Req(Cmd::kTrim, 0, kGiB), big), WireStatus::kOk);
+    QCOMPARE(CheckRequest(Req(Cmd::kWriteZeroes, 3ull << 30, kGiB), big), WireStatus::kOk);
+    QCOMPARE(CheckRequest(Req(Cmd::kWriteZeroes, 0, kMaxAligned), big), WireStatus::kOk);
+    QCOMPARE(CheckRequest(Req(Cmd::kTrim, (3ull << 30) + 512, kGiB), big), WireStatus::kRange);
+    QCOMPARE(CheckRequest(Req(Cmd::kTrim, 0, 0xffffffffu), big), WireStatus::kInval);  // misaligned
+    QCOMPARE(CheckRequest(Req(Cmd::kTrim, ~0ull - 511, kGiB), big), WireStatus::kRange);  // overflow
+    QCOMPARE(CheckRequest(Req(Cmd::kTrim, 0, kGiB), Limits()), WireStatus::kRange);  // 1 MiB export
+    QCOMPARE(CheckRequest(Req(Cmd::kWriteZeroes, 0, kGiB), Limits(std::uint64_t(4) << 30, true)),
+             WireStatus::kPerm);
+    QCOMPARE(CheckRequest(Req(Cmd::kRead, 0, 32u << 20), big), WireStatus::kMsgSize);
+  }
+
   void statusMapping() {
     QCOMPARE(ToWireStatus(Status::OK()), WireStatus::kOk);
     QCOMPARE(ToWireStatus(Status::OutOfRange()), WireStatus::kRange);

@@ -439,6 +439,56 @@ class ExporterTest : public QObject {
     QVERIFY(after.send_calls - before.send_calls <= after.frames_sent - before.frames_sent);
   }
 
+  // Per-export counters (dstctl status --json): requests and transmitter frames per export,
+  // including connections that have already closed.
+  void perExportCounters() {
+    auto find = [&](const std::string& name) {
+      for (auto& e : srv_->exporter->ListExports())
+        if (e.name == name) return e;
+      return ExportStatus{};
+    };
+    // Earlier tests' connections may still be closing on the server side.
+    QTRY_COMPARE_WITH_TIMEOUT(find("disk").connections, 0, 5000);
+    QTRY_COMPARE_WITH_TIMEOUT(find("ro").connections, 0, 5000);
+    const ExportStatus disk0 = find("disk");
+    const ExportStatus ro0 = find("ro");
+    constexpr int kN = 32;
+    {
+      RawClient c;
+      QVERIFY(Open(c));
+      std::vector<char> w(4096);
+      Fill(w, 77);
+      for (int i = 0; i < kN; ++i) QVERIFY(c.Send(Cmd::kWrite, 500 + i, 3u << 20, 4096, w.data()));
+      for (int i = 0; i < kN; ++i) {
+        Header h;
+        QVERIFY(c.Recv(&h));
+        QCOMPARE(h.status, 0u);
+      }
+      QTRY_VERIFY_WITH_TIMEOUT(find("disk").frames_sent - disk0.frames_sent >= std::uint64_t(kN), 2000);
+      const ExportStatus live = find("disk");
+      QCOMPARE(live.connections, 1);
+      QCOMPARE(live.requests - disk0.requests, std::uint64_t(kN));
+      QVERIFY(live.send_calls > disk0.send_calls);
+      QVERIFY(live.send_calls - disk0.send_calls <= live.frames_sent - disk0.frames_sent);
+      QVERIFY(live.frames_per_call > 0);
+      QVERIFY(live.frames_per_call >= 1.0);
+    }
+    // Closed: the connection's totals stay with the export.
+    QTRY_COMPARE_WITH_TIMEOUT(find("disk").connections, 0, 3000);
+    const ExportStatus after = find("disk");
+    QVERIFY(after.frames_sent - disk0.frames_sent >= std::uint64_t(kN) + 1);  // + HELLO reply
+    QCOMPARE(after.requests - disk0.requests, std::uint64_t(kN));
+    QVERIFY(after.frames_per_call > 0);
+    // Nothing of it was counted on the other export.
+    const ExportStatus ro1 = find("ro");
+    QCOMPARE(ro1.requests, ro0.requests);
+    QCOMPARE(ro1.frames_sent, ro0.frames_sent);
+    // Per-export totals never exceed the exporter-wide ones.
+    const auto total = srv_->exporter->Stats();
+    QVERIFY(after.frames_sent + ro1.frames_sent <= total.frames_sent);
+    QVERIFY(after.send_calls + ro1.send_calls <= total.send_calls);
+  }
+
   // ---- malformed input: each on a fresh connection, then a healthy client must still work ----
 
   void badMagic() {

@@ -9,6 +9,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <QTemporaryDir>
 #include <QtTest/QtTest>
 
 #include <algorithm>
@@ -28,7 +29,9 @@
 #include <boost/asio/io_context.hpp>
 
 #include "dst/block_device.h"
+#include "dst/file_device.h"
 #include "dst/net/codec.h"
+#include "dst/net/exporter.h"
 #include "dst/net/remote_device.h"
 #include "test_env.h"
 
@@ -166,6 +169,10 @@ class FakeServer {
   std::atomic<bool> inject_stale{false};  // send a stale-generation READ reply before each READ reply
   std::atomic<std::uint64_t> hello_size{0};  // 0: disk size
   std::atomic<bool> hello_read_only{false};
+  // Poison requests: a request at this offset gets the exporter's framing-error answer (an
+  // EPROTO DISCONNECT|reply carrying its id, then close) or a close without any reply.
+  std::atomic<std::uint64_t> eproto_offset{~0ull};
+  std::atomic<std::uint64_t> kill_offset{~0ull};
 
   std::atomic<int> connections{0};
   std::atomic<int> stale_sent{0};
@@ -282,6 +289,18 @@ class FakeServer {
         const int o = c.outstanding.fetch_add(1) + 1;
         int m = max_outstanding.load();
         while (o > m && !max_outstanding.compare_exchange_weak(m, o)) {}
+        if (h.offset == eproto_offset.load()) {
+          Header rh;
+          rh.cmd = std::uint16_t(Cmd::kDisconnect) | kReplyBit;
+          rh.status = std::uint32_t(WireStatus::kProto);
+          rh.id = h.id;
+          std::uint8_t out[kHeaderSize];
+          EncodeHeader(rh, out);
+          std::lock_guard<std::mutex> l(c.send_mu);
+          WriteFull(c.fd, out, sizeof out);
+          break;
+        }
+        if (h.offset == kill_offset.load()) break;
       }
       if (h.command() == Cmd::kWrite) SetDisk(h.offset, payload.data(), h.length);
       if (h.command() == Cmd::kWriteZeroes || h.command() == Cmd::kTrim) {
@@ -950,6 +969,211 @@ class RemoteDeviceTest : public QObject {
     QCOMPARE(st.ToErrno(), EIO);
     QCOMPARE(dev->Info().size, std::uint64_t(8u << 20));
     QCOMPARE(QString::fromStdString(dev->Stats().state), QString("failing"));
+  }
+
+  // Regression: a 1 GiB discard (FuseMount's punch-hole / zero-range, mkfs.ext4's whole-device
+  // discard) used to exceed the 32 MiB framing cap: the exporter closed the connection and the
+  // client re-sent the request forever.  Runs against the real Exporter over a sparse file.
+  void largeTrimAndWriteZeroesThroughExporter() {
+    QTemporaryDir dir;
+    QVERIFY(dir.isValid());
+    FileDeviceOptions fo;
+    fo.create = true;
+    fo.size = std::uint64_t(3) << 30;  // sparse: punch-hole costs nothing
+    auto fd = FileDevice::Open((dir.path() + "/big.img").toStdString(), fo);
+    QVERIFY2(fd.ok(), fd.status().ToString().c_str());
+    IoThread io;
+    ExporterOptions eo;
+    eo.port = 0;
+    Exporter exp(io.io, eo);
+    QVERIFY(exp.Start().ok());
+    QVERIFY(exp.AddExport({"disk", fd.value(), false}).ok());
+    RemoteOptions o = Opts(exp.port());
+    o.io_timeout = milliseconds(60000);  // a failure must come from the check below, not a timeout
+    auto r = RemoteDevice::Connect(io.io, o);
+    QVERIFY2(r.ok(), r.status().ToString().c_str());
+    auto dev = r.value();
+    constexpr std::uint64_t kGiB = std::uint64_t(1) << 30;
+    std::vector<char> w(64 << 10), rd(64 << 10);
+    Fill(w.data(), w.size(), 3);
+    const std::uint64_t probes[] = {0, kGiB / 2, kGiB - w.size(), kGiB, 2 * kGiB - w.size(), 2 * kGiB};
+    for (std::uint64_t p : probes) QVERIFY(WriteSync(*dev, p, w.data(), w.size()).ok());
+
+    struct Case { IoOp op; std::uint64_t off; std::uint32_t len; std::uint32_t flags; };
+    const Case cases[] = {
+        {IoOp::kTrim, 0, std::uint32_t(kGiB), 0},
+        {IoOp::kWriteZeroes, kGiB, std::uint32_t(kGiB), 0},
+        {IoOp::kWriteZeroes, 0, std::uint32_t(kGiB), kIoFua},
+    };
+    for (const Case& c : cases) {
+      IoRequest q;
+      q.op = c.op;
+      q.offset = c.off;
+      q.length = c.len;
+      q.flags = c.flags;
+      const auto t0 = Clock::now();
+      Batch b;
+      q.done = &Batch::Done;
+      q.ctx = &b;
+      dev->Submit(&q);
+      QVERIFY2(b.Wait(1, milliseconds(20000)), "1 GiB range request never completed");
+      QCOMPARE(b.errors, 0);
+      qInfo("%s of 1 GiB took %lld ms", c.op == IoOp::kTrim ? "TRIM" : "WRITE_ZEROES",
+            static_cast<long long>(MsSince(t0)));
+    }
+    // Everything in [0, 2 GiB) reads as zeroes, the probe just past it kept its data.
+    for (std::uint64_t p : probes) {
+      QVERIFY(ReadSync(*dev, p, rd.data(), rd.size()).ok());
+      if (p < 2 * kGiB)
+        QVERIFY2(std::all_of(rd.begin(), rd.end(), [](char ch) { return ch == 0; }), qPrintable(QString::number(p)));
+      else
+        QVERIFY(rd == w);
+    }
+    // It all happened on the first connection: nothing was rejected or re-sent.
+    auto st = dev->Stats();
+    QCOMPARE(st.reconnects, std::uint64_t(0));
+    QCOMPARE(st.resent, std::uint64_t(0));
+    QCOMPARE(exp.Stats().protocol_errors, std::uint64_t(0));
+    // Range checks still apply: past the end is ERANGE from the server, connection stays.
+    IoRequest past;
+    past.op = IoOp::kTrim;
+    past.offset = 2 * kGiB + kGiB / 2;
+    past.length = std::uint32_t(kGiB);
+    QCOMPARE(SubmitSync(*dev, past).code(), Status::Code::kOutOfRange);  // local ValidateRequest
+    dev->Close();
+  }
+
+  // A request the server rejects at the framing level (EPROTO frame naming its id, then close)
+  // fails quickly with EIO and is not re-sent; the other requests complete normally.
+  void protocolErrorFailsOnlyThatRequest() {
+    FakeServer srv(8u << 20);
+    constexpr std::uint64_t kPoison = 3u << 20;
+    srv.eproto_offset = kPoison;
+    srv.write_delay_ms = 50;  // keep good writes in flight when the poison one arrives
+    IoThread io;
+    RemoteOptions o = Opts(srv.port());
+    o.io_timeout = milliseconds(30000);
+    auto r = RemoteDevice::Connect(io.io, o);
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    constexpr int kN = 8;
+    constexpr std::uint32_t kLen = 64 << 10;
+    std::vector<char> data(std::size_t(kN) * kLen);
+    Fill(data.data(), data.size(), 11);
+    std::vector<char> poison(kLen, 'P');
+    std::vector<IoRequest> reqs(kN);
+    Batch good;
+    Batch bad;
+    IoRequest p;
+    p.op = IoOp::kWrite;
+    p.offset = kPoison;
+    p.length = kLen;
+    p.data = poison.data();
+    p.done = &Batch::Done;
+    p.ctx = &bad;
+    const auto t0 = Clock::now();
+    for (int i = 0; i < kN; ++i) {
+      IoRequest& q = reqs[i];
+      q.op = IoOp::kWrite;
+      q.offset = std::uint64_t(i) * kLen;
+      q.length = kLen;
+      q.data = data.data() + std::size_t(i) * kLen;
+      q.done = &Batch::Done;
+      q.ctx = &good;
+      if (i == kN / 2) {
+        dev->Submit(&p);
+        QVERIFY(bad.Wait(1, milliseconds(5000)));
+      }
+      dev->Submit(&q);
+    }
+    QVERIFY2(bad.done == 1, "poison request never completed");
+    QCOMPARE(bad.errors, 1);
+    QCOMPARE(bad.first_errno, EIO);
+    QVERIFY2(good.Wait(kN, milliseconds(10000)), "other requests must still complete");
+    QCOMPARE(good.errors, 0);
+    QVERIFY2(MsSince(t0) < 8000, "must fail fast, not at io_timeout");
+    // Sent exactly once: not re-sent on the reconnection.
+    int arrivals = 0;
+    for (auto& e : srv.events())
+      if (e.kind == Event::kArrive && e.offset == kPoison) ++arrivals;
+    QCOMPARE(arrivals, 1);
+    std::vector<char> back(data.size());
+    QVERIFY(ReadSync(*dev, 0, back.data(), back.size()).ok());
+    QVERIFY(back == data);
+    auto disk = srv.Disk();
+    QVERIFY2(std::none_of(disk.begin() + kPoison, disk.begin() + kPoison + kLen, [](char c) { return c == 'P'; }),
+             "the rejected write must not be applied");
+    auto st = dev->Stats();
+    QCOMPARE(QString::fromStdString(st.state), QString("connected"));
+    QVERIFY(st.reconnects >= 1);
+    // The device is still usable afterwards (overlapping write at the poison offset included).
+    srv.eproto_offset = ~0ull;
+    QVERIFY(WriteSync(*dev, kPoison, data.data(), kLen).ok());
+  }
+
+  // Backstop: a server that just drops the connection whenever it sees one request (no EPROTO,
+  // no id).  The request fails with EIO after a few reconnects instead of looping until the
+  // outage clock (io_timeout) that each successful reconnect would otherwise reset.
+  void connectionKillerRequestFailsAfterRetries() {
+    FakeServer srv(8u << 20);
+    constexpr std::uint64_t kPoison = 5u << 20;
+    srv.kill_offset = kPoison;
+    IoThread io;
+    RemoteOptions o = Opts(srv.port());
+    o.io_timeout = milliseconds(30000);
+    auto r = RemoteDevice::Connect(io.io, o);
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    std::vector<char> w(4096, 'K'), g(4096, 'g');
+    IoRequest p;
+    p.op = IoOp::kTrim;
+    p.offset = kPoison;
+    p.length = 4096;
+    Batch bad;
+    p.done = &Batch::Done;
+    p.ctx = &bad;
+    const auto t0 = Clock::now();
+    dev->Submit(&p);
+    // A request submitted after it, on a connection that will die, must survive.
+    IoRequest q;
+    q.op = IoOp::kWrite;
+    q.offset = 4096;
+    q.length = 4096;
+    q.data = g.data();
+    Batch good;
+    q.done = &Batch::Done;
+    q.ctx = &good;
+    dev->Submit(&q);
+    QVERIFY2(bad.Wait(1, milliseconds(10000)), "connection-killing request never failed");
+    QCOMPARE(bad.first_errno, EIO);
+    QVERIFY2(MsSince(t0) < 10000, "must not wait for io_timeout");
+    QVERIFY(good.Wait(1, milliseconds(10000)));
+    QCOMPARE(good.errors, 0);
+    int arrivals = 0;
+    for (auto& e : srv.events())
+      if (e.kind == Event::kArrive && e.offset == kPoison) ++arrivals;
+    QVERIFY2(arrivals >= 2 && arrivals <= 4, qPrintable(QString::number(arrivals)));
+    // Other I/O is fine afterwards.
+    QVERIFY(WriteSync(*dev, 8192, w.data(), w.size()).ok());
+    std::vector<char> back(4096);
+    QVERIFY(ReadSync(*dev, 4096, back.data(), back.size()).ok());
+    QVERIFY(back == g);
+  }
+
+  // A short outage with requests in flight still costs nothing: one lost connection must not
+  // be mistaken for a poison request.
+  void singleConnectionLossIsNotPoison() {
+    FakeServer srv(8u << 20);
+    srv.close_after = 1;  // the first request kills the connection once, without a reply
+    IoThread io;
+    auto r = RemoteDevice::Connect(io.io, Opts(srv.port()));
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    std::vector<char> w(8192, 'w'), back(8192);
+    QVERIFY(WriteSync(*dev, 0, w.data(), w.size()).ok());
+    QVERIFY(ReadSync(*dev, 0, back.data(), back.size()).ok());
+    QVERIFY(back == w);
+    QVERIFY(dev->Stats().reconnects >= 1);
   }
 
   void noAllocationPerIo() {

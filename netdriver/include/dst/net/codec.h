@@ -26,8 +26,13 @@ struct Header {
 void EncodeHeader(const Header& h, std::uint8_t out[kHeaderSize]);
 
 // Checks magic, reserved bytes, command and flags; does not know the export.  A failure means
-// the byte stream cannot be trusted any more: the caller closes the connection.
+// the byte stream cannot be trusted any more: the caller closes the connection.  `length` above
+// kAbsoluteMaxPayload is a framing error except for range-only commands (IsRangeOnly).
 Status DecodeHeader(const std::uint8_t in[kHeaderSize], Header* out);
+
+// TRIM and WRITE_ZEROES: `length` is a byte range that never travels as a payload, so it may
+// use the full u32 range (§7).
+bool IsRangeOnly(Cmd cmd);
 
 // Whether a payload of `length` bytes follows this header on the wire (§2).
 bool HasPayload(const Header& h);

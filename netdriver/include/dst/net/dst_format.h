@@ -68,7 +68,10 @@ inline constexpr std::uint32_t kFeaturesKnown = 0;
 
 // §7 "Limits".
 inline constexpr std::uint32_t kDefaultMaxPayload = 1u << 20;   // 1 MiB
-inline constexpr std::uint32_t kAbsoluteMaxPayload = 32u << 20; // hard cap on any length field
+// Hard cap on any length field that is followed by payload bytes (HELLO, WRITE, READ and its
+// reply).  TRIM and WRITE_ZEROES lengths are pure ranges and may use the whole u32 (just under
+// 4 GiB); the export's size and block size still bound them (§8).
+inline constexpr std::uint32_t kAbsoluteMaxPayload = 32u << 20;
 inline constexpr std::uint16_t kDefaultPort = 7400;
 
 }  // namespace dst::net

@@ -56,6 +56,11 @@ struct ExportStatus {
   std::uint64_t size = 0;
   bool read_only = false;
   int connections = 0;
+  // Per export, over its open and already closed connections (HELLO replies included).
+  std::uint64_t requests = 0;     // requests received (after the handshake)
+  std::uint64_t frames_sent = 0;  // frames of the batched transmitter
+  std::uint64_t send_calls = 0;   // sendmsg calls that wrote something
+  double frames_per_call = 0;     // frames_sent / send_calls (0 before any send)
 };
 
 struct ExporterStats {
