@@ -65,6 +65,40 @@ int Call(const std::string& socket, const std::string& method, const json& param
 
 void PrintJson(const json& j) { std::printf("%s\n", j.dump(2).c_str()); }
 
+// Leg specs: relative paths become absolute (dstd's working directory is not ours).
+std::string LegSpec(const std::string& s) {
+  if (s.find("://") != std::string::npos || s.rfind("volume:", 0) == 0 ||
+      s.rfind("array:", 0) == 0)
+    return s;
+  return Absolute(s);
+}
+
+// `dstctl events`: subscribe, then print every line until the daemon goes away.
+int Events(const std::string& socket, bool as_json) {
+  ctl::ControlClient client;
+  if (int err = client.Connect(socket); err != 0)
+    return Fail(ctl::kExUnavailable,
+                fmt::format("cannot connect to dstd at {}: {}", socket, std::strerror(err)));
+  ctl::Reply reply;
+  std::string why;
+  if (!client.Call("events", json::object(), &reply, &why))
+    return Fail(ctl::kExUnavailable, fmt::format("events: {}", why));
+  if (!reply.ok) return Fail(ctl::ExitCodeForError(reply.error_code), reply.error_message);
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
+  std::string line;
+  while (client.ReadLine(&line, &why)) {
+    if (as_json) {
+      std::printf("%s\n", line.c_str());
+    } else {
+      json e = json::parse(line, nullptr, false);
+      if (e.is_discarded()) continue;
+      std::fputs(ctl::RenderEvent(e).c_str(), stdout);
+    }
+    std::fflush(stdout);
+  }
+  return Fail(ctl::kExUnavailable, fmt::format("events: {}", why));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -86,9 +120,12 @@ int main(int argc, char** argv) {
   bool read_only = false, direct_io = false;
   int queue_depth = 0, timeout = 0, keepalive = 0;
 
-  auto* exp_add = exp->add_subcommand("add", "Export an image file or block device");
+  std::string exp_array, exp_volume;
+  auto* exp_add = exp->add_subcommand("add", "Export an image file, a block device, an array or a volume");
   exp_add->add_option("NAME", name, "Export name")->required();
-  exp_add->add_option("PATH", path, "Image file or block device")->required();
+  exp_add->add_option("PATH", path, "Image file or block device");
+  exp_add->add_option("--array", exp_array, "Export this array (arrays stack across hosts)");
+  exp_add->add_option("--volume", exp_volume, "Export this volume");
   exp_add->add_flag("--read-only", read_only, "Refuse writes");
   exp_add->add_flag("--direct-io", direct_io, "Open with O_DIRECT");
   exp_add->add_option("--size", size, "Create/extend the image to this size (e.g. 1G, 512M)");
@@ -115,9 +152,63 @@ int main(int argc, char** argv) {
   auto* mnt = app.add_subcommand("mount", "Mount the FUSE file system showing <volume>.img files");
   mnt->add_option("DIR", dir, "Mount point (created if missing)")->required();
   auto* umnt = app.add_subcommand("unmount", "Unmount the FUSE file system (fails while a file is open)");
-  auto* status = app.add_subcommand("status", "Show daemon, exports, volumes and mount");
+  auto* status = app.add_subcommand("status", "Show daemon, exports, volumes, arrays and mount");
 
-  for (auto* sc : {exp_add, exp_list, exp_rm, vol_imp, vol_list, vol_rm, mnt, umnt, status})
+  // array ...
+  auto* arr = app.add_subcommand("array", "Manage linear and mirror arrays");
+  arr->require_subcommand(1);
+  std::string level, region_size, leg, rate_min, rate_max;
+  std::vector<std::string> legs;
+  bool assume_clean = false, dry_run = false, test = false;
+  int slot = -1;
+  auto* arr_create = arr->add_subcommand("create", "Create a mirror or linear array");
+  arr_create->add_option("NAME", name, "Array name")->required();
+  arr_create->add_option("--level", level, "mirror or linear")->required()
+      ->check(CLI::IsMember({"mirror", "linear"}));
+  arr_create->add_option("LEG", legs,
+                         "Legs: dst://HOST[:PORT]/EXPORT, nbd://HOST[:PORT]/NAME, /path, "
+                         "volume:NAME, array:NAME")->required();
+  arr_create->add_option("--region-size", region_size, "Dirty-map region size (default 64K)");
+  arr_create->add_option("--resync-rate-min", rate_min, "Resync floor while busy (default 10M)");
+  arr_create->add_option("--resync-rate-max", rate_max, "Resync ceiling when idle (default 200M)");
+  arr_create->add_flag("--assume-clean", assume_clean, "Legs are identical: skip the initial sync");
+  auto* arr_list = arr->add_subcommand("list", "List arrays");
+  auto* arr_rm = arr->add_subcommand("remove", "Stop an array cleanly and forget it (refused while in use)");
+  arr_rm->add_option("NAME", name, "Array name")->required();
+  auto* arr_add = arr->add_subcommand("add-leg", "Add a leg (mirror: full resync; linear: append)");
+  arr_add->add_option("NAME", name, "Array name")->required();
+  arr_add->add_option("LEG", leg, "Leg spec")->required();
+  auto* arr_grow = arr->add_subcommand("grow", "Grow a linear array by appending a leg");
+  arr_grow->add_option("NAME", name, "Array name")->required();
+  arr_grow->add_option("LEG", leg, "Leg spec")->required();
+  auto* arr_fail = arr->add_subcommand("fail-leg", "Mark a mirror leg failed");
+  auto* arr_rmleg = arr->add_subcommand("remove-leg", "Remove a failed or detached mirror leg");
+  auto* arr_readd = arr->add_subcommand("re-add-leg", "Re-add a leg (partial resync if it is the same leg)");
+  auto* arr_detach = arr->add_subcommand("detach-leg", "Detach a mirror leg as a point-in-time snapshot");
+  for (auto* sc : {arr_fail, arr_rmleg, arr_readd, arr_detach}) {
+    sc->add_option("NAME", name, "Array name")->required();
+    sc->add_option("SLOT", slot, "Leg slot (see dstctl detail)")->required()->check(CLI::NonNegativeNumber);
+  }
+  arr_readd->add_option("LEG", leg, "A different device for this slot (full resync)");
+  auto* arr_rate = arr->add_subcommand("resync-rate", "Change the resync rate limits live");
+  arr_rate->add_option("NAME", name, "Array name")->required();
+  arr_rate->add_option("--min", rate_min, "Floor while application I/O is active (e.g. 10M)");
+  arr_rate->add_option("--max", rate_max, "Ceiling when idle (e.g. 200M; 0 = unlimited)");
+
+  auto* detail = app.add_subcommand("detail", "Show one array in mdadm --detail style");
+  detail->add_option("NAME", name, "Array name")->required();
+  detail->add_flag("--test", test, "Exit 0 healthy, 1 degraded, 2 unusable, 4 error");
+
+  std::string file;
+  auto* apply = app.add_subcommand("apply", "Reconcile exports, volumes and arrays with a config file");
+  apply->add_option("FILE", file, "TOML file ([[export]], [[volume]], [[array]])")->required();
+  apply->add_flag("-n,--dry-run", dry_run, "Print the plan without changing anything");
+
+  auto* events = app.add_subcommand("events", "Stream state changes and resync progress (NDJSON with --json)");
+
+  for (auto* sc : {exp_add, exp_list, exp_rm, vol_imp, vol_list, vol_rm, mnt, umnt, status,
+                   arr_create, arr_list, arr_rm, arr_add, arr_grow, arr_fail, arr_rmleg,
+                   arr_readd, arr_detach, arr_rate, detail, apply, events})
     sc->add_flag("-j,--json", as_json, "Print the raw JSON result");
 
   try {
@@ -134,9 +225,18 @@ int main(int argc, char** argv) {
 
   json result;
   int rc = 0;
+  auto print_array = [&](const char* what) {
+    if (as_json) PrintJson(result);
+    else std::printf("array %s: %s (%s)\n", name.c_str(), what,
+                     result.value("state", std::string("?")).c_str());
+  };
   if (exp_add->parsed()) {
-    json p{{"name", name}, {"path", Absolute(path)}, {"read_only", read_only},
-           {"direct_io", direct_io}};
+    if (int(!path.empty()) + int(!exp_array.empty()) + int(!exp_volume.empty()) != 1)
+      return Fail(ctl::kExUsage, "export add: give exactly one of PATH, --array, --volume");
+    json p{{"name", name}, {"read_only", read_only}, {"direct_io", direct_io}};
+    if (!path.empty()) p["path"] = Absolute(path);
+    if (!exp_array.empty()) p["array"] = exp_array;
+    if (!exp_volume.empty()) p["volume"] = exp_volume;
     if (!size.empty()) p["size"] = size;
     if ((rc = Call(socket, "export.add", p, &result)) != 0) return rc;
     if (as_json) PrintJson(result);
@@ -185,6 +285,65 @@ int main(int argc, char** argv) {
     if ((rc = Call(socket, "status", json::object(), &result)) != 0) return rc;
     if (as_json) PrintJson(result);
     else std::fputs(ctl::RenderStatus(result).c_str(), stdout);
+  } else if (arr_create->parsed()) {
+    json p{{"name", name}, {"level", level}, {"legs", json::array()}, {"assume_clean", assume_clean}};
+    for (auto& l : legs) p["legs"].push_back(LegSpec(l));
+    if (!region_size.empty()) p["region_size"] = region_size;
+    if (!rate_min.empty()) p["resync_rate_min"] = rate_min;
+    if (!rate_max.empty()) p["resync_rate_max"] = rate_max;
+    if ((rc = Call(socket, "array.create", p, &result)) != 0) return rc;
+    if (as_json) PrintJson(result);
+    else std::printf("array %s created: %s %s, %s\n", name.c_str(), level.c_str(),
+                     ctl::FormatSize(result.value("size", std::uint64_t{0})).c_str(),
+                     result.value("state", std::string("?")).c_str());
+  } else if (arr_list->parsed()) {
+    if ((rc = Call(socket, "array.list", json::object(), &result)) != 0) return rc;
+    if (as_json) PrintJson(result);
+    else std::fputs(ctl::RenderArrayList(result.value("arrays", json::array())).c_str(), stdout);
+  } else if (arr_rm->parsed()) {
+    if ((rc = Call(socket, "array.remove", json{{"name", name}}, &result)) != 0) return rc;
+    if (as_json) PrintJson(result);
+    else std::printf("array %s removed\n", name.c_str());
+  } else if (arr_add->parsed() || arr_grow->parsed()) {
+    const char* m = arr_add->parsed() ? "array.add_leg" : "array.grow";
+    if ((rc = Call(socket, m, json{{"name", name}, {"leg", LegSpec(leg)}}, &result)) != 0) return rc;
+    print_array(arr_add->parsed() ? "leg added" : "grown");
+  } else if (arr_fail->parsed() || arr_rmleg->parsed() || arr_readd->parsed() || arr_detach->parsed()) {
+    const char* m = arr_fail->parsed() ? "array.fail_leg" : arr_rmleg->parsed() ? "array.remove_leg"
+                  : arr_readd->parsed() ? "array.readd_leg" : "array.detach_leg";
+    json p{{"name", name}, {"slot", slot}};
+    if (!leg.empty()) p["leg"] = LegSpec(leg);
+    if ((rc = Call(socket, m, p, &result)) != 0) return rc;
+    print_array(arr_fail->parsed() ? "leg failed" : arr_rmleg->parsed() ? "leg removed"
+                : arr_readd->parsed() ? "leg re-added" : "leg detached");
+  } else if (arr_rate->parsed()) {
+    if (rate_min.empty() && rate_max.empty())
+      return Fail(ctl::kExUsage, "array resync-rate: give --min and/or --max");
+    json p{{"name", name}};
+    if (!rate_min.empty()) p["min"] = rate_min;
+    if (!rate_max.empty()) p["max"] = rate_max;
+    if ((rc = Call(socket, "array.set_resync_rate", p, &result)) != 0) return rc;
+    print_array("resync rate set");
+  } else if (detail->parsed()) {
+    rc = Call(socket, "array.detail", json{{"name", name}}, &result);
+    if (rc != 0) return test ? 4 : rc;
+    if (as_json) PrintJson(result);
+    else std::fputs(ctl::RenderDetail(result).c_str(), stdout);
+    if (test) return ctl::DetailTestCode(result);
+  } else if (apply->parsed()) {
+    std::FILE* f = std::fopen(file.c_str(), "rb");
+    if (!f) return Fail(ctl::kExNoInput, fmt::format("{}: {}", file, std::strerror(errno)));
+    std::string text;
+    char buf[65536];
+    std::size_t n;
+    while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) text.append(buf, n);
+    std::fclose(f);
+    json p{{"config", text}, {"source", Absolute(file)}, {"dry_run", dry_run}};
+    if ((rc = Call(socket, "apply", p, &result)) != 0) return rc;
+    if (as_json) PrintJson(result);
+    else std::fputs(ctl::RenderApply(result).c_str(), stdout);
+  } else if (events->parsed()) {
+    return Events(socket, as_json);
   }
   return 0;
 }

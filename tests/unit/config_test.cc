@@ -196,6 +196,141 @@ class ConfigTest : public QObject {
     QVERIFY2(err.find("does not exist") != std::string::npos, err.c_str());
   }
 
+  // [[array]] tables, leg specs, and exports of arrays/volumes.
+  void Arrays() {
+    auto r = ParseConfig("\n"
+        "[[volume]]\nname = \"v1\"\nremote = \"dst://127.0.0.1:7401/d1\"\n"
+        "[[array]]\n"
+        "name = \"m0\"\nlevel = \"mirror\"\n"
+        "legs = [\"dst://127.0.0.1:7402/d2\", \"volume:v1\", \"/srv/leg.img\"]\n"
+        "region_size = \"128K\"\nresync_rate_min = \"5M\"\nresync_rate_max = 0\n"
+        "write_intent = false\nleg_timeout = 3\n"
+        "[[array]]\nname = \"l0\"\nlevel = \"linear\"\nlegs = [\"array:m0\", \"nbd://h:10809/x\"]\n"
+        "[[export]]\nname = \"e0\"\narray = \"l0\"\n"
+        "[[export]]\nname = \"e1\"\nvolume = \"v1\"\nread_only = true\n",
+        "test.toml", {false});
+    QVERIFY2(r.ok(), r.status().message().c_str());
+    const Config& c = r.value();
+    QCOMPARE(c.arrays.size(), std::size_t(2));
+    const auto& m = c.arrays[0];
+    QCOMPARE(m.name, std::string("m0"));
+    QCOMPARE(m.level, std::string("mirror"));
+    QCOMPARE(m.legs.size(), std::size_t(3));
+    QCOMPARE(m.legs[1], std::string("volume:v1"));
+    QCOMPARE(m.region_size, 128u * 1024);
+    QCOMPARE(m.resync_rate_min, std::uint64_t(5) << 20);
+    QCOMPARE(m.resync_rate_max, std::uint64_t(0));
+    QVERIFY(!m.write_intent);
+    QCOMPARE(m.leg_timeout_s, 3u);
+    QCOMPARE(c.arrays[1].level, std::string("linear"));
+    QCOMPARE(c.exports[0].array, std::string("l0"));
+    QVERIFY(c.exports[0].path.empty());
+    QCOMPARE(c.exports[1].volume, std::string("v1"));
+    // Defaults.
+    auto d = ParseConfig("[[array]]\nname = \"a\"\nlegs = [\"/a\", \"/b\"]\n", "t", {false});
+    QVERIFY2(d.ok(), d.status().message().c_str());
+    QCOMPARE(d.value().arrays[0].level, std::string("mirror"));
+    QCOMPARE(d.value().arrays[0].region_size, 64u * 1024);
+    QCOMPARE(d.value().arrays[0].resync_rate_min, std::uint64_t(10) << 20);
+    QCOMPARE(d.value().arrays[0].resync_rate_max, std::uint64_t(200) << 20);
+    QVERIFY(d.value().arrays[0].write_intent);
+  }
+
+  void LegSpecs() {
+    using dst::daemon::LegSpec;
+    LegSpec ls;
+    QVERIFY(dst::daemon::ParseLegSpec("dst://127.0.0.1:7401/d1", &ls).ok());
+    QVERIFY(ls.kind == LegSpec::Kind::kDst);
+    QVERIFY(dst::daemon::ParseLegSpec("nbd://h/x", &ls).ok());
+    QVERIFY(ls.kind == LegSpec::Kind::kNbd);
+    QVERIFY(dst::daemon::ParseLegSpec("/dev/sdb", &ls).ok());
+    QVERIFY(ls.kind == LegSpec::Kind::kPath);
+    QVERIFY(dst::daemon::ParseLegSpec("volume:v1", &ls).ok());
+    QVERIFY(ls.kind == LegSpec::Kind::kVolume);
+    QCOMPARE(ls.ref, std::string("v1"));
+    QVERIFY(dst::daemon::ParseLegSpec("array:m0", &ls).ok());
+    QVERIFY(ls.kind == LegSpec::Kind::kArray);
+    for (const char* bad : {"", "rel/path", "volume:", "array:a/b", "dst://h", "dst://h:0/x",
+                            "http://h/x", "nbd:///x"})
+      QVERIFY2(!dst::daemon::ParseLegSpec(bad, &ls).ok(), bad);
+    QCOMPARE(dst::daemon::ParseRate("0").value(), std::uint64_t(0));
+    QCOMPARE(dst::daemon::ParseRate("500K").value(), std::uint64_t(500) << 10);
+    QCOMPARE(dst::daemon::ParseRate("10MB/s").value(), std::uint64_t(10) << 20);
+    QVERIFY(!dst::daemon::ParseRate("fast").ok());
+    QVERIFY(!dst::daemon::ParseRate("10X").ok());
+  }
+
+  void ArrayInvalid_data() {
+    QTest::addColumn<QString>("text");
+    QTest::addColumn<QString>("expected");
+    QTest::newRow("bad level") << "[[array]]\nname = \"a\"\nlevel = \"raid5\"\nlegs = [\"/a\", \"/b\"]\n"
+                               << "test.toml:3: array \"a\": level: unknown level \"raid5\"";
+    QTest::newRow("mirror one leg") << "[[array]]\nname = \"a\"\nlegs = [\"/a\"]\n"
+                                    << "array \"a\": legs: a mirror needs at least 2 legs, got 1";
+    QTest::newRow("mirror nine legs")
+        << "[[array]]\nname = \"a\"\nlegs = [\"/1\",\"/2\",\"/3\",\"/4\",\"/5\",\"/6\",\"/7\",\"/8\",\"/9\"]\n"
+        << "a mirror has at most 8 legs";
+    QTest::newRow("linear no legs") << "[[array]]\nname = \"a\"\nlevel = \"linear\"\nlegs = []\n"
+                                    << "array \"a\": legs: a linear needs at least 1 leg";
+    QTest::newRow("legs missing") << "[[array]]\nname = \"a\"\n" << "array \"a\": legs: missing";
+    QTest::newRow("legs not array") << "[[array]]\nname = \"a\"\nlegs = \"/a\"\n"
+                                    << "legs: expected an array of strings, got a string";
+    QTest::newRow("bad leg spec") << "[[array]]\nname = \"a\"\nlegs = [\"/a\", \"tcp://h/x\"]\n"
+                                  << "test.toml:3: array \"a\": legs: bad leg \"tcp://h/x\"";
+    QTest::newRow("leg twice") << "[[array]]\nname = \"a\"\nlegs = [\"/a\", \"/a\"]\n"
+                               << "leg \"/a\" is listed twice";
+    QTest::newRow("region not power of 2") << "[[array]]\nname = \"a\"\nlegs = [\"/a\", \"/b\"]\nregion_size = \"96K\"\n"
+                                           << "test.toml:4: array \"a\": region_size: must be a power of two";
+    QTest::newRow("region too small") << "[[array]]\nname = \"a\"\nlegs = [\"/a\", \"/b\"]\nregion_size = 512\n"
+                                      << "region_size: must be a power of two between 4K and 1G";
+    QTest::newRow("bad rate") << "[[array]]\nname = \"a\"\nlegs = [\"/a\", \"/b\"]\nresync_rate_max = \"fast\"\n"
+                              << "resync_rate_max: bad rate \"fast\"";
+    QTest::newRow("min above max") << "[[array]]\nname = \"a\"\nlegs = [\"/a\", \"/b\"]\nresync_rate_min = \"20M\"\nresync_rate_max = \"10M\"\n"
+                                   << "resync_rate_min: must not exceed resync_rate_max";
+    QTest::newRow("unknown array key") << "[[array]]\nname = \"a\"\nlegs = [\"/a\", \"/b\"]\nchunk = 4\n"
+                                       << "test.toml:4: array \"a\": chunk: unknown key";
+    QTest::newRow("unknown volume ref") << "[[array]]\nname = \"a\"\nlegs = [\"/a\", \"volume:nope\"]\n"
+                                        << "array \"a\": leg \"volume:nope\": no [[volume]] named \"nope\"";
+    QTest::newRow("unknown array ref") << "[[array]]\nname = \"a\"\nlevel = \"linear\"\nlegs = [\"array:nope\"]\n"
+                                       << "no [[array]] named \"nope\"";
+    QTest::newRow("self stack") << "[[array]]\nname = \"a\"\nlevel = \"linear\"\nlegs = [\"array:a\"]\n"
+                                << "arrays stack in a cycle";
+    QTest::newRow("cycle")
+        << "[[array]]\nname = \"a\"\nlevel = \"linear\"\nlegs = [\"array:b\"]\n"
+           "[[array]]\nname = \"b\"\nlevel = \"linear\"\nlegs = [\"array:a\"]\n"
+        << "arrays stack in a cycle: a -> b -> a";
+    QTest::newRow("leg shared by two arrays")
+        << "[[array]]\nname = \"a\"\nlegs = [\"/x\", \"/y\"]\n"
+           "[[array]]\nname = \"b\"\nlegs = [\"/x\", \"/z\"]\n"
+        << "leg \"/x\" is used by both array \"a\" and array \"b\"";
+    QTest::newRow("array named like a volume")
+        << "[[volume]]\nname = \"v\"\npath = \"/a\"\n[[array]]\nname = \"v\"\nlegs = [\"/x\", \"/y\"]\n"
+        << "array \"v\": name is also a [[volume]]";
+    QTest::newRow("duplicate array") << "[[array]]\nname = \"a\"\nlegs = [\"/x\", \"/y\"]\n"
+                                        "[[array]]\nname = \"a\"\nlegs = [\"/z\", \"/w\"]\n"
+                                     << "array \"a\": name: duplicate name";
+    QTest::newRow("export of unknown array") << "[[export]]\nname = \"e\"\narray = \"nope\"\n"
+                                             << "export \"e\": array: no [[array]] named \"nope\"";
+    QTest::newRow("export of unknown volume") << "[[export]]\nname = \"e\"\nvolume = \"nope\"\n"
+                                              << "export \"e\": volume: no [[volume]] named \"nope\"";
+    QTest::newRow("export path and array") << "[[array]]\nname = \"a\"\nlegs = [\"/x\", \"/y\"]\n"
+                                              "[[export]]\nname = \"e\"\npath = \"/p\"\narray = \"a\"\n"
+                                           << "export \"e\": path/array/volume: give only one of them";
+    QTest::newRow("export array with size") << "[[array]]\nname = \"a\"\nlegs = [\"/x\", \"/y\"]\n"
+                                               "[[export]]\nname = \"e\"\narray = \"a\"\nsize = \"1M\"\n"
+                                            << "export \"e\": size: only valid with path";
+  }
+
+  void ArrayInvalid() {
+    QFETCH(QString, text);
+    QFETCH(QString, expected);
+    std::string err = Error(text.toStdString());
+    QVERIFY2(!err.empty(), "config was accepted");
+    QVERIFY2(err.find('\n') == std::string::npos, err.c_str());
+    QVERIFY2(err.find(expected.toStdString()) != std::string::npos,
+             ("got: " + err + "\nexpected to contain: " + expected.toStdString()).c_str());
+  }
+
   void LoadFile() {
     QTemporaryDir dir;
     std::string path = dir.path().toStdString() + "/dstd.toml";

@@ -4,6 +4,8 @@
 
 #include <charconv>
 #include <fstream>
+#include <functional>
+#include <map>
 #include <set>
 #include <sstream>
 
@@ -124,8 +126,22 @@ Status ParseDaemon(const toml::table& t, const ErrorSink& sink, Config* cfg) {
                           fmt::format("\"{}\" must be an absolute path", cfg->mountpoint));
     } else if (key == "batching") {
       DST_RETURN_IF_ERROR(f.Bool(v, key, &cfg->batching));
+    } else if (key == "io_threads") {
+      DST_RETURN_IF_ERROR(f.UInt(v, key, 1, 64, &cfg->io_threads));
+    } else if (key == "nbd_listen") {
+      // "" disables the NBD server; otherwise HOST:PORT like listen (port 0 = any free port).
+      cfg->nbd_listen_set = true;
+      if (v.is_string() && v.value<std::string>()->empty()) {
+        cfg->nbd_enabled = false;
+      } else {
+        std::string s;
+        DST_RETURN_IF_ERROR(f.String(v, key, &s));
+        Status st = ParseListen(s, &cfg->nbd_host, &cfg->nbd_port);
+        if (!st.ok()) return sink.Error(v.source(), f.ctx, key, st.message());
+        cfg->nbd_enabled = true;
+      }
     } else {
-      return UnknownKey(sink, k, f.ctx, "listen, mountpoint, batching");
+      return UnknownKey(sink, k, f.ctx, "listen, nbd_listen, mountpoint, batching, io_threads");
     }
   }
   return Status::OK();
@@ -152,6 +168,11 @@ Status ParseExport(const toml::table& t, std::size_t index, const ErrorSink& sin
     } else if (key == "path") {
       DST_RETURN_IF_ERROR(f.String(v, key, &e->path));
       have_path = true;
+    } else if (key == "array" || key == "volume") {
+      std::string* dst = key == "array" ? &e->array : &e->volume;
+      DST_RETURN_IF_ERROR(f.String(v, key, dst));
+      if (!ValidName(*dst))
+        return sink.Error(v.source(), f.ctx, key, fmt::format("bad name \"{}\"", *dst));
     } else if (key == "size") {
       DST_RETURN_IF_ERROR(f.Size(v, key, &e->size));
     } else if (key == "read_only") {
@@ -159,10 +180,20 @@ Status ParseExport(const toml::table& t, std::size_t index, const ErrorSink& sin
     } else if (key == "direct_io") {
       DST_RETURN_IF_ERROR(f.Bool(v, key, &e->direct_io));
     } else {
-      return UnknownKey(sink, k, f.ctx, "name, path, size, read_only, direct_io");
+      return UnknownKey(sink, k, f.ctx, "name, path, array, volume, size, read_only, direct_io");
     }
   }
-  if (!have_path) return sink.Error(t.source(), f.ctx, "path", "missing");
+  int sources = int(have_path) + int(!e->array.empty()) + int(!e->volume.empty());
+  if (sources == 0)
+    return sink.Error(t.source(), f.ctx, "path", "missing (give one of path, array, volume)");
+  if (sources > 1)
+    return sink.Error(t.source(), f.ctx, "path/array/volume", "give only one of them");
+  if (!have_path) {
+    if (e->size != 0)
+      return sink.Error(t["size"].node()->source(), f.ctx, "size",
+                        "only valid with path (an array or volume has its own size)");
+    return Status::OK();
+  }
   if (opts.check_files && e->size == 0 && !PathExists(e->path))
     return sink.Error(t["path"].node()->source(), f.ctx, "path",
                       fmt::format("\"{}\" does not exist and no size is given to create it",
@@ -213,7 +244,91 @@ Status ParseVolume(const toml::table& t, std::size_t index, const ErrorSink& sin
   return Status::OK();
 }
 
-// Iterates an array of tables ([[export]] / [[volume]]).
+Status ParseArrayTable(const toml::table& t, std::size_t index, const ErrorSink& sink,
+                       ArrayConfig* a) {
+  Fields f{sink, fmt::format("[[array]] #{}", index + 1)};
+  if (auto* n = t.get("name")) {
+    DST_RETURN_IF_ERROR(f.String(*n, "name", &a->name));
+    if (!ValidName(a->name))
+      return sink.Error(n->source(), f.ctx, "name",
+                        fmt::format("bad name \"{}\" (1-64 of A-Z a-z 0-9 . _ -)", a->name));
+    f.ctx = fmt::format("array \"{}\"", a->name);
+  } else {
+    return sink.Error(t.source(), f.ctx, "name", "missing");
+  }
+  bool have_legs = false;
+  for (auto&& [k, v] : t) {
+    std::string_view key = k.str();
+    if (key == "name") {
+      continue;
+    } else if (key == "level") {
+      DST_RETURN_IF_ERROR(f.String(v, key, &a->level));
+      if (a->level != "mirror" && a->level != "linear")
+        return sink.Error(v.source(), f.ctx, key,
+                          fmt::format("unknown level \"{}\" (mirror or linear)", a->level));
+    } else if (key == "legs") {
+      const toml::array* arr = v.as_array();
+      if (!arr)
+        return sink.Error(v.source(), f.ctx, key,
+                          fmt::format("expected an array of strings, got {}", TypeName(v)));
+      have_legs = true;
+      for (auto& el : *arr) {
+        std::string spec;
+        DST_RETURN_IF_ERROR(f.String(el, key, &spec));
+        LegSpec ls;
+        if (Status st = ParseLegSpec(spec, &ls); !st.ok())
+          return sink.Error(el.source(), f.ctx, key, st.message());
+        for (auto& other : a->legs)
+          if (other == ls.text)
+            return sink.Error(el.source(), f.ctx, key,
+                              fmt::format("leg \"{}\" is listed twice", spec));
+        a->legs.push_back(ls.text);
+      }
+    } else if (key == "region_size") {
+      std::uint64_t rs = 0;
+      DST_RETURN_IF_ERROR(f.Size(v, key, &rs));
+      if (rs < 4096 || rs > (std::uint64_t{1} << 30) || (rs & (rs - 1)) != 0)
+        return sink.Error(v.source(), f.ctx, key,
+                          "must be a power of two between 4K and 1G");
+      a->region_size = std::uint32_t(rs);
+    } else if (key == "resync_rate_min" || key == "resync_rate_max") {
+      std::uint64_t* dst = key == "resync_rate_min" ? &a->resync_rate_min : &a->resync_rate_max;
+      if (v.is_integer() && *v.value<std::int64_t>() >= 0) {
+        *dst = std::uint64_t(*v.value<std::int64_t>());
+      } else if (v.is_string()) {
+        auto r = ParseRate(*v.value<std::string>());
+        if (!r.ok()) return sink.Error(v.source(), f.ctx, key, r.status().message());
+        *dst = r.value();
+      } else {
+        return sink.Error(v.source(), f.ctx, key,
+                          fmt::format("expected a rate like \"10M\", got {}", TypeName(v)));
+      }
+    } else if (key == "write_intent") {
+      DST_RETURN_IF_ERROR(f.Bool(v, key, &a->write_intent));
+    } else if (key == "leg_timeout") {
+      DST_RETURN_IF_ERROR(f.UInt(v, key, 1, 86400, &a->leg_timeout_s));
+    } else {
+      return UnknownKey(sink, k, f.ctx,
+                        "name, level, legs, region_size, resync_rate_min, resync_rate_max, "
+                        "write_intent, leg_timeout");
+    }
+  }
+  if (!have_legs) return sink.Error(t.source(), f.ctx, "legs", "missing");
+  if (a->level == "mirror" && a->legs.size() < 2)
+    return sink.Error(t["legs"].node()->source(), f.ctx, "legs",
+                      fmt::format("a mirror needs at least 2 legs, got {}", a->legs.size()));
+  if (a->level == "mirror" && a->legs.size() > 8)
+    return sink.Error(t["legs"].node()->source(), f.ctx, "legs",
+                      fmt::format("a mirror has at most 8 legs, got {}", a->legs.size()));
+  if (a->legs.empty())
+    return sink.Error(t["legs"].node()->source(), f.ctx, "legs", "a linear needs at least 1 leg");
+  if (a->resync_rate_max != 0 && a->resync_rate_min > a->resync_rate_max)
+    return sink.Error(t.source(), f.ctx, "resync_rate_min",
+                      "must not exceed resync_rate_max");
+  return Status::OK();
+}
+
+// Iterates an array of tables ([[export]] / [[volume]] / [[array]]).
 template <typename T, typename Fn>
 Status ParseArray(const toml::node& n, std::string_view key, const ErrorSink& sink,
                   std::vector<T>* out, Fn&& parse_one) {
@@ -369,12 +484,138 @@ Result<Config> ParseConfig(std::string_view text, const std::string& source,
                                      [&](const toml::table& t, std::size_t i, VolumeConfig* vol) {
                                        return ParseVolume(t, i, sink, opts, vol);
                                      }));
+    } else if (key == "array") {
+      DST_RETURN_IF_ERROR(ParseArray(v, key, sink, &cfg.arrays,
+                                     [&](const toml::table& t, std::size_t i, ArrayConfig* a) {
+                                       return ParseArrayTable(t, i, sink, a);
+                                     }));
     } else {
-      return sink.Error(k.source(), "", key,
-                        "unknown top-level key (allowed: [daemon], [[export]], [[volume]])");
+      return sink.Error(
+          k.source(), "", key,
+          "unknown top-level key (allowed: [daemon], [[export]], [[volume]], [[array]])");
     }
   }
+  if (Status st = ValidateTopology(cfg); !st.ok())
+    return Status::InvalidArgument(fmt::format("{}: {}", source, st.message()));
   return cfg;
+}
+
+Result<std::uint64_t> ParseRate(std::string_view s) {
+  auto bad = [&] {
+    return Status::InvalidArgument(
+        fmt::format("bad rate \"{}\" (bytes/s, or a number with K, M or G; 0 = unlimited)", s));
+  };
+  std::uint64_t v = 0;
+  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  if (s.empty() || ec != std::errc() || p == s.data()) return bad();
+  std::string_view unit(p, s.data() + s.size() - p);
+  unsigned shift = 0;
+  if (!unit.empty()) {
+    switch (unit[0]) {
+      case 'k': case 'K': shift = 10; break;
+      case 'm': case 'M': shift = 20; break;
+      case 'g': case 'G': shift = 30; break;
+      default: return bad();
+    }
+    std::string_view rest = unit.substr(1);
+    if (!(rest.empty() || rest == "B" || rest == "iB" || rest == "/s" || rest == "B/s" ||
+          rest == "iB/s"))
+      return bad();
+  }
+  if (v > (kMaxSize >> shift)) return bad();
+  return v << shift;
+}
+
+Status ParseLegSpec(std::string_view spec, LegSpec* out) {
+  auto bad = [&](std::string_view why) {
+    return Status::InvalidArgument(fmt::format("bad leg \"{}\" ({})", spec, why));
+  };
+  LegSpec ls;
+  ls.text = std::string(spec);
+  if (spec.rfind("dst://", 0) == 0) {
+    ls.kind = LegSpec::Kind::kDst;
+    std::string h, e;
+    std::uint16_t port = 0;
+    if (Status st = ParseVolumeUri(spec, &h, &port, &e); !st.ok()) return bad(st.message());
+    ls.ref = ls.text;
+  } else if (spec.rfind("nbd://", 0) == 0) {
+    ls.kind = LegSpec::Kind::kNbd;
+    std::string_view rest = spec.substr(6);
+    if (rest.empty() || rest[0] == '/') return bad("expected nbd://HOST[:PORT]/NAME");
+    ls.ref = ls.text;
+  } else if (spec.rfind("volume:", 0) == 0 || spec.rfind("array:", 0) == 0) {
+    bool vol = spec[0] == 'v';
+    ls.kind = vol ? LegSpec::Kind::kVolume : LegSpec::Kind::kArray;
+    ls.ref = std::string(spec.substr(vol ? 7 : 6));
+    if (!ValidName(ls.ref)) return bad("bad name");
+  } else if (!spec.empty() && spec[0] == '/') {
+    ls.kind = LegSpec::Kind::kPath;
+    ls.ref = ls.text;
+  } else {
+    return bad("expected dst://HOST[:PORT]/EXPORT, nbd://HOST[:PORT]/NAME, /ABS/PATH, "
+               "volume:NAME or array:NAME");
+  }
+  *out = std::move(ls);
+  return Status::OK();
+}
+
+Status ValidateTopology(const Config& cfg) {
+  std::map<std::string, const ArrayConfig*> arrays;
+  std::set<std::string> volumes;
+  for (auto& v : cfg.volumes) volumes.insert(v.name);
+  for (auto& a : cfg.arrays) {
+    if (volumes.count(a.name))
+      return Status::InvalidArgument(fmt::format(
+          "array \"{}\": name is also a [[volume]] (arrays are volumes: names must differ)",
+          a.name));
+    arrays[a.name] = &a;
+  }
+  std::map<std::string, std::string> used;  // leg spec -> array using it
+  for (auto& a : cfg.arrays) {
+    for (auto& spec : a.legs) {
+      LegSpec ls;
+      DST_RETURN_IF_ERROR(ParseLegSpec(spec, &ls));
+      if (ls.kind == LegSpec::Kind::kVolume && !volumes.count(ls.ref))
+        return Status::InvalidArgument(fmt::format(
+            "array \"{}\": leg \"{}\": no [[volume]] named \"{}\"", a.name, spec, ls.ref));
+      if (ls.kind == LegSpec::Kind::kArray && !arrays.count(ls.ref))
+        return Status::InvalidArgument(fmt::format(
+            "array \"{}\": leg \"{}\": no [[array]] named \"{}\"", a.name, spec, ls.ref));
+      auto [it, fresh] = used.emplace(spec, a.name);
+      if (!fresh)
+        return Status::InvalidArgument(fmt::format(
+            "leg \"{}\" is used by both array \"{}\" and array \"{}\"", spec, it->second,
+            a.name));
+    }
+  }
+  // Cycles: depth-first over array:NAME references.
+  std::map<std::string, int> color;  // 0 new, 1 on stack, 2 done
+  std::function<Status(const std::string&, std::string)> visit =
+      [&](const std::string& n, std::string path) -> Status {
+    if (color[n] == 1)
+      return Status::InvalidArgument(
+          fmt::format("arrays stack in a cycle: {} -> {}", path, n));
+    if (color[n] == 2) return Status::OK();
+    color[n] = 1;
+    for (auto& spec : arrays[n]->legs) {
+      LegSpec ls;
+      DST_RETURN_IF_ERROR(ParseLegSpec(spec, &ls));
+      if (ls.kind == LegSpec::Kind::kArray)
+        DST_RETURN_IF_ERROR(visit(ls.ref, path.empty() ? n : path + " -> " + n));
+    }
+    color[n] = 2;
+    return Status::OK();
+  };
+  for (auto& a : cfg.arrays) DST_RETURN_IF_ERROR(visit(a.name, ""));
+  for (auto& e : cfg.exports) {
+    if (!e.array.empty() && !arrays.count(e.array))
+      return Status::InvalidArgument(fmt::format(
+          "export \"{}\": array: no [[array]] named \"{}\"", e.name, e.array));
+    if (!e.volume.empty() && !volumes.count(e.volume))
+      return Status::InvalidArgument(fmt::format(
+          "export \"{}\": volume: no [[volume]] named \"{}\"", e.name, e.volume));
+  }
+  return Status::OK();
 }
 
 Result<Config> LoadConfigFile(const std::string& path, const ParseOptions& opts) {

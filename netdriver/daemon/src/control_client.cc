@@ -97,3 +97,56 @@ bool ControlClient::Call(const std::string& method, const nlohmann::json& params
 }
 
 }  // namespace dst::control
+
+namespace dst::control {
+
+bool ControlClient::ReadLine(std::string* line, std::string* why, int timeout_ms) {
+  if (fd_ < 0) {
+    *why = "not connected";
+    return false;
+  }
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  char buf[65536];
+  for (;;) {
+    switch (splitter_.Pop(line)) {
+      case LineSplitter::Next::kLine:
+        return true;
+      case LineSplitter::Next::kTooLong:
+        *why = "line too long";
+        return false;
+      case LineSplitter::Next::kNeedMore:
+        break;
+    }
+    int wait = -1;
+    if (timeout_ms >= 0) {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+                      deadline - std::chrono::steady_clock::now()).count();
+      if (left <= 0) {
+        *why = "timed out waiting for dstd";
+        return false;
+      }
+      wait = int(left);
+    }
+    pollfd p{fd_, POLLIN, 0};
+    int r = ::poll(&p, 1, wait);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) {
+      *why = std::string("poll: ") + std::strerror(errno);
+      return false;
+    }
+    if (r == 0) continue;
+    ssize_t n = ::recv(fd_, buf, sizeof buf, 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      *why = std::string("cannot read from dstd: ") + std::strerror(errno);
+      return false;
+    }
+    if (n == 0) {
+      *why = "dstd closed the connection";
+      return false;
+    }
+    splitter_.Append(buf, std::size_t(n));
+  }
+}
+
+}  // namespace dst::control

@@ -10,6 +10,10 @@ const std::vector<std::string>& Methods() {
   static const std::vector<std::string> kMethods = {
       "status",        "export.add",    "export.list", "export.remove", "volume.import",
       "volume.list",   "volume.remove", "mount",       "unmount",
+      // issue 3: arrays
+      "array.create", "array.list", "array.remove", "array.add_leg", "array.grow",
+      "array.fail_leg", "array.remove_leg", "array.readd_leg", "array.detach_leg",
+      "array.set_resync_rate", "array.detail", "apply", "events",
   };
   return kMethods;
 }

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <array>
+#include <atomic>
 #include <deque>
 #include <future>
 
@@ -83,7 +84,10 @@ class ControlServer::Session : public std::enable_shared_from_this<Session> {
       }
       std::weak_ptr<Session> weak = shared_from_this();
       server_->handler_(std::move(req), [weak](std::string reply) {
-        if (auto s = weak.lock()) s->Send(std::move(reply));
+        auto s = weak.lock();
+        if (!s || s->gone_.load(std::memory_order_acquire)) return false;
+        s->Send(std::move(reply));
+        return true;
       });
     }
     Read();
@@ -117,6 +121,7 @@ class ControlServer::Session : public std::enable_shared_from_this<Session> {
   void DoClose() {
     if (closed_) return;
     closed_ = true;
+    gone_.store(true, std::memory_order_release);
     boost::system::error_code ignored;
     sock_.shutdown(local::socket::shutdown_both, ignored);
     sock_.close(ignored);
@@ -134,6 +139,9 @@ class ControlServer::Session : public std::enable_shared_from_this<Session> {
   bool writing_ = false;
   bool closed_ = false;
   bool close_after_write_ = false;
+
+ public:
+  std::atomic<bool> gone_{false};  // closed_, readable from any thread
 };
 
 ControlServer::ControlServer(asio::io_context& io, std::string path, Handler handler)

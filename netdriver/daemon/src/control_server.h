@@ -24,7 +24,9 @@ namespace dst::daemon {
 
 class ControlServer {
  public:
-  using ReplyFn = std::function<void(std::string line)>;
+  // Returns false once the connection is closed (event subscribers use it to unsubscribe).
+  // May be called more than once per request: `events` streams lines after its reply.
+  using ReplyFn = std::function<bool(std::string line)>;
   using Handler = std::function<void(control::Request req, ReplyFn reply)>;
 
   ControlServer(boost::asio::io_context& io, std::string path, Handler handler);

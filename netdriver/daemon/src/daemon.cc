@@ -1,5 +1,6 @@
 #include "daemon.h"
 
+#include <algorithm>
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/mman.h>
@@ -228,7 +229,8 @@ int Daemon::Start() {
   }
 
   work_.emplace(io_.get_executor());
-  for (int i = 0; i < 2; ++i) io_threads_.emplace_back([this] { io_.run(); });
+  for (std::uint32_t i = 0; i < std::max<std::uint32_t>(1, cfg_.io_threads); ++i)
+    io_threads_.emplace_back([this] { io_.run(); });
 
   net::ExporterOptions eo;
   eo.listen_address = cfg_.listen_host;
@@ -245,12 +247,14 @@ int Daemon::Start() {
   exporter_started_ = true;
   spdlog::info("exporter listening on {}:{} (batching {})", cfg_.listen_host, exporter_->port(),
                cfg_.batching ? "on" : "off");
+  if (int rc = StartNbd(); rc != 0) return rc;
 
   for (const auto& e : cfg_.exports) {
     {
       std::lock_guard<std::mutex> l(mu_);
       exports_[e.name] = e;
     }
+    if (e.path.empty()) continue;  // exports of arrays/volumes: once those are up
     if (Status st = OpenExport(e); !st.ok()) {
       spdlog::error("export \"{}\": {}", e.name, Message(st));
       return ctl::kExIoErr;
@@ -269,6 +273,12 @@ int Daemon::Start() {
       ScheduleRetry(vol);
     }
   }
+
+  if (Status st = StartArrays(); !st.ok()) {
+    spdlog::error("arrays: {}", Message(st));
+    return ctl::kExIoErr;
+  }
+  TryPendingExports();
 
   if (!cfg_.mountpoint.empty()) {
     if (Status st = DoMount(cfg_.mountpoint); !st.ok()) {
@@ -298,6 +308,7 @@ void Daemon::Shutdown() {
   if (stopping_.exchange(true)) return;
   spdlog::info("shutting down");
   if (control_) control_->Stop();
+  StopArrayThreads();
   workers_.Stop();
 
   if (exporter_ && exporter_started_ && !io_threads_.empty()) {
@@ -312,6 +323,7 @@ void Daemon::Shutdown() {
       spdlog::info("exporter drained");
     }
   }
+  StopNbd();
 
   std::vector<std::shared_ptr<Volume>> vols;
   std::shared_ptr<fuse::FuseMount> mount;
@@ -339,9 +351,12 @@ void Daemon::Shutdown() {
   }
   for (auto& v : vols) {
     // The FUSE mount is gone: whatever it still wrote reached the device; make it durable.
-    if (v->dev) (void)FlushWithDeadline(*v->dev, FlushTimeout(v->cfg));
-    if (v->remote) v->remote->Close();
+    if (v->dev && !v->is_array) (void)FlushWithDeadline(*v->dev, FlushTimeout(v->cfg));
   }
+  // Arrays close cleanly (mirror intent maps cleared, marked clean) before their leg volumes go.
+  CloseArrays();
+  for (auto& v : vols)
+    if (v->remote) v->remote->Close();
   vols.clear();
   {
     std::lock_guard<std::mutex> l(mu_);
@@ -366,6 +381,31 @@ void Daemon::Shutdown() {
 // Devices
 
 Status Daemon::OpenExport(const ExportConfig& e) {
+  if (e.path.empty()) {
+    // An array or a volume of this daemon: arrays stack across hosts.
+    const std::string& ref = e.array.empty() ? e.volume : e.array;
+    std::shared_ptr<BlockDevice> dev;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      auto it = volumes_.find(ref);
+      if (it == volumes_.end() || it->second->is_array != !e.array.empty())
+        return Status::NotFound(
+            fmt::format("no {} \"{}\"", e.array.empty() ? "volume" : "array", ref));
+      dev = it->second->dev;
+    }
+    if (!dev)
+      return Status::Unavailable(fmt::format("{} \"{}\" is not connected yet",
+                                             e.array.empty() ? "volume" : "array", ref));
+    net::ExportSpec spec;
+    spec.name = e.name;
+    spec.device = dev;
+    spec.read_only = e.read_only;
+    DST_RETURN_IF_ERROR(exporter_->AddExport(std::move(spec)));
+    NbdExportAdded(e.name, dev, e.read_only, {}, e.array);
+    spdlog::info("export \"{}\": {} \"{}\" ({} bytes)", e.name,
+                 e.array.empty() ? "volume" : "array", ref, dev->Info().size);
+    return Status::OK();
+  }
   FileDeviceOptions fo;
   fo.read_only = e.read_only;
   fo.direct_io = e.direct_io;
@@ -378,6 +418,7 @@ Status Daemon::OpenExport(const ExportConfig& e) {
   spec.device = dev.value();
   spec.read_only = e.read_only;
   DST_RETURN_IF_ERROR(exporter_->AddExport(std::move(spec)));
+  NbdExportAdded(e.name, dev.value(), e.read_only, e.path, {});
   spdlog::info("export \"{}\": {} ({} bytes{})", e.name, e.path, dev.value()->Info().size,
                e.read_only ? ", read-only" : "");
   return Status::OK();
@@ -433,6 +474,7 @@ Status Daemon::ConnectVolume(const std::shared_ptr<Volume>& vol) {
   }
   spdlog::info("volume \"{}\": {} ({} bytes)", c.name, dev->Describe(), dev->Info().size);
   AddToMount(vol);
+  TryPendingExports();
   return Status::OK();
 }
 
@@ -510,6 +552,7 @@ void Daemon::Handle(ctl::Request req, Reply reply) {
   const std::string& m = req.method;
   const json& p = req.params;
   spdlog::debug("control: {} {}", m, p.dump(-1, ' ', false, json::error_handler_t::replace));
+  Reply reply_copy = reply;  // `events` keeps replying after its result
   Finish finish = [id = req.id, reply = std::move(reply), m](Result<json> r) {
     if (!r.ok()) spdlog::info("control: {} failed: {}", m, Message(r.status()));
     reply(r.ok() ? ctl::EncodeResult(id, r.value()) : ErrorLine(id, r.status()));
@@ -532,6 +575,12 @@ void Daemon::Handle(ctl::Request req, Reply reply) {
     MountRpc(p, std::move(finish));
   } else if (m == "unmount") {
     UnmountRpc(std::move(finish));
+  } else if (m.rfind("array.", 0) == 0) {
+    ArrayRpc(m, p, std::move(finish));
+  } else if (m == "apply") {
+    ApplyRpc(p, std::move(finish));
+  } else if (m == "events") {
+    EventsRpc(std::move(reply_copy), req.id);
   } else {
     // ParseRequest only lets known methods through; this is a Methods()/dispatch mismatch.
     finish(Status::NotSupported(fmt::format("method \"{}\" is not implemented", m)));
@@ -541,8 +590,12 @@ void Daemon::Handle(ctl::Request req, Reply reply) {
 void Daemon::ExportAdd(const json& p, Finish finish) {
   ExportConfig e;
   Status st = GetName(p, &e.name);
-  if (st.ok()) st = GetString(p, "path", true, &e.path);
-  if (st.ok() && e.path[0] != '/')
+  if (st.ok()) st = GetString(p, "array", false, &e.array);
+  if (st.ok()) st = GetString(p, "volume", false, &e.volume);
+  if (st.ok()) st = GetString(p, "path", e.array.empty() && e.volume.empty(), &e.path);
+  if (st.ok() && int(!e.path.empty()) + int(!e.array.empty()) + int(!e.volume.empty()) != 1)
+    st = Status::InvalidArgument("give exactly one of path, array, volume");
+  if (st.ok() && !e.path.empty() && e.path[0] != '/')
     st = Status::InvalidArgument(fmt::format("path \"{}\" must be absolute", e.path));
   if (st.ok()) st = GetBool(p, "read_only", &e.read_only);
   if (st.ok()) st = GetBool(p, "direct_io", &e.direct_io);
@@ -556,7 +609,7 @@ void Daemon::ExportAdd(const json& p, Finish finish) {
       else st = sz.status();
     }
   }
-  if (st.ok() && e.size == 0 && ::access(e.path.c_str(), F_OK) != 0)
+  if (st.ok() && !e.path.empty() && e.size == 0 && ::access(e.path.c_str(), F_OK) != 0)
     st = Status::NotFound(fmt::format("{} does not exist (give a size to create it)", e.path));
   if (st.ok()) {
     std::lock_guard<std::mutex> l(mu_);
@@ -585,7 +638,9 @@ void Daemon::ExportRemove(const json& p, Finish finish) {
       return finish(Status::NotFound(fmt::format("no export \"{}\"", name)));
   }
   workers_.Post([this, name, finish] {
+    if (Status nst = NbdExportRemove(name); !nst.ok()) return finish(nst);
     Status st = exporter_->RemoveExport(name);
+    NbdExportRemoveDone(name, st.ok() || st.IsNotFound());
     if (st.ok() || st.IsNotFound()) {
       std::lock_guard<std::mutex> l(mu_);
       exports_.erase(name);
@@ -653,6 +708,18 @@ void Daemon::VolumeRemove(const json& p, Finish finish) {
     if (it == volumes_.end())
       return finish(Status::NotFound(fmt::format("no volume \"{}\"", name)));
     vol = it->second;
+    if (vol->is_array)
+      return finish(Status::Busy(fmt::format(
+          "\"{}\" is an array (use: dstctl array remove {})", name, name)));
+    for (auto& [an, a] : arrays_)
+      for (auto& leg : a->legs)
+        if (leg.spec == "volume:" + name)
+          return finish(Status::Busy(
+              fmt::format("volume \"{}\" is a leg of array \"{}\"", name, an)));
+    for (auto& [en, e] : exports_)
+      if (e.volume == name)
+        return finish(Status::Busy(
+            fmt::format("volume \"{}\" is exported as \"{}\"", name, en)));
     if (vol->removing)
       return finish(Status::Busy(fmt::format("volume \"{}\" is being removed", name)));
     if (!vol->dev) {
@@ -774,9 +841,12 @@ json Daemon::ExportsJson() {
     json j{{"name", s.name},         {"device", s.device},           {"size", s.size},
            {"read_only", s.read_only}, {"connections", s.connections}};
     auto c = cfgs.find(s.name);
-    j["path"] = c != cfgs.end() ? json(c->second.path) : json();
+    j["path"] = c != cfgs.end() && !c->second.path.empty() ? json(c->second.path) : json();
+    j["array"] = c != cfgs.end() && !c->second.array.empty() ? json(c->second.array) : json();
+    j["volume"] = c != cfgs.end() && !c->second.volume.empty() ? json(c->second.volume) : json();
     j["direct_io"] = c != cfgs.end() && c->second.direct_io;
     AddExportCounters(j, s);
+    if (nbd_) j["nbd"] = nbd_->ExportJson(s.name);
     arr.push_back(std::move(j));
   }
   return arr;
@@ -870,8 +940,10 @@ json Daemon::StatusJson() {
                       {"send_calls", s.send_calls},
                       {"frames_per_call", s.frames_per_call}};
   }
+  st["nbd"] = NbdJson();
   st["exports"] = ExportsJson();
   st["volumes"] = VolumesJson();
+  st["arrays"] = ArraysJson();
   std::shared_ptr<fuse::FuseMount> m;
   {
     std::lock_guard<std::mutex> l(mu_);

@@ -1,4 +1,4 @@
-// Daemon: dstd's object graph.  One io_context with two threads runs the Exporter, every
+// Daemon: dstd's object graph.  One io_context ([daemon] io_threads, default 1) runs the Exporter, every
 // RemoteDevice and the control server; a small worker pool runs what blocks (connects, file
 // opens, FUSE mount/unmount, flushes) so no control request ever stalls an io thread.
 //
@@ -36,7 +36,12 @@
 #include "dst/daemon/config.h"
 #include "dst/fuse/fuse_mount.h"
 #include "dst/net/exporter.h"
+#include "dst/linear_device.h"
+#include "dst/mirror_device.h"
+#include "dst/net/nbd_client_device.h"
 #include "dst/net/remote_device.h"
+#include "nbd_frontend.h"
+#include "topology.h"
 
 namespace dst::daemon {
 
@@ -83,6 +88,43 @@ class Daemon {
     bool removing = false;
     bool removed = false;
     int attempts = 0;
+    bool is_array = false;  // the device of an array (arrays.cc owns it)
+  };
+
+  // Arrays (arrays.cc).  An array is also a Volume (same name, is_array) so it gets a FUSE file
+  // and can be exported; its legs are devices opened from leg specs.
+  struct ArrayLeg {
+    std::string spec;                          // "" = empty slot
+    std::shared_ptr<BlockDevice> dev;          // nullptr: missing (not reachable yet)
+    std::shared_ptr<net::RemoteDevice> remote; // dst:// legs (owned) or a volume leg's remote
+    std::shared_ptr<net::NbdClientDevice> nbd; // nbd:// legs (owned)
+    bool owned = false;                        // we opened it (close it with the array)
+    bool manual = false;                       // operator failed/detached: no automatic re-add
+    std::string error;
+    std::chrono::steady_clock::time_point next_try{};
+    int backoff_s = 1;
+  };
+  struct Array {
+    ArrayConfig cfg;  // legs by slot ("" = empty slot)
+    std::string id;
+    bool created = false;  // recorded in the topology table (Assemble, not Create)
+    bool assume_clean = false;
+    std::vector<ArrayLeg> legs;  // GUARDED_BY(mu_) for the vector shape; op_mu for changes
+    std::shared_ptr<MirrorDevice> mirror;
+    std::shared_ptr<LinearDevice> linear;
+    std::shared_ptr<BlockDevice> dev;
+    std::string error;  // why it is not assembled
+    bool removing = false;
+    bool removed = false;
+    std::mutex op_mu;  // serialises management operations (blocking) on this array
+    // Resync accounting across passes: the engine restarts a leg's bytes_resynced_total with
+    // every pass it starts (re-add, add); these keep the array's running total since start.
+    std::mutex acc_mu;
+    std::map<int, std::uint64_t> resync_base, resync_last;  // GUARDED_BY(acc_mu)
+  };
+  struct PlanStep {
+    std::string text;
+    std::function<Status()> run;
   };
   using Reply = ControlServer::ReplyFn;
   using Finish = std::function<void(Result<nlohmann::json>)>;  // any thread, exactly once
@@ -100,6 +142,39 @@ class Daemon {
   void MountRpc(const nlohmann::json& p, Finish finish);
   void UnmountRpc(Finish finish);
 
+  // arrays.cc
+  void ArrayRpc(const std::string& method, const nlohmann::json& p, Finish finish);
+  void EventsRpc(Reply reply, const nlohmann::json& id);
+  void ApplyRpc(const nlohmann::json& p, Finish finish);
+  Status StartArrays();              // main thread, after volumes
+  void StopArrayThreads();
+  void CloseArrays();                // Shutdown: after the exporter drained and FUSE is gone
+  nlohmann::json ArraysJson();
+  nlohmann::json ArrayJson(const std::shared_ptr<Array>& a);
+  Result<ArrayLeg> OpenLeg(const std::string& spec, const ArrayConfig& cfg);
+  Status BringUp(const std::shared_ptr<Array>& a);   // REQUIRES a->op_mu held; blocking
+  Status CreateArray(ArrayConfig cfg, bool assume_clean);
+  Status RemoveArray(const std::string& name);
+  Status ArrayAddLeg(const std::string& name, const std::string& spec, bool grow_only);
+  Status ArrayLegOp(const std::string& name, const std::string& op, int slot,
+                    const std::string& spec);
+  Status ArraySetRate(const std::string& name, std::uint64_t min, std::uint64_t max);
+  Status PersistArray(const std::shared_ptr<Array>& a);
+  std::uint64_t SampleResync(const std::shared_ptr<Array>& a);  // running bytes resynced
+  // Before an engine call that restarts leg `slot`'s pass counter (ReAddLeg, RemoveLeg): moves
+  // the pass's bytes into the running total.  Returns them, for UnbankResync if the call fails.
+  std::uint64_t BankResync(const std::shared_ptr<Array>& a, int slot);
+  void UnbankResync(const std::shared_ptr<Array>& a, int slot, std::uint64_t bytes);
+  void RegisterArrayVolume(const std::shared_ptr<Array>& a);
+  std::shared_ptr<Array> FindArray(const std::string& name);
+  std::string UsedBy(const std::string& volume_name);  // array using volume/array NAME as leg
+  void ArrayMonitorLoop();
+  void RefreshGrownFiles();
+  void EventsLoop();
+  void Emit(nlohmann::json ev);
+  void TryPendingExports();
+  Result<std::vector<PlanStep>> Plan(const Config& want);
+
   Status OpenExport(const ExportConfig& e);
   // Blocking (worker or main thread): opens/connects the device of `vol`.
   Status ConnectVolume(const std::shared_ptr<Volume>& vol);
@@ -107,6 +182,18 @@ class Daemon {
   void AddToMount(const std::shared_ptr<Volume>& vol);
   Status DoMount(const std::string& dir);
   Status LockStateDir();
+
+  // NBD (daemon_nbd.cc, nbd_frontend.h): every export is also served over NBD.  Call NbdExportAdded after a
+  // successful Exporter::AddExport (path: file-backed export; array: the array it exports);
+  // export removal: NbdExportRemove first (Busy while NBD clients are connected), then the DST
+  // side, then NbdExportRemoveDone(name, removed).
+  int StartNbd();  // 0 or a sysexits code
+  void StopNbd();
+  void NbdExportAdded(const std::string& name, const std::shared_ptr<BlockDevice>& dev,
+                      bool read_only, const std::string& path, const std::string& array);
+  Status NbdExportRemove(const std::string& name);
+  void NbdExportRemoveDone(const std::string& name, bool removed);
+  nlohmann::json NbdJson();
 
   Config cfg_;
   DaemonOptions opts_;
@@ -119,8 +206,9 @@ class Daemon {
   std::optional<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>> work_;
   std::vector<std::thread> io_threads_;
   std::unique_ptr<net::Exporter> exporter_;
+  std::unique_ptr<NbdFrontend> nbd_;  // null: NBD disabled or not started
   std::unique_ptr<ControlServer> control_;
-  WorkQueue workers_{2};
+  WorkQueue workers_{3};
   std::atomic<bool> stopping_{false};
 
   std::mutex mu_;
@@ -128,6 +216,19 @@ class Daemon {
   std::map<std::string, ExportConfig> exports_;              // GUARDED_BY(mu_) (pending + live)
   std::shared_ptr<fuse::FuseMount> mount_;                   // GUARDED_BY(mu_)
   bool mount_busy_ = false;                                  // GUARDED_BY(mu_)
+
+  // Arrays (arrays.cc).
+  std::map<std::string, std::shared_ptr<Array>> arrays_;     // GUARDED_BY(mu_)
+  std::shared_ptr<DirtyMapStore> store_;
+  std::unique_ptr<TopologyStore> topo_;
+  std::mutex topo_mu_;
+  std::atomic<bool> apply_busy_{false};
+  std::mutex ev_mu_;
+  std::condition_variable ev_cv_;
+  bool ev_stop_ = false;                                     // GUARDED_BY(ev_mu_)
+  std::vector<Reply> subscribers_;                           // GUARDED_BY(ev_mu_)
+  std::thread monitor_thread_;
+  std::thread events_thread_;
 };
 
 }  // namespace dst::daemon

@@ -58,6 +58,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("-C,--control", opts.control_path, "Control socket path")->capture_default_str();
   app.add_option("-l,--listen", listen, "Exporter address HOST:PORT (overrides [daemon] listen)");
+  std::string nbd_listen;
+  app.add_option("--nbd-listen", nbd_listen,
+                 "NBD server address HOST:PORT, \"\" disables (overrides [daemon] nbd_listen)");
   app.add_option("-m,--mount", mount, "FUSE mount point (overrides [daemon] mountpoint)");
   app.add_flag("--no-batching", no_batching, "One frame per send call (overrides [daemon] batching)");
   app.add_flag("-v,--verbose", opts.verbose, "Debug logging");
@@ -85,6 +88,16 @@ int main(int argc, char** argv) {
     if (auto st = dst::daemon::ParseListen(listen, &cfg.listen_host, &cfg.listen_port); !st.ok()) {
       std::fprintf(stderr, "dstd: --listen: %s\n", st.message().c_str());
       return ctl::kExUsage;
+    }
+  }
+  if (app.count("--nbd-listen") > 0) {
+    cfg.nbd_listen_set = true;
+    cfg.nbd_enabled = !nbd_listen.empty();
+    if (cfg.nbd_enabled) {
+      if (auto st = dst::daemon::ParseListen(nbd_listen, &cfg.nbd_host, &cfg.nbd_port); !st.ok()) {
+        std::fprintf(stderr, "dstd: --nbd-listen: %s\n", st.message().c_str());
+        return ctl::kExUsage;
+      }
     }
   }
   if (!mount.empty()) {

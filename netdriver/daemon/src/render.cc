@@ -1,6 +1,7 @@
 #include "dst/daemon/render.h"
 
 #include <algorithm>
+#include <ctime>
 
 #include <fmt/format.h>
 
@@ -151,6 +152,264 @@ std::string RenderStatus(const json& st) {
     if (v.contains("error") && !v["error"].is_null())
       out += fmt::format("  error:{}\n", Str(v, "error"));
   }
+  auto arrays = st.value("arrays", json::array());
+  if (!arrays.empty()) {
+    out += "\narrays:\n";
+    for (auto& a : arrays) out += RenderMdstat(a);
+  }
+  return out;
+}
+
+}  // namespace dst::control
+
+// ---------------------------------------------------------------------------------------------
+// Arrays
+
+namespace dst::control {
+
+namespace {
+
+double Clamp100(double p) {
+  if (!(p >= 0)) return 0;  // also NaN
+  return p > 100 ? 100 : p;
+}
+
+const json& Resync(const json& a) {
+  static const json kNull;
+  auto it = a.find("resync");
+  return it == a.end() ? kNull : *it;
+}
+
+// Percent of a resync object: its "percent" if present, else done/total; clamped.
+double ResyncPercent(const json& r) {
+  if (auto it = r.find("percent"); it != r.end() && it->is_number())
+    return Clamp100(it->get<double>());
+  std::uint64_t total = U64(r, "bytes_total");
+  if (total == 0) return 0;
+  return Clamp100(100.0 * double(U64(r, "bytes_done")) / double(total));
+}
+
+bool FullResync(const json& a, const json& r) {
+  std::uint64_t size = U64(a, "size");
+  return size > 0 && U64(r, "bytes_total") >= size;
+}
+
+std::string LegMark(const std::string& state) {
+  if (state == "failed" || state == "missing") return "(F)";
+  if (state == "detached") return "(D)";
+  return "";
+}
+
+std::string MdLegState(const std::string& state, bool present) {
+  if (state == "up-to-date") return "active sync";
+  if (state == "resyncing") return "spare rebuilding";
+  if (state == "failed") return present ? "faulty" : "faulty (missing)";
+  if (state == "detached") return "detached (snapshot)";
+  if (state == "missing") return "removed";
+  if (state == "ready") return "ready";
+  return state;
+}
+
+std::string SizePair(std::uint64_t bytes) {
+  return fmt::format("{:.2f} GiB {:.2f} GB", double(bytes) / double(1ull << 30),
+                     double(bytes) / 1e9);
+}
+
+}  // namespace
+
+std::string ProgressBar(int permille) {
+  permille = std::clamp(permille, 0, 1000);
+  int x = permille / 50;
+  int y = 20 - x;
+  return "[" + std::string(std::size_t(x), '=') + ">" + std::string(std::size_t(y), '.') + "]";
+}
+
+std::string RenderMdstat(const json& a) {
+  std::string out;
+  std::string state = Str(a, "state", "failed");
+  bool assembled = a.contains("assembled") ? Bool(a, "assembled") : state != "failed";
+  out += fmt::format("{} : {} {}", Str(a, "name"), assembled ? "active" : "inactive",
+                     Str(a, "level"));
+  std::string bits;
+  int n = 0, up = 0;
+  for (auto& l : a.value("legs", json::array())) {
+    std::string ls = Str(l, "state");
+    out += fmt::format(" {}[{}]{}", Str(l, "spec"), U64(l, "slot"), LegMark(ls));
+    ++n;
+    bool u = ls == "up-to-date";
+    up += u;
+    bits += u ? 'U' : '_';
+  }
+  out += "\n";
+  out += fmt::format("      {} KiB [{}/{}] [{}]\n", U64(a, "size") / 1024, n, up, bits);
+  const json& r = Resync(a);
+  if (r.is_object()) {
+    std::string rs = Str(r, "state");
+    if (rs == "pending") {
+      out += "      resync=DELAYED\n";
+    } else {
+      double pct = ResyncPercent(r);
+      std::uint64_t total = U64(r, "bytes_total");
+      std::uint64_t done = std::min(U64(r, "bytes_done"), total);
+      double rate = Dbl(r, "rate");
+      double eta = Dbl(r, "eta_seconds");
+      if (eta < 0 && rate > 0) eta = double(total - done) / rate;
+      std::string finish = eta >= 0 ? fmt::format("{:.1f}min", eta / 60.0) : "?min";
+      out += fmt::format("      {}  {} = {:.1f}% ({}/{}) finish={} speed={}K/sec{}\n",
+                         ProgressBar(int(pct * 10)), FullResync(a, r) ? "resync" : "recovery",
+                         pct, done / 1024, total / 1024, finish,
+                         std::uint64_t(std::max(0.0, rate) / 1024),
+                         rs == "paused" ? " (paused)" : "");
+    }
+  }
+  return out;
+}
+
+int DetailTestCode(const json& a) {
+  if (!a.is_object() || !a.contains("state")) return 4;
+  std::string s = Str(a, "state");
+  if (s == "clean") return 0;
+  if (s == "degraded" || s == "resyncing") return 1;
+  if (s == "failed") return 2;
+  return 4;
+}
+
+std::string RenderDetail(const json& a) {
+  std::vector<std::pair<std::string, std::string>> kv;
+  std::string level = Str(a, "level");
+  std::string state = Str(a, "state");
+  const json& r = Resync(a);
+  int n = 0, up = 0, failed = 0, rebuilding = 0;
+  for (auto& l : a.value("legs", json::array())) {
+    std::string ls = Str(l, "state");
+    ++n;
+    if (ls == "up-to-date") ++up;
+    else if (ls == "resyncing") ++rebuilding;
+    else if (ls == "failed" || ls == "missing") ++failed;
+  }
+  std::string st;
+  bool assembled = a.contains("assembled") ? Bool(a, "assembled") : state != "failed";
+  if (!assembled) st = "inactive, Not Started";
+  else if (state == "clean") st = "clean";
+  else if (state == "degraded") st = "clean, degraded";
+  else if (state == "resyncing")
+    st = std::string("clean, degraded, ") + (r.is_object() && FullResync(a, r) ? "resyncing" : "recovering");
+  else st = "FAILED";
+  if (r.is_object() && Str(r, "state") == "pending") st += " (DELAYED)";
+  std::uint64_t size = U64(a, "size");
+  kv.push_back({"Version", "dst 1"});
+  kv.push_back({"Raid Level", level == "mirror" ? "mirror (raid1)" : level});
+  kv.push_back({"Array Size", fmt::format("{} KiB ({})", size / 1024, SizePair(size))});
+  kv.push_back({"Raid Devices", std::to_string(n)});
+  kv.push_back({"Total Devices", std::to_string(n)});
+  kv.push_back({"Persistence", fmt::format("SQLite {}", Str(a, "state_db"))});
+  if (level == "mirror")
+    kv.push_back({"Intent Bitmap", Bool(a, "write_intent")
+                                       ? fmt::format("Internal ({} regions)",
+                                                     FormatSize(U64(a, "region_size")))
+                                       : std::string("None")});
+  kv.push_back({"State", st});
+  kv.push_back({"Active Devices", std::to_string(up)});
+  kv.push_back({"Working Devices", std::to_string(up + rebuilding)});
+  kv.push_back({"Failed Devices", std::to_string(failed)});
+  if (level == "mirror") kv.push_back({"Consistency Policy", "bitmap"});
+  if (r.is_object())
+    kv.push_back({Str(r, "state") == "pending" ? "Rebuild Status" : "Rebuild Status",
+                  fmt::format("{}% complete", int(ResyncPercent(r)))});
+  if (auto rr = a.find("resync_rate"); rr != a.end() && rr->is_object() && level == "mirror") {
+    auto rate = [](std::uint64_t v) {
+      return v == 0 ? std::string("unlimited") : FormatSize(v) + "/s";
+    };
+    kv.push_back({"Resync Rate", fmt::format("min {} max {}", rate(U64(*rr, "min")),
+                                             rate(U64(*rr, "max")))});
+  }
+  kv.push_back({"Name", Str(a, "name")});
+  kv.push_back({"UUID", Str(a, "id")});
+  if (auto stt = a.find("stats"); stt != a.end() && stt->is_object() && stt->contains("commits"))
+    kv.push_back({"Commits", fmt::format("{} ({:.1f}/s, {} intent waits)", U64(*stt, "commits"),
+                                         Dbl(*stt, "commits_per_second"),
+                                         U64(*stt, "intent_waits"))});
+  if (a.contains("file") && a["file"].is_string()) kv.push_back({"File", Str(a, "file")});
+  if (a.contains("error") && a["error"].is_string()) kv.push_back({"Error", Str(a, "error")});
+  std::string out = Str(a, "name") + ":\n";
+  for (auto& [k, v] : kv) out += fmt::format("{:>18} : {}\n", k, v);
+  out += "\n";
+  std::vector<std::vector<std::string>> rows;
+  for (auto& l : a.value("legs", json::array())) {
+    std::string gen = Str(l, "generation", "");
+    rows.push_back({std::to_string(U64(l, "slot")),
+                    MdLegState(Str(l, "state"), !l.contains("present") || Bool(l, "present")),
+                    FormatSize(U64(l, "out_of_sync_bytes")),
+                    gen.empty() ? "-" : gen.substr(0, 8), Str(l, "spec")});
+  }
+  std::string table = RenderTable({"Number", "State", "Out-of-sync", "Generation", "Device"}, rows);
+  // Indent the table like mdadm's member table.
+  std::size_t pos = 0;
+  while (pos < table.size()) {
+    std::size_t nl = table.find('\n', pos);
+    out += "    " + table.substr(pos, nl - pos + 1);
+    pos = nl + 1;
+  }
+  return out;
+}
+
+std::string RenderArrayList(const json& arrays) {
+  std::vector<std::vector<std::string>> rows;
+  for (auto& a : arrays) {
+    int n = 0, up = 0;
+    for (auto& l : a.value("legs", json::array())) {
+      ++n;
+      up += Str(l, "state") == "up-to-date";
+    }
+    const json& r = Resync(a);
+    rows.push_back({Str(a, "name"), Str(a, "level"), FormatSize(U64(a, "size")), Str(a, "state"),
+                    fmt::format("{}/{}", up, n),
+                    r.is_object() ? fmt::format("{:.1f}%", ResyncPercent(r)) : std::string("-")});
+  }
+  if (rows.empty()) return "no arrays\n";
+  return RenderTable({"NAME", "LEVEL", "SIZE", "STATE", "LEGS", "RESYNC"}, rows);
+}
+
+std::string RenderEvent(const json& e) {
+  std::string type = Str(e, "type");
+  std::string head;
+  double ts = Dbl(e, "ts");
+  {
+    std::time_t t = std::time_t(ts);
+    std::tm tm{};
+    gmtime_r(&t, &tm);
+    char buf[32];
+    std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    head = buf;
+  }
+  std::string prev = e.contains("previous") && e["previous"].is_string()
+                         ? fmt::format(" (was {})", Str(e, "previous")) : "";
+  if (type == "leg_state")
+    return fmt::format("{} {} leg {} {}: {}{}\n", head, Str(e, "array"), U64(e, "slot"),
+                       Str(e, "spec"), Str(e, "state"), prev);
+  if (type == "array_state")
+    return fmt::format("{} {} {}{}\n", head, Str(e, "array"), Str(e, "state"), prev);
+  if (type == "resync_progress")
+    return fmt::format("{} {} leg {} resync {:.1f}% ({}/{}) {}/s eta {}\n", head,
+                       Str(e, "array"), U64(e, "leg"), Clamp100(Dbl(e, "percent")),
+                       FormatSize(U64(e, "bytes_done")), FormatSize(U64(e, "bytes_total")),
+                       FormatSize(U64(e, "rate")),
+                       Dbl(e, "eta_seconds") >= 0 ? FormatDuration(Dbl(e, "eta_seconds")) : "?");
+  if (type == "resync_done")
+    return fmt::format("{} {} leg {} resync done ({} resynced)\n", head, Str(e, "array"),
+                       U64(e, "leg"), FormatSize(U64(e, "bytes_resynced_total")));
+  if (type == "volume_state")
+    return fmt::format("{} volume {} {}{}\n", head, Str(e, "volume"), Str(e, "state"), prev);
+  return head + " " + e.dump() + "\n";
+}
+
+std::string RenderApply(const json& r) {
+  std::string out;
+  const json plan = r.value("plan", json::array());
+  if (plan.empty()) return "nothing to do\n";
+  bool dry = Bool(r, "dry_run");
+  for (auto& s : plan) out += (dry ? "would: " : "") + s.get<std::string>() + "\n";
+  if (!dry) out += fmt::format("applied {} operation{}\n", plan.size(), plan.size() == 1 ? "" : "s");
   return out;
 }
 

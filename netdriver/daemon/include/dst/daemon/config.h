@@ -20,7 +20,9 @@ namespace dst::daemon {
 
 struct ExportConfig {
   std::string name;
-  std::string path;
+  std::string path;        // exactly one of path / array / volume
+  std::string array;       // export an array of this daemon (arrays stack across hosts)
+  std::string volume;      // export a volume of this daemon
   std::uint64_t size = 0;  // 0: use the existing file's size
   bool read_only = false;
   bool direct_io = false;
@@ -38,13 +40,46 @@ struct VolumeConfig {
   std::uint32_t keepalive_timeout_s = 5;
 };
 
+// One leg of an array: "dst://host[:port]/export", "nbd://host[:port]/name", "/abs/path",
+// "volume:NAME" or "array:NAME".
+struct LegSpec {
+  enum class Kind { kDst, kNbd, kPath, kVolume, kArray };
+  Kind kind = Kind::kPath;
+  std::string text;  // the spec as written (canonical form used in the topology table)
+  std::string ref;   // path, volume name or array name
+};
+Status ParseLegSpec(std::string_view spec, LegSpec* out);
+
+struct ArrayConfig {
+  std::string name;
+  std::string level = "mirror";                 // "mirror" (N >= 2 legs) or "linear"
+  std::vector<std::string> legs;                // leg specs by slot
+  std::uint32_t region_size = 64 * 1024;        // mirror bitmap granularity (power of 2)
+  std::uint64_t resync_rate_min = 10ull << 20;  // bytes/s while application I/O is active
+  std::uint64_t resync_rate_max = 200ull << 20; // bytes/s when idle (0 = unlimited)
+  bool write_intent = true;
+  std::uint32_t leg_timeout_s = 10;             // dst:// legs: outage after which a leg fails
+};
+
 struct Config {
   std::string listen_host = "127.0.0.1";
   std::uint16_t listen_port = 7400;
+  // NBD server ([daemon] nbd_listen, docs/nbd.md): every export is also served over NBD here.
+  // nbd_listen = "" disables it.  nbd_listen_set: given explicitly (a bind failure is then
+  // fatal; with the default port 10809 a busy port only disables NBD with a warning).
+  bool nbd_enabled = true;
+  bool nbd_listen_set = false;
+  std::string nbd_host = "127.0.0.1";
+  std::uint16_t nbd_port = 10809;
   std::string mountpoint;  // empty: no FUSE mount at start
   bool batching = true;
+  // Event-loop threads.  Default 1: file I/O runs on device worker threads, and one loop keeps
+  // Asio's per-thread handler memory warm (0 allocations per I/O; two loops on two cores halved
+  // NBD throughput in bench/nbd_bench.sh).
+  std::uint32_t io_threads = 1;
   std::vector<ExportConfig> exports;
   std::vector<VolumeConfig> volumes;
+  std::vector<ArrayConfig> arrays;
 };
 
 struct ParseOptions {
@@ -66,6 +101,13 @@ Status ParseListen(std::string_view s, std::string* host, std::uint16_t* port);
 // "dst://host[:port]/export" (default port 7400).
 Status ParseVolumeUri(std::string_view uri, std::string* host, std::uint16_t* port,
                       std::string* export_name);
+// A rate: "0" (unlimited), "500K", "10M", "1G" (bytes/s, binary units), or plain bytes.
+Result<std::uint64_t> ParseRate(std::string_view s);
+// Checks the cross references of exports, volumes and arrays: leg and export references name
+// existing volumes/arrays, no array stacks on itself, no leg is used twice, names are unique
+// between volumes and arrays (arrays are volumes too).
+Status ValidateTopology(const Config& cfg);
+
 // Export and volume names: 1..64 chars of [A-Za-z0-9._-], not starting with '.'.
 bool ValidName(std::string_view name);
 

@@ -22,6 +22,9 @@ class ControlClient {
   // framing failure (the daemon went away, sent garbage, or timed out).
   bool Call(const std::string& method, const nlohmann::json& params, Reply* reply,
             std::string* why, int timeout_ms = 120000);
+  // Reads the next line the daemon sends (after an `events` subscription).  timeout_ms < 0
+  // waits forever.  false + *why when the connection ends or breaks.
+  bool ReadLine(std::string* line, std::string* why, int timeout_ms = -1);
   void Close();
 
  private:

@@ -106,6 +106,7 @@ int ExitCodeForError(std::string_view code);
 // sysexits values used by dstd and dstctl.
 inline constexpr int kExUsage = 64;
 inline constexpr int kExDataErr = 65;
+inline constexpr int kExNoInput = 66;
 inline constexpr int kExUnavailable = 69;
 inline constexpr int kExSoftware = 70;
 inline constexpr int kExIoErr = 74;

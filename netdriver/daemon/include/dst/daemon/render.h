@@ -24,4 +24,23 @@ std::string RenderExportList(const nlohmann::json& exports);  // array of export
 std::string RenderVolumeList(const nlohmann::json& volumes);  // array of volume objects
 std::string RenderStatus(const nlohmann::json& status);       // the status result
 
+// Arrays (issue 3).  `array` is one object of status "arrays" / array.detail.
+// /proc/mdstat-like block (2 or 3 lines); every percentage clamped to 0..100:
+//   m0 : active mirror dst://127.0.0.1:7401/d1[0] dst://127.0.0.1:7402/d2[1](F)
+//         1048576 KiB [2/1] [U_]
+//         [=====>...............]  recovery = 27.3% (286720/1048576) finish=0.3min speed=40960K/sec
+std::string RenderMdstat(const nlohmann::json& array);
+// The 21-character md progress bar for a permille value (clamped to 0..1000).
+std::string ProgressBar(int permille);
+// mdadm --detail shape: "Key : Value" lines, then the leg table.
+std::string RenderDetail(const nlohmann::json& array);
+std::string RenderArrayList(const nlohmann::json& arrays);
+// `dstctl detail --test` exit code (mdadm.8): 0 healthy, 1 degraded (or recovering), 2 unusable,
+// 4 error (no usable information).
+int DetailTestCode(const nlohmann::json& array);
+// One human line per event of `dstctl events` (without --json).
+std::string RenderEvent(const nlohmann::json& event);
+// `dstctl apply` plan/result.
+std::string RenderApply(const nlohmann::json& result);
+
 }  // namespace dst::control

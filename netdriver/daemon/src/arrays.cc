@@ -1,0 +1,1604 @@
+// dstd arrays: linear and mirror arrays over leg devices, persisted topology, automatic leg
+// repair, the array.* RPCs, `events` and `apply`.
+//
+// Leg lifecycle (per slot of an assembled mirror; the monitor thread ticks once a second):
+//
+//   MISSING (dev == nullptr) --OpenLeg ok--> ReAddLeg --> resyncing --> up-to-date
+//      ^  (backoff 1..30 s)                                              |
+//      |                                                    I/O error / io_timeout
+//      +-- remote closed <-- FAILED (mirror stops using it) <-----------+
+//                               | remote "connected" again, not failed by the operator
+//                               +--> ReAddLeg (partial resync: only the out-of-sync regions)
+//
+// Everything that blocks (connects, Create with header writes, ReAddLeg, Close, SQLite) runs on
+// a worker thread, the monitor thread or the main thread, never on an io thread.
+#include <unistd.h>
+
+#include <algorithm>
+#include <concepts>
+#include <filesystem>
+#include <future>
+#include <set>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "daemon.h"
+#include "dst/file_device.h"
+
+namespace dst::daemon {
+
+using nlohmann::json;
+namespace ctl = dst::control;
+
+namespace {
+
+std::string Msg(const Status& s) {
+  return s.message().empty() ? std::string(Status::CodeName(s.code())) : s.message();
+}
+
+double NowTs() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+Status ParamString(const json& p, const char* key, bool required, std::string* out) {
+  auto it = p.find(key);
+  if (it == p.end() || it->is_null())
+    return required ? Status::InvalidArgument(fmt::format("missing parameter \"{}\"", key))
+                    : Status::OK();
+  if (!it->is_string() || it->get<std::string>().empty())
+    return Status::InvalidArgument(fmt::format("parameter \"{}\" must be a non-empty string", key));
+  *out = it->get<std::string>();
+  return Status::OK();
+}
+
+Status ParamSlot(const json& p, int* slot) {
+  auto it = p.find("slot");
+  if (it == p.end() || !it->is_number_integer() || it->get<std::int64_t>() < 0 ||
+      it->get<std::int64_t>() >= MirrorDevice::kMaxLegs * 32)
+    return Status::InvalidArgument("parameter \"slot\" must be a leg slot number (0, 1, ...)");
+  *slot = int(it->get<std::int64_t>());
+  return Status::OK();
+}
+
+// "10M", 10485760 or null (keep).
+Status ParamRate(const json& p, const char* key, std::optional<std::uint64_t>* out) {
+  auto it = p.find(key);
+  if (it == p.end() || it->is_null()) return Status::OK();
+  if (it->is_number_unsigned()) {
+    *out = it->get<std::uint64_t>();
+    return Status::OK();
+  }
+  if (it->is_string()) {
+    auto r = ParseRate(it->get<std::string>());
+    if (!r.ok()) return r.status();
+    *out = r.value();
+    return Status::OK();
+  }
+  return Status::InvalidArgument(fmt::format("parameter \"{}\" must be a rate like \"10M\"", key));
+}
+
+Status FlushDeadline(BlockDevice& dev, std::chrono::milliseconds timeout) {
+  struct Op {
+    IoRequest req;
+    std::mutex mu;
+    std::condition_variable cv;
+    bool done = false;
+    Status st;
+  };
+  auto op = std::make_shared<Op>();
+  op->req.op = IoOp::kFlush;
+  op->req.ctx = new std::shared_ptr<Op>(op);
+  op->req.done = [](IoRequest* r, Status st) {
+    auto* holder = static_cast<std::shared_ptr<Op>*>(r->ctx);
+    std::shared_ptr<Op> o = *holder;
+    delete holder;
+    std::lock_guard<std::mutex> l(o->mu);
+    o->st = st;
+    o->done = true;
+    o->cv.notify_all();
+  };
+  dev.Submit(&op->req);
+  std::unique_lock<std::mutex> l(op->mu);
+  if (!op->cv.wait_for(l, timeout, [&] { return op->done; }))
+    return Status::TimedOut("flush timed out");
+  return op->st;
+}
+
+MirrorOptions MirrorOpts(const ArrayConfig& c, bool assume_clean) {
+  MirrorOptions o;
+  o.name = c.name;
+  o.region_size = c.region_size;
+  o.write_intent = c.write_intent;
+  o.assume_clean = assume_clean;
+  o.resync.rate.floor = c.resync_rate_min;
+  o.resync.rate.ceiling = c.resync_rate_max;
+  return o;
+}
+
+std::vector<std::string> LiveLegs(const ArrayConfig& c) {
+  std::vector<std::string> out;
+  for (auto& l : c.legs)
+    if (!l.empty()) out.push_back(l);
+  return out;
+}
+
+std::string RateText(std::uint64_t r) {
+  if (r == 0) return "0";
+  if (r % (1u << 30) == 0) return fmt::format("{}G", r >> 30);
+  if (r % (1u << 20) == 0) return fmt::format("{}M", r >> 20);
+  if (r % (1u << 10) == 0) return fmt::format("{}K", r >> 10);
+  return std::to_string(r);
+}
+
+std::string SizeText(std::uint64_t r) { return RateText(r); }
+
+// Tells the FUSE mount that a volume's size changed, when FuseMount can (a requires-expression,
+// so this builds before and after fusefs gains RefreshVolume: re-read Info().size and invalidate
+// the inode's attributes, so an open/loop-mounted file grows too).  false: not supported.
+template <typename M>
+bool RefreshFuseSize(M& m, const std::string& name) {
+  if constexpr (requires { { m.RefreshVolume(name) } -> std::same_as<Status>; }) {
+    return m.RefreshVolume(name).ok();
+  } else {
+    (void)m;
+    (void)name;
+    return false;
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Startup and shutdown
+
+Status Daemon::StartArrays() {
+  std::string db = opts_.state_dir + "/dstd.sqlite";
+  auto st = SqliteDirtyMapStore::Open(db);
+  if (!st.ok()) return st.status().WithContext(db);
+  store_ = std::shared_ptr<DirtyMapStore>(std::move(st.value()));
+  auto tp = TopologyStore::Open(db);
+  if (!tp.ok()) return tp.status().WithContext(db);
+  topo_ = std::move(tp.value());
+  auto recs = topo_->List();
+  if (!recs.ok()) return recs.status().WithContext(db);
+
+  // Known arrays (topology table) are re-assembled; config arrays not yet known are created.
+  std::vector<std::shared_ptr<Array>> todo;
+  std::set<std::string> known;
+  for (auto& r : recs.value()) {
+    auto a = std::make_shared<Array>();
+    a->cfg = r.cfg;
+    a->id = r.id;
+    a->created = true;
+    for (auto& c : cfg_.arrays) {
+      if (c.name != r.cfg.name) continue;
+      // Rates and write-intent follow the file; structure follows the table (live changes
+      // made with dstctl win; `dstctl apply` reconciles the file).
+      a->cfg.resync_rate_min = c.resync_rate_min;
+      a->cfg.resync_rate_max = c.resync_rate_max;
+      a->cfg.write_intent = c.write_intent;
+      a->cfg.leg_timeout_s = c.leg_timeout_s;
+      if (LiveLegs(r.cfg) != c.legs || r.cfg.level != c.level)
+        spdlog::warn("array \"{}\": the config file differs from the recorded topology ({} {}); "
+                     "using the recorded one (dstctl apply reconciles)",
+                     c.name, r.cfg.level, fmt::join(LiveLegs(r.cfg), " "));
+    }
+    known.insert(r.cfg.name);
+    todo.push_back(a);
+  }
+  for (auto& c : cfg_.arrays) {
+    if (known.count(c.name)) continue;
+    auto a = std::make_shared<Array>();
+    a->cfg = c;
+    todo.push_back(a);
+  }
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& a : todo) {
+      a->legs.resize(a->cfg.legs.size());
+      for (std::size_t i = 0; i < a->cfg.legs.size(); ++i) a->legs[i].spec = a->cfg.legs[i];
+      arrays_[a->cfg.name] = a;
+    }
+  }
+  // Dependency order: an array whose legs include array:X waits until X was tried.
+  std::set<std::string> done;
+  for (std::size_t round = 0; round <= todo.size() && done.size() < todo.size(); ++round) {
+    for (auto& a : todo) {
+      if (done.count(a->cfg.name)) continue;
+      bool ready = true;
+      for (auto& spec : a->cfg.legs) {
+        LegSpec ls;
+        if (ParseLegSpec(spec, &ls).ok() && ls.kind == LegSpec::Kind::kArray &&
+            !done.count(ls.ref) && arrays_.count(ls.ref))
+          ready = false;
+      }
+      if (!ready && round < todo.size()) continue;
+      done.insert(a->cfg.name);
+      std::lock_guard<std::mutex> ol(a->op_mu);
+      if (Status s = BringUp(a); !s.ok()) {
+        spdlog::warn("array \"{}\": {}; retrying in the background", a->cfg.name, Msg(s));
+      }
+    }
+  }
+  monitor_thread_ = std::thread([this] { ArrayMonitorLoop(); });
+  events_thread_ = std::thread([this] { EventsLoop(); });
+  return Status::OK();
+}
+
+void Daemon::StopArrayThreads() {
+  {
+    std::lock_guard<std::mutex> l(ev_mu_);
+    ev_stop_ = true;
+    subscribers_.clear();
+  }
+  ev_cv_.notify_all();
+  if (monitor_thread_.joinable()) monitor_thread_.join();
+  if (events_thread_.joinable()) events_thread_.join();
+}
+
+void Daemon::CloseArrays() {
+  // Outer arrays first: an array used as a leg of another closes after its user.
+  std::vector<std::shared_ptr<Array>> all;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& [n, a] : arrays_) all.push_back(a);
+  }
+  std::set<std::string> closed;
+  for (std::size_t round = 0; round <= all.size(); ++round) {
+    for (auto& a : all) {
+      if (closed.count(a->cfg.name)) continue;
+      bool used = false;
+      for (auto& b : all) {
+        if (b == a || closed.count(b->cfg.name)) continue;
+        for (auto& spec : b->cfg.legs)
+          if (spec == "array:" + a->cfg.name) used = true;
+      }
+      if (used && round < all.size()) continue;
+      closed.insert(a->cfg.name);
+      std::lock_guard<std::mutex> ol(a->op_mu);
+      if (a->mirror) {
+        Status s = a->mirror->Close();
+        if (s.ok()) spdlog::info("array \"{}\": closed cleanly", a->cfg.name);
+        else spdlog::warn("array \"{}\": close: {}", a->cfg.name, Msg(s));
+      } else if (a->linear) {
+        (void)FlushDeadline(*a->linear, std::chrono::seconds(20));
+      }
+      for (auto& leg : a->legs) {
+        if (!leg.owned) continue;
+        if (leg.remote) leg.remote->Close();
+        if (leg.nbd) leg.nbd->Close();
+      }
+    }
+  }
+  std::lock_guard<std::mutex> l(mu_);
+  arrays_.clear();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Devices
+
+Result<Daemon::ArrayLeg> Daemon::OpenLeg(const std::string& spec, const ArrayConfig& cfg) {
+  LegSpec ls;
+  DST_RETURN_IF_ERROR(ParseLegSpec(spec, &ls));
+  ArrayLeg leg;
+  leg.spec = spec;
+  switch (ls.kind) {
+    case LegSpec::Kind::kDst: {
+      net::RemoteOptions ro;
+      VolumeConfig vc;
+      DST_RETURN_IF_ERROR(ParseVolumeUri(spec, &ro.host, &ro.port, &ro.export_name));
+      ro.batching = cfg_.batching;
+      ro.io_timeout = std::chrono::seconds(cfg.leg_timeout_s);
+      ro.keepalive_timeout = std::chrono::seconds(std::min<std::uint32_t>(cfg.leg_timeout_s, 5));
+      ro.keepalive_interval = std::min<std::chrono::milliseconds>(
+          std::chrono::milliseconds(1000), ro.keepalive_timeout / 3);
+      ro.connect_timeout = std::chrono::seconds(3);
+      auto r = net::RemoteDevice::Connect(io_, ro);
+      if (!r.ok()) return r.status().message().find(spec) == std::string::npos
+                              ? r.status().WithContext(spec) : r.status();
+      leg.remote = r.value();
+      leg.dev = leg.remote;
+      leg.owned = true;
+      return leg;
+    }
+    case LegSpec::Kind::kNbd: {
+      net::NbdClientOptions no;
+      DST_RETURN_IF_ERROR(net::ParseNbdUri(spec, &no));
+      no.batching = cfg_.batching;
+      no.io_timeout = std::chrono::seconds(cfg.leg_timeout_s);
+      no.keepalive_timeout = std::chrono::seconds(std::min<std::uint32_t>(cfg.leg_timeout_s, 5));
+      no.connect_timeout = std::chrono::seconds(3);
+      auto r = net::NbdClientDevice::Connect(io_, no);
+      if (!r.ok()) return r.status().WithContext(spec);
+      leg.nbd = r.value();
+      leg.dev = leg.nbd;
+      leg.owned = true;
+      return leg;
+    }
+    case LegSpec::Kind::kPath: {
+      auto r = FileDevice::Open(ls.ref, FileDeviceOptions{});
+      if (!r.ok()) return r.status().WithContext(ls.ref);
+      leg.dev = r.value();
+      leg.owned = true;
+      return leg;
+    }
+    case LegSpec::Kind::kVolume: {
+      std::lock_guard<std::mutex> l(mu_);
+      auto it = volumes_.find(ls.ref);
+      if (it == volumes_.end() || it->second->is_array)
+        return Status::NotFound(fmt::format("no volume \"{}\"", ls.ref));
+      if (!it->second->dev)
+        return Status::Unavailable(fmt::format("volume \"{}\" is not connected", ls.ref));
+      leg.dev = it->second->dev;
+      leg.remote = it->second->remote;
+      return leg;
+    }
+    case LegSpec::Kind::kArray: {
+      std::lock_guard<std::mutex> l(mu_);
+      auto it = arrays_.find(ls.ref);
+      if (it == arrays_.end()) return Status::NotFound(fmt::format("no array \"{}\"", ls.ref));
+      if (ls.ref == cfg.name) return Status::InvalidArgument("an array cannot be its own leg");
+      if (!it->second->dev)
+        return Status::Unavailable(fmt::format("array \"{}\" is not assembled", ls.ref));
+      leg.dev = it->second->dev;
+      return leg;
+    }
+  }
+  return Status::InvalidArgument("bad leg");
+}
+
+Status Daemon::BringUp(const std::shared_ptr<Array>& a) {
+  if (a->dev || a->removed) return Status::OK();
+  const bool mirror = a->cfg.level == "mirror";
+  std::vector<std::shared_ptr<BlockDevice>> devs(a->legs.size());
+  std::size_t present = 0, wanted = 0;
+  std::string first_error;
+  for (std::size_t i = 0; i < a->legs.size(); ++i) {
+    ArrayLeg& leg = a->legs[i];
+    if (leg.spec.empty()) continue;
+    ++wanted;
+    if (!leg.dev) {
+      auto r = OpenLeg(leg.spec, a->cfg);
+      std::lock_guard<std::mutex> l(mu_);  // ArrayJson reads legs under mu_
+      if (r.ok()) {
+        bool manual = leg.manual;
+        leg = std::move(r.value());
+        leg.manual = manual;
+      } else {
+        leg.error = Msg(r.status());
+        if (first_error.empty()) first_error = leg.error;
+      }
+    }
+    if (leg.dev) {
+      devs[i] = leg.dev;
+      ++present;
+    }
+  }
+  Status st;
+  if (!a->created || !mirror) {
+    if (present < wanted) {
+      st = Status::Unavailable(fmt::format("{} of {} legs unreachable ({})", wanted - present,
+                                           wanted, first_error));
+    } else if (mirror) {
+      auto r = MirrorDevice::Create(devs, store_, MirrorOpts(a->cfg, a->assume_clean), a->id);
+      if (r.ok()) {
+        std::lock_guard<std::mutex> l(mu_);
+        a->mirror = r.value();
+        a->id = a->mirror->id();
+      }
+      st = r.status();
+    } else {
+      std::vector<std::shared_ptr<BlockDevice>> ld;
+      for (auto& d : devs)
+        if (d) ld.push_back(d);
+      auto r = LinearDevice::Create(ld);
+      if (r.ok()) {
+        std::lock_guard<std::mutex> l(mu_);
+        a->linear = r.value();
+        if (a->id.empty()) a->id = NewUuid();
+      }
+      st = r.status();
+    }
+  } else {
+    if (present == 0) {
+      st = Status::Unavailable(fmt::format("no leg reachable ({})", first_error));
+    } else {
+      auto r = MirrorDevice::Assemble(a->id, devs, store_, MirrorOpts(a->cfg, false));
+      if (r.ok()) {
+        std::lock_guard<std::mutex> l(mu_);
+        a->mirror = r.value();
+      }
+      st = r.status();
+    }
+  }
+  if (!st.ok()) {
+    std::lock_guard<std::mutex> l(mu_);
+    a->error = Msg(st);
+    // A new array keeps nothing open while it waits for its legs.
+    if (!a->created) {
+      for (auto& leg : a->legs) {
+        if (!leg.owned || !leg.dev) continue;
+        if (leg.remote) leg.remote->Close();
+        if (leg.nbd) leg.nbd->Close();
+        leg.dev.reset();
+        leg.remote.reset();
+        leg.nbd.reset();
+      }
+    }
+    return st;
+  }
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    a->dev = a->mirror ? std::shared_ptr<BlockDevice>(a->mirror)
+                       : std::shared_ptr<BlockDevice>(a->linear);
+    a->error.clear();
+  }
+  bool was_created = a->created;
+  a->created = true;
+  if (Status ps = PersistArray(a); !ps.ok())
+    spdlog::error("array \"{}\": cannot record topology: {}", a->cfg.name, Msg(ps));
+  spdlog::info("array \"{}\": {} {} ({} bytes, {}/{} legs)", a->cfg.name,
+               was_created ? "assembled" : "created", a->cfg.level, a->dev->Info().size, present,
+               wanted);
+  for (std::size_t i = 0; i < a->legs.size(); ++i)
+    if (!a->legs[i].spec.empty() && !a->legs[i].dev)
+      spdlog::warn("array \"{}\": leg {} ({}) is missing: {}; retrying in the background",
+                   a->cfg.name, i, a->legs[i].spec, a->legs[i].error);
+  RegisterArrayVolume(a);
+  Emit(json{{"type", "array_state"}, {"array", a->cfg.name}, {"state", "assembled"}});
+  return Status::OK();
+}
+
+std::uint64_t Daemon::SampleResync(const std::shared_ptr<Array>& a) {
+  std::shared_ptr<MirrorDevice> m;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    m = a->mirror;
+  }
+  std::lock_guard<std::mutex> l(a->acc_mu);
+  if (m) {
+    for (auto& p : m->Progress()) {
+      std::uint64_t& last = a->resync_last[p.leg];
+      if (p.bytes_resynced_total < last) a->resync_base[p.leg] += last;  // a new pass started
+      last = p.bytes_resynced_total;
+    }
+  }
+  std::uint64_t total = 0;
+  for (auto& [leg, v] : a->resync_base) total += v;
+  for (auto& [leg, v] : a->resync_last) total += v;
+  return total;
+}
+
+std::uint64_t Daemon::BankResync(const std::shared_ptr<Array>& a, int slot) {
+  SampleResync(a);
+  std::lock_guard<std::mutex> l(a->acc_mu);
+  std::uint64_t v = a->resync_last[slot];
+  a->resync_base[slot] += v;
+  a->resync_last[slot] = 0;
+  return v;
+}
+
+void Daemon::UnbankResync(const std::shared_ptr<Array>& a, int slot, std::uint64_t bytes) {
+  std::lock_guard<std::mutex> l(a->acc_mu);
+  a->resync_base[slot] -= bytes;
+  a->resync_last[slot] = bytes;
+}
+
+Status Daemon::PersistArray(const std::shared_ptr<Array>& a) {
+  if (!topo_) return Status::OK();
+  TopologyRecord r;
+  r.cfg = a->cfg;
+  for (std::size_t i = 0; i < a->legs.size() && i < r.cfg.legs.size(); ++i)
+    r.cfg.legs[i] = a->legs[i].spec;
+  r.id = a->id;
+  std::lock_guard<std::mutex> l(topo_mu_);
+  return topo_->Put(r);
+}
+
+void Daemon::RegisterArrayVolume(const std::shared_ptr<Array>& a) {
+  auto vol = std::make_shared<Volume>();
+  vol->cfg.name = a->cfg.name;
+  vol->cfg.path = "array:" + a->cfg.name;
+  vol->state = "ready";
+  vol->dev = a->dev;
+  vol->is_array = true;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    volumes_[a->cfg.name] = vol;
+  }
+  AddToMount(vol);
+  TryPendingExports();
+}
+
+std::shared_ptr<Daemon::Array> Daemon::FindArray(const std::string& name) {
+  std::lock_guard<std::mutex> l(mu_);
+  auto it = arrays_.find(name);
+  return it == arrays_.end() ? nullptr : it->second;
+}
+
+std::string Daemon::UsedBy(const std::string& name) {
+  std::lock_guard<std::mutex> l(mu_);
+  for (auto& [n, a] : arrays_)
+    for (auto& leg : a->legs)
+      if (leg.spec == "volume:" + name || leg.spec == "array:" + name) return n;
+  return {};
+}
+
+void Daemon::TryPendingExports() {
+  if (!exporter_) return;
+  std::vector<ExportConfig> want;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& [n, e] : exports_)
+      if (e.path.empty()) want.push_back(e);
+  }
+  if (want.empty()) return;
+  std::set<std::string> live;
+  for (auto& s : exporter_->ListExports()) live.insert(s.name);
+  for (auto& e : want) {
+    if (live.count(e.name)) continue;
+    std::shared_ptr<BlockDevice> dev;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      auto it = volumes_.find(e.array.empty() ? e.volume : e.array);
+      if (it != volumes_.end()) dev = it->second->dev;
+    }
+    if (!dev) continue;
+    net::ExportSpec spec;
+    spec.name = e.name;
+    spec.device = dev;
+    spec.read_only = e.read_only;
+    Status s = exporter_->AddExport(std::move(spec));
+    if (s.ok()) NbdExportAdded(e.name, dev, e.read_only, {}, e.array);  // NBD too (daemon_nbd.cc)
+    if (s.ok())
+      spdlog::info("export \"{}\": {} \"{}\" ({} bytes)", e.name,
+                   e.array.empty() ? "volume" : "array", e.array.empty() ? e.volume : e.array,
+                   dev->Info().size);
+    else if (s.code() != Status::Code::kExists)
+      spdlog::warn("export \"{}\": {}", e.name, Msg(s));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Management (blocking; worker threads)
+
+Status Daemon::CreateArray(ArrayConfig cfg, bool assume_clean) {
+  if (cfg.level != "mirror" && cfg.level != "linear")
+    return Status::InvalidArgument(fmt::format("unknown level \"{}\" (mirror or linear)", cfg.level));
+  if (cfg.level == "mirror" && (cfg.legs.size() < 2 || cfg.legs.size() > 8))
+    return Status::InvalidArgument(
+        fmt::format("a mirror needs 2..8 legs, got {}", cfg.legs.size()));
+  if (cfg.legs.empty()) return Status::InvalidArgument("a linear needs at least 1 leg");
+  std::set<std::string> seen;
+  for (auto& spec : cfg.legs) {
+    LegSpec ls;
+    DST_RETURN_IF_ERROR(ParseLegSpec(spec, &ls));
+    if (!seen.insert(spec).second)
+      return Status::InvalidArgument(fmt::format("leg \"{}\" is listed twice", spec));
+    if (ls.kind == LegSpec::Kind::kArray && ls.ref == cfg.name)
+      return Status::InvalidArgument("an array cannot be its own leg");
+    if (std::string u = UsedBy(ls.ref);
+        (ls.kind == LegSpec::Kind::kVolume || ls.kind == LegSpec::Kind::kArray) && !u.empty())
+      return Status::Busy(fmt::format("leg \"{}\" is already used by array \"{}\"", spec, u));
+  }
+  auto a = std::make_shared<Array>();
+  a->cfg = cfg;
+  a->assume_clean = assume_clean;
+  a->legs.resize(cfg.legs.size());
+  for (std::size_t i = 0; i < cfg.legs.size(); ++i) a->legs[i].spec = cfg.legs[i];
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (arrays_.count(cfg.name) || volumes_.count(cfg.name))
+      return Status::Exists(fmt::format("a volume or array \"{}\" already exists", cfg.name));
+    arrays_[cfg.name] = a;
+  }
+  std::lock_guard<std::mutex> ol(a->op_mu);
+  Status st = BringUp(a);
+  if (!st.ok()) {
+    std::lock_guard<std::mutex> l(mu_);
+    arrays_.erase(cfg.name);
+    a->removed = true;
+  }
+  return st;
+}
+
+Status Daemon::RemoveArray(const std::string& name) {
+  auto a = FindArray(name);
+  if (!a) return Status::NotFound(fmt::format("no array \"{}\"", name));
+  std::lock_guard<std::mutex> ol(a->op_mu);
+  if (std::string u = UsedBy(name); !u.empty())
+    return Status::Busy(fmt::format("array \"{}\" is a leg of array \"{}\"", name, u));
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& [n, e] : exports_)
+      if (e.array == name)
+        return Status::Busy(fmt::format("array \"{}\" is exported as \"{}\" (export remove {} first)",
+                                        name, n, n));
+  }
+  std::shared_ptr<fuse::FuseMount> m;
+  std::shared_ptr<Volume> vol;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = volumes_.find(name);
+    if (it != volumes_.end() && it->second->is_array) {
+      vol = it->second;
+      if (vol->in_mount) m = mount_;
+    }
+  }
+  if (m) {
+    Status st = m->RemoveVolume(name);
+    if (!st.ok() && !st.IsNotFound()) {
+      if (st.code() == Status::Code::kBusy)
+        st = Status::Busy(fmt::format("array \"{}\" is in use ({}/{}.img is open)", name,
+                                      m->mountpoint(), name));
+      return st;
+    }
+  }
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (vol) {
+      vol->in_mount = false;
+      vol->removed = true;
+      volumes_.erase(name);
+    }
+    arrays_.erase(name);
+    a->removed = true;
+  }
+  if (a->mirror) {
+    (void)a->mirror->Close();
+    if (store_ && !a->id.empty()) (void)store_->DeleteArray(a->id);
+  } else if (a->linear) {
+    (void)FlushDeadline(*a->linear, std::chrono::seconds(20));
+  }
+  for (auto& leg : a->legs) {
+    if (!leg.owned) continue;
+    if (leg.remote) leg.remote->Close();
+    if (leg.nbd) leg.nbd->Close();
+  }
+  {
+    std::lock_guard<std::mutex> l(topo_mu_);
+    if (topo_) (void)topo_->Delete(name);
+  }
+  spdlog::info("array \"{}\" removed", name);
+  Emit(json{{"type", "array_state"}, {"array", name}, {"state", "removed"}});
+  return Status::OK();
+}
+
+Status Daemon::ArrayAddLeg(const std::string& name, const std::string& spec, bool grow_only) {
+  auto a = FindArray(name);
+  if (!a) return Status::NotFound(fmt::format("no array \"{}\"", name));
+  std::lock_guard<std::mutex> ol(a->op_mu);
+  if (!a->dev) return Status::Unavailable(fmt::format("array \"{}\" is not assembled: {}", name, a->error));
+  if (grow_only && !a->linear)
+    return Status::InvalidArgument(
+        fmt::format("array \"{}\" is a mirror: grow is for linear arrays (use add-leg)", name));
+  LegSpec ls;
+  DST_RETURN_IF_ERROR(ParseLegSpec(spec, &ls));
+  for (auto& l : a->legs)
+    if (l.spec == spec) return Status::Exists(fmt::format("\"{}\" is already a leg of \"{}\"", spec, name));
+  if (ls.kind == LegSpec::Kind::kArray && ls.ref == name)
+    return Status::InvalidArgument("an array cannot be its own leg");
+  if ((ls.kind == LegSpec::Kind::kVolume || ls.kind == LegSpec::Kind::kArray) &&
+      !UsedBy(ls.ref).empty())
+    return Status::Busy(fmt::format("leg \"{}\" is already used by array \"{}\"", spec, UsedBy(ls.ref)));
+  if (ls.kind == LegSpec::Kind::kArray) {
+    // Refuse a cycle: `name` must not be below `ls.ref`.
+    std::function<bool(const std::string&)> below = [&](const std::string& n) {
+      auto b = FindArray(n);
+      if (!b) return false;
+      for (auto& l : b->cfg.legs) {
+        if (l == "array:" + name) return true;
+        if (l.rfind("array:", 0) == 0 && below(l.substr(6))) return true;
+      }
+      return false;
+    };
+    if (below(ls.ref)) return Status::InvalidArgument("that would stack arrays in a cycle");
+  }
+  auto r = OpenLeg(spec, a->cfg);
+  if (!r.ok()) return r.status();
+  ArrayLeg leg = std::move(r.value());
+  auto close_leg = [&] {
+    if (!leg.owned) return;
+    if (leg.remote) leg.remote->Close();
+    if (leg.nbd) leg.nbd->Close();
+  };
+  if (a->linear) {
+    if (Status s = a->linear->AppendLeg(leg.dev); !s.ok()) {
+      close_leg();
+      return s;
+    }
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      a->legs.push_back(leg);
+      a->cfg.legs.push_back(spec);
+    }
+    // The FUSE file caches its size: re-add it so the new size shows (only while it is closed).
+    std::shared_ptr<fuse::FuseMount> m;
+    std::shared_ptr<Volume> vol;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      auto it = volumes_.find(name);
+      if (it != volumes_.end() && it->second->in_mount) {
+        m = mount_;
+        vol = it->second;
+      }
+    }
+    if (m && vol && RefreshFuseSize(*m, name)) {
+      spdlog::info("array \"{}\": {}/{}.img grew to {} bytes", name, m->mountpoint(), name,
+                   a->dev->Info().size);
+    } else if (m && vol) {
+      Status rs = m->RemoveVolume(name);
+      if (rs.ok()) {
+        {
+          std::lock_guard<std::mutex> l(mu_);
+          vol->in_mount = false;
+        }
+        AddToMount(vol);
+      } else {
+        spdlog::info("array \"{}\": {}/{}.img is open; its new size shows once it is closed", name, m->mountpoint(), name);
+      }
+    }
+  } else {
+    SampleResync(a);
+    auto slot = a->mirror->AddLeg(leg.dev);
+    if (!slot.ok()) {
+      close_leg();
+      return slot.status();
+    }
+    std::lock_guard<std::mutex> l(mu_);
+    std::size_t s = std::size_t(slot.value());
+    if (a->legs.size() <= s) a->legs.resize(s + 1);
+    if (a->cfg.legs.size() <= s) a->cfg.legs.resize(s + 1);
+    a->legs[s] = leg;
+    a->cfg.legs[s] = spec;
+  }
+  DST_RETURN_IF_ERROR(PersistArray(a));
+  spdlog::info("array \"{}\": leg {} added", name, spec);
+  return Status::OK();
+}
+
+Status Daemon::ArrayLegOp(const std::string& name, const std::string& op, int slot,
+                          const std::string& spec) {
+  auto a = FindArray(name);
+  if (!a) return Status::NotFound(fmt::format("no array \"{}\"", name));
+  std::lock_guard<std::mutex> ol(a->op_mu);
+  if (!a->mirror)
+    return Status::InvalidArgument(
+        a->linear ? fmt::format("array \"{}\" is linear: legs cannot be failed, removed or "
+                                "detached (it has no redundancy)", name)
+                  : fmt::format("array \"{}\" is not assembled: {}", name, a->error));
+  if (slot < 0 || std::size_t(slot) >= a->legs.size() ||
+      (a->legs[std::size_t(slot)].spec.empty() && op != "readd"))
+    return Status::NotFound(fmt::format("array \"{}\" has no leg in slot {}", name, slot));
+  ArrayLeg& leg = a->legs[std::size_t(slot)];
+  if (op == "fail" || op == "detach") {
+    // As md: the last up-to-date leg cannot be failed (the array would become unusable).
+    int others = 0;
+    bool this_up = false;
+    for (auto& ls : a->mirror->Legs()) {
+      if (ls.state != LegState::kUpToDate) continue;
+      if (ls.slot == slot) this_up = true;
+      else ++others;
+    }
+    if (this_up && others == 0)
+      return Status::Busy(fmt::format(
+          "leg {} is the last up-to-date leg of array \"{}\"; refusing to {} it", slot, name, op));
+  }
+  if (op == "fail") {
+    DST_RETURN_IF_ERROR(a->mirror->FailLeg(slot));
+    leg.manual = true;
+  } else if (op == "detach") {
+    DST_RETURN_IF_ERROR(a->mirror->DetachLeg(slot));
+    leg.manual = true;
+  } else if (op == "remove") {
+    std::uint64_t banked = BankResync(a, slot);
+    if (Status rs = a->mirror->RemoveLeg(slot); !rs.ok()) {
+      UnbankResync(a, slot, banked);
+      return rs;
+    }
+    ArrayLeg old;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      old = leg;
+      leg = ArrayLeg{};
+      a->cfg.legs[std::size_t(slot)].clear();
+    }
+    if (old.owned) {
+      if (old.remote) old.remote->Close();
+      if (old.nbd) old.nbd->Close();
+    }
+    DST_RETURN_IF_ERROR(PersistArray(a));
+  } else if (op == "readd") {
+    std::string use = spec.empty() ? leg.spec : spec;
+    if (use.empty()) return Status::InvalidArgument("slot is empty: give the leg to re-add");
+    std::shared_ptr<BlockDevice> dev = use == leg.spec ? leg.dev : nullptr;
+    ArrayLeg fresh;
+    if (!dev) {
+      auto r = OpenLeg(use, a->cfg);
+      if (!r.ok()) return r.status();
+      fresh = std::move(r.value());
+      dev = fresh.dev;
+    }
+    std::uint64_t banked = BankResync(a, slot);
+    Status s = a->mirror->ReAddLeg(slot, dev);
+    if (!s.ok()) {
+      UnbankResync(a, slot, banked);
+      if (fresh.owned && fresh.remote) fresh.remote->Close();
+      if (fresh.owned && fresh.nbd) fresh.nbd->Close();
+      return s;
+    }
+    ArrayLeg old;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (fresh.dev) {
+        old = leg;
+        leg = fresh;
+      }
+      leg.manual = false;
+      leg.backoff_s = 1;
+      leg.spec = use;
+      a->cfg.legs[std::size_t(slot)] = use;
+    }
+    if (old.owned && old.dev != leg.dev) {
+      if (old.remote) old.remote->Close();
+      if (old.nbd) old.nbd->Close();
+    }
+    DST_RETURN_IF_ERROR(PersistArray(a));
+  } else {
+    return Status::InvalidArgument("unknown leg operation");
+  }
+  spdlog::info("array \"{}\": {} leg {} done", name, op, slot);
+  return Status::OK();
+}
+
+Status Daemon::ArraySetRate(const std::string& name, std::uint64_t min, std::uint64_t max) {
+  auto a = FindArray(name);
+  if (!a) return Status::NotFound(fmt::format("no array \"{}\"", name));
+  if (max != 0 && min > max) return Status::InvalidArgument("--min must not exceed --max");
+  std::lock_guard<std::mutex> ol(a->op_mu);
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    a->cfg.resync_rate_min = min;
+    a->cfg.resync_rate_max = max;
+  }
+  if (a->mirror) a->mirror->SetResyncRate(ResyncRate{min, max});
+  return PersistArray(a);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Monitor: assemble waiting arrays, reconnect missing legs, re-add recovered ones.
+
+void Daemon::ArrayMonitorLoop() {
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> l(ev_mu_);
+      if (ev_cv_.wait_for(l, std::chrono::seconds(1), [this] { return ev_stop_; })) return;
+    }
+    std::vector<std::shared_ptr<Array>> all;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      for (auto& [n, a] : arrays_) all.push_back(a);
+    }
+    auto now = std::chrono::steady_clock::now();
+    for (auto& a : all) {
+      std::unique_lock<std::mutex> ol(a->op_mu, std::try_to_lock);
+      if (!ol.owns_lock() || a->removed || stopping_) continue;
+      if (!a->dev) {
+        bool due = false;
+        for (auto& leg : a->legs) due |= !leg.spec.empty() && !leg.dev && now >= leg.next_try;
+        if (!due) continue;
+        for (auto& leg : a->legs) {
+          if (leg.spec.empty() || leg.dev) continue;
+          leg.next_try = now + std::chrono::seconds(leg.backoff_s);
+          leg.backoff_s = std::min(leg.backoff_s * 2, 30);
+        }
+        if (BringUp(a).ok()) spdlog::info("array \"{}\" is up", a->cfg.name);
+        continue;
+      }
+      if (!a->mirror) continue;
+      std::vector<LegStatus> ls = a->mirror->Legs();
+      for (auto& st : ls) {
+        if (st.slot < 0 || std::size_t(st.slot) >= a->legs.size()) continue;
+        ArrayLeg& leg = a->legs[std::size_t(st.slot)];
+        if (leg.spec.empty() || leg.manual) continue;
+        if (st.state == LegState::kUpToDate) leg.backoff_s = 1;
+        if (st.state != LegState::kFailed || now < leg.next_try) continue;
+        // A closed remote never comes back: drop it and connect afresh.
+        if (leg.dev && leg.owned && leg.remote && leg.remote->Stats().state == "closed") {
+          std::lock_guard<std::mutex> l(mu_);
+          leg.dev.reset();
+          leg.remote.reset();
+        }
+        if (leg.dev && leg.owned && leg.nbd && leg.nbd->Stats().state == "closed") {
+          std::lock_guard<std::mutex> l(mu_);
+          leg.dev.reset();
+          leg.nbd.reset();
+        }
+        if (leg.dev) {
+          std::string link = leg.remote ? leg.remote->Stats().state
+                             : leg.nbd  ? leg.nbd->Stats().state
+                                        : "ready";
+          // Local legs that failed had an I/O error: re-adding them in a loop would hide it.
+          if (link != "connected") continue;
+          if (!leg.remote && !leg.nbd) continue;
+        } else {
+          auto r = OpenLeg(leg.spec, a->cfg);
+          if (!r.ok()) {
+            {
+              std::lock_guard<std::mutex> l(mu_);
+              leg.error = Msg(r.status());
+            }
+            leg.next_try = now + std::chrono::seconds(leg.backoff_s);
+            leg.backoff_s = std::min(leg.backoff_s * 2, 30);
+            continue;
+          }
+          std::lock_guard<std::mutex> l(mu_);
+          leg = std::move(r.value());
+        }
+        std::uint64_t banked = BankResync(a, st.slot);
+        Status s = a->mirror->ReAddLeg(st.slot, leg.dev);
+        if (!s.ok()) UnbankResync(a, st.slot, banked);
+        leg.next_try = now + std::chrono::seconds(leg.backoff_s);
+        leg.backoff_s = std::min(leg.backoff_s * 2, 30);
+        if (s.ok()) {
+          {
+            std::lock_guard<std::mutex> l(mu_);
+            leg.error.clear();
+          }
+          spdlog::info("array \"{}\": leg {} ({}) is back; re-added", a->cfg.name, st.slot,
+                       leg.spec);
+        } else {
+          std::lock_guard<std::mutex> l(mu_);
+          leg.error = Msg(s);
+          spdlog::debug("array \"{}\": re-add of leg {} failed: {}", a->cfg.name, st.slot, Msg(s));
+        }
+      }
+    }
+    TryPendingExports();
+    RefreshGrownFiles();
+  }
+}
+
+// A grown linear's FUSE file keeps its old size while open (FuseMount caches it); once nobody
+// has it open, re-add it so the new size shows.
+void Daemon::RefreshGrownFiles() {
+  std::shared_ptr<fuse::FuseMount> m;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    m = mount_;
+  }
+  if (!m) return;
+  for (const auto& f : m->ListVolumes()) {
+    std::shared_ptr<Volume> vol;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      auto it = volumes_.find(f.name);
+      if (it == volumes_.end() || !it->second->is_array || !it->second->dev ||
+          !it->second->in_mount || it->second->removing)
+        continue;
+      vol = it->second;
+    }
+    DeviceInfo info = vol->dev->Info();
+    std::uint64_t lbs = std::max<std::uint32_t>(info.logical_block_size, 1);
+    if (f.open_count != 0 || f.size == info.size / lbs * lbs) continue;
+    if (!m->RemoveVolume(f.name).ok()) continue;  // opened meanwhile: next tick
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      vol->in_mount = false;
+    }
+    AddToMount(vol);
+    spdlog::info("array \"{}\": {}/{}.img now shows {} bytes", f.name, m->mountpoint(), f.name,
+                 info.size);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// JSON
+
+json Daemon::ArrayJson(const std::shared_ptr<Array>& a) {
+  ArrayConfig cfg;
+  std::vector<std::string> specs, errors;
+  std::vector<bool> present;
+  std::shared_ptr<MirrorDevice> mirror;
+  std::shared_ptr<LinearDevice> linear;
+  std::shared_ptr<BlockDevice> dev;
+  std::string error, id;
+  std::vector<std::string> links;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    cfg = a->cfg;
+    for (auto& leg : a->legs) {
+      specs.push_back(leg.spec);
+      present.push_back(leg.dev != nullptr);
+      errors.push_back(leg.error);
+      links.push_back(leg.remote ? "remote" : leg.nbd ? "nbd" : "");
+    }
+    mirror = a->mirror;
+    linear = a->linear;
+    dev = a->dev;
+    error = a->error;
+    id = a->id;
+  }
+  json j{{"name", cfg.name},
+         {"level", cfg.level},
+         {"id", id},
+         {"size", dev ? dev->Info().size : 0},
+         {"region_size", cfg.region_size},
+         {"write_intent", cfg.write_intent},
+         {"resync_rate", {{"min", cfg.resync_rate_min}, {"max", cfg.resync_rate_max}}},
+         {"error", error.empty() ? json() : json(error)}};
+  json legs = json::array();
+  int up = 0, n = 0, resyncing = 0;
+  json resync = nullptr;
+  json progress = json::array();
+  json stats = json::object();
+  if (mirror) {
+    std::vector<LegStatus> ls = mirror->Legs();
+    for (auto& s : ls) {
+      if (s.state == LegState::kEmpty) continue;
+      ++n;
+      if (s.state == LegState::kUpToDate) ++up;
+      if (s.state == LegState::kResyncing) ++resyncing;
+      std::size_t i = std::size_t(s.slot);
+      json lj{{"slot", s.slot},
+              {"spec", i < specs.size() ? specs[i] : s.describe},
+              {"state", LegStateName(s.state)},
+              {"generation", s.generation},
+              {"out_of_sync_bytes", s.out_of_sync_bytes},
+              {"pending", s.pending},
+              {"present", i < present.size() && present[i]},
+              {"device", s.describe}};
+      if (i < errors.size() && !errors[i].empty() && s.state != LegState::kUpToDate)
+        lj["error"] = errors[i];
+      legs.push_back(std::move(lj));
+    }
+    for (auto& p : mirror->Progress()) {
+      json pj{{"leg", p.leg},
+              {"state", ResyncStateName(p.state)},
+              {"leg_state", LegStateName(p.leg_state)},
+              {"bytes_done", p.bytes_done},
+              {"bytes_total", p.bytes_total},
+              {"percent", p.Percent()},
+              {"rate", p.rate_bytes_per_s},
+              {"eta_seconds", p.eta_seconds},
+              {"bytes_resynced_total", p.bytes_resynced_total}};
+      bool active = p.state == ResyncState::kRunning || p.state == ResyncState::kPending ||
+                    p.state == ResyncState::kPaused;
+      if (active && (resync.is_null() || (resync["state"] != "running" && p.state == ResyncState::kRunning)))
+        resync = pj;
+      progress.push_back(std::move(pj));
+    }
+    MirrorStats ms = mirror->Stats();
+    stats = {{"writes", ms.writes},
+             {"reads", ms.reads},
+             {"flushes", ms.flushes},
+             {"read_retries", ms.read_retries},
+             {"intent_waits", ms.intent_waits},
+             {"commits", ms.commits},
+             {"commit_failures", ms.commit_failures},
+             {"commits_per_second", ms.commits_per_second},
+             {"regions_committed", ms.regions_committed},
+             {"regions_cleared", ms.regions_cleared},
+             {"intent_regions", ms.intent_regions},
+             {"pool_waits", ms.pool_waits},
+             {"store_commits", store_ ? store_->commits() : 0}};
+  } else {
+    std::vector<LinearDevice::Extent> table;
+    if (linear) table = linear->Table();
+    for (std::size_t i = 0; i < specs.size(); ++i) {
+      if (specs[i].empty()) continue;
+      ++n;
+      bool ok = linear && i < table.size();
+      if (ok) ++up;
+      json lj{{"slot", int(i)},
+              {"spec", specs[i]},
+              {"state", ok ? "up-to-date" : present[i] ? "ready" : "missing"},
+              {"generation", ""},
+              {"out_of_sync_bytes", 0},
+              {"present", present[i]}};
+      if (ok) {
+        lj["start"] = table[i].start;
+        lj["length"] = table[i].len;
+      }
+      if (!errors[i].empty() && !ok) lj["error"] = errors[i];
+      legs.push_back(std::move(lj));
+    }
+  }
+  if (!mirror) {
+    // Legs of a mirror that is not assembled yet: show what we know.
+    if (cfg.level == "mirror") {
+      for (std::size_t i = 0; i < specs.size(); ++i) {
+        if (specs[i].empty()) continue;
+        ++n;
+        json lj{{"slot", int(i)}, {"spec", specs[i]}, {"state", present[i] ? "ready" : "missing"},
+                {"generation", ""}, {"out_of_sync_bytes", 0}, {"present", present[i]}};
+        if (!errors[i].empty()) lj["error"] = errors[i];
+        legs.push_back(std::move(lj));
+      }
+    }
+  }
+  std::string state;
+  if (!dev || up == 0) state = "failed";
+  else if (cfg.level == "linear") state = up == n ? "clean" : "failed";
+  else if (resyncing > 0 && !resync.is_null()) state = "resyncing";
+  else if (up < n) state = "degraded";
+  else state = "clean";
+  j["state"] = state;
+  j["assembled"] = dev != nullptr;
+  j["bytes_resynced_total"] = SampleResync(a);  // all passes since this dstd started
+  j["legs"] = std::move(legs);
+  j["raid_devices"] = n;
+  j["active_devices"] = up;
+  j["resync"] = std::move(resync);
+  j["progress"] = std::move(progress);
+  j["stats"] = std::move(stats);
+  json exported = json::array();
+  std::shared_ptr<fuse::FuseMount> m;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& [en, e] : exports_)
+      if (e.array == cfg.name) exported.push_back(en);
+    m = mount_;
+  }
+  j["exports"] = std::move(exported);
+  j["file"] = nullptr;
+  if (m && dev) {
+    for (auto& f : m->ListVolumes())
+      if (f.name == cfg.name) {
+        j["file"] = m->mountpoint() + "/" + cfg.name + ".img";
+        j["open_count"] = f.open_count;
+      }
+  }
+  j["state_db"] = opts_.state_dir + "/dstd.sqlite";
+  return j;
+}
+
+json Daemon::ArraysJson() {
+  std::vector<std::shared_ptr<Array>> all;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& [n, a] : arrays_) all.push_back(a);
+  }
+  json arr = json::array();
+  for (auto& a : all) arr.push_back(ArrayJson(a));
+  return arr;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Events: a 0.5 s ticker diffs the array/volume states and streams changes to subscribers.
+
+void Daemon::Emit(json ev) {
+  if (!ev.contains("ts")) ev["ts"] = NowTs();
+  std::string line = ev.dump(-1, ' ', false, json::error_handler_t::replace) + "\n";
+  std::lock_guard<std::mutex> l(ev_mu_);
+  subscribers_.erase(std::remove_if(subscribers_.begin(), subscribers_.end(),
+                                    [&](Reply& r) { return !r(line); }),
+                     subscribers_.end());
+}
+
+void Daemon::EventsRpc(Reply reply, const json& id) {
+  // The reply first, then (same connection, same strand order) the current state, then changes.
+  reply(ctl::EncodeResult(id, json{{"subscribed", true}}));
+  json arrays = ArraysJson();
+  std::vector<std::string> lines;
+  for (auto& a : arrays) {
+    json ev{{"ts", NowTs()}, {"type", "array_state"}, {"array", a["name"]}, {"state", a["state"]},
+            {"initial", true}};
+    lines.push_back(ev.dump() + "\n");
+    for (auto& l : a["legs"]) {
+      json lev{{"ts", NowTs()}, {"type", "leg_state"}, {"array", a["name"]}, {"slot", l["slot"]},
+               {"spec", l["spec"]}, {"state", l["state"]}, {"initial", true}};
+      lines.push_back(lev.dump() + "\n");
+    }
+  }
+  std::lock_guard<std::mutex> l(ev_mu_);
+  for (auto& line : lines)
+    if (!reply(line)) return;
+  subscribers_.push_back(std::move(reply));
+}
+
+void Daemon::EventsLoop() {
+  std::map<std::string, std::string> arr_state, leg_state, vol_state;
+  std::map<std::string, json> last_resync;
+  bool first = true;
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> l(ev_mu_);
+      if (ev_cv_.wait_for(l, std::chrono::milliseconds(500), [this] { return ev_stop_; })) return;
+    }
+    json arrays = ArraysJson();
+    json vols = VolumesJson();
+    std::set<std::string> seen_arrays;
+    for (auto& a : arrays) {
+      std::string name = a["name"];
+      seen_arrays.insert(name);
+      std::string st = a["state"];
+      auto& prev = arr_state[name];
+      if (!first && prev != st)
+        Emit(json{{"type", "array_state"}, {"array", name}, {"state", st},
+                  {"previous", prev.empty() ? json() : json(prev)}});
+      prev = st;
+      for (auto& l : a["legs"]) {
+        std::string key = name + "/" + std::to_string(l["slot"].get<int>());
+        std::string ls = l["state"];
+        auto& lp = leg_state[key];
+        if (!first && lp != ls) {
+          json ev{{"type", "leg_state"}, {"array", name}, {"slot", l["slot"]}, {"spec", l["spec"]},
+                  {"state", ls}, {"previous", lp.empty() ? json() : json(lp)},
+                  {"out_of_sync_bytes", l["out_of_sync_bytes"]}};
+          Emit(std::move(ev));
+        }
+        lp = ls;
+      }
+      const json& rs = a["resync"];
+      if (!rs.is_null()) {
+        Emit(json{{"type", "resync_progress"}, {"array", name}, {"leg", rs["leg"]},
+                  {"state", rs["state"]}, {"bytes_done", rs["bytes_done"]},
+                  {"bytes_total", rs["bytes_total"]}, {"percent", rs["percent"]},
+                  {"rate", rs["rate"]}, {"eta_seconds", rs["eta_seconds"]}});
+      }
+      // A pass ended (possibly between two ticks): report its final accounting once.
+      for (auto& p : a["progress"]) {
+        std::string key = name + "/" + std::to_string(p["leg"].get<int>());
+        json& lp = last_resync[key];
+        std::string pst = p["state"];
+        std::uint64_t total = p["bytes_resynced_total"];
+        bool ended = (pst == "done" || pst == "failed") &&
+                     (lp.is_null() || lp["state"] != pst || lp["bytes_resynced_total"] != total);
+        if (ended && !first)
+          Emit(json{{"type", "resync_done"}, {"array", name}, {"leg", p["leg"]},
+                    {"state", pst}, {"leg_state", p["leg_state"]},
+                    {"bytes_resynced_total", total}});
+        lp = json{{"state", pst}, {"bytes_resynced_total", total}};
+      }
+    }
+    for (auto it = arr_state.begin(); it != arr_state.end();) {
+      if (seen_arrays.count(it->first)) { ++it; continue; }
+      it = arr_state.erase(it);
+    }
+    for (auto& v : vols) {
+      std::string name = v["name"];
+      std::string st = v["state"];
+      auto& prev = vol_state[name];
+      if (!first && prev != st)
+        Emit(json{{"type", "volume_state"}, {"volume", name}, {"state", st},
+                  {"previous", prev.empty() ? json() : json(prev)}});
+      prev = st;
+    }
+    first = false;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RPCs
+
+void Daemon::ArrayRpc(const std::string& m, const json& p, Finish finish) {
+  std::string name;
+  if (m == "array.list") return finish(json{{"arrays", ArraysJson()}});
+  if (Status st = ParamString(p, "name", true, &name); !st.ok()) return finish(st);
+  if (m == "array.detail") {
+    auto a = FindArray(name);
+    if (!a) return finish(Status::NotFound(fmt::format("no array \"{}\"", name)));
+    return finish(ArrayJson(a));
+  }
+  auto reply_array = [this, name, finish](Status st) {
+    if (!st.ok()) return finish(st);
+    auto a = FindArray(name);
+    finish(a ? ArrayJson(a) : json::object());
+  };
+  if (m == "array.create") {
+    ArrayConfig c;
+    c.name = name;
+    bool assume_clean = false;
+    Status st;
+    if (!ValidName(name)) st = Status::InvalidArgument(fmt::format("bad name \"{}\"", name));
+    if (st.ok()) st = ParamString(p, "level", true, &c.level);
+    auto legs = p.find("legs");
+    if (st.ok() && (legs == p.end() || !legs->is_array()))
+      st = Status::InvalidArgument("parameter \"legs\" must be an array of leg specs");
+    if (st.ok())
+      for (auto& l : *legs) {
+        if (!l.is_string()) { st = Status::InvalidArgument("legs must be strings"); break; }
+        c.legs.push_back(l.get<std::string>());
+      }
+    if (st.ok()) {
+      auto rs = p.find("region_size");
+      if (rs != p.end() && !rs->is_null()) {
+        Result<std::uint64_t> v = Status::InvalidArgument("bad region_size");
+        if (rs->is_string()) v = ParseSize(rs->get<std::string>());
+        else if (rs->is_number_unsigned()) v = rs->get<std::uint64_t>();
+        if (!v.ok()) st = v.status();
+        else if (v.value() < 4096 || v.value() > (1u << 30) || (v.value() & (v.value() - 1)))
+          st = Status::InvalidArgument("region_size must be a power of two between 4K and 1G");
+        else c.region_size = std::uint32_t(v.value());
+      }
+    }
+    std::optional<std::uint64_t> rmin, rmax;
+    if (st.ok()) st = ParamRate(p, "resync_rate_min", &rmin);
+    if (st.ok()) st = ParamRate(p, "resync_rate_max", &rmax);
+    if (rmin) c.resync_rate_min = *rmin;
+    if (rmax) c.resync_rate_max = *rmax;
+    if (st.ok() && p.contains("assume_clean") && p["assume_clean"].is_boolean())
+      assume_clean = p["assume_clean"].get<bool>();
+    if (st.ok() && p.contains("write_intent") && p["write_intent"].is_boolean())
+      c.write_intent = p["write_intent"].get<bool>();
+    if (!st.ok()) return finish(st);
+    return workers_.Post([this, c, assume_clean, reply_array] {
+      reply_array(CreateArray(c, assume_clean));
+    });
+  }
+  if (m == "array.remove") {
+    return workers_.Post([this, name, finish] {
+      Status st = RemoveArray(name);
+      if (!st.ok()) return finish(st);
+      finish(json::object());
+    });
+  }
+  if (m == "array.add_leg" || m == "array.grow") {
+    std::string leg;
+    if (Status st = ParamString(p, "leg", true, &leg); !st.ok()) return finish(st);
+    bool grow = m == "array.grow";
+    return workers_.Post([this, name, leg, grow, reply_array] {
+      reply_array(ArrayAddLeg(name, leg, grow));
+    });
+  }
+  if (m == "array.fail_leg" || m == "array.remove_leg" || m == "array.readd_leg" ||
+      m == "array.detach_leg") {
+    int slot = -1;
+    std::string leg;
+    if (Status st = ParamSlot(p, &slot); !st.ok()) return finish(st);
+    if (Status st = ParamString(p, "leg", false, &leg); !st.ok()) return finish(st);
+    std::string op = m == "array.fail_leg" ? "fail" : m == "array.remove_leg" ? "remove"
+                   : m == "array.readd_leg" ? "readd" : "detach";
+    return workers_.Post([this, name, op, slot, leg, reply_array] {
+      reply_array(ArrayLegOp(name, op, slot, leg));
+    });
+  }
+  if (m == "array.set_resync_rate") {
+    auto a = FindArray(name);
+    if (!a) return finish(Status::NotFound(fmt::format("no array \"{}\"", name)));
+    std::optional<std::uint64_t> rmin, rmax;
+    Status st = ParamRate(p, "min", &rmin);
+    if (st.ok()) st = ParamRate(p, "max", &rmax);
+    if (st.ok() && !rmin && !rmax) st = Status::InvalidArgument("give min and/or max");
+    if (!st.ok()) return finish(st);
+    std::uint64_t lo, hi;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      lo = rmin.value_or(a->cfg.resync_rate_min);
+      hi = rmax.value_or(a->cfg.resync_rate_max);
+    }
+    return workers_.Post([this, name, lo, hi, reply_array] {
+      reply_array(ArraySetRate(name, lo, hi));
+    });
+  }
+  finish(Status::NotSupported(fmt::format("method \"{}\" is not implemented", m)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// apply: reconcile live exports/volumes/arrays with a config file.
+
+Result<std::vector<Daemon::PlanStep>> Daemon::Plan(const Config& want) {
+  std::map<std::string, ExportConfig> live_exports;
+  std::map<std::string, VolumeConfig> live_volumes;
+  std::map<std::string, ArrayConfig> live_arrays;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    live_exports = exports_;
+    for (auto& [n, v] : volumes_)
+      if (!v->is_array) live_volumes[n] = v->cfg;
+    for (auto& [n, a] : arrays_) live_arrays[n] = a->cfg;
+  }
+  std::vector<PlanStep> remove_exports, array_changes, remove_arrays, remove_volumes,
+      add_volumes, add_arrays, add_exports;
+  auto same_export = [](const ExportConfig& a, const ExportConfig& b) {
+    return a.path == b.path && a.array == b.array && a.volume == b.volume &&
+           a.read_only == b.read_only && a.direct_io == b.direct_io;
+  };
+  auto same_volume = [](const VolumeConfig& a, const VolumeConfig& b) {
+    return a.remote == b.remote && a.path == b.path && a.queue_depth == b.queue_depth &&
+           a.io_timeout_s == b.io_timeout_s && a.keepalive_timeout_s == b.keepalive_timeout_s;
+  };
+  auto call = [this](const std::string& method, json params) {
+    // Reuses the RPC implementations (they post to the worker pool) and waits for them.
+    return [this, method, params]() -> Status {
+      auto pr = std::make_shared<std::promise<Status>>();
+      auto fut = pr->get_future();
+      Finish fin = [pr](Result<json> r) { pr->set_value(r.ok() ? Status::OK() : r.status()); };
+      if (method == "export.add") ExportAdd(params, fin);
+      else if (method == "export.remove") ExportRemove(params, fin);
+      else if (method == "volume.import") VolumeImport(params, fin);
+      else if (method == "volume.remove") VolumeRemove(params, fin);
+      if (fut.wait_for(std::chrono::seconds(120)) != std::future_status::ready)
+        return Status::TimedOut(method + " did not finish");
+      return fut.get();
+    };
+  };
+  auto export_params = [](const ExportConfig& e) {
+    json p{{"name", e.name}, {"read_only", e.read_only}, {"direct_io", e.direct_io}};
+    if (!e.path.empty()) p["path"] = e.path;
+    if (!e.array.empty()) p["array"] = e.array;
+    if (!e.volume.empty()) p["volume"] = e.volume;
+    if (e.size) p["size"] = e.size;
+    return p;
+  };
+  auto export_text = [](const ExportConfig& e) {
+    std::string src = !e.path.empty() ? e.path : !e.array.empty() ? "--array " + e.array
+                                                                  : "--volume " + e.volume;
+    return fmt::format("export add {} {}{}{}", e.name, src, e.read_only ? " --read-only" : "",
+                       e.direct_io ? " --direct-io" : "");
+  };
+  std::set<std::string> want_exports, want_volumes, want_arrays;
+  // Exports.
+  for (auto& e : want.exports) {
+    want_exports.insert(e.name);
+    auto it = live_exports.find(e.name);
+    if (it != live_exports.end() && same_export(it->second, e)) continue;
+    if (it != live_exports.end())
+      remove_exports.push_back({"export remove " + e.name, call("export.remove", {{"name", e.name}})});
+    add_exports.push_back({export_text(e), call("export.add", export_params(e))});
+  }
+  for (auto& [n, e] : live_exports)
+    if (!want_exports.count(n))
+      remove_exports.push_back({"export remove " + n, call("export.remove", {{"name", n}})});
+  // Volumes.
+  for (auto& v : want.volumes) {
+    want_volumes.insert(v.name);
+    auto it = live_volumes.find(v.name);
+    if (it != live_volumes.end() && same_volume(it->second, v)) continue;
+    if (it != live_volumes.end())
+      remove_volumes.push_back({"volume remove " + v.name, call("volume.remove", {{"name", v.name}})});
+    json p{{"name", v.name}, {"uri", v.remote.empty() ? v.path : v.remote},
+           {"queue_depth", v.queue_depth}, {"io_timeout", v.io_timeout_s},
+           {"keepalive_timeout", v.keepalive_timeout_s}};
+    add_volumes.push_back({fmt::format("volume import {} {}", v.name, v.remote.empty() ? v.path : v.remote),
+                           call("volume.import", p)});
+  }
+  for (auto& [n, v] : live_volumes)
+    if (!want_volumes.count(n))
+      remove_volumes.push_back({"volume remove " + n, call("volume.remove", {{"name", n}})});
+  // Arrays: new ones in dependency order.
+  std::vector<const ArrayConfig*> order;
+  {
+    std::set<std::string> placed;
+    for (std::size_t round = 0; round <= want.arrays.size(); ++round)
+      for (auto& a : want.arrays) {
+        if (placed.count(a.name)) continue;
+        bool ready = true;
+        for (auto& l : a.legs)
+          if (l.rfind("array:", 0) == 0 && !placed.count(l.substr(6))) ready = false;
+        if (!ready && round < want.arrays.size()) continue;
+        placed.insert(a.name);
+        order.push_back(&a);
+      }
+  }
+  for (const ArrayConfig* ap : order) {
+    const ArrayConfig& a = *ap;
+    want_arrays.insert(a.name);
+    auto it = live_arrays.find(a.name);
+    if (it == live_arrays.end()) {
+      if (live_volumes.count(a.name) && want_volumes.count(a.name))
+        return Status::InvalidArgument(fmt::format("\"{}\" is a volume; cannot create an array with that name", a.name));
+      add_arrays.push_back(
+          {fmt::format("array create {} --level {} {}{}", a.name, a.level,
+                       fmt::join(a.legs, " "),
+                       a.level == "mirror" ? " --region-size " + SizeText(a.region_size) : ""),
+           [this, a] { return CreateArray(a, false); }});
+      continue;
+    }
+    const ArrayConfig& cur = it->second;
+    if (cur.level != a.level)
+      return Status::InvalidArgument(fmt::format(
+          "array \"{}\": level {} -> {} cannot change live (remove and re-create it)", a.name,
+          cur.level, a.level));
+    if (cur.region_size != a.region_size)
+      return Status::InvalidArgument(fmt::format(
+          "array \"{}\": region_size cannot change live ({} -> {})", a.name,
+          SizeText(cur.region_size), SizeText(a.region_size)));
+    std::vector<std::string> have = LiveLegs(cur);
+    if (a.level == "linear") {
+      bool prefix = have.size() <= a.legs.size() &&
+                    std::equal(have.begin(), have.end(), a.legs.begin());
+      if (!prefix)
+        return Status::InvalidArgument(fmt::format(
+            "array \"{}\": a linear can only grow by appending legs (live: {}; file: {})", a.name,
+            fmt::join(have, " "), fmt::join(a.legs, " ")));
+      for (std::size_t i = have.size(); i < a.legs.size(); ++i) {
+        std::string leg = a.legs[i], name = a.name;
+        array_changes.push_back({fmt::format("array grow {} {}", name, leg),
+                                 [this, name, leg] { return ArrayAddLeg(name, leg, true); }});
+      }
+    } else {
+      for (auto& l : a.legs)
+        if (std::find(have.begin(), have.end(), l) == have.end()) {
+          std::string name = a.name, leg = l;
+          array_changes.push_back({fmt::format("array add-leg {} {}", name, leg),
+                                   [this, name, leg] { return ArrayAddLeg(name, leg, false); }});
+        }
+      for (std::size_t s = 0; s < cur.legs.size(); ++s)
+        if (!cur.legs[s].empty() &&
+            std::find(a.legs.begin(), a.legs.end(), cur.legs[s]) == a.legs.end()) {
+          std::string name = a.name;
+          int slot = int(s);
+          array_changes.push_back(
+              {fmt::format("array remove-leg {} {}  # {}", name, slot, cur.legs[s]),
+               [this, name, slot] {
+                 // remove-leg needs the leg out of service first.
+                 auto a2 = FindArray(name);
+                 if (a2 && a2->mirror) {
+                   for (auto& ls : a2->mirror->Legs())
+                     if (ls.slot == slot && (ls.state == LegState::kUpToDate ||
+                                             ls.state == LegState::kResyncing))
+                       DST_RETURN_IF_ERROR(ArrayLegOp(name, "fail", slot, ""));
+                 }
+                 return ArrayLegOp(name, "remove", slot, "");
+               }});
+        }
+    }
+    if (cur.resync_rate_min != a.resync_rate_min || cur.resync_rate_max != a.resync_rate_max) {
+      std::string name = a.name;
+      std::uint64_t lo = a.resync_rate_min, hi = a.resync_rate_max;
+      array_changes.push_back({fmt::format("array resync-rate {} --min {} --max {}", name,
+                                           RateText(lo), RateText(hi)),
+                               [this, name, lo, hi] { return ArraySetRate(name, lo, hi); }});
+    }
+  }
+  // Live arrays not in the file: outer ones first.
+  std::vector<std::string> gone;
+  for (auto& [n, c] : live_arrays)
+    if (!want_arrays.count(n)) gone.push_back(n);
+  for (std::size_t round = 0; round <= gone.size(); ++round)
+    for (auto& n : gone) {
+      if (n.empty()) continue;
+      bool used = false;
+      for (auto& o : gone)
+        if (!o.empty() && o != n)
+          for (auto& l : live_arrays[o].legs)
+            if (l == "array:" + n) used = true;
+      if (used && round < gone.size()) continue;
+      std::string name = n;
+      remove_arrays.push_back({"array remove " + name, [this, name] { return RemoveArray(name); }});
+      n.clear();
+    }
+  std::vector<PlanStep> plan;
+  for (auto* part : {&remove_exports, &array_changes, &remove_arrays, &remove_volumes,
+                     &add_volumes, &add_arrays, &add_exports})
+    for (auto& s : *part) plan.push_back(std::move(s));
+  return plan;
+}
+
+void Daemon::ApplyRpc(const json& p, Finish finish) {
+  std::string text, source = "apply";
+  Status st = ParamString(p, "config", true, &text);
+  if (st.ok()) st = ParamString(p, "source", false, &source);
+  bool dry_run = p.contains("dry_run") && p["dry_run"].is_boolean() && p["dry_run"].get<bool>();
+  if (!st.ok()) return finish(st);
+  if (apply_busy_.exchange(true)) return finish(Status::Busy("another apply is running"));
+  workers_.Post([this, text, source, dry_run, finish] {
+    struct Release {
+      std::atomic<bool>& b;
+      ~Release() { b = false; }
+    } release{apply_busy_};
+    auto cfg = ParseConfig(text, source);
+    if (!cfg.ok()) return finish(cfg.status());
+    auto plan = Plan(cfg.value());
+    if (!plan.ok()) return finish(plan.status());
+    json steps = json::array();
+    for (auto& s : plan.value()) steps.push_back(s.text);
+    json res{{"plan", steps}, {"dry_run", dry_run}, {"done", json::array()}};
+    if (dry_run) return finish(res);
+    for (auto& s : plan.value()) {
+      spdlog::info("apply: {}", s.text);
+      Status r = s.run();
+      if (!r.ok())
+        return finish(r.WithContext(fmt::format("apply: \"{}\" failed ({} of {} steps done)",
+                                                s.text, res["done"].size(), steps.size())));
+      res["done"].push_back(s.text);
+    }
+    finish(res);
+  });
+}
+
+}  // namespace dst::daemon

@@ -1,0 +1,85 @@
+// Daemon's NBD glue (declared in daemon.h): keeps daemon.cc's edits to one-line calls, and
+// nbd_frontend.cc free of Daemon so tests can link it on its own.
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "daemon.h"
+#include "nbd_frontend.h"
+
+namespace dst::daemon {
+
+using nlohmann::json;
+
+int Daemon::StartNbd() {
+  if (!cfg_.nbd_enabled) {
+    spdlog::info("NBD server disabled (nbd_listen = \"\")");
+    return 0;
+  }
+  net::NbdServerOptions no;
+  no.listen_address = cfg_.nbd_host;
+  no.port = cfg_.nbd_port;
+  no.batching = cfg_.batching;
+  auto fe = std::make_unique<NbdFrontend>(io_, no);
+  if (Status st = fe->Start(); !st.ok()) {
+    std::string m = st.message().empty() ? std::string(Status::CodeName(st.code())) : st.message();
+    if (m.find(cfg_.nbd_host) == std::string::npos)
+      m = fmt::format("cannot listen on {}:{}: {}", cfg_.nbd_host, cfg_.nbd_port, m);
+    if (!cfg_.nbd_listen_set) {
+      // Default address: another NBD server (or dstd) may own 10809; DST service goes on.
+      spdlog::warn("NBD server not started: {} (set [daemon] nbd_listen)", m);
+      return 0;
+    }
+    spdlog::error("NBD server: {}", m);
+    return control::kExUnavailable;
+  }
+  spdlog::info("NBD server listening on {}:{}", cfg_.nbd_host, fe->port());
+  std::lock_guard<std::mutex> l(mu_);
+  nbd_ = std::move(fe);
+  return 0;
+}
+
+void Daemon::NbdExportAdded(const std::string& name, const std::shared_ptr<BlockDevice>& dev,
+                            bool read_only, const std::string& path, const std::string& array) {
+  if (!nbd_ || !dev) return;
+  std::shared_ptr<MirrorDevice> mirror;
+  if (!array.empty())
+    if (auto a = FindArray(array)) mirror = a->mirror;
+  Status st = nbd_->AddExport(name, dev, read_only, path, mirror);
+  if (!st.ok() && st.code() != Status::Code::kExists)
+    spdlog::warn("export \"{}\": not served over NBD: {}", name, st.message());
+}
+
+Status Daemon::NbdExportRemove(const std::string& name) {
+  if (!nbd_) return Status::OK();
+  Status st = nbd_->RemoveExport(name);
+  return st.IsNotFound() ? Status::OK() : st;
+}
+
+void Daemon::NbdExportRemoveDone(const std::string& name, bool removed) {
+  if (!nbd_) return;
+  if (removed) {
+    nbd_->Forget(name);
+  } else if (Status st = nbd_->Restore(name); !st.ok() && !st.IsNotFound()) {
+    spdlog::warn("export \"{}\": NBD export not restored: {}", name, st.message());
+  }
+}
+
+void Daemon::StopNbd() {
+  if (!nbd_) return;
+  if (Status st = nbd_->Drain(std::chrono::seconds(60)); !st.ok())
+    spdlog::warn("NBD drain: {}", st.message());
+  else
+    spdlog::info("NBD server drained");
+  std::lock_guard<std::mutex> l(mu_);
+  nbd_.reset();  // io threads still run: the server's shutdown handlers complete
+}
+
+nlohmann::json Daemon::NbdJson() {
+  if (!nbd_) {
+    return json{{"enabled", false}, {"listen", nullptr}, {"address", nullptr}, {"port", 0},
+                {"connections", 0}};
+  }
+  return nbd_->StatusJson();
+}
+
+}  // namespace dst::daemon

@@ -1,0 +1,119 @@
+#include "topology.h"
+
+#include <sqlite3.h>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+namespace dst::daemon {
+
+namespace {
+
+struct Stmt {
+  sqlite3_stmt* s = nullptr;
+  ~Stmt() { sqlite3_finalize(s); }
+};
+
+}  // namespace
+
+TopologyStore::~TopologyStore() {
+  if (db_) sqlite3_close(db_);
+}
+
+Status TopologyStore::Exec(const char* sql) {
+  char* err = nullptr;
+  if (sqlite3_exec(db_, sql, nullptr, nullptr, &err) != SQLITE_OK) {
+    std::string m = err ? err : sqlite3_errmsg(db_);
+    sqlite3_free(err);
+    return Status::IoError(fmt::format("sqlite: {}", m));
+  }
+  return Status::OK();
+}
+
+Result<std::unique_ptr<TopologyStore>> TopologyStore::Open(const std::string& path) {
+  std::unique_ptr<TopologyStore> t(new TopologyStore);
+  if (sqlite3_open_v2(path.c_str(), &t->db_,
+                      SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX,
+                      nullptr) != SQLITE_OK) {
+    std::string m = t->db_ ? sqlite3_errmsg(t->db_) : "out of memory";
+    return Status::IoError(fmt::format("{}: {}", path, m));
+  }
+  sqlite3_busy_timeout(t->db_, 10000);
+  DST_RETURN_IF_ERROR(t->Exec("PRAGMA journal_mode=WAL"));
+  DST_RETURN_IF_ERROR(t->Exec("PRAGMA synchronous=FULL"));
+  DST_RETURN_IF_ERROR(t->Exec(
+      "CREATE TABLE IF NOT EXISTS dstd_arrays(name TEXT PRIMARY KEY, id TEXT NOT NULL, "
+      "level TEXT NOT NULL, region_size INTEGER, legs TEXT NOT NULL, rate_min INTEGER, "
+      "rate_max INTEGER, write_intent INTEGER, leg_timeout INTEGER)"));
+  return t;
+}
+
+Status TopologyStore::Put(const TopologyRecord& rec) {
+  Stmt st;
+  const char* sql =
+      "INSERT OR REPLACE INTO dstd_arrays(name,id,level,region_size,legs,rate_min,rate_max,"
+      "write_intent,leg_timeout) VALUES(?,?,?,?,?,?,?,?,?)";
+  if (sqlite3_prepare_v2(db_, sql, -1, &st.s, nullptr) != SQLITE_OK)
+    return Status::IoError(fmt::format("sqlite: {}", sqlite3_errmsg(db_)));
+  std::string legs = nlohmann::json(rec.cfg.legs).dump();
+  sqlite3_bind_text(st.s, 1, rec.cfg.name.c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_text(st.s, 2, rec.id.c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_text(st.s, 3, rec.cfg.level.c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_int64(st.s, 4, rec.cfg.region_size);
+  sqlite3_bind_text(st.s, 5, legs.c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_int64(st.s, 6, sqlite3_int64(rec.cfg.resync_rate_min));
+  sqlite3_bind_int64(st.s, 7, sqlite3_int64(rec.cfg.resync_rate_max));
+  sqlite3_bind_int(st.s, 8, rec.cfg.write_intent ? 1 : 0);
+  sqlite3_bind_int64(st.s, 9, rec.cfg.leg_timeout_s);
+  if (sqlite3_step(st.s) != SQLITE_DONE)
+    return Status::IoError(fmt::format("sqlite: {}", sqlite3_errmsg(db_)));
+  return Status::OK();
+}
+
+Status TopologyStore::Delete(const std::string& name) {
+  Stmt st;
+  if (sqlite3_prepare_v2(db_, "DELETE FROM dstd_arrays WHERE name=?", -1, &st.s, nullptr) !=
+      SQLITE_OK)
+    return Status::IoError(fmt::format("sqlite: {}", sqlite3_errmsg(db_)));
+  sqlite3_bind_text(st.s, 1, name.c_str(), -1, SQLITE_TRANSIENT);
+  if (sqlite3_step(st.s) != SQLITE_DONE)
+    return Status::IoError(fmt::format("sqlite: {}", sqlite3_errmsg(db_)));
+  return Status::OK();
+}
+
+Result<std::vector<TopologyRecord>> TopologyStore::List() {
+  Stmt st;
+  const char* sql =
+      "SELECT name,id,level,region_size,legs,rate_min,rate_max,write_intent,leg_timeout "
+      "FROM dstd_arrays ORDER BY rowid";
+  if (sqlite3_prepare_v2(db_, sql, -1, &st.s, nullptr) != SQLITE_OK)
+    return Status::IoError(fmt::format("sqlite: {}", sqlite3_errmsg(db_)));
+  std::vector<TopologyRecord> out;
+  for (;;) {
+    int rc = sqlite3_step(st.s);
+    if (rc == SQLITE_DONE) break;
+    if (rc != SQLITE_ROW) return Status::IoError(fmt::format("sqlite: {}", sqlite3_errmsg(db_)));
+    auto text = [&](int i) {
+      auto* p = sqlite3_column_text(st.s, i);
+      return p ? std::string(reinterpret_cast<const char*>(p)) : std::string();
+    };
+    TopologyRecord r;
+    r.cfg.name = text(0);
+    r.id = text(1);
+    r.cfg.level = text(2);
+    r.cfg.region_size = std::uint32_t(sqlite3_column_int64(st.s, 3));
+    auto legs = nlohmann::json::parse(text(4), nullptr, false);
+    if (legs.is_array())
+      for (auto& l : legs)
+        if (l.is_string()) r.cfg.legs.push_back(l.get<std::string>());
+    r.cfg.resync_rate_min = std::uint64_t(sqlite3_column_int64(st.s, 5));
+    r.cfg.resync_rate_max = std::uint64_t(sqlite3_column_int64(st.s, 6));
+    r.cfg.write_intent = sqlite3_column_int(st.s, 7) != 0;
+    r.cfg.leg_timeout_s = std::uint32_t(sqlite3_column_int64(st.s, 8));
+    if (r.cfg.leg_timeout_s == 0) r.cfg.leg_timeout_s = 10;
+    out.push_back(std::move(r));
+  }
+  return out;
+}
+
+}  // namespace dst::daemon
