@@ -75,7 +75,10 @@ class FileDevice::Impl {
       direct_fd_ = ::open(path.c_str(), (flags & ~O_CREAT) | O_DIRECT, 0644);
       if (direct_fd_ < 0) return Status::FromErrno(errno, "open O_DIRECT " + path);
     }
+    inline_nowait_ = o.inline_nowait;
     int n = o.io_threads > 0 ? o.io_threads : 1;
+    awake_ = n;  // workers start awake and go to sleep on an empty queue
+    workers_.reserve(n);
     for (int i = 0; i < n; ++i) workers_.emplace_back([this] { Run(); });
     return Status::OK();
   }
@@ -86,13 +89,32 @@ class FileDevice::Impl {
       req->done(req, std::move(st));
       return;
     }
+    req->scratch = 0;
+    if (inline_nowait_ && TryInline(req)) return;
+    const bool slow = req->scratch != 0 || IsSlow(*req);
+    req->scratch = slow;
     req->link = nullptr;
+    bool wake;
     {
       std::lock_guard<std::mutex> l(mu_);
       if (tail_) tail_->link = req; else head_ = req;
       tail_ = req;
+      queued_bytes_ += req->length;
+      // A worker that is awake (about to look at the queue, or running a fast request) takes
+      // this one next without a wake-up; another sleeper is woken only when the backlog outgrows
+      // what the awake workers clear quickly (kBacklogPerWorker bytes each, tens of microseconds
+      // of page-cache copying), or for a request that may block (flush, FUA, direct I/O, a
+      // page-cache miss): those must not wait behind each other.  Under load this saves a futex
+      // wake and a context switch per request and keeps small I/O on warm workers instead of
+      // all of them contending for this lock.
+      wake = sleepers_ > wake_tokens_ &&
+             (awake_ == 0 || slow || queued_bytes_ > static_cast<uint64_t>(awake_) * kBacklogPerWorker);
+      if (wake) {  // counted now, so a burst does not wake the same sleeper twice
+        ++awake_;
+        ++wake_tokens_;
+      }
     }
-    cv_.notify_one();
+    if (wake) cv_.notify_one();
   }
 
   DeviceInfo info_;
@@ -104,14 +126,66 @@ class FileDevice::Impl {
       IoRequest* req;
       {
         std::unique_lock<std::mutex> l(mu_);
-        cv_.wait(l, [&] { return stopping_ || head_; });
+        while (!head_ && !stopping_) {
+          --awake_;
+          ++sleepers_;
+          cv_.wait(l);
+          --sleepers_;
+          // Submit counted a woken worker as awake already (one token per notify); a spurious
+          // wake-up (or the stop broadcast) counts itself.
+          if (wake_tokens_ > 0) --wake_tokens_; else ++awake_;
+        }
         if (!head_) return;  // stopping and drained
         req = head_;
         head_ = req->link;
         if (!head_) tail_ = nullptr;
+        queued_bytes_ -= req->length;
+        if (req->scratch) --awake_;  // may block: do not count on this worker for the queue
       }
-      req->done(req, Execute(*req));
+      Status st = Execute(*req);
+      if (req->scratch) {
+        std::lock_guard<std::mutex> l(mu_);
+        ++awake_;
+      }
+      req->done(req, std::move(st));
     }
+  }
+
+  // Below this length an inline attempt is worth it (the thread hand-off dominates) and stays
+  // short on the caller's thread; it is also below NbdServerOptions::sparse_read_min, so a
+  // completion handler never maps holes (lseek) on an event-loop thread.
+  static constexpr uint64_t kInlineMax = 32u << 10;
+  static constexpr uint64_t kBacklogPerWorker = 256u << 10;
+
+  // One RWF_NOWAIT attempt on the caller's thread.  True: the request completed (done called).
+  // Only whole transfers count: a short or EAGAIN result leaves the request to a worker, which
+  // redoes it from the start (same data, same offset: idempotent).
+  bool TryInline(IoRequest* req) {
+    if (req->length == 0 || req->length > kInlineMax || Aligned(*req)) return false;
+    ssize_t n;
+    struct iovec iov = {req->data, static_cast<size_t>(req->length)};
+    if (req->op == IoOp::kRead) {
+      n = ::preadv2(fd_, &iov, 1, static_cast<off_t>(req->offset), RWF_NOWAIT);
+    } else if (req->op == IoOp::kWrite && !(req->flags & kIoFua) && !info_.read_only) {
+      n = ::pwritev2(fd_, &iov, 1, static_cast<off_t>(req->offset), RWF_NOWAIT);
+    } else {
+      return false;
+    }
+    if (n < 0 || static_cast<uint64_t>(n) != req->length) {
+      // EOPNOTSUPP: this file does not do RWF_NOWAIT at all; stop trying.  Otherwise the page
+      // cache missed: the worker will block on the device, mark the request slow.
+      if (n < 0 && errno == EOPNOTSUPP) inline_nowait_ = false;
+      else req->scratch = 1;
+      return false;
+    }
+    req->done(req, Status::OK());
+    return true;
+  }
+
+  // Requests that may block for long (device I/O, fdatasync, fallocate).
+  bool IsSlow(const IoRequest& r) const {
+    if (r.op != IoOp::kRead && r.op != IoOp::kWrite) return true;
+    return (r.flags & kIoFua) || Aligned(r);
   }
 
   bool Aligned(const IoRequest& r) const {
@@ -204,12 +278,19 @@ class FileDevice::Impl {
   int fd_ = -1;
   int direct_fd_ = -1;
   bool is_blockdev_ = false;
+  // Written once by TryInline on EOPNOTSUPP from any submitting thread: a relaxed flag is enough.
+  std::atomic<bool> inline_nowait_{false};
   uint32_t dio_align_ = 4096;
   std::mutex mu_;
   std::condition_variable cv_;
   IoRequest* head_ = nullptr;  // GUARDED_BY(mu_)
   IoRequest* tail_ = nullptr;  // GUARDED_BY(mu_)
   bool stopping_ = false;      // GUARDED_BY(mu_)
+  int awake_ = 0;              // GUARDED_BY(mu_) workers not asleep in cv_ and not running a slow
+                               // request (+ wakes in flight)
+  int sleepers_ = 0;           // GUARDED_BY(mu_) workers waiting in cv_
+  uint64_t queued_bytes_ = 0;  // GUARDED_BY(mu_) sum of their lengths
+  int wake_tokens_ = 0;        // GUARDED_BY(mu_) notify_one calls not yet taken by a worker
   std::vector<std::thread> workers_;
 };
 

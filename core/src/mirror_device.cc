@@ -1724,6 +1724,32 @@ std::vector<LegStatus> MirrorDevice::Legs() const {
   return v;
 }
 
+Status MirrorDevice::VisitOutOfSync(int slot, std::uint64_t offset, std::uint64_t length,
+                                    OosRunSink sink, void* arg) const {
+  std::lock_guard<std::mutex> l(impl_->mu_);
+  if (slot < 0 || slot >= impl_->nslots_)
+    return Status::InvalidArgument("leg slot " + std::to_string(slot) + " does not exist");
+  const auto& L = impl_->legs_[slot];
+  if (L.state == LegState::kEmpty)
+    return Status::NotFound("leg slot " + std::to_string(slot) + " is empty");
+  const std::uint64_t size = impl_->info_.size;
+  if (offset > size) return Status::InvalidArgument("offset past the end of the array");
+  const std::uint64_t end = offset + std::min(length, size - offset);
+  const std::uint64_t rs = impl_->region_size_;
+  const DirtyMap& m = L.oos;
+  std::uint64_t pos = offset;
+  while (pos < end) {
+    const std::uint64_t r = pos / rs;
+    const bool dirty = r < m.regions() && m.Test(r);
+    std::uint64_t next_r = dirty ? m.NextClear(r) : m.NextSet(r);
+    std::uint64_t run_end = next_r >= m.regions() ? end : std::min(end, next_r * rs);
+    if (run_end <= pos) run_end = end;  // defensive: never loop without progress
+    if (!sink(arg, run_end - pos, dirty)) break;
+    pos = run_end;
+  }
+  return Status::OK();
+}
+
 std::vector<ResyncProgress> MirrorDevice::Progress() const {
   std::lock_guard<std::mutex> l(impl_->mu_);
   std::vector<ResyncProgress> v;

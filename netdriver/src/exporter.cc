@@ -1080,19 +1080,26 @@ void Exporter::Impl::FlushAllAndFinish() {
     for (auto& [name, e] : exports_)
       if (!e->spec.read_only && !e->info.read_only) fs->devices.push_back(e->spec.device);
   }
-  // Hands the result to the Drain() caller on an io thread.
-  static constexpr auto finish = [](const std::shared_ptr<FlushState>& st) {
+  // Hands the result to the Drain() caller on an io thread.  The state (which owns the Impl and
+  // the devices) moves into the posted handler, so its last reference never dies on a device
+  // thread: if the Exporter is already gone and this held a FileDevice's last reference, its
+  // destructor would join the very worker thread running it.
+  static constexpr auto finish = [](std::shared_ptr<FlushState> st) {
     std::function<void(Status)> done;
     {
       std::lock_guard<std::mutex> l(st->impl->mu_);
       done = std::move(st->impl->drain_done_);
       st->impl->drain_done_ = nullptr;
     }
-    Status result = st->first_error;
-    if (done) asio::post(st->impl->io_, [done = std::move(done), result] { done(result); });
+    asio::io_context& io = st->impl->io_;
+    asio::post(io, [done = std::move(done), st = std::move(st)]() mutable {
+      Status result = st->first_error;
+      st.reset();
+      if (done) done(result);
+    });
   };
   if (fs->devices.empty()) {
-    finish(fs);
+    finish(std::move(fs));
     return;
   }
   fs->reqs.resize(fs->devices.size());
@@ -1105,19 +1112,24 @@ void Exporter::Impl::FlushAllAndFinish() {
     r.ctx = keep;
     r.done = [](IoRequest* req, Status st) {
       auto* k = static_cast<std::shared_ptr<FlushState>*>(req->ctx);
-      std::shared_ptr<FlushState> s = *k;
       bool last;
       {
-        std::lock_guard<std::mutex> l(s->mu);
-        if (!st.ok() && s->first_error.ok()) s->first_error = st.WithContext("flush");
-        last = --s->left == 0;
+        std::lock_guard<std::mutex> l((*k)->mu);
+        if (!st.ok() && (*k)->first_error.ok()) (*k)->first_error = st.WithContext("flush");
+        last = --(*k)->left == 0;
       }
       if (!last) return;
+      std::shared_ptr<FlushState> s = std::move(*k);
       delete k;
-      finish(s);
+      finish(std::move(s));
     };
   }
-  for (std::size_t i = 0; i < fs->devices.size(); ++i) fs->devices[i]->Submit(&fs->reqs[i]);
+  // From here on `keep` (and then the posted report) owns the state: this thread (an io thread
+  // or the Drain() caller) keeps only plain copies, so a completion may free everything.
+  std::vector<std::shared_ptr<BlockDevice>> devices = fs->devices;
+  std::vector<IoRequest>* reqs = &fs->reqs;
+  fs.reset();
+  for (std::size_t i = 0; i < devices.size(); ++i) devices[i]->Submit(&(*reqs)[i]);
 }
 
 void Exporter::Impl::Shutdown() {

@@ -234,6 +234,75 @@ class SlowDevice : public BlockDevice {
   std::thread worker_;
 };
 
+// Completes requests on its own worker thread once the test opens the gate, and owns that
+// thread like FileDevice does: the destructor joins it.  Destroying the device on its own worker
+// (the last reference dropped in a completion) would make join() throw / deadlock, so it records
+// that case instead and detaches.
+class GatedDevice : public BlockDevice {
+ public:
+  static inline std::atomic<int> destroyed{0};
+  static inline std::atomic<int> destroyed_on_worker{0};
+
+  GatedDevice() : worker_([this] { Run(); }) {}
+  ~GatedDevice() override {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    if (std::this_thread::get_id() == worker_.get_id()) {
+      ++destroyed_on_worker;
+      worker_.detach();  // the worker returns right after the completion that destroyed us
+    } else {
+      worker_.join();
+    }
+    ++destroyed;
+  }
+  DeviceInfo Info() const override {
+    DeviceInfo i;
+    i.size = 1 << 20;
+    i.logical_block_size = 512;
+    i.can_flush = true;
+    return i;
+  }
+  std::string Describe() const override { return "gated"; }
+  void Submit(IoRequest* req) override {
+    std::lock_guard<std::mutex> l(mu_);
+    q_.push_back(req);
+    cv_.notify_all();
+  }
+  void Open() {
+    std::lock_guard<std::mutex> l(mu_);
+    open_ = true;
+    cv_.notify_all();
+  }
+  int queued() {
+    std::lock_guard<std::mutex> l(mu_);
+    return int(q_.size());
+  }
+
+ private:
+  void Run() {
+    std::unique_lock<std::mutex> l(mu_);
+    for (;;) {
+      cv_.wait(l, [&] { return stop_ || (open_ && !q_.empty()); });
+      if (stop_) return;
+      IoRequest* req = q_.front();
+      q_.erase(q_.begin());
+      l.unlock();
+      // The completion may destroy `this` (the bug under test); touch nothing after it.
+      req->done(req, Status::OK());
+      return;  // one completion is all the test needs
+    }
+  }
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<IoRequest*> q_;
+  bool stop_ = false;
+  bool open_ = false;
+  std::thread worker_;
+};
+
 struct Server {
   boost::asio::io_context io;
   boost::asio::executor_work_guard<boost::asio::io_context::executor_type> guard{io.get_executor()};
@@ -806,6 +875,36 @@ class ExporterTest : public QObject {
     std::vector<char> r(16384);
     QVERIFY(ReadSync(*disk_, 6u << 20, r.data(), 16384).ok());
     QVERIFY(r == w);
+  }
+
+  // Regression: Drain's flush completion used to drop the last reference to the exporter state
+  // and its devices on the device's own worker thread (FileDevice's destructor would join the
+  // thread running it).  Drain, destroy the Exporter and drop our device reference while the
+  // flush is held, then let it complete: the device must die on an io thread.
+  void drainReleasesStateOffDeviceThread() {
+    GatedDevice::destroyed = 0;
+    GatedDevice::destroyed_on_worker = 0;
+    Server s;
+    QVERIFY(s.Start(ExporterOptions{}, 2));
+    auto dev = std::make_shared<GatedDevice>();
+    GatedDevice* raw = dev.get();
+    QVERIFY(s.exporter->AddExport({"gated", dev, false}).ok());
+    std::atomic<bool> done{false};
+    std::atomic<bool> ok{false};
+    s.exporter->Drain([&](Status st) {
+      ok = st.ok();
+      done = true;
+    });
+    QTRY_COMPARE_WITH_TIMEOUT(raw->queued(), 1, 5000);  // the drain's flush is in the device
+    s.exporter.reset();
+    dev.reset();  // the flush state now holds the last reference
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));  // shutdown handlers ran
+    QCOMPARE(GatedDevice::destroyed.load(), 0);
+    raw->Open();
+    QTRY_VERIFY_WITH_TIMEOUT(done.load(), 5000);
+    QVERIFY(ok.load());
+    QTRY_COMPARE_WITH_TIMEOUT(GatedDevice::destroyed.load(), 1, 5000);
+    QCOMPARE(GatedDevice::destroyed_on_worker.load(), 0);
   }
 
   void stalledClientsClosedIdleKept() {

@@ -5,6 +5,13 @@
 // to the device's direct-I/O alignment go through a second, buffered descriptor, which Linux
 // keeps coherent with direct I/O.
 //
+// Fast path: a small read, or a small non-FUA write, on the buffered descriptor is first tried
+// inline in Submit() with preadv2/pwritev2(RWF_NOWAIT), which by definition never blocks (it only
+// succeeds when the page cache can serve it at once; anything else returns EAGAIN and the request
+// goes to a worker as before).  A page-cache hit then costs no thread hand-off, and Submit() may
+// complete the request inline (callers already handle inline completion: validation errors do it).
+// Disable with FileDeviceOptions::inline_nowait = false.
+//
 // Durability: a write completes when the kernel has it (page cache); kIoFua writes use
 // RWF_DSYNC; a flush is fdatasync().  Trim punches a hole (BLKDISCARD on block devices);
 // write-zeroes uses FALLOC_FL_ZERO_RANGE (BLKZEROOUT), falling back to writing zeroes.
@@ -23,6 +30,7 @@ struct FileDeviceOptions {
   bool create = false;          // create the file if missing (needs size)
   std::uint64_t size = 0;       // 0: use the file's size; else truncate/extend a new file to this
   int io_threads = 4;
+  bool inline_nowait = true;    // see "Fast path" above
 };
 
 class FileDevice : public BlockDevice {

@@ -131,6 +131,15 @@ class MirrorDevice : public BlockDevice {
   Status ReAddLeg(int slot, std::shared_ptr<BlockDevice> dev);     // partial if identity matches
   Status RemoveLeg(int slot);
   std::vector<LegStatus> Legs() const;
+  // The out-of-sync map of leg `slot` over [offset, offset + length) (clamped to the array size)
+  // as consecutive runs: sink(arg, run_bytes, dirty) in order, starting at `offset`; dirty runs
+  // are the covering regions of whatever that leg misses.  The sink runs under the array's lock:
+  // it must be quick, must not block nor call into this device; it returns false to stop early.
+  // Nothing is allocated.  NotFound for an empty slot, InvalidArgument for a bad slot/range.
+  // (Published over NBD as the metadata context `dst:dirty:<slot>`.)
+  using OosRunSink = bool (*)(void* arg, std::uint64_t run_bytes, bool dirty);
+  Status VisitOutOfSync(int slot, std::uint64_t offset, std::uint64_t length, OosRunSink sink,
+                        void* arg) const;
 
   // Resync control and progress (one entry per leg slot in use).
   std::vector<ResyncProgress> Progress() const;
