@@ -33,6 +33,7 @@ quint16 FreePort() {
 
 DaemonProcess::DaemonProcess(const QString& state_dir, quint16 port)
     : state_dir_(state_dir), port_(port ? port : FreePort()) {
+  do nbd_port_ = FreePort(); while (nbd_port_ == port_);
   QDir().mkpath(state_dir_);
 }
 
@@ -63,7 +64,10 @@ static bool ControlAnswers(const QString& path) {
 }
 
 bool DaemonProcess::Start(int timeout_ms) {
-  QString cfg = QString("[daemon]\nlisten = \"127.0.0.1:%1\"\n\n").arg(port_) + extra_config_;
+  QString cfg = QString("[daemon]\nlisten = \"127.0.0.1:%1\"\nnbd_listen = \"127.0.0.1:%2\"\n\n")
+                    .arg(port_)
+                    .arg(nbd_port_) +
+                extra_config_;
   QFile f(state_dir_ + "/dstd.toml");
   if (!f.open(QIODevice::WriteOnly | QIODevice::Truncate)) return false;
   f.write(cfg.toUtf8());

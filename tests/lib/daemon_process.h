@@ -28,6 +28,8 @@ class DaemonProcess {
   QString& config() { return extra_config_; }
   QStringList& extra_args() { return extra_args_; }
   quint16 port() const { return port_; }
+  // dstd's NBD server port ([daemon] nbd_listen, a free port chosen like port()).
+  quint16 nbd_port() const { return nbd_port_; }
   QString control_socket() const { return state_dir_ + "/dstd.sock"; }
   QString state_dir() const { return state_dir_; }
   QString log_path() const { return state_dir_ + "/dstd.log"; }
@@ -47,6 +49,7 @@ class DaemonProcess {
  private:
   QString state_dir_;
   quint16 port_;
+  quint16 nbd_port_ = 0;
   QString extra_config_;
   QStringList extra_args_;
   pid_t pid_ = -1;
