@@ -2,7 +2,7 @@
 # dst quick start: installs the Debian 12 packages dst needs, builds it, then either runs a
 # small end-to-end demo or the whole test suite.
 #
-#   bash packaging/quickstart.sh demo [--keep]   # two daemons, a FUSE volume, ext4 on a loop device
+#   bash packaging/quickstart.sh demo [--keep]   # two exporters, a mirrored volume, FUSE, ext4 on a loop device
 #   bash packaging/quickstart.sh test            # ctest, every label (what .ci/run does)
 #   bash packaging/quickstart.sh build           # packages + build only
 #   bash packaging/quickstart.sh deps            # packages only
@@ -252,41 +252,29 @@ run_demo() {
   trap demo_cleanup EXIT
   trap 'exit 130' INT
   trap 'exit 143' TERM
-  mkdir -p "$WORK/a" "$WORK/b" "$WORK/mnt" "$WORK/fs"
-  local port_a port_b
+  mkdir -p "$WORK/a" "$WORK/c" "$WORK/b" "$WORK/mnt" "$WORK/fs"
+  local port_a port_b port_c d name port
   port_a="$(free_port)"
   port_b="$(free_port)"
+  port_c="$(free_port)"
 
-  # Daemon A: the exporter.  Two sparse 256 MiB images (the second one is where a mirror leg goes
-  # once mirroring exists; today it is exported but unused).
-  log "daemon A: exporting disk0 and disk1 on 127.0.0.1:$port_a"
-  truncate -s 256M "$WORK/a/disk0.img" "$WORK/a/disk1.img"
-  cat >"$WORK/a/dstd.toml" <<EOF
-[daemon]
-listen = "127.0.0.1:$port_a"
-batching = true
+  # Daemons A and C: two exporters ("hosts" on loopback), one sparse 256 MiB image each.
+  log "daemon A: exporting disk0 on 127.0.0.1:$port_a; daemon C: exporting disk1 on 127.0.0.1:$port_c"
+  truncate -s 256M "$WORK/a/disk0.img" "$WORK/c/disk1.img"
+  for d in a c; do
+    if [[ $d == a ]]; then name=disk0 port=$port_a; else name=disk1 port=$port_c; fi
+    printf '[daemon]\nlisten = "127.0.0.1:%s"\nnbd_listen = ""\nbatching = true\n\n[[export]]\nname = "%s"\npath = "%s"\n' \
+      "$port" "$name" "$WORK/$d/$name.img" >"$WORK/$d/dstd.toml"
+    start_daemon "$WORK/$d"
+  done
 
-[[export]]
-name = "disk0"
-path = "$WORK/a/disk0.img"
-
-[[export]]
-name = "disk1"
-path = "$WORK/a/disk1.img"
-EOF
-  start_daemon "$WORK/a"
-
-  # Daemon B: the importer, configured at run time through dstctl.
-  log "daemon B: importing dst://127.0.0.1:$port_a/disk0 as volume 'demo', FUSE at $WORK/mnt"
-  cat >"$WORK/b/dstd.toml" <<EOF
-[daemon]
-listen = "127.0.0.1:$port_b"
-batching = true
-EOF
+  # Daemon B: assembles the mirror, configured at run time through dstctl.
+  log "daemon B: mirror 'demo' = dst://127.0.0.1:$port_a/disk0 + dst://127.0.0.1:$port_c/disk1, FUSE at $WORK/mnt"
+  printf '[daemon]\nlisten = "127.0.0.1:%s"\nnbd_listen = ""\nbatching = true\n' "$port_b" >"$WORK/b/dstd.toml"
   start_daemon "$WORK/b"
   start_watchdog
-  ctl "$WORK/b" volume import demo "dst://127.0.0.1:$port_a/disk0"
-  demo_add_mirror
+  ctl "$WORK/b" array create demo --level mirror \
+    "dst://127.0.0.1:$port_a/disk0" "dst://127.0.0.1:$port_c/disk1"
   ctl "$WORK/b" mount "$WORK/mnt"
   wait_for_file "$WORK/mnt/demo.img" 10 || die "$WORK/mnt/demo.img did not appear"
   ls -l "$WORK/mnt"
@@ -298,7 +286,7 @@ EOF
   mkfs.ext4 -q -F ${DST_DEMO_MKFS_OPTIONS:-} "$LOOPDEV"
   mount "$LOOPDEV" "$WORK/fs"
 
-  log "writing files through ext4 -> loop -> FUSE -> dstd B -> TCP -> dstd A -> disk0.img"
+  log "writing files through ext4 -> loop -> FUSE -> dstd B (mirror) -> TCP -> dstd A + dstd C"
   echo "hello from dst, $(date -u)" >"$WORK/fs/hello.txt"
   dd if=/dev/urandom of="$WORK/fs/random.bin" bs=1M count=16 status=none
   sync -f "$WORK/fs"
@@ -314,8 +302,10 @@ EOF
 
   log "dstctl status (daemon A, exporter)"
   ctl "$WORK/a" status
-  log "dstctl status (daemon B, importer)"
+  log "dstctl status (daemon B, mirror)"
   ctl "$WORK/b" status
+  log "dstctl detail demo (daemon B)"
+  ctl "$WORK/b" detail demo
   log "demo OK"
 }
 
@@ -332,9 +322,6 @@ start_watchdog() {
   ) &
   WATCHDOG=$!
 }
-
-# Mirroring (issue 3) slots in here: import disk1 as a second leg and join both into `demo`.
-demo_add_mirror() { :; }
 
 # ---------------------------------------------------------------------------------------------
 
