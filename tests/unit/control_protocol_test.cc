@@ -71,7 +71,6 @@ class ControlProtocolTest : public QObject {
                                        << "invalid_request" << true;
     QTest::newRow("extra member") << "{\"id\":1,\"method\":\"status\",\"x\":1}" << "invalid_request" << true;
     QTest::newRow("unknown method") << "{\"id\":2,\"method\":\"format_disk\"}" << "unknown_method" << true;
-    QTest::newRow("events not yet") << "{\"id\":2,\"method\":\"events\"}" << "unknown_method" << true;
   }
 
   void BadRequests() {
@@ -93,7 +92,8 @@ class ControlProtocolTest : public QObject {
 
   void Methods() {
     for (const char* m : {"status", "export.add", "export.list", "export.remove", "volume.import",
-                          "volume.list", "volume.remove", "mount", "unmount"})
+                          "volume.list", "volume.remove", "mount", "unmount", "array.create",
+                          "array.detail", "apply", "events"})
       QVERIFY2(ctl::IsKnownMethod(m), m);
     QVERIFY(!ctl::IsKnownMethod("Status"));
     QVERIFY(!ctl::IsKnownMethod(""));
