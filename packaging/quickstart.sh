@@ -306,6 +306,14 @@ run_demo() {
   ctl "$WORK/b" status
   log "dstctl detail demo (daemon B)"
   ctl "$WORK/b" detail demo
+  # The initial full sync of the new leg runs in the background; wait for [UU] (detail --test 0).
+  local i
+  for (( i = 0; i < 120; i++ )); do
+    ctl "$WORK/b" detail demo --test >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  log "after the initial sync (daemon B)"
+  ctl "$WORK/b" status | sed -n '/^arrays:/,$p'
   log "demo OK"
 }
 
