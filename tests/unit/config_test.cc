@@ -46,7 +46,7 @@ class ConfigTest : public QObject {
         "\n"
         "[[volume]]\n"
         "name = \"vol1\"\n"
-        "remote = \"dst://10.0.0.2:7400/disk1\"\n"
+        "remote = \"dst://127.0.0.2:7400/disk1\"\n"
         "queue_depth = 32\n"
         "io_timeout = 30\n"
         "keepalive_timeout = 3\n"
@@ -68,7 +68,7 @@ class ConfigTest : public QObject {
     QCOMPARE(c.exports[1].size, std::uint64_t(1) << 20);
     QVERIFY(!c.exports[1].read_only);
     QCOMPARE(c.volumes.size(), std::size_t(2));
-    QCOMPARE(c.volumes[0].host, std::string("10.0.0.2"));
+    QCOMPARE(c.volumes[0].host, std::string("127.0.0.2"));
     QCOMPARE(c.volumes[0].port, std::uint16_t(7400));
     QCOMPARE(c.volumes[0].export_name, std::string("disk1"));
     QCOMPARE(c.volumes[0].queue_depth, 32u);
