@@ -5,6 +5,7 @@
 #include <linux/fs.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -76,6 +77,13 @@ class FileDevice::Impl {
       if (direct_fd_ < 0) return Status::FromErrno(errno, "open O_DIRECT " + path);
     }
     inline_nowait_ = o.inline_nowait;
+    // tmpfs and ramfs have no device behind them: a read or write is a copy to or from RAM
+    // and cannot wait on I/O, but they do not implement RWF_NOWAIT either (EOPNOTSUPP).
+    // Such files take the inline path with plain preadv2/pwritev2.
+    struct statfs sfs;
+    if (!is_blockdev_ && o.inline_nowait && fstatfs(fd_, &sfs) == 0 &&
+        (sfs.f_type == kTmpfsMagic || sfs.f_type == kRamfsMagic))
+      memory_backed_ = true;
     int n = o.io_threads > 0 ? o.io_threads : 1;
     awake_ = n;  // workers start awake and go to sleep on an empty queue
     workers_.reserve(n);
@@ -155,12 +163,19 @@ class FileDevice::Impl {
   // short on the caller's thread; it is also below NbdServerOptions::sparse_read_min, so a
   // completion handler never maps holes (lseek) on an event-loop thread.
   static constexpr uint64_t kInlineMax = 32u << 10;
+  // On a memory-backed file every inline request is a plain memory copy: up to this length it
+  // costs less than waking a worker and handing the completion back (a 1 MiB copy is tens of
+  // microseconds, about one futex wake-up plus a context switch on each side).
+  static constexpr uint64_t kInlineMaxMemory = 1u << 20;
+  static constexpr long kTmpfsMagic = 0x01021994;  // linux/magic.h TMPFS_MAGIC
+  static constexpr long kRamfsMagic = 0x858458f6;  // linux/magic.h RAMFS_MAGIC
   static constexpr uint64_t kBacklogPerWorker = 256u << 10;
 
   // One RWF_NOWAIT attempt on the caller's thread.  True: the request completed (done called).
   // Only whole transfers count: a short or EAGAIN result leaves the request to a worker, which
   // redoes it from the start (same data, same offset: idempotent).
   bool TryInline(IoRequest* req) {
+    if (memory_backed_) return TryInlineMemory(req);
     if (req->length == 0 || req->length > kInlineMax || Aligned(*req)) return false;
     ssize_t n;
     struct iovec iov = {req->data, static_cast<size_t>(req->length)};
@@ -179,6 +194,25 @@ class FileDevice::Impl {
       return false;
     }
     req->done(req, Status::OK());
+    return true;
+  }
+
+  // tmpfs/ramfs: reads and writes (FUA too: there is nothing to sync) run here in full; flush is
+  // a no-op there but still goes through fdatasync on the caller's thread, which returns at once.
+  // Trim and write-zeroes (fallocate) stay on the workers.
+  bool TryInlineMemory(IoRequest* req) {
+    switch (req->op) {
+      case IoOp::kRead:
+      case IoOp::kWrite:
+        if (req->length > kInlineMaxMemory) return false;
+        break;
+      case IoOp::kFlush:
+        break;
+      default:
+        return false;
+    }
+    Status st = Execute(*req);
+    req->done(req, std::move(st));
     return true;
   }
 
@@ -278,6 +312,7 @@ class FileDevice::Impl {
   int fd_ = -1;
   int direct_fd_ = -1;
   bool is_blockdev_ = false;
+  bool memory_backed_ = false;  // tmpfs/ramfs: see TryInlineMemory
   // Written once by TryInline on EOPNOTSUPP from any submitting thread: a relaxed flag is enough.
   std::atomic<bool> inline_nowait_{false};
   uint32_t dio_align_ = 4096;

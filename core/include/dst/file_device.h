@@ -10,7 +10,10 @@
 // succeeds when the page cache can serve it at once; anything else returns EAGAIN and the request
 // goes to a worker as before).  A page-cache hit then costs no thread hand-off, and Submit() may
 // complete the request inline (callers already handle inline completion: validation errors do it).
-// Disable with FileDeviceOptions::inline_nowait = false.
+// On tmpfs/ramfs (detected with fstatfs) the page cache is the storage, so every read/write up
+// to 1 MiB (FUA too) and every flush runs inline: it cannot block on a disk, and the worker
+// hand-off would cost more than the copy.
+// Disable both with FileDeviceOptions::inline_nowait = false.
 //
 // Durability: a write completes when the kernel has it (page cache); kIoFua writes use
 // RWF_DSYNC; a flush is fdatasync().  Trim punches a hole (BLKDISCARD on block devices);
