@@ -755,6 +755,52 @@ class NbdServerTest : public QObject {
     QCOMPARE(cookie, 15ull);
   }
 
+  // Regression: hole chunks come from the zero blocks of the data read, not from lseek on the
+  // backing file (SEEK_HOLE on tmpfs walked the page cache to EOF per read).  The "ro" export
+  // has no AllocationMap at all and still gets holes, on the device's 4 KiB grid.
+  void structuredReadZeroBlocksAreHoles() {
+    const std::uint64_t base = 2u << 20;
+    QVERIFY(WriteFileAt(ro_path_, base + 4096, std::string(4096, 'Z')));
+    QVERIFY(WriteFileAt(ro_path_, base + 65536 + 10, std::string(100, 'Q')));
+    Raw c;
+    QVERIFY(c.Open(port_, "ro", true));
+    const std::uint64_t off = base - 2048;  // unaligned start: the first piece is 2 KiB
+    const std::uint32_t len = 128u << 10;
+    QVERIFY(c.Send(kCmdRead, 21, off, len));
+    auto chunks = c.RecvChunks();
+    struct Want { std::uint16_t type; std::uint64_t off; std::uint32_t len; };
+    const Want want[] = {{kChunkOffsetHole, off, 6144},
+                         {kChunkOffsetData, base + 4096, 4096},
+                         {kChunkOffsetHole, base + 8192, 57344},
+                         {kChunkOffsetData, base + 65536, 4096},
+                         {kChunkOffsetHole, base + 69632, 59392}};
+    QCOMPARE(chunks.size(), std::size_t(5));
+    for (std::size_t i = 0; i < 5; ++i) {
+      QCOMPARE(chunks[i].type, want[i].type);
+      auto* p = reinterpret_cast<const std::uint8_t*>(chunks[i].payload.data());
+      QCOMPARE(Get64(p), want[i].off);
+      if (want[i].type == kChunkOffsetHole) QCOMPARE(Get32(p + 8), want[i].len);
+      else QVERIFY(chunks[i].payload.substr(8) == ReadFileAt(ro_path_, want[i].off, want[i].len));
+      QCOMPARE(bool(chunks[i].flags & kReplyFlagDone), i == 4);
+    }
+    // 64 alternating data/zero blocks need more than 16 chunks: the reply stops splitting and
+    // sends the rest as one data chunk; reassembled, it is the file.
+    const std::uint64_t alt = 5u << 20;
+    for (int b = 0; b < 64; b += 2) QVERIFY(WriteFileAt(ro_path_, alt + b * 4096ull, std::string(4096, char('a' + b % 26))));
+    QVERIFY(c.Send(kCmdRead, 22, alt, 256u << 10));
+    chunks = c.RecvChunks();
+    QCOMPARE(chunks.size(), std::size_t(15));  // 14 split off, then data merged with the rest
+    std::string img(256u << 10, '\0');
+    for (auto& ch : chunks) {
+      auto* p = reinterpret_cast<const std::uint8_t*>(ch.payload.data());
+      const std::uint64_t at = Get64(p) - alt;
+      if (ch.type == kChunkOffsetData) img.replace(at, ch.payload.size() - 8, ch.payload.substr(8));
+      else QCOMPARE(ch.type, kChunkOffsetHole);
+    }
+    QCOMPARE(chunks.back().type, kChunkOffsetData);
+    QVERIFY(img == ReadFileAt(ro_path_, alt, 256u << 10));
+  }
+
   void blockStatus() {
     Raw c;
     QVERIFY(c.Open(port_, "sparse", true, {"base:allocation", "dst:test"}));
