@@ -34,6 +34,7 @@
 
 #include "dst/buffer_pool.h"
 #include "dst/net/transmitter.h"
+#include "rx_buffer.h"
 #include "server_alloc.h"
 
 namespace dst::net {
@@ -53,6 +54,7 @@ void LogLine(const std::string& peer, const char* what, const char* detail) {
 }
 
 constexpr int kMaxChunks = 16;          // reply frames per request
+constexpr std::size_t kRxBufferSize = 64u << 10;  // per connection, see RxBuffer
 constexpr int kMaxProviders = 8;        // extra metadata contexts per export
 constexpr int kMaxContexts = 1 + kMaxProviders;
 constexpr std::uint32_t kBaseAllocationId = 1;  // providers: 2 + index
@@ -288,7 +290,8 @@ class NbdConn : public std::enable_shared_from_this<NbdConn> {
   // Transmission.
   void Pump();
   void MaybeRead();
-  void OnRequest(const boost::system::error_code& ec, std::size_t n);
+  void OnRx(const boost::system::error_code& ec, std::size_t n);
+  void HandleRequest();
   void ResumeAfterBuffer();
   void StartData(NbdReqCtx* c);
   void OnPayload(NbdReqCtx* c, const boost::system::error_code& ec);
@@ -328,6 +331,7 @@ class NbdConn : public std::enable_shared_from_this<NbdConn> {
   bool finished_ = false;
   bool close_timer_armed_ = false;
   bool in_payload_ = false;     // reading WRITE data (or draining it)
+  bool parsing_ = false;        // MaybeRead's loop is running (no re-entry)
   std::uint64_t progress_ = 0;  // bumps on every completed read or sent frame
   std::uint64_t seen_progress_ = 0;
   int strikes_ = 0;
@@ -362,6 +366,9 @@ class NbdConn : public std::enable_shared_from_this<NbdConn> {
   RequestLimits lim_;
   bool read_only_ = false;
   std::uint8_t req_[kRequestSize];
+  // Requests (and the start of WRITE payloads) as recv() brought them in: a burst of pipelined
+  // requests costs one system call, not one per header.
+  RxBuffer rx_{kRxBufferSize};
   char scratch_[16384];
 };
 
@@ -701,26 +708,40 @@ void NbdConn::Pump() {
   MaybeFinish();
 }
 
+// Parses every whole request already buffered, then reads more.  Runs from Pump (depth 0), so
+// the handlers it calls never re-enter it; it stops where a request has to wait (no free
+// context, no buffer, a WRITE payload still on the wire) and Pump calls it again after that.
 void NbdConn::MaybeRead() {
+  if (parsing_) return;
+  parsing_ = true;
+  while (st_ == State::kServing && !reading_ && !pending_ && free_ && rx_.size() >= kRequestSize) {
+    rx_.Take(req_, kRequestSize);
+    HandleRequest();
+  }
+  parsing_ = false;
   if (st_ != State::kServing || reading_ || pending_ || !free_) return;
   reading_ = true;
-  asio::async_read(sock_, asio::buffer(req_, kRequestSize),
-                   H([self = shared_from_this()](const boost::system::error_code& ec, std::size_t n) {
-                     self->OnRequest(ec, n);
-                   }));
+  sock_.async_read_some(rx_.Space(),
+                        H([self = shared_from_this()](const boost::system::error_code& ec, std::size_t n) {
+                          self->OnRx(ec, n);
+                        }));
 }
 
-void NbdConn::OnRequest(const boost::system::error_code& ec, std::size_t n) {
+void NbdConn::OnRx(const boost::system::error_code& ec, std::size_t n) {
   Scope s(this);
   reading_ = false;
   ++progress_;
   if (ec) {
-    if (n > 0 && st_ != State::kClosing) {
+    if (rx_.size() > 0 && st_ != State::kClosing) {
       impl_->protocol_errors_.fetch_add(1, std::memory_order_relaxed);
       LogLine(peer_, "truncated request", ec.message().c_str());
     }
     return BeginClose(false);
   }
+  rx_.Commit(n);  // parsed by Pump -> MaybeRead when this handler returns
+}
+
+void NbdConn::HandleRequest() {
   if (st_ == State::kClosing) return;
   Request r;
   Status st = DecodeRequest(req_, &r);
@@ -820,9 +841,13 @@ void NbdConn::StartData(NbdReqCtx* c) {
     default:
       break;
   }
-  reading_ = true;  // WRITE: socket -> pool buffer, no copy
+  // WRITE: what came in with the header is copied out of rx_; the rest goes from the socket
+  // straight into the pool buffer, no copy.
+  const std::size_t have = rx_.TakeInto(c->buf, c->rq.length);
+  if (have == c->rq.length) return Submit(c, IoOp::kWrite);
+  reading_ = true;
   in_payload_ = true;
-  asio::async_read(sock_, asio::buffer(c->buf, c->rq.length),
+  asio::async_read(sock_, asio::buffer(c->buf + have, c->rq.length - have),
                    H([self = shared_from_this(), c](const boost::system::error_code& ec, std::size_t) {
                      self->OnPayload(c, ec);
                    }));
@@ -845,6 +870,9 @@ void NbdConn::OnPayload(NbdReqCtx* c, const boost::system::error_code& ec) {
 }
 
 void NbdConn::DrainPayload(NbdReqCtx* c) {
+  const std::size_t buffered = std::min<std::size_t>(drain_left_, rx_.size());
+  rx_.Consume(buffered);
+  drain_left_ -= static_cast<std::uint32_t>(buffered);
   if (drain_left_ == 0) return ReplyNow(c, c->error);
   const std::size_t chunk = std::min<std::size_t>(drain_left_, sizeof scratch_);
   reading_ = true;
