@@ -54,6 +54,7 @@
 
 #include "dst/net/codec.h"
 #include "dst/net/transmitter.h"
+#include "rx_buffer.h"
 
 namespace dst::net {
 
@@ -67,6 +68,7 @@ namespace {
 constexpr std::uint32_t kPingSlot = 0xffffffffu;
 constexpr std::size_t kPayloadChunk = 256u << 10;  // rx progress (keepalive) granularity
 constexpr std::size_t kDrainBufSize = 64u << 10;
+constexpr std::size_t kRxBufferSize = 64u << 10;
 // Backstop: a request that was the first one sent on this many consecutive connections that
 // died before answering any request is failed with EIO instead of being re-sent again.
 constexpr int kPoisonLosses = 3;
@@ -222,8 +224,10 @@ class RemoteDevice::Impl : public std::enable_shared_from_this<Impl> {
   void SendSlot(Slot& s);
   void SendPing();
   void FlushTx();
+  enum class RxStep { kNext, kCompleted, kAsync, kStop };
   void StartRead();
-  void OnHeader(const boost::system::error_code& ec);
+  void ParseRx(bool completed);
+  RxStep OnHeader();
   void OnServerDisconnect();
   void ReadPayload(std::uint32_t slot, std::size_t done);
   void Drain();
@@ -305,6 +309,7 @@ class RemoteDevice::Impl : public std::enable_shared_from_this<Impl> {
   std::uint32_t ping_gen_ = 0;
   Clock::time_point last_ping_;
   TxFrame ping_frame_;
+  RxBuffer rx_buf_{kRxBufferSize};  // see "receive path"
   std::uint8_t rx_hdr_[kHeaderSize];
   Header rx_;
   std::uint32_t reader_slot_ = kPingSlot;  // slot whose payload is being read
@@ -571,6 +576,8 @@ void RemoteDevice::Impl::OnHandshake(const HelloReply& r) {
   answered_ = false;
   send_count_ = 0;
   SetState(State::kConnected);
+  rx_buf_.Clear();  // bytes of the previous connection, if any, mean nothing now
+  drain_left_ = 0;
   StartRead();
   // Re-send every unacknowledged request in its original submission order.
   order_.clear();
@@ -828,35 +835,68 @@ void RemoteDevice::Impl::OnTxError(void* ctx) {
 }
 
 // --- receive path --------------------------------------------------------------------------
+//
+// One recv() brings in as many replies as fit in rx_buf_ (a burst of 4 KiB READ replies costs
+// one system call, not two per reply); ParseRx handles every whole one.  A payload that did not
+// fully arrive with its header is read straight into the caller's buffer (or discarded, for a
+// late reply), then parsing resumes.  Pump and FlushTx run once per parsed burst.
+//
+//   RECV --bytes--> PARSE --whole header (+ payload buffered)--> PARSE
+//    ^                |  \--payload incomplete--> PAYLOAD / DRAIN --done--> PARSE
+//    +--< 1 header ---+
+//   Any error or bad frame: ConnectionLost (epoch_ bumps; stale completions are ignored).
 
 void RemoteDevice::Impl::StartRead() {
   auto self = shared_from_this();
   const std::uint64_t ep = epoch_;
-  asio::async_read(socket_, asio::buffer(rx_hdr_, kHeaderSize),
-                   [self, ep](const boost::system::error_code& ec, std::size_t) {
-                     if (ep != self->epoch_) return;
-                     self->OnHeader(ec);
-                   });
+  socket_.async_read_some(rx_buf_.Space(), [self, ep](const boost::system::error_code& ec, std::size_t n) {
+    if (ep != self->epoch_ || self->state_ != State::kConnected) return;
+    if (ec) {
+      return self->ConnectionLost(ec == asio::error::eof ? "closed by server" : "receive failed",
+                                  Clock::now());
+    }
+    self->last_rx_ = Clock::now();
+    self->rx_buf_.Commit(n);
+    self->ParseRx(false);
+  });
 }
 
-void RemoteDevice::Impl::OnHeader(const boost::system::error_code& ec) {
-  if (state_ != State::kConnected) return;
-  if (ec) return ConnectionLost(ec == asio::error::eof ? "closed by server" : "receive failed", Clock::now());
-  last_rx_ = Clock::now();
+void RemoteDevice::Impl::ParseRx(bool completed) {
+  while (state_ == State::kConnected && rx_buf_.size() >= kHeaderSize) {
+    rx_buf_.Take(rx_hdr_, kHeaderSize);
+    const RxStep step = OnHeader();
+    if (step == RxStep::kStop) return;
+    if (step == RxStep::kAsync) break;  // a payload read is in flight; it resumes parsing
+    if (step == RxStep::kCompleted) completed = true;
+  }
+  if (state_ == State::kConnected && reader_slot_ == kPingSlot && drain_left_ == 0) StartRead();
+  if (completed) {
+    Pump();
+    FlushTx();
+  }
+}
+
+RemoteDevice::Impl::RxStep RemoteDevice::Impl::OnHeader() {
   if (!DecodeHeader(rx_hdr_, &rx_).ok() || !rx_.is_reply()) {
-    return ConnectionLost("malformed frame from server", Clock::now());
+    ConnectionLost("malformed frame from server", Clock::now());
+    return RxStep::kStop;
   }
   const Cmd cmd = rx_.command();
-  if (cmd == Cmd::kDisconnect) return OnServerDisconnect();
+  if (cmd == Cmd::kDisconnect) {
+    OnServerDisconnect();
+    return RxStep::kStop;
+  }
   // Only a real answer ends an outage; an EPROTO frame before a close (above) does not, or a
   // request the server rejects at the framing level would reconnect forever without io_timeout.
   in_outage_ = false;
   if (cmd == Cmd::kPing) {
     if (rx_.id == (std::uint64_t(ping_gen_) << 32 | kPingSlot)) ping_outstanding_ = false;
-    StartRead();
-    return;
+    return RxStep::kNext;
   }
-  if (cmd == Cmd::kHello) return ConnectionLost("unexpected HELLO reply", Clock::now());
+  if (cmd == Cmd::kHello) {
+    ConnectionLost("unexpected HELLO reply", Clock::now());
+    return RxStep::kStop;
+  }
   answered_ = true;  // a PING answer shows liveness, this shows the server can take requests
   const std::uint32_t idx = static_cast<std::uint32_t>(rx_.id);
   const std::uint32_t gen = static_cast<std::uint32_t>(rx_.id >> 32);
@@ -864,31 +904,36 @@ void RemoteDevice::Impl::OnHeader(const boost::system::error_code& ec) {
   if (!s || !s->req || s->gen != gen || !s->on_wire || ToCmd(s->req->op) != cmd) {
     // Late or duplicated reply (a slot's earlier generation, or an unknown id): drop it, but
     // drain its payload so the stream stays in sync.
-    if (HasPayload(rx_) && rx_.length > 0) {
-      drain_left_ = rx_.length;
-      Drain();
-    } else {
-      StartRead();
-    }
-    return;
+    if (!HasPayload(rx_) || rx_.length == 0) return RxStep::kNext;
+    const std::size_t buffered = std::min<std::size_t>(rx_.length, rx_buf_.size());
+    rx_buf_.Consume(buffered);
+    drain_left_ = rx_.length - buffered;
+    if (drain_left_ == 0) return RxStep::kNext;
+    Drain();
+    return RxStep::kAsync;
   }
-  if (HasPayload(rx_)) {  // successful READ: payload goes straight into the caller's buffer
-    if (rx_.length != s->req->length) return ConnectionLost("READ reply length mismatch", Clock::now());
-    reader_slot_ = idx;
-    ReadPayload(idx, 0);
-    return;
+  if (HasPayload(rx_)) {  // successful READ: payload goes into the caller's buffer
+    if (rx_.length != s->req->length) {
+      ConnectionLost("READ reply length mismatch", Clock::now());
+      return RxStep::kStop;
+    }
+    const std::size_t have = rx_buf_.TakeInto(s->req->data, rx_.length);
+    if (have < rx_.length) {  // the rest comes from the socket straight into the buffer
+      reader_slot_ = idx;
+      ReadPayload(idx, have);
+      return RxStep::kAsync;
+    }
+    CompleteSlot(*s, Status::OK());
+    return RxStep::kCompleted;
   }
   if (rx_.status == static_cast<std::uint32_t>(WireStatus::kShutdown)) {
     // The server is draining and will close: keep the request, re-send it on the next connection.
     s->on_wire = false;
     --on_wire_;
-    StartRead();
-    return;
+    return RxStep::kNext;
   }
-  StartRead();
   CompleteSlot(*s, FromWireStatus(rx_.status));
-  Pump();
-  FlushTx();
+  return RxStep::kCompleted;
 }
 
 // DISCONNECT|reply: the server found a framing error and closes (§8.1).  When it names one of
@@ -924,10 +969,8 @@ void RemoteDevice::Impl::ReadPayload(std::uint32_t idx, std::size_t done) {
                      Slot& sl = self->slots_[idx];
                      if (done + got < sl.req->length) return self->ReadPayload(idx, done + got);
                      self->reader_slot_ = kPingSlot;
-                     self->StartRead();
                      self->CompleteSlot(sl, Status::OK());
-                     self->Pump();
-                     self->FlushTx();
+                     self->ParseRx(true);
                    });
 }
 
@@ -942,7 +985,7 @@ void RemoteDevice::Impl::Drain() {
                      self->last_rx_ = Clock::now();
                      self->drain_left_ -= got;
                      if (self->drain_left_) return self->Drain();
-                     self->StartRead();
+                     self->ParseRx(false);
                    });
 }
 

@@ -1,6 +1,6 @@
-// RxBuffer: a per-connection receive buffer that lets a server parse every request a single
-// recv() brought in, instead of one async read (one system call and one completion hand-off
-// through the event loop) per 28- or 48-byte request header.
+// RxBuffer: a per-connection receive buffer that lets a server (or a client) parse every
+// request (or reply) a single recv() brought in, instead of one async read (one system call and
+// one completion hand-off through the event loop) per 28- or 48-byte header.
 //
 // A connection reads with async_read_some into Space(), Commit()s what arrived, then takes
 // whole headers (Take) and the start of any payload (TakeInto) from the front.  A payload that
@@ -53,6 +53,7 @@ class RxBuffer {
     return boost::asio::buffer(buf_.get() + end_, cap_ - end_);
   }
   void Commit(std::size_t n) { end_ += n; }
+  void Clear() { begin_ = end_ = 0; }
 
  private:
   std::unique_ptr<char[]> buf_;
