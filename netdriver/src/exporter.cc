@@ -39,6 +39,7 @@
 
 #include "dst/buffer_pool.h"
 #include "dst/net/codec.h"
+#include "rx_buffer.h"
 #include "server_alloc.h"
 
 namespace dst::net {
@@ -58,6 +59,7 @@ void LogLine(const std::string& peer, const char* what, const char* detail) {
 
 constexpr std::chrono::seconds kCloseGrace{5};   // unsent replies of a closing connection
 constexpr std::chrono::seconds kDrainGrace{20};  // Drain(): then connections are forced shut
+constexpr std::size_t kRxBufferSize = 64u << 10;   // per connection, see RxBuffer
 
 }  // namespace
 
@@ -240,7 +242,9 @@ class Conn : public std::enable_shared_from_this<Conn> {
 
   void Pump();
   void MaybeRead();
-  void OnHeader(const boost::system::error_code& ec, std::size_t n);
+  bool CanRead() const;
+  void OnRx(const boost::system::error_code& ec, std::size_t n);
+  void HandleHeader();
   void OnHelloPayload(const boost::system::error_code& ec, std::size_t n);
   void SendHelloReply();
   void SendHelloError(WireStatus ws);
@@ -284,6 +288,7 @@ class Conn : public std::enable_shared_from_this<Conn> {
   ReqCtx* pending_ = nullptr;   // waiting for a pool buffer
   bool parked_pool_ = false;    // on the pool's waiter list (strand-local view)
   bool in_payload_ = false;     // reading a payload (WRITE data, drained data, HELLO)
+  bool parsing_ = false;        // MaybeRead's loop is running (no re-entry)
   std::uint64_t progress_ = 0;  // bumps on every completed read or sent frame
   std::uint64_t seen_progress_ = 0;
   int strikes_ = 0;
@@ -317,6 +322,9 @@ class Conn : public std::enable_shared_from_this<Conn> {
   TxFrame ctl_tx_;  // HELLO reply or the EPROTO reply before a close
   bool ctl_busy_ = false;
   char scratch_[16384];
+  // Frames (and the start of payloads) as recv() brought them in: a burst of pipelined requests
+  // costs one system call, not one per header and one per payload.
+  RxBuffer rx_{kRxBufferSize};
 };
 
 // ----------------------------------------------------------------------------------------------
@@ -332,28 +340,46 @@ void Conn::Pump() {
   MaybeFinish();
 }
 
+// Parses every whole frame already buffered, then reads more.  Runs from Pump (depth 0), so the
+// handlers it calls never re-enter it; it stops where a frame has to wait (no free context, no
+// buffer, a payload still on the wire, a fence) and Pump calls it again after that.
 void Conn::MaybeRead() {
-  if (reading_ || pending_ || awaiting_fence_ || st_ == State::kClosing) return;
-  if (st_ == State::kServing && !free_) return;  // every context busy: backpressure
+  if (parsing_) return;
+  parsing_ = true;
+  while (CanRead() && rx_.size() >= kHeaderSize) {
+    rx_.Take(hdr_, kHeaderSize);
+    HandleHeader();
+  }
+  parsing_ = false;
+  if (!CanRead()) return;
   reading_ = true;
-  asio::async_read(sock_, asio::buffer(hdr_, kHeaderSize),
-                   H([self = shared_from_this()](const boost::system::error_code& ec, std::size_t n) {
-                     self->OnHeader(ec, n);
-                   }));
+  sock_.async_read_some(rx_.Space(),
+                        H([self = shared_from_this()](const boost::system::error_code& ec, std::size_t n) {
+                          self->OnRx(ec, n);
+                        }));
 }
 
-void Conn::OnHeader(const boost::system::error_code& ec, std::size_t n) {
+bool Conn::CanRead() const {
+  if (reading_ || pending_ || awaiting_fence_ || st_ == State::kClosing) return false;
+  return st_ != State::kServing || free_;  // every context busy: backpressure
+}
+
+void Conn::OnRx(const boost::system::error_code& ec, std::size_t n) {
   Scope s(this);
   reading_ = false;
   ++progress_;
   if (ec) {
-    if (n > 0 && st_ != State::kClosing) {
+    if (rx_.size() > 0 && st_ != State::kClosing) {
       impl_->protocol_errors_.fetch_add(1, std::memory_order_relaxed);
       LogLine(peer_, "truncated frame header", ec.message().c_str());
     }
     BeginClose(false);
     return;
   }
+  rx_.Commit(n);  // parsed by Pump -> MaybeRead when this handler returns
+}
+
+void Conn::HandleHeader() {
   if (st_ == State::kClosing) return;  // fenced or draining: nothing new is started
 
   Header h;
@@ -369,9 +395,11 @@ void Conn::OnHeader(const boost::system::error_code& ec, std::size_t n) {
     if (h.command() != Cmd::kHello)
       return ProtocolError("framing error", "request before HELLO", true, h.id);
     hello_hdr_ = h;
+    const std::size_t have = rx_.TakeInto(hello_buf_, h.length);
+    if (have == h.length) return OnHelloPayload({}, have);
     reading_ = true;
     in_payload_ = true;
-    asio::async_read(sock_, asio::buffer(hello_buf_, h.length),
+    asio::async_read(sock_, asio::buffer(hello_buf_ + have, h.length - have),
                      H([self = shared_from_this()](const boost::system::error_code& e, std::size_t m) {
                        self->OnHelloPayload(e, m);
                      }));
@@ -463,10 +491,16 @@ void Conn::StartData(ReqCtx* c) {
     Submit(c, IoOp::kRead);
     return;
   }
-  // WRITE: the payload goes from the socket straight into the pool buffer.
+  // WRITE: what came in with the header is copied out of rx_; the rest goes from the socket
+  // straight into the pool buffer.
+  const std::size_t have = rx_.TakeInto(c->buf, c->h.length);
+  if (have == c->h.length) {
+    Submit(c, IoOp::kWrite);
+    return;
+  }
   reading_ = true;
   in_payload_ = true;
-  asio::async_read(sock_, asio::buffer(c->buf, c->h.length),
+  asio::async_read(sock_, asio::buffer(c->buf + have, c->h.length - have),
                    H([self = shared_from_this(), c](const boost::system::error_code& ec, std::size_t n) {
                      self->OnPayload(c, ec, n);
                    }));
@@ -491,6 +525,9 @@ void Conn::OnPayload(ReqCtx* c, const boost::system::error_code& ec, std::size_t
 }
 
 void Conn::DrainPayload(ReqCtx* c) {
+  const std::size_t buffered = std::min<std::size_t>(drain_left_, rx_.size());
+  rx_.Consume(buffered);
+  drain_left_ -= static_cast<std::uint32_t>(buffered);
   if (drain_left_ == 0) {
     ReplyNow(c, static_cast<WireStatus>(c->status));
     return;
