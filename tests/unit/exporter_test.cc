@@ -16,6 +16,7 @@
 #include <map>
 #include <mutex>
 #include <new>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -506,6 +507,87 @@ class ExporterTest : public QObject {
           out_of_order ? "yes" : "no", fpc);
     QVERIFY(after.frames_sent - before.frames_sent >= std::uint64_t(2 * kN));
     QVERIFY(after.send_calls - before.send_calls <= after.frames_sent - before.frames_sent);
+  }
+
+  // Regression for the receive buffer: 128 WRITEs of odd sizes in one send() (headers and
+  // payloads straddle every 64 KiB buffer boundary), their READs in a second one, then a header
+  // and a payload dribbled in pieces.  Every byte must land where its header says.
+  void burstInOneSendAndSplitFrames() {
+    RawClient c;
+    QVERIFY(Open(c));
+    constexpr std::uint64_t kBase = 7u << 20;
+    constexpr int kN = 128;
+    std::string burst, reads, expect;
+    std::vector<std::uint32_t> lens;
+    for (int i = 0; i < kN; ++i) {
+      const std::uint32_t len = 512u * (1 + (i * 7) % 23);
+      std::vector<char> d(len);
+      Fill(d, 5000 + i);
+      Header h;
+      h.cmd = static_cast<std::uint16_t>(Cmd::kWrite);
+      h.id = 2000 + i;
+      h.offset = kBase + expect.size();
+      h.length = len;
+      std::uint8_t hdr[kHeaderSize];
+      EncodeHeader(h, hdr);
+      burst.append(reinterpret_cast<char*>(hdr), kHeaderSize);
+      burst.append(d.data(), len);
+      h.cmd = static_cast<std::uint16_t>(Cmd::kRead);
+      h.id = 3000 + i;
+      EncodeHeader(h, hdr);
+      reads.append(reinterpret_cast<char*>(hdr), kHeaderSize);
+      expect.append(d.data(), len);
+      lens.push_back(len);
+    }
+    QVERIFY(burst.size() > 4 * (64u << 10));  // several receive buffers' worth
+    QVERIFY(c.SendAll(burst.data(), burst.size()));
+    std::map<std::uint64_t, int> seen;
+    for (int i = 0; i < kN; ++i) {
+      Header h;
+      QVERIFY(c.Recv(&h));
+      QCOMPARE(h.status, 0u);
+      seen[h.id]++;
+    }
+    QCOMPARE(int(seen.size()), kN);
+    std::vector<char> got(expect.size());
+    QVERIFY(ReadSync(*disk_, kBase, got.data(), got.size()).ok());
+    QVERIFY(std::string(got.data(), got.size()) == expect);
+    QVERIFY(c.SendAll(reads.data(), reads.size()));
+    std::vector<char> buf(512u * 23);
+    std::vector<std::uint64_t> off(kN);
+    for (int i = 1; i < kN; ++i) off[i] = off[i - 1] + lens[i - 1];
+    for (int i = 0; i < kN; ++i) {
+      Header h;
+      QVERIFY(c.Recv(&h, buf.data()));
+      QCOMPARE(h.status, 0u);
+      QVERIFY(h.id >= 3000 && h.id < 3000 + kN);
+      const int k = int(h.id - 3000);
+      QCOMPARE(h.length, lens[k]);
+      QVERIFY(std::memcmp(buf.data(), expect.data() + off[k], lens[k]) == 0);
+    }
+
+    Header h;
+    h.cmd = static_cast<std::uint16_t>(Cmd::kWrite);
+    h.id = 77;
+    h.offset = kBase;
+    h.length = 4096;
+    std::uint8_t hdr[kHeaderSize];
+    EncodeHeader(h, hdr);
+    const std::string w(4096, 'Q');
+    for (auto [from, to] : {std::pair{0, 3}, {3, 29}, {29, int(kHeaderSize)}}) {
+      QVERIFY(c.SendAll(hdr + from, std::size_t(to - from)));
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    QVERIFY(c.SendAll(w.data(), 100));
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    QVERIFY(c.SendAll(w.data() + 100, w.size() - 100));
+    Header r;
+    QVERIFY(c.Recv(&r));
+    QCOMPARE(r.status, 0u);
+    QCOMPARE(r.id, 77ull);
+    std::vector<char> back(4096);
+    QVERIFY(ReadSync(*disk_, kBase, back.data(), back.size()).ok());
+    QVERIFY(std::string(back.data(), back.size()) == w);
   }
 
   // Per-export counters (dstctl status --json): requests and transmitter frames per export,
