@@ -450,6 +450,16 @@ struct Batch {
     ++b->done;
     b->cv.notify_all();
   }
+  // Resets q to `op` on [off, off + len) with buffer p, completing into this batch.
+  void Prep(IoRequest& q, IoOp op, std::uint64_t off, std::uint32_t len, char* p) {
+    q = IoRequest{};
+    q.op = op;
+    q.offset = off;
+    q.length = len;
+    q.data = p;
+    q.done = &Done;
+    q.ctx = this;
+  }
   bool Wait(int n, milliseconds timeout = milliseconds(20000)) {
     std::unique_lock<std::mutex> l(mu);
     return cv.wait_for(l, timeout, [&] { return done >= n; });
@@ -603,12 +613,7 @@ class RemoteDeviceTest : public QObject {
     Batch wb;
     for (int i = 0; i < kN; ++i) {
       IoRequest& q = reqs[i];
-      q.op = IoOp::kWrite;
-      q.offset = std::uint64_t(i) * kLen;
-      q.length = kLen;
-      q.data = data.data() + std::size_t(i) * kLen;
-      q.done = &Batch::Done;
-      q.ctx = &wb;
+      wb.Prep(q, IoOp::kWrite, std::uint64_t(i) * kLen, kLen, data.data() + std::size_t(i) * kLen);
       dev->Submit(&q);
     }
     QVERIFY(wb.Wait(kN));
@@ -617,13 +622,7 @@ class RemoteDeviceTest : public QObject {
     Batch rb;
     for (int i = 0; i < kN; ++i) {
       IoRequest& q = reqs[i];
-      q = IoRequest{};
-      q.op = IoOp::kRead;
-      q.offset = std::uint64_t(i) * kLen;
-      q.length = kLen;
-      q.data = back.data() + std::size_t(i) * kLen;
-      q.done = &Batch::Done;
-      q.ctx = &rb;
+      rb.Prep(q, IoOp::kRead, std::uint64_t(i) * kLen, kLen, back.data() + std::size_t(i) * kLen);
       dev->Submit(&q);
     }
     QVERIFY(rb.Wait(kN));
@@ -726,12 +725,7 @@ class RemoteDeviceTest : public QObject {
     Batch wb;
     for (int i = 0; i < kN; ++i) {
       IoRequest& q = reqs[i];
-      q.op = IoOp::kWrite;
-      q.offset = std::uint64_t(i) * kLen;
-      q.length = kLen;
-      q.data = data.data() + std::size_t(i) * kLen;
-      q.done = &Batch::Done;
-      q.ctx = &wb;
+      wb.Prep(q, IoOp::kWrite, std::uint64_t(i) * kLen, kLen, data.data() + std::size_t(i) * kLen);
       dev->Submit(&q);
     }
     QVERIFY(wb.Wait(kN));
@@ -975,14 +969,8 @@ class RemoteDeviceTest : public QObject {
     Batch rb;
     std::uint64_t off = 0;
     for (int i = 0; i < kN; ++i) {
-      IoRequest& q = reqs[i];
-      q.op = IoOp::kRead;
-      q.offset = off;
-      q.length = 512u * (1 + (i * 7) % 23);
-      q.data = back.data() + off;
-      q.done = &Batch::Done;
-      q.ctx = &rb;
-      off += q.length;
+      rb.Prep(reqs[i], IoOp::kRead, off, 512u * (1 + (i * 7) % 23), back.data() + off);
+      off += reqs[i].length;
     }
     for (auto& q : reqs) dev->Submit(&q);
     QVERIFY(rb.Wait(kN));
@@ -1112,12 +1100,7 @@ class RemoteDeviceTest : public QObject {
     const auto t0 = Clock::now();
     for (int i = 0; i < kN; ++i) {
       IoRequest& q = reqs[i];
-      q.op = IoOp::kWrite;
-      q.offset = std::uint64_t(i) * kLen;
-      q.length = kLen;
-      q.data = data.data() + std::size_t(i) * kLen;
-      q.done = &Batch::Done;
-      q.ctx = &good;
+      good.Prep(q, IoOp::kWrite, std::uint64_t(i) * kLen, kLen, data.data() + std::size_t(i) * kLen);
       if (i == kN / 2) {
         dev->Submit(&p);
         QVERIFY(bad.Wait(1, milliseconds(5000)));
