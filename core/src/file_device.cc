@@ -166,7 +166,7 @@ class FileDevice::Impl {
   // On a memory-backed file every inline request is a plain memory copy: up to this length it
   // costs less than waking a worker and handing the completion back (a 1 MiB copy is tens of
   // microseconds, about one futex wake-up plus a context switch on each side).
-  static constexpr uint64_t kInlineMaxMemory = 1u << 20;
+  static constexpr uint64_t kInlineMaxMemory = 64u << 10;
   static constexpr long kTmpfsMagic = 0x01021994;  // linux/magic.h TMPFS_MAGIC
   static constexpr long kRamfsMagic = 0x858458f6;  // linux/magic.h RAMFS_MAGIC
   static constexpr uint64_t kBacklogPerWorker = 256u << 10;

@@ -11,7 +11,7 @@
 // goes to a worker as before).  A page-cache hit then costs no thread hand-off, and Submit() may
 // complete the request inline (callers already handle inline completion: validation errors do it).
 // On tmpfs/ramfs (detected with fstatfs) the page cache is the storage, so every read/write up
-// to 1 MiB (FUA too) and every flush runs inline: it cannot block on a disk, and the worker
+// to 64 KiB (FUA too) and every flush runs inline: it cannot block on a disk, and the worker
 // hand-off would cost more than the copy.
 // Disable both with FileDeviceOptions::inline_nowait = false.
 //
