@@ -160,12 +160,12 @@ class FileDevice::Impl {
   }
 
   // Below this length an inline attempt is worth it (the thread hand-off dominates) and stays
-  // short on the caller's thread; it is also below NbdServerOptions::sparse_read_min, so a
-  // completion handler never maps holes (lseek) on an event-loop thread.
+  // short on the caller's thread.
   static constexpr uint64_t kInlineMax = 32u << 10;
   // On a memory-backed file every inline request is a plain memory copy: up to this length it
-  // costs less than waking a worker and handing the completion back (a 1 MiB copy is tens of
-  // microseconds, about one futex wake-up plus a context switch on each side).
+  // costs less than waking a worker and handing the completion back.  Larger copies go to a
+  // worker so the event loop receives the next request meanwhile (NBD 1 MiB writes on one
+  // connection: 2.0 GB/s all inline on the io thread, 3.3 GB/s with this split).
   static constexpr uint64_t kInlineMaxMemory = 64u << 10;
   static constexpr long kTmpfsMagic = 0x01021994;  // linux/magic.h TMPFS_MAGIC
   static constexpr long kRamfsMagic = 0x858458f6;  // linux/magic.h RAMFS_MAGIC
