@@ -5,6 +5,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <QElapsedTimer>
 #include <QFile>
 #include <QProcess>
 #include <QTemporaryDir>
@@ -230,6 +231,31 @@ class DaemonTest : public QObject {
     QCOMPARE(out, QByteArray("no volumes\n"));
     QCOMPARE(b.Terminate(), 0);
     QCOMPARE(a.Terminate(), 0);
+  }
+
+  // Regression (UX): with the exporter gone, SIGTERM of the importing daemon waits for the
+  // volume's flush deadline (min(io_timeout, 20) + 2 s) before giving up.  It must say so in
+  // the log rather than look hung, and it must end within that bound.
+  void ShutdownWithPeerGoneSaysWhyAndIsBounded() {
+    QTemporaryDir dir;
+    DaemonProcess a(dir.path() + "/a");
+    a.config() = ExportConfig("disk", dir.path() + "/a/disk.img", "8M");
+    QVERIFY(a.Start());
+    DaemonProcess b(dir.path() + "/b");
+    b.config() = QString("[[volume]]\nname = \"vol\"\nremote = \"dst://127.0.0.1:%1/disk\"\n"
+                         "io_timeout = 2\n").arg(a.port());
+    QVERIFY(b.Start());
+    QTRY_COMPARE_WITH_TIMEOUT(CtlJson(b, {"volume", "list"})["volumes"][0]["state"], json("connected"), 10000);
+    a.Kill9();
+    QElapsedTimer t;
+    t.start();
+    QCOMPARE(b.Terminate(), 0);
+    const qint64 ms = t.elapsed();
+    QVERIFY2(ms < 4000 + 5000, qPrintable(QString("shutdown took %1 ms").arg(ms)));
+    const QByteArray log = b.Log();
+    QVERIFY2(log.contains("volume \"vol\": dst://127.0.0.1:" + QByteArray::number(a.port()) +
+                          "/disk is not connected; waiting up to 4 s for it to take the last writes"),
+             log.constData());
   }
 
   void UnknownVolumeRemove() {

@@ -334,6 +334,12 @@ void Daemon::Shutdown() {
   }
   for (auto& v : vols) {
     if (!v->dev) continue;
+    if (v->remote && v->remote->Stats().state != "connected") {
+      // Say why shutdown pauses: the flush waits for the peer to come back, up to a deadline.
+      spdlog::info("volume \"{}\": {} is not connected; waiting up to {} s for it to take the last writes",
+                   v->cfg.name, v->remote->Describe(),
+                   std::chrono::duration_cast<std::chrono::seconds>(FlushTimeout(v->cfg)).count());
+    }
     Status st = FlushWithDeadline(*v->dev, FlushTimeout(v->cfg));
     if (st.ok()) continue;
     spdlog::warn("volume \"{}\": flush failed: {}", v->cfg.name, Message(st));
