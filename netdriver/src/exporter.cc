@@ -59,7 +59,6 @@ void LogLine(const std::string& peer, const char* what, const char* detail) {
 
 constexpr std::chrono::seconds kCloseGrace{5};   // unsent replies of a closing connection
 constexpr std::chrono::seconds kDrainGrace{20};  // Drain(): then connections are forced shut
-constexpr std::size_t kRxBufferSize = 64u << 10;   // per connection, see RxBuffer
 
 }  // namespace
 
@@ -324,7 +323,7 @@ class Conn : public std::enable_shared_from_this<Conn> {
   char scratch_[16384];
   // Frames (and the start of payloads) as recv() brought them in: a burst of pipelined requests
   // costs one system call, not one per header and one per payload.
-  RxBuffer rx_{kRxBufferSize};
+  RxBuffer rx_;
 };
 
 // ----------------------------------------------------------------------------------------------
@@ -525,9 +524,7 @@ void Conn::OnPayload(ReqCtx* c, const boost::system::error_code& ec, std::size_t
 }
 
 void Conn::DrainPayload(ReqCtx* c) {
-  const std::size_t buffered = std::min<std::size_t>(drain_left_, rx_.size());
-  rx_.Consume(buffered);
-  drain_left_ -= static_cast<std::uint32_t>(buffered);
+  drain_left_ -= static_cast<std::uint32_t>(rx_.Skip(drain_left_));
   if (drain_left_ == 0) {
     ReplyNow(c, static_cast<WireStatus>(c->status));
     return;

@@ -54,7 +54,6 @@ void LogLine(const std::string& peer, const char* what, const char* detail) {
 }
 
 constexpr int kMaxChunks = 16;          // reply frames per request
-constexpr std::size_t kRxBufferSize = 64u << 10;  // per connection, see RxBuffer
 constexpr int kMaxProviders = 8;        // extra metadata contexts per export
 constexpr int kMaxContexts = 1 + kMaxProviders;
 constexpr std::uint32_t kBaseAllocationId = 1;  // providers: 2 + index
@@ -290,6 +289,7 @@ class NbdConn : public std::enable_shared_from_this<NbdConn> {
   // Transmission.
   void Pump();
   void MaybeRead();
+  bool CanRead() const;
   void OnRx(const boost::system::error_code& ec, std::size_t n);
   void HandleRequest();
   void ResumeAfterBuffer();
@@ -368,7 +368,7 @@ class NbdConn : public std::enable_shared_from_this<NbdConn> {
   std::uint8_t req_[kRequestSize];
   // Requests (and the start of WRITE payloads) as recv() brought them in: a burst of pipelined
   // requests costs one system call, not one per header.
-  RxBuffer rx_{kRxBufferSize};
+  RxBuffer rx_;
   char scratch_[16384];
 };
 
@@ -714,17 +714,21 @@ void NbdConn::Pump() {
 void NbdConn::MaybeRead() {
   if (parsing_) return;
   parsing_ = true;
-  while (st_ == State::kServing && !reading_ && !pending_ && free_ && rx_.size() >= kRequestSize) {
+  while (CanRead() && rx_.size() >= kRequestSize) {
     rx_.Take(req_, kRequestSize);
     HandleRequest();
   }
   parsing_ = false;
-  if (st_ != State::kServing || reading_ || pending_ || !free_) return;
+  if (!CanRead()) return;
   reading_ = true;
   sock_.async_read_some(rx_.Space(),
                         H([self = shared_from_this()](const boost::system::error_code& ec, std::size_t n) {
                           self->OnRx(ec, n);
                         }));
+}
+
+bool NbdConn::CanRead() const {
+  return st_ == State::kServing && !reading_ && !pending_ && free_;  // no free context: backpressure
 }
 
 void NbdConn::OnRx(const boost::system::error_code& ec, std::size_t n) {
@@ -870,9 +874,7 @@ void NbdConn::OnPayload(NbdReqCtx* c, const boost::system::error_code& ec) {
 }
 
 void NbdConn::DrainPayload(NbdReqCtx* c) {
-  const std::size_t buffered = std::min<std::size_t>(drain_left_, rx_.size());
-  rx_.Consume(buffered);
-  drain_left_ -= static_cast<std::uint32_t>(buffered);
+  drain_left_ -= static_cast<std::uint32_t>(rx_.Skip(drain_left_));
   if (drain_left_ == 0) return ReplyNow(c, c->error);
   const std::size_t chunk = std::min<std::size_t>(drain_left_, sizeof scratch_);
   reading_ = true;

@@ -68,7 +68,6 @@ namespace {
 constexpr std::uint32_t kPingSlot = 0xffffffffu;
 constexpr std::size_t kPayloadChunk = 256u << 10;  // rx progress (keepalive) granularity
 constexpr std::size_t kDrainBufSize = 64u << 10;
-constexpr std::size_t kRxBufferSize = 64u << 10;
 // Backstop: a request that was the first one sent on this many consecutive connections that
 // died before answering any request is failed with EIO instead of being re-sent again.
 constexpr int kPoisonLosses = 3;
@@ -309,7 +308,7 @@ class RemoteDevice::Impl : public std::enable_shared_from_this<Impl> {
   std::uint32_t ping_gen_ = 0;
   Clock::time_point last_ping_;
   TxFrame ping_frame_;
-  RxBuffer rx_buf_{kRxBufferSize};  // see "receive path"
+  RxBuffer rx_buf_;  // see "receive path"
   std::uint8_t rx_hdr_[kHeaderSize];
   Header rx_;
   std::uint32_t reader_slot_ = kPingSlot;  // slot whose payload is being read
@@ -905,9 +904,7 @@ RemoteDevice::Impl::RxStep RemoteDevice::Impl::OnHeader() {
     // Late or duplicated reply (a slot's earlier generation, or an unknown id): drop it, but
     // drain its payload so the stream stays in sync.
     if (!HasPayload(rx_) || rx_.length == 0) return RxStep::kNext;
-    const std::size_t buffered = std::min<std::size_t>(rx_.length, rx_buf_.size());
-    rx_buf_.Consume(buffered);
-    drain_left_ = rx_.length - buffered;
+    drain_left_ = rx_.length - rx_buf_.Skip(rx_.length);
     if (drain_left_ == 0) return RxStep::kNext;
     Drain();
     return RxStep::kAsync;

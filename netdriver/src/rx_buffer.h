@@ -21,7 +21,10 @@ namespace dst::net {
 
 class RxBuffer {
  public:
-  explicit RxBuffer(std::size_t capacity) : buf_(new char[capacity]), cap_(capacity) {}
+  // Holds a burst of small frames (over a thousand 48-byte headers, or a dozen 4 KiB payloads).
+  static constexpr std::size_t kDefaultCapacity = 64u << 10;
+
+  explicit RxBuffer(std::size_t capacity = kDefaultCapacity) : buf_(new char[capacity]), cap_(capacity) {}
 
   std::size_t size() const { return end_ - begin_; }
   std::size_t capacity() const { return cap_; }
@@ -36,6 +39,12 @@ class RxBuffer {
   std::size_t TakeInto(void* dst, std::size_t n) {
     if (n > size()) n = size();
     Take(dst, n);
+    return n;
+  }
+  // Drops up to n buffered bytes (a payload being discarded), returns how many.
+  std::size_t Skip(std::size_t n) {
+    if (n > size()) n = size();
+    Consume(n);
     return n;
   }
   void Consume(std::size_t n) {
