@@ -61,6 +61,33 @@ struct DeviceInfo {
   bool can_write_zeroes = true;
 };
 
+// Identity check on every (re)connection.  A device whose backing can change under the same
+// address (a network leaf that reconnects: the peer may now serve a blank or another file) runs
+// the installed check on every new connection, after its handshake and before any request is
+// sent or re-sent on that connection: it reads [offset, offset + length) through the new
+// connection and passes the bytes to verify().
+//   * OK: the connection is admitted and queued requests go out.
+//   * An error (or a failed read): every request that was waiting for that connection fails
+//     with EIO, rejected(arg, why) is called, and the connection is admitted afterwards for new
+//     requests (the owner, e.g. a mirror, has stopped routing I/O to it inside rejected()).
+// verify() and rejected() run on the device's event-loop thread: quick, non-blocking, and no
+// synchronous I/O on the device.  After SetConnectCheck() returns (also with verify ==
+// nullptr, which removes the check) the previous callbacks are not running and never run again.
+struct ConnectCheck {
+  std::uint64_t offset = 0;
+  std::uint32_t length = 0;
+  Status (*verify)(void* arg, const char* data, std::uint32_t len) = nullptr;
+  void (*rejected)(void* arg, const Status& why) = nullptr;
+  void* arg = nullptr;
+};
+
+// Reachability of the backing as the device sees it now, without doing I/O (keepalive state).
+struct DeviceHealth {
+  bool reachable = true;         // false while disconnected / reconnecting / failing
+  std::uint64_t outage_ms = 0;   // how long it has been unreachable (0 when reachable)
+  std::string detail;            // e.g. "reconnecting: connection refused"
+};
+
 class BlockDevice {
  public:
   virtual ~BlockDevice() = default;
@@ -69,6 +96,14 @@ class BlockDevice {
   virtual void Submit(IoRequest* req) = 0;
   // One line for humans, e.g. "file /srv/a.img" or "dst://host:7400/disk1".
   virtual std::string Describe() const = 0;
+  // Installs (or, with verify == nullptr, removes) the check above.  false: this device never
+  // reconnects (local files), so there is nothing to check after the owner's first look.
+  virtual bool SetConnectCheck(const ConnectCheck& check) {
+    (void)check;
+    return false;
+  }
+  // Local devices are always reachable.
+  virtual DeviceHealth Health() const { return {}; }
 };
 
 // Validates op, alignment, range and permission against `info`.  OK means the device may act.
