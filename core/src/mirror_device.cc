@@ -299,6 +299,7 @@ class MirrorDevice::Impl {
   Status StartVerifyLocked(const VerifyOptions& o);
   void EndVerifyLocked(VerifyState st, std::string why);
   void VerifyRecordLocked(std::uint64_t w0, const std::uint32_t* diff, std::uint64_t nreg);
+  void NotifyVerifyDone();  // runs the ended verify's on_done (not under mu_)
 
   // Immutable after Init.
   std::string id_;
@@ -364,6 +365,8 @@ class MirrorDevice::Impl {
   VerifyProgress verify_;
   VerifyOptions verify_opts_;
   bool verify_cancel_ = false;
+  std::function<void(const VerifyProgress&)> verify_done_cb_;  // ended; on_done to call
+  VerifyProgress verify_done_;                                  // ... with this
   std::uint64_t verify_pos_ = 0;       // next region to compare
   std::uint64_t verify_start_ns_ = 0;
 
@@ -1219,6 +1222,7 @@ void MirrorDevice::Impl::ResyncLoop() {
     }
     if (slot < 0) {  // no resync to run: a verify is pending (resync first, then verify)
       VerifyRun();
+      NotifyVerifyDone();
       continue;
     }
     if (!ResyncLeg(slot)) {
@@ -1458,7 +1462,24 @@ void MirrorDevice::Impl::EndVerifyLocked(VerifyState st, std::string why) {
   verify_.eta_seconds = st == VerifyState::kDone ? 0 : -1;
   verify_.finished_unix_ms = UnixMs();
   verify_cancel_ = false;
+  // Kept apart from verify_opts_: a new verify may start before NotifyVerifyDone runs.
+  verify_done_cb_ = std::move(verify_opts_.on_done);
+  verify_opts_.on_done = nullptr;
+  verify_done_ = verify_;
   resync_cv_.notify_all();  // WaitVerifyIdle
+}
+
+void MirrorDevice::Impl::NotifyVerifyDone() {
+  std::function<void(const VerifyProgress&)> cb;
+  VerifyProgress p;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!verify_done_cb_) return;
+    cb = std::move(verify_done_cb_);
+    verify_done_cb_ = nullptr;
+    p = std::move(verify_done_);
+  }
+  if (cb) cb(p);
 }
 
 // Records the differing regions of one window (diff[i]: legs differing from the source in
@@ -1662,6 +1683,7 @@ void MirrorDevice::Impl::Shutdown(bool orderly) {
     resync_cv_.notify_all();
   }
   if (resync_.joinable()) resync_.join();
+  NotifyVerifyDone();  // a verify the stop ended
   if (orderly) {
     // Wait for in-flight writes and waiting writes to finish.
     for (int i = 0; i < 6000; ++i) {

@@ -88,7 +88,18 @@ class MirrorVerifyTest : public QObject {
     QCOMPARE(m->VerifyStatus().state, VerifyState::kNone);
     a->ResetCounters();
     b->ResetCounters();
-    VerifyProgress v = RunVerify(*m, false);
+    std::atomic<int> calls{0};
+    VerifyProgress from_cb;
+    VerifyOptions vo;
+    vo.on_done = [&](const VerifyProgress& p) {
+      from_cb = p;
+      ++calls;
+    };
+    QVERIFY(m->StartVerify(vo).ok());
+    QVERIFY(m->WaitVerifyIdle(std::chrono::seconds(30)));
+    QVERIFY(QTest::qWaitFor([&] { return calls.load() == 1; }, 5000));
+    QCOMPARE(from_cb.state, VerifyState::kDone);
+    VerifyProgress v = m->VerifyStatus();
     QCOMPARE(v.state, VerifyState::kDone);
     QCOMPARE(v.run, std::uint64_t{1});
     QCOMPARE(v.mismatch_regions, std::uint64_t{0});
@@ -310,8 +321,14 @@ class MirrorVerifyTest : public QObject {
     o.resync.rate = ResyncRate{1 * kMiB, 1 * kMiB};
     Rig r = MakeRig(2, 4 * kMiB, false, o);
     auto m = r.m;
-    QVERIFY(m->StartVerify(VerifyOptions{}).ok());
+    std::atomic<int> calls{0};
+    VerifyOptions vo;
+    vo.on_done = [&](const VerifyProgress& p) {
+      if (p.state == VerifyState::kCancelled) ++calls;
+    };
+    QVERIFY(m->StartVerify(vo).ok());
     QVERIFY(m->Close().ok());
+    QCOMPARE(calls.load(), 1);  // before Close returned
     VerifyProgress v = m->VerifyStatus();
     QCOMPARE(v.state, VerifyState::kCancelled);
     QVERIFY(v.error.find("closed") != std::string::npos);

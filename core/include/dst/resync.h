@@ -21,6 +21,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -91,8 +92,13 @@ struct ResyncProgress {
 enum class VerifyState : std::uint8_t { kNone = 0, kRunning, kDone, kCancelled, kFailed };
 const char* VerifyStateName(VerifyState s);
 
+struct VerifyProgress;
+
 struct VerifyOptions {
   bool repair = false;  // mark mismatching regions out of sync on the differing legs
+  // Called once when this verify ends (done, cancelled or failed), with its final progress, on
+  // the mirror's resync thread or the thread closing the mirror, outside the mirror's lock.
+  std::function<void(const VerifyProgress&)> on_done;
   // Tests only: compare without locking the window (shows that the lock is what prevents
   // false mismatches under concurrent writes).  Never set it in production code.
   bool test_skip_window_lock = false;
