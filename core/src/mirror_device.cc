@@ -275,6 +275,12 @@ class MirrorDevice::Impl {
   void ResyncLoop();
   bool ResyncLeg(int slot);  // true when the leg finished
   bool WindowBusyLocked() const;
+  // The leg a resync copies from (and a verify compares against): the first up-to-date leg.
+  int SourceLegLocked() const {
+    for (int s = 0; s < nslots_; ++s)
+      if (legs_[s].state == LegState::kUpToDate && legs_[s].dev) return s;
+    return -1;
+  }
   // Ends the window lock; returns the writes that waited for it (AdmitList them outside mu_).
   Ctx* UnlockWindowLocked() {
     window_active_ = false;
@@ -1261,8 +1267,7 @@ bool MirrorDevice::Impl::ResyncLeg(int slot) {
         if (T.state != LegState::kResyncing) T.prog.state = ResyncState::kFailed;
         return false;
       }
-      for (int s = 0; s < nslots_; ++s)
-        if (legs_[s].state == LegState::kUpToDate && src < 0) src = s;
+      src = SourceLegLocked();
       if (src < 0) {
         T.prog.state = ResyncState::kPending;
         return false;
@@ -1554,9 +1559,11 @@ void MirrorDevice::Impl::VerifyRun() {
         window_r1_ = w1;
         resync_cv_.wait(l, [&] { return !WindowBusyLocked() || stopping_resync_; });
       }
-      // Source first: the first up-to-date leg, as for the resync.
-      for (int s = 0; s < nslots_; ++s) {
-        if (legs_[s].state != LegState::kUpToDate || !legs_[s].dev) continue;
+      // Source first (the resync's source), then every other up-to-date leg.
+      const int src = SourceLegLocked();
+      for (int k = -1; k < nslots_ && src >= 0; ++k) {
+        const int s = k < 0 ? src : k;
+        if ((k >= 0 && s == src) || legs_[s].state != LegState::kUpToDate || !legs_[s].dev) continue;
         slots[n] = s;
         devs[n] = legs_[s].dev;
         legs_[s].pending.fetch_add(1);

@@ -1470,9 +1470,13 @@ void Daemon::AddVerifyJson(const ArrayConfig& cfg, const std::shared_ptr<MirrorD
   std::uint64_t every = VerifyInterval(cfg);
   json sched{{"interval", every}, {"next", nullptr}};
   if (every) {
-    double last = v.is_object() && v["finished"].is_number() ? v["finished"].get<double>()
-                                                              : verify_epoch_;
-    sched["next"] = VerifyRunning(v) ? json() : json(last + double(every));
+    // From the end of the last verify (or dstd's start); one that did not complete (cancelled,
+    // interrupted by a shutdown, failed) is retried after an hour at most.
+    bool has = v.is_object() && v["finished"].is_number();
+    double last = has ? v["finished"].get<double>() : verify_epoch_;
+    double wait = double(every);
+    if (has && v.value("state", "") != "done") wait = std::min(wait, 3600.0);
+    sched["next"] = VerifyRunning(v) ? json() : json(last + wait);
   }
   (*j)["verify"] = std::move(v);
   (*j)["verify_schedule"] = std::move(sched);
