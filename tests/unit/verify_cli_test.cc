@@ -101,6 +101,7 @@ class VerifyCliTest : public QObject {
     a["verify"] = Verify("running", 0, false);
     d = RenderDetail(a);
     QVERIFY2(d.find("Verify Status : verify 50.0%") != std::string::npos, d.c_str());
+    QVERIFY2(d.find("State : clean, checking") != std::string::npos, d.c_str());
     std::string md = RenderMdstat(a);
     QVERIFY2(md.find("check = 50.0%") != std::string::npos, md.c_str());
     a["verify"]["repair"] = true;

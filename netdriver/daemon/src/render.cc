@@ -303,6 +303,8 @@ std::string RenderDetail(const json& a) {
     st = std::string("clean, degraded, ") + (r.is_object() && FullResync(a, r) ? "resyncing" : "recovering");
   else st = "FAILED";
   if (r.is_object() && Str(r, "state") == "pending") st += " (DELAYED)";
+  if (auto v = a.find("verify"); v != a.end() && v->is_object() && Str(*v, "state") == "running")
+    st += Bool(*v, "repair") ? ", repairing" : ", checking";  // as mdadm --detail
   std::uint64_t size = U64(a, "size");
   kv.push_back({"Version", "dst 1"});
   kv.push_back({"Raid Level", level == "mirror" ? "mirror (raid1)" : level});
