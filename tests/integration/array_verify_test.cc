@@ -184,6 +184,11 @@ class ArrayVerifyTest : public QObject {
     QCOMPARE(d.Ctl({"array", "verify", "m0", "--no-wait"}, &out, &err), 0);
     QCOMPARE(d.Ctl({"array", "verify", "m0", "--no-wait"}, &out, &err), 75);
     QVERIFY2(err.contains("already running"), err.constData());
+    // Meanwhile status has md's "check" line and detail says "checking".
+    QCOMPARE(d.Ctl({"status"}, &out, &err), 0);
+    QVERIFY2(out.contains("check = "), out.constData());
+    QCOMPARE(d.Ctl({"detail", "m0"}, &out, &err), 0);
+    QVERIFY2(out.contains("clean, checking") && out.contains("Verify Status : verify"), out.constData());
     QCOMPARE(d.Ctl({"array", "verify", "m0", "--cancel"}, &out, &err), 0);
     QVERIFY(WaitUntil([&] { return ArrayDetail(d, "m0")["verify"].value("state", "") == "cancelled"; }, 10000));
     QCOMPARE(d.Terminate(), 0);
