@@ -4,7 +4,12 @@
 // one line "dstctl: <message>" on stderr with a sysexits code:
 //   64 usage, 65 bad data (unknown or duplicate name, bad parameter), 69 dstd not running or a
 //   remote unreachable, 74 I/O error, 75 busy / try again, 76 protocol error, 77 no permission.
+//   `array verify` exits 1 when it found mismatches it did not repair (render.h).
+#include <unistd.h>
+
 #include <cerrno>
+#include <chrono>
+#include <thread>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -97,6 +102,53 @@ int Events(const std::string& socket, bool as_json) {
     std::fflush(stdout);
   }
   return Fail(ctl::kExUnavailable, fmt::format("events: {}", why));
+}
+
+// `dstctl array verify`: start (or cancel) a verify; by default wait for it, then for the resync
+// of what --repair marked, and print the result.  Exit codes: render.h VerifyExitCode.
+int Verify(const std::string& socket, const std::string& name, bool repair, bool cancel,
+           bool no_wait, bool as_json) {
+  json result, p{{"name", name}};
+  if (cancel) p["cancel"] = true;
+  if (repair) p["repair"] = true;
+  if (int rc = Call(socket, "array.verify", p, &result); rc != 0) return rc;
+  if (cancel || no_wait) {
+    if (as_json) PrintJson(result);
+    else if (cancel) std::printf("verify of %s: cancel requested\n", name.c_str());
+    else std::printf("verify of %s started%s (dstctl detail %s shows its progress)\n", name.c_str(),
+                     repair ? " with --repair" : "", name.c_str());
+    return 0;
+  }
+  const json run = result["verify"].value("run", json());
+  const bool tty = !as_json && isatty(STDOUT_FILENO);
+  json detail, v;
+  auto poll = [&]() -> int {
+    std::this_thread::sleep_for(std::chrono::milliseconds(250));
+    if (int rc = Call(socket, "array.detail", json{{"name", name}}, &detail); rc != 0) return rc;
+    v = detail.value("verify", json());
+    if (!v.is_object() || v.value("run", json()) != run)
+      return Fail(ctl::kExTempFail, fmt::format("verify of {} was interrupted (the array was "
+                                                "re-assembled)", name));
+    return 0;
+  };
+  for (;;) {
+    if (int rc = poll(); rc != 0) return rc;
+    if (v.value("state", "") != "running") break;
+    if (tty) std::printf("\r\033[K%s", ctl::RenderVerifyProgress(v).c_str()), std::fflush(stdout);
+  }
+  // --repair: the marked regions are copied by the normal resync; wait for it to finish.
+  while (v.value("state", "") == "done" && v.value("repaired_regions", 0) > 0 &&
+         detail.value("state", "") == "resyncing") {
+    if (tty) std::printf("\r\033[Kresyncing the repaired regions"), std::fflush(stdout);
+    if (int rc = poll(); rc != 0) return rc;
+  }
+  if (tty) std::printf("\r\033[K");
+  if (as_json) PrintJson(v);
+  else std::fputs(ctl::RenderVerify(v, name).c_str(), stdout);
+  if (v.value("repaired_regions", 0) > 0 && detail.value("state", "") != "clean")
+    return Fail(ctl::kExIoErr, fmt::format("array {} is {} after the repair resync (see dstctl "
+                                           "detail {})", name, detail.value("state", "?"), name));
+  return ctl::VerifyExitCode(v);
 }
 
 }  // namespace
@@ -195,6 +247,16 @@ int main(int argc, char** argv) {
   arr_rate->add_option("--min", rate_min, "Floor while application I/O is active (e.g. 10M)");
   arr_rate->add_option("--max", rate_max, "Ceiling when idle (e.g. 200M; 0 = unlimited)");
 
+  bool repair = false, cancel = false, no_wait = false;
+  auto* arr_verify = arr->add_subcommand(
+      "verify", "Compare the legs of a mirror region by region at the resync rate");
+  arr_verify->add_option("NAME", name, "Array name")->required();
+  arr_verify->add_flag("--repair", repair,
+                       "Mark mismatching regions out of sync; the resync copies them from the "
+                       "source leg");
+  arr_verify->add_flag("--cancel", cancel, "Cancel the running verify");
+  arr_verify->add_flag("--no-wait", no_wait, "Start the verify and return at once");
+
   auto* detail = app.add_subcommand("detail", "Show one array in mdadm --detail style");
   detail->add_option("NAME", name, "Array name")->required();
   detail->add_flag("--test", test, "Exit 0 healthy, 1 degraded, 2 unusable, 4 error");
@@ -208,7 +270,7 @@ int main(int argc, char** argv) {
 
   for (auto* sc : {exp_add, exp_list, exp_rm, vol_imp, vol_list, vol_rm, mnt, umnt, status,
                    arr_create, arr_list, arr_rm, arr_add, arr_grow, arr_fail, arr_rmleg,
-                   arr_readd, arr_detach, arr_rate, detail, apply, events})
+                   arr_readd, arr_detach, arr_rate, arr_verify, detail, apply, events})
     sc->add_flag("-j,--json", as_json, "Print the raw JSON result");
 
   try {
@@ -324,6 +386,9 @@ int main(int argc, char** argv) {
     if (!rate_max.empty()) p["max"] = rate_max;
     if ((rc = Call(socket, "array.set_resync_rate", p, &result)) != 0) return rc;
     print_array("resync rate set");
+  } else if (arr_verify->parsed()) {
+    if (repair && cancel) return Fail(ctl::kExUsage, "array verify: --repair and --cancel exclude each other");
+    return Verify(socket, name, repair, cancel, no_wait, as_json);
   } else if (detail->parsed()) {
     rc = Call(socket, "array.detail", json{{"name", name}}, &result);
     if (rc != 0) return test ? 4 : rc;

@@ -41,7 +41,8 @@
 // Threading: Submit/Info are thread-safe and never block on I/O or on SQLite (writes wait for
 // the group commit asynchronously).  Management methods (AddLeg, FailLeg, ...) are thread-safe
 // and may block briefly (header I/O, draining a leg); never call them from a device completion.
-// Two internal threads: the map writer (group commit + lazy clear) and the resync thread.
+// Two internal threads: the map writer (group commit + lazy clear) and the resync thread (which
+// also runs online verify, so a verify and a resync never overlap).
 // No heap allocation per I/O: parent contexts (with inline child requests) come from a pool.
 #pragma once
 
@@ -148,6 +149,15 @@ class MirrorDevice : public BlockDevice {
   void PauseResync(bool paused);
   // Waits until no leg is resyncing (or timeout).  Returns true when idle.
   bool WaitResyncIdle(std::chrono::milliseconds timeout);
+
+  // Online verify (resync.h: VerifyProgress and its state diagram).  StartVerify returns at
+  // once; the comparison runs on the resync thread.  Busy while a verify runs or a leg is
+  // resyncing (the reason names the leg), Unavailable with fewer than two up-to-date legs.
+  Status StartVerify(const VerifyOptions& opts);
+  Status CancelVerify();  // NotFound when no verify runs
+  VerifyProgress VerifyStatus() const;  // the running verify, else the last one
+  // Waits until no verify runs (or timeout).  Returns true when idle.
+  bool WaitVerifyIdle(std::chrono::milliseconds timeout);
 
   MirrorStats Stats() const;
   std::uint64_t TEST_IntentCount() const;

@@ -25,6 +25,7 @@
 
 #include "daemon.h"
 #include "dst/file_device.h"
+#include "verify_store.h"
 
 namespace dst::daemon {
 
@@ -161,6 +162,7 @@ Status Daemon::StartArrays() {
   auto tp = TopologyStore::Open(db);
   if (!tp.ok()) return tp.status().WithContext(db);
   topo_ = std::move(tp.value());
+  OpenVerifyStore(db);
   auto recs = topo_->List();
   if (!recs.ok()) return recs.status().WithContext(db);
 
@@ -180,6 +182,7 @@ Status Daemon::StartArrays() {
       a->cfg.resync_rate_max = c.resync_rate_max;
       a->cfg.write_intent = c.write_intent;
       a->cfg.leg_timeout_s = c.leg_timeout_s;
+      a->cfg.verify_interval_s = c.verify_interval_s;
       if (LiveLegs(r.cfg) != c.legs || r.cfg.level != c.level)
         spdlog::warn("array \"{}\": the config file differs from the recorded topology ({} {}); "
                      "using the recorded one (dstctl apply reconciles)",
@@ -661,6 +664,11 @@ Status Daemon::RemoveArray(const std::string& name) {
     std::lock_guard<std::mutex> l(topo_mu_);
     if (topo_) (void)topo_->Delete(name);
   }
+  {
+    std::lock_guard<std::mutex> l(verify_mu_);
+    verify_last_.erase(name);
+  }
+  if (verify_store_) (void)verify_store_->Delete(name);
   spdlog::info("array \"{}\" removed", name);
   Emit(json{{"type", "array_state"}, {"array", name}, {"state", "removed"}});
   return Status::OK();
@@ -958,6 +966,7 @@ void Daemon::ArrayMonitorLoop() {
     }
     TryPendingExports();
     RefreshGrownFiles();
+    VerifyTick();
   }
 }
 
@@ -1151,6 +1160,7 @@ json Daemon::ArrayJson(const std::shared_ptr<Array>& a) {
         j["open_count"] = f.open_count;
       }
   }
+  AddVerifyJson(cfg, mirror, &j);
   j["state_db"] = opts_.state_dir + "/dstd.sqlite";
   return j;
 }
@@ -1232,6 +1242,7 @@ void Daemon::EventsLoop() {
         }
         lp = ls;
       }
+      VerifyEvents(a);
       const json& rs = a["resync"];
       if (!rs.is_null()) {
         Emit(json{{"type", "resync_progress"}, {"array", name}, {"leg", rs["leg"]},
@@ -1329,6 +1340,7 @@ void Daemon::ArrayRpc(const std::string& m, const json& p, Finish finish) {
       reply_array(CreateArray(c, assume_clean));
     });
   }
+  if (m == "array.verify") return ArrayVerifyRpc(name, p, finish);
   if (m == "array.remove") {
     return workers_.Post([this, name, finish] {
       Status st = RemoveArray(name);
@@ -1375,6 +1387,231 @@ void Daemon::ArrayRpc(const std::string& m, const json& p, Finish finish) {
     });
   }
   finish(Status::NotSupported(fmt::format("method \"{}\" is not implemented", m)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Online verify (issue 9 item 9).  MirrorDevice compares the legs on its resync thread; here:
+// the array.verify RPC (start / cancel; returns at once), the "verify" member of array JSON
+// (live run, else the last result persisted in dstd_verify), periodic verifies
+// (verify_interval; monitor thread) and the verify_progress / verify_done events (events
+// thread, progress at most once a second).
+
+namespace {
+
+json VerifyProgressJson(const VerifyProgress& v) {
+  json mism = json::array();
+  for (auto& mm : v.mismatches) {
+    json legs = json::array();
+    for (int s = 0; s < MirrorDevice::kMaxLegs; ++s)
+      if (mm.legs & (1u << s)) legs.push_back(s);
+    mism.push_back(json{{"offset", mm.offset}, {"legs", std::move(legs)}});
+  }
+  json compared = json::array();
+  for (int s = 0; s < MirrorDevice::kMaxLegs; ++s)
+    if (v.legs_compared & (1u << s)) compared.push_back(s);
+  return json{{"run", v.run},
+              {"state", VerifyStateName(v.state)},
+              {"repair", v.repair},
+              {"waiting_resync", v.waiting_resync},
+              {"source_leg", v.source_leg},
+              {"legs_compared", std::move(compared)},
+              {"region_size", v.region_size},
+              {"bytes_done", v.bytes_done},
+              {"bytes_total", v.bytes_total},
+              {"percent", v.Percent()},
+              {"rate", v.rate_bytes_per_s},
+              {"eta_seconds", v.eta_seconds},
+              {"mismatch_regions", v.mismatch_regions},
+              {"mismatch_bytes", v.mismatch_bytes},
+              {"repaired_regions", v.repaired_regions},
+              {"read_errors", v.read_errors},
+              {"mismatches", std::move(mism)},
+              {"mismatches_max_listed", VerifyProgress::kMaxListed},
+              {"started", double(v.started_unix_ms) / 1000.0},
+              {"finished", v.finished_unix_ms ? json(double(v.finished_unix_ms) / 1000.0) : json()},
+              {"error", v.error.empty() ? json() : json(v.error)}};
+}
+
+bool VerifyRunning(const json& v) { return v.is_object() && v.value("state", "") == "running"; }
+
+}  // namespace
+
+void Daemon::OpenVerifyStore(const std::string& db) {
+  verify_epoch_ = NowTs();
+  auto vs = VerifyResultStore::Open(db);
+  if (!vs.ok()) {
+    spdlog::warn("verify results are kept in memory only: {}", Msg(vs.status()));
+    return;
+  }
+  verify_store_ = std::shared_ptr<VerifyResultStore>(std::move(vs.value()));
+  auto all = verify_store_->List();
+  std::lock_guard<std::mutex> l(verify_mu_);
+  if (all.ok()) verify_last_ = std::move(all.value());
+}
+
+std::uint64_t Daemon::VerifyInterval(const ArrayConfig& cfg) const {
+  if (cfg.level != "mirror") return 0;
+  return cfg.verify_interval_s >= 0 ? std::uint64_t(cfg.verify_interval_s) : cfg_.verify_interval_s;
+}
+
+void Daemon::AddVerifyJson(const ArrayConfig& cfg, const std::shared_ptr<MirrorDevice>& m,
+                           json* j) {
+  json v;
+  VerifyProgress p;
+  if (m) p = m->VerifyStatus();
+  std::lock_guard<std::mutex> l(verify_mu_);
+  if (p.run > 0) {
+    v = VerifyProgressJson(p);
+    auto t = verify_trigger_.find(cfg.name);
+    v["trigger"] = t == verify_trigger_.end() ? "operator" : t->second;
+  } else if (auto it = verify_last_.find(cfg.name); it != verify_last_.end()) {
+    v = it->second;  // from before this assembly (persisted)
+  }
+  std::uint64_t every = VerifyInterval(cfg);
+  json sched{{"interval", every}, {"next", nullptr}};
+  if (every) {
+    // From the end of the last verify (or dstd's start); one that did not complete (cancelled,
+    // interrupted by a shutdown, failed) is retried after an hour at most.
+    bool has = v.is_object() && v["finished"].is_number();
+    double last = has ? v["finished"].get<double>() : verify_epoch_;
+    double wait = double(every);
+    if (has && v.value("state", "") != "done") wait = std::min(wait, 3600.0);
+    sched["next"] = VerifyRunning(v) ? json() : json(last + wait);
+  }
+  (*j)["verify"] = std::move(v);
+  (*j)["verify_schedule"] = std::move(sched);
+}
+
+void Daemon::ArrayVerifyRpc(const std::string& name, const json& p, Finish finish) {
+  auto flag = [&](const char* k) { return p.contains(k) && p[k].is_boolean() && p[k].get<bool>(); };
+  bool repair = flag("repair"), cancel = flag("cancel");
+  if (repair && cancel) return finish(Status::InvalidArgument("give repair or cancel, not both"));
+  workers_.Post([this, name, repair, cancel, finish] {
+    auto a = FindArray(name);
+    if (!a) return finish(Status::NotFound(fmt::format("no array \"{}\"", name)));
+    std::shared_ptr<MirrorDevice> m;
+    ArrayConfig cfg;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      m = a->mirror;
+      cfg = a->cfg;
+      if (!m && a->linear)
+        return finish(Status::InvalidArgument(fmt::format(
+            "array \"{}\" is linear: verify compares the legs of a mirror", name)));
+      if (!m) return finish(Status::Unavailable(
+                  fmt::format("array \"{}\" is not assembled: {}", name, a->error)));
+    }
+    Status st;
+    if (cancel) {
+      st = m->CancelVerify();
+      if (st.IsNotFound()) st = Status::NotFound(fmt::format("no verify is running on array \"{}\"", name));
+    } else {
+      VerifyOptions vo;
+      vo.repair = repair;
+      vo.on_done = [this, name](const VerifyProgress& p) { VerifyFinished(name, "operator", p); };
+      st = m->StartVerify(vo);
+      if (st.ok()) {
+        std::lock_guard<std::mutex> l(verify_mu_);
+        verify_trigger_[name] = "operator";
+      }
+    }
+    if (!st.ok()) return finish(st.WithContext(fmt::format("array \"{}\"", name)));
+    spdlog::info("array \"{}\": verify {}{}", name, cancel ? "cancel requested" : "started",
+                 repair ? " (repair)" : "");
+    json j{{"name", name}};
+    AddVerifyJson(cfg, m, &j);
+    finish(j);
+  });
+}
+
+// Monitor thread, once a second: start the verifies that are due.  A refused start (a resync
+// runs, a leg is missing) is retried on the next tick, without log noise.
+void Daemon::VerifyTick() {
+  std::vector<std::shared_ptr<Array>> all;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& [n, a] : arrays_) all.push_back(a);
+  }
+  for (auto& a : all) {
+    std::shared_ptr<MirrorDevice> m;
+    ArrayConfig cfg;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      m = a->mirror;
+      cfg = a->cfg;
+    }
+    if (!m || VerifyInterval(cfg) == 0 || stopping_) continue;
+    json j;
+    AddVerifyJson(cfg, m, &j);
+    const json& next = j["verify_schedule"]["next"];
+    if (!next.is_number() || NowTs() < next.get<double>()) continue;
+    VerifyOptions vo;
+    vo.on_done = [this, n = cfg.name](const VerifyProgress& p) { VerifyFinished(n, "schedule", p); };
+    Status st = m->StartVerify(vo);
+    if (!st.ok()) {
+      spdlog::debug("array \"{}\": periodic verify not started: {}", cfg.name, Msg(st));
+      continue;
+    }
+    {
+      std::lock_guard<std::mutex> l(verify_mu_);
+      verify_trigger_[cfg.name] = "schedule";
+    }
+    spdlog::info("array \"{}\": periodic verify started (every {}s)", cfg.name, VerifyInterval(cfg));
+  }
+}
+
+// Events thread, every tick, per array JSON: verify_progress while a verify runs, at most once
+// a second (verify_done comes from VerifyFinished).
+void Daemon::VerifyEvents(const json& a) {
+  const std::string name = a.value("name", "");
+  auto it = a.find("verify");
+  if (it == a.end() || !it->is_object() || !it->contains("run")) return;
+  const json& v = *it;
+  json& seen = verify_seen_[name];
+  const bool same_run = !seen.is_null() && seen["run"] == v["run"];
+  if (VerifyRunning(v)) {
+    double now = NowTs();
+    if (!same_run || now - seen.value("emitted", 0.0) >= 1.0) {
+      Emit(json{{"type", "verify_progress"}, {"array", name}, {"run", v["run"]},
+                {"repair", v["repair"]}, {"bytes_done", v["bytes_done"]},
+                {"bytes_total", v["bytes_total"]}, {"percent", v["percent"]}, {"rate", v["rate"]},
+                {"eta_seconds", v["eta_seconds"]}, {"mismatch_regions", v["mismatch_regions"]},
+                {"waiting_resync", v["waiting_resync"]}});
+      seen = json{{"run", v["run"]}, {"state", "running"}, {"emitted", now}};
+    }
+    return;
+  }
+  seen = json{{"run", v["run"]}, {"state", v["state"]}};
+}
+
+// A verify ended (MirrorDevice's on_done: its resync thread, or the thread closing it): one
+// verify_done event, the result persisted as the array's last verify, a log line.
+void Daemon::VerifyFinished(const std::string& name, const std::string& trigger,
+                            const VerifyProgress& p) {
+  json v = VerifyProgressJson(p);
+  v["trigger"] = trigger;
+  json done{{"type", "verify_done"}, {"array", name}};
+  for (const char* k : {"run", "state", "repair", "trigger", "mismatch_regions", "mismatch_bytes",
+                        "repaired_regions", "read_errors", "bytes_done", "bytes_total",
+                        "mismatches", "error", "started", "finished"})
+    done[k] = v[k];
+  Emit(done);
+  v["persisted"] = true;
+  {
+    std::lock_guard<std::mutex> l(verify_mu_);
+    verify_last_[name] = v;
+  }
+  if (verify_store_) {
+    if (Status s = verify_store_->Put(name, v); !s.ok())
+      spdlog::warn("array \"{}\": cannot record the verify result: {}", name, Msg(s));
+  }
+  if (p.mismatch_regions > 0)
+    spdlog::warn("array \"{}\": verify {}: {} mismatching region{}{}", name,
+                 VerifyStateName(p.state), p.mismatch_regions, p.mismatch_regions == 1 ? "" : "s",
+                 p.repair ? " (marked out of sync; the resync repairs them)" : "");
+  else
+    spdlog::info("array \"{}\": verify {}: legs identical{}", name, VerifyStateName(p.state),
+                 p.error.empty() ? "" : " so far (" + p.error + ")");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -80,6 +80,20 @@ struct Fields {
     *out = std::uint32_t(v);
     return Status::OK();
   }
+  // Seconds as an integer, or a duration string like "7d" (ParseDuration).
+  Status Duration(const toml::node& n, std::string_view key, std::uint64_t* out) const {
+    if (n.is_integer() && *n.value<std::int64_t>() >= 0) {
+      *out = std::uint64_t(*n.value<std::int64_t>());
+      return Status::OK();
+    }
+    if (!n.is_string())
+      return sink.Error(n.source(), ctx, key,
+                        fmt::format("expected a duration like \"7d\" or seconds, got {}", TypeName(n)));
+    auto r = ParseDuration(*n.value<std::string>());
+    if (!r.ok()) return sink.Error(n.source(), ctx, key, r.status().message());
+    *out = r.value();
+    return Status::OK();
+  }
   Status Size(const toml::node& n, std::string_view key, std::uint64_t* out) const {
     if (n.is_integer()) {
       std::int64_t v = *n.value<std::int64_t>();
@@ -140,8 +154,11 @@ Status ParseDaemon(const toml::table& t, const ErrorSink& sink, Config* cfg) {
         if (!st.ok()) return sink.Error(v.source(), f.ctx, key, st.message());
         cfg->nbd_enabled = true;
       }
+    } else if (key == "verify_interval") {
+      DST_RETURN_IF_ERROR(f.Duration(v, key, &cfg->verify_interval_s));
     } else {
-      return UnknownKey(sink, k, f.ctx, "listen, nbd_listen, mountpoint, batching, io_threads");
+      return UnknownKey(sink, k, f.ctx,
+                        "listen, nbd_listen, mountpoint, batching, io_threads, verify_interval");
     }
   }
   return Status::OK();
@@ -307,10 +324,14 @@ Status ParseArrayTable(const toml::table& t, std::size_t index, const ErrorSink&
       DST_RETURN_IF_ERROR(f.Bool(v, key, &a->write_intent));
     } else if (key == "leg_timeout") {
       DST_RETURN_IF_ERROR(f.UInt(v, key, 1, 86400, &a->leg_timeout_s));
+    } else if (key == "verify_interval") {
+      std::uint64_t secs = 0;
+      DST_RETURN_IF_ERROR(f.Duration(v, key, &secs));
+      a->verify_interval_s = std::int64_t(secs);
     } else {
       return UnknownKey(sink, k, f.ctx,
                         "name, level, legs, region_size, resync_rate_min, resync_rate_max, "
-                        "write_intent, leg_timeout");
+                        "write_intent, leg_timeout, verify_interval");
     }
   }
   if (!have_legs) return sink.Error(t.source(), f.ctx, "legs", "missing");
@@ -524,6 +545,25 @@ Result<std::uint64_t> ParseRate(std::string_view s) {
   }
   if (v > (kMaxSize >> shift)) return bad();
   return v << shift;
+}
+
+Result<std::uint64_t> ParseDuration(std::string_view s) {
+  auto bad = [&] {
+    return Status::InvalidArgument(fmt::format(
+        "bad duration \"{}\" (seconds, or a number with s, m, h, d or w; 0 = none)", s));
+  };
+  std::uint64_t v = 0;
+  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  if (s.empty() || ec != std::errc() || p == s.data()) return bad();
+  std::string_view unit(p, s.data() + s.size() - p);
+  std::uint64_t mul = 1;
+  if (unit == "m") mul = 60;
+  else if (unit == "h") mul = 3600;
+  else if (unit == "d") mul = 86400;
+  else if (unit == "w") mul = 7 * 86400;
+  else if (!unit.empty() && unit != "s") return bad();
+  if (v > (std::uint64_t{1} << 40) / mul) return bad();  // > 34 000 years: a typo
+  return v * mul;
 }
 
 Status ParseLegSpec(std::string_view spec, LegSpec* out) {

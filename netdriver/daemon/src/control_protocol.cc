@@ -13,7 +13,7 @@ const std::vector<std::string>& Methods() {
       // issue 3: arrays
       "array.create", "array.list", "array.remove", "array.add_leg", "array.grow",
       "array.fail_leg", "array.remove_leg", "array.readd_leg", "array.detach_leg",
-      "array.set_resync_rate", "array.detail", "apply", "events",
+      "array.set_resync_rate", "array.detail", "array.verify", "apply", "events",
   };
   return kMethods;
 }

@@ -45,6 +45,8 @@
 
 namespace dst::daemon {
 
+class VerifyResultStore;  // verify_store.h
+
 struct DaemonOptions {
   std::string config_path;
   std::string state_dir = "/var/lib/dst";
@@ -175,6 +177,18 @@ class Daemon {
   void TryPendingExports();
   Result<std::vector<PlanStep>> Plan(const Config& want);
 
+  // Online verify (arrays.cc, "Online verify"): the array.verify RPC, the "verify" member of
+  // array JSON, periodic verifies (monitor thread) and verify events (events thread).
+  void OpenVerifyStore(const std::string& db);
+  void ArrayVerifyRpc(const std::string& name, const nlohmann::json& p, Finish finish);
+  void AddVerifyJson(const ArrayConfig& cfg, const std::shared_ptr<MirrorDevice>& m,
+                     nlohmann::json* array);
+  std::uint64_t VerifyInterval(const ArrayConfig& cfg) const;
+  void VerifyTick();
+  void VerifyEvents(const nlohmann::json& array);
+  void VerifyFinished(const std::string& name, const std::string& trigger,
+                      const VerifyProgress& p);
+
   Status OpenExport(const ExportConfig& e);
   // Blocking (worker or main thread): opens/connects the device of `vol`.
   Status ConnectVolume(const std::shared_ptr<Volume>& vol);
@@ -229,6 +243,14 @@ class Daemon {
   std::vector<Reply> subscribers_;                           // GUARDED_BY(ev_mu_)
   std::thread monitor_thread_;
   std::thread events_thread_;
+
+  // Online verify.
+  std::shared_ptr<VerifyResultStore> verify_store_;
+  double verify_epoch_ = 0;                                  // wall clock when arrays started
+  std::mutex verify_mu_;
+  std::map<std::string, nlohmann::json> verify_last_;        // GUARDED_BY(verify_mu_) persisted
+  std::map<std::string, std::string> verify_trigger_;        // GUARDED_BY(verify_mu_)
+  std::map<std::string, nlohmann::json> verify_seen_;        // events thread only
 };
 
 }  // namespace dst::daemon

@@ -210,6 +210,11 @@ std::string MdLegState(const std::string& state, bool present) {
   return state;
 }
 
+// Online verify (defined at the end of this file).
+std::vector<std::pair<std::string, std::string>> VerifyDetail(const json& a);
+std::string VerifyMdstatLine(const json& a);
+std::string VerifyEventLine(const std::string& head, const json& e);
+
 std::string SizePair(std::uint64_t bytes) {
   return fmt::format("{:.2f} GiB {:.2f} GB", double(bytes) / double(1ull << 30),
                      double(bytes) / 1e9);
@@ -261,6 +266,8 @@ std::string RenderMdstat(const json& a) {
                          std::uint64_t(std::max(0.0, rate) / 1024),
                          rs == "paused" ? " (paused)" : "");
     }
+  } else {
+    out += VerifyMdstatLine(a);
   }
   return out;
 }
@@ -296,6 +303,8 @@ std::string RenderDetail(const json& a) {
     st = std::string("clean, degraded, ") + (r.is_object() && FullResync(a, r) ? "resyncing" : "recovering");
   else st = "FAILED";
   if (r.is_object() && Str(r, "state") == "pending") st += " (DELAYED)";
+  if (auto v = a.find("verify"); v != a.end() && v->is_object() && Str(*v, "state") == "running")
+    st += Bool(*v, "repair") ? ", repairing" : ", checking";  // as mdadm --detail
   std::uint64_t size = U64(a, "size");
   kv.push_back({"Version", "dst 1"});
   kv.push_back({"Raid Level", level == "mirror" ? "mirror (raid1)" : level});
@@ -323,6 +332,7 @@ std::string RenderDetail(const json& a) {
     kv.push_back({"Resync Rate", fmt::format("min {} max {}", rate(U64(*rr, "min")),
                                              rate(U64(*rr, "max")))});
   }
+  for (auto& line : VerifyDetail(a)) kv.push_back(line);
   kv.push_back({"Name", Str(a, "name")});
   kv.push_back({"UUID", Str(a, "id")});
   if (auto stt = a.find("stats"); stt != a.end() && stt->is_object() && stt->contains("commits"))
@@ -398,6 +408,7 @@ std::string RenderEvent(const json& e) {
   if (type == "resync_done")
     return fmt::format("{} {} leg {} resync done ({} resynced)\n", head, Str(e, "array"),
                        U64(e, "leg"), FormatSize(U64(e, "bytes_resynced_total")));
+  if (type.rfind("verify_", 0) == 0) return VerifyEventLine(head, e);
   if (type == "volume_state")
     return fmt::format("{} volume {} {}{}\n", head, Str(e, "volume"), Str(e, "state"), prev);
   return head + " " + e.dump() + "\n";
@@ -410,6 +421,147 @@ std::string RenderApply(const json& r) {
   bool dry = Bool(r, "dry_run");
   for (auto& s : plan) out += (dry ? "would: " : "") + s.get<std::string>() + "\n";
   if (!dry) out += fmt::format("applied {} operation{}\n", plan.size(), plan.size() == 1 ? "" : "s");
+  return out;
+}
+
+}  // namespace dst::control
+
+// ---------------------------------------------------------------------------------------------
+// Online verify
+
+namespace dst::control {
+
+namespace {
+
+std::string UtcTime(double ts) {
+  std::time_t t = std::time_t(ts);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%d %H:%M:%S UTC", &tm);
+  return buf;
+}
+
+std::string Plural(std::uint64_t n, const char* what) {
+  return fmt::format("{} {}{}", n, what, n == 1 ? "" : "s");
+}
+
+std::string LegList(const json& legs) {
+  std::string out;
+  for (auto& l : legs)
+    if (l.is_number()) out += (out.empty() ? "" : " ") + std::to_string(l.get<int>());
+  return out;
+}
+
+// "1 mismatching region (64 KiB)" / "legs identical".
+std::string MismatchSummary(const json& v) {
+  std::uint64_t n = U64(v, "mismatch_regions");
+  if (n == 0) return "legs identical";
+  return fmt::format("{} ({})", Plural(n, "mismatching region"), FormatSize(U64(v, "mismatch_bytes")));
+}
+
+std::vector<std::pair<std::string, std::string>> VerifyDetail(const json& a) {
+  std::vector<std::pair<std::string, std::string>> kv;
+  auto it = a.find("verify");
+  if (it != a.end() && it->is_object()) {
+    const json& v = *it;
+    std::string st = Str(v, "state");
+    if (st == "running") {
+      kv.push_back({"Verify Status", RenderVerifyProgress(v)});
+    } else {
+      std::string when = Dbl(v, "finished") > 0 ? UtcTime(Dbl(v, "finished")) : "?";
+      std::string what = st == "done" ? MismatchSummary(v) : st + ": " + Str(v, "error");
+      if (st != "done" && U64(v, "mismatch_regions")) what += ", " + MismatchSummary(v) + " so far";
+      if (Bool(v, "repair") && U64(v, "mismatch_regions")) what += ", repaired";
+      kv.push_back({"Last Verify", fmt::format("{}, {}", when, what)});
+    }
+    std::string list;
+    const json mism = v.value("mismatches", json::array());
+    for (std::size_t i = 0; i < mism.size() && i < 8; ++i)
+      list += fmt::format("{}{} (leg {})", i ? ", " : "", U64(mism[i], "offset"),
+                          LegList(mism[i].value("legs", json::array())));
+    if (U64(v, "mismatch_regions") > std::min<std::size_t>(mism.size(), 8))
+      list += fmt::format(", ... ({} in all; --json lists the first {})", U64(v, "mismatch_regions"),
+                          U64(v, "mismatches_max_listed"));
+    if (!list.empty()) kv.push_back({"Mismatches", list});
+  }
+  auto sc = a.find("verify_schedule");
+  if (sc != a.end() && sc->is_object() && U64(*sc, "interval") > 0)
+    kv.push_back({"Verify Every", fmt::format("{}{}", FormatDuration(Dbl(*sc, "interval")),
+                                              (*sc)["next"].is_number()
+                                                  ? ", next " + UtcTime(Dbl(*sc, "next"))
+                                                  : std::string())});
+  return kv;
+}
+
+// md's "check"/"repair" progress line while a verify runs and no resync does.
+std::string VerifyMdstatLine(const json& a) {
+  auto it = a.find("verify");
+  if (it == a.end() || !it->is_object() || Str(*it, "state") != "running") return "";
+  const json& v = *it;
+  double pct = Clamp100(Dbl(v, "percent"));
+  double eta = Dbl(v, "eta_seconds");
+  return fmt::format("      {}  {} = {:.1f}% ({}/{}) finish={} speed={}K/sec mismatches={}\n",
+                     ProgressBar(int(pct * 10)), Bool(v, "repair") ? "repair" : "check", pct,
+                     U64(v, "bytes_done") / 1024, U64(v, "bytes_total") / 1024,
+                     eta >= 0 ? fmt::format("{:.1f}min", eta / 60.0) : "?min", U64(v, "rate") / 1024,
+                     U64(v, "mismatch_regions"));
+}
+
+std::string VerifyEventLine(const std::string& head, const json& e) {
+  std::string array = Str(e, "array");
+  if (Str(e, "type") == "verify_progress") return fmt::format("{} {} {}\n", head, array, RenderVerifyProgress(e));
+  std::string st = Str(e, "state");
+  std::string line = fmt::format("{} {} verify {}: {}", head, array, st, MismatchSummary(e));
+  if (e.contains("error") && e["error"].is_string()) line += " (" + Str(e, "error") + ")";
+  if (Bool(e, "repair") && U64(e, "mismatch_regions")) line += ", marked for resync";
+  return line + "\n";
+}
+
+}  // namespace
+
+int VerifyExitCode(const json& v) {
+  std::string st = Str(v, "state");
+  if (st == "cancelled") return 75;
+  if (st != "done") return 74;
+  if (U64(v, "mismatch_regions") > 0 && !Bool(v, "repair")) return kExVerifyMismatch;
+  return 0;
+}
+
+std::string RenderVerifyProgress(const json& v) {
+  double eta = Dbl(v, "eta_seconds");
+  return fmt::format("verify{} {:.1f}% ({}/{}) {}/s eta {}, {}{}", Bool(v, "repair") ? " --repair" : "",
+                     Clamp100(Dbl(v, "percent")), FormatSize(U64(v, "bytes_done")),
+                     FormatSize(U64(v, "bytes_total")), FormatSize(U64(v, "rate")),
+                     eta >= 0 ? FormatDuration(eta) : "?", Plural(U64(v, "mismatch_regions"), "mismatch"),
+                     Bool(v, "waiting_resync") ? " (waiting for the resync)" : "");
+}
+
+std::string RenderVerify(const json& v, const std::string& array) {
+  if (!v.is_object()) return fmt::format("array {}: never verified\n", array);
+  std::string st = Str(v, "state");
+  double took = Dbl(v, "finished") > 0 ? Dbl(v, "finished") - Dbl(v, "started") : 0;
+  std::string out = fmt::format("verify of {} {} in {}: {}; {} compared, legs {} (source leg {})\n",
+                                array, st, took < 10 ? fmt::format("{:.1f}s", took) : FormatDuration(took),
+                                MismatchSummary(v),
+                                FormatSize(U64(v, "bytes_done")), LegList(v.value("legs_compared", json::array())),
+                                Str(v, "source_leg"));
+  if (v.contains("error") && v["error"].is_string()) out += "  reason: " + Str(v, "error") + "\n";
+  const json mism = v.value("mismatches", json::array());
+  for (auto& m : mism)
+    out += fmt::format("  offset {} ({}): leg {} differs from leg {}\n", U64(m, "offset"),
+                       FormatSize(U64(m, "offset")), LegList(m.value("legs", json::array())),
+                       Str(v, "source_leg"));
+  std::uint64_t n = U64(v, "mismatch_regions");
+  if (n > mism.size()) out += fmt::format("  ... and {} more (only the first {} are listed)\n",
+                                          n - mism.size(), mism.size());
+  if (U64(v, "read_errors"))
+    out += fmt::format("  {} failed (see dstctl detail)\n", Plural(U64(v, "read_errors"), "leg read"));
+  if (n > 0 && Bool(v, "repair"))
+    out += fmt::format("repaired: {} marked out of sync and resynced from leg {}\n",
+                       Plural(U64(v, "repaired_regions"), "region"), Str(v, "source_leg"));
+  else if (n > 0)
+    out += fmt::format("not repaired: run dstctl array verify {} --repair\n", array);
   return out;
 }
 

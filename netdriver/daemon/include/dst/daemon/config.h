@@ -59,6 +59,9 @@ struct ArrayConfig {
   std::uint64_t resync_rate_max = 200ull << 20; // bytes/s when idle (0 = unlimited)
   bool write_intent = true;
   std::uint32_t leg_timeout_s = 10;             // dst:// legs: outage after which a leg fails
+  // Periodic online verify (dstd.8 "verify_interval"): seconds between verifies, 0 = none,
+  // -1 = not set here ([daemon] verify_interval applies).
+  std::int64_t verify_interval_s = -1;
 };
 
 struct Config {
@@ -77,6 +80,8 @@ struct Config {
   // Asio's per-thread handler memory warm (0 allocations per I/O; two loops on two cores halved
   // NBD throughput in bench/nbd_bench.sh).
   std::uint32_t io_threads = 1;
+  // Default periodic verify of every mirror without its own verify_interval (0 = none).
+  std::uint64_t verify_interval_s = 0;
   std::vector<ExportConfig> exports;
   std::vector<VolumeConfig> volumes;
   std::vector<ArrayConfig> arrays;
@@ -103,6 +108,8 @@ Status ParseVolumeUri(std::string_view uri, std::string* host, std::uint16_t* po
                       std::string* export_name);
 // A rate: "0" (unlimited), "500K", "10M", "1G" (bytes/s, binary units), or plain bytes.
 Result<std::uint64_t> ParseRate(std::string_view s);
+// A duration: "7d", "12h", "30m", "90s", "2w" or plain seconds ("3600"); "0" = none.
+Result<std::uint64_t> ParseDuration(std::string_view s);
 // Checks the cross references of exports, volumes and arrays: leg and export references name
 // existing volumes/arrays, no array stacks on itself, no leg is used twice, names are unique
 // between volumes and arrays (arrays are volumes too).

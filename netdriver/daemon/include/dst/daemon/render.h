@@ -38,6 +38,16 @@ std::string RenderArrayList(const nlohmann::json& arrays);
 // `dstctl detail --test` exit code (mdadm.8): 0 healthy, 1 degraded (or recovering), 2 unusable,
 // 4 error (no usable information).
 int DetailTestCode(const nlohmann::json& array);
+// Online verify (issue 9).  `verify` is the "verify" member of an array object.
+// `dstctl array verify` exit codes (dstctl.8 EXIT STATUS): 0 legs identical or every mismatch
+// repaired, kExVerifyMismatch mismatches found (not repaired; like cmp(1)), 74 the verify failed
+// (a leg read error, too few legs), 75 cancelled.
+inline constexpr int kExVerifyMismatch = 1;
+int VerifyExitCode(const nlohmann::json& verify);
+// The result block `dstctl array verify` prints (offsets of the listed mismatches included).
+std::string RenderVerify(const nlohmann::json& verify, const std::string& array);
+// One progress line: "verify 42.0% (420 MiB/1.0 GiB) 10 MiB/s eta 58s, 0 mismatches".
+std::string RenderVerifyProgress(const nlohmann::json& verify);
 // One human line per event of `dstctl events` (without --json).
 std::string RenderEvent(const nlohmann::json& event);
 // `dstctl apply` plan/result.
