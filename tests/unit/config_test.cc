@@ -191,6 +191,20 @@ class ConfigTest : public QObject {
     QVERIFY(Error(missing_export + "size = \"1M\"\n", true).empty());
     { std::ofstream(img) << "x"; }
     QVERIFY(Error(missing_export, true).empty());
+    // An image is never shrunk; growing it needs grow = true (issue 9, 11a).
+    {
+      std::ofstream f(img, std::ios::trunc);
+      f << std::string(1 << 20, 'x');
+    }
+    err = Error(missing_export + "size = \"4K\"\n", true);
+    QVERIFY2(err.find("1048576 bytes and size is 4096 bytes: an image is never shrunk") !=
+                 std::string::npos, err.c_str());
+    err = Error(missing_export + "size = \"2M\"\n", true);
+    QVERIFY2(err.find("set grow = true") != std::string::npos, err.c_str());
+    QVERIFY(Error(missing_export + "size = \"2M\"\ngrow = true\n", true).empty());
+    QVERIFY(Error(missing_export + "size = \"1M\"\n", true).empty());
+    err = Error(missing_export + "grow = true\n", true);
+    QVERIFY2(err.find("needs a size") != std::string::npos, err.c_str());
     std::string vol = "[[volume]]\nname = \"v\"\npath = \"" + img + ".nope\"\n";
     err = Error(vol, true);
     QVERIFY2(err.find("does not exist") != std::string::npos, err.c_str());

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <filesystem>
 #include <thread>
 #include <vector>
 
@@ -204,6 +205,54 @@ class CoreTest : public QObject {
     QCOMPARE(WriteSync(*dev.value(), 0, buf, 512).code(), Status::Code::kReadOnly);
     QVERIFY(ReadSync(*dev.value(), 0, buf, 512).ok());
     QVERIFY(!FileDevice::Open(dir.path().toStdString() + "/missing.img").ok());
+  }
+
+  // Regression (issue 9, 11a): create+size on an existing image truncated it (1 MiB of data
+  // became 4 KiB).  A smaller size is refused naming both sizes; a larger one needs grow.
+  void fileDeviceNeverShrinks() {
+    QTemporaryDir dir;
+    std::string path = dir.path().toStdString() + "/img";
+    std::vector<char> w(1 << 20, 'x');
+    {
+      FileDeviceOptions o;
+      o.create = true;
+      o.size = 1 << 20;
+      auto dev = FileDevice::Open(path, o);
+      QVERIFY(dev.ok());
+      QVERIFY(WriteSync(*dev.value(), 0, w.data(), w.size()).ok());
+    }
+    FileDeviceOptions small;
+    small.create = true;
+    small.size = 4096;
+    small.grow = true;  // grow never allows shrinking
+    auto r = FileDevice::Open(path, small);
+    QVERIFY(!r.ok());
+    QVERIFY2(r.status().message().find("1048576") != std::string::npos &&
+                 r.status().message().find("4096") != std::string::npos &&
+                 r.status().message().find("never shrunk") != std::string::npos,
+             r.status().message().c_str());
+    QCOMPARE(std::filesystem::file_size(path), std::uintmax_t(1) << 20);
+
+    FileDeviceOptions big;
+    big.create = true;
+    big.size = 2 << 20;
+    r = FileDevice::Open(path, big);
+    QVERIFY(!r.ok());
+    QVERIFY2(r.status().message().find("grow") != std::string::npos, r.status().message().c_str());
+    QCOMPARE(std::filesystem::file_size(path), std::uintmax_t(1) << 20);
+
+    big.grow = true;
+    r = FileDevice::Open(path, big);
+    QVERIFY(r.ok());
+    QCOMPARE(r.value()->Info().size, std::uint64_t(2) << 20);
+    std::vector<char> back(1 << 20);
+    QVERIFY(ReadSync(*r.value(), 0, back.data(), back.size()).ok());
+    QVERIFY(back == w);
+
+    FileDeviceOptions same;  // the same size is fine without grow
+    same.create = true;
+    same.size = 2 << 20;
+    QVERIFY(FileDevice::Open(path, same).ok());
   }
 };
 

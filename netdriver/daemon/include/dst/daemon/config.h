@@ -23,7 +23,8 @@ struct ExportConfig {
   std::string path;        // exactly one of path / array / volume
   std::string array;       // export an array of this daemon (arrays stack across hosts)
   std::string volume;      // export a volume of this daemon
-  std::uint64_t size = 0;  // 0: use the existing file's size
+  std::uint64_t size = 0;  // 0: use the existing file's size; never below it (no shrinking)
+  bool grow = false;       // size may grow an existing image (else a larger size is refused)
   bool read_only = false;
   bool direct_io = false;
 };
