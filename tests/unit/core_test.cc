@@ -13,6 +13,7 @@
 
 #include "dst/block_device.h"
 #include "dst/buffer_pool.h"
+#include "dst/counting_device.h"
 #include "dst/file_device.h"
 #include "dst/status.h"
 #include "test_env.h"
@@ -253,6 +254,32 @@ class CoreTest : public QObject {
     same.create = true;
     same.size = 2 << 20;
     QVERIFY(FileDevice::Open(path, same).ok());
+  }
+
+  // Per-leg counters (issue 9 item 4): ops, bytes and errors of what passes through.
+  void countingDevice() {
+    QTemporaryDir dir;
+    FileDeviceOptions o;
+    o.create = true;
+    o.size = 1 << 20;
+    auto file = FileDevice::Open(dir.path().toStdString() + "/c.img", o);
+    QVERIFY(file.ok());
+    CountingDevice dev(file.value(), 2);
+    QCOMPARE(dev.Info().size, std::uint64_t(1) << 20);
+    std::vector<char> b(8192, 'c');
+    QVERIFY(WriteSync(dev, 0, b.data(), 8192).ok());
+    QVERIFY(ReadSync(dev, 0, b.data(), 4096).ok());
+    QVERIFY(ReadSync(dev, 4096, b.data(), 4096).ok());
+    QVERIFY(!ReadSync(dev, 1 << 20, b.data(), 4096).ok());  // past the end: an error
+    QVERIFY(FlushSync(dev).ok());
+    DeviceCounters c = dev.Counters();
+    QCOMPARE(c.writes, std::uint64_t(1));
+    QCOMPARE(c.bytes_written, std::uint64_t(8192));
+    QCOMPARE(c.reads, std::uint64_t(3));
+    QCOMPARE(c.bytes_read, std::uint64_t(12288));
+    QCOMPARE(c.errors, std::uint64_t(1));
+    QCOMPARE(c.other, std::uint64_t(1));
+    QCOMPARE(c.uncounted, std::uint64_t(0));
   }
 };
 
