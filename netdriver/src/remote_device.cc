@@ -22,6 +22,16 @@
 //   IN FLIGHT --connection lost before the server answered any request on it, and this request
 //              was the first one sent on it--> suspect; 3rd time in a row --> done(EIO)
 //
+// Connect check (block_device.h): after a reconnect's handshake, a READ of the check range
+// with the reserved id slot kCheckSlot goes out alone; Pump() sends nothing while checking_.
+// The verdict either re-sends the held requests (OK) or fails them with EIO and calls
+// rejected(); either way the connection is then admitted (Admit).  verify()/rejected() run with
+// check_mu_ held, which SetConnectCheck() also takes: once it returns, old callbacks are done.
+//
+// Progress: only a correct reply (right id, command and length) ends an outage and resets the
+// reconnect backoff (Progress); a PING answer counts only while no request waits.  A connection
+// lost without progress retries after a growing backoff.
+//
 // Timing runs on one periodic tick (<= 250 ms, finer for short timeouts): keepalive pings and
 // silence detection, io_timeout, handshake timeout and reconnect backoff.
 //
@@ -66,6 +76,7 @@ using std::chrono::milliseconds;
 namespace {
 
 constexpr std::uint32_t kPingSlot = 0xffffffffu;
+constexpr std::uint32_t kCheckSlot = 0xfffffffeu;  // the connect check's READ
 constexpr std::size_t kPayloadChunk = 256u << 10;  // rx progress (keepalive) granularity
 constexpr std::size_t kDrainBufSize = 64u << 10;
 // Backstop: a request that was the first one sent on this many consecutive connections that
@@ -176,6 +187,13 @@ class RemoteDevice::Impl : public std::enable_shared_from_this<Impl> {
   }
   RemoteStats Stats() const;
   void Close();
+  bool SetConnectCheck(const ConnectCheck& c) {
+    std::lock_guard<std::recursive_mutex> l(check_mu_);
+    check_ = c.verify ? c : ConnectCheck{};
+    ++check_version_;
+    return true;
+  }
+  DeviceHealth Health() const;
 
  private:
   struct Slot {
@@ -203,6 +221,11 @@ class RemoteDevice::Impl : public std::enable_shared_from_this<Impl> {
   void OnHelloPayload(std::uint64_t epoch, const boost::system::error_code& ec);
   void AttemptFailed(Status st, bool hard);
   void OnHandshake(const HelloReply& r);
+  bool StartCheck();              // true: a check runs (or ran) and will admit the connection
+  void FinishCheck(Status read_status);
+  void Admit();                   // re-send held requests, start new ones
+  void Progress();
+  void SetDown(Clock::time_point since, std::string detail);
   // `closed_by_peer`: the server (or the network) ended the connection, as opposed to our own
   // keepalive / io_timeout verdict on a silent peer, which only io_timeout may turn into errors.
   void ConnectionLost(const char* why, Clock::time_point outage_start, bool closed_by_peer = true);
@@ -236,9 +259,10 @@ class RemoteDevice::Impl : public std::enable_shared_from_this<Impl> {
   void ArmTick();
   void OnTick(const boost::system::error_code& ec);
   void DoClose();
-  bool Outstanding() const { return on_wire_ > 0 || ping_outstanding_; }
+  bool Outstanding() const { return on_wire_ > 0 || ping_outstanding_ || check_outstanding_; }
   static void OnFrameSent(TxFrame* f, bool ok);
   static void OnPingSent(TxFrame* f, bool ok);
+  static void OnCheckSent(TxFrame* f, bool ok);
   static void OnTxError(void* ctx);
 
   // The I/O objects carry the concrete strand type: with the type-erased any_io_executor, Asio
@@ -316,11 +340,32 @@ class RemoteDevice::Impl : public std::enable_shared_from_this<Impl> {
   std::unique_ptr<char[]> drain_buf_;
   std::uint8_t hello_buf_[kHeaderSize + kMaxHelloPayload];
   Header hello_hdr_;
+  bool conn_progress_ = false;    // a correct reply arrived on this connection
+
+  // Connect check.  check_ and check_version_ are guarded by check_mu_ (held while the
+  // callbacks run); the rest is strand-only.
+  mutable std::recursive_mutex check_mu_;
+  ConnectCheck check_;
+  std::uint64_t check_version_ = 0;
+  std::uint64_t check_ver_used_ = 0;
+  bool checking_ = false;
+  bool check_outstanding_ = false;
+  Clock::time_point check_start_;
+  std::uint32_t check_gen_ = 0;
+  std::uint32_t check_len_ = 0;
+  std::uint32_t check_cap_ = 0;
+  std::unique_ptr<char[]> check_buf_;  // grows once per larger check, never per I/O
+  TxFrame check_frame_;
+
+  // Health: down_since_ (steady-clock ticks, 0 = reachable) and health_detail_ (under mu_).
+  std::atomic<std::int64_t> down_since_{0};
+  std::string health_detail_;
 
   // Stats.
   TxStats tx_stats_;
   std::atomic<int> stat_state_{0};
   std::atomic<std::uint64_t> reconnects_{0}, resent_{0}, timeouts_{0}, requests_{0};
+  std::atomic<std::uint64_t> bad_replies_{0}, check_failures_{0};
   std::atomic<std::uint32_t> inflight_{0};
 };
 
@@ -360,6 +405,8 @@ RemoteDevice::Impl::Impl(asio::io_context& io, const RemoteOptions& opts)
   }
   ping_frame_.owner = this;
   ping_frame_.on_sent = &Impl::OnPingSent;
+  check_frame_.owner = this;
+  check_frame_.on_sent = &Impl::OnCheckSent;
   drain_buf_.reset(new char[kDrainBufSize]);
   kick_fd_ = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 }
@@ -515,6 +562,10 @@ void RemoteDevice::Impl::AttemptFailed(Status st, bool hard) {
   } else if (last_error_.ToString() != st.ToString()) {
     Log(Describe(), "reconnect failed: " + st.ToString());
   }
+  if (!initial_) {
+    std::lock_guard<std::mutex> l(mu_);
+    health_detail_ = "reconnecting: " + st.ToString();
+  }
   last_error_ = std::move(st);
   next_attempt_ = now + backoff_;
   backoff_ = std::min<milliseconds>(backoff_ * 2, opts_.reconnect_max);
@@ -568,17 +619,31 @@ void RemoteDevice::Impl::OnHandshake(const HelloReply& r) {
     Log(Describe(), "reconnected");
   }
   initial_ = false;
-  backoff_ = opts_.reconnect_min;
   last_error_ = Status::OK();
   last_rx_ = Clock::now();
   last_ping_ = last_rx_;
   answered_ = false;
+  conn_progress_ = false;
   send_count_ = 0;
+  // Nothing waits for this connection: the outage is over (an idle device must not turn
+  // FAILING on its next loss because of an old outage).  Backoff resets only on a reply.
+  if (busy_ == 0 && !wait_head_) in_outage_ = false;
   SetState(State::kConnected);
   rx_buf_.Clear();  // bytes of the previous connection, if any, mean nothing now
   drain_left_ = 0;
   StartRead();
-  // Re-send every unacknowledged request in its original submission order.
+  if (was_initial) {
+    ReportFirst(Status::OK());
+    return Admit();
+  }
+  if (!StartCheck()) Admit();
+}
+
+// Re-sends every unacknowledged request in its original submission order, then new ones.
+void RemoteDevice::Impl::Admit() {
+  if (state_ != State::kConnected) return;
+  checking_ = false;
+  down_since_.store(0, std::memory_order_relaxed);
   order_.clear();
   for (auto& s : slots_)
     if (s.req) order_.push_back(s.index);
@@ -588,7 +653,103 @@ void RemoteDevice::Impl::OnHandshake(const HelloReply& r) {
   resent_.fetch_add(order_.size(), std::memory_order_relaxed);
   Pump();
   FlushTx();
-  if (was_initial) ReportFirst(Status::OK());
+}
+
+bool RemoteDevice::Impl::StartCheck() {
+  ConnectCheck c;
+  {
+    std::lock_guard<std::recursive_mutex> l(check_mu_);
+    c = check_;
+    check_ver_used_ = check_version_;
+  }
+  if (!c.verify) return false;
+  checking_ = true;
+  const DeviceInfo& info = info_;  // written on this strand only
+  const std::uint32_t bs = std::max<std::uint32_t>(info.logical_block_size, 1);
+  if (c.length == 0 || c.length > info.max_io_bytes || c.offset > info.size ||
+      c.length > info.size - c.offset || c.offset % bs || c.length % bs) {
+    FinishCheck(Status::InvalidArgument("connect check range outside the export or misaligned"));
+    return true;
+  }
+  if (check_cap_ < c.length) {
+    check_buf_.reset(new char[c.length]);
+    check_cap_ = c.length;
+  }
+  check_len_ = c.length;
+  Header h;
+  h.cmd = static_cast<std::uint16_t>(Cmd::kRead);
+  h.offset = c.offset;
+  h.length = c.length;
+  h.id = std::uint64_t(++check_gen_) << 32 | kCheckSlot;
+  EncodeHeader(h, check_frame_.header);
+  check_frame_.payload = nullptr;
+  check_frame_.payload_len = 0;
+  if (!Outstanding()) last_rx_ = Clock::now();
+  check_start_ = Clock::now();
+  check_outstanding_ = true;
+  tx_->Enqueue(&check_frame_);
+  FlushTx();
+  return true;
+}
+
+// The check READ finished (read_status) with check_len_ bytes in check_buf_.
+void RemoteDevice::Impl::FinishCheck(Status read_status) {
+  check_outstanding_ = false;
+  Status verdict = std::move(read_status);
+  bool changed = false;
+  {
+    std::lock_guard<std::recursive_mutex> l(check_mu_);
+    changed = check_version_ != check_ver_used_;
+    if (!changed && verdict.ok()) verdict = check_.verify(check_.arg, check_buf_.get(), check_len_);
+  }
+  if (changed) {  // replaced or removed while the READ ran: start over with the current one
+    checking_ = false;
+    if (!StartCheck()) Admit();
+    return;
+  }
+  if (!verdict.ok()) {
+    check_failures_.fetch_add(1, std::memory_order_relaxed);
+    Log(Describe(), "connect check failed: " + verdict.ToString() + "; failing held requests");
+    FailAll(Status::IoError("connect check failed: " + verdict.ToString()), false);
+    if (state_ == State::kClosed) return;
+    {
+      std::lock_guard<std::recursive_mutex> l(check_mu_);
+      if (check_version_ == check_ver_used_) check_.rejected(check_.arg, verdict);
+    }
+    if (state_ == State::kClosed) return;
+  }
+  Admit();
+}
+
+void RemoteDevice::Impl::Progress() {
+  in_outage_ = false;
+  conn_progress_ = true;
+  backoff_ = opts_.reconnect_min;
+}
+
+void RemoteDevice::Impl::SetDown(Clock::time_point since, std::string detail) {
+  std::int64_t t = since.time_since_epoch().count();
+  if (t == 0) t = 1;
+  std::int64_t expected = 0;  // keep the earliest start of an outage
+  down_since_.compare_exchange_strong(expected, t, std::memory_order_relaxed);
+  std::lock_guard<std::mutex> l(mu_);
+  health_detail_ = std::move(detail);
+}
+
+DeviceHealth RemoteDevice::Impl::Health() const {
+  DeviceHealth h;
+  const std::int64_t since = down_since_.load(std::memory_order_relaxed);
+  const auto st = static_cast<State>(stat_state_.load(std::memory_order_relaxed));
+  if (since == 0 && st == State::kConnected) return h;
+  h.reachable = false;
+  if (since != 0) {
+    const auto d = Clock::now() - Clock::time_point(Clock::duration(since));
+    h.outage_ms = static_cast<std::uint64_t>(std::max<std::int64_t>(
+        0, std::chrono::duration_cast<milliseconds>(d).count()));
+  }
+  std::lock_guard<std::mutex> l(mu_);
+  h.detail = st == State::kClosed ? std::string("closed") : health_detail_;
+  return h;
 }
 
 void RemoteDevice::Impl::ConnectionLost(const char* why, Clock::time_point outage_start,
@@ -621,14 +782,22 @@ void RemoteDevice::Impl::ConnectionLost(const char* why, Clock::time_point outag
   for (auto& s : slots_) s.on_wire = false;
   on_wire_ = 0;
   ping_outstanding_ = false;
+  check_outstanding_ = false;
+  checking_ = false;  // the next connection runs the check again
   reader_slot_ = kPingSlot;
   // The outage lasts until the server answers something again: a reconnect that only gets as
   // far as the handshake does not restart the io_timeout clock.
   if (!in_outage_ || outage_start < outage_start_) outage_start_ = outage_start;
   in_outage_ = true;
   SetState(State::kReconnecting);
-  next_attempt_ = Clock::now();  // first retry at once; backoff after that
-  backoff_ = opts_.reconnect_min;
+  SetDown(outage_start_, std::string("reconnecting: connection lost: ") + why);
+  if (conn_progress_) {
+    next_attempt_ = Clock::now();  // first retry at once; backoff after that
+    backoff_ = opts_.reconnect_min;
+  } else {  // nothing useful came over this connection: do not hammer the peer
+    next_attempt_ = Clock::now() + backoff_;
+    backoff_ = std::min<milliseconds>(backoff_ * 2, opts_.reconnect_max);
+  }
   if (suspect) {
     // Last: done() may re-enter Submit() or Close().
     suspect_losses_ = 0;
@@ -706,7 +875,7 @@ void RemoteDevice::Impl::TakePending() {
 //  * a flush waits until every older write-type request is acknowledged;
 //  * reads pass everything.
 void RemoteDevice::Impl::Pump() {
-  if (state_ != State::kConnected) return;
+  if (state_ != State::kConnected || checking_) return;
   blocked_.clear();
   bool older_write_waiting = false;
   IoRequest* prev = nullptr;
@@ -823,6 +992,8 @@ void RemoteDevice::Impl::OnPingSent(TxFrame* f, bool) {
   static_cast<Impl*>(f->owner)->ping_queued_ = false;
 }
 
+void RemoteDevice::Impl::OnCheckSent(TxFrame*, bool) {}
+
 void RemoteDevice::Impl::OnTxError(void* ctx) {
   // Runs inside Transmitter::Flush; the Transmitter must not be destroyed here.
   auto* self = static_cast<Impl*>(ctx);
@@ -885,20 +1056,43 @@ RemoteDevice::Impl::RxStep RemoteDevice::Impl::OnHeader() {
     OnServerDisconnect();
     return RxStep::kStop;
   }
-  // Only a real answer ends an outage; an EPROTO frame before a close (above) does not, or a
-  // request the server rejects at the framing level would reconnect forever without io_timeout.
-  in_outage_ = false;
+  // Only a correct answer ends an outage (Progress); an EPROTO frame before a close (above) or
+  // a reply of the wrong length does not, or a peer that answers wrongly would reconnect
+  // forever without io_timeout.
   if (cmd == Cmd::kPing) {
-    if (rx_.id == (std::uint64_t(ping_gen_) << 32 | kPingSlot)) ping_outstanding_ = false;
+    if (rx_.id == (std::uint64_t(ping_gen_) << 32 | kPingSlot)) {
+      ping_outstanding_ = false;
+      if (busy_ == 0 && !checking_) Progress();  // alive, and nothing waits for an answer
+    }
     return RxStep::kNext;
   }
   if (cmd == Cmd::kHello) {
     ConnectionLost("unexpected HELLO reply", Clock::now());
     return RxStep::kStop;
   }
-  answered_ = true;  // a PING answer shows liveness, this shows the server can take requests
   const std::uint32_t idx = static_cast<std::uint32_t>(rx_.id);
   const std::uint32_t gen = static_cast<std::uint32_t>(rx_.id >> 32);
+  if (idx == kCheckSlot && check_outstanding_ && gen == check_gen_ && cmd == Cmd::kRead) {
+    if (!HasPayload(rx_)) {  // the server refused the check READ
+      Progress();
+      FinishCheck(FromWireStatus(rx_.status, "connect check READ"));
+      return RxStep::kCompleted;
+    }
+    if (rx_.length != check_len_) {
+      bad_replies_.fetch_add(1, std::memory_order_relaxed);
+      ConnectionLost("READ reply length mismatch", Clock::now());
+      return RxStep::kStop;
+    }
+    Progress();
+    const std::size_t have = rx_buf_.TakeInto(check_buf_.get(), rx_.length);
+    if (have < rx_.length) {
+      reader_slot_ = kCheckSlot;
+      ReadPayload(kCheckSlot, have);
+      return RxStep::kAsync;
+    }
+    FinishCheck(Status::OK());
+    return RxStep::kCompleted;
+  }
   Slot* s = idx < slots_.size() ? &slots_[idx] : nullptr;
   if (!s || !s->req || s->gen != gen || !s->on_wire || ToCmd(s->req->op) != cmd) {
     // Late or duplicated reply (a slot's earlier generation, or an unknown id): drop it, but
@@ -911,9 +1105,13 @@ RemoteDevice::Impl::RxStep RemoteDevice::Impl::OnHeader() {
   }
   if (HasPayload(rx_)) {  // successful READ: payload goes into the caller's buffer
     if (rx_.length != s->req->length) {
+      // Not progress: the outage clock and the backoff keep running (see the top of the file).
+      bad_replies_.fetch_add(1, std::memory_order_relaxed);
       ConnectionLost("READ reply length mismatch", Clock::now());
       return RxStep::kStop;
     }
+    answered_ = true;  // a PING answer shows liveness, this shows the server can take requests
+    Progress();
     const std::size_t have = rx_buf_.TakeInto(s->req->data, rx_.length);
     if (have < rx_.length) {  // the rest comes from the socket straight into the buffer
       reader_slot_ = idx;
@@ -923,6 +1121,8 @@ RemoteDevice::Impl::RxStep RemoteDevice::Impl::OnHeader() {
     CompleteSlot(*s, Status::OK());
     return RxStep::kCompleted;
   }
+  answered_ = true;
+  Progress();
   if (rx_.status == static_cast<std::uint32_t>(WireStatus::kShutdown)) {
     // The server is draining and will close: keep the request, re-send it on the next connection.
     s->on_wire = false;
@@ -954,19 +1154,24 @@ void RemoteDevice::Impl::OnServerDisconnect() {
 }
 
 void RemoteDevice::Impl::ReadPayload(std::uint32_t idx, std::size_t done) {
-  Slot& s = slots_[idx];
-  const std::size_t n = std::min<std::size_t>(kPayloadChunk, s.req->length - done);
+  const bool check = idx == kCheckSlot;
+  char* dst = check ? check_buf_.get() : slots_[idx].req->data;
+  const std::size_t total = check ? check_len_ : slots_[idx].req->length;
+  const std::size_t n = std::min<std::size_t>(kPayloadChunk, total - done);
   auto self = shared_from_this();
   const std::uint64_t ep = epoch_;
-  asio::async_read(socket_, asio::buffer(s.req->data + done, n),
-                   [self, ep, idx, done](const boost::system::error_code& ec, std::size_t got) {
+  asio::async_read(socket_, asio::buffer(dst + done, n),
+                   [self, ep, idx, done, total](const boost::system::error_code& ec, std::size_t got) {
                      if (ep != self->epoch_ || self->state_ != State::kConnected) return;
                      if (ec) return self->ConnectionLost("receive failed", Clock::now());
                      self->last_rx_ = Clock::now();
-                     Slot& sl = self->slots_[idx];
-                     if (done + got < sl.req->length) return self->ReadPayload(idx, done + got);
+                     if (done + got < total) return self->ReadPayload(idx, done + got);
                      self->reader_slot_ = kPingSlot;
-                     self->CompleteSlot(sl, Status::OK());
+                     if (idx == kCheckSlot) {
+                       self->FinishCheck(Status::OK());
+                     } else {
+                       self->CompleteSlot(self->slots_[idx], Status::OK());
+                     }
                      self->ParseRx(true);
                    });
 }
@@ -1082,7 +1287,7 @@ void RemoteDevice::Impl::OnTick(const boost::system::error_code& ec) {
       // alone could let the server execute it after a newer overlapping write, so the whole
       // connection goes: the server's session fence then orders the old requests before
       // anything sent on the next connection.
-      bool stuck = false;
+      bool stuck = checking_ && now - check_start_ >= opts_.io_timeout;
       for (auto& s : slots_)
         if (s.req && s.on_wire && now - s.start >= opts_.io_timeout) {
           stuck = true;
@@ -1154,6 +1359,9 @@ void RemoteDevice::Impl::DoClose() {
   }
   ++epoch_;
   SetState(State::kClosed);
+  SetDown(Clock::now(), "closed");
+  checking_ = false;
+  check_outstanding_ = false;
   boost::system::error_code ec;
   resolver_.cancel();
   tx_.reset();
@@ -1176,6 +1384,8 @@ RemoteStats RemoteDevice::Impl::Stats() const {
   st.reconnects = reconnects_.load(std::memory_order_relaxed);
   st.resent = resent_.load(std::memory_order_relaxed);
   st.timeouts = timeouts_.load(std::memory_order_relaxed);
+  st.bad_replies = bad_replies_.load(std::memory_order_relaxed);
+  st.check_failures = check_failures_.load(std::memory_order_relaxed);
   st.inflight = inflight_.load(std::memory_order_relaxed);
   st.requests = requests_.load(std::memory_order_relaxed);
   st.frames_sent = tx_stats_.frames.load(std::memory_order_relaxed);
@@ -1206,5 +1416,7 @@ void RemoteDevice::Submit(IoRequest* req) { impl_->Submit(req); }
 std::string RemoteDevice::Describe() const { return impl_->Describe(); }
 RemoteStats RemoteDevice::Stats() const { return impl_->Stats(); }
 void RemoteDevice::Close() { impl_->Close(); }
+bool RemoteDevice::SetConnectCheck(const ConnectCheck& check) { return impl_->SetConnectCheck(check); }
+DeviceHealth RemoteDevice::Health() const { return impl_->Health(); }
 
 }  // namespace dst::net
