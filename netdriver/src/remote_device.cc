@@ -26,7 +26,7 @@
 // with the reserved id slot kCheckSlot goes out alone; Pump() sends nothing while checking_.
 // The verdict either re-sends the held requests (OK) or fails them with EIO and calls
 // rejected(); either way the connection is then admitted (Admit).  verify()/rejected() run with
-// check_mu_ held, which SetConnectCheck() also takes: once it returns, old callbacks are done.
+// the gate's mutex held, which SetConnectCheck() also takes (connect_gate.h).
 //
 // Progress: only a correct reply (right id, command and length) ends an outage and resets the
 // reconnect backoff (Progress); a PING answer counts only while no request waits.  A connection
@@ -62,6 +62,7 @@
 #include <boost/asio/strand.hpp>
 #include <boost/asio/write.hpp>
 
+#include "connect_gate.h"
 #include "dst/net/codec.h"
 #include "dst/net/transmitter.h"
 #include "rx_buffer.h"
@@ -188,12 +189,13 @@ class RemoteDevice::Impl : public std::enable_shared_from_this<Impl> {
   RemoteStats Stats() const;
   void Close();
   bool SetConnectCheck(const ConnectCheck& c) {
-    std::lock_guard<std::recursive_mutex> l(check_mu_);
-    check_ = c.verify ? c : ConnectCheck{};
-    ++check_version_;
+    gate_.Set(c);
     return true;
   }
-  DeviceHealth Health() const;
+  DeviceHealth Health() const {
+    const auto st = static_cast<State>(stat_state_.load(std::memory_order_relaxed));
+    return health_.Get(st == State::kConnected, st == State::kClosed);
+  }
 
  private:
   struct Slot {
@@ -225,7 +227,6 @@ class RemoteDevice::Impl : public std::enable_shared_from_this<Impl> {
   void FinishCheck(Status read_status);
   void Admit();                   // re-send held requests, start new ones
   void Progress();
-  void SetDown(Clock::time_point since, std::string detail);
   // `closed_by_peer`: the server (or the network) ended the connection, as opposed to our own
   // keepalive / io_timeout verdict on a silent peer, which only io_timeout may turn into errors.
   void ConnectionLost(const char* why, Clock::time_point outage_start, bool closed_by_peer = true);
@@ -342,12 +343,8 @@ class RemoteDevice::Impl : public std::enable_shared_from_this<Impl> {
   Header hello_hdr_;
   bool conn_progress_ = false;    // a correct reply arrived on this connection
 
-  // Connect check.  check_ and check_version_ are guarded by check_mu_ (held while the
-  // callbacks run); the rest is strand-only.
-  mutable std::recursive_mutex check_mu_;
-  ConnectCheck check_;
-  std::uint64_t check_version_ = 0;
-  std::uint64_t check_ver_used_ = 0;
+  // Connect check (connect_gate.h); the rest is strand-only.
+  ConnectGate gate_;
   bool checking_ = false;
   bool check_outstanding_ = false;
   Clock::time_point check_start_;
@@ -357,9 +354,7 @@ class RemoteDevice::Impl : public std::enable_shared_from_this<Impl> {
   std::unique_ptr<char[]> check_buf_;  // grows once per larger check, never per I/O
   TxFrame check_frame_;
 
-  // Health: down_since_ (steady-clock ticks, 0 = reachable) and health_detail_ (under mu_).
-  std::atomic<std::int64_t> down_since_{0};
-  std::string health_detail_;
+  HealthClock health_;
 
   // Stats.
   TxStats tx_stats_;
@@ -562,10 +557,7 @@ void RemoteDevice::Impl::AttemptFailed(Status st, bool hard) {
   } else if (last_error_.ToString() != st.ToString()) {
     Log(Describe(), "reconnect failed: " + st.ToString());
   }
-  if (!initial_) {
-    std::lock_guard<std::mutex> l(mu_);
-    health_detail_ = "reconnecting: " + st.ToString();
-  }
+  if (!initial_) health_.Detail("reconnecting: " + st.ToString());
   last_error_ = std::move(st);
   next_attempt_ = now + backoff_;
   backoff_ = std::min<milliseconds>(backoff_ * 2, opts_.reconnect_max);
@@ -643,7 +635,7 @@ void RemoteDevice::Impl::OnHandshake(const HelloReply& r) {
 void RemoteDevice::Impl::Admit() {
   if (state_ != State::kConnected) return;
   checking_ = false;
-  down_since_.store(0, std::memory_order_relaxed);
+  health_.Up();
   order_.clear();
   for (auto& s : slots_)
     if (s.req) order_.push_back(s.index);
@@ -656,12 +648,7 @@ void RemoteDevice::Impl::Admit() {
 }
 
 bool RemoteDevice::Impl::StartCheck() {
-  ConnectCheck c;
-  {
-    std::lock_guard<std::recursive_mutex> l(check_mu_);
-    c = check_;
-    check_ver_used_ = check_version_;
-  }
+  const ConnectCheck c = gate_.Begin();
   if (!c.verify) return false;
   checking_ = true;
   const DeviceInfo& info = info_;  // written on this strand only
@@ -695,28 +682,22 @@ bool RemoteDevice::Impl::StartCheck() {
 // The check READ finished (read_status) with check_len_ bytes in check_buf_.
 void RemoteDevice::Impl::FinishCheck(Status read_status) {
   check_outstanding_ = false;
-  Status verdict = std::move(read_status);
-  bool changed = false;
-  {
-    std::lock_guard<std::recursive_mutex> l(check_mu_);
-    changed = check_version_ != check_ver_used_;
-    if (!changed && verdict.ok()) verdict = check_.verify(check_.arg, check_buf_.get(), check_len_);
-  }
-  if (changed) {  // replaced or removed while the READ ran: start over with the current one
-    checking_ = false;
-    if (!StartCheck()) Admit();
-    return;
-  }
-  if (!verdict.ok()) {
-    check_failures_.fetch_add(1, std::memory_order_relaxed);
-    Log(Describe(), "connect check failed: " + verdict.ToString() + "; failing held requests");
-    FailAll(Status::IoError("connect check failed: " + verdict.ToString()), false);
-    if (state_ == State::kClosed) return;
-    {
-      std::lock_guard<std::recursive_mutex> l(check_mu_);
-      if (check_version_ == check_ver_used_) check_.rejected(check_.arg, verdict);
-    }
-    if (state_ == State::kClosed) return;
+  Status verdict;
+  switch (gate_.Verify(std::move(read_status), check_buf_.get(), check_len_, &verdict)) {
+    case ConnectGate::Verdict::kRestart:  // replaced or removed while the READ ran
+      checking_ = false;
+      if (!StartCheck()) Admit();
+      return;
+    case ConnectGate::Verdict::kRejected:
+      check_failures_.fetch_add(1, std::memory_order_relaxed);
+      Log(Describe(), "connect check failed: " + verdict.ToString() + "; failing held requests");
+      FailAll(Status::IoError("connect check failed: " + verdict.ToString()), false);
+      if (state_ == State::kClosed) return;
+      gate_.Rejected(verdict);
+      if (state_ == State::kClosed) return;
+      break;
+    case ConnectGate::Verdict::kOk:
+      break;
   }
   Admit();
 }
@@ -725,31 +706,6 @@ void RemoteDevice::Impl::Progress() {
   in_outage_ = false;
   conn_progress_ = true;
   backoff_ = opts_.reconnect_min;
-}
-
-void RemoteDevice::Impl::SetDown(Clock::time_point since, std::string detail) {
-  std::int64_t t = since.time_since_epoch().count();
-  if (t == 0) t = 1;
-  std::int64_t expected = 0;  // keep the earliest start of an outage
-  down_since_.compare_exchange_strong(expected, t, std::memory_order_relaxed);
-  std::lock_guard<std::mutex> l(mu_);
-  health_detail_ = std::move(detail);
-}
-
-DeviceHealth RemoteDevice::Impl::Health() const {
-  DeviceHealth h;
-  const std::int64_t since = down_since_.load(std::memory_order_relaxed);
-  const auto st = static_cast<State>(stat_state_.load(std::memory_order_relaxed));
-  if (since == 0 && st == State::kConnected) return h;
-  h.reachable = false;
-  if (since != 0) {
-    const auto d = Clock::now() - Clock::time_point(Clock::duration(since));
-    h.outage_ms = static_cast<std::uint64_t>(std::max<std::int64_t>(
-        0, std::chrono::duration_cast<milliseconds>(d).count()));
-  }
-  std::lock_guard<std::mutex> l(mu_);
-  h.detail = st == State::kClosed ? std::string("closed") : health_detail_;
-  return h;
 }
 
 void RemoteDevice::Impl::ConnectionLost(const char* why, Clock::time_point outage_start,
@@ -790,7 +746,7 @@ void RemoteDevice::Impl::ConnectionLost(const char* why, Clock::time_point outag
   if (!in_outage_ || outage_start < outage_start_) outage_start_ = outage_start;
   in_outage_ = true;
   SetState(State::kReconnecting);
-  SetDown(outage_start_, std::string("reconnecting: connection lost: ") + why);
+  health_.Down(outage_start_, std::string("reconnecting: connection lost: ") + why);
   if (conn_progress_) {
     next_attempt_ = Clock::now();  // first retry at once; backoff after that
     backoff_ = opts_.reconnect_min;
@@ -1359,7 +1315,7 @@ void RemoteDevice::Impl::DoClose() {
   }
   ++epoch_;
   SetState(State::kClosed);
-  SetDown(Clock::now(), "closed");
+  health_.Down(Clock::now(), "closed");
   checking_ = false;
   check_outstanding_ = false;
   boost::system::error_code ec;
