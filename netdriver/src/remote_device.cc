@@ -210,6 +210,7 @@ class RemoteDevice::Impl : public std::enable_shared_from_this<Impl> {
     bool on_wire = false;      // sent on the current connection, reply outstanding
     bool tx_queued = false;    // frame still referenced by the Transmitter
     bool early_done = false;   // reply came while the frame was still queued
+    bool resend = false;       // digest error: send again once the frame is released
     Status early_status;
   };
 
@@ -257,6 +258,9 @@ class RemoteDevice::Impl : public std::enable_shared_from_this<Impl> {
   void CompleteSlot(Slot& s, Status st);
   void FreeSlot(Slot& s);
   void FailAll(const Status& st, bool count_timeouts);
+  void ReadDone(Slot& s);
+  bool DigestOk(const char* data, std::size_t len);
+  void Reissue(Slot& s);
   void ArmTick();
   void OnTick(const boost::system::error_code& ec);
   void DoClose();
@@ -342,6 +346,10 @@ class RemoteDevice::Impl : public std::enable_shared_from_this<Impl> {
   std::uint8_t hello_buf_[kHeaderSize + kMaxHelloPayload];
   Header hello_hdr_;
   bool conn_progress_ = false;    // a correct reply arrived on this connection
+  bool digest_ = false;           // payload digests negotiated on this connection (§4.1)
+  bool rx_has_digest_ = false;    // the READ reply being received carried one
+  std::uint64_t rx_digest_ = 0;
+  bool resend_waiting_ = false;   // some slot has `resend` set
 
   // Connect check (connect_gate.h); the rest is strand-only.
   ConnectGate gate_;
@@ -360,7 +368,8 @@ class RemoteDevice::Impl : public std::enable_shared_from_this<Impl> {
   TxStats tx_stats_;
   std::atomic<int> stat_state_{0};
   std::atomic<std::uint64_t> reconnects_{0}, resent_{0}, timeouts_{0}, requests_{0};
-  std::atomic<std::uint64_t> bad_replies_{0}, check_failures_{0};
+  std::atomic<std::uint64_t> bad_replies_{0}, check_failures_{0}, digest_errors_{0};
+  std::atomic<bool> stat_digest_{false};
   std::atomic<std::uint32_t> inflight_{0};
 };
 
@@ -492,6 +501,7 @@ void RemoteDevice::Impl::OnConnected(std::uint64_t ep, const boost::system::erro
   }
   HelloRequest hr;
   hr.session_id = session_id_;
+  hr.features = opts_.checksum ? kFeatureDigestXxh3 : 0;
   hr.export_name = opts_.export_name;
   const std::size_t n = EncodeHelloRequest(hr, hello_buf_ + kHeaderSize, kMaxHelloPayload);
   Header h;
@@ -611,6 +621,8 @@ void RemoteDevice::Impl::OnHandshake(const HelloReply& r) {
     Log(Describe(), "reconnected");
   }
   initial_ = false;
+  digest_ = opts_.checksum && (r.features & kFeatureDigestXxh3);
+  stat_digest_.store(digest_, std::memory_order_relaxed);
   last_error_ = Status::OK();
   last_rx_ = Clock::now();
   last_ping_ = last_rx_;
@@ -682,6 +694,11 @@ bool RemoteDevice::Impl::StartCheck() {
 // The check READ finished (read_status) with check_len_ bytes in check_buf_.
 void RemoteDevice::Impl::FinishCheck(Status read_status) {
   check_outstanding_ = false;
+  if (read_status.ok() && !DigestOk(check_buf_.get(), check_len_)) {  // corrupted: read again
+    checking_ = false;
+    if (!StartCheck()) Admit();
+    return;
+  }
   Status verdict;
   switch (gate_.Verify(std::move(read_status), check_buf_.get(), check_len_, &verdict)) {
     case ConnectGate::Verdict::kRestart:  // replaced or removed while the READ ran
@@ -735,7 +752,11 @@ void RemoteDevice::Impl::ConnectionLost(const char* why, Clock::time_point outag
   ++epoch_;
   tx_.reset();  // drops queued frames: on_sent(false) clears tx_queued
   CloseSockets();
-  for (auto& s : slots_) s.on_wire = false;
+  for (auto& s : slots_) {
+    s.on_wire = false;
+    s.resend = false;  // re-sent with every held request on the next connection
+  }
+  resend_waiting_ = false;
   on_wire_ = 0;
   ping_outstanding_ = false;
   check_outstanding_ = false;
@@ -832,6 +853,18 @@ void RemoteDevice::Impl::TakePending() {
 //  * reads pass everything.
 void RemoteDevice::Impl::Pump() {
   if (state_ != State::kConnected || checking_) return;
+  if (resend_waiting_) {
+    resend_waiting_ = false;
+    for (auto& s : slots_) {
+      if (!s.resend || !s.req) continue;
+      if (s.tx_queued) {
+        resend_waiting_ = true;
+      } else {
+        s.resend = false;
+        SendSlot(s);
+      }
+    }
+  }
   blocked_.clear();
   bool older_write_waiting = false;
   IoRequest* prev = nullptr;
@@ -901,6 +934,10 @@ void RemoteDevice::Impl::SendSlot(Slot& s) {
     h.offset = req->offset;
   }
   h.id = std::uint64_t(s.gen) << 32 | s.index;
+  if (req->op == IoOp::kWrite && digest_) {  // §4.1: computed on every send
+    h.flags |= kFlagDigest;
+    h.digest = PayloadDigest(req->data, req->length);
+  }
   EncodeHeader(h, s.frame.header);
   if (req->op == IoOp::kWrite) {
     s.frame.payload = req->data;
@@ -1040,6 +1077,8 @@ RemoteDevice::Impl::RxStep RemoteDevice::Impl::OnHeader() {
       return RxStep::kStop;
     }
     Progress();
+    rx_has_digest_ = rx_.flags & kFlagDigest;
+    rx_digest_ = rx_.digest;
     const std::size_t have = rx_buf_.TakeInto(check_buf_.get(), rx_.length);
     if (have < rx_.length) {
       reader_slot_ = kCheckSlot;
@@ -1068,17 +1107,25 @@ RemoteDevice::Impl::RxStep RemoteDevice::Impl::OnHeader() {
     }
     answered_ = true;  // a PING answer shows liveness, this shows the server can take requests
     Progress();
+    rx_has_digest_ = rx_.flags & kFlagDigest;
+    rx_digest_ = rx_.digest;
     const std::size_t have = rx_buf_.TakeInto(s->req->data, rx_.length);
     if (have < rx_.length) {  // the rest comes from the socket straight into the buffer
       reader_slot_ = idx;
       ReadPayload(idx, have);
       return RxStep::kAsync;
     }
-    CompleteSlot(*s, Status::OK());
+    ReadDone(*s);
     return RxStep::kCompleted;
   }
   answered_ = true;
   Progress();
+  if (digest_ && rx_.status == static_cast<std::uint32_t>(WireStatus::kBadMsg) && cmd == Cmd::kWrite) {
+    digest_errors_.fetch_add(1, std::memory_order_relaxed);
+    Log(Describe(), "exporter saw a corrupted WRITE payload: re-sending it");
+    Reissue(*s);
+    return RxStep::kCompleted;
+  }
   if (rx_.status == static_cast<std::uint32_t>(WireStatus::kShutdown)) {
     // The server is draining and will close: keep the request, re-send it on the next connection.
     s->on_wire = false;
@@ -1126,7 +1173,7 @@ void RemoteDevice::Impl::ReadPayload(std::uint32_t idx, std::size_t done) {
                      if (idx == kCheckSlot) {
                        self->FinishCheck(Status::OK());
                      } else {
-                       self->CompleteSlot(self->slots_[idx], Status::OK());
+                       self->ReadDone(self->slots_[idx]);
                      }
                      self->ParseRx(true);
                    });
@@ -1145,6 +1192,33 @@ void RemoteDevice::Impl::Drain() {
                      if (self->drain_left_) return self->Drain();
                      self->ParseRx(false);
                    });
+}
+
+// §4.1: a READ payload is handed to the caller only when its digest matches; otherwise the
+// READ is sent again (the caller's buffer is simply overwritten by the next reply).
+bool RemoteDevice::Impl::DigestOk(const char* data, std::size_t len) {
+  if (!digest_ || (rx_has_digest_ && PayloadDigest(data, len) == rx_digest_)) return true;
+  digest_errors_.fetch_add(1, std::memory_order_relaxed);
+  Log(Describe(), "corrupted READ payload (digest mismatch): reading again");
+  return false;
+}
+
+void RemoteDevice::Impl::ReadDone(Slot& s) {
+  if (!DigestOk(s.req->data, s.req->length)) return Reissue(s);
+  CompleteSlot(s, Status::OK());
+}
+
+void RemoteDevice::Impl::Reissue(Slot& s) {
+  if (s.on_wire) {
+    s.on_wire = false;
+    --on_wire_;
+  }
+  if (s.tx_queued) {  // the Transmitter still holds the frame: Pump sends it once released
+    s.resend = true;
+    resend_waiting_ = true;
+    return;
+  }
+  SendSlot(s);
 }
 
 void RemoteDevice::Impl::CompleteSlot(Slot& s, Status st) {
@@ -1171,6 +1245,7 @@ void RemoteDevice::Impl::FreeSlot(Slot& s) {
   --busy_;
   inflight_.store(busy_, std::memory_order_relaxed);
   s.req = nullptr;
+  s.resend = false;
   if (++s.gen == 0) s.gen = 1;  // a late reply for this use no longer matches
   free_.push_back(s.index);
 }
@@ -1342,6 +1417,8 @@ RemoteStats RemoteDevice::Impl::Stats() const {
   st.timeouts = timeouts_.load(std::memory_order_relaxed);
   st.bad_replies = bad_replies_.load(std::memory_order_relaxed);
   st.check_failures = check_failures_.load(std::memory_order_relaxed);
+  st.digest_errors = digest_errors_.load(std::memory_order_relaxed);
+  st.checksum = stat_digest_.load(std::memory_order_relaxed);
   st.inflight = inflight_.load(std::memory_order_relaxed);
   st.requests = requests_.load(std::memory_order_relaxed);
   st.frames_sent = tx_stats_.frames.load(std::memory_order_relaxed);

@@ -51,6 +51,8 @@ struct RemoteOptions {
   std::chrono::milliseconds connect_timeout{5000};
   std::chrono::milliseconds reconnect_min{100};
   std::chrono::milliseconds reconnect_max{2000};
+  // Offer XXH3-64 payload digests (docs/protocol.md §4.1); used when the exporter accepts.
+  bool checksum = false;
 };
 
 // Parses "dst://host[:port]/export" into opts (host, port, export_name).
@@ -63,6 +65,8 @@ struct RemoteStats {
   std::uint64_t timeouts = 0;     // requests failed with EIO after io_timeout
   std::uint64_t bad_replies = 0;  // replies that broke the protocol (e.g. wrong length)
   std::uint64_t check_failures = 0;  // connections whose connect check failed
+  std::uint64_t digest_errors = 0;   // corrupted payloads detected and re-sent (§4.1)
+  bool checksum = false;             // digests in use on the current connection
   std::uint32_t inflight = 0;
   std::uint64_t requests = 0;
   std::uint64_t frames_sent = 0;
