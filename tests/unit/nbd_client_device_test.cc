@@ -36,6 +36,7 @@
 #include "dst/block_device.h"
 #include "dst/net/nbd_client_device.h"
 #include "dst/net/nbd_format.h"
+#include "connect_check_probe.h"
 #include "test_env.h"
 
 // --- allocation counter (threads of the fake server opt out) ---------------------------------
@@ -142,6 +143,15 @@ struct Batch {
     std::unique_lock<std::mutex> l(mu);
     return cv.wait_for(l, timeout, [&] { return done >= n; });
   }
+  void Prep(IoRequest& q, IoOp op, std::uint64_t off, std::uint32_t len, char* p) {
+    q = IoRequest{};
+    q.op = op;
+    q.offset = off;
+    q.length = len;
+    q.data = p;
+    q.done = &Done;
+    q.ctx = this;
+  }
 };
 
 Status Op(BlockDevice& dev, IoOp op, std::uint64_t off, std::uint32_t len, std::uint32_t flags = 0) {
@@ -209,6 +219,11 @@ class FakeNbd {
   std::atomic<int> connections{0};
   std::atomic<int> discs{0};
   std::atomic<std::uint32_t> min_block{1};
+  // A lying server (structured READ replies): 1 = the first half twice, the second half never
+  // (the chunk lengths still add up); 2 = two overlapping chunks covering everything;
+  // 3 = only the first half, then DONE.
+  std::atomic<int> lie{0};
+  std::atomic<bool> refuse{false};  // close new connections at once (a dead server)
   std::string name = "fake";
 
   explicit FakeNbd(std::uint64_t sz = 8u << 20) : size(sz), disk_(sz, 0) {
@@ -238,6 +253,10 @@ class FakeNbd {
     std::lock_guard<std::mutex> l(mu_);
     return disk_;
   }
+  void SetDisk(std::uint64_t off, const char* p, std::size_t n) {
+    std::lock_guard<std::mutex> l(mu_);
+    std::memcpy(disk_.data() + off, p, n);
+  }
 
  private:
   void AcceptLoop() {
@@ -248,6 +267,10 @@ class FakeNbd {
         if (stop_) return;
         if (errno == EINTR) continue;
         return;
+      }
+      if (refuse) {
+        ::close(fd);
+        continue;
       }
       std::lock_guard<std::mutex> l(mu_);
       fds_.push_back(fd);
@@ -442,6 +465,15 @@ class FakeNbd {
           }
           if (!structured) {
             ok = Simple(fd, 0, cookie, buf.data(), len);
+          } else if (lie == 3 && len >= 4) {
+            ok = Chunk(fd, nb::kReplyFlagDone, nb::kChunkOffsetData, cookie,
+                       OffsetPrefix(off) + std::string(buf.data(), len / 2));
+          } else if (lie && len >= 4) {
+            const std::uint32_t a = lie == 1 ? len / 2 : len * 3 / 4;  // first chunk [0, a)
+            const std::uint32_t b = lie == 1 ? 0 : len / 4;               // second chunk [b, ...)
+            ok = Chunk(fd, 0, nb::kChunkOffsetData, cookie, OffsetPrefix(off) + std::string(buf.data(), a)) &&
+                 Chunk(fd, nb::kReplyFlagDone, nb::kChunkOffsetData, cookie,
+                       OffsetPrefix(off + b) + std::string(buf.data() + b, lie == 1 ? len - a : len - b));
           } else if (hole_chunks && len >= 2) {
             const std::uint32_t h = len / 2;
             for (int part = 1; part >= 0 && ok; --part) {  // second half first
@@ -915,6 +947,157 @@ class NbdClientDeviceTest : public QObject {
     QCOMPARE(batch.errors, 0);
     QCOMPARE(f.pipelined_after_write.load(), 0);
     for (int i = 0; i < 3; ++i) QCOMPARE(q[i].scratch, std::uint64_t(0xfeed0000u + i));
+  }
+
+  // Issue 9 item 11: a structured reply must fill each byte exactly once.  Summing chunk
+  // lengths accepted "first half twice, second half never" and returned unfilled memory.
+  void structuredReadMustFillEveryByteOnce() {
+    FakeNbd f;
+    std::vector<char> data(8192);
+    Fill(data.data(), data.size(), 7);
+    f.SetDisk(65536, data.data(), data.size());
+    IoThread io;
+    auto r = NbdClientDevice::Connect(io.io, FakeOpts(f));
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    QVERIFY(dev->Stats().structured_replies);
+    for (int lie : {1, 2, 3}) {
+      f.lie = lie;
+      std::vector<char> buf(8192, 'u');
+      Status st = ReadSync(*dev, 65536, buf.data(), 8192);
+      qInfo("lie %d: %s", lie, st.ToString().c_str());
+      QCOMPARE(st.ToErrno(), EIO);
+    }
+    QCOMPARE(dev->Stats().bad_replies, std::uint64_t(3));
+    f.lie = 0;  // an honest server again: reads work on the replacement connection
+    std::vector<char> buf(8192);
+    QTRY_VERIFY_WITH_TIMEOUT(ReadSync(*dev, 65536, buf.data(), 8192).ok(), 5000);
+    QVERIFY(buf == data);
+    // Legitimate fragmentation (reversed halves, holes) still passes.
+    f.hole_chunks = true;
+    QVERIFY(ReadSync(*dev, 65536, buf.data(), 8192).ok());
+    QVERIFY(buf == data);
+  }
+
+  // Connect check: the same content passes (held read re-sent), swapped content is rejected
+  // once per bad connection, the held read fails with EIO and never sees the new content.
+  void connectCheckOnReconnect() {
+    FakeNbd f;
+    std::string ident_a(4096, 'A'), ident_b(4096, 'B');
+    std::vector<char> old_data(8192, 'o'), new_data(8192, 'n');
+    f.SetDisk(0, ident_a.data(), 4096);
+    f.SetDisk(1 << 20, old_data.data(), old_data.size());
+    IoThread io;
+    auto r = NbdClientDevice::Connect(io.io, FakeOpts(f));
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    test::ConnectCheckProbe probe;
+    probe.SetExpect(ident_a);
+    QVERIFY(dev->SetConnectCheck(probe.Make(0, 4096)));
+    auto held_read = [&](std::vector<char>& buf, Batch& b, IoRequest& q) {
+      f.silent_conn = f.connections.load();  // the current connection stops answering
+      b.Prep(q, IoOp::kRead, 1 << 20, 8192, buf.data());
+      dev->Submit(&q);
+      std::this_thread::sleep_for(milliseconds(50));
+    };
+    {  // same content: accepted, the held read is re-sent and succeeds
+      std::vector<char> buf(8192, 'x');
+      Batch b;
+      IoRequest q;
+      held_read(buf, b, q);
+      f.DropConnections();
+      QVERIFY(b.Wait(1, milliseconds(8000)));
+      QCOMPARE(b.errors, 0);
+      QVERIFY(buf == old_data);
+      QVERIFY(probe.verified.load() >= 1);
+      QCOMPARE(probe.rejected.load(), 0);
+    }
+    {  // swapped content: rejected, the held read fails
+      std::vector<char> buf(8192, 'x');
+      Batch b;
+      IoRequest q;
+      held_read(buf, b, q);
+      f.SetDisk(0, ident_b.data(), 4096);
+      f.SetDisk(1 << 20, new_data.data(), new_data.size());
+      f.DropConnections();
+      QVERIFY(b.Wait(1, milliseconds(8000)));
+      QCOMPARE(b.errors, 1);
+      QCOMPARE(b.first_errno, EIO);
+      QVERIFY(std::all_of(buf.begin(), buf.end(), [](char c) { return c == 'x'; }));
+      QTRY_COMPARE_WITH_TIMEOUT(probe.rejected.load(), 1, 2000);  // rejected() follows the EIOs
+      QCOMPARE(dev->Stats().check_failures, std::uint64_t(1));
+      QVERIFY(ReadSync(*dev, 1 << 20, buf.data(), 8192).ok());  // admitted afterwards
+      QVERIFY(buf == new_data);
+    }
+    f.DropConnections();  // once per bad connection
+    QTRY_COMPARE_WITH_TIMEOUT(probe.rejected.load(), 2, 8000);
+    // Removed while reconnects happen: nothing runs any more.
+    probe.Remove(*dev);
+    for (int i = 0; i < 5; ++i) {
+      f.DropConnections();
+      std::this_thread::sleep_for(milliseconds(60));
+    }
+    QCOMPARE(probe.late.load(), 0);
+    std::vector<char> buf(8192);
+    QTRY_VERIFY_WITH_TIMEOUT(ReadSync(*dev, 1 << 20, buf.data(), 8192).ok(), 5000);
+  }
+
+  void connectCheckRemovalIsRaceFree() {
+    FakeNbd f;
+    std::string ident(4096, 'I');
+    f.SetDisk(0, ident.data(), 4096);
+    IoThread io;
+    auto o = FakeOpts(f);
+    o.reconnect_min = milliseconds(1);
+    o.reconnect_max = milliseconds(5);
+    auto r = NbdClientDevice::Connect(io.io, o);
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    std::atomic<bool> stop{false};
+    std::thread dropper([&] {
+      for (int n = 0; !stop; ++n) {
+        f.DropConnections();
+        std::this_thread::sleep_for(milliseconds(3 + n % 9));
+      }
+    });
+    int late = 0, verified = 0;
+    for (int round = 0; round < 40; ++round) {
+      test::ConnectCheckProbe probe;
+      probe.SetExpect(round % 2 ? ident : std::string(4096, 'Z'));
+      dev->SetConnectCheck(probe.Make(0, 4096));
+      std::this_thread::sleep_for(milliseconds(10 + 3 * (round % 7)));
+      probe.Remove(*dev);
+      std::this_thread::sleep_for(milliseconds(2));
+      late += probe.late.load();
+      verified += probe.verified.load();
+    }
+    stop = true;
+    dropper.join();
+    qInfo("checks run: %d, reconnects: %llu", verified, (unsigned long long)dev->Stats().reconnects);
+    QCOMPARE(late, 0);
+    QVERIFY(verified > 0);
+  }
+
+  void healthFollowsTheConnection() {
+    FakeNbd f;
+    IoThread io;
+    auto r = NbdClientDevice::Connect(io.io, FakeOpts(f));
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    QVERIFY(dev->Health().reachable);
+    f.refuse = true;
+    f.DropConnections();
+    QTRY_VERIFY_WITH_TIMEOUT(!dev->Health().reachable, 5000);
+    const auto h1 = dev->Health();
+    std::this_thread::sleep_for(milliseconds(300));
+    const auto h2 = dev->Health();
+    QVERIFY(!h2.reachable);
+    QVERIFY(h2.outage_ms >= h1.outage_ms + 250);
+    QVERIFY(!h2.detail.empty());
+    qInfo("unreachable: outage %llu ms, detail: %s", (unsigned long long)h2.outage_ms, h2.detail.c_str());
+    f.refuse = false;
+    QTRY_VERIFY_WITH_TIMEOUT(dev->Health().reachable, 5000);
+    QCOMPARE(dev->Health().outage_ms, std::uint64_t(0));
   }
 
   void noAllocationPerIo() {

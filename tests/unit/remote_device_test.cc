@@ -33,6 +33,8 @@
 #include "dst/net/codec.h"
 #include "dst/net/exporter.h"
 #include "dst/net/remote_device.h"
+#include "connect_check_probe.h"
+#include "fault_proxy.h"
 #include "test_env.h"
 
 // --- allocation counter ----------------------------------------------------------------------
@@ -173,6 +175,10 @@ class FakeServer {
   // EPROTO DISCONNECT|reply carrying its id, then close) or a close without any reply.
   std::atomic<std::uint64_t> eproto_offset{~0ull};
   std::atomic<std::uint64_t> kill_offset{~0ull};
+  // A lying peer: every successful READ reply is 512 bytes short (header and payload agree,
+  // so the stream stays in sync; only the length does not match the request).
+  std::atomic<bool> wrong_length{false};
+  std::atomic<bool> refuse{false};  // close every new connection at once (a dead exporter)
 
   std::atomic<int> connections{0};
   std::atomic<int> stale_sent{0};
@@ -201,6 +207,15 @@ class FakeServer {
   void Record(Event e) {
     std::lock_guard<std::mutex> l(mu_);
     events_.push_back(e);
+  }
+  // Drops every open connection (the exporter restarted).
+  void DropConnections() {
+    std::vector<std::shared_ptr<Conn>> conns;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      conns = conns_;
+    }
+    for (auto& c : conns) Shutdown(*c);
   }
 
  private:
@@ -237,6 +252,10 @@ class FakeServer {
       if (::poll(&p, 1, 20) <= 0) continue;
       int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
       if (fd < 0) continue;
+      if (refuse) {
+        ::close(fd);
+        continue;
+      }
       int one = 1;
       setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
       auto c = std::make_shared<Conn>();
@@ -355,6 +374,10 @@ class FakeServer {
       std::lock_guard<std::mutex> l(disk_mu_);
       std::memcpy(buf.data() + kHeaderSize, disk_.data() + h.offset, h.length);
       n += h.length;
+      if (wrong_length && h.length > 512) {
+        rh.length = h.length - 512;
+        n -= 512;
+      }
     } else if (h.command() == Cmd::kFlush || h.command() == Cmd::kPing) {
       rh.length = 0;
       rh.offset = 0;
@@ -1195,6 +1218,260 @@ class RemoteDeviceTest : public QObject {
     QVERIFY(ReadSync(*dev, 0, back.data(), back.size()).ok());
     QVERIFY(back == w);
     QVERIFY(dev->Stats().reconnects >= 1);
+  }
+
+  // --- connect check (block_device.h) ------------------------------------------------------
+
+  // The exporter comes back serving other content: the check rejects the connection once, the
+  // request held across the reconnect fails with EIO without reading the new content, and later
+  // requests go through.
+  void connectCheckRejectsSwappedContent() {
+    FakeServer srv(8u << 20);
+    std::string ident_a(4096, 'A'), ident_b(4096, 'B');
+    std::vector<char> old_data(8192, 'o'), new_data(8192, 'n');
+    srv.SetDisk(0, ident_a.data(), 4096);
+    srv.SetDisk(1 << 20, old_data.data(), old_data.size());
+    IoThread io;
+    auto r = RemoteDevice::Connect(io.io, Opts(srv.port()));
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    test::ConnectCheckProbe probe;
+    probe.SetExpect(ident_a);
+    QVERIFY(dev->SetConnectCheck(probe.Make(0, 4096)));
+    srv.drop_io = true;  // the read below stays in flight until the connection goes
+    std::vector<char> buf(8192, 'x');
+    Batch b;
+    IoRequest q;
+    b.Prep(q, IoOp::kRead, 1 << 20, 8192, buf.data());
+    dev->Submit(&q);
+    QTRY_VERIFY_WITH_TIMEOUT(!srv.events().empty(), 5000);
+    srv.SetDisk(0, ident_b.data(), 4096);  // a replacement behind the same address
+    srv.SetDisk(1 << 20, new_data.data(), new_data.size());
+    srv.drop_io = false;
+    srv.DropConnections();
+    QVERIFY(b.Wait(1, milliseconds(8000)));
+    QCOMPARE(b.errors, 1);
+    QCOMPARE(b.first_errno, EIO);
+    QVERIFY2(std::all_of(buf.begin(), buf.end(), [](char c) { return c == 'x'; }),
+             "the rejected connection's data must never reach the held request");
+    QTRY_COMPARE_WITH_TIMEOUT(probe.rejected.load(), 1, 2000);  // rejected() follows the EIOs
+    QVERIFY(probe.Why().find("identity mismatch") != std::string::npos);
+    QCOMPARE(dev->Stats().check_failures, std::uint64_t(1));
+    // The rejected connection sent the check READ only, never the held request.
+    for (const auto& e : srv.events())
+      QVERIFY2(!(e.conn > 0 && e.kind == Event::kArrive && e.offset == (1u << 20)),
+               "a held request was sent on a connection that failed its check");
+    // Admitted afterwards: new requests go through (the owner stopped routing to it).
+    QVERIFY(ReadSync(*dev, 1 << 20, buf.data(), 8192).ok());
+    QVERIFY(buf == new_data);
+    // Once per bad connection.
+    srv.DropConnections();
+    QTRY_COMPARE_WITH_TIMEOUT(probe.rejected.load(), 2, 8000);
+    QTRY_VERIFY_WITH_TIMEOUT(dev->Health().reachable, 5000);
+    QVERIFY(ReadSync(*dev, 1 << 20, buf.data(), 8192).ok());
+    QCOMPARE(probe.late.load(), 0);
+  }
+
+  // Same content: the held request is re-sent on the checked connection and succeeds.
+  void connectCheckAcceptsSameContent() {
+    FakeServer srv(8u << 20);
+    std::string ident(4096, 'I');
+    std::vector<char> data(8192, 'd');
+    srv.SetDisk(0, ident.data(), 4096);
+    srv.SetDisk(1 << 20, data.data(), data.size());
+    IoThread io;
+    auto r = RemoteDevice::Connect(io.io, Opts(srv.port()));
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    test::ConnectCheckProbe probe;
+    probe.SetExpect(ident);
+    QVERIFY(dev->SetConnectCheck(probe.Make(0, 4096)));
+    srv.drop_io = true;
+    std::vector<char> buf(8192, 'x');
+    Batch b;
+    IoRequest q;
+    b.Prep(q, IoOp::kRead, 1 << 20, 8192, buf.data());
+    dev->Submit(&q);
+    QTRY_VERIFY_WITH_TIMEOUT(!srv.events().empty(), 5000);
+    srv.drop_io = false;
+    srv.DropConnections();
+    QVERIFY(b.Wait(1, milliseconds(8000)));
+    QCOMPARE(b.errors, 0);
+    QVERIFY(buf == data);
+    QVERIFY(probe.verified.load() >= 1);
+    QCOMPARE(probe.rejected.load(), 0);
+    QVERIFY(dev->Stats().resent >= 1);
+    // The check READ went out before the re-sent request on the new connection.
+    int check_at = -1, resend_at = -1;
+    auto ev = srv.events();
+    for (int i = 0; i < int(ev.size()); ++i) {
+      if (ev[i].conn == 0 || ev[i].kind != Event::kArrive) continue;
+      if (ev[i].offset == 0 && check_at < 0) check_at = i;
+      if (ev[i].offset == (1u << 20) && resend_at < 0) resend_at = i;
+    }
+    QVERIFY(check_at >= 0 && resend_at > check_at);
+  }
+
+  // Removing the check while reconnects happen: once SetConnectCheck returns, no callback runs.
+  void connectCheckRemovalIsRaceFree() {
+    FakeServer srv(8u << 20);
+    std::string ident(4096, 'I');
+    srv.SetDisk(0, ident.data(), 4096);
+    IoThread io;
+    auto o = Opts(srv.port());
+    o.reconnect_min = milliseconds(1);
+    o.reconnect_max = milliseconds(5);
+    auto r = RemoteDevice::Connect(io.io, o);
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    std::atomic<bool> stop{false};
+    std::thread dropper([&] {
+      std::uint64_t seen = 0;
+      for (int n = 0; !stop; ++n) {
+        srv.DropConnections();
+        // Wait for the reconnect (the fake server is slow to start a connection), then a
+        // varying delay so removals land before, during and after the check.
+        for (int i = 0; i < 2000 && !stop && dev->Stats().reconnects == seen; ++i)
+          std::this_thread::sleep_for(milliseconds(1));
+        seen = dev->Stats().reconnects;
+        std::this_thread::sleep_for(milliseconds(n % 5));
+      }
+    });
+    int late = 0, verified = 0;
+    for (int round = 0; round < 30; ++round) {
+      test::ConnectCheckProbe probe;
+      probe.SetExpect(round % 2 ? ident : std::string(4096, 'Z'));
+      dev->SetConnectCheck(probe.Make(0, 4096));
+      std::this_thread::sleep_for(milliseconds(20 + 7 * (round % 7)));
+      probe.Remove(*dev);
+      std::this_thread::sleep_for(milliseconds(3));
+      late += probe.late.load();
+      verified += probe.verified.load();
+    }  // probe destroyed: a late callback would also touch freed memory (ASan would see it)
+    stop = true;
+    dropper.join();
+    qInfo("checks run: %d, reconnects: %llu, server connections: %d", verified,
+          (unsigned long long)dev->Stats().reconnects, srv.connections.load());
+    QCOMPARE(late, 0);
+    QVERIFY(verified > 0);
+    std::vector<char> buf(4096);
+    QTRY_VERIFY_WITH_TIMEOUT(ReadSync(*dev, 0, buf.data(), 4096).ok(), 5000);
+  }
+
+  // Health() without I/O: unreachable with a growing outage while the exporter is gone,
+  // reachable again after the reconnect.
+  void healthFollowsTheConnection() {
+    FakeServer srv(8u << 20);
+    IoThread io;
+    auto r = RemoteDevice::Connect(io.io, Opts(srv.port()));
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    QVERIFY(dev->Health().reachable);
+    QCOMPARE(dev->Health().outage_ms, std::uint64_t(0));
+    srv.refuse = true;
+    srv.DropConnections();
+    QTRY_VERIFY_WITH_TIMEOUT(!dev->Health().reachable, 5000);
+    const auto h1 = dev->Health();
+    std::this_thread::sleep_for(milliseconds(300));
+    const auto h2 = dev->Health();
+    QVERIFY(!h2.reachable);
+    QVERIFY2(h2.outage_ms >= h1.outage_ms + 250, qPrintable(QString("%1 -> %2").arg(h1.outage_ms).arg(h2.outage_ms)));
+    QVERIFY2(!h2.detail.empty(), "detail names the last error");
+    qInfo("unreachable: outage %llu ms, detail: %s", (unsigned long long)h2.outage_ms, h2.detail.c_str());
+    srv.refuse = false;
+    QTRY_VERIFY_WITH_TIMEOUT(dev->Health().reachable, 5000);
+    QCOMPARE(dev->Health().outage_ms, std::uint64_t(0));
+    dev->Close();
+    QVERIFY(!dev->Health().reachable);
+  }
+
+  // A peer that answers READs with the wrong length: the read ends in EIO within io_timeout
+  // (plus a margin), not after a storm of reconnects (issue 9, item 11).
+  void wrongLengthReplyEndsInEioOnTime() {
+    FakeServer srv(8u << 20);
+    IoThread io;
+    auto o = Opts(srv.port());
+    o.io_timeout = milliseconds(2000);
+    auto r = RemoteDevice::Connect(io.io, o);
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    srv.wrong_length = true;
+    std::vector<char> buf(8192);
+    const auto t0 = Clock::now();
+    Status st = ReadSync(*dev, 0, buf.data(), 8192);
+    const auto ms = MsSince(t0);
+    const auto stats = dev->Stats();
+    qInfo("wrong-length peer: %s after %lld ms, %llu reconnects, %llu bad replies", st.ToString().c_str(),
+          (long long)ms, (unsigned long long)stats.reconnects, (unsigned long long)stats.bad_replies);
+    QCOMPARE(st.ToErrno(), EIO);
+    QVERIFY2(ms <= 3000, "EIO must come within io_timeout + 1 s");
+    QVERIFY(stats.bad_replies >= 1);
+    QVERIFY2(stats.reconnects <= 20, "backoff must grow: no reconnect storm");
+    // A peer that keeps lying to every retry: several reads in a row stay bounded too.
+    const auto t1 = Clock::now();
+    for (int i = 0; i < 3; ++i) QCOMPARE(ReadSync(*dev, 8192 * i, buf.data(), 8192).ToErrno(), EIO);
+    QVERIFY(MsSince(t1) <= 3 * 3000);
+    QVERIFY2(dev->Stats().reconnects <= 60, "backoff must grow: no reconnect storm");
+    srv.wrong_length = false;  // an honest peer again: the device heals
+    QTRY_VERIFY_WITH_TIMEOUT(ReadSync(*dev, 0, buf.data(), 8192).ok(), 8000);
+  }
+
+  // Wire checksums (docs/protocol.md §4.1): a proxy flips one byte in selected WRITE and READ
+  // payloads between a RemoteDevice and a real Exporter.  With digests every corruption is
+  // detected, counted and retried, and the data is exact; without, the corruption lands.
+  void payloadDigestsCatchCorruption() {
+    for (bool checksum : {true, false}) {
+      QTemporaryDir dir;
+      FileDeviceOptions fo;
+      fo.create = true;
+      fo.size = 8u << 20;
+      auto fd = FileDevice::Open((dir.path() + "/d.img").toStdString(), fo);
+      QVERIFY(fd.ok());
+      IoThread io;
+      ExporterOptions eo;
+      eo.port = 0;
+      Exporter exp(io.io, eo);
+      QVERIFY(exp.Start().ok());
+      QVERIFY(exp.AddExport({"disk", fd.value(), false}).ok());
+      test::FaultProxy proxy(exp.port());
+      RemoteOptions o = Opts(proxy.port());
+      o.checksum = checksum;
+      auto r = RemoteDevice::Connect(io.io, o);
+      QVERIFY2(r.ok(), r.status().ToString().c_str());
+      auto dev = r.value();
+      QCOMPARE(dev->Stats().checksum, checksum);
+      constexpr int kBlocks = 16;
+      constexpr std::uint32_t kLen = 64 << 10;
+      std::vector<char> w(std::size_t(kBlocks) * kLen), rd(w.size());
+      Fill(w.data(), w.size(), 11);
+      proxy.corrupt_writes = 3;
+      for (int i = 0; i < kBlocks; ++i)
+        QVERIFY(WriteSync(*dev, std::uint64_t(i) * kLen, w.data() + std::size_t(i) * kLen, kLen).ok());
+      proxy.corrupt_reads = 4;
+      for (int i = kBlocks; i-- > 0;)  // the last blocks, so no flip undoes a write's flip
+        QVERIFY(ReadSync(*dev, std::uint64_t(i) * kLen, rd.data() + std::size_t(i) * kLen, kLen).ok());
+      QCOMPARE(proxy.writes_corrupted.load(), 3);
+      QCOMPARE(proxy.reads_corrupted.load(), 4);
+      const auto st = dev->Stats();
+      const auto es = exp.Stats();
+      const auto ex = exp.ListExports();
+      qInfo("checksum %s: client digest_errors %llu, exporter digest_errors %llu", checksum ? "on" : "off",
+            (unsigned long long)st.digest_errors, (unsigned long long)es.digest_errors);
+      if (checksum) {
+        QVERIFY2(rd == w, "with digests the data read back must be exact");
+        QCOMPARE(es.digest_errors, std::uint64_t(3));         // writes refused at the exporter
+        QCOMPARE(ex.at(0).digest_errors, std::uint64_t(3));
+        QCOMPARE(st.digest_errors, std::uint64_t(3 + 4));     // 3 write re-sends + 4 read retries
+        QCOMPARE(st.reconnects, std::uint64_t(0));
+      } else {
+        // Undetected: the corrupted writes are on disk and the corrupted reads returned.
+        int bad = 0;
+        for (int i = 0; i < kBlocks; ++i)
+          bad += std::memcmp(rd.data() + std::size_t(i) * kLen, w.data() + std::size_t(i) * kLen, kLen) != 0;
+        QVERIFY2(bad == 3 + 4, "without digests the corruption goes unseen");
+        QCOMPARE(st.digest_errors, std::uint64_t(0));
+      }
+    }
   }
 
   void noAllocationPerIo() {

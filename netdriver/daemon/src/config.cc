@@ -246,9 +246,13 @@ Status ParseVolume(const toml::table& t, std::size_t index, const ErrorSink& sin
       DST_RETURN_IF_ERROR(f.UInt(v, key, 1, 86400, &vol->io_timeout_s));
     } else if (key == "keepalive_timeout") {
       DST_RETURN_IF_ERROR(f.UInt(v, key, 1, 3600, &vol->keepalive_timeout_s));
+    } else if (key == "checksum") {
+      DST_RETURN_IF_ERROR(f.String(v, key, &vol->checksum));
+      if (vol->checksum != "xxh3" && vol->checksum != "none")
+        return sink.Error(v.source(), f.ctx, key, "expected \"xxh3\" or \"none\"");
     } else {
       return UnknownKey(sink, k, f.ctx,
-                        "name, remote, path, queue_depth, io_timeout, keepalive_timeout");
+                        "name, remote, path, queue_depth, io_timeout, keepalive_timeout, checksum");
     }
   }
   if (vol->remote.empty() == vol->path.empty())

@@ -484,6 +484,7 @@ Status Daemon::ConnectVolume(const std::shared_ptr<Volume>& vol) {
     ro.keepalive_interval = std::min<std::chrono::milliseconds>(
         std::chrono::milliseconds(1000), ro.keepalive_timeout / 3);
     ro.io_timeout = std::chrono::seconds(c.io_timeout_s);
+    ro.checksum = c.checksum == "xxh3";
     auto r = net::RemoteDevice::Connect(io_, ro);
     {
       std::lock_guard<std::mutex> l(mu_);
@@ -979,6 +980,7 @@ static void AddExportCounters(json& j, const S& s) {
     j["send_calls"] = s.send_calls;
     j["frames_per_call"] = s.send_calls ? double(s.frames_sent) / double(s.send_calls) : 0.0;
   }
+  if constexpr (requires { s.digest_errors; }) j["digest_errors"] = s.digest_errors;
 }
 
 json Daemon::ExportsJson() {
@@ -1047,6 +1049,9 @@ json Daemon::VolumeJson(const std::string& name, const Volume& v) {
   j["reconnects"] = rs.reconnects;
   j["resent"] = rs.resent;
   j["timeouts"] = rs.timeouts;
+  j["checksum"] = rs.checksum ? "xxh3" : "none";
+  j["digest_errors"] = rs.digest_errors;
+  j["bad_replies"] = rs.bad_replies;
   j["inflight"] = rs.inflight;
   j["requests"] = rs.requests;
   j["frames_sent"] = rs.frames_sent;

@@ -39,6 +39,8 @@ struct VolumeConfig {
   std::uint32_t queue_depth = 64;
   std::uint32_t io_timeout_s = 60;
   std::uint32_t keepalive_timeout_s = 5;
+  // "xxh3": offer payload digests (docs/protocol.md §4.1); "" / "none": off (the default).
+  std::string checksum;
 };
 
 // One leg of an array: "dst://host[:port]/export", "nbd://host[:port]/name", "/abs/path",
