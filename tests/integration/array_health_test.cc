@@ -60,6 +60,17 @@ class ArrayHealthTest : public QObject {
     QVERIFY2(WaitArrayClean(as, "m", 60000, &a), a.dump().c_str());
     QVERIFY(WaitUntil([&] { return ArrayState(ArrayDetail(as, "lin")) == "clean"; }, 10000));
     QCOMPARE(DetailTest(as, "lin"), 0);
+    // A plain volume from exporter 2 too (a runtime export there: it must survive its restart).
+    QByteArray out, err;
+    QCOMPARE(ex[2]->Ctl({"export", "add", "v", dir.path() + "/v.img", "--size", "1M"}, &out, &err), 0);
+    QCOMPARE(as.Ctl({"volume", "import", "rv", DstUri(*ex[2], "v"), "--timeout", "2"}, &out, &err), 0);
+    auto volume_reachable = [&] {
+      json v = CtlJson(as, {"volume", "list", "--json"});
+      for (auto& x : v.value("volumes", json::array()))
+        if (x["name"] == "rv") return x.value("reachable", false);
+      return false;
+    };
+    QVERIFY(volume_reachable());
 
     // Read the whole mirror through NBD: the per-leg counters show where reads went.
     if (HaveTool("nbdcopy")) {
@@ -70,7 +81,6 @@ class ArrayHealthTest : public QObject {
       std::uint64_t r1 = LegOf(a, 1)["io"].value("reads", std::uint64_t{0});
       qInfo("mirror reads: leg 0 %llu, leg 1 %llu", (unsigned long long)r0, (unsigned long long)r1);
       QVERIFY(r0 + r1 > 0);
-      QByteArray out;
       QCOMPARE(as.Ctl({"detail", "m"}, &out), 0);
       QVERIFY2(out.contains("Reads") && out.contains("Errors"), out.constData());
     }
@@ -85,6 +95,7 @@ class ArrayHealthTest : public QObject {
     json st = CtlJson(as, {"status", "--json"});
     for (auto& x : st["arrays"])
       if (x["name"] == "lin") QCOMPARE(x["state"], json("failed"));
+    QVERIFY(WaitUntil([&] { return !volume_reachable(); }, 10000, 200));  // the volume says so too
 
     // A mirror leg dies while idle: failed (degraded), no I/O needed.
     ex[1]->Kill9();
@@ -99,6 +110,7 @@ class ArrayHealthTest : public QObject {
     QVERIFY2(WaitArrayClean(as, "m", 60000, &a), a.dump().c_str());
     QVERIFY2(WaitUntil([&] { return DetailTest(as, "lin") == 0; }, 30000, 200),
              ArrayDetail(as, "lin").dump().c_str());
+    QVERIFY(WaitUntil(volume_reachable, 30000, 200));  // its export was restored on restart
     QCOMPARE(as.Terminate(), 0);
   }
 };

@@ -4,6 +4,7 @@
 //     ("Transport endpoint is not connected").  A restart detaches it and serves the volume again
 //     (the data written before the crash reads back).  A second dstd aimed at the live mount
 //     point is refused and names what is mounted there.
+//   * MountPersists: a mount made with dstctl comes back after a restart; unmount forgets it.
 //   * GrowWhileOpenLoopExt4: a linear array under a loop device with a mounted ext4; the FUSE
 //     file is held open.  array grow: the file's size is the new one at once; losetup -c and
 //     resize2fs (online) grow the file system; df shows the new size.  No detach.
@@ -75,6 +76,29 @@ class FuseRestartTest : public QObject {
     QVERIFY2(other.Log().contains("served by a live process"), other.Log().constData());
     QVERIFY(PreadDirect(file, 1 << 20, 64 << 10, &back));
     QVERIFY(back == data);
+    QCOMPARE(d.Terminate(), 0);
+  }
+
+  // A mount made with dstctl survives a restart, like exports and volumes (issue 9 item 5).
+  void MountPersists() {
+    QTemporaryDir dir;
+    const QString mnt = dir.path() + "/mnt", img = dir.path() + "/v.img";
+    FuseGuard guard{mnt};
+    QVERIFY(MakeSparse(img, 4 << 20));
+    DaemonProcess d(dir.path() + "/d");
+    QVERIFY(d.Start());
+    QByteArray out, err;
+    QCOMPARE(d.Ctl({"volume", "import", "v", img}, &out, &err), 0);
+    QCOMPARE(d.Ctl({"mount", mnt}, &out, &err), 0);
+    QVERIFY(WaitFileExists(mnt + "/v.img", 10000));
+    QCOMPARE(d.Terminate(), 0);
+    QVERIFY(!IsMounted(mnt));
+    QVERIFY(d.Start());
+    QVERIFY2(WaitFileExists(mnt + "/v.img", 10000), d.Log().constData());
+    QCOMPARE(d.Ctl({"unmount"}, &out, &err), 0);
+    QCOMPARE(d.Terminate(), 0);
+    QVERIFY(d.Start());
+    QVERIFY(!IsMounted(mnt));
     QCOMPARE(d.Terminate(), 0);
   }
 
