@@ -425,6 +425,9 @@ class FakeNbdServer {
   // (the chunk lengths still add up); 2 = two overlapping chunks covering everything;
   // 3 = only the first half, then DONE.
   std::atomic<int> lie{0};
+  // Structured replies: a READ's reply is preceded by an OFFSET_DATA chunk for a cookie the
+  // client never used (an unknown handle; the client must drain it).
+  std::atomic<bool> unknown_cookie_chunk{false};
   std::atomic<bool> refuse{false};  // close new connections at once (a dead server)
   std::string name = "fake";
 
@@ -665,7 +668,11 @@ class FakeNbdServer {
             FakeWriteFull(fd, buf.data(), len / 2);
             return;
           }
-          if (!structured) {
+          if (structured && unknown_cookie_chunk)
+            ok = Chunk(fd, nb::kReplyFlagDone, nb::kChunkOffsetData, cookie ^ (std::uint64_t(0x5a5a) << 40),
+                       OffsetPrefix(off) + std::string(len, '\xEE'));
+          if (!ok) {
+          } else if (!structured) {
             ok = Simple(fd, 0, cookie, buf.data(), len);
           } else if (lie == 3 && len >= 4) {
             ok = Chunk(fd, nb::kReplyFlagDone, nb::kChunkOffsetData, cookie,

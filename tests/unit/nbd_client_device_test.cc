@@ -647,6 +647,12 @@ class NbdClientDeviceTest : public QObject {
     f.hole_chunks = true;
     QVERIFY(ReadSync(*dev, 65536, buf.data(), 8192).ok());
     QVERIFY(buf == data);
+    // A chunk for an unknown handle is drained, never written into anyone's buffer.
+    f.unknown_cookie_chunk = true;
+    std::fill(buf.begin(), buf.end(), 0);
+    QVERIFY(ReadSync(*dev, 65536, buf.data(), 8192).ok());
+    QVERIFY(buf == data);
+    QCOMPARE(dev->Stats().bad_replies, std::uint64_t(3));
   }
 
   // Connect check: the same content passes (held read re-sent), swapped content is rejected
