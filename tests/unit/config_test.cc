@@ -50,6 +50,7 @@ class ConfigTest : public QObject {
         "queue_depth = 32\n"
         "io_timeout = 30\n"
         "keepalive_timeout = 3\n"
+        "checksum = \"xxh3\"\n"
         "\n"
         "[[volume]]\n"
         "name = \"local\"\n"
@@ -74,6 +75,10 @@ class ConfigTest : public QObject {
     QCOMPARE(c.volumes[0].queue_depth, 32u);
     QCOMPARE(c.volumes[0].io_timeout_s, 30u);
     QCOMPARE(c.volumes[0].keepalive_timeout_s, 3u);
+    QCOMPARE(c.volumes[0].checksum, std::string("xxh3"));
+    QVERIFY(c.volumes[1].checksum.empty());  // default: off
+    QVERIFY(!ParseConfig("[[volume]]\nname = \"v\"\nremote = \"dst://h/e\"\nchecksum = \"crc\"\n", "c.toml",
+                         {false}).ok());
     QCOMPARE(c.volumes[1].path, std::string("/srv/local.img"));
     QCOMPARE(c.volumes[1].queue_depth, 64u);  // default
   }

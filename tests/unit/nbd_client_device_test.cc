@@ -3,9 +3,10 @@
 // Two peers:
 //  * nbdkit (memory and file plugins), a real external NBD server started per test with
 //    QProcess on a Unix socket in a temp dir or on 127.0.0.1:<free port>;
-//  * FakeNbd, an in-process server (raw sockets + nbd_format.h) that can misbehave on purpose:
+//  * FakeNbd (tests/lib/fake_peers.h), an in-process server that can misbehave on purpose:
 //    refuse structured replies or OPT_GO, split READ replies into reversed data/hole chunks,
-//    send error chunks, go silent, close in the middle of a reply, change the export size.
+//    send error chunks, go silent, close in the middle of a reply, change the export size, lie
+//    in structured replies (a half twice, overlapping chunks, missing bytes).
 // Also counts heap allocations per I/O.
 #include <netinet/in.h>
 #include <poll.h>
@@ -37,6 +38,7 @@
 #include "dst/net/nbd_client_device.h"
 #include "dst/net/nbd_format.h"
 #include "connect_check_probe.h"
+#include "fake_peers.h"
 #include "test_env.h"
 
 // --- allocation counter (threads of the fake server opt out) ---------------------------------
@@ -44,7 +46,7 @@ static std::atomic<bool> g_count_allocs{false};
 static std::atomic<std::uint64_t> g_allocs{0};
 static thread_local bool t_no_count = false;
 static void* CountedAlloc(std::size_t n) {
-  if (g_count_allocs.load(std::memory_order_relaxed) && !t_no_count) g_allocs.fetch_add(1, std::memory_order_relaxed);
+  if (g_count_allocs.load(std::memory_order_relaxed) && !t_no_count && !dst::test::t_fake_peer_thread) g_allocs.fetch_add(1, std::memory_order_relaxed);
   void* p = std::malloc(n ? n : 1);
   if (!p) throw std::bad_alloc();
   return p;
@@ -66,34 +68,6 @@ namespace {
 
 std::int64_t MsSince(Clock::time_point t) {
   return std::chrono::duration_cast<milliseconds>(Clock::now() - t).count();
-}
-
-bool ReadFull(int fd, void* buf, std::size_t n) {
-  auto* p = static_cast<char*>(buf);
-  while (n) {
-    ssize_t r = ::read(fd, p, n);
-    if (r <= 0) {
-      if (r < 0 && errno == EINTR) continue;
-      return false;
-    }
-    p += r;
-    n -= static_cast<std::size_t>(r);
-  }
-  return true;
-}
-
-bool WriteFull(int fd, const void* buf, std::size_t n) {
-  auto* p = static_cast<const char*>(buf);
-  while (n) {
-    ssize_t w = ::send(fd, p, n, MSG_NOSIGNAL);
-    if (w <= 0) {
-      if (w < 0 && errno == EINTR) continue;
-      return false;
-    }
-    p += w;
-    n -= static_cast<std::size_t>(w);
-  }
-  return true;
 }
 
 void Fill(char* p, std::size_t n, std::uint32_t seed) {
@@ -206,311 +180,7 @@ class Nbdkit {
 
 // ---- fake NBD server --------------------------------------------------------------------------
 
-class FakeNbd {
- public:
-  std::atomic<bool> fixed{true}, no_zeroes{true}, offer_structured{true}, support_go{true};
-  std::atomic<bool> hole_chunks{false};    // READ: reversed halves, all-zero halves as holes
-  std::atomic<std::int64_t> error_offset{-1};  // a READ covering it fails with EIO
-  std::atomic<int> silent_conn{0};         // this connection number (1-based) never replies; -1: all
-  std::atomic<int> close_mid_read{0};      // >0: the next READ gets half its reply, then a close
-  std::atomic<int> write_delay_ms{0};
-  std::atomic<int> pipelined_after_write{0};  // a request was already waiting when a write ended
-  std::atomic<std::uint64_t> size;
-  std::atomic<int> connections{0};
-  std::atomic<int> discs{0};
-  std::atomic<std::uint32_t> min_block{1};
-  // A lying server (structured READ replies): 1 = the first half twice, the second half never
-  // (the chunk lengths still add up); 2 = two overlapping chunks covering everything;
-  // 3 = only the first half, then DONE.
-  std::atomic<int> lie{0};
-  std::atomic<bool> refuse{false};  // close new connections at once (a dead server)
-  std::string name = "fake";
-
-  explicit FakeNbd(std::uint64_t sz = 8u << 20) : size(sz), disk_(sz, 0) {
-    path_ = dir_.path() + "/fake.sock";
-    listen_fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_un a{};
-    a.sun_family = AF_UNIX;
-    std::strncpy(a.sun_path, path_.toLocal8Bit().constData(), sizeof a.sun_path - 1);
-    ::bind(listen_fd_, reinterpret_cast<sockaddr*>(&a), sizeof a);
-    ::listen(listen_fd_, 16);
-    accept_thread_ = std::thread([this] { AcceptLoop(); });
-  }
-  ~FakeNbd() {
-    stop_ = true;
-    ::shutdown(listen_fd_, SHUT_RDWR);
-    accept_thread_.join();
-    ::close(listen_fd_);
-    DropConnections();
-    for (auto& t : threads_) t.join();
-  }
-  std::string path() const { return path_.toStdString(); }
-  void DropConnections() {
-    std::lock_guard<std::mutex> l(mu_);
-    for (int fd : fds_) ::shutdown(fd, SHUT_RDWR);
-  }
-  std::vector<char> Disk() {
-    std::lock_guard<std::mutex> l(mu_);
-    return disk_;
-  }
-  void SetDisk(std::uint64_t off, const char* p, std::size_t n) {
-    std::lock_guard<std::mutex> l(mu_);
-    std::memcpy(disk_.data() + off, p, n);
-  }
-
- private:
-  void AcceptLoop() {
-    t_no_count = true;
-    for (;;) {
-      int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-      if (fd < 0) {
-        if (stop_) return;
-        if (errno == EINTR) continue;
-        return;
-      }
-      if (refuse) {
-        ::close(fd);
-        continue;
-      }
-      std::lock_guard<std::mutex> l(mu_);
-      fds_.push_back(fd);
-      const int n = ++connections;
-      threads_.emplace_back([this, fd, n] {
-        t_no_count = true;
-        Serve(fd, n);
-        std::lock_guard<std::mutex> g(mu_);
-        fds_.erase(std::find(fds_.begin(), fds_.end(), fd));
-        ::close(fd);
-      });
-    }
-  }
-
-  bool OptReply(int fd, std::uint32_t opt, std::uint32_t type, const std::string& data) {
-    std::uint8_t h[20];
-    nb::Put64(h, nb::kOptReplyMagic);
-    nb::Put32(h + 8, opt);
-    nb::Put32(h + 12, type);
-    nb::Put32(h + 16, static_cast<std::uint32_t>(data.size()));
-    return WriteFull(fd, h, 20) && WriteFull(fd, data.data(), data.size());
-  }
-
-  std::uint16_t TxFlags() const {
-    return nb::kTxHasFlags | nb::kTxSendFlush | nb::kTxSendFua | nb::kTxSendTrim | nb::kTxSendWriteZeroes;
-  }
-
-  void Serve(int fd, int conn) {
-    std::uint8_t g[18];
-    nb::Put64(g, nb::kNbdMagic);
-    nb::Put64(g + 8, nb::kOptMagic);
-    nb::Put16(g + 16, static_cast<std::uint16_t>((fixed ? nb::kFlagFixedNewstyle : 0) | (no_zeroes ? nb::kFlagNoZeroes : 0)));
-    if (!WriteFull(fd, g, 18)) return;
-    std::uint8_t cf[4];
-    if (!ReadFull(fd, cf, 4)) return;
-    const bool client_no_zeroes = nb::Get32(cf) & nb::kClientFlagNoZeroes;
-    bool structured = false;
-    for (;;) {
-      std::uint8_t h[16];
-      if (!ReadFull(fd, h, 16) || nb::Get64(h) != nb::kOptMagic) return;
-      const std::uint32_t opt = nb::Get32(h + 8), len = nb::Get32(h + 12);
-      std::string data(len, '\0');
-      if (!ReadFull(fd, data.data(), len)) return;
-      if (opt == nb::kOptExportName) {
-        if (data != name) return;  // the only way to refuse
-        std::uint8_t r[10 + 124] = {};
-        nb::Put64(r, size.load());
-        nb::Put16(r + 8, TxFlags());
-        if (!WriteFull(fd, r, client_no_zeroes ? 10 : sizeof r)) return;
-        break;
-      }
-      if (opt == nb::kOptStructuredReply && offer_structured && fixed) {
-        structured = true;
-        if (!OptReply(fd, opt, nb::kRepAck, {})) return;
-        continue;
-      }
-      if (opt == nb::kOptGo && support_go && fixed) {
-        const auto* d = reinterpret_cast<const std::uint8_t*>(data.data());
-        const std::uint32_t nl = nb::Get32(d);
-        if (data.substr(4, nl) != name) {
-          if (!OptReply(fd, opt, nb::kRepErrUnknown, "no such export")) return;
-          continue;
-        }
-        std::string ex(12, '\0');
-        auto* e = reinterpret_cast<std::uint8_t*>(ex.data());
-        nb::Put16(e, nb::kInfoExport);
-        nb::Put64(e + 2, size.load());
-        nb::Put16(e + 10, TxFlags());
-        std::string bs(14, '\0');
-        auto* b = reinterpret_cast<std::uint8_t*>(bs.data());
-        nb::Put16(b, nb::kInfoBlockSize);
-        nb::Put32(b + 2, min_block.load());
-        nb::Put32(b + 6, 4096);
-        nb::Put32(b + 10, 1u << 20);
-        if (!OptReply(fd, opt, nb::kRepInfo, ex) || !OptReply(fd, opt, nb::kRepInfo, bs) ||
-            !OptReply(fd, opt, nb::kRepAck, {}))
-          return;
-        break;
-      }
-      if (!OptReply(fd, opt, nb::kRepErrUnsup, {})) return;
-    }
-    Transmit(fd, conn, structured);
-  }
-
-  bool Simple(int fd, std::uint32_t err, std::uint64_t cookie, const char* data = nullptr, std::size_t n = 0) {
-    std::uint8_t r[16];
-    nb::Put32(r, nb::kSimpleReplyMagic);
-    nb::Put32(r + 4, err);
-    nb::Put64(r + 8, cookie);
-    return WriteFull(fd, r, 16) && (n == 0 || WriteFull(fd, data, n));
-  }
-  bool Chunk(int fd, std::uint16_t flags, std::uint16_t type, std::uint64_t cookie, const std::string& payload) {
-    std::uint8_t r[20];
-    nb::Put32(r, nb::kStructuredReplyMagic);
-    nb::Put16(r + 4, flags);
-    nb::Put16(r + 6, type);
-    nb::Put64(r + 8, cookie);
-    nb::Put32(r + 16, static_cast<std::uint32_t>(payload.size()));
-    return WriteFull(fd, r, 20) && WriteFull(fd, payload.data(), payload.size());
-  }
-  std::string OffsetPrefix(std::uint64_t off) {
-    std::string s(8, '\0');
-    nb::Put64(reinterpret_cast<std::uint8_t*>(s.data()), off);
-    return s;
-  }
-
-  void Transmit(int fd, int conn, bool structured) {
-    std::vector<char> buf;
-    for (;;) {
-      std::uint8_t q[28];
-      if (!ReadFull(fd, q, 28) || nb::Get32(q) != nb::kRequestMagic) return;
-      const std::uint16_t type = nb::Get16(q + 6);
-      const std::uint64_t cookie = nb::Get64(q + 8), off = nb::Get64(q + 16);
-      const std::uint32_t len = nb::Get32(q + 24);
-      if (type == nb::kCmdWrite) {
-        buf.resize(len);
-        if (!ReadFull(fd, buf.data(), len)) return;
-      }
-      if (type == nb::kCmdDisc) {
-        ++discs;
-        return;
-      }
-      const int sc = silent_conn.load();
-      if (sc == -1 || sc == conn) continue;
-      if (off + len > disk_.size()) {
-        if (!Simple(fd, nb::kEinval, cookie)) return;
-        continue;
-      }
-      bool ok = true;
-      switch (type) {
-        case nb::kCmdWrite: {
-          if (write_delay_ms) {
-            std::this_thread::sleep_for(milliseconds(write_delay_ms.load()));
-            char c;
-            if (::recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) == 1) ++pipelined_after_write;
-          }
-          {
-            std::lock_guard<std::mutex> l(mu_);
-            std::memcpy(disk_.data() + off, buf.data(), len);
-          }
-          ok = structured ? Chunk(fd, nb::kReplyFlagDone, nb::kChunkNone, cookie, {}) : Simple(fd, 0, cookie);
-          break;
-        }
-        case nb::kCmdTrim:
-        case nb::kCmdWriteZeroes: {
-          {
-            std::lock_guard<std::mutex> l(mu_);
-            std::memset(disk_.data() + off, 0, len);
-          }
-          ok = Simple(fd, 0, cookie);
-          break;
-        }
-        case nb::kCmdFlush:
-          ok = Simple(fd, 0, cookie);
-          break;
-        case nb::kCmdRead: {
-          buf.resize(len);
-          {
-            std::lock_guard<std::mutex> l(mu_);
-            std::memcpy(buf.data(), disk_.data() + off, len);
-          }
-          const std::int64_t eo = error_offset.load();
-          if (eo >= 0 && std::uint64_t(eo) >= off && std::uint64_t(eo) < off + len) {
-            if (structured) {
-              std::string p(6, '\0');
-              nb::Put32(reinterpret_cast<std::uint8_t*>(p.data()), nb::kEio);
-              nb::Put16(reinterpret_cast<std::uint8_t*>(p.data()) + 4, 4);
-              p += "bad!";
-              ok = Chunk(fd, nb::kReplyFlagDone, nb::kChunkError, cookie, p);
-            } else {
-              ok = Simple(fd, nb::kEio, cookie);
-            }
-            break;
-          }
-          if (close_mid_read > 0) {
-            --close_mid_read;
-            if (structured) {
-              std::uint8_t r[20];
-              nb::Put32(r, nb::kStructuredReplyMagic);
-              nb::Put16(r + 4, nb::kReplyFlagDone);
-              nb::Put16(r + 6, nb::kChunkOffsetData);
-              nb::Put64(r + 8, cookie);
-              nb::Put32(r + 16, len + 8);
-              WriteFull(fd, r, 20);
-              std::string p = OffsetPrefix(off);
-              WriteFull(fd, p.data(), 8);
-            } else {
-              Simple(fd, 0, cookie);
-            }
-            WriteFull(fd, buf.data(), len / 2);
-            return;
-          }
-          if (!structured) {
-            ok = Simple(fd, 0, cookie, buf.data(), len);
-          } else if (lie == 3 && len >= 4) {
-            ok = Chunk(fd, nb::kReplyFlagDone, nb::kChunkOffsetData, cookie,
-                       OffsetPrefix(off) + std::string(buf.data(), len / 2));
-          } else if (lie && len >= 4) {
-            const std::uint32_t a = lie == 1 ? len / 2 : len * 3 / 4;  // first chunk [0, a)
-            const std::uint32_t b = lie == 1 ? 0 : len / 4;               // second chunk [b, ...)
-            ok = Chunk(fd, 0, nb::kChunkOffsetData, cookie, OffsetPrefix(off) + std::string(buf.data(), a)) &&
-                 Chunk(fd, nb::kReplyFlagDone, nb::kChunkOffsetData, cookie,
-                       OffsetPrefix(off + b) + std::string(buf.data() + b, lie == 1 ? len - a : len - b));
-          } else if (hole_chunks && len >= 2) {
-            const std::uint32_t h = len / 2;
-            for (int part = 1; part >= 0 && ok; --part) {  // second half first
-              const std::uint32_t po = part ? h : 0, pl = part ? len - h : h;
-              if (AllZero(buf.data() + po, pl)) {
-                std::string p(12, '\0');
-                nb::Put64(reinterpret_cast<std::uint8_t*>(p.data()), off + po);
-                nb::Put32(reinterpret_cast<std::uint8_t*>(p.data()) + 8, pl);
-                ok = Chunk(fd, 0, nb::kChunkOffsetHole, cookie, p);
-              } else {
-                ok = Chunk(fd, 0, nb::kChunkOffsetData, cookie, OffsetPrefix(off + po) + std::string(buf.data() + po, pl));
-              }
-            }
-            if (ok) ok = Chunk(fd, nb::kReplyFlagDone, nb::kChunkNone, cookie, {});
-          } else {
-            ok = Chunk(fd, nb::kReplyFlagDone, nb::kChunkOffsetData, cookie,
-                       OffsetPrefix(off) + std::string(buf.data(), len));
-          }
-          break;
-        }
-        default:
-          ok = Simple(fd, nb::kEinval, cookie);
-      }
-      if (!ok) return;
-    }
-  }
-
-  QTemporaryDir dir_;
-  QString path_;
-  int listen_fd_ = -1;
-  std::atomic<bool> stop_{false};
-  std::thread accept_thread_;
-  std::mutex mu_;
-  std::vector<int> fds_;
-  std::vector<std::thread> threads_;
-  std::vector<char> disk_;
-};
+using FakeNbd = test::FakeNbdServer;
 
 NbdClientOptions FakeOpts(const FakeNbd& f) {
   NbdClientOptions o;
@@ -977,6 +647,12 @@ class NbdClientDeviceTest : public QObject {
     f.hole_chunks = true;
     QVERIFY(ReadSync(*dev, 65536, buf.data(), 8192).ok());
     QVERIFY(buf == data);
+    // A chunk for an unknown handle is drained, never written into anyone's buffer.
+    f.unknown_cookie_chunk = true;
+    std::fill(buf.begin(), buf.end(), 0);
+    QVERIFY(ReadSync(*dev, 65536, buf.data(), 8192).ok());
+    QVERIFY(buf == data);
+    QCOMPARE(dev->Stats().bad_replies, std::uint64_t(3));
   }
 
   // Connect check: the same content passes (held read re-sent), swapped content is rejected

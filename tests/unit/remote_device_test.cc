@@ -1,6 +1,8 @@
-// Unit tests for dst::net::RemoteDevice against an in-process fake DST server (raw sockets +
-// codec.h) that can misbehave on purpose: reorder or delay replies, go silent, close mid-frame,
-// send replies with a stale generation.  Also counts heap allocations per I/O.
+// Unit tests for dst::net::RemoteDevice against an in-process fake DST server
+// (tests/lib/fake_peers.h) that can misbehave on purpose: reorder or delay replies, go silent,
+// close mid-frame, send replies with a stale generation or the wrong length; and against a real
+// Exporter behind a byte-flipping proxy (tests/lib/fault_proxy.h).  Also counts heap
+// allocations per I/O.
 #include <arpa/inet.h>
 #include <execinfo.h>
 #include <netinet/in.h>
@@ -34,6 +36,7 @@
 #include "dst/net/exporter.h"
 #include "dst/net/remote_device.h"
 #include "connect_check_probe.h"
+#include "fake_peers.h"
 #include "fault_proxy.h"
 #include "test_env.h"
 
@@ -46,7 +49,7 @@ static thread_local bool t_no_count = false;
 
 // DST_ALLOC_TRACE=1 prints a backtrace of the first few counted allocations (to find them).
 static void* CountedAlloc(std::size_t n) {
-  if (g_count_allocs.load(std::memory_order_relaxed) && !t_no_count) {
+  if (g_count_allocs.load(std::memory_order_relaxed) && !t_no_count && !dst::test::t_fake_peer_thread) {
     if (g_allocs.fetch_add(1, std::memory_order_relaxed) < 6 && getenv("DST_ALLOC_TRACE")) {
       t_no_count = true;
       void* bt[30];
@@ -63,11 +66,11 @@ static void* CountedAlloc(std::size_t n) {
 void* operator new(std::size_t n) { return CountedAlloc(n); }
 void* operator new[](std::size_t n) { return CountedAlloc(n); }
 void* operator new(std::size_t n, const std::nothrow_t&) noexcept {
-  if (g_count_allocs.load(std::memory_order_relaxed) && !t_no_count) g_allocs.fetch_add(1);
+  if (g_count_allocs.load(std::memory_order_relaxed) && !t_no_count && !dst::test::t_fake_peer_thread) g_allocs.fetch_add(1);
   return std::malloc(n ? n : 1);
 }
 void* operator new[](std::size_t n, const std::nothrow_t&) noexcept {
-  if (g_count_allocs.load(std::memory_order_relaxed) && !t_no_count) g_allocs.fetch_add(1);
+  if (g_count_allocs.load(std::memory_order_relaxed) && !t_no_count && !dst::test::t_fake_peer_thread) g_allocs.fetch_add(1);
   return std::malloc(n ? n : 1);
 }
 void operator delete(void* p) noexcept { std::free(p); }
@@ -86,361 +89,8 @@ std::int64_t MsSince(Clock::time_point t) {
   return std::chrono::duration_cast<milliseconds>(Clock::now() - t).count();
 }
 
-bool ReadFull(int fd, void* buf, std::size_t n) {
-  auto* p = static_cast<char*>(buf);
-  while (n) {
-    ssize_t r = ::read(fd, p, n);
-    if (r <= 0) {
-      if (r < 0 && errno == EINTR) continue;
-      return false;
-    }
-    p += r;
-    n -= static_cast<std::size_t>(r);
-  }
-  return true;
-}
-
-bool WriteFull(int fd, const void* buf, std::size_t n) {
-  auto* p = static_cast<const char*>(buf);
-  while (n) {
-    ssize_t w = ::send(fd, p, n, MSG_NOSIGNAL);
-    if (w <= 0) {
-      if (w < 0 && errno == EINTR) continue;
-      return false;
-    }
-    p += w;
-    n -= static_cast<std::size_t>(w);
-  }
-  return true;
-}
-
-// ---- fake server ------------------------------------------------------------------------------
-
-struct Event {
-  enum Kind { kArrive, kReply } kind;
-  std::uint16_t cmd;
-  std::uint64_t offset;
-  std::uint32_t length;
-  std::uint64_t id;
-  int conn;
-};
-
-class FakeServer {
- public:
-  explicit FakeServer(std::uint64_t size = 16u << 20) : disk_(size, 0) {
-    listen_fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    int one = 1;
-    setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    ::bind(listen_fd_, reinterpret_cast<sockaddr*>(&a), sizeof a);
-    socklen_t len = sizeof a;
-    getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&a), &len);
-    port_ = ntohs(a.sin_port);
-    ::listen(listen_fd_, 16);
-    accept_thread_ = std::thread([this] { AcceptLoop(); });
-  }
-
-  ~FakeServer() {
-    stop_ = true;
-    accept_thread_.join();
-    ::close(listen_fd_);
-    std::vector<std::shared_ptr<Conn>> conns;
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      conns = conns_;
-    }
-    for (auto& c : conns) Shutdown(*c);
-    for (auto& c : conns) {
-      if (c->reader.joinable()) c->reader.join();
-      if (c->replier.joinable()) c->replier.join();
-      ::close(c->fd);
-    }
-  }
-
-  std::uint16_t port() const { return port_; }
-
-  // Behaviour knobs (may be changed at any time).
-  std::atomic<bool> silent{false};        // never reply to anything but HELLO
-  std::atomic<bool> drop_io{false};       // answer PINGs, never I/O (a hung disk behind a live server)
-  std::atomic<int> reorder_batch{0};      // >0: hold replies, send each batch reversed
-  std::atomic<int> write_delay_ms{0};     // delay WRITE replies (reads pass them)
-  std::atomic<int> close_after{0};        // close a connection after this many requests (once)
-  std::atomic<bool> close_mid_frame{false};
-  std::atomic<bool> inject_stale{false};  // send a stale-generation READ reply before each READ reply
-  std::atomic<std::uint64_t> hello_size{0};  // 0: disk size
-  std::atomic<bool> hello_read_only{false};
-  // Poison requests: a request at this offset gets the exporter's framing-error answer (an
-  // EPROTO DISCONNECT|reply carrying its id, then close) or a close without any reply.
-  std::atomic<std::uint64_t> eproto_offset{~0ull};
-  std::atomic<std::uint64_t> kill_offset{~0ull};
-  // A lying peer: every successful READ reply is 512 bytes short (header and payload agree,
-  // so the stream stays in sync; only the length does not match the request).
-  std::atomic<bool> wrong_length{false};
-  std::atomic<bool> refuse{false};  // close every new connection at once (a dead exporter)
-
-  std::atomic<int> connections{0};
-  std::atomic<int> stale_sent{0};
-  std::atomic<int> max_outstanding{0};
-
-  std::vector<Event> events() {
-    std::lock_guard<std::mutex> l(mu_);
-    return events_;
-  }
-  std::vector<Clock::time_point> accept_times() {
-    std::lock_guard<std::mutex> l(mu_);
-    return accept_times_;
-  }
-  void ClearEvents() {
-    std::lock_guard<std::mutex> l(mu_);
-    events_.clear();
-  }
-  std::vector<char> Disk() {
-    std::lock_guard<std::mutex> l(disk_mu_);
-    return disk_;
-  }
-  void SetDisk(std::uint64_t off, const char* p, std::size_t n) {
-    std::lock_guard<std::mutex> l(disk_mu_);
-    std::memcpy(disk_.data() + off, p, n);
-  }
-  void Record(Event e) {
-    std::lock_guard<std::mutex> l(mu_);
-    events_.push_back(e);
-  }
-  // Drops every open connection (the exporter restarted).
-  void DropConnections() {
-    std::vector<std::shared_ptr<Conn>> conns;
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      conns = conns_;
-    }
-    for (auto& c : conns) Shutdown(*c);
-  }
-
- private:
-  struct Job {
-    Header h;
-    Clock::time_point due;
-    Clock::time_point arrive;
-  };
-  struct Conn {
-    int fd = -1;
-    int index = 0;
-    std::thread reader, replier;
-    std::mutex mu;
-    std::condition_variable cv;
-    std::deque<Job> jobs;
-    bool stop = false;
-    std::mutex send_mu;
-    std::atomic<int> outstanding{0};
-  };
-
-  void Shutdown(Conn& c) {
-    {
-      std::lock_guard<std::mutex> l(c.mu);
-      c.stop = true;
-      c.cv.notify_all();
-    }
-    ::shutdown(c.fd, SHUT_RDWR);
-  }
-
-  void AcceptLoop() {
-    t_no_count = true;
-    while (!stop_) {
-      pollfd p{listen_fd_, POLLIN, 0};
-      if (::poll(&p, 1, 20) <= 0) continue;
-      int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-      if (fd < 0) continue;
-      if (refuse) {
-        ::close(fd);
-        continue;
-      }
-      int one = 1;
-      setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-      auto c = std::make_shared<Conn>();
-      c->fd = fd;
-      {
-        std::lock_guard<std::mutex> l(mu_);
-        c->index = static_cast<int>(conns_.size());
-        conns_.push_back(c);
-        accept_times_.push_back(Clock::now());
-      }
-      connections.fetch_add(1);
-      Conn* cp = c.get();
-      c->reader = std::thread([this, cp] { ReaderLoop(*cp); });
-      c->replier = std::thread([this, cp] { ReplierLoop(*cp); });
-    }
-  }
-
-  void ReaderLoop(Conn& c) {
-    t_no_count = true;
-    std::vector<char> payload(kAbsoluteMaxPayload);
-    std::uint8_t hb[kHeaderSize];
-    int requests = 0;
-    while (true) {
-      if (!ReadFull(c.fd, hb, kHeaderSize)) break;
-      Header h;
-      if (!DecodeHeader(hb, &h).ok()) break;
-      if (HasPayload(h) && !ReadFull(c.fd, payload.data(), h.length)) break;
-      if (h.command() == Cmd::kHello) {
-        HelloRequest hr;
-        if (!DecodeHelloRequest(reinterpret_cast<std::uint8_t*>(payload.data()), h.length, &hr).ok()) break;
-        HelloReply r;
-        r.export_flags = kExportCanFlush | kExportCanFua | kExportCanTrim | kExportCanWriteZeroes;
-        if (hello_read_only) r.export_flags |= kExportReadOnly;
-        r.size = hello_size ? hello_size.load() : disk_.size();
-        r.permissions = hello_read_only ? kPermRead : (kPermRead | kPermWrite);
-        std::uint8_t out[kHeaderSize + kHelloReplySize];
-        Header rh;
-        rh.cmd = h.cmd | kReplyBit;
-        rh.length = kHelloReplySize;
-        rh.id = h.id;
-        EncodeHeader(rh, out);
-        EncodeHelloReply(r, out + kHeaderSize, kHelloReplySize);
-        std::lock_guard<std::mutex> l(c.send_mu);
-        if (!WriteFull(c.fd, out, sizeof out)) break;
-        continue;
-      }
-      if (h.command() != Cmd::kPing) {
-        ++requests;
-        Record({Event::kArrive, h.cmd, h.offset, h.length, h.id, c.index});
-        const int o = c.outstanding.fetch_add(1) + 1;
-        int m = max_outstanding.load();
-        while (o > m && !max_outstanding.compare_exchange_weak(m, o)) {}
-        if (h.offset == eproto_offset.load()) {
-          Header rh;
-          rh.cmd = std::uint16_t(Cmd::kDisconnect) | kReplyBit;
-          rh.status = std::uint32_t(WireStatus::kProto);
-          rh.id = h.id;
-          std::uint8_t out[kHeaderSize];
-          EncodeHeader(rh, out);
-          std::lock_guard<std::mutex> l(c.send_mu);
-          WriteFull(c.fd, out, sizeof out);
-          break;
-        }
-        if (h.offset == kill_offset.load()) break;
-      }
-      if (h.command() == Cmd::kWrite) SetDisk(h.offset, payload.data(), h.length);
-      if (h.command() == Cmd::kWriteZeroes || h.command() == Cmd::kTrim) {
-        std::vector<char> z(h.length, 0);
-        SetDisk(h.offset, z.data(), h.length);
-      }
-      int ca = close_after.load();
-      if (ca > 0 && requests >= ca && close_after.compare_exchange_strong(ca, 0)) {
-        if (close_mid_frame) {
-          Header rh;
-          rh.cmd = h.cmd | kReplyBit;
-          rh.id = h.id;
-          std::uint8_t out[kHeaderSize];
-          EncodeHeader(rh, out);
-          std::lock_guard<std::mutex> l(c.send_mu);
-          WriteFull(c.fd, out, 20);  // a torn header
-        }
-        break;
-      }
-      Job j;
-      j.h = h;
-      j.arrive = Clock::now();
-      j.due = j.arrive;
-      if (h.command() == Cmd::kWrite && write_delay_ms > 0) j.due += milliseconds(write_delay_ms.load());
-      std::lock_guard<std::mutex> l(c.mu);
-      c.jobs.push_back(j);
-      c.cv.notify_all();
-    }
-    Shutdown(c);
-  }
-
-  void SendReply(Conn& c, const Job& j, std::vector<char>& buf) {
-    if (silent) return;
-    const Header& h = j.h;
-    if (drop_io && h.command() != Cmd::kPing) return;
-    Header rh;
-    rh.cmd = h.cmd | kReplyBit;
-    rh.id = h.id;
-    rh.length = h.length;
-    rh.offset = h.offset;
-    std::size_t n = kHeaderSize;
-    if (h.command() == Cmd::kRead) {
-      if (inject_stale) {
-        Header sh = rh;
-        sh.id = (((h.id >> 32) + 1000) << 32) | (h.id & 0xffffffffu);  // a generation never used
-        EncodeHeader(sh, reinterpret_cast<std::uint8_t*>(buf.data()));
-        std::memset(buf.data() + kHeaderSize, 0xEE, h.length);
-        std::lock_guard<std::mutex> l(c.send_mu);
-        WriteFull(c.fd, buf.data(), kHeaderSize + h.length);
-        stale_sent.fetch_add(1);
-      }
-      std::lock_guard<std::mutex> l(disk_mu_);
-      std::memcpy(buf.data() + kHeaderSize, disk_.data() + h.offset, h.length);
-      n += h.length;
-      if (wrong_length && h.length > 512) {
-        rh.length = h.length - 512;
-        n -= 512;
-      }
-    } else if (h.command() == Cmd::kFlush || h.command() == Cmd::kPing) {
-      rh.length = 0;
-      rh.offset = 0;
-    }
-    EncodeHeader(rh, reinterpret_cast<std::uint8_t*>(buf.data()));
-    if (h.command() != Cmd::kPing) {
-      c.outstanding.fetch_sub(1);
-      Record({Event::kReply, h.cmd, h.offset, h.length, h.id, c.index});
-    }
-    std::lock_guard<std::mutex> l(c.send_mu);
-    WriteFull(c.fd, buf.data(), n);
-  }
-
-  void ReplierLoop(Conn& c) {
-    t_no_count = true;
-    std::vector<char> buf(kHeaderSize + kAbsoluteMaxPayload);
-    std::unique_lock<std::mutex> l(c.mu);
-    while (!c.stop) {
-      if (c.jobs.empty()) {
-        c.cv.wait(l);
-        continue;
-      }
-      const auto now = Clock::now();
-      const int rb = reorder_batch.load();
-      if (rb > 0) {
-        if (static_cast<int>(c.jobs.size()) < rb && now - c.jobs.front().arrive < milliseconds(20)) {
-          c.cv.wait_for(l, milliseconds(2));
-          continue;
-        }
-        std::vector<Job> batch(c.jobs.begin(), c.jobs.end());
-        c.jobs.clear();
-        l.unlock();
-        std::reverse(batch.begin(), batch.end());
-        for (auto& j : batch) SendReply(c, j, buf);
-        l.lock();
-        continue;
-      }
-      auto it = std::find_if(c.jobs.begin(), c.jobs.end(), [&](const Job& j) { return j.due <= now; });
-      if (it == c.jobs.end()) {
-        auto next = std::min_element(c.jobs.begin(), c.jobs.end(),
-                                     [](const Job& a, const Job& b) { return a.due < b.due; });
-        c.cv.wait_until(l, next->due);
-        continue;
-      }
-      Job j = *it;
-      c.jobs.erase(it);
-      l.unlock();
-      SendReply(c, j, buf);
-      l.lock();
-    }
-  }
-
-  int listen_fd_ = -1;
-  std::uint16_t port_ = 0;
-  std::atomic<bool> stop_{false};
-  std::thread accept_thread_;
-  std::mutex mu_;
-  std::vector<std::shared_ptr<Conn>> conns_;
-  std::vector<Event> events_;
-  std::vector<Clock::time_point> accept_times_;
-  std::mutex disk_mu_;
-  std::vector<char> disk_;
-};
+using FakeServer = test::FakeDstServer;
+using Event = test::FakeDstEvent;
 
 // ---- client-side helpers --------------------------------------------------------------------
 
