@@ -54,7 +54,19 @@ class FileDevice::Impl {
       if (ioctl(fd_, BLKSSZGET, &ss) == 0 && ss > 0) info_.logical_block_size = ss;
       dio_align_ = info_.logical_block_size;
     } else {
-      if (o.size && static_cast<uint64_t>(st.st_size) != o.size && (o.create || st.st_size == 0)) {
+      const uint64_t have = static_cast<uint64_t>(st.st_size);
+      if (o.size && have != o.size) {
+        // An image is never shrunk: the bytes past the new end would be gone for good.  An
+        // empty file is new; growing a file with data in it must be asked for.
+        const std::string sizes = path + " is " + std::to_string(have) + " bytes; the size given (" +
+                                  std::to_string(o.size) + " bytes) ";
+        if (have != 0 && o.size < have)
+          return Status::InvalidArgument(sizes + "is smaller: an image is never shrunk");
+        if (have != 0 && !o.grow)
+          return Status::InvalidArgument(sizes +
+                                         "would grow it: ask for growing explicitly (dstctl export "
+                                         "add --grow, grow = true in the config)");
+        if (o.read_only) return Status::ReadOnly(sizes + "needs a resize, and it is opened read-only");
         if (ftruncate(fd_, static_cast<off_t>(o.size)) != 0)
           return Status::FromErrno(errno, "truncate " + path);
         st.st_size = static_cast<off_t>(o.size);

@@ -78,7 +78,8 @@ constexpr std::string_view kSuffix = ".img";
 struct Volume {
   std::string name;
   std::shared_ptr<BlockDevice> dev;
-  DeviceInfo info;
+  DeviceInfo info;  // info.size is the size at AddVolume; `size` is the current one
+  std::atomic<std::uint64_t> size{0};  // RefreshVolume grows it (a grown array)
   fuse_ino_t ino = 0;
   std::uint32_t chunk = 0;  // largest request we send: min(pool max_io, device max_io), block multiple
   struct timespec created {};
@@ -144,6 +145,7 @@ class FuseMount::Impl {
 
   Status AddVolume(const std::string& name, std::shared_ptr<BlockDevice> dev);
   Status RemoveVolume(const std::string& name);
+  Status RefreshVolume(const std::string& name);
   std::vector<VolumeEntry> ListVolumes() const;
 
   std::string mountpoint_;
@@ -491,6 +493,7 @@ Status FuseMount::Impl::AddVolume(const std::string& name, std::shared_ptr<Block
     return Status::InvalidArgument("fuse: volume " + name + ": max_io_bytes below block size");
   v->chunk = static_cast<std::uint32_t>(RoundDown(std::min(v->info.max_io_bytes, max_io_), lbs));
   v->info.size = RoundDown(v->info.size, lbs);
+  v->size.store(v->info.size, std::memory_order_relaxed);
   clock_gettime(CLOCK_REALTIME, &v->created);
   {
     std::lock_guard<std::mutex> l(mu_);
@@ -533,11 +536,37 @@ Status FuseMount::Impl::RemoveVolume(const std::string& name) {
   return Status::OK();
 }
 
+// A volume that grew (an array with a leg appended): the file shows the new size at once, also
+// while open.  The kernel caches the attributes (i_size) for kAttrTimeout; invalidating the
+// inode's attributes makes the next stat() fetch them again.  Data already cached stays valid:
+// a grown device keeps its old bytes where they were.
+Status FuseMount::Impl::RefreshVolume(const std::string& name) {
+  std::shared_ptr<Volume> v;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = by_name_.find(name);
+    if (it == by_name_.end()) return Status::NotFound("fuse: no volume " + name);
+    v = it->second;
+  }
+  const std::uint64_t now = RoundDown(v->dev->Info().size, v->info.logical_block_size);
+  if (now < v->size.load(std::memory_order_relaxed))
+    return Status::InvalidArgument("fuse: volume " + name + " shrank; not shown");
+  if (now == v->size.exchange(now)) return Status::OK();
+  std::lock_guard<std::mutex> ul(unmount_mu_);  // keeps se_ alive
+  if (se_ && !stopped_) {
+    int rc = fuse_lowlevel_notify_inval_inode(se_, v->ino, -1, 0);  // attributes only
+    if (rc != 0 && rc != -ENOENT)  // ENOENT: the kernel has not looked it up yet
+      return Status::FromErrno(-rc, "fuse: invalidating " + name);
+  }
+  return Status::OK();
+}
+
 std::vector<VolumeEntry> FuseMount::Impl::ListVolumes() const {
   std::lock_guard<std::mutex> l(mu_);
   std::vector<VolumeEntry> out;
   for (const auto& [name, v] : by_name_) {
-    out.push_back(VolumeEntry{name, v->info.size, v->info.read_only, v->open_count});
+    out.push_back(VolumeEntry{name, v->size.load(std::memory_order_relaxed), v->info.read_only,
+                              v->open_count});
   }
   return out;
 }
@@ -555,9 +584,10 @@ void FuseMount::Impl::FillAttr(const Volume& v, struct stat* st) const {
   st->st_nlink = 1;
   st->st_uid = getuid();
   st->st_gid = getgid();
-  st->st_size = static_cast<off_t>(v.info.size);
+  const std::uint64_t size = v.size.load(std::memory_order_relaxed);
+  st->st_size = static_cast<off_t>(size);
   st->st_blksize = std::max<std::uint32_t>(v.info.logical_block_size, 4096);
-  st->st_blocks = static_cast<blkcnt_t>(v.info.size / 512);
+  st->st_blocks = static_cast<blkcnt_t>(size / 512);
   st->st_atim = st->st_mtim = st->st_ctim = v.created;
 }
 
@@ -750,7 +780,7 @@ void FuseMount::Impl::OnStatfs(fuse_req_t req) {
   std::size_t n = 0;
   {
     std::lock_guard<std::mutex> l(mu_);
-    for (const auto& [name, v] : by_name_) bytes += v->info.size;
+    for (const auto& [name, v] : by_name_) bytes += v->size.load(std::memory_order_relaxed);
     n = by_name_.size();
   }
   s.f_bsize = 4096;
@@ -915,7 +945,7 @@ Status FuseMount::Impl::Rmw(IoCtx* c, std::uint64_t off, std::uint32_t len, cons
 
 void FuseMount::Impl::OnRead(fuse_req_t req, size_t size, off_t off, struct fuse_file_info* fi) {
   Volume* v = reinterpret_cast<OpenFile*>(fi->fh)->vol;
-  const std::uint64_t vsize = v->info.size;
+  const std::uint64_t vsize = v->size.load(std::memory_order_relaxed);
   if (off < 0) {
     fuse_reply_err(req, EINVAL);
     return;
@@ -948,7 +978,7 @@ void FuseMount::Impl::OnWrite(fuse_req_t req, const char* data, size_t size, off
     fuse_reply_err(req, EBADF);
     return;
   }
-  const std::uint64_t vsize = v->info.size;
+  const std::uint64_t vsize = v->size.load(std::memory_order_relaxed);
   if (off < 0) {
     fuse_reply_err(req, EINVAL);
     return;
@@ -1051,7 +1081,7 @@ void FuseMount::Impl::OnFallocate(fuse_req_t req, int mode, off_t off, off_t len
     fuse_reply_err(req, EINVAL);
     return;
   }
-  const std::uint64_t vsize = v->info.size;
+  const std::uint64_t vsize = v->size.load(std::memory_order_relaxed);
   std::uint64_t start = static_cast<std::uint64_t>(off);
   std::uint64_t end = start + static_cast<std::uint64_t>(len);
   const bool keep_size = mode & FALLOC_FL_KEEP_SIZE;
@@ -1113,6 +1143,7 @@ Status FuseMount::AddVolume(const std::string& name, std::shared_ptr<BlockDevice
   return impl_->AddVolume(name, std::move(dev));
 }
 Status FuseMount::RemoveVolume(const std::string& name) { return impl_->RemoveVolume(name); }
+Status FuseMount::RefreshVolume(const std::string& name) { return impl_->RefreshVolume(name); }
 std::vector<VolumeEntry> FuseMount::ListVolumes() const { return impl_->ListVolumes(); }
 const std::string& FuseMount::mountpoint() const { return impl_->mountpoint_; }
 void FuseMount::Unmount() { impl_->Unmount(); }

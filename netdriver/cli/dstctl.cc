@@ -169,7 +169,7 @@ int main(int argc, char** argv) {
   auto* exp = app.add_subcommand("export", "Manage exports (images served to other hosts)");
   exp->require_subcommand(1);
   std::string name, path, size, uri, dir;
-  bool read_only = false, direct_io = false;
+  bool read_only = false, direct_io = false, grow_image = false;
   int queue_depth = 0, timeout = 0, keepalive = 0;
 
   std::string exp_array, exp_volume;
@@ -180,7 +180,10 @@ int main(int argc, char** argv) {
   exp_add->add_option("--volume", exp_volume, "Export this volume");
   exp_add->add_flag("--read-only", read_only, "Refuse writes");
   exp_add->add_flag("--direct-io", direct_io, "Open with O_DIRECT");
-  exp_add->add_option("--size", size, "Create/extend the image to this size (e.g. 1G, 512M)");
+  exp_add->add_option("--size", size,
+                      "Create a new image of this size (e.g. 1G, 512M); an existing image must "
+                      "already have it (never shrunk)");
+  exp_add->add_flag("--grow", grow_image, "Let --size grow an existing image (never shrinks)");
   auto* exp_list = exp->add_subcommand("list", "List exports");
   auto* exp_rm = exp->add_subcommand("remove", "Stop exporting (fails while clients are connected)");
   exp_rm->add_option("NAME", name, "Export name")->required();
@@ -265,6 +268,9 @@ int main(int argc, char** argv) {
   auto* apply = app.add_subcommand("apply", "Reconcile exports, volumes and arrays with a config file");
   apply->add_option("FILE", file, "TOML file ([[export]], [[volume]], [[array]])")->required();
   apply->add_flag("-n,--dry-run", dry_run, "Print the plan without changing anything");
+  bool prune = false;
+  apply->add_flag("--prune", prune,
+                  "Also remove exports, volumes and arrays that are not in the file");
 
   auto* events = app.add_subcommand("events", "Stream state changes and resync progress (NDJSON with --json)");
 
@@ -300,6 +306,7 @@ int main(int argc, char** argv) {
     if (!exp_array.empty()) p["array"] = exp_array;
     if (!exp_volume.empty()) p["volume"] = exp_volume;
     if (!size.empty()) p["size"] = size;
+    if (grow_image) p["grow"] = true;
     if ((rc = Call(socket, "export.add", p, &result)) != 0) return rc;
     if (as_json) PrintJson(result);
     else std::printf("export %s added: %s, %s\n", name.c_str(),
@@ -403,10 +410,15 @@ int main(int argc, char** argv) {
     std::size_t n;
     while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) text.append(buf, n);
     std::fclose(f);
-    json p{{"config", text}, {"source", Absolute(file)}, {"dry_run", dry_run}};
+    json p{{"config", text}, {"source", Absolute(file)}, {"dry_run", dry_run}, {"prune", prune}};
     if ((rc = Call(socket, "apply", p, &result)) != 0) return rc;
     if (as_json) PrintJson(result);
     else std::fputs(ctl::RenderApply(result).c_str(), stdout);
+    if (result.value("failed", false)) {
+      // The steps are printed above; the exit code is that of the failed step's error.
+      std::fprintf(stderr, "dstctl: apply: %s\n", result.value("error", std::string("a step failed")).c_str());
+      return ctl::ExitCodeForError(result.value("error_code", std::string("io_error")));
+    }
   } else if (events->parsed()) {
     return Events(socket, as_json);
   }

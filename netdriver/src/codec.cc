@@ -2,6 +2,8 @@
 
 #include <cstring>
 
+#include <xxhash.h>
+
 namespace dst::net {
 
 void EncodeHeader(const Header& h, std::uint8_t out[kHeaderSize]) {
@@ -13,14 +15,19 @@ void EncodeHeader(const Header& h, std::uint8_t out[kHeaderSize]) {
   PutU64(out + 16, h.id);
   PutU64(out + 24, h.offset);
   std::memset(out + 32, 0, 16);  // reserved
+  if (h.flags & kFlagDigest) PutU64(out + kDigestOffset, h.digest);
 }
+
+std::uint64_t PayloadDigest(const void* data, std::size_t len) { return XXH3_64bits(data, len); }
 
 Status DecodeHeader(const std::uint8_t in[kHeaderSize], Header* h) {
   if (GetU32(in) != kMagic) return Status::ProtocolError("bad magic");
-  for (int i = 32; i < 48; ++i)
-    if (in[i] != 0) return Status::ProtocolError("reserved bytes not zero");
-  h->cmd = GetU16(in + 4);
   h->flags = GetU16(in + 6);
+  const int reserved_from = (h->flags & kFlagDigest) ? 40 : 32;
+  for (int i = reserved_from; i < 48; ++i)
+    if (in[i] != 0) return Status::ProtocolError("reserved bytes not zero");
+  h->digest = (h->flags & kFlagDigest) ? GetU64(in + kDigestOffset) : 0;
+  h->cmd = GetU16(in + 4);
   h->status = GetU32(in + 8);
   h->length = GetU32(in + 12);
   h->id = GetU64(in + 16);
@@ -42,6 +49,9 @@ Status DecodeHeader(const std::uint8_t in[kHeaderSize], Header* h) {
     return Status::ProtocolError("FUA on a command without data");
   if ((h->flags & kFlagNoUnmap) && cmd != Cmd::kWriteZeroes)
     return Status::ProtocolError("NO_UNMAP on a command other than WRITE_ZEROES");
+  if ((h->flags & kFlagDigest) && !(cmd == Cmd::kWrite && !h->is_reply()) &&
+      !(cmd == Cmd::kRead && h->is_reply() && h->status == 0))
+    return Status::ProtocolError("DIGEST on a frame without payload");
   if ((cmd == Cmd::kFlush || cmd == Cmd::kPing || cmd == Cmd::kDisconnect) &&
       (h->length != 0 || h->offset != 0))
     return Status::ProtocolError("length/offset set on a command without range");

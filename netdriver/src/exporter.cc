@@ -68,6 +68,7 @@ struct ExportEntry {
   ExportLimits limits;
   int connections = 0;  // GUARDED_BY(Impl::mu_)
   std::atomic<std::uint64_t> requests{0};  // every request received on a connection to it
+  std::atomic<std::uint64_t> digest_errors{0};  // WRITE payloads refused for a bad digest
   // Transmit counters of its connections that have left the table; live ones are summed on
   // demand (ListExports), so the total never drops when a connection closes.
   std::uint64_t closed_frames = 0;      // GUARDED_BY(Impl::mu_)
@@ -133,6 +134,7 @@ class Exporter::Impl : public std::enable_shared_from_this<Exporter::Impl> {
   std::atomic<std::uint64_t> requests_{0};
   std::atomic<std::uint64_t> errors_replied_{0};
   std::atomic<std::uint64_t> protocol_errors_{0};
+  std::atomic<std::uint64_t> digest_errors_{0};
   // Exporter-wide transmit totals of closed connections (each connection counts into its own
   // TxStats, so the counters can also be split per export).
   std::uint64_t closed_frames_ = 0;      // GUARDED_BY(mu_)
@@ -249,6 +251,7 @@ class Conn : public std::enable_shared_from_this<Conn> {
   void SendHelloError(WireStatus ws);
   void ProtocolError(const char* what, const char* detail, bool id_known, std::uint64_t id);
   void StartData(ReqCtx* c);
+  void SubmitWrite(ReqCtx* c);
   void OnPayload(ReqCtx* c, const boost::system::error_code& ec, std::size_t n);
   void DrainPayload(ReqCtx* c);
   void Submit(ReqCtx* c, IoOp op);
@@ -312,6 +315,7 @@ class Conn : public std::enable_shared_from_this<Conn> {
   std::shared_ptr<ExportEntry> exp_;
   ExportLimits lim_;
   bool read_only_ = false;
+  bool digest_ = false;  // payload digests negotiated (docs/protocol.md §4.1)
   std::uint64_t session_ = 0;
   bool counted_on_export_ = false;
 
@@ -494,7 +498,7 @@ void Conn::StartData(ReqCtx* c) {
   // straight into the pool buffer.
   const std::size_t have = rx_.TakeInto(c->buf, c->h.length);
   if (have == c->h.length) {
-    Submit(c, IoOp::kWrite);
+    SubmitWrite(c);
     return;
   }
   reading_ = true;
@@ -518,6 +522,19 @@ void Conn::OnPayload(ReqCtx* c, const boost::system::error_code& ec, std::size_t
     (void)n;
     ReleaseCtx(c);  // never acknowledged, never written
     BeginClose(false);
+    return;
+  }
+  SubmitWrite(c);
+}
+
+// §4.1: with digests negotiated, a WRITE whose payload does not match its digest (or carries
+// none) is not applied; EBADMSG tells the client to send it again.
+void Conn::SubmitWrite(ReqCtx* c) {
+  if (digest_ && (!(c->h.flags & kFlagDigest) || PayloadDigest(c->buf, c->h.length) != c->h.digest)) {
+    impl_->digest_errors_.fetch_add(1, std::memory_order_relaxed);
+    if (exp_) exp_->digest_errors.fetch_add(1, std::memory_order_relaxed);
+    LogLine(peer_, "WRITE payload digest mismatch", "not applied, client will re-send");
+    ReplyNow(c, WireStatus::kBadMsg);
     return;
   }
   Submit(c, IoOp::kWrite);
@@ -566,6 +583,7 @@ void Conn::OnHelloPayload(const boost::system::error_code& ec, std::size_t) {
   HelloRequest req;
   Status st = DecodeHelloRequest(hello_buf_, hello_hdr_.length, &req);
   if (!st.ok()) return ProtocolError("bad HELLO", st.message().c_str(), true, hello_hdr_.id);
+  digest_ = (req.features & kFeatureDigestXxh3) != 0;
   if (req.version != kProtocolVersion) {
     impl_->protocol_errors_.fetch_add(1, std::memory_order_relaxed);
     LogLine(peer_, "unsupported protocol version in HELLO", nullptr);
@@ -632,7 +650,7 @@ void Conn::SendHelloReply() {
   if (info.can_fua) r.export_flags |= kExportCanFua;
   if (info.can_trim && !read_only_) r.export_flags |= kExportCanTrim;
   if (info.can_write_zeroes && !read_only_) r.export_flags |= kExportCanWriteZeroes;
-  r.features = 0;
+  r.features = digest_ ? kFeatureDigestXxh3 : 0;
   r.size = lim_.size;
   r.block_size = lim_.block_size;
   r.max_payload = lim_.max_payload;
@@ -762,6 +780,10 @@ void Conn::PrepareReply(ReqCtx* c) {
     h.length = c->h.length;
     c->tx.payload = c->buf;  // the pool buffer the device filled: no copy
     c->tx.payload_len = c->h.length;
+    if (digest_) {
+      h.flags |= kFlagDigest;
+      h.digest = PayloadDigest(c->buf, c->h.length);
+    }
   }
   if (c->status != 0) impl_->errors_replied_.fetch_add(1, std::memory_order_relaxed);
   EncodeHeader(h, c->tx.header);
@@ -1241,6 +1263,7 @@ std::vector<ExportStatus> Exporter::ListExports() const {
     s.read_only = e->limits.read_only;
     s.connections = e->connections;
     s.requests = e->requests.load(std::memory_order_relaxed);
+    s.digest_errors = e->digest_errors.load(std::memory_order_relaxed);
     s.frames_sent = e->closed_frames;
     s.send_calls = e->closed_send_calls;
     for (const auto& [c, conn] : impl_->conns_) {
@@ -1270,6 +1293,7 @@ ExporterStats Exporter::Stats() const {
   s.requests = impl_->requests_.load();
   s.errors_replied = impl_->errors_replied_.load();
   s.protocol_errors = impl_->protocol_errors_.load();
+  s.digest_errors = impl_->digest_errors_.load();
   s.frames_per_call = s.send_calls ? double(s.frames_sent) / double(s.send_calls) : 0.0;
   return s;
 }

@@ -14,6 +14,17 @@
 //   handshake; outage > io_timeout, a request older than io_timeout, Close() or an export size
 //   change: every request ends with EIO.
 //
+// Structured READ replies are checked, not summed: each slot keeps the byte ranges its
+// OFFSET_DATA / OFFSET_HOLE chunks filled (a small fixed array, merged as they touch; no
+// allocation).  A chunk outside the request or overlapping an earlier one, or a DONE with any
+// byte not covered exactly once, fails the read with EIO and drops the connection: the server
+// is lying, and the read is not re-sent (FailLying).
+//
+// Connect check (block_device.h, connect_gate.h): after a reconnect's handshake the check READ
+// goes out alone in the keepalive probe slot; Pump() sends nothing while checking_.  The
+// verdict re-sends the held requests (OK) or fails them with EIO and calls rejected(); then the
+// connection is admitted (Admit).
+//
 // The handshake runs on a connector thread (poll()-bounded, cancellable through an eventfd):
 // it is a dozen small messages once per (re)connect, and doing it off the strand keeps the event
 // loop free of any wait.  The resulting descriptor is handed to the strand.
@@ -47,6 +58,7 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
 
+#include "connect_gate.h"
 #include "dst/net/nbd_format.h"
 #include "dst/net/transmitter.h"
 
@@ -495,6 +507,14 @@ class NbdClientDevice::Impl : public std::enable_shared_from_this<Impl> {
   }
   NbdClientStats Stats() const;
   void Close();
+  bool SetConnectCheck(const ConnectCheck& c) {
+    gate_.Set(c);
+    return true;
+  }
+  DeviceHealth Health() const {
+    const auto st = static_cast<State>(stat_state_.load(std::memory_order_relaxed));
+    return health_.Get(st == State::kConnected, st == State::kClosed);
+  }
 
  private:
   struct Slot {
@@ -510,7 +530,17 @@ class NbdClientDevice::Impl : public std::enable_shared_from_this<Impl> {
     bool early_done = false;
     Status early_status;
     Status chunk_error;        // first error chunk of a structured reply
-    std::uint64_t covered = 0; // READ bytes delivered by structured chunks
+    // READ bytes filled by structured chunks: disjoint [off, end) ranges relative to the
+    // request, adjacent ones merged (in-order chunks stay one range).
+    struct Filled { std::uint32_t off, end; };
+    static constexpr int kMaxFilled = 16;
+    Filled filled[kMaxFilled];
+    int nfilled = 0;
+    // Records [off, off + len); false if it overlaps an earlier chunk or the table is full.
+    bool AddFilled(std::uint32_t off, std::uint32_t len);
+    bool FilledExactly(std::uint32_t len) const {
+      return nfilled == 1 && filled[0].off == 0 && filled[0].end == len;
+    }
   };
 
   // Connection management (strand only).
@@ -519,6 +549,10 @@ class NbdClientDevice::Impl : public std::enable_shared_from_this<Impl> {
   void AttemptFailed(Status st);
   void OnHandshake(int fd, const Negotiated& n);
   void ConnectionLost(const char* why, Clock::time_point outage_start);
+  bool StartCheck();
+  void FinishCheck(Status read_status);
+  void Admit();
+  void FailLying(Slot& s, const char* why);
   void SetState(State s);
   void CloseSockets() {
     boost::system::error_code ec;
@@ -618,6 +652,13 @@ class NbdClientDevice::Impl : public std::enable_shared_from_this<Impl> {
   bool probe_outstanding_ = false;
   IoRequest probe_req_;
   std::unique_ptr<char[]> probe_buf_;
+  // Connect check: runs in the probe slot (probe_outstanding_ keeps probes away meanwhile).
+  ConnectGate gate_;
+  bool checking_ = false;
+  Clock::time_point check_start_;
+  std::uint32_t check_cap_ = 0;
+  std::unique_ptr<char[]> check_buf_;  // grows once per larger check, never per I/O
+  HealthClock health_;
   TxFrame disc_frame_;
 
   // Receive state.
@@ -637,6 +678,7 @@ class NbdClientDevice::Impl : public std::enable_shared_from_this<Impl> {
   std::atomic<int> stat_state_{0};
   std::atomic<bool> stat_structured_{false};
   std::atomic<std::uint64_t> reconnects_{0}, resent_{0}, timeouts_{0}, requests_{0}, probes_{0};
+  std::atomic<std::uint64_t> bad_replies_{0}, check_failures_{0};
   std::atomic<std::uint32_t> inflight_{0};
 };
 
@@ -783,6 +825,7 @@ void NbdClientDevice::Impl::AttemptFailed(Status st) {
   } else if (last_error_.ToString() != st.ToString()) {
     Log(Describe(), "reconnect failed: " + st.ToString());
   }
+  if (!initial_) health_.Detail("reconnecting: " + st.ToString());
   last_error_ = std::move(st);
   next_attempt_ = now + backoff_;
   backoff_ = std::min<milliseconds>(backoff_ * 2, opts_.reconnect_max);
@@ -866,6 +909,18 @@ void NbdClientDevice::Impl::OnHandshake(int fd, const Negotiated& n) {
   last_probe_ = last_rx_;
   SetState(State::kConnected);
   StartRead();
+  if (was_initial) {
+    ReportFirst(Status::OK());
+    return Admit();
+  }
+  if (!StartCheck()) Admit();
+}
+
+// Re-sends the held requests in submission order, then starts new ones.
+void NbdClientDevice::Impl::Admit() {
+  if (state_ != State::kConnected) return;
+  checking_ = false;
+  health_.Up();
   order_.clear();
   for (std::size_t i = 0; i + 1 < slots_.size(); ++i)
     if (slots_[i].req) order_.push_back(static_cast<std::uint32_t>(i));
@@ -875,7 +930,93 @@ void NbdClientDevice::Impl::OnHandshake(int fd, const Negotiated& n) {
   resent_.fetch_add(order_.size(), std::memory_order_relaxed);
   Pump();
   FlushTx();
-  if (was_initial) ReportFirst(Status::OK());
+}
+
+bool NbdClientDevice::Impl::StartCheck() {
+  const ConnectCheck c = gate_.Begin();
+  if (!c.verify) return false;
+  checking_ = true;
+  const DeviceInfo& info = info_;  // written on this strand only
+  const std::uint32_t bs = info.logical_block_size;
+  Slot& p = slots_.back();
+  if (c.length == 0 || c.length > info.max_io_bytes || c.offset > info.size ||
+      c.length > info.size - c.offset || c.offset % bs || c.length % bs || p.tx_queued) {
+    FinishCheck(Status::InvalidArgument("connect check range outside the export or misaligned"));
+    return true;
+  }
+  if (check_cap_ < c.length) {
+    check_buf_.reset(new char[c.length]);
+    check_cap_ = c.length;
+  }
+  probe_req_ = IoRequest{};
+  probe_req_.op = IoOp::kRead;
+  probe_req_.offset = c.offset;
+  probe_req_.length = c.length;
+  probe_req_.data = check_buf_.get();
+  p.req = &probe_req_;
+  p.early_done = false;
+  if (!Outstanding()) last_rx_ = Clock::now();
+  probe_outstanding_ = true;
+  check_start_ = Clock::now();
+  SendSlot(p);
+  FlushTx();
+  return true;
+}
+
+void NbdClientDevice::Impl::FinishCheck(Status read_status) {
+  Status verdict;
+  switch (gate_.Verify(std::move(read_status), check_buf_.get(), probe_req_.length, &verdict)) {
+    case ConnectGate::Verdict::kRestart:  // replaced or removed while the READ ran
+      checking_ = false;
+      if (!StartCheck()) Admit();
+      return;
+    case ConnectGate::Verdict::kRejected:
+      check_failures_.fetch_add(1, std::memory_order_relaxed);
+      Log(Describe(), "connect check failed: " + verdict.ToString() + "; failing held requests");
+      FailAll(Status::IoError("connect check failed: " + verdict.ToString()), false);
+      if (state_ == State::kClosed) return;
+      gate_.Rejected(verdict);
+      if (state_ == State::kClosed) return;
+      break;
+    case ConnectGate::Verdict::kOk:
+      break;
+  }
+  Admit();
+}
+
+bool NbdClientDevice::Impl::Slot::AddFilled(std::uint32_t off, std::uint32_t len) {
+  const std::uint32_t end = off + len;  // the caller checked off + len <= request length
+  int at = 0;  // ranges are kept sorted by offset
+  while (at < nfilled && filled[at].off < off) ++at;
+  if (at > 0 && filled[at - 1].end > off) return false;
+  if (at < nfilled && filled[at].off < end) return false;
+  const bool join_prev = at > 0 && filled[at - 1].end == off;
+  const bool join_next = at < nfilled && filled[at].off == end;
+  if (join_prev && join_next) {
+    filled[at - 1].end = filled[at].end;
+    for (int i = at; i + 1 < nfilled; ++i) filled[i] = filled[i + 1];
+    --nfilled;
+  } else if (join_prev) {
+    filled[at - 1].end = end;
+  } else if (join_next) {
+    filled[at].off = off;
+  } else {
+    if (nfilled == kMaxFilled) return false;  // too fragmented to track: refuse, never guess
+    for (int i = nfilled; i > at; --i) filled[i] = filled[i - 1];
+    filled[at] = {off, end};
+    ++nfilled;
+  }
+  return true;
+}
+
+// The server broke the structured-reply rules for this read: the read fails (never re-sent:
+// the same server would lie again) and the connection, whose stream can no longer be trusted,
+// is replaced.
+void NbdClientDevice::Impl::FailLying(Slot& s, const char* why) {
+  bad_replies_.fetch_add(1, std::memory_order_relaxed);
+  Log(Describe(), std::string("server broke the protocol: ") + why + "; failing the read with EIO");
+  Lost(why);
+  if (s.req && !IsProbe(s)) CompleteSlot(s, Status::IoError(why));  // last: done() may re-enter
 }
 
 void NbdClientDevice::Impl::ConnectionLost(const char* why, Clock::time_point outage_start) {
@@ -887,16 +1028,18 @@ void NbdClientDevice::Impl::ConnectionLost(const char* why, Clock::time_point ou
   for (auto& s : slots_) {
     s.on_wire = false;
     s.chunk_error = Status::OK();
-    s.covered = 0;
+    s.nfilled = 0;
   }
   slots_.back().req = nullptr;
   ++slots_.back().gen;
   on_wire_ = 0;
   probe_outstanding_ = false;
+  checking_ = false;  // the next connection runs the check again
   rx_slot_ = nullptr;
   if (!in_outage_ || outage_start < outage_start_) outage_start_ = outage_start;
   in_outage_ = true;
   SetState(State::kReconnecting);
+  health_.Down(outage_start_, std::string("reconnecting: connection lost: ") + why);
   next_attempt_ = Clock::now();
   backoff_ = opts_.reconnect_min;
 }
@@ -970,7 +1113,7 @@ void NbdClientDevice::Impl::TakePending() {
 // the FIFO order is the submission order, and write-type requests behind a waiting flush wait
 // too, so every write in a slot is older than any flush still waiting.
 void NbdClientDevice::Impl::Pump() {
-  if (state_ != State::kConnected) return;
+  if (state_ != State::kConnected || checking_) return;
   blocked_.clear();
   bool older_write_waiting = false;
   bool flush_waiting = false;
@@ -1053,7 +1196,7 @@ void NbdClientDevice::Impl::SendSlot(Slot& s) {
     s.frame.payload_len = 0;
   }
   s.chunk_error = Status::OK();
-  s.covered = 0;
+  s.nfilled = 0;
   if (!Outstanding()) last_rx_ = Clock::now();
   s.on_wire = true;
   if (!IsProbe(s)) ++on_wire_;
@@ -1228,9 +1371,11 @@ void NbdClientDevice::Impl::OnChunkPrefix(const boost::system::error_code& ec) {
   const std::uint64_t off = Get64(rx_prefix_);
   const std::uint64_t len = rx_type_ == kChunkOffsetHole ? Get32(rx_prefix_ + 8) : rx_len_ - 8;
   const IoRequest& q = *s.req;
-  if (off < q.offset || len > q.length || off - q.offset > q.length - len) return Lost("reply chunk outside the request");
+  if (off < q.offset || len > q.length || off - q.offset > q.length - len)
+    return FailLying(s, "reply chunk outside the request");
+  if (len == 0 || !s.AddFilled(static_cast<std::uint32_t>(off - q.offset), static_cast<std::uint32_t>(len)))
+    return FailLying(s, "reply chunk overlaps an earlier one");
   char* dst = q.data + (off - q.offset);
-  s.covered += len;
   if (rx_type_ == kChunkOffsetHole) {
     std::memset(dst, 0, len);
     return AfterData();
@@ -1264,11 +1409,12 @@ void NbdClientDevice::Impl::AfterData() {
              rx_type_ != kChunkOffsetHole) {
     if (s->chunk_error.ok()) s->chunk_error = Status::IoError();  // unexpected chunk type
   }
+  if (s && (rx_flags_ & kReplyFlagDone) && s->chunk_error.ok() && !rx_simple_ &&
+      s->req->op == IoOp::kRead && !s->FilledExactly(s->req->length))
+    return FailLying(*s, "structured reply did not fill every byte of the read");
   StartRead();
   if (s && (rx_flags_ & kReplyFlagDone)) {
     Status st = s->chunk_error;
-    if (st.ok() && !rx_simple_ && s->req->op == IoOp::kRead && s->covered != s->req->length)
-      st = Status::IoError();  // the server did not cover the whole range
     if (rx_simple_ && s->req->op == IoOp::kRead) st = Status::OK();
     FinishReply(*s, std::move(st));
   }
@@ -1295,9 +1441,11 @@ void NbdClientDevice::Impl::FinishReply(Slot& s, Status st) {
   if (IsProbe(s)) {
     s.on_wire = false;
     probe_outstanding_ = false;
-    if (s.tx_queued) return;  // OnFrameSent clears it; the slot is reused only when idle
-    s.req = nullptr;
-    ++s.gen;
+    if (!s.tx_queued) {  // else OnFrameSent clears it; the slot is reused only when idle
+      s.req = nullptr;
+      ++s.gen;
+    }
+    if (checking_) FinishCheck(std::move(st));  // the probe slot carried the connect check
     return;
   }
   CompleteSlot(s, std::move(st));
@@ -1400,7 +1548,7 @@ void NbdClientDevice::Impl::OnTick(const boost::system::error_code& ec) {
         FlushTx();
         if (state_ != State::kConnected) break;
       }
-      bool stuck = false;
+      bool stuck = checking_ && now - check_start_ >= opts_.io_timeout;
       for (std::size_t i = 0; i + 1 < slots_.size(); ++i) {
         const Slot& s = slots_[i];
         if (s.req && s.on_wire && now - s.start >= opts_.io_timeout) {
@@ -1480,6 +1628,8 @@ void NbdClientDevice::Impl::DoClose() {
   }
   ++epoch_;
   SetState(State::kClosed);
+  health_.Down(Clock::now(), "closed");
+  checking_ = false;
   const std::uint64_t one = 1;
   ssize_t w = ::write(cancel_fd_, &one, sizeof one);  // wake a connector stuck in poll()
   (void)w;
@@ -1507,6 +1657,8 @@ NbdClientStats NbdClientDevice::Impl::Stats() const {
   st.resent = resent_.load(std::memory_order_relaxed);
   st.timeouts = timeouts_.load(std::memory_order_relaxed);
   st.probes = probes_.load(std::memory_order_relaxed);
+  st.bad_replies = bad_replies_.load(std::memory_order_relaxed);
+  st.check_failures = check_failures_.load(std::memory_order_relaxed);
   st.inflight = inflight_.load(std::memory_order_relaxed);
   st.requests = requests_.load(std::memory_order_relaxed);
   st.frames_sent = tx_stats_.frames.load(std::memory_order_relaxed);
@@ -1538,5 +1690,7 @@ void NbdClientDevice::Submit(IoRequest* req) { impl_->Submit(req); }
 std::string NbdClientDevice::Describe() const { return impl_->Describe(); }
 NbdClientStats NbdClientDevice::Stats() const { return impl_->Stats(); }
 void NbdClientDevice::Close() { impl_->Close(); }
+bool NbdClientDevice::SetConnectCheck(const ConnectCheck& check) { return impl_->SetConnectCheck(check); }
+DeviceHealth NbdClientDevice::Health() const { return impl_->Health(); }
 
 }  // namespace dst::net

@@ -22,6 +22,16 @@
 //   IN FLIGHT --connection lost before the server answered any request on it, and this request
 //              was the first one sent on it--> suspect; 3rd time in a row --> done(EIO)
 //
+// Connect check (block_device.h): after a reconnect's handshake, a READ of the check range
+// with the reserved id slot kCheckSlot goes out alone; Pump() sends nothing while checking_.
+// The verdict either re-sends the held requests (OK) or fails them with EIO and calls
+// rejected(); either way the connection is then admitted (Admit).  verify()/rejected() run with
+// the gate's mutex held, which SetConnectCheck() also takes (connect_gate.h).
+//
+// Progress: only a correct reply (right id, command and length) ends an outage and resets the
+// reconnect backoff (Progress); a PING answer counts only while no request waits.  A connection
+// lost without progress retries after a growing backoff.
+//
 // Timing runs on one periodic tick (<= 250 ms, finer for short timeouts): keepalive pings and
 // silence detection, io_timeout, handshake timeout and reconnect backoff.
 //
@@ -52,6 +62,7 @@
 #include <boost/asio/strand.hpp>
 #include <boost/asio/write.hpp>
 
+#include "connect_gate.h"
 #include "dst/net/codec.h"
 #include "dst/net/transmitter.h"
 #include "rx_buffer.h"
@@ -66,6 +77,7 @@ using std::chrono::milliseconds;
 namespace {
 
 constexpr std::uint32_t kPingSlot = 0xffffffffu;
+constexpr std::uint32_t kCheckSlot = 0xfffffffeu;  // the connect check's READ
 constexpr std::size_t kPayloadChunk = 256u << 10;  // rx progress (keepalive) granularity
 constexpr std::size_t kDrainBufSize = 64u << 10;
 // Backstop: a request that was the first one sent on this many consecutive connections that
@@ -176,6 +188,14 @@ class RemoteDevice::Impl : public std::enable_shared_from_this<Impl> {
   }
   RemoteStats Stats() const;
   void Close();
+  bool SetConnectCheck(const ConnectCheck& c) {
+    gate_.Set(c);
+    return true;
+  }
+  DeviceHealth Health() const {
+    const auto st = static_cast<State>(stat_state_.load(std::memory_order_relaxed));
+    return health_.Get(st == State::kConnected, st == State::kClosed);
+  }
 
  private:
   struct Slot {
@@ -190,6 +210,7 @@ class RemoteDevice::Impl : public std::enable_shared_from_this<Impl> {
     bool on_wire = false;      // sent on the current connection, reply outstanding
     bool tx_queued = false;    // frame still referenced by the Transmitter
     bool early_done = false;   // reply came while the frame was still queued
+    bool resend = false;       // digest error: send again once the frame is released
     Status early_status;
   };
 
@@ -203,6 +224,10 @@ class RemoteDevice::Impl : public std::enable_shared_from_this<Impl> {
   void OnHelloPayload(std::uint64_t epoch, const boost::system::error_code& ec);
   void AttemptFailed(Status st, bool hard);
   void OnHandshake(const HelloReply& r);
+  bool StartCheck();              // true: a check runs (or ran) and will admit the connection
+  void FinishCheck(Status read_status);
+  void Admit();                   // re-send held requests, start new ones
+  void Progress();
   // `closed_by_peer`: the server (or the network) ended the connection, as opposed to our own
   // keepalive / io_timeout verdict on a silent peer, which only io_timeout may turn into errors.
   void ConnectionLost(const char* why, Clock::time_point outage_start, bool closed_by_peer = true);
@@ -233,12 +258,16 @@ class RemoteDevice::Impl : public std::enable_shared_from_this<Impl> {
   void CompleteSlot(Slot& s, Status st);
   void FreeSlot(Slot& s);
   void FailAll(const Status& st, bool count_timeouts);
+  void ReadDone(Slot& s);
+  bool DigestOk(const char* data, std::size_t len);
+  void Reissue(Slot& s);
   void ArmTick();
   void OnTick(const boost::system::error_code& ec);
   void DoClose();
-  bool Outstanding() const { return on_wire_ > 0 || ping_outstanding_; }
+  bool Outstanding() const { return on_wire_ > 0 || ping_outstanding_ || check_outstanding_; }
   static void OnFrameSent(TxFrame* f, bool ok);
   static void OnPingSent(TxFrame* f, bool ok);
+  static void OnCheckSent(TxFrame* f, bool ok);
   static void OnTxError(void* ctx);
 
   // The I/O objects carry the concrete strand type: with the type-erased any_io_executor, Asio
@@ -316,11 +345,31 @@ class RemoteDevice::Impl : public std::enable_shared_from_this<Impl> {
   std::unique_ptr<char[]> drain_buf_;
   std::uint8_t hello_buf_[kHeaderSize + kMaxHelloPayload];
   Header hello_hdr_;
+  bool conn_progress_ = false;    // a correct reply arrived on this connection
+  bool digest_ = false;           // payload digests negotiated on this connection (§4.1)
+  bool rx_has_digest_ = false;    // the READ reply being received carried one
+  std::uint64_t rx_digest_ = 0;
+  bool resend_waiting_ = false;   // some slot has `resend` set
+
+  // Connect check (connect_gate.h); the rest is strand-only.
+  ConnectGate gate_;
+  bool checking_ = false;
+  bool check_outstanding_ = false;
+  Clock::time_point check_start_;
+  std::uint32_t check_gen_ = 0;
+  std::uint32_t check_len_ = 0;
+  std::uint32_t check_cap_ = 0;
+  std::unique_ptr<char[]> check_buf_;  // grows once per larger check, never per I/O
+  TxFrame check_frame_;
+
+  HealthClock health_;
 
   // Stats.
   TxStats tx_stats_;
   std::atomic<int> stat_state_{0};
   std::atomic<std::uint64_t> reconnects_{0}, resent_{0}, timeouts_{0}, requests_{0};
+  std::atomic<std::uint64_t> bad_replies_{0}, check_failures_{0}, digest_errors_{0};
+  std::atomic<bool> stat_digest_{false};
   std::atomic<std::uint32_t> inflight_{0};
 };
 
@@ -360,6 +409,8 @@ RemoteDevice::Impl::Impl(asio::io_context& io, const RemoteOptions& opts)
   }
   ping_frame_.owner = this;
   ping_frame_.on_sent = &Impl::OnPingSent;
+  check_frame_.owner = this;
+  check_frame_.on_sent = &Impl::OnCheckSent;
   drain_buf_.reset(new char[kDrainBufSize]);
   kick_fd_ = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 }
@@ -450,6 +501,7 @@ void RemoteDevice::Impl::OnConnected(std::uint64_t ep, const boost::system::erro
   }
   HelloRequest hr;
   hr.session_id = session_id_;
+  hr.features = opts_.checksum ? kFeatureDigestXxh3 : 0;
   hr.export_name = opts_.export_name;
   const std::size_t n = EncodeHelloRequest(hr, hello_buf_ + kHeaderSize, kMaxHelloPayload);
   Header h;
@@ -515,6 +567,7 @@ void RemoteDevice::Impl::AttemptFailed(Status st, bool hard) {
   } else if (last_error_.ToString() != st.ToString()) {
     Log(Describe(), "reconnect failed: " + st.ToString());
   }
+  if (!initial_) health_.Detail("reconnecting: " + st.ToString());
   last_error_ = std::move(st);
   next_attempt_ = now + backoff_;
   backoff_ = std::min<milliseconds>(backoff_ * 2, opts_.reconnect_max);
@@ -568,17 +621,33 @@ void RemoteDevice::Impl::OnHandshake(const HelloReply& r) {
     Log(Describe(), "reconnected");
   }
   initial_ = false;
-  backoff_ = opts_.reconnect_min;
+  digest_ = opts_.checksum && (r.features & kFeatureDigestXxh3);
+  stat_digest_.store(digest_, std::memory_order_relaxed);
   last_error_ = Status::OK();
   last_rx_ = Clock::now();
   last_ping_ = last_rx_;
   answered_ = false;
+  conn_progress_ = false;
   send_count_ = 0;
+  // Nothing waits for this connection: the outage is over (an idle device must not turn
+  // FAILING on its next loss because of an old outage).  Backoff resets only on a reply.
+  if (busy_ == 0 && !wait_head_) in_outage_ = false;
   SetState(State::kConnected);
   rx_buf_.Clear();  // bytes of the previous connection, if any, mean nothing now
   drain_left_ = 0;
   StartRead();
-  // Re-send every unacknowledged request in its original submission order.
+  if (was_initial) {
+    ReportFirst(Status::OK());
+    return Admit();
+  }
+  if (!StartCheck()) Admit();
+}
+
+// Re-sends every unacknowledged request in its original submission order, then new ones.
+void RemoteDevice::Impl::Admit() {
+  if (state_ != State::kConnected) return;
+  checking_ = false;
+  health_.Up();
   order_.clear();
   for (auto& s : slots_)
     if (s.req) order_.push_back(s.index);
@@ -588,7 +657,72 @@ void RemoteDevice::Impl::OnHandshake(const HelloReply& r) {
   resent_.fetch_add(order_.size(), std::memory_order_relaxed);
   Pump();
   FlushTx();
-  if (was_initial) ReportFirst(Status::OK());
+}
+
+bool RemoteDevice::Impl::StartCheck() {
+  const ConnectCheck c = gate_.Begin();
+  if (!c.verify) return false;
+  checking_ = true;
+  const DeviceInfo& info = info_;  // written on this strand only
+  const std::uint32_t bs = std::max<std::uint32_t>(info.logical_block_size, 1);
+  if (c.length == 0 || c.length > info.max_io_bytes || c.offset > info.size ||
+      c.length > info.size - c.offset || c.offset % bs || c.length % bs) {
+    FinishCheck(Status::InvalidArgument("connect check range outside the export or misaligned"));
+    return true;
+  }
+  if (check_cap_ < c.length) {
+    check_buf_.reset(new char[c.length]);
+    check_cap_ = c.length;
+  }
+  check_len_ = c.length;
+  Header h;
+  h.cmd = static_cast<std::uint16_t>(Cmd::kRead);
+  h.offset = c.offset;
+  h.length = c.length;
+  h.id = std::uint64_t(++check_gen_) << 32 | kCheckSlot;
+  EncodeHeader(h, check_frame_.header);
+  check_frame_.payload = nullptr;
+  check_frame_.payload_len = 0;
+  if (!Outstanding()) last_rx_ = Clock::now();
+  check_start_ = Clock::now();
+  check_outstanding_ = true;
+  tx_->Enqueue(&check_frame_);
+  FlushTx();
+  return true;
+}
+
+// The check READ finished (read_status) with check_len_ bytes in check_buf_.
+void RemoteDevice::Impl::FinishCheck(Status read_status) {
+  check_outstanding_ = false;
+  if (read_status.ok() && !DigestOk(check_buf_.get(), check_len_)) {  // corrupted: read again
+    checking_ = false;
+    if (!StartCheck()) Admit();
+    return;
+  }
+  Status verdict;
+  switch (gate_.Verify(std::move(read_status), check_buf_.get(), check_len_, &verdict)) {
+    case ConnectGate::Verdict::kRestart:  // replaced or removed while the READ ran
+      checking_ = false;
+      if (!StartCheck()) Admit();
+      return;
+    case ConnectGate::Verdict::kRejected:
+      check_failures_.fetch_add(1, std::memory_order_relaxed);
+      Log(Describe(), "connect check failed: " + verdict.ToString() + "; failing held requests");
+      FailAll(Status::IoError("connect check failed: " + verdict.ToString()), false);
+      if (state_ == State::kClosed) return;
+      gate_.Rejected(verdict);
+      if (state_ == State::kClosed) return;
+      break;
+    case ConnectGate::Verdict::kOk:
+      break;
+  }
+  Admit();
+}
+
+void RemoteDevice::Impl::Progress() {
+  in_outage_ = false;
+  conn_progress_ = true;
+  backoff_ = opts_.reconnect_min;
 }
 
 void RemoteDevice::Impl::ConnectionLost(const char* why, Clock::time_point outage_start,
@@ -618,17 +752,29 @@ void RemoteDevice::Impl::ConnectionLost(const char* why, Clock::time_point outag
   ++epoch_;
   tx_.reset();  // drops queued frames: on_sent(false) clears tx_queued
   CloseSockets();
-  for (auto& s : slots_) s.on_wire = false;
+  for (auto& s : slots_) {
+    s.on_wire = false;
+    s.resend = false;  // re-sent with every held request on the next connection
+  }
+  resend_waiting_ = false;
   on_wire_ = 0;
   ping_outstanding_ = false;
+  check_outstanding_ = false;
+  checking_ = false;  // the next connection runs the check again
   reader_slot_ = kPingSlot;
   // The outage lasts until the server answers something again: a reconnect that only gets as
   // far as the handshake does not restart the io_timeout clock.
   if (!in_outage_ || outage_start < outage_start_) outage_start_ = outage_start;
   in_outage_ = true;
   SetState(State::kReconnecting);
-  next_attempt_ = Clock::now();  // first retry at once; backoff after that
-  backoff_ = opts_.reconnect_min;
+  health_.Down(outage_start_, std::string("reconnecting: connection lost: ") + why);
+  if (conn_progress_) {
+    next_attempt_ = Clock::now();  // first retry at once; backoff after that
+    backoff_ = opts_.reconnect_min;
+  } else {  // nothing useful came over this connection: do not hammer the peer
+    next_attempt_ = Clock::now() + backoff_;
+    backoff_ = std::min<milliseconds>(backoff_ * 2, opts_.reconnect_max);
+  }
   if (suspect) {
     // Last: done() may re-enter Submit() or Close().
     suspect_losses_ = 0;
@@ -706,7 +852,19 @@ void RemoteDevice::Impl::TakePending() {
 //  * a flush waits until every older write-type request is acknowledged;
 //  * reads pass everything.
 void RemoteDevice::Impl::Pump() {
-  if (state_ != State::kConnected) return;
+  if (state_ != State::kConnected || checking_) return;
+  if (resend_waiting_) {
+    resend_waiting_ = false;
+    for (auto& s : slots_) {
+      if (!s.resend || !s.req) continue;
+      if (s.tx_queued) {
+        resend_waiting_ = true;
+      } else {
+        s.resend = false;
+        SendSlot(s);
+      }
+    }
+  }
   blocked_.clear();
   bool older_write_waiting = false;
   IoRequest* prev = nullptr;
@@ -776,6 +934,10 @@ void RemoteDevice::Impl::SendSlot(Slot& s) {
     h.offset = req->offset;
   }
   h.id = std::uint64_t(s.gen) << 32 | s.index;
+  if (req->op == IoOp::kWrite && digest_) {  // §4.1: computed on every send
+    h.flags |= kFlagDigest;
+    h.digest = PayloadDigest(req->data, req->length);
+  }
   EncodeHeader(h, s.frame.header);
   if (req->op == IoOp::kWrite) {
     s.frame.payload = req->data;
@@ -822,6 +984,8 @@ void RemoteDevice::Impl::OnFrameSent(TxFrame* f, bool /*ok*/) {
 void RemoteDevice::Impl::OnPingSent(TxFrame* f, bool) {
   static_cast<Impl*>(f->owner)->ping_queued_ = false;
 }
+
+void RemoteDevice::Impl::OnCheckSent(TxFrame*, bool) {}
 
 void RemoteDevice::Impl::OnTxError(void* ctx) {
   // Runs inside Transmitter::Flush; the Transmitter must not be destroyed here.
@@ -885,20 +1049,45 @@ RemoteDevice::Impl::RxStep RemoteDevice::Impl::OnHeader() {
     OnServerDisconnect();
     return RxStep::kStop;
   }
-  // Only a real answer ends an outage; an EPROTO frame before a close (above) does not, or a
-  // request the server rejects at the framing level would reconnect forever without io_timeout.
-  in_outage_ = false;
+  // Only a correct answer ends an outage (Progress); an EPROTO frame before a close (above) or
+  // a reply of the wrong length does not, or a peer that answers wrongly would reconnect
+  // forever without io_timeout.
   if (cmd == Cmd::kPing) {
-    if (rx_.id == (std::uint64_t(ping_gen_) << 32 | kPingSlot)) ping_outstanding_ = false;
+    if (rx_.id == (std::uint64_t(ping_gen_) << 32 | kPingSlot)) {
+      ping_outstanding_ = false;
+      if (busy_ == 0 && !checking_) Progress();  // alive, and nothing waits for an answer
+    }
     return RxStep::kNext;
   }
   if (cmd == Cmd::kHello) {
     ConnectionLost("unexpected HELLO reply", Clock::now());
     return RxStep::kStop;
   }
-  answered_ = true;  // a PING answer shows liveness, this shows the server can take requests
   const std::uint32_t idx = static_cast<std::uint32_t>(rx_.id);
   const std::uint32_t gen = static_cast<std::uint32_t>(rx_.id >> 32);
+  if (idx == kCheckSlot && check_outstanding_ && gen == check_gen_ && cmd == Cmd::kRead) {
+    if (!HasPayload(rx_)) {  // the server refused the check READ
+      Progress();
+      FinishCheck(FromWireStatus(rx_.status, "connect check READ"));
+      return RxStep::kCompleted;
+    }
+    if (rx_.length != check_len_) {
+      bad_replies_.fetch_add(1, std::memory_order_relaxed);
+      ConnectionLost("READ reply length mismatch", Clock::now());
+      return RxStep::kStop;
+    }
+    Progress();
+    rx_has_digest_ = rx_.flags & kFlagDigest;
+    rx_digest_ = rx_.digest;
+    const std::size_t have = rx_buf_.TakeInto(check_buf_.get(), rx_.length);
+    if (have < rx_.length) {
+      reader_slot_ = kCheckSlot;
+      ReadPayload(kCheckSlot, have);
+      return RxStep::kAsync;
+    }
+    FinishCheck(Status::OK());
+    return RxStep::kCompleted;
+  }
   Slot* s = idx < slots_.size() ? &slots_[idx] : nullptr;
   if (!s || !s->req || s->gen != gen || !s->on_wire || ToCmd(s->req->op) != cmd) {
     // Late or duplicated reply (a slot's earlier generation, or an unknown id): drop it, but
@@ -911,16 +1100,30 @@ RemoteDevice::Impl::RxStep RemoteDevice::Impl::OnHeader() {
   }
   if (HasPayload(rx_)) {  // successful READ: payload goes into the caller's buffer
     if (rx_.length != s->req->length) {
+      // Not progress: the outage clock and the backoff keep running (see the top of the file).
+      bad_replies_.fetch_add(1, std::memory_order_relaxed);
       ConnectionLost("READ reply length mismatch", Clock::now());
       return RxStep::kStop;
     }
+    answered_ = true;  // a PING answer shows liveness, this shows the server can take requests
+    Progress();
+    rx_has_digest_ = rx_.flags & kFlagDigest;
+    rx_digest_ = rx_.digest;
     const std::size_t have = rx_buf_.TakeInto(s->req->data, rx_.length);
     if (have < rx_.length) {  // the rest comes from the socket straight into the buffer
       reader_slot_ = idx;
       ReadPayload(idx, have);
       return RxStep::kAsync;
     }
-    CompleteSlot(*s, Status::OK());
+    ReadDone(*s);
+    return RxStep::kCompleted;
+  }
+  answered_ = true;
+  Progress();
+  if (digest_ && rx_.status == static_cast<std::uint32_t>(WireStatus::kBadMsg) && cmd == Cmd::kWrite) {
+    digest_errors_.fetch_add(1, std::memory_order_relaxed);
+    Log(Describe(), "exporter saw a corrupted WRITE payload: re-sending it");
+    Reissue(*s);
     return RxStep::kCompleted;
   }
   if (rx_.status == static_cast<std::uint32_t>(WireStatus::kShutdown)) {
@@ -954,19 +1157,24 @@ void RemoteDevice::Impl::OnServerDisconnect() {
 }
 
 void RemoteDevice::Impl::ReadPayload(std::uint32_t idx, std::size_t done) {
-  Slot& s = slots_[idx];
-  const std::size_t n = std::min<std::size_t>(kPayloadChunk, s.req->length - done);
+  const bool check = idx == kCheckSlot;
+  char* dst = check ? check_buf_.get() : slots_[idx].req->data;
+  const std::size_t total = check ? check_len_ : slots_[idx].req->length;
+  const std::size_t n = std::min<std::size_t>(kPayloadChunk, total - done);
   auto self = shared_from_this();
   const std::uint64_t ep = epoch_;
-  asio::async_read(socket_, asio::buffer(s.req->data + done, n),
-                   [self, ep, idx, done](const boost::system::error_code& ec, std::size_t got) {
+  asio::async_read(socket_, asio::buffer(dst + done, n),
+                   [self, ep, idx, done, total](const boost::system::error_code& ec, std::size_t got) {
                      if (ep != self->epoch_ || self->state_ != State::kConnected) return;
                      if (ec) return self->ConnectionLost("receive failed", Clock::now());
                      self->last_rx_ = Clock::now();
-                     Slot& sl = self->slots_[idx];
-                     if (done + got < sl.req->length) return self->ReadPayload(idx, done + got);
+                     if (done + got < total) return self->ReadPayload(idx, done + got);
                      self->reader_slot_ = kPingSlot;
-                     self->CompleteSlot(sl, Status::OK());
+                     if (idx == kCheckSlot) {
+                       self->FinishCheck(Status::OK());
+                     } else {
+                       self->ReadDone(self->slots_[idx]);
+                     }
                      self->ParseRx(true);
                    });
 }
@@ -984,6 +1192,33 @@ void RemoteDevice::Impl::Drain() {
                      if (self->drain_left_) return self->Drain();
                      self->ParseRx(false);
                    });
+}
+
+// §4.1: a READ payload is handed to the caller only when its digest matches; otherwise the
+// READ is sent again (the caller's buffer is simply overwritten by the next reply).
+bool RemoteDevice::Impl::DigestOk(const char* data, std::size_t len) {
+  if (!digest_ || (rx_has_digest_ && PayloadDigest(data, len) == rx_digest_)) return true;
+  digest_errors_.fetch_add(1, std::memory_order_relaxed);
+  Log(Describe(), "corrupted READ payload (digest mismatch): reading again");
+  return false;
+}
+
+void RemoteDevice::Impl::ReadDone(Slot& s) {
+  if (!DigestOk(s.req->data, s.req->length)) return Reissue(s);
+  CompleteSlot(s, Status::OK());
+}
+
+void RemoteDevice::Impl::Reissue(Slot& s) {
+  if (s.on_wire) {
+    s.on_wire = false;
+    --on_wire_;
+  }
+  if (s.tx_queued) {  // the Transmitter still holds the frame: Pump sends it once released
+    s.resend = true;
+    resend_waiting_ = true;
+    return;
+  }
+  SendSlot(s);
 }
 
 void RemoteDevice::Impl::CompleteSlot(Slot& s, Status st) {
@@ -1010,6 +1245,7 @@ void RemoteDevice::Impl::FreeSlot(Slot& s) {
   --busy_;
   inflight_.store(busy_, std::memory_order_relaxed);
   s.req = nullptr;
+  s.resend = false;
   if (++s.gen == 0) s.gen = 1;  // a late reply for this use no longer matches
   free_.push_back(s.index);
 }
@@ -1082,7 +1318,7 @@ void RemoteDevice::Impl::OnTick(const boost::system::error_code& ec) {
       // alone could let the server execute it after a newer overlapping write, so the whole
       // connection goes: the server's session fence then orders the old requests before
       // anything sent on the next connection.
-      bool stuck = false;
+      bool stuck = checking_ && now - check_start_ >= opts_.io_timeout;
       for (auto& s : slots_)
         if (s.req && s.on_wire && now - s.start >= opts_.io_timeout) {
           stuck = true;
@@ -1154,6 +1390,9 @@ void RemoteDevice::Impl::DoClose() {
   }
   ++epoch_;
   SetState(State::kClosed);
+  health_.Down(Clock::now(), "closed");
+  checking_ = false;
+  check_outstanding_ = false;
   boost::system::error_code ec;
   resolver_.cancel();
   tx_.reset();
@@ -1176,6 +1415,10 @@ RemoteStats RemoteDevice::Impl::Stats() const {
   st.reconnects = reconnects_.load(std::memory_order_relaxed);
   st.resent = resent_.load(std::memory_order_relaxed);
   st.timeouts = timeouts_.load(std::memory_order_relaxed);
+  st.bad_replies = bad_replies_.load(std::memory_order_relaxed);
+  st.check_failures = check_failures_.load(std::memory_order_relaxed);
+  st.digest_errors = digest_errors_.load(std::memory_order_relaxed);
+  st.checksum = stat_digest_.load(std::memory_order_relaxed);
   st.inflight = inflight_.load(std::memory_order_relaxed);
   st.requests = requests_.load(std::memory_order_relaxed);
   st.frames_sent = tx_stats_.frames.load(std::memory_order_relaxed);
@@ -1206,5 +1449,7 @@ void RemoteDevice::Submit(IoRequest* req) { impl_->Submit(req); }
 std::string RemoteDevice::Describe() const { return impl_->Describe(); }
 RemoteStats RemoteDevice::Stats() const { return impl_->Stats(); }
 void RemoteDevice::Close() { impl_->Close(); }
+bool RemoteDevice::SetConnectCheck(const ConnectCheck& check) { return impl_->SetConnectCheck(check); }
+DeviceHealth RemoteDevice::Health() const { return impl_->Health(); }
 
 }  // namespace dst::net

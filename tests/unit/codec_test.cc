@@ -147,6 +147,15 @@ class CodecTest : public QObject {
     expect_bad("FLUSH with length", DecodeMutated(Req(Cmd::kFlush, 0, 512), [](std::uint8_t*) {}));
     expect_bad("PING with offset", DecodeMutated(Req(Cmd::kPing, 4096, 0), [](std::uint8_t*) {}));
     expect_bad("oversized HELLO", DecodeMutated(Req(Cmd::kHello, 0, kMaxHelloPayload + 1), [](std::uint8_t*) {}));
+    expect_bad("DIGEST on a READ request", DecodeMutated(Req(Cmd::kRead, 0, 512, kFlagDigest), [](std::uint8_t*) {}));
+    expect_bad("digest bytes without DIGEST", DecodeMutated(Req(Cmd::kWrite, 0, 512), [](std::uint8_t* b) { b[33] = 1; }));
+    expect_bad("reserved after digest", DecodeMutated(Req(Cmd::kWrite, 0, 512, kFlagDigest), [](std::uint8_t* b) { b[44] = 1; }));
+    {
+      Header wr = Req(Cmd::kWrite, 0, 512);
+      wr.cmd |= kReplyBit;
+      wr.flags = kFlagDigest;
+      expect_bad("DIGEST on a WRITE reply", DecodeMutated(wr, [](std::uint8_t*) {}));
+    }
     QVERIFY(rejected >= 12);
     // The limits themselves are accepted.
     Header d;
@@ -155,6 +164,21 @@ class CodecTest : public QObject {
     QVERIFY(DecodeHeader(b, &d).ok());
     EncodeHeader(Req(Cmd::kWriteZeroes, 0, 512, kFlagNoUnmap | kFlagFua), b);
     QVERIFY(DecodeHeader(b, &d).ok());
+    // §4.1: the digest travels in bytes 32..39, big-endian.
+    Header dw = Req(Cmd::kWrite, 0, 512, kFlagDigest | kFlagFua);
+    dw.digest = 0x0102030405060708ull;
+    EncodeHeader(dw, b);
+    QCOMPARE(int(b[32]), 1);
+    QCOMPARE(int(b[39]), 8);
+    QVERIFY(DecodeHeader(b, &d).ok());
+    QCOMPARE(d.digest, dw.digest);
+    Header rr = Req(Cmd::kRead, 0, 512, kFlagDigest);
+    rr.cmd |= kReplyBit;
+    rr.digest = 42;
+    EncodeHeader(rr, b);
+    QVERIFY(DecodeHeader(b, &d).ok());
+    QCOMPARE(d.digest, std::uint64_t(42));
+    QCOMPARE(PayloadDigest("", 0), std::uint64_t(0x2D06800538D394C2ull));  // XXH3-64 of nothing
   }
 
   void malformedHello() {

@@ -50,6 +50,7 @@ class ConfigTest : public QObject {
         "queue_depth = 32\n"
         "io_timeout = 30\n"
         "keepalive_timeout = 3\n"
+        "checksum = \"xxh3\"\n"
         "\n"
         "[[volume]]\n"
         "name = \"local\"\n"
@@ -74,6 +75,10 @@ class ConfigTest : public QObject {
     QCOMPARE(c.volumes[0].queue_depth, 32u);
     QCOMPARE(c.volumes[0].io_timeout_s, 30u);
     QCOMPARE(c.volumes[0].keepalive_timeout_s, 3u);
+    QCOMPARE(c.volumes[0].checksum, std::string("xxh3"));
+    QVERIFY(c.volumes[1].checksum.empty());  // default: off
+    QVERIFY(!ParseConfig("[[volume]]\nname = \"v\"\nremote = \"dst://h/e\"\nchecksum = \"crc\"\n", "c.toml",
+                         {false}).ok());
     QCOMPARE(c.volumes[1].path, std::string("/srv/local.img"));
     QCOMPARE(c.volumes[1].queue_depth, 64u);  // default
   }
@@ -191,6 +196,20 @@ class ConfigTest : public QObject {
     QVERIFY(Error(missing_export + "size = \"1M\"\n", true).empty());
     { std::ofstream(img) << "x"; }
     QVERIFY(Error(missing_export, true).empty());
+    // An image is never shrunk; growing it needs grow = true (issue 9, 11a).
+    {
+      std::ofstream f(img, std::ios::trunc);
+      f << std::string(1 << 20, 'x');
+    }
+    err = Error(missing_export + "size = \"4K\"\n", true);
+    QVERIFY2(err.find("1048576 bytes and size is 4096 bytes: an image is never shrunk") !=
+                 std::string::npos, err.c_str());
+    err = Error(missing_export + "size = \"2M\"\n", true);
+    QVERIFY2(err.find("set grow = true") != std::string::npos, err.c_str());
+    QVERIFY(Error(missing_export + "size = \"2M\"\ngrow = true\n", true).empty());
+    QVERIFY(Error(missing_export + "size = \"1M\"\n", true).empty());
+    err = Error(missing_export + "grow = true\n", true);
+    QVERIFY2(err.find("needs a size") != std::string::npos, err.c_str());
     std::string vol = "[[volume]]\nname = \"v\"\npath = \"" + img + ".nope\"\n";
     err = Error(vol, true);
     QVERIFY2(err.find("does not exist") != std::string::npos, err.c_str());

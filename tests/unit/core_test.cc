@@ -7,11 +7,13 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <filesystem>
 #include <thread>
 #include <vector>
 
 #include "dst/block_device.h"
 #include "dst/buffer_pool.h"
+#include "dst/counting_device.h"
 #include "dst/file_device.h"
 #include "dst/status.h"
 #include "test_env.h"
@@ -204,6 +206,80 @@ class CoreTest : public QObject {
     QCOMPARE(WriteSync(*dev.value(), 0, buf, 512).code(), Status::Code::kReadOnly);
     QVERIFY(ReadSync(*dev.value(), 0, buf, 512).ok());
     QVERIFY(!FileDevice::Open(dir.path().toStdString() + "/missing.img").ok());
+  }
+
+  // Regression (issue 9, 11a): create+size on an existing image truncated it (1 MiB of data
+  // became 4 KiB).  A smaller size is refused naming both sizes; a larger one needs grow.
+  void fileDeviceNeverShrinks() {
+    QTemporaryDir dir;
+    std::string path = dir.path().toStdString() + "/img";
+    std::vector<char> w(1 << 20, 'x');
+    {
+      FileDeviceOptions o;
+      o.create = true;
+      o.size = 1 << 20;
+      auto dev = FileDevice::Open(path, o);
+      QVERIFY(dev.ok());
+      QVERIFY(WriteSync(*dev.value(), 0, w.data(), w.size()).ok());
+    }
+    FileDeviceOptions small;
+    small.create = true;
+    small.size = 4096;
+    small.grow = true;  // grow never allows shrinking
+    auto r = FileDevice::Open(path, small);
+    QVERIFY(!r.ok());
+    QVERIFY2(r.status().message().find("1048576") != std::string::npos &&
+                 r.status().message().find("4096") != std::string::npos &&
+                 r.status().message().find("never shrunk") != std::string::npos,
+             r.status().message().c_str());
+    QCOMPARE(std::filesystem::file_size(path), std::uintmax_t(1) << 20);
+
+    FileDeviceOptions big;
+    big.create = true;
+    big.size = 2 << 20;
+    r = FileDevice::Open(path, big);
+    QVERIFY(!r.ok());
+    QVERIFY2(r.status().message().find("grow") != std::string::npos, r.status().message().c_str());
+    QCOMPARE(std::filesystem::file_size(path), std::uintmax_t(1) << 20);
+
+    big.grow = true;
+    r = FileDevice::Open(path, big);
+    QVERIFY(r.ok());
+    QCOMPARE(r.value()->Info().size, std::uint64_t(2) << 20);
+    std::vector<char> back(1 << 20);
+    QVERIFY(ReadSync(*r.value(), 0, back.data(), back.size()).ok());
+    QVERIFY(back == w);
+
+    FileDeviceOptions same;  // the same size is fine without grow
+    same.create = true;
+    same.size = 2 << 20;
+    QVERIFY(FileDevice::Open(path, same).ok());
+  }
+
+  // Per-leg counters (issue 9 item 4): ops, bytes and errors of what passes through.
+  void countingDevice() {
+    QTemporaryDir dir;
+    FileDeviceOptions o;
+    o.create = true;
+    o.size = 1 << 20;
+    auto file = FileDevice::Open(dir.path().toStdString() + "/c.img", o);
+    QVERIFY(file.ok());
+    CountingDevice dev(file.value(), 2);
+    QCOMPARE(dev.Info().size, std::uint64_t(1) << 20);
+    std::vector<char> b(8192, 'c');
+    QVERIFY(WriteSync(dev, 0, b.data(), 8192).ok());
+    QVERIFY(ReadSync(dev, 0, b.data(), 4096).ok());
+    QVERIFY(ReadSync(dev, 4096, b.data(), 4096).ok());
+    QVERIFY(!ReadSync(dev, 1 << 20, b.data(), 4096).ok());  // past the end: an error
+    QVERIFY(FlushSync(dev).ok());
+    DeviceCounters c = dev.Counters();
+    QCOMPARE(c.writes, std::uint64_t(1));
+    QCOMPARE(c.bytes_written, std::uint64_t(8192));
+    QCOMPARE(c.reads, std::uint64_t(3));
+    QCOMPARE(c.bytes_read, std::uint64_t(12288));
+    QCOMPARE(c.errors, std::uint64_t(1));
+    QCOMPARE(c.other, std::uint64_t(1));
+    QCOMPARE(c.uncounted, std::uint64_t(0));
   }
 };
 

@@ -123,10 +123,11 @@ class RawClient {
     return true;
   }
   bool Send(Cmd cmd, std::uint64_t id, std::uint64_t off, std::uint32_t len, const void* payload = nullptr,
-            std::uint16_t flags = 0) {
+            std::uint16_t flags = 0, std::uint64_t digest = 0) {
     Header h;
     h.cmd = static_cast<std::uint16_t>(cmd);
     h.flags = flags;
+    h.digest = digest;
     h.id = id;
     h.offset = off;
     h.length = len;
@@ -147,10 +148,12 @@ class RawClient {
     return true;
   }
   // Sends HELLO; returns the reply status (or -1 on a transport/format failure).
-  long Hello(const std::string& name, std::uint64_t session = 0, HelloReply* out = nullptr) {
+  long Hello(const std::string& name, std::uint64_t session = 0, HelloReply* out = nullptr,
+             std::uint32_t features = 0) {
     HelloRequest r;
     r.export_name = name;
     r.session_id = session;
+    r.features = features;
     std::uint8_t p[kMaxHelloPayload];
     std::size_t n = EncodeHelloRequest(r, p, sizeof p);
     if (!Send(Cmd::kHello, 1, 0, std::uint32_t(n), p)) return -1;
@@ -641,6 +644,49 @@ class ExporterTest : public QObject {
   }
 
   // ---- malformed input: each on a fresh connection, then a healthy client must still work ----
+
+  // docs/protocol.md §4.1: the feature is echoed only when offered; a WRITE with a wrong (or no)
+  // digest is not applied and answered EBADMSG; READ replies carry the payload's digest.
+  void payloadDigests() {
+    RawClient old;
+    QVERIFY(old.Connect(port_));
+    HelloReply r;
+    QCOMPARE(old.Hello("disk", 0, &r, 0), 0L);
+    QCOMPARE(r.features, 0u);  // not offered: an old client sees no change
+    RawClient c;
+    QVERIFY(c.Connect(port_));
+    QCOMPARE(c.Hello("disk", 0, &r, kFeatureDigestXxh3 | 0x80000000u), 0L);
+    QCOMPARE(r.features, kFeatureDigestXxh3);  // unknown bits are answered as 0
+    std::vector<char> w(8192), rd(8192), before(8192);
+    Fill(w, 9);
+    Header h;
+    const auto before_stats = srv_->exporter->Stats().digest_errors;
+    QVERIFY(c.Send(Cmd::kRead, 1, 1 << 20, 8192));
+    QVERIFY(c.Recv(&h, before.data()));
+    QVERIFY(h.flags & kFlagDigest);
+    QCOMPARE(h.digest, PayloadDigest(before.data(), 8192));
+    QVERIFY(c.Send(Cmd::kWrite, 2, 1 << 20, 8192, w.data(), kFlagDigest, PayloadDigest(w.data(), 8192) ^ 1));
+    QVERIFY(c.Recv(&h));
+    QCOMPARE(h.status, std::uint32_t(WireStatus::kBadMsg));
+    QVERIFY(c.Send(Cmd::kWrite, 3, 1 << 20, 8192, w.data()));  // no digest at all
+    QVERIFY(c.Recv(&h));
+    QCOMPARE(h.status, std::uint32_t(WireStatus::kBadMsg));
+    QVERIFY(c.Send(Cmd::kRead, 4, 1 << 20, 8192));
+    QVERIFY(c.Recv(&h, rd.data()));
+    QVERIFY2(rd == before, "a WRITE with a bad digest must not be applied");
+    QCOMPARE(srv_->exporter->Stats().digest_errors, before_stats + 2);
+    QVERIFY(c.Send(Cmd::kWrite, 5, 1 << 20, 8192, w.data(), kFlagDigest, PayloadDigest(w.data(), 8192)));
+    QVERIFY(c.Recv(&h));
+    QCOMPARE(h.status, 0u);
+    QVERIFY(c.Send(Cmd::kRead, 6, 1 << 20, 8192));
+    QVERIFY(c.Recv(&h, rd.data()));
+    QVERIFY(rd == w);
+    QCOMPARE(h.digest, PayloadDigest(w.data(), 8192));
+    // The old client's READ replies carry no digest.
+    QVERIFY(old.Send(Cmd::kRead, 7, 1 << 20, 8192));
+    QVERIFY(old.Recv(&h, rd.data()));
+    QVERIFY(!(h.flags & kFlagDigest));
+  }
 
   void badMagic() {
     RawClient c;

@@ -3,9 +3,10 @@
 // Two peers:
 //  * nbdkit (memory and file plugins), a real external NBD server started per test with
 //    QProcess on a Unix socket in a temp dir or on 127.0.0.1:<free port>;
-//  * FakeNbd, an in-process server (raw sockets + nbd_format.h) that can misbehave on purpose:
+//  * FakeNbd (tests/lib/fake_peers.h), an in-process server that can misbehave on purpose:
 //    refuse structured replies or OPT_GO, split READ replies into reversed data/hole chunks,
-//    send error chunks, go silent, close in the middle of a reply, change the export size.
+//    send error chunks, go silent, close in the middle of a reply, change the export size, lie
+//    in structured replies (a half twice, overlapping chunks, missing bytes).
 // Also counts heap allocations per I/O.
 #include <netinet/in.h>
 #include <poll.h>
@@ -36,6 +37,8 @@
 #include "dst/block_device.h"
 #include "dst/net/nbd_client_device.h"
 #include "dst/net/nbd_format.h"
+#include "connect_check_probe.h"
+#include "fake_peers.h"
 #include "test_env.h"
 
 // --- allocation counter (threads of the fake server opt out) ---------------------------------
@@ -43,7 +46,7 @@ static std::atomic<bool> g_count_allocs{false};
 static std::atomic<std::uint64_t> g_allocs{0};
 static thread_local bool t_no_count = false;
 static void* CountedAlloc(std::size_t n) {
-  if (g_count_allocs.load(std::memory_order_relaxed) && !t_no_count) g_allocs.fetch_add(1, std::memory_order_relaxed);
+  if (g_count_allocs.load(std::memory_order_relaxed) && !t_no_count && !dst::test::t_fake_peer_thread) g_allocs.fetch_add(1, std::memory_order_relaxed);
   void* p = std::malloc(n ? n : 1);
   if (!p) throw std::bad_alloc();
   return p;
@@ -65,34 +68,6 @@ namespace {
 
 std::int64_t MsSince(Clock::time_point t) {
   return std::chrono::duration_cast<milliseconds>(Clock::now() - t).count();
-}
-
-bool ReadFull(int fd, void* buf, std::size_t n) {
-  auto* p = static_cast<char*>(buf);
-  while (n) {
-    ssize_t r = ::read(fd, p, n);
-    if (r <= 0) {
-      if (r < 0 && errno == EINTR) continue;
-      return false;
-    }
-    p += r;
-    n -= static_cast<std::size_t>(r);
-  }
-  return true;
-}
-
-bool WriteFull(int fd, const void* buf, std::size_t n) {
-  auto* p = static_cast<const char*>(buf);
-  while (n) {
-    ssize_t w = ::send(fd, p, n, MSG_NOSIGNAL);
-    if (w <= 0) {
-      if (w < 0 && errno == EINTR) continue;
-      return false;
-    }
-    p += w;
-    n -= static_cast<std::size_t>(w);
-  }
-  return true;
 }
 
 void Fill(char* p, std::size_t n, std::uint32_t seed) {
@@ -141,6 +116,15 @@ struct Batch {
   bool Wait(int n, milliseconds timeout = milliseconds(20000)) {
     std::unique_lock<std::mutex> l(mu);
     return cv.wait_for(l, timeout, [&] { return done >= n; });
+  }
+  void Prep(IoRequest& q, IoOp op, std::uint64_t off, std::uint32_t len, char* p) {
+    q = IoRequest{};
+    q.op = op;
+    q.offset = off;
+    q.length = len;
+    q.data = p;
+    q.done = &Done;
+    q.ctx = this;
   }
 };
 
@@ -196,289 +180,7 @@ class Nbdkit {
 
 // ---- fake NBD server --------------------------------------------------------------------------
 
-class FakeNbd {
- public:
-  std::atomic<bool> fixed{true}, no_zeroes{true}, offer_structured{true}, support_go{true};
-  std::atomic<bool> hole_chunks{false};    // READ: reversed halves, all-zero halves as holes
-  std::atomic<std::int64_t> error_offset{-1};  // a READ covering it fails with EIO
-  std::atomic<int> silent_conn{0};         // this connection number (1-based) never replies; -1: all
-  std::atomic<int> close_mid_read{0};      // >0: the next READ gets half its reply, then a close
-  std::atomic<int> write_delay_ms{0};
-  std::atomic<int> pipelined_after_write{0};  // a request was already waiting when a write ended
-  std::atomic<std::uint64_t> size;
-  std::atomic<int> connections{0};
-  std::atomic<int> discs{0};
-  std::atomic<std::uint32_t> min_block{1};
-  std::string name = "fake";
-
-  explicit FakeNbd(std::uint64_t sz = 8u << 20) : size(sz), disk_(sz, 0) {
-    path_ = dir_.path() + "/fake.sock";
-    listen_fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_un a{};
-    a.sun_family = AF_UNIX;
-    std::strncpy(a.sun_path, path_.toLocal8Bit().constData(), sizeof a.sun_path - 1);
-    ::bind(listen_fd_, reinterpret_cast<sockaddr*>(&a), sizeof a);
-    ::listen(listen_fd_, 16);
-    accept_thread_ = std::thread([this] { AcceptLoop(); });
-  }
-  ~FakeNbd() {
-    stop_ = true;
-    ::shutdown(listen_fd_, SHUT_RDWR);
-    accept_thread_.join();
-    ::close(listen_fd_);
-    DropConnections();
-    for (auto& t : threads_) t.join();
-  }
-  std::string path() const { return path_.toStdString(); }
-  void DropConnections() {
-    std::lock_guard<std::mutex> l(mu_);
-    for (int fd : fds_) ::shutdown(fd, SHUT_RDWR);
-  }
-  std::vector<char> Disk() {
-    std::lock_guard<std::mutex> l(mu_);
-    return disk_;
-  }
-
- private:
-  void AcceptLoop() {
-    t_no_count = true;
-    for (;;) {
-      int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-      if (fd < 0) {
-        if (stop_) return;
-        if (errno == EINTR) continue;
-        return;
-      }
-      std::lock_guard<std::mutex> l(mu_);
-      fds_.push_back(fd);
-      const int n = ++connections;
-      threads_.emplace_back([this, fd, n] {
-        t_no_count = true;
-        Serve(fd, n);
-        std::lock_guard<std::mutex> g(mu_);
-        fds_.erase(std::find(fds_.begin(), fds_.end(), fd));
-        ::close(fd);
-      });
-    }
-  }
-
-  bool OptReply(int fd, std::uint32_t opt, std::uint32_t type, const std::string& data) {
-    std::uint8_t h[20];
-    nb::Put64(h, nb::kOptReplyMagic);
-    nb::Put32(h + 8, opt);
-    nb::Put32(h + 12, type);
-    nb::Put32(h + 16, static_cast<std::uint32_t>(data.size()));
-    return WriteFull(fd, h, 20) && WriteFull(fd, data.data(), data.size());
-  }
-
-  std::uint16_t TxFlags() const {
-    return nb::kTxHasFlags | nb::kTxSendFlush | nb::kTxSendFua | nb::kTxSendTrim | nb::kTxSendWriteZeroes;
-  }
-
-  void Serve(int fd, int conn) {
-    std::uint8_t g[18];
-    nb::Put64(g, nb::kNbdMagic);
-    nb::Put64(g + 8, nb::kOptMagic);
-    nb::Put16(g + 16, static_cast<std::uint16_t>((fixed ? nb::kFlagFixedNewstyle : 0) | (no_zeroes ? nb::kFlagNoZeroes : 0)));
-    if (!WriteFull(fd, g, 18)) return;
-    std::uint8_t cf[4];
-    if (!ReadFull(fd, cf, 4)) return;
-    const bool client_no_zeroes = nb::Get32(cf) & nb::kClientFlagNoZeroes;
-    bool structured = false;
-    for (;;) {
-      std::uint8_t h[16];
-      if (!ReadFull(fd, h, 16) || nb::Get64(h) != nb::kOptMagic) return;
-      const std::uint32_t opt = nb::Get32(h + 8), len = nb::Get32(h + 12);
-      std::string data(len, '\0');
-      if (!ReadFull(fd, data.data(), len)) return;
-      if (opt == nb::kOptExportName) {
-        if (data != name) return;  // the only way to refuse
-        std::uint8_t r[10 + 124] = {};
-        nb::Put64(r, size.load());
-        nb::Put16(r + 8, TxFlags());
-        if (!WriteFull(fd, r, client_no_zeroes ? 10 : sizeof r)) return;
-        break;
-      }
-      if (opt == nb::kOptStructuredReply && offer_structured && fixed) {
-        structured = true;
-        if (!OptReply(fd, opt, nb::kRepAck, {})) return;
-        continue;
-      }
-      if (opt == nb::kOptGo && support_go && fixed) {
-        const auto* d = reinterpret_cast<const std::uint8_t*>(data.data());
-        const std::uint32_t nl = nb::Get32(d);
-        if (data.substr(4, nl) != name) {
-          if (!OptReply(fd, opt, nb::kRepErrUnknown, "no such export")) return;
-          continue;
-        }
-        std::string ex(12, '\0');
-        auto* e = reinterpret_cast<std::uint8_t*>(ex.data());
-        nb::Put16(e, nb::kInfoExport);
-        nb::Put64(e + 2, size.load());
-        nb::Put16(e + 10, TxFlags());
-        std::string bs(14, '\0');
-        auto* b = reinterpret_cast<std::uint8_t*>(bs.data());
-        nb::Put16(b, nb::kInfoBlockSize);
-        nb::Put32(b + 2, min_block.load());
-        nb::Put32(b + 6, 4096);
-        nb::Put32(b + 10, 1u << 20);
-        if (!OptReply(fd, opt, nb::kRepInfo, ex) || !OptReply(fd, opt, nb::kRepInfo, bs) ||
-            !OptReply(fd, opt, nb::kRepAck, {}))
-          return;
-        break;
-      }
-      if (!OptReply(fd, opt, nb::kRepErrUnsup, {})) return;
-    }
-    Transmit(fd, conn, structured);
-  }
-
-  bool Simple(int fd, std::uint32_t err, std::uint64_t cookie, const char* data = nullptr, std::size_t n = 0) {
-    std::uint8_t r[16];
-    nb::Put32(r, nb::kSimpleReplyMagic);
-    nb::Put32(r + 4, err);
-    nb::Put64(r + 8, cookie);
-    return WriteFull(fd, r, 16) && (n == 0 || WriteFull(fd, data, n));
-  }
-  bool Chunk(int fd, std::uint16_t flags, std::uint16_t type, std::uint64_t cookie, const std::string& payload) {
-    std::uint8_t r[20];
-    nb::Put32(r, nb::kStructuredReplyMagic);
-    nb::Put16(r + 4, flags);
-    nb::Put16(r + 6, type);
-    nb::Put64(r + 8, cookie);
-    nb::Put32(r + 16, static_cast<std::uint32_t>(payload.size()));
-    return WriteFull(fd, r, 20) && WriteFull(fd, payload.data(), payload.size());
-  }
-  std::string OffsetPrefix(std::uint64_t off) {
-    std::string s(8, '\0');
-    nb::Put64(reinterpret_cast<std::uint8_t*>(s.data()), off);
-    return s;
-  }
-
-  void Transmit(int fd, int conn, bool structured) {
-    std::vector<char> buf;
-    for (;;) {
-      std::uint8_t q[28];
-      if (!ReadFull(fd, q, 28) || nb::Get32(q) != nb::kRequestMagic) return;
-      const std::uint16_t type = nb::Get16(q + 6);
-      const std::uint64_t cookie = nb::Get64(q + 8), off = nb::Get64(q + 16);
-      const std::uint32_t len = nb::Get32(q + 24);
-      if (type == nb::kCmdWrite) {
-        buf.resize(len);
-        if (!ReadFull(fd, buf.data(), len)) return;
-      }
-      if (type == nb::kCmdDisc) {
-        ++discs;
-        return;
-      }
-      const int sc = silent_conn.load();
-      if (sc == -1 || sc == conn) continue;
-      if (off + len > disk_.size()) {
-        if (!Simple(fd, nb::kEinval, cookie)) return;
-        continue;
-      }
-      bool ok = true;
-      switch (type) {
-        case nb::kCmdWrite: {
-          if (write_delay_ms) {
-            std::this_thread::sleep_for(milliseconds(write_delay_ms.load()));
-            char c;
-            if (::recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) == 1) ++pipelined_after_write;
-          }
-          {
-            std::lock_guard<std::mutex> l(mu_);
-            std::memcpy(disk_.data() + off, buf.data(), len);
-          }
-          ok = structured ? Chunk(fd, nb::kReplyFlagDone, nb::kChunkNone, cookie, {}) : Simple(fd, 0, cookie);
-          break;
-        }
-        case nb::kCmdTrim:
-        case nb::kCmdWriteZeroes: {
-          {
-            std::lock_guard<std::mutex> l(mu_);
-            std::memset(disk_.data() + off, 0, len);
-          }
-          ok = Simple(fd, 0, cookie);
-          break;
-        }
-        case nb::kCmdFlush:
-          ok = Simple(fd, 0, cookie);
-          break;
-        case nb::kCmdRead: {
-          buf.resize(len);
-          {
-            std::lock_guard<std::mutex> l(mu_);
-            std::memcpy(buf.data(), disk_.data() + off, len);
-          }
-          const std::int64_t eo = error_offset.load();
-          if (eo >= 0 && std::uint64_t(eo) >= off && std::uint64_t(eo) < off + len) {
-            if (structured) {
-              std::string p(6, '\0');
-              nb::Put32(reinterpret_cast<std::uint8_t*>(p.data()), nb::kEio);
-              nb::Put16(reinterpret_cast<std::uint8_t*>(p.data()) + 4, 4);
-              p += "bad!";
-              ok = Chunk(fd, nb::kReplyFlagDone, nb::kChunkError, cookie, p);
-            } else {
-              ok = Simple(fd, nb::kEio, cookie);
-            }
-            break;
-          }
-          if (close_mid_read > 0) {
-            --close_mid_read;
-            if (structured) {
-              std::uint8_t r[20];
-              nb::Put32(r, nb::kStructuredReplyMagic);
-              nb::Put16(r + 4, nb::kReplyFlagDone);
-              nb::Put16(r + 6, nb::kChunkOffsetData);
-              nb::Put64(r + 8, cookie);
-              nb::Put32(r + 16, len + 8);
-              WriteFull(fd, r, 20);
-              std::string p = OffsetPrefix(off);
-              WriteFull(fd, p.data(), 8);
-            } else {
-              Simple(fd, 0, cookie);
-            }
-            WriteFull(fd, buf.data(), len / 2);
-            return;
-          }
-          if (!structured) {
-            ok = Simple(fd, 0, cookie, buf.data(), len);
-          } else if (hole_chunks && len >= 2) {
-            const std::uint32_t h = len / 2;
-            for (int part = 1; part >= 0 && ok; --part) {  // second half first
-              const std::uint32_t po = part ? h : 0, pl = part ? len - h : h;
-              if (AllZero(buf.data() + po, pl)) {
-                std::string p(12, '\0');
-                nb::Put64(reinterpret_cast<std::uint8_t*>(p.data()), off + po);
-                nb::Put32(reinterpret_cast<std::uint8_t*>(p.data()) + 8, pl);
-                ok = Chunk(fd, 0, nb::kChunkOffsetHole, cookie, p);
-              } else {
-                ok = Chunk(fd, 0, nb::kChunkOffsetData, cookie, OffsetPrefix(off + po) + std::string(buf.data() + po, pl));
-              }
-            }
-            if (ok) ok = Chunk(fd, nb::kReplyFlagDone, nb::kChunkNone, cookie, {});
-          } else {
-            ok = Chunk(fd, nb::kReplyFlagDone, nb::kChunkOffsetData, cookie,
-                       OffsetPrefix(off) + std::string(buf.data(), len));
-          }
-          break;
-        }
-        default:
-          ok = Simple(fd, nb::kEinval, cookie);
-      }
-      if (!ok) return;
-    }
-  }
-
-  QTemporaryDir dir_;
-  QString path_;
-  int listen_fd_ = -1;
-  std::atomic<bool> stop_{false};
-  std::thread accept_thread_;
-  std::mutex mu_;
-  std::vector<int> fds_;
-  std::vector<std::thread> threads_;
-  std::vector<char> disk_;
-};
+using FakeNbd = test::FakeNbdServer;
 
 NbdClientOptions FakeOpts(const FakeNbd& f) {
   NbdClientOptions o;
@@ -915,6 +617,163 @@ class NbdClientDeviceTest : public QObject {
     QCOMPARE(batch.errors, 0);
     QCOMPARE(f.pipelined_after_write.load(), 0);
     for (int i = 0; i < 3; ++i) QCOMPARE(q[i].scratch, std::uint64_t(0xfeed0000u + i));
+  }
+
+  // Issue 9 item 11: a structured reply must fill each byte exactly once.  Summing chunk
+  // lengths accepted "first half twice, second half never" and returned unfilled memory.
+  void structuredReadMustFillEveryByteOnce() {
+    FakeNbd f;
+    std::vector<char> data(8192);
+    Fill(data.data(), data.size(), 7);
+    f.SetDisk(65536, data.data(), data.size());
+    IoThread io;
+    auto r = NbdClientDevice::Connect(io.io, FakeOpts(f));
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    QVERIFY(dev->Stats().structured_replies);
+    for (int lie : {1, 2, 3}) {
+      f.lie = lie;
+      std::vector<char> buf(8192, 'u');
+      Status st = ReadSync(*dev, 65536, buf.data(), 8192);
+      qInfo("lie %d: %s", lie, st.ToString().c_str());
+      QCOMPARE(st.ToErrno(), EIO);
+    }
+    QCOMPARE(dev->Stats().bad_replies, std::uint64_t(3));
+    f.lie = 0;  // an honest server again: reads work on the replacement connection
+    std::vector<char> buf(8192);
+    QTRY_VERIFY_WITH_TIMEOUT(ReadSync(*dev, 65536, buf.data(), 8192).ok(), 5000);
+    QVERIFY(buf == data);
+    // Legitimate fragmentation (reversed halves, holes) still passes.
+    f.hole_chunks = true;
+    QVERIFY(ReadSync(*dev, 65536, buf.data(), 8192).ok());
+    QVERIFY(buf == data);
+    // A chunk for an unknown handle is drained, never written into anyone's buffer.
+    f.unknown_cookie_chunk = true;
+    std::fill(buf.begin(), buf.end(), 0);
+    QVERIFY(ReadSync(*dev, 65536, buf.data(), 8192).ok());
+    QVERIFY(buf == data);
+    QCOMPARE(dev->Stats().bad_replies, std::uint64_t(3));
+  }
+
+  // Connect check: the same content passes (held read re-sent), swapped content is rejected
+  // once per bad connection, the held read fails with EIO and never sees the new content.
+  void connectCheckOnReconnect() {
+    FakeNbd f;
+    std::string ident_a(4096, 'A'), ident_b(4096, 'B');
+    std::vector<char> old_data(8192, 'o'), new_data(8192, 'n');
+    f.SetDisk(0, ident_a.data(), 4096);
+    f.SetDisk(1 << 20, old_data.data(), old_data.size());
+    IoThread io;
+    auto r = NbdClientDevice::Connect(io.io, FakeOpts(f));
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    test::ConnectCheckProbe probe;
+    probe.SetExpect(ident_a);
+    QVERIFY(dev->SetConnectCheck(probe.Make(0, 4096)));
+    auto held_read = [&](std::vector<char>& buf, Batch& b, IoRequest& q) {
+      f.silent_conn = f.connections.load();  // the current connection stops answering
+      b.Prep(q, IoOp::kRead, 1 << 20, 8192, buf.data());
+      dev->Submit(&q);
+      std::this_thread::sleep_for(milliseconds(50));
+    };
+    {  // same content: accepted, the held read is re-sent and succeeds
+      std::vector<char> buf(8192, 'x');
+      Batch b;
+      IoRequest q;
+      held_read(buf, b, q);
+      f.DropConnections();
+      QVERIFY(b.Wait(1, milliseconds(8000)));
+      QCOMPARE(b.errors, 0);
+      QVERIFY(buf == old_data);
+      QVERIFY(probe.verified.load() >= 1);
+      QCOMPARE(probe.rejected.load(), 0);
+    }
+    {  // swapped content: rejected, the held read fails
+      std::vector<char> buf(8192, 'x');
+      Batch b;
+      IoRequest q;
+      held_read(buf, b, q);
+      f.SetDisk(0, ident_b.data(), 4096);
+      f.SetDisk(1 << 20, new_data.data(), new_data.size());
+      f.DropConnections();
+      QVERIFY(b.Wait(1, milliseconds(8000)));
+      QCOMPARE(b.errors, 1);
+      QCOMPARE(b.first_errno, EIO);
+      QVERIFY(std::all_of(buf.begin(), buf.end(), [](char c) { return c == 'x'; }));
+      QTRY_COMPARE_WITH_TIMEOUT(probe.rejected.load(), 1, 2000);  // rejected() follows the EIOs
+      QCOMPARE(dev->Stats().check_failures, std::uint64_t(1));
+      QVERIFY(ReadSync(*dev, 1 << 20, buf.data(), 8192).ok());  // admitted afterwards
+      QVERIFY(buf == new_data);
+    }
+    f.DropConnections();  // once per bad connection
+    QTRY_COMPARE_WITH_TIMEOUT(probe.rejected.load(), 2, 8000);
+    // Removed while reconnects happen: nothing runs any more.
+    probe.Remove(*dev);
+    for (int i = 0; i < 5; ++i) {
+      f.DropConnections();
+      std::this_thread::sleep_for(milliseconds(60));
+    }
+    QCOMPARE(probe.late.load(), 0);
+    std::vector<char> buf(8192);
+    QTRY_VERIFY_WITH_TIMEOUT(ReadSync(*dev, 1 << 20, buf.data(), 8192).ok(), 5000);
+  }
+
+  void connectCheckRemovalIsRaceFree() {
+    FakeNbd f;
+    std::string ident(4096, 'I');
+    f.SetDisk(0, ident.data(), 4096);
+    IoThread io;
+    auto o = FakeOpts(f);
+    o.reconnect_min = milliseconds(1);
+    o.reconnect_max = milliseconds(5);
+    auto r = NbdClientDevice::Connect(io.io, o);
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    std::atomic<bool> stop{false};
+    std::thread dropper([&] {
+      for (int n = 0; !stop; ++n) {
+        f.DropConnections();
+        std::this_thread::sleep_for(milliseconds(3 + n % 9));
+      }
+    });
+    int late = 0, verified = 0;
+    for (int round = 0; round < 40; ++round) {
+      test::ConnectCheckProbe probe;
+      probe.SetExpect(round % 2 ? ident : std::string(4096, 'Z'));
+      dev->SetConnectCheck(probe.Make(0, 4096));
+      std::this_thread::sleep_for(milliseconds(10 + 3 * (round % 7)));
+      probe.Remove(*dev);
+      std::this_thread::sleep_for(milliseconds(2));
+      late += probe.late.load();
+      verified += probe.verified.load();
+    }
+    stop = true;
+    dropper.join();
+    qInfo("checks run: %d, reconnects: %llu", verified, (unsigned long long)dev->Stats().reconnects);
+    QCOMPARE(late, 0);
+    QVERIFY(verified > 0);
+  }
+
+  void healthFollowsTheConnection() {
+    FakeNbd f;
+    IoThread io;
+    auto r = NbdClientDevice::Connect(io.io, FakeOpts(f));
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    QVERIFY(dev->Health().reachable);
+    f.refuse = true;
+    f.DropConnections();
+    QTRY_VERIFY_WITH_TIMEOUT(!dev->Health().reachable, 5000);
+    const auto h1 = dev->Health();
+    std::this_thread::sleep_for(milliseconds(300));
+    const auto h2 = dev->Health();
+    QVERIFY(!h2.reachable);
+    QVERIFY(h2.outage_ms >= h1.outage_ms + 250);
+    QVERIFY(!h2.detail.empty());
+    qInfo("unreachable: outage %llu ms, detail: %s", (unsigned long long)h2.outage_ms, h2.detail.c_str());
+    f.refuse = false;
+    QTRY_VERIFY_WITH_TIMEOUT(dev->Health().reachable, 5000);
+    QCOMPARE(dev->Health().outage_ms, std::uint64_t(0));
   }
 
   void noAllocationPerIo() {

@@ -1,6 +1,8 @@
-// Unit tests for dst::net::RemoteDevice against an in-process fake DST server (raw sockets +
-// codec.h) that can misbehave on purpose: reorder or delay replies, go silent, close mid-frame,
-// send replies with a stale generation.  Also counts heap allocations per I/O.
+// Unit tests for dst::net::RemoteDevice against an in-process fake DST server
+// (tests/lib/fake_peers.h) that can misbehave on purpose: reorder or delay replies, go silent,
+// close mid-frame, send replies with a stale generation or the wrong length; and against a real
+// Exporter behind a byte-flipping proxy (tests/lib/fault_proxy.h).  Also counts heap
+// allocations per I/O.
 #include <arpa/inet.h>
 #include <execinfo.h>
 #include <netinet/in.h>
@@ -33,6 +35,9 @@
 #include "dst/net/codec.h"
 #include "dst/net/exporter.h"
 #include "dst/net/remote_device.h"
+#include "connect_check_probe.h"
+#include "fake_peers.h"
+#include "fault_proxy.h"
 #include "test_env.h"
 
 // --- allocation counter ----------------------------------------------------------------------
@@ -44,7 +49,7 @@ static thread_local bool t_no_count = false;
 
 // DST_ALLOC_TRACE=1 prints a backtrace of the first few counted allocations (to find them).
 static void* CountedAlloc(std::size_t n) {
-  if (g_count_allocs.load(std::memory_order_relaxed) && !t_no_count) {
+  if (g_count_allocs.load(std::memory_order_relaxed) && !t_no_count && !dst::test::t_fake_peer_thread) {
     if (g_allocs.fetch_add(1, std::memory_order_relaxed) < 6 && getenv("DST_ALLOC_TRACE")) {
       t_no_count = true;
       void* bt[30];
@@ -61,11 +66,11 @@ static void* CountedAlloc(std::size_t n) {
 void* operator new(std::size_t n) { return CountedAlloc(n); }
 void* operator new[](std::size_t n) { return CountedAlloc(n); }
 void* operator new(std::size_t n, const std::nothrow_t&) noexcept {
-  if (g_count_allocs.load(std::memory_order_relaxed) && !t_no_count) g_allocs.fetch_add(1);
+  if (g_count_allocs.load(std::memory_order_relaxed) && !t_no_count && !dst::test::t_fake_peer_thread) g_allocs.fetch_add(1);
   return std::malloc(n ? n : 1);
 }
 void* operator new[](std::size_t n, const std::nothrow_t&) noexcept {
-  if (g_count_allocs.load(std::memory_order_relaxed) && !t_no_count) g_allocs.fetch_add(1);
+  if (g_count_allocs.load(std::memory_order_relaxed) && !t_no_count && !dst::test::t_fake_peer_thread) g_allocs.fetch_add(1);
   return std::malloc(n ? n : 1);
 }
 void operator delete(void* p) noexcept { std::free(p); }
@@ -84,340 +89,8 @@ std::int64_t MsSince(Clock::time_point t) {
   return std::chrono::duration_cast<milliseconds>(Clock::now() - t).count();
 }
 
-bool ReadFull(int fd, void* buf, std::size_t n) {
-  auto* p = static_cast<char*>(buf);
-  while (n) {
-    ssize_t r = ::read(fd, p, n);
-    if (r <= 0) {
-      if (r < 0 && errno == EINTR) continue;
-      return false;
-    }
-    p += r;
-    n -= static_cast<std::size_t>(r);
-  }
-  return true;
-}
-
-bool WriteFull(int fd, const void* buf, std::size_t n) {
-  auto* p = static_cast<const char*>(buf);
-  while (n) {
-    ssize_t w = ::send(fd, p, n, MSG_NOSIGNAL);
-    if (w <= 0) {
-      if (w < 0 && errno == EINTR) continue;
-      return false;
-    }
-    p += w;
-    n -= static_cast<std::size_t>(w);
-  }
-  return true;
-}
-
-// ---- fake server ------------------------------------------------------------------------------
-
-struct Event {
-  enum Kind { kArrive, kReply } kind;
-  std::uint16_t cmd;
-  std::uint64_t offset;
-  std::uint32_t length;
-  std::uint64_t id;
-  int conn;
-};
-
-class FakeServer {
- public:
-  explicit FakeServer(std::uint64_t size = 16u << 20) : disk_(size, 0) {
-    listen_fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    int one = 1;
-    setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    ::bind(listen_fd_, reinterpret_cast<sockaddr*>(&a), sizeof a);
-    socklen_t len = sizeof a;
-    getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&a), &len);
-    port_ = ntohs(a.sin_port);
-    ::listen(listen_fd_, 16);
-    accept_thread_ = std::thread([this] { AcceptLoop(); });
-  }
-
-  ~FakeServer() {
-    stop_ = true;
-    accept_thread_.join();
-    ::close(listen_fd_);
-    std::vector<std::shared_ptr<Conn>> conns;
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      conns = conns_;
-    }
-    for (auto& c : conns) Shutdown(*c);
-    for (auto& c : conns) {
-      if (c->reader.joinable()) c->reader.join();
-      if (c->replier.joinable()) c->replier.join();
-      ::close(c->fd);
-    }
-  }
-
-  std::uint16_t port() const { return port_; }
-
-  // Behaviour knobs (may be changed at any time).
-  std::atomic<bool> silent{false};        // never reply to anything but HELLO
-  std::atomic<bool> drop_io{false};       // answer PINGs, never I/O (a hung disk behind a live server)
-  std::atomic<int> reorder_batch{0};      // >0: hold replies, send each batch reversed
-  std::atomic<int> write_delay_ms{0};     // delay WRITE replies (reads pass them)
-  std::atomic<int> close_after{0};        // close a connection after this many requests (once)
-  std::atomic<bool> close_mid_frame{false};
-  std::atomic<bool> inject_stale{false};  // send a stale-generation READ reply before each READ reply
-  std::atomic<std::uint64_t> hello_size{0};  // 0: disk size
-  std::atomic<bool> hello_read_only{false};
-  // Poison requests: a request at this offset gets the exporter's framing-error answer (an
-  // EPROTO DISCONNECT|reply carrying its id, then close) or a close without any reply.
-  std::atomic<std::uint64_t> eproto_offset{~0ull};
-  std::atomic<std::uint64_t> kill_offset{~0ull};
-
-  std::atomic<int> connections{0};
-  std::atomic<int> stale_sent{0};
-  std::atomic<int> max_outstanding{0};
-
-  std::vector<Event> events() {
-    std::lock_guard<std::mutex> l(mu_);
-    return events_;
-  }
-  std::vector<Clock::time_point> accept_times() {
-    std::lock_guard<std::mutex> l(mu_);
-    return accept_times_;
-  }
-  void ClearEvents() {
-    std::lock_guard<std::mutex> l(mu_);
-    events_.clear();
-  }
-  std::vector<char> Disk() {
-    std::lock_guard<std::mutex> l(disk_mu_);
-    return disk_;
-  }
-  void SetDisk(std::uint64_t off, const char* p, std::size_t n) {
-    std::lock_guard<std::mutex> l(disk_mu_);
-    std::memcpy(disk_.data() + off, p, n);
-  }
-  void Record(Event e) {
-    std::lock_guard<std::mutex> l(mu_);
-    events_.push_back(e);
-  }
-
- private:
-  struct Job {
-    Header h;
-    Clock::time_point due;
-    Clock::time_point arrive;
-  };
-  struct Conn {
-    int fd = -1;
-    int index = 0;
-    std::thread reader, replier;
-    std::mutex mu;
-    std::condition_variable cv;
-    std::deque<Job> jobs;
-    bool stop = false;
-    std::mutex send_mu;
-    std::atomic<int> outstanding{0};
-  };
-
-  void Shutdown(Conn& c) {
-    {
-      std::lock_guard<std::mutex> l(c.mu);
-      c.stop = true;
-      c.cv.notify_all();
-    }
-    ::shutdown(c.fd, SHUT_RDWR);
-  }
-
-  void AcceptLoop() {
-    t_no_count = true;
-    while (!stop_) {
-      pollfd p{listen_fd_, POLLIN, 0};
-      if (::poll(&p, 1, 20) <= 0) continue;
-      int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-      if (fd < 0) continue;
-      int one = 1;
-      setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-      auto c = std::make_shared<Conn>();
-      c->fd = fd;
-      {
-        std::lock_guard<std::mutex> l(mu_);
-        c->index = static_cast<int>(conns_.size());
-        conns_.push_back(c);
-        accept_times_.push_back(Clock::now());
-      }
-      connections.fetch_add(1);
-      Conn* cp = c.get();
-      c->reader = std::thread([this, cp] { ReaderLoop(*cp); });
-      c->replier = std::thread([this, cp] { ReplierLoop(*cp); });
-    }
-  }
-
-  void ReaderLoop(Conn& c) {
-    t_no_count = true;
-    std::vector<char> payload(kAbsoluteMaxPayload);
-    std::uint8_t hb[kHeaderSize];
-    int requests = 0;
-    while (true) {
-      if (!ReadFull(c.fd, hb, kHeaderSize)) break;
-      Header h;
-      if (!DecodeHeader(hb, &h).ok()) break;
-      if (HasPayload(h) && !ReadFull(c.fd, payload.data(), h.length)) break;
-      if (h.command() == Cmd::kHello) {
-        HelloRequest hr;
-        if (!DecodeHelloRequest(reinterpret_cast<std::uint8_t*>(payload.data()), h.length, &hr).ok()) break;
-        HelloReply r;
-        r.export_flags = kExportCanFlush | kExportCanFua | kExportCanTrim | kExportCanWriteZeroes;
-        if (hello_read_only) r.export_flags |= kExportReadOnly;
-        r.size = hello_size ? hello_size.load() : disk_.size();
-        r.permissions = hello_read_only ? kPermRead : (kPermRead | kPermWrite);
-        std::uint8_t out[kHeaderSize + kHelloReplySize];
-        Header rh;
-        rh.cmd = h.cmd | kReplyBit;
-        rh.length = kHelloReplySize;
-        rh.id = h.id;
-        EncodeHeader(rh, out);
-        EncodeHelloReply(r, out + kHeaderSize, kHelloReplySize);
-        std::lock_guard<std::mutex> l(c.send_mu);
-        if (!WriteFull(c.fd, out, sizeof out)) break;
-        continue;
-      }
-      if (h.command() != Cmd::kPing) {
-        ++requests;
-        Record({Event::kArrive, h.cmd, h.offset, h.length, h.id, c.index});
-        const int o = c.outstanding.fetch_add(1) + 1;
-        int m = max_outstanding.load();
-        while (o > m && !max_outstanding.compare_exchange_weak(m, o)) {}
-        if (h.offset == eproto_offset.load()) {
-          Header rh;
-          rh.cmd = std::uint16_t(Cmd::kDisconnect) | kReplyBit;
-          rh.status = std::uint32_t(WireStatus::kProto);
-          rh.id = h.id;
-          std::uint8_t out[kHeaderSize];
-          EncodeHeader(rh, out);
-          std::lock_guard<std::mutex> l(c.send_mu);
-          WriteFull(c.fd, out, sizeof out);
-          break;
-        }
-        if (h.offset == kill_offset.load()) break;
-      }
-      if (h.command() == Cmd::kWrite) SetDisk(h.offset, payload.data(), h.length);
-      if (h.command() == Cmd::kWriteZeroes || h.command() == Cmd::kTrim) {
-        std::vector<char> z(h.length, 0);
-        SetDisk(h.offset, z.data(), h.length);
-      }
-      int ca = close_after.load();
-      if (ca > 0 && requests >= ca && close_after.compare_exchange_strong(ca, 0)) {
-        if (close_mid_frame) {
-          Header rh;
-          rh.cmd = h.cmd | kReplyBit;
-          rh.id = h.id;
-          std::uint8_t out[kHeaderSize];
-          EncodeHeader(rh, out);
-          std::lock_guard<std::mutex> l(c.send_mu);
-          WriteFull(c.fd, out, 20);  // a torn header
-        }
-        break;
-      }
-      Job j;
-      j.h = h;
-      j.arrive = Clock::now();
-      j.due = j.arrive;
-      if (h.command() == Cmd::kWrite && write_delay_ms > 0) j.due += milliseconds(write_delay_ms.load());
-      std::lock_guard<std::mutex> l(c.mu);
-      c.jobs.push_back(j);
-      c.cv.notify_all();
-    }
-    Shutdown(c);
-  }
-
-  void SendReply(Conn& c, const Job& j, std::vector<char>& buf) {
-    if (silent) return;
-    const Header& h = j.h;
-    if (drop_io && h.command() != Cmd::kPing) return;
-    Header rh;
-    rh.cmd = h.cmd | kReplyBit;
-    rh.id = h.id;
-    rh.length = h.length;
-    rh.offset = h.offset;
-    std::size_t n = kHeaderSize;
-    if (h.command() == Cmd::kRead) {
-      if (inject_stale) {
-        Header sh = rh;
-        sh.id = (((h.id >> 32) + 1000) << 32) | (h.id & 0xffffffffu);  // a generation never used
-        EncodeHeader(sh, reinterpret_cast<std::uint8_t*>(buf.data()));
-        std::memset(buf.data() + kHeaderSize, 0xEE, h.length);
-        std::lock_guard<std::mutex> l(c.send_mu);
-        WriteFull(c.fd, buf.data(), kHeaderSize + h.length);
-        stale_sent.fetch_add(1);
-      }
-      std::lock_guard<std::mutex> l(disk_mu_);
-      std::memcpy(buf.data() + kHeaderSize, disk_.data() + h.offset, h.length);
-      n += h.length;
-    } else if (h.command() == Cmd::kFlush || h.command() == Cmd::kPing) {
-      rh.length = 0;
-      rh.offset = 0;
-    }
-    EncodeHeader(rh, reinterpret_cast<std::uint8_t*>(buf.data()));
-    if (h.command() != Cmd::kPing) {
-      c.outstanding.fetch_sub(1);
-      Record({Event::kReply, h.cmd, h.offset, h.length, h.id, c.index});
-    }
-    std::lock_guard<std::mutex> l(c.send_mu);
-    WriteFull(c.fd, buf.data(), n);
-  }
-
-  void ReplierLoop(Conn& c) {
-    t_no_count = true;
-    std::vector<char> buf(kHeaderSize + kAbsoluteMaxPayload);
-    std::unique_lock<std::mutex> l(c.mu);
-    while (!c.stop) {
-      if (c.jobs.empty()) {
-        c.cv.wait(l);
-        continue;
-      }
-      const auto now = Clock::now();
-      const int rb = reorder_batch.load();
-      if (rb > 0) {
-        if (static_cast<int>(c.jobs.size()) < rb && now - c.jobs.front().arrive < milliseconds(20)) {
-          c.cv.wait_for(l, milliseconds(2));
-          continue;
-        }
-        std::vector<Job> batch(c.jobs.begin(), c.jobs.end());
-        c.jobs.clear();
-        l.unlock();
-        std::reverse(batch.begin(), batch.end());
-        for (auto& j : batch) SendReply(c, j, buf);
-        l.lock();
-        continue;
-      }
-      auto it = std::find_if(c.jobs.begin(), c.jobs.end(), [&](const Job& j) { return j.due <= now; });
-      if (it == c.jobs.end()) {
-        auto next = std::min_element(c.jobs.begin(), c.jobs.end(),
-                                     [](const Job& a, const Job& b) { return a.due < b.due; });
-        c.cv.wait_until(l, next->due);
-        continue;
-      }
-      Job j = *it;
-      c.jobs.erase(it);
-      l.unlock();
-      SendReply(c, j, buf);
-      l.lock();
-    }
-  }
-
-  int listen_fd_ = -1;
-  std::uint16_t port_ = 0;
-  std::atomic<bool> stop_{false};
-  std::thread accept_thread_;
-  std::mutex mu_;
-  std::vector<std::shared_ptr<Conn>> conns_;
-  std::vector<Event> events_;
-  std::vector<Clock::time_point> accept_times_;
-  std::mutex disk_mu_;
-  std::vector<char> disk_;
-};
+using FakeServer = test::FakeDstServer;
+using Event = test::FakeDstEvent;
 
 // ---- client-side helpers --------------------------------------------------------------------
 
@@ -1195,6 +868,260 @@ class RemoteDeviceTest : public QObject {
     QVERIFY(ReadSync(*dev, 0, back.data(), back.size()).ok());
     QVERIFY(back == w);
     QVERIFY(dev->Stats().reconnects >= 1);
+  }
+
+  // --- connect check (block_device.h) ------------------------------------------------------
+
+  // The exporter comes back serving other content: the check rejects the connection once, the
+  // request held across the reconnect fails with EIO without reading the new content, and later
+  // requests go through.
+  void connectCheckRejectsSwappedContent() {
+    FakeServer srv(8u << 20);
+    std::string ident_a(4096, 'A'), ident_b(4096, 'B');
+    std::vector<char> old_data(8192, 'o'), new_data(8192, 'n');
+    srv.SetDisk(0, ident_a.data(), 4096);
+    srv.SetDisk(1 << 20, old_data.data(), old_data.size());
+    IoThread io;
+    auto r = RemoteDevice::Connect(io.io, Opts(srv.port()));
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    test::ConnectCheckProbe probe;
+    probe.SetExpect(ident_a);
+    QVERIFY(dev->SetConnectCheck(probe.Make(0, 4096)));
+    srv.drop_io = true;  // the read below stays in flight until the connection goes
+    std::vector<char> buf(8192, 'x');
+    Batch b;
+    IoRequest q;
+    b.Prep(q, IoOp::kRead, 1 << 20, 8192, buf.data());
+    dev->Submit(&q);
+    QTRY_VERIFY_WITH_TIMEOUT(!srv.events().empty(), 5000);
+    srv.SetDisk(0, ident_b.data(), 4096);  // a replacement behind the same address
+    srv.SetDisk(1 << 20, new_data.data(), new_data.size());
+    srv.drop_io = false;
+    srv.DropConnections();
+    QVERIFY(b.Wait(1, milliseconds(8000)));
+    QCOMPARE(b.errors, 1);
+    QCOMPARE(b.first_errno, EIO);
+    QVERIFY2(std::all_of(buf.begin(), buf.end(), [](char c) { return c == 'x'; }),
+             "the rejected connection's data must never reach the held request");
+    QTRY_COMPARE_WITH_TIMEOUT(probe.rejected.load(), 1, 2000);  // rejected() follows the EIOs
+    QVERIFY(probe.Why().find("identity mismatch") != std::string::npos);
+    QCOMPARE(dev->Stats().check_failures, std::uint64_t(1));
+    // The rejected connection sent the check READ only, never the held request.
+    for (const auto& e : srv.events())
+      QVERIFY2(!(e.conn > 0 && e.kind == Event::kArrive && e.offset == (1u << 20)),
+               "a held request was sent on a connection that failed its check");
+    // Admitted afterwards: new requests go through (the owner stopped routing to it).
+    QVERIFY(ReadSync(*dev, 1 << 20, buf.data(), 8192).ok());
+    QVERIFY(buf == new_data);
+    // Once per bad connection.
+    srv.DropConnections();
+    QTRY_COMPARE_WITH_TIMEOUT(probe.rejected.load(), 2, 8000);
+    QTRY_VERIFY_WITH_TIMEOUT(dev->Health().reachable, 5000);
+    QVERIFY(ReadSync(*dev, 1 << 20, buf.data(), 8192).ok());
+    QCOMPARE(probe.late.load(), 0);
+  }
+
+  // Same content: the held request is re-sent on the checked connection and succeeds.
+  void connectCheckAcceptsSameContent() {
+    FakeServer srv(8u << 20);
+    std::string ident(4096, 'I');
+    std::vector<char> data(8192, 'd');
+    srv.SetDisk(0, ident.data(), 4096);
+    srv.SetDisk(1 << 20, data.data(), data.size());
+    IoThread io;
+    auto r = RemoteDevice::Connect(io.io, Opts(srv.port()));
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    test::ConnectCheckProbe probe;
+    probe.SetExpect(ident);
+    QVERIFY(dev->SetConnectCheck(probe.Make(0, 4096)));
+    srv.drop_io = true;
+    std::vector<char> buf(8192, 'x');
+    Batch b;
+    IoRequest q;
+    b.Prep(q, IoOp::kRead, 1 << 20, 8192, buf.data());
+    dev->Submit(&q);
+    QTRY_VERIFY_WITH_TIMEOUT(!srv.events().empty(), 5000);
+    srv.drop_io = false;
+    srv.DropConnections();
+    QVERIFY(b.Wait(1, milliseconds(8000)));
+    QCOMPARE(b.errors, 0);
+    QVERIFY(buf == data);
+    QVERIFY(probe.verified.load() >= 1);
+    QCOMPARE(probe.rejected.load(), 0);
+    QVERIFY(dev->Stats().resent >= 1);
+    // The check READ went out before the re-sent request on the new connection.
+    int check_at = -1, resend_at = -1;
+    auto ev = srv.events();
+    for (int i = 0; i < int(ev.size()); ++i) {
+      if (ev[i].conn == 0 || ev[i].kind != Event::kArrive) continue;
+      if (ev[i].offset == 0 && check_at < 0) check_at = i;
+      if (ev[i].offset == (1u << 20) && resend_at < 0) resend_at = i;
+    }
+    QVERIFY(check_at >= 0 && resend_at > check_at);
+  }
+
+  // Removing the check while reconnects happen: once SetConnectCheck returns, no callback runs.
+  void connectCheckRemovalIsRaceFree() {
+    FakeServer srv(8u << 20);
+    std::string ident(4096, 'I');
+    srv.SetDisk(0, ident.data(), 4096);
+    IoThread io;
+    auto o = Opts(srv.port());
+    o.reconnect_min = milliseconds(1);
+    o.reconnect_max = milliseconds(5);
+    auto r = RemoteDevice::Connect(io.io, o);
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    std::atomic<bool> stop{false};
+    std::thread dropper([&] {
+      std::uint64_t seen = 0;
+      for (int n = 0; !stop; ++n) {
+        srv.DropConnections();
+        // Wait for the reconnect (the fake server is slow to start a connection), then a
+        // varying delay so removals land before, during and after the check.
+        for (int i = 0; i < 2000 && !stop && dev->Stats().reconnects == seen; ++i)
+          std::this_thread::sleep_for(milliseconds(1));
+        seen = dev->Stats().reconnects;
+        std::this_thread::sleep_for(milliseconds(n % 5));
+      }
+    });
+    int late = 0, verified = 0;
+    for (int round = 0; round < 30; ++round) {
+      test::ConnectCheckProbe probe;
+      probe.SetExpect(round % 2 ? ident : std::string(4096, 'Z'));
+      dev->SetConnectCheck(probe.Make(0, 4096));
+      std::this_thread::sleep_for(milliseconds(20 + 7 * (round % 7)));
+      probe.Remove(*dev);
+      std::this_thread::sleep_for(milliseconds(3));
+      late += probe.late.load();
+      verified += probe.verified.load();
+    }  // probe destroyed: a late callback would also touch freed memory (ASan would see it)
+    stop = true;
+    dropper.join();
+    qInfo("checks run: %d, reconnects: %llu, server connections: %d", verified,
+          (unsigned long long)dev->Stats().reconnects, srv.connections.load());
+    QCOMPARE(late, 0);
+    QVERIFY(verified > 0);
+    std::vector<char> buf(4096);
+    QTRY_VERIFY_WITH_TIMEOUT(ReadSync(*dev, 0, buf.data(), 4096).ok(), 5000);
+  }
+
+  // Health() without I/O: unreachable with a growing outage while the exporter is gone,
+  // reachable again after the reconnect.
+  void healthFollowsTheConnection() {
+    FakeServer srv(8u << 20);
+    IoThread io;
+    auto r = RemoteDevice::Connect(io.io, Opts(srv.port()));
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    QVERIFY(dev->Health().reachable);
+    QCOMPARE(dev->Health().outage_ms, std::uint64_t(0));
+    srv.refuse = true;
+    srv.DropConnections();
+    QTRY_VERIFY_WITH_TIMEOUT(!dev->Health().reachable, 5000);
+    const auto h1 = dev->Health();
+    std::this_thread::sleep_for(milliseconds(300));
+    const auto h2 = dev->Health();
+    QVERIFY(!h2.reachable);
+    QVERIFY2(h2.outage_ms >= h1.outage_ms + 250, qPrintable(QString("%1 -> %2").arg(h1.outage_ms).arg(h2.outage_ms)));
+    QVERIFY2(!h2.detail.empty(), "detail names the last error");
+    qInfo("unreachable: outage %llu ms, detail: %s", (unsigned long long)h2.outage_ms, h2.detail.c_str());
+    srv.refuse = false;
+    QTRY_VERIFY_WITH_TIMEOUT(dev->Health().reachable, 5000);
+    QCOMPARE(dev->Health().outage_ms, std::uint64_t(0));
+    dev->Close();
+    QVERIFY(!dev->Health().reachable);
+  }
+
+  // A peer that answers READs with the wrong length: the read ends in EIO within io_timeout
+  // (plus a margin), not after a storm of reconnects (issue 9, item 11).
+  void wrongLengthReplyEndsInEioOnTime() {
+    FakeServer srv(8u << 20);
+    IoThread io;
+    auto o = Opts(srv.port());
+    o.io_timeout = milliseconds(2000);
+    auto r = RemoteDevice::Connect(io.io, o);
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    srv.wrong_length = true;
+    std::vector<char> buf(8192);
+    const auto t0 = Clock::now();
+    Status st = ReadSync(*dev, 0, buf.data(), 8192);
+    const auto ms = MsSince(t0);
+    const auto stats = dev->Stats();
+    qInfo("wrong-length peer: %s after %lld ms, %llu reconnects, %llu bad replies", st.ToString().c_str(),
+          (long long)ms, (unsigned long long)stats.reconnects, (unsigned long long)stats.bad_replies);
+    QCOMPARE(st.ToErrno(), EIO);
+    QVERIFY2(ms <= 3000, "EIO must come within io_timeout + 1 s");
+    QVERIFY(stats.bad_replies >= 1);
+    QVERIFY2(stats.reconnects <= 20, "backoff must grow: no reconnect storm");
+    // A peer that keeps lying to every retry: several reads in a row stay bounded too.
+    const auto t1 = Clock::now();
+    for (int i = 0; i < 3; ++i) QCOMPARE(ReadSync(*dev, 8192 * i, buf.data(), 8192).ToErrno(), EIO);
+    QVERIFY(MsSince(t1) <= 3 * 3000);
+    QVERIFY2(dev->Stats().reconnects <= 60, "backoff must grow: no reconnect storm");
+    srv.wrong_length = false;  // an honest peer again: the device heals
+    QTRY_VERIFY_WITH_TIMEOUT(ReadSync(*dev, 0, buf.data(), 8192).ok(), 8000);
+  }
+
+  // Wire checksums (docs/protocol.md §4.1): a proxy flips one byte in selected WRITE and READ
+  // payloads between a RemoteDevice and a real Exporter.  With digests every corruption is
+  // detected, counted and retried, and the data is exact; without, the corruption lands.
+  void payloadDigestsCatchCorruption() {
+    for (bool checksum : {true, false}) {
+      QTemporaryDir dir;
+      FileDeviceOptions fo;
+      fo.create = true;
+      fo.size = 8u << 20;
+      auto fd = FileDevice::Open((dir.path() + "/d.img").toStdString(), fo);
+      QVERIFY(fd.ok());
+      IoThread io;
+      ExporterOptions eo;
+      eo.port = 0;
+      Exporter exp(io.io, eo);
+      QVERIFY(exp.Start().ok());
+      QVERIFY(exp.AddExport({"disk", fd.value(), false}).ok());
+      test::FaultProxy proxy(exp.port());
+      RemoteOptions o = Opts(proxy.port());
+      o.checksum = checksum;
+      auto r = RemoteDevice::Connect(io.io, o);
+      QVERIFY2(r.ok(), r.status().ToString().c_str());
+      auto dev = r.value();
+      QCOMPARE(dev->Stats().checksum, checksum);
+      constexpr int kBlocks = 16;
+      constexpr std::uint32_t kLen = 64 << 10;
+      std::vector<char> w(std::size_t(kBlocks) * kLen), rd(w.size());
+      Fill(w.data(), w.size(), 11);
+      proxy.corrupt_writes = 3;
+      for (int i = 0; i < kBlocks; ++i)
+        QVERIFY(WriteSync(*dev, std::uint64_t(i) * kLen, w.data() + std::size_t(i) * kLen, kLen).ok());
+      proxy.corrupt_reads = 4;
+      for (int i = kBlocks; i-- > 0;)  // the last blocks, so no flip undoes a write's flip
+        QVERIFY(ReadSync(*dev, std::uint64_t(i) * kLen, rd.data() + std::size_t(i) * kLen, kLen).ok());
+      QCOMPARE(proxy.writes_corrupted.load(), 3);
+      QCOMPARE(proxy.reads_corrupted.load(), 4);
+      const auto st = dev->Stats();
+      const auto es = exp.Stats();
+      const auto ex = exp.ListExports();
+      qInfo("checksum %s: client digest_errors %llu, exporter digest_errors %llu", checksum ? "on" : "off",
+            (unsigned long long)st.digest_errors, (unsigned long long)es.digest_errors);
+      if (checksum) {
+        QVERIFY2(rd == w, "with digests the data read back must be exact");
+        QCOMPARE(es.digest_errors, std::uint64_t(3));         // writes refused at the exporter
+        QCOMPARE(ex.at(0).digest_errors, std::uint64_t(3));
+        QCOMPARE(st.digest_errors, std::uint64_t(3 + 4));     // 3 write re-sends + 4 read retries
+        QCOMPARE(st.reconnects, std::uint64_t(0));
+      } else {
+        // Undetected: the corrupted writes are on disk and the corrupted reads returned.
+        int bad = 0;
+        for (int i = 0; i < kBlocks; ++i)
+          bad += std::memcmp(rd.data() + std::size_t(i) * kLen, w.data() + std::size_t(i) * kLen, kLen) != 0;
+        QVERIFY2(bad == 3 + 4, "without digests the corruption goes unseen");
+        QCOMPARE(st.digest_errors, std::uint64_t(0));
+      }
+    }
   }
 
   void noAllocationPerIo() {

@@ -195,6 +195,21 @@ class RenderTest : public QObject {
     QCOMPARE(ctl::RenderApply(json{{"plan", json::array()}}), std::string("nothing to do\n"));
     QCOMPARE(ctl::RenderApply(json{{"plan", {"array create m0"}}, {"dry_run", true}}),
              std::string("would: array create m0\n"));
+    // Safe apply: kept objects, and a run that stopped shows every step.
+    QCOMPARE(ctl::RenderApply(json{{"plan", json::array()}, {"kept", {"export e1"}}}),
+             std::string("nothing to do\nkept (not in the file; --prune removes): export e1\n"));
+    json stopped{{"plan", {"volume import v x", "export add e x"}},
+                 {"steps", {{{"step", "volume import v x"}, {"status", "failed"}, {"error", "refused"}},
+                            {{"step", "export add e x"}, {"status", "not run"}}}},
+                 {"done", json::array()},
+                 {"failed", true}};
+    QCOMPARE(ctl::RenderApply(stopped),
+             std::string("FAILED   volume import v x: refused\nnot run  export add e x\n"
+                         "apply stopped: 0 of 2 operations done (run it again once the cause is "
+                         "fixed)\n"));
+    ev = ctl::RenderEvent(json{{"ts", 0}, {"type", "leg_unreachable"}, {"array", "m0"},
+                               {"slot", 1}, {"spec", "/x"}, {"outage_ms", 2500}});
+    QCOMPARE(ev, std::string("1970-01-01T00:00:00Z m0 leg 1 /x: unreachable for 2500 ms\n"));
   }
 };
 

@@ -31,7 +31,11 @@ struct FileDeviceOptions {
   bool read_only = false;
   bool direct_io = false;
   bool create = false;          // create the file if missing (needs size)
-  std::uint64_t size = 0;       // 0: use the file's size; else truncate/extend a new file to this
+  // 0: use the file's size.  Else a new (or empty) file is extended to it; an existing image
+  // of another size is refused (never shrunk: the error names both sizes) unless grow is set
+  // and size is larger.
+  std::uint64_t size = 0;
+  bool grow = false;            // allow extending an existing non-empty image to `size`
   int io_threads = 4;
   bool inline_nowait = true;    // see "Fast path" above
 };

@@ -12,6 +12,7 @@
 //
 // Everything that blocks (connects, Create with header writes, ReAddLeg, Close, SQLite) runs on
 // a worker thread, the monitor thread or the main thread, never on an io thread.
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -135,6 +136,14 @@ std::string RateText(std::uint64_t r) {
 
 std::string SizeText(std::uint64_t r) { return RateText(r); }
 
+// After the FUSE file's attributes were invalidated: one stat() from here refreshes the kernel's
+// i_size, so `losetup -c` on a loop device over the file sees the new size without anyone else
+// having to stat it first.  (Never on a FUSE thread: this is a worker or the monitor.)
+void StatFuseFile(const std::string& mountpoint, const std::string& name) {
+  struct stat st;
+  (void)::stat((mountpoint + "/" + name + ".img").c_str(), &st);
+}
+
 // Tells the FUSE mount that a volume's size changed, when FuseMount can (a requires-expression,
 // so this builds before and after fusefs gains RefreshVolume: re-read Info().size and invalidate
 // the inode's attributes, so an open/loop-mounted file grows too).  false: not supported.
@@ -159,9 +168,7 @@ Status Daemon::StartArrays() {
   auto st = SqliteDirtyMapStore::Open(db);
   if (!st.ok()) return st.status().WithContext(db);
   store_ = std::shared_ptr<DirtyMapStore>(std::move(st.value()));
-  auto tp = TopologyStore::Open(db);
-  if (!tp.ok()) return tp.status().WithContext(db);
-  topo_ = std::move(tp.value());
+  DST_RETURN_IF_ERROR(OpenTopology());
   OpenVerifyStore(db);
   auto recs = topo_->List();
   if (!recs.ok()) return recs.status().WithContext(db);
@@ -282,7 +289,17 @@ void Daemon::CloseArrays() {
 // ---------------------------------------------------------------------------------------------
 // Devices
 
+// Every leg device is wrapped in a CountingDevice (per-leg reads/writes/errors/bytes).
 Result<Daemon::ArrayLeg> Daemon::OpenLeg(const std::string& spec, const ArrayConfig& cfg) {
+  auto r = OpenLegDevice(spec, cfg);
+  if (!r.ok()) return r;
+  ArrayLeg leg = std::move(r.value());
+  leg.counter = std::make_shared<CountingDevice>(leg.dev);
+  leg.dev = leg.counter;
+  return leg;
+}
+
+Result<Daemon::ArrayLeg> Daemon::OpenLegDevice(const std::string& spec, const ArrayConfig& cfg) {
   LegSpec ls;
   DST_RETURN_IF_ERROR(ParseLegSpec(spec, &ls));
   ArrayLeg leg;
@@ -585,7 +602,9 @@ Status Daemon::CreateArray(ArrayConfig cfg, bool assume_clean) {
     if (std::string u = UsedBy(ls.ref);
         (ls.kind == LegSpec::Kind::kVolume || ls.kind == LegSpec::Kind::kArray) && !u.empty())
       return Status::Busy(fmt::format("leg \"{}\" is already used by array \"{}\"", spec, u));
+    DST_RETURN_IF_ERROR(CheckLegFree(spec, cfg.name, -1));
   }
+  DST_RETURN_IF_ERROR(CheckLegsDistinct(cfg.legs));
   auto a = std::make_shared<Array>();
   a->cfg = cfg;
   a->assume_clean = assume_clean;
@@ -691,6 +710,7 @@ Status Daemon::ArrayAddLeg(const std::string& name, const std::string& spec, boo
   if ((ls.kind == LegSpec::Kind::kVolume || ls.kind == LegSpec::Kind::kArray) &&
       !UsedBy(ls.ref).empty())
     return Status::Busy(fmt::format("leg \"{}\" is already used by array \"{}\"", spec, UsedBy(ls.ref)));
+  DST_RETURN_IF_ERROR(CheckLegFree(spec, name, -1));
   if (ls.kind == LegSpec::Kind::kArray) {
     // Refuse a cycle: `name` must not be below `ls.ref`.
     std::function<bool(const std::string&)> below = [&](const std::string& n) {
@@ -734,8 +754,9 @@ Status Daemon::ArrayAddLeg(const std::string& name, const std::string& spec, boo
       }
     }
     if (m && vol && RefreshFuseSize(*m, name)) {
-      spdlog::info("array \"{}\": {}/{}.img grew to {} bytes", name, m->mountpoint(), name,
-                   a->dev->Info().size);
+      StatFuseFile(m->mountpoint(), name);
+      spdlog::info("array \"{}\": {}/{}.img grew to {} bytes (a loop device on it: losetup -c)",
+                   name, m->mountpoint(), name, a->dev->Info().size);
     } else if (m && vol) {
       Status rs = m->RemoveVolume(name);
       if (rs.ok()) {
@@ -905,6 +926,7 @@ void Daemon::ArrayMonitorLoop() {
         if (BringUp(a).ok()) spdlog::info("array \"{}\" is up", a->cfg.name);
         continue;
       }
+      ProbeLegs(a);
       if (!a->mirror) continue;
       std::vector<LegStatus> ls = a->mirror->Legs();
       for (auto& st : ls) {
@@ -929,7 +951,7 @@ void Daemon::ArrayMonitorLoop() {
                              : leg.nbd  ? leg.nbd->Stats().state
                                         : "ready";
           // Local legs that failed had an I/O error: re-adding them in a loop would hide it.
-          if (link != "connected") continue;
+          if (link != "connected" || !leg.dev->Health().reachable) continue;
           if (!leg.remote && !leg.nbd) continue;
         } else {
           auto r = OpenLeg(leg.spec, a->cfg);
@@ -970,8 +992,86 @@ void Daemon::ArrayMonitorLoop() {
   }
 }
 
-// A grown linear's FUSE file keeps its old size while open (FuseMount caches it); once nobody
-// has it open, re-add it so the new size shows.
+// Truthful health (issue 9 item 4): idle legs are probed without I/O.  A leg whose device says
+// it is unreachable (BlockDevice::Health; for remote legs also a link that is not "connected")
+// for leg_timeout is dead: I/O to it fails now.  A dead mirror leg is failed (FailLeg), so the
+// mirror stops waiting on it and tracks what it misses; the monitor re-adds it once it is
+// reachable again.  The last up-to-date leg is not failed (nothing could resync it): it is
+// reported dead, and the array failed.  A linear array with a dead leg is failed.  detail,
+// status, --json and the events all read these flags.
+void Daemon::ProbeLegs(const std::shared_ptr<Array>& a) {
+  const auto now = std::chrono::steady_clock::now();
+  const std::uint64_t limit = std::uint64_t(a->cfg.leg_timeout_s) * 1000;
+  std::vector<LegStatus> states;
+  if (a->mirror) states = a->mirror->Legs();
+  auto state_of = [&](std::size_t slot) {
+    for (auto& st : states)
+      if (st.slot == int(slot)) return st.state;
+    return LegState::kEmpty;
+  };
+  for (std::size_t i = 0; i < a->legs.size(); ++i) {
+    ArrayLeg& leg = a->legs[i];
+    if (!leg.dev) continue;
+    DeviceHealth h = leg.dev->Health();
+    std::string link = leg.remote ? leg.remote->Stats().state : leg.nbd ? leg.nbd->Stats().state : "";
+    if (h.reachable && !link.empty() && link != "connected") {
+      h.reachable = false;
+      if (h.detail.empty()) h.detail = link;
+    }
+    std::uint64_t outage = h.outage_ms;
+    if (h.reachable) {
+      leg.down_since = {};
+    } else {
+      if (leg.down_since == std::chrono::steady_clock::time_point{}) leg.down_since = now;
+      auto ours = std::uint64_t(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                    now - leg.down_since).count());
+      outage = std::max(outage, ours);
+    }
+    const bool dead = !h.reachable && outage >= limit;
+    bool newly_dead;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      newly_dead = dead && !leg.dead;
+      leg.reachable = h.reachable;
+      leg.outage_ms = h.reachable ? 0 : outage;
+      leg.dead = dead;
+      leg.health = h.detail;
+    }
+    if (newly_dead)
+      Emit(json{{"type", "leg_unreachable"}, {"array", a->cfg.name}, {"slot", int(i)},
+                {"spec", leg.spec}, {"outage_ms", outage}, {"detail", h.detail}});
+    if (!dead || !a->mirror) {
+      if (newly_dead)
+        spdlog::error("array \"{}\": leg {} ({}) unreachable for {} ms (leg_timeout {} s){}",
+                      a->cfg.name, i, leg.spec, outage, a->cfg.leg_timeout_s,
+                      a->linear ? ": the array is failed until it is back" : "");
+      continue;
+    }
+    LegState ls = state_of(i);
+    if (ls != LegState::kUpToDate && ls != LegState::kResyncing) continue;
+    int others = 0;  // other up-to-date legs that are reachable
+    for (std::size_t j = 0; j < a->legs.size(); ++j)
+      if (j != i && state_of(j) == LegState::kUpToDate && a->legs[j].dev && !a->legs[j].dead &&
+          a->legs[j].reachable)
+        ++others;
+    if (ls == LegState::kUpToDate && others == 0) {
+      if (newly_dead)
+        spdlog::error("array \"{}\": leg {} ({}) unreachable for {} ms, and it is the last "
+                      "up-to-date leg: the array is failed until it is back", a->cfg.name, i,
+                      leg.spec, outage);
+      continue;
+    }
+    if (Status st = a->mirror->FailLeg(int(i)); st.ok())
+      spdlog::error("array \"{}\": leg {} ({}) unreachable for {} ms (leg_timeout {} s): failed; "
+                    "it is re-added when it is back", a->cfg.name, i, leg.spec, outage,
+                    a->cfg.leg_timeout_s);
+    else
+      spdlog::warn("array \"{}\": failing unreachable leg {}: {}", a->cfg.name, i, Msg(st));
+  }
+}
+
+// A grown linear's FUSE file: FuseMount::RefreshVolume shows the new size at once, also while
+// the file is open (ArrayAddLeg does it too; this catches arrays grown below a stacked one).
 void Daemon::RefreshGrownFiles() {
   std::shared_ptr<fuse::FuseMount> m;
   {
@@ -991,7 +1091,14 @@ void Daemon::RefreshGrownFiles() {
     }
     DeviceInfo info = vol->dev->Info();
     std::uint64_t lbs = std::max<std::uint32_t>(info.logical_block_size, 1);
-    if (f.open_count != 0 || f.size == info.size / lbs * lbs) continue;
+    if (f.size == info.size / lbs * lbs) continue;
+    if (RefreshFuseSize(*m, f.name)) {  // shown at once, also while open
+      StatFuseFile(m->mountpoint(), f.name);
+      spdlog::info("array \"{}\": {}/{}.img now shows {} bytes", f.name, m->mountpoint(), f.name,
+                   info.size);
+      continue;
+    }
+    if (f.open_count != 0) continue;
     if (!m->RemoveVolume(f.name).ok()) continue;  // opened meanwhile: next tick
     {
       std::lock_guard<std::mutex> l(mu_);
@@ -1015,6 +1122,8 @@ json Daemon::ArrayJson(const std::shared_ptr<Array>& a) {
   std::shared_ptr<BlockDevice> dev;
   std::string error, id;
   std::vector<std::string> links;
+  std::vector<json> health;  // per slot: reachable, outage, counters
+  std::vector<bool> dead;
   {
     std::lock_guard<std::mutex> l(mu_);
     cfg = a->cfg;
@@ -1023,6 +1132,17 @@ json Daemon::ArrayJson(const std::shared_ptr<Array>& a) {
       present.push_back(leg.dev != nullptr);
       errors.push_back(leg.error);
       links.push_back(leg.remote ? "remote" : leg.nbd ? "nbd" : "");
+      dead.push_back(leg.dev && leg.dead);
+      json hj{{"reachable", !leg.dev || leg.reachable}, {"outage_ms", leg.outage_ms},
+              {"unreachable", leg.dev && leg.dead}};
+      if (!leg.health.empty()) hj["health"] = leg.health;
+      if (leg.counter) {
+        DeviceCounters c = leg.counter->Counters();
+        hj["io"] = {{"reads", c.reads},           {"writes", c.writes},
+                    {"bytes_read", c.bytes_read}, {"bytes_written", c.bytes_written},
+                    {"errors", c.errors},         {"other", c.other}};
+      }
+      health.push_back(std::move(hj));
     }
     mirror = a->mirror;
     linear = a->linear;
@@ -1048,7 +1168,8 @@ json Daemon::ArrayJson(const std::shared_ptr<Array>& a) {
     for (auto& s : ls) {
       if (s.state == LegState::kEmpty) continue;
       ++n;
-      if (s.state == LegState::kUpToDate) ++up;
+      const bool is_dead = std::size_t(s.slot) < dead.size() && dead[std::size_t(s.slot)];
+      if (s.state == LegState::kUpToDate && !is_dead) ++up;
       if (s.state == LegState::kResyncing) ++resyncing;
       std::size_t i = std::size_t(s.slot);
       json lj{{"slot", s.slot},
@@ -1061,6 +1182,10 @@ json Daemon::ArrayJson(const std::shared_ptr<Array>& a) {
               {"device", s.describe}};
       if (i < errors.size() && !errors[i].empty() && s.state != LegState::kUpToDate)
         lj["error"] = errors[i];
+      if (i < health.size()) lj.update(health[i]);
+      if (is_dead && s.state == LegState::kUpToDate)
+        lj["error"] = fmt::format("unreachable for {} ms (the last up-to-date leg: I/O fails "
+                                  "until it is back)", health[i].value("outage_ms", std::uint64_t{0}));
       legs.push_back(std::move(lj));
     }
     for (auto& p : mirror->Progress()) {
@@ -1099,19 +1224,24 @@ json Daemon::ArrayJson(const std::shared_ptr<Array>& a) {
     for (std::size_t i = 0; i < specs.size(); ++i) {
       if (specs[i].empty()) continue;
       ++n;
-      bool ok = linear && i < table.size();
-      if (ok) ++up;
+      // A dead leg (unreachable for leg_timeout) fails the I/O that reaches it: the array too.
+      bool ok = linear && i < table.size() && !dead[i];
       json lj{{"slot", int(i)},
               {"spec", specs[i]},
-              {"state", ok ? "up-to-date" : present[i] ? "ready" : "missing"},
+              {"state", ok ? "up-to-date" : dead[i] ? "failed" : present[i] ? "ready" : "missing"},
               {"generation", ""},
               {"out_of_sync_bytes", 0},
               {"present", present[i]}};
-      if (ok) {
+      if (ok) ++up;
+      if (linear && i < table.size()) {
         lj["start"] = table[i].start;
         lj["length"] = table[i].len;
       }
       if (!errors[i].empty() && !ok) lj["error"] = errors[i];
+      lj.update(health[i]);
+      if (dead[i])
+        lj["error"] = fmt::format("unreachable for {} ms: I/O to its extent fails",
+                                  health[i].value("outage_ms", std::uint64_t{0}));
       legs.push_back(std::move(lj));
     }
   }
@@ -1365,6 +1495,15 @@ void Daemon::ArrayRpc(const std::string& m, const json& p, Finish finish) {
     std::string op = m == "array.fail_leg" ? "fail" : m == "array.remove_leg" ? "remove"
                    : m == "array.readd_leg" ? "readd" : "detach";
     return workers_.Post([this, name, op, slot, leg, reply_array] {
+      if (op == "readd") {  // exclusive legs: a leg still exported or imported is not re-added
+        std::string use = leg;
+        if (auto a = FindArray(name); a && use.empty()) {
+          std::lock_guard<std::mutex> l(mu_);
+          if (std::size_t(slot) < a->legs.size()) use = a->legs[std::size_t(slot)].spec;
+        }
+        if (!use.empty())
+          if (Status free = CheckLegFree(use, name, slot); !free.ok()) return reply_array(free);
+      }
       reply_array(ArrayLegOp(name, op, slot, leg));
     });
   }
@@ -1617,7 +1756,8 @@ void Daemon::VerifyFinished(const std::string& name, const std::string& trigger,
 // ---------------------------------------------------------------------------------------------
 // apply: reconcile live exports/volumes/arrays with a config file.
 
-Result<std::vector<Daemon::PlanStep>> Daemon::Plan(const Config& want) {
+Result<std::vector<Daemon::PlanStep>> Daemon::Plan(const Config& want, bool prune,
+                                                   std::vector<std::string>* kept) {
   std::map<std::string, ExportConfig> live_exports;
   std::map<std::string, VolumeConfig> live_volumes;
   std::map<std::string, ArrayConfig> live_arrays;
@@ -1630,6 +1770,12 @@ Result<std::vector<Daemon::PlanStep>> Daemon::Plan(const Config& want) {
   }
   std::vector<PlanStep> remove_exports, array_changes, remove_arrays, remove_volumes,
       add_volumes, add_arrays, add_exports;
+  auto ctx = std::make_shared<PlanContext>();  // filled below; read by the checks later
+  auto removal = [&](std::vector<PlanStep>& to, const std::string& kind, const std::string& n,
+                     std::function<Status()> run) {
+    ctx->gone.insert(kind + ":" + n);
+    to.push_back({kind + " remove " + n, std::move(run), CheckRemove(ctx, kind, n)});
+  };
   auto same_export = [](const ExportConfig& a, const ExportConfig& b) {
     return a.path == b.path && a.array == b.array && a.volume == b.volume &&
            a.read_only == b.read_only && a.direct_io == b.direct_io;
@@ -1659,6 +1805,7 @@ Result<std::vector<Daemon::PlanStep>> Daemon::Plan(const Config& want) {
     if (!e.array.empty()) p["array"] = e.array;
     if (!e.volume.empty()) p["volume"] = e.volume;
     if (e.size) p["size"] = e.size;
+    if (e.grow) p["grow"] = true;
     return p;
   };
   auto export_text = [](const ExportConfig& e) {
@@ -1674,28 +1821,33 @@ Result<std::vector<Daemon::PlanStep>> Daemon::Plan(const Config& want) {
     auto it = live_exports.find(e.name);
     if (it != live_exports.end() && same_export(it->second, e)) continue;
     if (it != live_exports.end())
-      remove_exports.push_back({"export remove " + e.name, call("export.remove", {{"name", e.name}})});
-    add_exports.push_back({export_text(e), call("export.add", export_params(e))});
+      removal(remove_exports, "export", e.name, call("export.remove", {{"name", e.name}}));
+    add_exports.push_back({export_text(e), call("export.add", export_params(e)), CheckAddExport(ctx, e)});
   }
   for (auto& [n, e] : live_exports)
-    if (!want_exports.count(n))
-      remove_exports.push_back({"export remove " + n, call("export.remove", {{"name", n}})});
+    if (!want_exports.count(n)) {
+      if (prune) removal(remove_exports, "export", n, call("export.remove", {{"name", n}}));
+      else kept->push_back("export " + n);
+    }
   // Volumes.
   for (auto& v : want.volumes) {
     want_volumes.insert(v.name);
     auto it = live_volumes.find(v.name);
     if (it != live_volumes.end() && same_volume(it->second, v)) continue;
     if (it != live_volumes.end())
-      remove_volumes.push_back({"volume remove " + v.name, call("volume.remove", {{"name", v.name}})});
+      removal(remove_volumes, "volume", v.name, call("volume.remove", {{"name", v.name}}));
     json p{{"name", v.name}, {"uri", v.remote.empty() ? v.path : v.remote},
            {"queue_depth", v.queue_depth}, {"io_timeout", v.io_timeout_s},
            {"keepalive_timeout", v.keepalive_timeout_s}};
+    ctx->created.insert("volume:" + v.name);
     add_volumes.push_back({fmt::format("volume import {} {}", v.name, v.remote.empty() ? v.path : v.remote),
-                           call("volume.import", p)});
+                           call("volume.import", p), CheckAddVolume(ctx, v)});
   }
   for (auto& [n, v] : live_volumes)
-    if (!want_volumes.count(n))
-      remove_volumes.push_back({"volume remove " + n, call("volume.remove", {{"name", n}})});
+    if (!want_volumes.count(n)) {
+      if (prune) removal(remove_volumes, "volume", n, call("volume.remove", {{"name", n}}));
+      else kept->push_back("volume " + n);
+    }
   // Arrays: new ones in dependency order.
   std::vector<const ArrayConfig*> order;
   {
@@ -1718,11 +1870,12 @@ Result<std::vector<Daemon::PlanStep>> Daemon::Plan(const Config& want) {
     if (it == live_arrays.end()) {
       if (live_volumes.count(a.name) && want_volumes.count(a.name))
         return Status::InvalidArgument(fmt::format("\"{}\" is a volume; cannot create an array with that name", a.name));
+      ctx->created.insert("array:" + a.name);
       add_arrays.push_back(
           {fmt::format("array create {} --level {} {}{}", a.name, a.level,
                        fmt::join(a.legs, " "),
                        a.level == "mirror" ? " --region-size " + SizeText(a.region_size) : ""),
-           [this, a] { return CreateArray(a, false); }});
+           [this, a] { return CreateArray(a, false); }, CheckAddLegs(ctx, a.name, a.legs, true)});
       continue;
     }
     const ArrayConfig& cur = it->second;
@@ -1745,14 +1898,16 @@ Result<std::vector<Daemon::PlanStep>> Daemon::Plan(const Config& want) {
       for (std::size_t i = have.size(); i < a.legs.size(); ++i) {
         std::string leg = a.legs[i], name = a.name;
         array_changes.push_back({fmt::format("array grow {} {}", name, leg),
-                                 [this, name, leg] { return ArrayAddLeg(name, leg, true); }});
+                                 [this, name, leg] { return ArrayAddLeg(name, leg, true); },
+                                 CheckAddLegs(ctx, name, {leg}, false)});
       }
     } else {
       for (auto& l : a.legs)
         if (std::find(have.begin(), have.end(), l) == have.end()) {
           std::string name = a.name, leg = l;
           array_changes.push_back({fmt::format("array add-leg {} {}", name, leg),
-                                   [this, name, leg] { return ArrayAddLeg(name, leg, false); }});
+                                   [this, name, leg] { return ArrayAddLeg(name, leg, false); },
+                                   CheckAddLegs(ctx, name, {leg}, false)});
         }
       for (std::size_t s = 0; s < cur.legs.size(); ++s)
         if (!cur.legs[s].empty() &&
@@ -1771,7 +1926,8 @@ Result<std::vector<Daemon::PlanStep>> Daemon::Plan(const Config& want) {
                        DST_RETURN_IF_ERROR(ArrayLegOp(name, "fail", slot, ""));
                  }
                  return ArrayLegOp(name, "remove", slot, "");
-               }});
+               },
+               {}});
         }
     }
     if (cur.resync_rate_min != a.resync_rate_min || cur.resync_rate_max != a.resync_rate_max) {
@@ -1779,13 +1935,16 @@ Result<std::vector<Daemon::PlanStep>> Daemon::Plan(const Config& want) {
       std::uint64_t lo = a.resync_rate_min, hi = a.resync_rate_max;
       array_changes.push_back({fmt::format("array resync-rate {} --min {} --max {}", name,
                                            RateText(lo), RateText(hi)),
-                               [this, name, lo, hi] { return ArraySetRate(name, lo, hi); }});
+                               [this, name, lo, hi] { return ArraySetRate(name, lo, hi); }, {}});
     }
   }
   // Live arrays not in the file: outer ones first.
   std::vector<std::string> gone;
   for (auto& [n, c] : live_arrays)
-    if (!want_arrays.count(n)) gone.push_back(n);
+    if (!want_arrays.count(n)) {
+      if (prune) gone.push_back(n);
+      else kept->push_back("array " + n);
+    }
   for (std::size_t round = 0; round <= gone.size(); ++round)
     for (auto& n : gone) {
       if (n.empty()) continue;
@@ -1796,7 +1955,7 @@ Result<std::vector<Daemon::PlanStep>> Daemon::Plan(const Config& want) {
             if (l == "array:" + n) used = true;
       if (used && round < gone.size()) continue;
       std::string name = n;
-      remove_arrays.push_back({"array remove " + name, [this, name] { return RemoveArray(name); }});
+      removal(remove_arrays, "array", name, [this, name] { return RemoveArray(name); });
       n.clear();
     }
   std::vector<PlanStep> plan;
@@ -1810,28 +1969,61 @@ void Daemon::ApplyRpc(const json& p, Finish finish) {
   std::string text, source = "apply";
   Status st = ParamString(p, "config", true, &text);
   if (st.ok()) st = ParamString(p, "source", false, &source);
-  bool dry_run = p.contains("dry_run") && p["dry_run"].is_boolean() && p["dry_run"].get<bool>();
+  auto flag = [&](const char* k) { return p.contains(k) && p[k].is_boolean() && p[k].get<bool>(); };
+  bool dry_run = flag("dry_run"), prune = flag("prune");
   if (!st.ok()) return finish(st);
   if (apply_busy_.exchange(true)) return finish(Status::Busy("another apply is running"));
-  workers_.Post([this, text, source, dry_run, finish] {
+  workers_.Post([this, text, source, dry_run, prune, finish] {
     struct Release {
       std::atomic<bool>& b;
       ~Release() { b = false; }
     } release{apply_busy_};
     auto cfg = ParseConfig(text, source);
     if (!cfg.ok()) return finish(cfg.status());
-    auto plan = Plan(cfg.value());
+    std::vector<std::string> kept;
+    auto plan = Plan(cfg.value(), prune, &kept);
     if (!plan.ok()) return finish(plan.status());
-    json steps = json::array();
-    for (auto& s : plan.value()) steps.push_back(s.text);
-    json res{{"plan", steps}, {"dry_run", dry_run}, {"done", json::array()}};
-    if (dry_run) return finish(res);
+    // The whole plan is validated before the first step: a plan that would fail changes nothing.
+    std::vector<std::string> problems;
+    Status first;
     for (auto& s : plan.value()) {
+      if (!s.check) continue;
+      if (Status c = s.check(); !c.ok()) {
+        if (first.ok()) first = c;
+        problems.push_back(fmt::format("\"{}\": {}", s.text, Msg(c)));
+      }
+    }
+    if (!problems.empty()) {
+      std::string m = fmt::format("apply refused, nothing changed: {}", fmt::join(problems, "; "));
+      return finish(first.code() == Status::Code::kBusy ? Status::Busy(m)
+                    : first.IsNotFound()                ? Status::NotFound(m)
+                                                        : Status::InvalidArgument(m));
+    }
+    json steps = json::array(), plan_text = json::array();
+    for (auto& s : plan.value()) {
+      plan_text.push_back(s.text);
+      steps.push_back(json{{"step", s.text}, {"status", "not run"}});
+    }
+    json res{{"plan", plan_text}, {"dry_run", dry_run}, {"prune", prune}, {"kept", kept},
+             {"done", json::array()}, {"steps", steps}, {"failed", false}};
+    if (dry_run) return finish(res);
+    for (std::size_t i = 0; i < plan.value().size(); ++i) {
+      auto& s = plan.value()[i];
       spdlog::info("apply: {}", s.text);
       Status r = s.run();
-      if (!r.ok())
-        return finish(r.WithContext(fmt::format("apply: \"{}\" failed ({} of {} steps done)",
-                                                s.text, res["done"].size(), steps.size())));
+      if (!r.ok()) {
+        // Reported step by step (done / failed / not run); running apply again converges, as
+        // the plan is recomputed from what is live then.
+        res["steps"][i]["status"] = "failed";
+        res["steps"][i]["error"] = Msg(r);
+        res["failed"] = true;
+        res["error"] = fmt::format("\"{}\" failed: {} ({} of {} steps done)", s.text, Msg(r),
+                                   res["done"].size(), plan_text.size());
+        res["error_code"] = ControlErrorCode(r);
+        spdlog::warn("apply: {}", res["error"].get<std::string>());
+        return finish(res);
+      }
+      res["steps"][i]["status"] = "done";
       res["done"].push_back(s.text);
     }
     finish(res);

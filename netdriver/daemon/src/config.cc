@@ -196,8 +196,11 @@ Status ParseExport(const toml::table& t, std::size_t index, const ErrorSink& sin
       DST_RETURN_IF_ERROR(f.Bool(v, key, &e->read_only));
     } else if (key == "direct_io") {
       DST_RETURN_IF_ERROR(f.Bool(v, key, &e->direct_io));
+    } else if (key == "grow") {
+      DST_RETURN_IF_ERROR(f.Bool(v, key, &e->grow));
     } else {
-      return UnknownKey(sink, k, f.ctx, "name, path, array, volume, size, read_only, direct_io");
+      return UnknownKey(sink, k, f.ctx,
+                        "name, path, array, volume, size, grow, read_only, direct_io");
     }
   }
   int sources = int(have_path) + int(!e->array.empty()) + int(!e->volume.empty());
@@ -206,7 +209,7 @@ Status ParseExport(const toml::table& t, std::size_t index, const ErrorSink& sin
   if (sources > 1)
     return sink.Error(t.source(), f.ctx, "path/array/volume", "give only one of them");
   if (!have_path) {
-    if (e->size != 0)
+    if (e->size != 0 || e->grow)
       return sink.Error(t["size"].node()->source(), f.ctx, "size",
                         "only valid with path (an array or volume has its own size)");
     return Status::OK();
@@ -215,6 +218,20 @@ Status ParseExport(const toml::table& t, std::size_t index, const ErrorSink& sin
     return sink.Error(t["path"].node()->source(), f.ctx, "path",
                       fmt::format("\"{}\" does not exist and no size is given to create it",
                                   e->path));
+  if (e->grow && e->size == 0)
+    return sink.Error(t["grow"].node()->source(), f.ctx, "grow", "needs a size to grow to");
+  // An image is never shrunk; growing one with data in it is explicit (grow = true).
+  struct stat st;
+  if (opts.check_files && e->size != 0 && ::stat(e->path.c_str(), &st) == 0 &&
+      S_ISREG(st.st_mode) && st.st_size != 0 && std::uint64_t(st.st_size) != e->size) {
+    const bool smaller = e->size < std::uint64_t(st.st_size);
+    if (smaller || !e->grow)
+      return sink.Error(t["size"].node()->source(), f.ctx, "size",
+                        fmt::format("{} is {} bytes and size is {} bytes: {}", e->path,
+                                    st.st_size, e->size,
+                                    smaller ? "an image is never shrunk"
+                                            : "set grow = true to grow it"));
+  }
   return Status::OK();
 }
 
@@ -246,9 +263,13 @@ Status ParseVolume(const toml::table& t, std::size_t index, const ErrorSink& sin
       DST_RETURN_IF_ERROR(f.UInt(v, key, 1, 86400, &vol->io_timeout_s));
     } else if (key == "keepalive_timeout") {
       DST_RETURN_IF_ERROR(f.UInt(v, key, 1, 3600, &vol->keepalive_timeout_s));
+    } else if (key == "checksum") {
+      DST_RETURN_IF_ERROR(f.String(v, key, &vol->checksum));
+      if (vol->checksum != "xxh3" && vol->checksum != "none")
+        return sink.Error(v.source(), f.ctx, key, "expected \"xxh3\" or \"none\"");
     } else {
       return UnknownKey(sink, k, f.ctx,
-                        "name, remote, path, queue_depth, io_timeout, keepalive_timeout");
+                        "name, remote, path, queue_depth, io_timeout, keepalive_timeout, checksum");
     }
   }
   if (vol->remote.empty() == vol->path.empty())

@@ -4,10 +4,14 @@
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include <filesystem>
 #include <future>
+#include <sstream>
 
 #include <boost/asio/steady_timer.hpp>
 #include <fmt/format.h>
@@ -174,6 +178,8 @@ std::chrono::milliseconds FlushTimeout(const VolumeConfig& c) {
 
 }  // namespace
 
+const char* ControlErrorCode(const Status& s) { return ErrorCode(s); }
+
 // ---------------------------------------------------------------------------------------------
 // Daemon
 
@@ -249,6 +255,11 @@ int Daemon::Start() {
                cfg_.batching ? "on" : "off");
   if (int rc = StartNbd(); rc != 0) return rc;
 
+  if (Status st = OpenTopology(); !st.ok()) {
+    spdlog::error("{}", Message(st));
+    return ctl::kExIoErr;
+  }
+  RuntimeObjects rt = LoadRuntimeObjects();
   for (const auto& e : cfg_.exports) {
     {
       std::lock_guard<std::mutex> l(mu_);
@@ -260,8 +271,23 @@ int Daemon::Start() {
       return ctl::kExIoErr;
     }
   }
+  // Recorded runtime exports: a failure is logged, the name stays reserved (see persist.cc).
+  for (const auto& e : rt.exports) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (!exports_.emplace(e.name, e).second) continue;
+    }
+    if (e.path.empty()) continue;
+    if (Status st = OpenExport(e); !st.ok())
+      spdlog::error("export \"{}\" (recorded by dstctl): {}; dstctl export remove {} forgets it",
+                    e.name, Message(st), e.name);
+    else
+      spdlog::info("export \"{}\": restored from {}/dstd.sqlite", e.name, opts_.state_dir);
+  }
 
-  for (const auto& vc : cfg_.volumes) {
+  std::vector<VolumeConfig> volumes = cfg_.volumes;
+  volumes.insert(volumes.end(), rt.volumes.begin(), rt.volumes.end());
+  for (const auto& vc : volumes) {
     auto vol = std::make_shared<Volume>();
     vol->cfg = vc;
     {
@@ -285,6 +311,10 @@ int Daemon::Start() {
       spdlog::error("cannot mount FUSE at {}: {}", cfg_.mountpoint, Message(st));
       return ctl::kExUnavailable;
     }
+  } else if (!rt.mount.empty()) {
+    if (Status st = DoMount(rt.mount); !st.ok())
+      spdlog::error("cannot mount FUSE at {} (recorded by dstctl mount): {}", rt.mount,
+                    Message(st));
   }
 
   std::error_code ec;
@@ -387,6 +417,7 @@ void Daemon::Shutdown() {
 // Devices
 
 Status Daemon::OpenExport(const ExportConfig& e) {
+  DST_RETURN_IF_ERROR(CheckExportFree(e));
   if (e.path.empty()) {
     // An array or a volume of this daemon: arrays stack across hosts.
     const std::string& ref = e.array.empty() ? e.volume : e.array;
@@ -417,8 +448,11 @@ Status Daemon::OpenExport(const ExportConfig& e) {
   fo.direct_io = e.direct_io;
   fo.create = e.size > 0;
   fo.size = e.size;
+  fo.grow = e.grow;
   auto dev = FileDevice::Open(e.path, fo);
-  if (!dev.ok()) return dev.status().WithContext(e.path);
+  if (!dev.ok())  // the size refusals name the path already
+    return dev.status().message().rfind(e.path, 0) == 0 ? dev.status()
+                                                        : dev.status().WithContext(e.path);
   net::ExportSpec spec;
   spec.name = e.name;
   spec.device = dev.value();
@@ -434,6 +468,11 @@ Status Daemon::ConnectVolume(const std::shared_ptr<Volume>& vol) {
   const VolumeConfig& c = vol->cfg;
   std::shared_ptr<BlockDevice> dev;
   std::shared_ptr<net::RemoteDevice> remote;
+  if (Status free = CheckVolumeFree(c); !free.ok()) {
+    std::lock_guard<std::mutex> l(mu_);
+    vol->error = Message(free);
+    return free;
+  }
   if (!c.remote.empty()) {
     net::RemoteOptions ro;
     ro.host = c.host;
@@ -445,6 +484,7 @@ Status Daemon::ConnectVolume(const std::shared_ptr<Volume>& vol) {
     ro.keepalive_interval = std::min<std::chrono::milliseconds>(
         std::chrono::milliseconds(1000), ro.keepalive_timeout / 3);
     ro.io_timeout = std::chrono::seconds(c.io_timeout_s);
+    ro.checksum = c.checksum == "xxh3";
     auto r = net::RemoteDevice::Connect(io_, ro);
     {
       std::lock_guard<std::mutex> l(mu_);
@@ -524,7 +564,98 @@ void Daemon::AddToMount(const std::shared_ptr<Volume>& vol) {
   }
 }
 
+namespace {
+
+// The /proc/self/mountinfo entry whose mount point is `dir` (the last one: the top of a stack).
+struct MountEntry {
+  bool found = false;
+  std::string fstype, source;
+};
+
+std::string Unescape(const std::string& s) {  // mountinfo escapes space, tab, \n, \ as \ooo
+  std::string out;
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    if (s[i] == '\\' && i + 3 < s.size()) {
+      out.push_back(char(std::stoi(s.substr(i + 1, 3), nullptr, 8)));
+      i += 3;
+    } else {
+      out.push_back(s[i]);
+    }
+  }
+  return out;
+}
+
+MountEntry FindMount(const std::string& dir) {
+  MountEntry e;
+  std::FILE* f = std::fopen("/proc/self/mountinfo", "re");
+  if (!f) return e;
+  char* line = nullptr;
+  std::size_t cap = 0;
+  while (::getline(&line, &cap, f) > 0) {
+    std::istringstream in(line);
+    std::string id, parent, devno, root, mp, tok;
+    in >> id >> parent >> devno >> root >> mp;
+    if (Unescape(mp) != dir) continue;
+    while (in >> tok && tok != "-") {}
+    e.found = true;
+    in >> e.fstype >> e.source;
+  }
+  std::free(line);
+  std::fclose(f);
+  return e;
+}
+
+}  // namespace
+
+// After kill -9 the kernel keeps dstd's FUSE mount with a dead connection: every access fails
+// with ENOTCONN ("Transport endpoint is not connected") and mounting again on top would fail or
+// stack.  Such a stale dst mount of our mount point is detached lazily (MNT_DETACH, or
+// fusermount3 -uz without CAP_SYS_ADMIN); a loop device still on it keeps its own reference.
+// A FUSE mount point that answers (a live dstd or another server) is never touched: refused.
+// The probe is statfs(), which FUSE always sends to the server (stat() may be answered from
+// cached attributes for a second after the server died); it runs on a helper thread with a
+// deadline, so a stopped server cannot hang dstd's start.
+Status Daemon::PrepareMountpoint(const std::string& dir) {
+  MountEntry e = FindMount(dir);
+  if (!e.found || e.fstype.rfind("fuse", 0) != 0) return Status::OK();
+  auto probe = std::make_shared<std::promise<int>>();
+  auto answer = probe->get_future();
+  std::thread([dir, probe] {
+    struct statfs sfs;
+    probe->set_value(::statfs(dir.c_str(), &sfs) == 0 ? 0 : errno);
+  }).detach();
+  if (answer.wait_for(std::chrono::seconds(3)) != std::future_status::ready)
+    return Status::Busy(fmt::format("{} is a {} mount (from {}) whose server does not answer "
+                                    "(stopped?); refusing to touch it", dir, e.fstype, e.source));
+  int err = answer.get();
+  if (err == 0)
+    return Status::Busy(fmt::format(
+        "{} is already a mount point ({} from {}) served by a live process; unmount it first "
+        "or choose another mount point", dir, e.fstype, e.source));
+  if (err != ENOTCONN) return Status::FromErrno(err, fmt::format("statfs {}", dir));
+  if (e.fstype != "fuse.dst")
+    return Status::Busy(fmt::format("{} is a dead {} mount that dstd did not make; unmount it "
+                                    "yourself (fusermount3 -uz {})", dir, e.fstype, dir));
+  spdlog::warn("{}: stale FUSE mount (Transport endpoint is not connected) left by a dstd that "
+               "died; detaching it", dir);
+  if (::umount2(dir.c_str(), MNT_DETACH) != 0) {
+    int uerr = errno;
+    std::string cmd = "fusermount3 -uz '" + dir + "' 2>&1";
+    if (std::system(cmd.c_str()) != 0)
+      return Status::FromErrno(uerr, fmt::format("cannot detach the stale mount at {} "
+                                                 "(umount2: {}; fusermount3 -uz failed too)",
+                                                 dir, std::strerror(uerr)));
+  }
+  struct stat st;
+  if (::stat(dir.c_str(), &st) != 0)
+    return Status::FromErrno(errno, fmt::format("{} is still unusable after detaching the stale "
+                                                "mount", dir));
+  spdlog::info("{}: stale mount detached", dir);
+  return Status::OK();
+}
+
 Status Daemon::DoMount(const std::string& dir) {
+  DST_RETURN_IF_ERROR(PrepareMountpoint(dir));
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
   if (ec) return Status::FromErrno(ec.value(), fmt::format("cannot create {}", dir));
@@ -605,6 +736,7 @@ void Daemon::ExportAdd(const json& p, Finish finish) {
     st = Status::InvalidArgument(fmt::format("path \"{}\" must be absolute", e.path));
   if (st.ok()) st = GetBool(p, "read_only", &e.read_only);
   if (st.ok()) st = GetBool(p, "direct_io", &e.direct_io);
+  if (st.ok()) st = GetBool(p, "grow", &e.grow);
   if (st.ok()) {
     auto it = p.find("size");
     if (it != p.end() && !it->is_null()) {
@@ -615,6 +747,8 @@ void Daemon::ExportAdd(const json& p, Finish finish) {
       else st = sz.status();
     }
   }
+  if (st.ok() && e.grow && e.size == 0)
+    st = Status::InvalidArgument("grow needs a size to grow the image to");
   if (st.ok() && !e.path.empty() && e.size == 0 && ::access(e.path.c_str(), F_OK) != 0)
     st = Status::NotFound(fmt::format("{} does not exist (give a size to create it)", e.path));
   if (st.ok()) {
@@ -629,6 +763,7 @@ void Daemon::ExportAdd(const json& p, Finish finish) {
       exports_.erase(e.name);
       return finish(s);
     }
+    RecordExport(e);
     for (auto& j : ExportsJson())
       if (j["name"] == e.name) return finish(j);
     finish(json::object());
@@ -648,8 +783,12 @@ void Daemon::ExportRemove(const json& p, Finish finish) {
     Status st = exporter_->RemoveExport(name);
     NbdExportRemoveDone(name, st.ok() || st.IsNotFound());
     if (st.ok() || st.IsNotFound()) {
-      std::lock_guard<std::mutex> l(mu_);
-      exports_.erase(name);
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        exports_.erase(name);
+      }
+      ForgetObject("export", name);
+      if (st.IsNotFound()) st = Status::OK();  // reserved but never opened (see persist.cc)
     }
     if (st.ok()) spdlog::info("export \"{}\" removed", name);
     if (st.code() == Status::Code::kBusy && st.message().empty())
@@ -697,6 +836,7 @@ void Daemon::VolumeImport(const json& p, Finish finish) {
       vol->removed = true;
       return finish(s);
     }
+    RecordVolume(vol->cfg);
     for (auto& j : VolumesJson())
       if (j["name"] == vol->cfg.name) return finish(j);
     finish(json::object());
@@ -733,7 +873,11 @@ void Daemon::VolumeRemove(const json& p, Finish finish) {
       vol->removed = true;
       volumes_.erase(it);
       spdlog::info("volume \"{}\" removed (was not connected)", name);
-      return finish(json::object());
+      workers_.Post([this, name, finish] {
+        ForgetObject("volume", name);
+        finish(json::object());
+      });
+      return;
     }
     vol->removing = true;
     if (vol->in_mount) m = mount_;
@@ -759,6 +903,7 @@ void Daemon::VolumeRemove(const json& p, Finish finish) {
     if (Status st = FlushWithDeadline(*vol->dev, FlushTimeout(vol->cfg)); !st.ok())
       spdlog::warn("volume \"{}\": flush before removal failed: {}", name, Message(st));
     if (vol->remote) vol->remote->Close();
+    ForgetObject("volume", name);
     spdlog::info("volume \"{}\" removed", name);
     finish(json::object());
   });
@@ -783,6 +928,7 @@ void Daemon::MountRpc(const json& p, Finish finish) {
       mount_busy_ = false;
     }
     if (!s.ok()) return finish(s.WithContext(fmt::format("cannot mount {}", dir)));
+    RecordObject("mount", "mount", json{{"path", dir}});
     finish(json{{"mount", dir}});
   });
 }
@@ -811,6 +957,7 @@ void Daemon::UnmountRpc(Finish finish) {
     std::string dir = m->mountpoint();
     m->Unmount();
     m.reset();
+    ForgetObject("mount", "mount");
     {
       std::lock_guard<std::mutex> l(mu_);
       mount_busy_ = false;
@@ -833,6 +980,7 @@ static void AddExportCounters(json& j, const S& s) {
     j["send_calls"] = s.send_calls;
     j["frames_per_call"] = s.send_calls ? double(s.frames_sent) / double(s.send_calls) : 0.0;
   }
+  if constexpr (requires { s.digest_errors; }) j["digest_errors"] = s.digest_errors;
 }
 
 json Daemon::ExportsJson() {
@@ -880,12 +1028,30 @@ json Daemon::VolumeJson(const std::string& name, const Volume& v) {
     state = rs.state;
   }
   if (v.removing) state = "removing";
+  // Truthful health: what I/O to this volume would meet now (no I/O is done to find out).
+  if (v.dev) {
+    DeviceHealth h = v.dev->Health();
+    if (h.reachable && v.remote && rs.state != "connected") {
+      h.reachable = false;
+      if (h.detail.empty()) h.detail = rs.state;
+    }
+    j["reachable"] = h.reachable;
+    j["outage_ms"] = h.outage_ms;
+    j["health"] = h.detail.empty() ? json() : json(h.detail);
+  } else {
+    j["reachable"] = false;
+    j["outage_ms"] = 0;
+    j["health"] = v.error.empty() ? json() : json(v.error);
+  }
   j["state"] = state;
   j["size"] = size;
   j["read_only"] = ro;
   j["reconnects"] = rs.reconnects;
   j["resent"] = rs.resent;
   j["timeouts"] = rs.timeouts;
+  j["checksum"] = rs.checksum ? "xxh3" : "none";
+  j["digest_errors"] = rs.digest_errors;
+  j["bad_replies"] = rs.bad_replies;
   j["inflight"] = rs.inflight;
   j["requests"] = rs.requests;
   j["frames_sent"] = rs.frames_sent;

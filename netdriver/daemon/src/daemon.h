@@ -23,6 +23,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -33,6 +34,7 @@
 
 #include "control_server.h"
 #include "dst/block_device.h"
+#include "dst/counting_device.h"
 #include "dst/daemon/config.h"
 #include "dst/fuse/fuse_mount.h"
 #include "dst/net/exporter.h"
@@ -53,6 +55,9 @@ struct DaemonOptions {
   std::string control_path = "/run/dst/dstd.sock";
   bool verbose = false;
 };
+
+// The control protocol's error code ("busy", "not_found", ...) for a Status.
+const char* ControlErrorCode(const Status& s);
 
 // A fixed set of threads for blocking control-plane work.
 class WorkQueue {
@@ -105,6 +110,13 @@ class Daemon {
     std::string error;
     std::chrono::steady_clock::time_point next_try{};
     int backoff_s = 1;
+    // Truthful health (ProbeLegs, once a second; GUARDED_BY(mu_) for readers).
+    std::shared_ptr<CountingDevice> counter;  // dev == counter: per-leg traffic
+    bool reachable = true;
+    std::uint64_t outage_ms = 0;
+    bool dead = false;  // unreachable for leg_timeout: I/O to it fails
+    std::string health;  // the device's own words ("reconnecting: connection refused")
+    std::chrono::steady_clock::time_point down_since{};
   };
   struct Array {
     ArrayConfig cfg;  // legs by slot ("" = empty slot)
@@ -127,6 +139,7 @@ class Daemon {
   struct PlanStep {
     std::string text;
     std::function<Status()> run;
+    std::function<Status()> check;  // apply validates every step before running any
   };
   using Reply = ControlServer::ReplyFn;
   using Finish = std::function<void(Result<nlohmann::json>)>;  // any thread, exactly once
@@ -153,7 +166,9 @@ class Daemon {
   void CloseArrays();                // Shutdown: after the exporter drained and FUSE is gone
   nlohmann::json ArraysJson();
   nlohmann::json ArrayJson(const std::shared_ptr<Array>& a);
-  Result<ArrayLeg> OpenLeg(const std::string& spec, const ArrayConfig& cfg);
+  Result<ArrayLeg> OpenLeg(const std::string& spec, const ArrayConfig& cfg);  // counted
+  Result<ArrayLeg> OpenLegDevice(const std::string& spec, const ArrayConfig& cfg);
+  void ProbeLegs(const std::shared_ptr<Array>& a);  // REQUIRES a->op_mu; monitor thread
   Status BringUp(const std::shared_ptr<Array>& a);   // REQUIRES a->op_mu held; blocking
   Status CreateArray(ArrayConfig cfg, bool assume_clean);
   Status RemoveArray(const std::string& name);
@@ -175,7 +190,56 @@ class Daemon {
   void EventsLoop();
   void Emit(nlohmann::json ev);
   void TryPendingExports();
-  Result<std::vector<PlanStep>> Plan(const Config& want);
+  // The steps that make the live objects match `want`; objects absent from it are removed
+  // only with `prune` (else listed in *kept).
+  Result<std::vector<PlanStep>> Plan(const Config& want, bool prune,
+                                     std::vector<std::string>* kept);
+  // apply_check.cc: step checks, run for the whole plan before its first step.
+  struct PlanContext {
+    std::set<std::string> gone, created;  // "export:N", "volume:N", "array:N"
+  };
+  bool PlanHas(const std::shared_ptr<PlanContext>& ctx, const std::string& kind,
+               const std::string& name);
+  std::function<Status()> CheckAddExport(std::shared_ptr<PlanContext> ctx, ExportConfig e);
+  std::function<Status()> CheckAddVolume(std::shared_ptr<PlanContext> ctx, VolumeConfig v);
+  std::function<Status()> CheckAddLegs(std::shared_ptr<PlanContext> ctx, std::string array,
+                                       std::vector<std::string> legs, bool new_array);
+  std::function<Status()> CheckRemove(std::shared_ptr<PlanContext> ctx, std::string kind,
+                                      std::string name);
+
+  // Exclusive legs (exclusive.cc): who uses a file, remote export, volume or array here.
+  struct Use {
+    std::string path;    // a local file or block device
+    std::string remote;  // "dst host:port/export" or an nbd:// spec
+    std::string ref;     // "volume:NAME" / "array:NAME"
+    std::string export_name, volume_name, array;  // the user (one of them)
+    int slot = -1;       // array leg slot
+    bool rw = true;
+    bool live = false;   // an array leg that is not detached
+    std::string owner;   // "exported as \"e1\"", "a live leg 0 of array \"m\"", ...
+  };
+  // `gone`: "export:N", "volume:N", "array:N" to disregard (an apply plan removes them first).
+  std::vector<Use> Uses(const std::set<std::string>& gone = {});
+  std::vector<Use> UsesOf(const Use& want, const std::set<std::string>& gone = {});
+  Status CheckExportFree(const ExportConfig& e, const std::set<std::string>& gone = {});
+  Status CheckVolumeFree(const VolumeConfig& c, const std::set<std::string>& gone = {});
+  // `slot` >= 0: skip that slot of `array` (a re-add of the same leg).
+  Status CheckLegFree(const std::string& spec, const std::string& array, int slot,
+                      const std::set<std::string>& gone = {});
+  Status CheckLegsDistinct(const std::vector<std::string>& specs);
+
+  // Persistent topology (persist.cc): runtime-added exports, volumes and mount.
+  struct RuntimeObjects {
+    std::vector<ExportConfig> exports;
+    std::vector<VolumeConfig> volumes;
+    std::string mount;
+  };
+  Status OpenTopology();
+  RuntimeObjects LoadRuntimeObjects();  // config names win (conflicts are logged, records dropped)
+  void RecordExport(const ExportConfig& e);
+  void RecordVolume(const VolumeConfig& v);
+  void RecordObject(const std::string& kind, const std::string& name, const nlohmann::json& spec);
+  void ForgetObject(const std::string& kind, const std::string& name);
 
   // Online verify (arrays.cc, "Online verify"): the array.verify RPC, the "verify" member of
   // array JSON, periodic verifies (monitor thread) and verify events (events thread).
@@ -194,6 +258,7 @@ class Daemon {
   Status ConnectVolume(const std::shared_ptr<Volume>& vol);
   void ScheduleRetry(const std::shared_ptr<Volume>& vol);
   void AddToMount(const std::shared_ptr<Volume>& vol);
+  Status PrepareMountpoint(const std::string& dir);  // stale mount cleanup, busy refusal
   Status DoMount(const std::string& dir);
   Status LockStateDir();
 

@@ -290,7 +290,8 @@ std::string RenderDetail(const json& a) {
   for (auto& l : a.value("legs", json::array())) {
     std::string ls = Str(l, "state");
     ++n;
-    if (ls == "up-to-date") ++up;
+    if (Bool(l, "unreachable")) ++failed;  // dead: I/O to it fails now
+    else if (ls == "up-to-date") ++up;
     else if (ls == "resyncing") ++rebuilding;
     else if (ls == "failed" || ls == "missing") ++failed;
   }
@@ -345,14 +346,29 @@ std::string RenderDetail(const json& a) {
   for (auto& [k, v] : kv) out += fmt::format("{:>18} : {}\n", k, v);
   out += "\n";
   std::vector<std::vector<std::string>> rows;
+  bool io = false;  // per-leg counters (dstd with truthful health): reads/writes show balancing
+  for (auto& l : a.value("legs", json::array())) io |= l.contains("io") && l["io"].is_object();
   for (auto& l : a.value("legs", json::array())) {
     std::string gen = Str(l, "generation", "");
-    rows.push_back({std::to_string(U64(l, "slot")),
-                    MdLegState(Str(l, "state"), !l.contains("present") || Bool(l, "present")),
-                    FormatSize(U64(l, "out_of_sync_bytes")),
-                    gen.empty() ? "-" : gen.substr(0, 8), Str(l, "spec")});
+    std::string state = MdLegState(Str(l, "state"), !l.contains("present") || Bool(l, "present"));
+    if (l.contains("reachable") && !Bool(l, "reachable"))
+      state += fmt::format(" (unreachable {}s)", U64(l, "outage_ms") / 1000);
+    std::vector<std::string> row{std::to_string(U64(l, "slot")), state,
+                                 FormatSize(U64(l, "out_of_sync_bytes")),
+                                 gen.empty() ? "-" : gen.substr(0, 8)};
+    if (io) {
+      json c = l.value("io", json::object());
+      row.push_back(fmt::format("{} ({})", U64(c, "reads"), FormatSize(U64(c, "bytes_read"))));
+      row.push_back(fmt::format("{} ({})", U64(c, "writes"), FormatSize(U64(c, "bytes_written"))));
+      row.push_back(std::to_string(U64(c, "errors")));
+    }
+    row.push_back(Str(l, "spec"));
+    rows.push_back(std::move(row));
   }
-  std::string table = RenderTable({"Number", "State", "Out-of-sync", "Generation", "Device"}, rows);
+  std::vector<std::string> head{"Number", "State", "Out-of-sync", "Generation"};
+  if (io) head.insert(head.end(), {"Reads", "Writes", "Errors"});
+  head.push_back("Device");
+  std::string table = RenderTable(head, rows);
   // Indent the table like mdadm's member table.
   std::size_t pos = 0;
   while (pos < table.size()) {
@@ -411,16 +427,45 @@ std::string RenderEvent(const json& e) {
   if (type.rfind("verify_", 0) == 0) return VerifyEventLine(head, e);
   if (type == "volume_state")
     return fmt::format("{} volume {} {}{}\n", head, Str(e, "volume"), Str(e, "state"), prev);
+  if (type == "leg_unreachable")
+    return fmt::format("{} {} leg {} {}: unreachable for {} ms{}\n", head, Str(e, "array"),
+                       U64(e, "slot"), Str(e, "spec"), U64(e, "outage_ms"),
+                       Str(e, "detail", "").empty() ? "" : " (" + Str(e, "detail", "") + ")");
   return head + " " + e.dump() + "\n";
 }
 
 std::string RenderApply(const json& r) {
   std::string out;
   const json plan = r.value("plan", json::array());
-  if (plan.empty()) return "nothing to do\n";
+  const json kept = r.value("kept", json::array());
+  std::string kept_line;
+  if (!kept.empty()) {
+    std::vector<std::string> k;
+    for (auto& x : kept) k.push_back(x.get<std::string>());
+    kept_line = fmt::format("kept (not in the file; --prune removes): {}\n", fmt::join(k, ", "));
+  }
+  if (plan.empty()) return "nothing to do\n" + kept_line;
   bool dry = Bool(r, "dry_run");
-  for (auto& s : plan) out += (dry ? "would: " : "") + s.get<std::string>() + "\n";
-  if (!dry) out += fmt::format("applied {} operation{}\n", plan.size(), plan.size() == 1 ? "" : "s");
+  const json steps = r.value("steps", json::array());
+  if (dry || steps.size() != plan.size()) {
+    for (auto& s : plan) out += (dry ? "would: " : "") + s.get<std::string>() + "\n";
+  } else {
+    // Step by step: done / FAILED / not run.
+    for (auto& s : steps) {
+      std::string st = s.value("status", std::string("?"));
+      out += fmt::format("{:<8} {}", st == "failed" ? "FAILED" : st, s.value("step", std::string()));
+      if (s.contains("error") && s["error"].is_string())
+        out += ": " + s["error"].get<std::string>();
+      out += "\n";
+    }
+  }
+  out += kept_line;
+  std::size_t done = r.value("done", json::array()).size();
+  if (Bool(r, "failed"))
+    out += fmt::format("apply stopped: {} of {} operations done (run it again once the cause is "
+                       "fixed)\n", done, plan.size());
+  else if (!dry)
+    out += fmt::format("applied {} operation{}\n", plan.size(), plan.size() == 1 ? "" : "s");
   return out;
 }
 

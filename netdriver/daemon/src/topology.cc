@@ -45,6 +45,9 @@ Result<std::unique_ptr<TopologyStore>> TopologyStore::Open(const std::string& pa
       "CREATE TABLE IF NOT EXISTS dstd_arrays(name TEXT PRIMARY KEY, id TEXT NOT NULL, "
       "level TEXT NOT NULL, region_size INTEGER, legs TEXT NOT NULL, rate_min INTEGER, "
       "rate_max INTEGER, write_intent INTEGER, leg_timeout INTEGER)"));
+  DST_RETURN_IF_ERROR(t->Exec(
+      "CREATE TABLE IF NOT EXISTS dstd_objects(kind TEXT NOT NULL, name TEXT NOT NULL, "
+      "spec TEXT NOT NULL, PRIMARY KEY(kind, name))"));
   return t;
 }
 
@@ -112,6 +115,52 @@ Result<std::vector<TopologyRecord>> TopologyStore::List() {
     r.cfg.leg_timeout_s = std::uint32_t(sqlite3_column_int64(st.s, 8));
     if (r.cfg.leg_timeout_s == 0) r.cfg.leg_timeout_s = 10;
     out.push_back(std::move(r));
+  }
+  return out;
+}
+
+Status TopologyStore::PutObject(const Object& o) {
+  Stmt st;
+  if (sqlite3_prepare_v2(db_, "INSERT OR REPLACE INTO dstd_objects(kind,name,spec) VALUES(?,?,?)",
+                         -1, &st.s, nullptr) != SQLITE_OK)
+    return Status::IoError(fmt::format("sqlite: {}", sqlite3_errmsg(db_)));
+  sqlite3_bind_text(st.s, 1, o.kind.c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_text(st.s, 2, o.name.c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_text(st.s, 3, o.spec.c_str(), -1, SQLITE_TRANSIENT);
+  if (sqlite3_step(st.s) != SQLITE_DONE)
+    return Status::IoError(fmt::format("sqlite: {}", sqlite3_errmsg(db_)));
+  return Status::OK();
+}
+
+Status TopologyStore::DeleteObject(const std::string& kind, const std::string& name) {
+  Stmt st;
+  if (sqlite3_prepare_v2(db_, "DELETE FROM dstd_objects WHERE kind=? AND name=?", -1, &st.s,
+                         nullptr) != SQLITE_OK)
+    return Status::IoError(fmt::format("sqlite: {}", sqlite3_errmsg(db_)));
+  sqlite3_bind_text(st.s, 1, kind.c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_text(st.s, 2, name.c_str(), -1, SQLITE_TRANSIENT);
+  if (sqlite3_step(st.s) != SQLITE_DONE)
+    return Status::IoError(fmt::format("sqlite: {}", sqlite3_errmsg(db_)));
+  return Status::OK();
+}
+
+Result<std::vector<TopologyStore::Object>> TopologyStore::ListObjects() {
+  Stmt st;
+  if (sqlite3_prepare_v2(db_, "SELECT kind,name,spec FROM dstd_objects ORDER BY rowid", -1, &st.s,
+                         nullptr) != SQLITE_OK)
+    return Status::IoError(fmt::format("sqlite: {}", sqlite3_errmsg(db_)));
+  std::vector<Object> out;
+  for (;;) {
+    int rc = sqlite3_step(st.s);
+    if (rc == SQLITE_DONE) break;
+    if (rc != SQLITE_ROW) return Status::IoError(fmt::format("sqlite: {}", sqlite3_errmsg(db_)));
+    Object o;
+    for (int i = 0; i < 3; ++i) {
+      auto* p = sqlite3_column_text(st.s, i);
+      std::string v = p ? reinterpret_cast<const char*>(p) : "";
+      (i == 0 ? o.kind : i == 1 ? o.name : o.spec) = std::move(v);
+    }
+    out.push_back(std::move(o));
   }
   return out;
 }

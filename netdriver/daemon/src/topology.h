@@ -4,8 +4,12 @@
 //   dstd_arrays(name PRIMARY KEY, id, level, region_size, legs (JSON array of specs by slot,
 //               "" = empty slot), rate_min, rate_max, write_intent, leg_timeout)
 //
-// Written on every topology change (create, add/remove/re-add leg, grow, rate change, remove);
-// read once at startup.  Blocking (fsync): call from a worker thread or the main thread only.
+//   dstd_objects(kind, name, spec JSON, PRIMARY KEY(kind, name)): exports, volumes and the FUSE
+//               mount added at run time with dstctl (kind "export", "volume", "mount"), so
+//               they survive a restart like arrays do.  Config-file objects are not recorded.
+//
+// Written on every topology change (create, add/remove/re-add leg, grow, rate change, remove;
+// export/volume add and remove, mount, unmount); read once at startup.  Blocking (fsync): call from a worker thread or the main thread only.
 #pragma once
 
 #include <memory>
@@ -31,6 +35,14 @@ class TopologyStore {
   Status Put(const TopologyRecord& rec);
   Status Delete(const std::string& name);
   Result<std::vector<TopologyRecord>> List();
+
+  // Runtime-added exports, volumes and the mount (spec: a JSON object).
+  struct Object {
+    std::string kind, name, spec;
+  };
+  Status PutObject(const Object& o);
+  Status DeleteObject(const std::string& kind, const std::string& name);
+  Result<std::vector<Object>> ListObjects();
 
  private:
   TopologyStore() = default;

@@ -56,6 +56,10 @@ class FuseMount {
 
   Status AddVolume(const std::string& name, std::shared_ptr<BlockDevice> dev);
   Status RemoveVolume(const std::string& name);  // kBusy while the file is open
+  // The volume's device grew: show the new size now (also while the file is open; the kernel's
+  // cached attributes are invalidated).  A loop device on the file then takes the new size with
+  // `losetup -c`.  NotFound if the volume is not shown.
+  Status RefreshVolume(const std::string& name);
   std::vector<VolumeEntry> ListVolumes() const;
   const std::string& mountpoint() const;
   void Unmount();

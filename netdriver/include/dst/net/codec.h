@@ -18,6 +18,7 @@ struct Header {
   std::uint32_t length = 0;
   std::uint64_t id = 0;
   std::uint64_t offset = 0;
+  std::uint64_t digest = 0;  // with kFlagDigest: XXH3-64 of the payload (§4.1)
 
   bool is_reply() const { return (cmd & kReplyBit) != 0; }
   Cmd command() const { return static_cast<Cmd>(cmd & ~kReplyBit); }
@@ -70,6 +71,9 @@ std::size_t EncodeHelloRequest(const HelloRequest& r, std::uint8_t* out, std::si
 Status DecodeHelloRequest(const std::uint8_t* in, std::size_t len, HelloRequest* out);
 std::size_t EncodeHelloReply(const HelloReply& r, std::uint8_t* out, std::size_t cap);
 Status DecodeHelloReply(const std::uint8_t* in, std::size_t len, HelloReply* out);
+
+// XXH3-64 of a payload (§4.1), from Debian's libxxhash.
+std::uint64_t PayloadDigest(const void* data, std::size_t len);
 
 // Conversions at the protocol edge.
 WireStatus ToWireStatus(const Status& s);

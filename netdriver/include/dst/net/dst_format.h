@@ -28,7 +28,11 @@ inline constexpr std::uint16_t kMaxCmd = 8;
 // §4 "Request flags".
 inline constexpr std::uint16_t kFlagFua = 0x0001;     // WRITE: durable before the reply
 inline constexpr std::uint16_t kFlagNoUnmap = 0x0002; // WRITE_ZEROES: keep the blocks allocated
-inline constexpr std::uint16_t kFlagsKnown = kFlagFua | kFlagNoUnmap;
+// §4.1 "Payload digest": WRITE request / successful READ reply whose header bytes 32..39 carry
+// the XXH3-64 of the payload (only after kFeatureDigestXxh3 was negotiated).
+inline constexpr std::uint16_t kFlagDigest = 0x0004;
+inline constexpr std::uint16_t kFlagsKnown = kFlagFua | kFlagNoUnmap | kFlagDigest;
+inline constexpr std::size_t kDigestOffset = 32;  // u64 in the header, big-endian
 
 // §5 "Status codes" (values are Linux errno numbers, fixed by this spec, not by the host).
 enum class WireStatus : std::uint32_t {
@@ -42,6 +46,7 @@ enum class WireStatus : std::uint32_t {
   kNoSpc = 28,        // ENOSPC
   kRofs = 30,         // EROFS
   kRange = 34,        // ERANGE: offset/length past the end of the export
+  kBadMsg = 74,       // EBADMSG: WRITE payload digest mismatch; not applied, re-send (§4.1)
   kProto = 71,        // EPROTO: framing error; the server closes after sending it
   kMsgSize = 90,      // EMSGSIZE: length above the negotiated maximum payload
   kNotSup = 95,       // EOPNOTSUPP
@@ -63,8 +68,10 @@ inline constexpr std::uint16_t kExportCanWriteZeroes = 0x0010;
 // Permission bits (as the original DST CFG reply).
 inline constexpr std::uint32_t kPermRead = 1;
 inline constexpr std::uint32_t kPermWrite = 2;
-// Feature bits: none defined in v1; unknown bits are ignored by the server and echoed as 0.
-inline constexpr std::uint32_t kFeaturesKnown = 0;
+// Feature bits (§6.1): the client offers, the server echoes those it accepts; unknown bits are
+// ignored by the server and echoed as 0, so old peers keep working without them.
+inline constexpr std::uint32_t kFeatureDigestXxh3 = 0x00000001;  // §4.1 payload digests
+inline constexpr std::uint32_t kFeaturesKnown = kFeatureDigestXxh3;
 
 // §7 "Limits".
 inline constexpr std::uint32_t kDefaultMaxPayload = 1u << 20;   // 1 MiB

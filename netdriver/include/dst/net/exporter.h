@@ -58,6 +58,7 @@ struct ExportStatus {
   int connections = 0;
   // Per export, over its open and already closed connections (HELLO replies included).
   std::uint64_t requests = 0;     // requests received (after the handshake)
+  std::uint64_t digest_errors = 0;  // WRITE payloads refused for a digest mismatch (§4.1)
   std::uint64_t frames_sent = 0;  // frames of the batched transmitter
   std::uint64_t send_calls = 0;   // sendmsg calls that wrote something
   double frames_per_call = 0;     // frames_sent / send_calls (0 before any send)
@@ -69,6 +70,7 @@ struct ExporterStats {
   std::uint64_t requests = 0;
   std::uint64_t errors_replied = 0;   // requests answered with a non-OK status
   std::uint64_t protocol_errors = 0;  // connections closed for framing errors
+  std::uint64_t digest_errors = 0;    // WRITE payloads refused for a digest mismatch
   std::uint64_t frames_sent = 0;
   std::uint64_t send_calls = 0;
   double frames_per_call = 0;

@@ -23,6 +23,10 @@
 //                                         --ERR_UNSUP--> OPT_EXPORT_NAME -> size+flags -> transmission
 //   (a server without FIXED_NEWSTYLE goes straight to OPT_EXPORT_NAME)
 //
+// Structured READ replies must fill every byte of the read exactly once (OFFSET_DATA and
+// OFFSET_HOLE chunks inside the request, no overlaps); otherwise the read fails with EIO and
+// the connection is replaced (docs/nbd.md, "Checking structured replies").
+//
 // Keepalive: NBD has no ping.  When the connection has been silent for keepalive_interval the
 // client sends a one-block NBD_CMD_READ at offset 0 into an internal buffer (every server
 // implements READ, it is side-effect free, needs no capability flag and costs one block); if
@@ -84,6 +88,8 @@ struct NbdClientStats {
   std::uint64_t resent = 0;
   std::uint64_t timeouts = 0;
   std::uint64_t probes = 0;  // keepalive reads sent
+  std::uint64_t bad_replies = 0;     // reads failed because the server broke the chunk rules
+  std::uint64_t check_failures = 0;  // connections whose connect check failed
   std::uint32_t inflight = 0;
   std::uint64_t requests = 0;
   std::uint64_t frames_sent = 0;
@@ -103,6 +109,12 @@ class NbdClientDevice : public BlockDevice {
   void Submit(IoRequest* req) override;
   std::string Describe() const override;  // the URI
   NbdClientStats Stats() const;
+  // See block_device.h.  The check READ goes out alone on each new connection (in the
+  // keepalive probe's slot).  The callbacks run on the connection strand under an internal
+  // mutex that SetConnectCheck() also takes: once it returns no old callback runs; never call
+  // it holding a lock that verify()/rejected() take.
+  bool SetConnectCheck(const ConnectCheck& check) override;
+  DeviceHealth Health() const override;
   // Sends NBD_CMD_DISC, fails every pending request with EIO and stops reconnecting.
   void Close();
 

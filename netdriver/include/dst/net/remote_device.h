@@ -8,6 +8,9 @@
 //       +------------------------- backoff (min..max) -------------------------+
 //   RECONNECTING --outage longer than io_timeout--> FAILING (requests end with EIO;
 //                                                   reconnects go on, success -> CONNECTED)
+//   handshake ok, connect check installed (not on the first connect) --> CHECKING: one READ
+//       of the check range on the new connection, nothing else is sent; verify() OK -> queued
+//       requests go out; error -> they end with EIO, rejected(), then new requests go out.
 //
 // * Dead or stopped peers are detected by PING keepalives (keepalive_timeout, default 5 s).
 // * In-flight requests are kept until acknowledged and re-sent, in their original order, on
@@ -18,6 +21,9 @@
 //   never land after a newer one (the original DST's defect D4).
 // * The handshake runs again on every reconnect; a size change or a lost write permission
 //   fails the device instead of writing to the wrong thing (defect D8).
+// * Only a correct answer is progress: a reply whose length does not match its request breaks
+//   the connection, does not end the outage (io_timeout keeps running) and does not reset the
+//   reconnect backoff, so a lying peer costs EIO after io_timeout, not a reconnect storm.
 //
 // Threading: Submit() from any thread; the connection lives on the given io_context.
 #pragma once
@@ -45,6 +51,8 @@ struct RemoteOptions {
   std::chrono::milliseconds connect_timeout{5000};
   std::chrono::milliseconds reconnect_min{100};
   std::chrono::milliseconds reconnect_max{2000};
+  // Offer XXH3-64 payload digests (docs/protocol.md §4.1); used when the exporter accepts.
+  bool checksum = false;
 };
 
 // Parses "dst://host[:port]/export" into opts (host, port, export_name).
@@ -55,6 +63,10 @@ struct RemoteStats {
   std::uint64_t reconnects = 0;
   std::uint64_t resent = 0;       // requests re-sent after a reconnect
   std::uint64_t timeouts = 0;     // requests failed with EIO after io_timeout
+  std::uint64_t bad_replies = 0;  // replies that broke the protocol (e.g. wrong length)
+  std::uint64_t check_failures = 0;  // connections whose connect check failed
+  std::uint64_t digest_errors = 0;   // corrupted payloads detected and re-sent (§4.1)
+  bool checksum = false;             // digests in use on the current connection
   std::uint32_t inflight = 0;
   std::uint64_t requests = 0;
   std::uint64_t frames_sent = 0;
@@ -74,6 +86,12 @@ class RemoteDevice : public BlockDevice {
   void Submit(IoRequest* req) override;
   std::string Describe() const override;  // "dst://host:port/export"
   RemoteStats Stats() const;
+  // See block_device.h.  The callbacks run on the connection strand with an internal mutex
+  // held; SetConnectCheck() takes that mutex, so when it returns no old callback is running and
+  // none runs again.  Hence: never call it while holding a lock that verify()/rejected() take
+  // (calling it from inside a callback, on the strand, is fine).
+  bool SetConnectCheck(const ConnectCheck& check) override;
+  DeviceHealth Health() const override;
   // Fails every pending request with EIO and stops reconnecting.
   void Close();
 

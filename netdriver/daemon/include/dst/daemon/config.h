@@ -23,7 +23,8 @@ struct ExportConfig {
   std::string path;        // exactly one of path / array / volume
   std::string array;       // export an array of this daemon (arrays stack across hosts)
   std::string volume;      // export a volume of this daemon
-  std::uint64_t size = 0;  // 0: use the existing file's size
+  std::uint64_t size = 0;  // 0: use the existing file's size; never below it (no shrinking)
+  bool grow = false;       // size may grow an existing image (else a larger size is refused)
   bool read_only = false;
   bool direct_io = false;
 };
@@ -38,6 +39,8 @@ struct VolumeConfig {
   std::uint32_t queue_depth = 64;
   std::uint32_t io_timeout_s = 60;
   std::uint32_t keepalive_timeout_s = 5;
+  // "xxh3": offer payload digests (docs/protocol.md §4.1); "" / "none": off (the default).
+  std::string checksum;
 };
 
 // One leg of an array: "dst://host[:port]/export", "nbd://host[:port]/name", "/abs/path",

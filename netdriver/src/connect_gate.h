@@ -1,0 +1,99 @@
+// Shared by the reconnecting clients (RemoteDevice, NbdClientDevice): the connect check of
+// block_device.h and the Health() bookkeeping.  Internal header.
+//
+// ConnectGate: the installed ConnectCheck and its version, under a recursive mutex that is also
+// held while verify()/rejected() run (on the device's strand).  Set() takes the same mutex, so
+// when it returns no old callback is running and none runs again; calling Set() from inside a
+// callback is allowed (same thread), calling it while holding a lock the callbacks take is not.
+//
+// HealthClock: when the backing became unreachable (0 = reachable) and why, readable from any
+// thread without I/O.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <mutex>
+#include <string>
+
+#include "dst/block_device.h"
+#include "dst/status.h"
+
+namespace dst::net {
+
+class ConnectGate {
+ public:
+  void Set(const ConnectCheck& c) {
+    std::lock_guard<std::recursive_mutex> l(mu_);
+    check_ = c.verify ? c : ConnectCheck{};
+    ++version_;
+  }
+  // The check to run on a new connection (verify == nullptr: none installed).
+  ConnectCheck Begin() {
+    std::lock_guard<std::recursive_mutex> l(mu_);
+    used_ = version_;
+    return check_;
+  }
+  enum class Verdict { kRestart, kOk, kRejected };
+  // kRestart: the check was replaced or removed while its READ ran (begin again).
+  Verdict Verify(Status read_status, const char* data, std::uint32_t len, Status* why) {
+    {
+      std::lock_guard<std::recursive_mutex> l(mu_);
+      if (version_ != used_) return Verdict::kRestart;
+      if (read_status.ok()) read_status = check_.verify(check_.arg, data, len);
+    }
+    *why = std::move(read_status);
+    return why->ok() ? Verdict::kOk : Verdict::kRejected;
+  }
+  // After the held requests failed: tell the owner, unless it removed the check meanwhile.
+  void Rejected(const Status& why) {
+    std::lock_guard<std::recursive_mutex> l(mu_);
+    if (version_ == used_ && check_.rejected) check_.rejected(check_.arg, why);
+  }
+
+ private:
+  std::recursive_mutex mu_;
+  ConnectCheck check_;
+  std::uint64_t version_ = 0;
+  std::uint64_t used_ = 0;
+};
+
+class HealthClock {
+ public:
+  using Clock = std::chrono::steady_clock;
+  // Keeps the earliest start of an outage.
+  void Down(Clock::time_point since, std::string detail) {
+    std::int64_t t = std::max<std::int64_t>(1, since.time_since_epoch().count());
+    std::int64_t expected = 0;
+    since_.compare_exchange_strong(expected, t, std::memory_order_relaxed);
+    std::lock_guard<std::mutex> l(mu_);
+    detail_ = std::move(detail);
+  }
+  void Detail(std::string detail) {
+    std::lock_guard<std::mutex> l(mu_);
+    detail_ = std::move(detail);
+  }
+  void Up() { since_.store(0, std::memory_order_relaxed); }
+  DeviceHealth Get(bool connected, bool closed) const {
+    DeviceHealth h;
+    const std::int64_t since = since_.load(std::memory_order_relaxed);
+    if (since == 0 && connected) return h;
+    h.reachable = false;
+    if (since != 0) {
+      const auto d = Clock::now() - Clock::time_point(Clock::duration(since));
+      h.outage_ms = static_cast<std::uint64_t>(
+          std::max<std::int64_t>(0, std::chrono::duration_cast<std::chrono::milliseconds>(d).count()));
+    }
+    std::lock_guard<std::mutex> l(mu_);
+    h.detail = closed ? std::string("closed") : detail_;
+    return h;
+  }
+
+ private:
+  std::atomic<std::int64_t> since_{0};
+  mutable std::mutex mu_;
+  std::string detail_;
+};
+
+}  // namespace dst::net
