@@ -1345,6 +1345,16 @@ void RemoteDevice::Impl::OnTick(const boost::system::error_code& ec) {
         FailAll(Status::IoError(), true);
         if (state_ == State::kClosed) return;
       }
+      // A request older than io_timeout ends even while other requests keep ending the outage
+      // (a peer that answers some requests and lies about others).  Its connection is gone, so
+      // the server's session fence (docs/protocol.md §6.3) orders it before anything sent later.
+      for (std::size_t i = 0; i < slots_.size() && state_ != State::kConnected; ++i) {
+        Slot& s = slots_[i];
+        if (!s.req || s.tx_queued || now - s.start < opts_.io_timeout) continue;
+        timeouts_.fetch_add(1, std::memory_order_relaxed);
+        CompleteSlot(s, Status::IoError("request exceeded io_timeout"));  // may re-enter
+        if (state_ == State::kClosed) return;
+      }
       if (attempt_active_ && now >= attempt_deadline_) {
         AttemptFailed(Status::TimedOut("handshake with " + Describe() + " timed out"), false);
         if (state_ == State::kClosed) return;
