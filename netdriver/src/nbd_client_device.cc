@@ -940,8 +940,12 @@ bool NbdClientDevice::Impl::StartCheck() {
   const std::uint32_t bs = info.logical_block_size;
   Slot& p = slots_.back();
   if (c.length == 0 || c.length > info.max_io_bytes || c.offset > info.size ||
-      c.length > info.size - c.offset || c.offset % bs || c.length % bs || p.tx_queued) {
+      c.length > info.size - c.offset || c.offset % bs || c.length % bs) {
     FinishCheck(Status::InvalidArgument("connect check range outside the export or misaligned"));
+    return true;
+  }
+  if (p.tx_queued) {  // restarted before the Transmitter let go of the slot (rare): reconnect
+    Lost("connect check restarted while its frame was still queued");
     return true;
   }
   if (check_cap_ < c.length) {

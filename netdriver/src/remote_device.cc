@@ -355,6 +355,7 @@ class RemoteDevice::Impl : public std::enable_shared_from_this<Impl> {
   ConnectGate gate_;
   bool checking_ = false;
   bool check_outstanding_ = false;
+  bool check_queued_ = false;  // check_frame_ still referenced by the Transmitter
   Clock::time_point check_start_;
   std::uint32_t check_gen_ = 0;
   std::uint32_t check_len_ = 0;
@@ -670,6 +671,10 @@ bool RemoteDevice::Impl::StartCheck() {
     FinishCheck(Status::InvalidArgument("connect check range outside the export or misaligned"));
     return true;
   }
+  if (check_queued_) {  // restarted before the Transmitter let go of the frame (rare): reconnect
+    ConnectionLost("connect check restarted while its frame was still queued", Clock::now(), false);
+    return true;
+  }
   if (check_cap_ < c.length) {
     check_buf_.reset(new char[c.length]);
     check_cap_ = c.length;
@@ -686,6 +691,7 @@ bool RemoteDevice::Impl::StartCheck() {
   if (!Outstanding()) last_rx_ = Clock::now();
   check_start_ = Clock::now();
   check_outstanding_ = true;
+  check_queued_ = true;
   tx_->Enqueue(&check_frame_);
   FlushTx();
   return true;
@@ -985,7 +991,9 @@ void RemoteDevice::Impl::OnPingSent(TxFrame* f, bool) {
   static_cast<Impl*>(f->owner)->ping_queued_ = false;
 }
 
-void RemoteDevice::Impl::OnCheckSent(TxFrame*, bool) {}
+void RemoteDevice::Impl::OnCheckSent(TxFrame* f, bool) {
+  static_cast<Impl*>(f->owner)->check_queued_ = false;
+}
 
 void RemoteDevice::Impl::OnTxError(void* ctx) {
   // Runs inside Transmitter::Flush; the Transmitter must not be destroyed here.
@@ -1343,6 +1351,16 @@ void RemoteDevice::Impl::OnTick(const boost::system::error_code& ec) {
         Log(Describe(), "outage longer than io_timeout: failing requests with EIO");
         SetState(State::kFailing);
         FailAll(Status::IoError(), true);
+        if (state_ == State::kClosed) return;
+      }
+      // A request older than io_timeout ends even while other requests keep ending the outage
+      // (a peer that answers some requests and lies about others).  Its connection is gone, so
+      // the server's session fence (docs/protocol.md §6.3) orders it before anything sent later.
+      for (std::size_t i = 0; i < slots_.size() && state_ != State::kConnected; ++i) {
+        Slot& s = slots_[i];
+        if (!s.req || s.tx_queued || now - s.start < opts_.io_timeout) continue;
+        timeouts_.fetch_add(1, std::memory_order_relaxed);
+        CompleteSlot(s, Status::IoError("request exceeded io_timeout"));  // may re-enter
         if (state_ == State::kClosed) return;
       }
       if (attempt_active_ && now >= attempt_deadline_) {

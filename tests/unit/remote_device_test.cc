@@ -1062,6 +1062,28 @@ class RemoteDeviceTest : public QObject {
     for (int i = 0; i < 3; ++i) QCOMPARE(ReadSync(*dev, 8192 * i, buf.data(), 8192).ToErrno(), EIO);
     QVERIFY(MsSince(t1) <= 3 * 3000);
     QVERIFY2(dev->Stats().reconnects <= 60, "backoff must grow: no reconnect storm");
+    // A fresh device whose writes are answered correctly meanwhile: they keep ending the outage
+    // (and reset the poison backstop); the lied-to read must still end on time, by its age.
+    auto r2 = RemoteDevice::Connect(io.io, o);
+    QVERIFY(r2.ok());
+    auto dev2 = r2.value();
+    std::atomic<bool> stop{false};
+    std::atomic<int> writes_ok{0};
+    std::thread writer([&] {
+      std::vector<char> w(4096, 'w');
+      while (!stop)
+        if (WriteSync(*dev2, 4u << 20, w.data(), w.size()).ok()) ++writes_ok;
+    });
+    const auto t2 = Clock::now();
+    st = ReadSync(*dev2, 0, buf.data(), 8192);
+    const auto ms2 = MsSince(t2);
+    stop = true;
+    writer.join();
+    qInfo("with progress on other requests: %s after %lld ms (%d writes ok, %llu reconnects)",
+          st.ToString().c_str(), (long long)ms2, writes_ok.load(),
+          (unsigned long long)dev2->Stats().reconnects);
+    QCOMPARE(st.ToErrno(), EIO);
+    QVERIFY2(ms2 <= 3000, "EIO must come within io_timeout + 1 s");
     srv.wrong_length = false;  // an honest peer again: the device heals
     QTRY_VERIFY_WITH_TIMEOUT(ReadSync(*dev, 0, buf.data(), 8192).ok(), 8000);
   }

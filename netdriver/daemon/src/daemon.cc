@@ -1108,6 +1108,7 @@ json Daemon::StatusJson() {
                       {"requests", s.requests},
                       {"errors_replied", s.errors_replied},
                       {"protocol_errors", s.protocol_errors},
+                      {"digest_errors", s.digest_errors},
                       {"frames_sent", s.frames_sent},
                       {"send_calls", s.send_calls},
                       {"frames_per_call", s.frames_per_call}};
