@@ -302,6 +302,8 @@ class MirrorDevice::Impl {
     std::string owner_id, owner_name;
     std::uint64_t lease_expiry_ms = 0;
     bool reinit = false;  // blank replacement: the identity thread gives it a new header
+    std::string identity_event;  // last identity finding, kept after recovery (for detail)
+    std::uint32_t identity_events = 0;
     struct CheckArg {
       Impl* self = nullptr;
       int slot = 0;
@@ -1703,6 +1705,15 @@ void MirrorDevice::Impl::SetReasonLocked(int slot, LegReason r, std::string text
     return;
   if (text.empty() && r != LegReason::kNone) text = LegReasonName(r);
   if (L.reason != r || L.reason_text != text) L.record_dirty = true;
+  if (r >= LegReason::kBlank && (L.reason != r || L.reason_text != text)) {
+    std::time_t t = static_cast<std::time_t>(WallMs() / 1000);
+    char when[32] = "?";
+    struct tm tmv;
+    if (gmtime_r(&t, &tmv)) std::strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S UTC", &tmv);
+    L.identity_event = std::string(when) + ": " + text +
+                       (r == LegReason::kBlank ? " -> new generation, full resync" : " -> failed");
+    ++L.identity_events;
+  }
   L.reason = r;
   L.reason_text = std::move(text);
 }
@@ -2431,6 +2442,8 @@ std::vector<LegStatus> MirrorDevice::Legs() const {
       ls.reason_text = L.reason_text;
     }
     ls.history = L.history;
+    ls.identity_event = L.identity_event;
+    ls.identity_events = L.identity_events;
     {
       std::lock_guard<std::mutex> il(impl_->ident_mu_);
       ls.owner_id = L.owner_id;

@@ -110,6 +110,8 @@ struct LegStatus {
   std::vector<std::string> history;      // earlier generations of this slot, newest first
   std::string owner_id, owner_name;      // claim as last seen on the header ("" unclaimed)
   std::uint64_t lease_expiry_ms = 0;     // unix ms
+  std::string identity_event;            // last identity finding ("" none), kept after recovery
+  std::uint32_t identity_events = 0;     // how many identity findings so far
 };
 
 // One side of a split brain as Resolve() would treat it.

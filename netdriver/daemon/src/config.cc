@@ -128,6 +128,8 @@ Status ParseDaemon(const toml::table& t, const ErrorSink& sink, Config* cfg) {
       DST_RETURN_IF_ERROR(f.Bool(v, key, &cfg->batching));
     } else if (key == "io_threads") {
       DST_RETURN_IF_ERROR(f.UInt(v, key, 1, 64, &cfg->io_threads));
+    } else if (key == "host_name") {
+      DST_RETURN_IF_ERROR(f.String(v, key, &cfg->host_name));
     } else if (key == "nbd_listen") {
       // "" disables the NBD server; otherwise HOST:PORT like listen (port 0 = any free port).
       cfg->nbd_listen_set = true;
@@ -141,7 +143,7 @@ Status ParseDaemon(const toml::table& t, const ErrorSink& sink, Config* cfg) {
         cfg->nbd_enabled = true;
       }
     } else {
-      return UnknownKey(sink, k, f.ctx, "listen, nbd_listen, mountpoint, batching, io_threads");
+      return UnknownKey(sink, k, f.ctx, "listen, nbd_listen, mountpoint, batching, io_threads, host_name");
     }
   }
   return Status::OK();

@@ -77,6 +77,9 @@ struct Config {
   // Asio's per-thread handler memory warm (0 allocations per I/O; two loops on two cores halved
   // NBD throughput in bench/nbd_bench.sh).
   std::uint32_t io_threads = 1;
+  // Name this host shows in the claims (leases) it writes on mirror leg headers; "" = the
+  // machine's hostname.  The host id beside it is generated once and kept in the state DB.
+  std::string host_name;
   std::vector<ExportConfig> exports;
   std::vector<VolumeConfig> volumes;
   std::vector<ArrayConfig> arrays;
