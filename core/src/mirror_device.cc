@@ -60,7 +60,7 @@ std::int64_t NowNs() {
 
 // ---- Leg header (last 4 KiB-aligned block of every leg) ----
 // Layout (little endian): 0 magic, 8 version, 12 slot, 16 region size, 24 array size,
-// 32 lease expiry (unix ms, v2), 64 array UUID, 128 generation, 192 history[4] (64 each, v2),
+// 32 lease expiry (unix ms, v2), 40 epoch (v2), 48 clean flag (v2), 64 array UUID, 128 generation, 192 history[4] (64 each, v2),
 // 448 owner host id (v2), 512 owner host name (128, v2).  v1 headers (no history, no claim)
 // are read as unclaimed; every write is v2.
 constexpr char kHeaderMagic[8] = {'D', 'S', 'T', 'L', 'E', 'G', 'H', '1'};
@@ -76,6 +76,11 @@ struct LegHeader {
   std::vector<std::string> history;  // newest first
   std::string owner_id, owner_name;
   std::uint64_t lease_expiry_ms = 0;
+  // Array epoch: bumped at every rotation and written on the legs up at that moment, so the
+  // legs holding the highest epoch were in sync last (used by Import).  clean: written by a
+  // clean close (released, flushed, intent map empty).
+  std::uint64_t epoch = 0;
+  std::uint32_t clean = 0;
 };
 
 void Put32(char* p, std::uint32_t v) {
@@ -137,6 +142,8 @@ Status WriteHeader(BlockDevice& dev, const LegHeader& h) {
   Put32(b.p + 16, h.region_size);
   Put64(b.p + 24, h.array_size);
   Put64(b.p + 32, h.lease_expiry_ms);
+  Put64(b.p + 40, h.epoch);
+  Put32(b.p + 48, h.clean);
   PutField(b.p + 64, 64, h.array_id);
   PutField(b.p + 128, 64, h.generation);
   for (int i = 0; i < kHistory && i < static_cast<int>(h.history.size()); ++i)
@@ -163,6 +170,8 @@ Result<LegHeader> ParseHeader(const char* p, std::size_t n) {
   h.generation = Field(p + 128, 64);
   if (ver >= 2) {
     h.lease_expiry_ms = Get64(p + 32);
+    h.epoch = Get64(p + 40);
+    h.clean = Get32(p + 48);
     for (int i = 0; i < kHistory; ++i) {
       std::string g = Field(p + 192 + 64 * i, 64);
       if (!g.empty()) h.history.push_back(std::move(g));
@@ -452,6 +461,8 @@ class MirrorDevice::Impl {
   bool rotate_pending_ = false;   // the up-to-date set shrank: new generations before acks
   std::uint32_t hdr_rewrite_ = 0; // slots whose rotated header is written after the commit
   std::uint64_t array_size_ = 0;
+  std::uint64_t epoch_ = 0;       // highest header epoch seen; bumped by every rotation
+  bool closed_clean_ = false;     // Shutdown flushed and cleared the intent map
 
   // Immutable after Init.
   std::string id_;
@@ -1129,6 +1140,7 @@ bool MirrorDevice::Impl::CommitOnce() {
       // The up-to-date set shrank: the legs still up move to new generations (persisted here,
       // on their headers right after), so the departed leg's generation marks where it left.
       rotate_pending_ = false;
+      ++epoch_;
       for (int s = 0; s < nslots_; ++s)
         if (legs_[s].state == LegState::kUpToDate && legs_[s].dev) {
           NewGenerationLocked(s, /*continues=*/true);
@@ -1504,6 +1516,7 @@ bool MirrorDevice::Impl::ResyncLeg(int slot) {
             T.prog.next_offset = info_.size;
             T.record_dirty = true;
             T.checkpoint_dirty = true;
+            hdr_rewrite_ |= 1u << slot;  // its header joins the current epoch
             RequestCommitLocked();
             return true;
           }
@@ -1679,6 +1692,8 @@ LegHeader MirrorDevice::Impl::HeaderForLocked(int slot, bool claim) const {
   h.region_size = region_size_;
   h.array_size = array_size_;
   h.history = L.history;
+  h.epoch = epoch_;
+  h.clean = !claim && closed_clean_ ? 1 : 0;
   if (claim && claims()) {
     h.owner_id = opts_.host_id;
     h.owner_name = opts_.host_name;
@@ -1792,6 +1807,10 @@ LegReason MirrorDevice::Impl::JudgeAttach(int slot, BlockDevice& dev, std::strin
   auto h = ReadHeader(dev);
   LegReason r = Judge(h, ExpectOf(slot), /*running=*/false, why);
   if (h.ok()) NoteOwner(slot, h.value());
+  if (h.ok() && r == LegReason::kNone) {
+    std::lock_guard<std::mutex> l(mu_);
+    epoch_ = std::max(epoch_, h->epoch);
+  }
   return r;
 }
 
@@ -1984,6 +2003,7 @@ void MirrorDevice::Impl::Shutdown(bool orderly) {
       if (d->Info().can_flush && !FlushSync(*d).ok()) flushed = false;
     {
       std::lock_guard<std::mutex> l(mu_);
+      closed_clean_ = flushed;
       if (flushed) {
         intent_.ForEachRun([&](std::uint64_t a, std::uint64_t b) {
           for (std::uint64_t r = a; r < b; ++r) MarkIntentChunkLocked(r);
@@ -2098,6 +2118,83 @@ Result<std::shared_ptr<MirrorDevice>> MirrorDevice::Create(std::vector<std::shar
     DST_RETURN_IF_ERROR(store->Commit(b));
   }
   return Assemble(rec.id, std::move(legs), std::move(store), opts);
+}
+
+Result<std::pair<std::string, std::vector<std::shared_ptr<BlockDevice>>>> MirrorDevice::Import(
+    std::vector<std::shared_ptr<BlockDevice>> legs, std::shared_ptr<DirtyMapStore> store,
+    const MirrorOptions& opts) {
+  if (legs.empty() || legs.size() > static_cast<std::size_t>(kMaxLegs))
+    return Status::InvalidArgument("mirror import: needs 1.." + std::to_string(kMaxLegs) + " legs");
+  if (!store) return Status::InvalidArgument("mirror: no store");
+  std::vector<LegHeader> hs;
+  for (auto& l : legs) {
+    if (!l) return Status::InvalidArgument("mirror: null leg");
+    auto h = ReadHeader(*l);
+    if (!h.ok())
+      return h.status().IsNotFound()
+                 ? Status::InvalidArgument("leg " + l->Describe() + " carries no dst leg header")
+                 : h.status();
+    if (!opts.host_id.empty() && !h->owner_id.empty() && h->owner_id != opts.host_id &&
+        h->lease_expiry_ms > WallMs())
+      return Status::Busy("leg " + l->Describe() + " is " + ClaimText(h.value()));
+    if (!hs.empty() && h->array_id != hs.front().array_id)
+      return Status::InvalidArgument("legs belong to different arrays: " + hs.front().array_id +
+                                     " and " + h->array_id + " (" + l->Describe() + ")");
+    hs.push_back(h.value());
+  }
+  std::vector<std::shared_ptr<BlockDevice>> by_slot(kMaxLegs);
+  std::uint64_t max_epoch = 0;
+  for (std::size_t i = 0; i < hs.size(); ++i) {
+    if (hs[i].slot >= static_cast<std::uint32_t>(kMaxLegs) || by_slot[hs[i].slot])
+      return Status::InvalidArgument("leg " + legs[i]->Describe() + ": slot " +
+                                     std::to_string(hs[i].slot) + " is given twice or invalid");
+    by_slot[hs[i].slot] = legs[i];
+    max_epoch = std::max(max_epoch, hs[i].epoch);
+    if (LegDataBytes(legs[i]->Info()) < hs[i].array_size)
+      return Status::InvalidArgument("leg " + legs[i]->Describe() + " is smaller than the array");
+  }
+  bool all_clean = true;
+  int source = -1;
+  for (std::size_t i = 0; i < hs.size(); ++i)
+    if (hs[i].epoch == max_epoch) {
+      all_clean = all_clean && hs[i].clean;
+      if (source < 0 || static_cast<int>(hs[i].slot) < source) source = static_cast<int>(hs[i].slot);
+    }
+  ArrayRecord rec;
+  rec.id = hs.front().array_id;
+  rec.name = opts.name;
+  rec.kind = "mirror";
+  rec.size = hs.front().array_size;
+  rec.region_size = hs.front().region_size;
+  rec.clean = true;  // whatever the intent map would have held is covered by full resyncs below
+  CommitBatch b;
+  b.array_id = rec.id;
+  DirtyMap all(rec.size, rec.region_size);
+  all.SetAll();
+  int nslots = 0;
+  for (auto& h : hs) nslots = std::max(nslots, static_cast<int>(h.slot) + 1);
+  for (int s = 0; s < nslots; ++s) {
+    LegRecord lr;
+    lr.slot = s;
+    lr.state = LegState::kEmpty;
+    for (std::size_t i = 0; i < hs.size(); ++i) {
+      if (static_cast<int>(hs[i].slot) != s) continue;
+      lr.generation = hs[i].generation;
+      for (const auto& g : hs[i].history) lr.history += (lr.history.empty() ? "" : ",") + g;
+      lr.describe = legs[i]->Describe();
+      bool in_sync = s == source || (hs[i].epoch == max_epoch && all_clean);
+      lr.state = in_sync ? LegState::kUpToDate : LegState::kResyncing;
+      if (!in_sync)
+        for (std::uint64_t c = 0; c < all.chunks(); ++c)
+          b.chunks.push_back(MapChunk{s, c, all.ChunkBytes(c)});
+    }
+    rec.legs.push_back(lr);
+  }
+  (void)store->DeleteArray(rec.id);  // an older record of it here (released earlier) is stale
+  DST_RETURN_IF_ERROR(store->PutArray(rec));
+  if (!b.chunks.empty()) DST_RETURN_IF_ERROR(store->Commit(b));
+  by_slot.resize(static_cast<std::size_t>(nslots));
+  return std::make_pair(rec.id, std::move(by_slot));
 }
 
 Result<std::shared_ptr<MirrorDevice>> MirrorDevice::Assemble(const std::string& array_id,
@@ -2312,7 +2409,8 @@ Status MirrorDevice::ReAddLegImpl(int slot, std::shared_ptr<BlockDevice> dev, bo
   LegHeader h;
   {
     std::lock_guard<std::mutex> l(impl_->mu_);
-    if (!same) impl_->NewGenerationLocked(slot);  // blank, foreign, older, diverged: start over
+    if (!same) impl_->SetReasonLocked(slot, r, why);  // recorded as an identity event
+    if (!same) impl_->NewGenerationLocked(slot);  // blank, foreign, older: start over
     h = impl_->HeaderForLocked(slot, true);
   }
   if (!same || impl_->claims()) {

@@ -201,6 +201,10 @@ int main(int argc, char** argv) {
   arr_resolve->add_option("--keep", keep, "Slot whose data is kept")->required()
       ->check(CLI::NonNegativeNumber);
   arr_resolve->add_flag("-n,--dry-run", dry_run, "Show what would be overwritten; change nothing");
+  auto* arr_import = arr->add_subcommand(
+      "import", "Take over a released mirror from its legs (headers name the array and slots)");
+  arr_import->add_option("NAME", name, "Array name on this host")->required();
+  arr_import->add_option("LEG", legs, "Leg specs, any order")->required();
   auto* arr_release = arr->add_subcommand(
       "release", "Stop a mirror here cleanly and release its legs' claims (hand-over to another host)");
   arr_release->add_option("NAME", name, "Array name")->required();
@@ -222,7 +226,7 @@ int main(int argc, char** argv) {
 
   for (auto* sc : {exp_add, exp_list, exp_rm, vol_imp, vol_list, vol_rm, mnt, umnt, status,
                    arr_create, arr_list, arr_rm, arr_add, arr_grow, arr_fail, arr_rmleg,
-                   arr_readd, arr_detach, arr_rate, arr_resolve, arr_release, detail, apply, events})
+                   arr_readd, arr_detach, arr_rate, arr_resolve, arr_release, arr_import, detail, apply, events})
     sc->add_flag("-j,--json", as_json, "Print the raw JSON result");
 
   try {
@@ -345,6 +349,11 @@ int main(int argc, char** argv) {
                       l.value("spec", std::string()).c_str(), dry_run ? "would overwrite" : "overwriting",
                       ctl::FormatSize(l.value("bytes_overwritten", std::uint64_t{0})).c_str(), keep);
     }
+  } else if (arr_import->parsed()) {
+    json p{{"name", name}, {"legs", json::array()}};
+    for (auto& l : legs) p["legs"].push_back(LegSpec(l));
+    if ((rc = Call(socket, "array.import", p, &result)) != 0) return rc;
+    print_array("imported");
   } else if (arr_release->parsed()) {
     if ((rc = Call(socket, "array.release", json{{"name", name}}, &result)) != 0) return rc;
     if (as_json) PrintJson(result);

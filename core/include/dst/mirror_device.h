@@ -150,6 +150,15 @@ class MirrorDevice : public BlockDevice {
                                                         std::vector<std::shared_ptr<BlockDevice>> legs,
                                                         std::shared_ptr<DirtyMapStore> store,
                                                         const MirrorOptions& opts);
+  // Takes over an existing array from its legs' headers (released by another host, or that
+  // host died): every leg must carry the same array UUID; a leg another host holds a live
+  // claim on is refused (holder named).  Legs at the newest epoch whose headers say clean are
+  // up to date; otherwise the first leg at the newest epoch is the source and every other leg
+  // gets a full resync.  Writes the store record (name = opts.name) and returns the array id;
+  // then Assemble() it with the legs placed by slot (the second member).
+  static Result<std::pair<std::string, std::vector<std::shared_ptr<BlockDevice>>>> Import(
+      std::vector<std::shared_ptr<BlockDevice>> legs, std::shared_ptr<DirtyMapStore> store,
+      const MirrorOptions& opts);
   // Usable size of a mirror over devices of these sizes (headers included), for planning.
   static std::uint64_t UsableSize(const std::vector<DeviceInfo>& legs);
 

@@ -989,6 +989,80 @@ Status Daemon::ArrayRelease(const std::string& name) {
   return Status::OK();
 }
 
+Status Daemon::ArrayImport(const std::string& name, const std::vector<std::string>& specs) {
+  if (!ValidName(name)) return Status::InvalidArgument(fmt::format("bad name \"{}\"", name));
+  if (specs.empty()) return Status::InvalidArgument("give the legs to import");
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (arrays_.count(name) || volumes_.count(name))
+      return Status::Exists(fmt::format("a volume or array \"{}\" already exists", name));
+  }
+  ArrayConfig cfg;
+  cfg.name = name;
+  cfg.level = "mirror";
+  for (auto& c : cfg_.arrays)
+    if (c.name == name) cfg = c;  // rates/timeouts from the file when it names the array
+  std::vector<ArrayLeg> opened;
+  auto close_all = [&] {
+    for (auto& leg : opened) {
+      if (!leg.owned) continue;
+      if (leg.remote) leg.remote->Close();
+      if (leg.nbd) leg.nbd->Close();
+    }
+  };
+  std::vector<std::shared_ptr<BlockDevice>> devs;
+  for (auto& spec : specs) {
+    auto r = OpenLeg(spec, cfg);
+    if (!r.ok()) {
+      close_all();
+      return r.status();
+    }
+    opened.push_back(std::move(r.value()));
+    devs.push_back(opened.back().dev);
+  }
+  auto imp = MirrorDevice::Import(devs, store_, MirrorOpts(cfg, false, host_id_, host_name_));
+  if (!imp.ok()) {
+    close_all();
+    return imp.status();
+  }
+  auto a = std::make_shared<Array>();
+  a->cfg = cfg;
+  a->id = imp->first;
+  a->created = true;
+  auto rec = store_->GetArray(a->id);
+  if (rec.ok()) a->cfg.region_size = rec->region_size;
+  const auto& by_slot = imp->second;
+  a->cfg.legs.assign(by_slot.size(), "");
+  a->legs.resize(by_slot.size());
+  for (std::size_t s = 0; s < by_slot.size(); ++s)
+    for (auto& leg : opened)
+      if (by_slot[s] && leg.dev == by_slot[s]) {
+        a->legs[s] = leg;
+        a->cfg.legs[s] = leg.spec;
+      }
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (arrays_.count(name)) {
+      close_all();
+      return Status::Exists(fmt::format("a volume or array \"{}\" already exists", name));
+    }
+    arrays_[name] = a;
+  }
+  std::lock_guard<std::mutex> ol(a->op_mu);
+  Status st = BringUp(a);
+  if (!st.ok()) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      arrays_.erase(name);
+      a->removed = true;
+    }
+    close_all();
+    return st;
+  }
+  spdlog::info("array \"{}\" (id {}) imported from {}", name, a->id, fmt::join(specs, " "));
+  return Status::OK();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Monitor: assemble waiting arrays, reconnect missing legs, re-add recovered ones.
 
@@ -1535,6 +1609,17 @@ void Daemon::ArrayRpc(const std::string& m, const json& p, Finish finish) {
     int keep = int(k->get<std::int64_t>());
     bool dry = p.contains("dry_run") && p["dry_run"].is_boolean() && p["dry_run"].get<bool>();
     return workers_.Post([this, name, keep, dry, finish] { finish(ArrayResolve(name, keep, dry)); });
+  }
+  if (m == "array.import") {
+    auto legs = p.find("legs");
+    if (legs == p.end() || !legs->is_array() || legs->empty())
+      return finish(Status::InvalidArgument("parameter \"legs\" must be an array of leg specs"));
+    std::vector<std::string> specs;
+    for (auto& l : *legs) {
+      if (!l.is_string()) return finish(Status::InvalidArgument("legs must be strings"));
+      specs.push_back(l.get<std::string>());
+    }
+    return workers_.Post([this, name, specs, reply_array] { reply_array(ArrayImport(name, specs)); });
   }
   if (m == "array.release") {
     return workers_.Post([this, name, finish] {

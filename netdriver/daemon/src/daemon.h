@@ -165,6 +165,8 @@ class Daemon {
   // Stops the array here (flush, clean, claims released) and forgets its topology, so that
   // another host can import it from its legs.
   Status ArrayRelease(const std::string& name);
+  // Takes over a released (or orphaned) mirror from its legs' headers (MirrorDevice::Import).
+  Status ArrayImport(const std::string& name, const std::vector<std::string>& specs);
   Status LoadHostIdentity(const std::string& db);  // host_id_ (stable, in the state DB), host_name_
   std::string host_id_, host_name_;
   Status ArraySetRate(const std::string& name, std::uint64_t min, std::uint64_t max);
