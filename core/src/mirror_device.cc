@@ -1516,7 +1516,6 @@ bool MirrorDevice::Impl::ResyncLeg(int slot) {
             T.prog.next_offset = info_.size;
             T.record_dirty = true;
             T.checkpoint_dirty = true;
-            hdr_rewrite_ |= 1u << slot;  // its header joins the current epoch
             RequestCommitLocked();
             return true;
           }

@@ -335,6 +335,34 @@ class MirrorIdentityTest : public QObject {
     QCOMPARE(r.fakes[1]->writes(), w);  // nothing more written to it
     QCOMPARE(r.m->ReAddLegAuto(1, r.fakes[1]).code(), Status::Code::kBusy);
   }
+
+  void expiredLeaseReconfirmedBeforeWriting() {
+    // As after SIGSTOP of the assembler past its lease: the next write first re-reads the
+    // headers; a leg another host claimed meanwhile gets nothing more.
+    MirrorOptions o = Opts("alpha");
+    o.lease_ms = 150;
+    o.renew_ms = 60000;  // no periodic renewal during the test
+    Rig r = MakeRig(o);
+    Rig thief = MakeRig(Opts("gamma"), "t");
+    QVERIFY(r.m && thief.m);
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));  // our lease is over
+    std::vector<char> mine(MirrorDevice::kLegHeaderBytes), hdr(MirrorDevice::kLegHeaderBytes);
+    r.fakes[1]->Peek(kData, mine.data(), mine.size());
+    thief.fakes[1]->Peek(kData, hdr.data(), hdr.size());
+    std::memcpy(mine.data() + 448, hdr.data() + 448, 192);  // gamma's claim (owner fields)
+    std::memcpy(mine.data() + 32, hdr.data() + 32, 8);      // and its live lease
+    r.fakes[1]->Poke(kData, mine.data(), mine.size());
+    const std::uint64_t reads0 = r.fakes[0]->reads(), writes1 = r.fakes[1]->writes();
+    auto data = Pattern(4096, 10);
+    QVERIFY(WriteSync(*r.m, 0, data.data(), 4096).ok());
+    QVERIFY(r.fakes[0]->reads() > reads0);  // header re-read before the write went out
+    QCOMPARE(r.fakes[1]->writes(), writes1);
+    QCOMPARE(Leg(*r.m, 1).reason, LegReason::kClaimed);
+    QCOMPARE(Leg(*r.m, 0).state, LegState::kUpToDate);
+    std::vector<char> back(4096);
+    r.fakes[0]->Peek(0, back.data(), back.size());
+    QVERIFY(back == data);
+  }
 };
 
 DST_TEST_MAIN(MirrorIdentityTest)
