@@ -735,6 +735,7 @@ Status MirrorDevice::Impl::Init(const ArrayRecord& rec, std::vector<std::shared_
   // Fewer legs up than recorded: the remaining ones move to new generations before any write.
   for (const auto& lr : rec.legs)
     if (lr.state == LegState::kUpToDate && legs_[lr.slot].state != LegState::kUpToDate) rotate_pending_ = true;
+  if (opts.new_generations) rotate_pending_ = true;
   if (claims())
     lease_valid_ns_.store(NowNs() + static_cast<std::int64_t>(opts_.lease_ms) * 1000000);
   // Persist the assembled state (leg generations/states, merged maps, clean=0) before any I/O.

@@ -266,6 +266,35 @@ class MirrorIdentityTest : public QObject {
     QVERIFY(std::memcmp(d1.data(), b_side.data(), kData) == 0);
   }
 
+  void importOfOneLegThenRejoinIsSplitBrain() {
+    // A loses leg 1; another host imports leg 1 alone (a takeover: new generation) and writes.
+    MirrorOptions ao = Opts("alpha");
+    ao.lease_ms = 300;
+    Rig r = MakeRig(ao);
+    QVERIFY(r.m);
+    QVERIFY(r.m->FailLeg(1).ok());
+    MirrorOptions bo = Opts("beta");
+    // Still claimed by alpha until its lease on leg 1 (no longer renewed) runs out.
+    auto early = MirrorDevice::Import({r.fakes[1]}, std::make_shared<MemoryDirtyMapStore>(), bo);
+    QCOMPARE(early.status().code(), Status::Code::kBusy);
+    QVERIFY(QString::fromStdString(early.status().ToString()).contains("alpha"));
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    {
+      auto store_b = std::make_shared<MemoryDirtyMapStore>();
+      auto imp2 = MirrorDevice::Import({r.fakes[1]}, store_b, bo);
+      QVERIFY2(imp2.ok(), imp2.status().ToString().c_str());
+      bo.new_generations = true;
+      auto b = MirrorDevice::Assemble(imp2->first, imp2->second, store_b, bo);
+      QVERIFY2(b.ok(), b.status().ToString().c_str());
+      auto d = Pattern(4096, 11);
+      QVERIFY(WriteSync(*b.value(), 8192, d.data(), 4096).ok());
+      QVERIFY(b.value()->Close().ok());
+    }
+    QCOMPARE(r.m->ReAddLegAuto(1, r.fakes[1]).code(), Status::Code::kBusy);
+    QCOMPARE(Leg(*r.m, 1).reason, LegReason::kDiverged);
+    QVERIFY(r.m->SplitBrain());
+  }
+
   void secondAssemblerRefusedWithOwnerNamed() {
     Rig r = MakeRig(Opts("alpha"));
     QVERIFY(r.m);

@@ -96,6 +96,8 @@ struct MirrorOptions {
   std::uint32_t lease_ms = 15000;
   std::uint32_t renew_ms = 5000;         // lease renewal and periodic header re-check
   bool force_create = false;             // Create(): overwrite another array's leg headers
+  bool new_generations = false;          // Assemble(): every leg up starts a new generation
+                                         // (a takeover: see Import())
 };
 
 struct LegStatus {
@@ -155,7 +157,8 @@ class MirrorDevice : public BlockDevice {
   // claim on is refused (holder named).  Legs at the newest epoch whose headers say clean are
   // up to date; otherwise the first leg at the newest epoch is the source and every other leg
   // gets a full resync.  Writes the store record (name = opts.name) and returns the array id;
-  // then Assemble() it with the legs placed by slot (the second member).
+  // then Assemble() it with the legs placed by slot (the second member) and new_generations,
+  // so that the previous holder sees any later change as a divergence (split brain).
   static Result<std::pair<std::string, std::vector<std::shared_ptr<BlockDevice>>>> Import(
       std::vector<std::shared_ptr<BlockDevice>> legs, std::shared_ptr<DirtyMapStore> store,
       const MirrorOptions& opts);

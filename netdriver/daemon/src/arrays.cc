@@ -451,8 +451,9 @@ Status Daemon::BringUp(const std::shared_ptr<Array>& a) {
     if (present == 0) {
       st = Status::Unavailable(fmt::format("no leg reachable ({})", first_error));
     } else {
-      auto r = MirrorDevice::Assemble(a->id, devs, store_,
-                                      MirrorOpts(a->cfg, false, host_id_, host_name_));
+      MirrorOptions mo = MirrorOpts(a->cfg, false, host_id_, host_name_);
+      mo.new_generations = a->takeover;
+      auto r = MirrorDevice::Assemble(a->id, devs, store_, mo);
       if (r.ok()) {
         std::lock_guard<std::mutex> l(mu_);
         a->mirror = r.value();
@@ -1049,7 +1050,9 @@ Status Daemon::ArrayImport(const std::string& name, const std::vector<std::strin
     arrays_[name] = a;
   }
   std::lock_guard<std::mutex> ol(a->op_mu);
+  a->takeover = true;  // new generations on every leg: the previous holder sees any change
   Status st = BringUp(a);
+  a->takeover = false;
   if (!st.ok()) {
     {
       std::lock_guard<std::mutex> l(mu_);

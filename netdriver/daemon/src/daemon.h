@@ -111,6 +111,7 @@ class Daemon {
     bool assume_clean = false;
     bool force_create = false;  // create over legs carrying another array's header
     bool releasing = false;     // array release: keep the store record for a later import
+    bool takeover = false;      // array import: assemble with new generations
     std::vector<ArrayLeg> legs;  // GUARDED_BY(mu_) for the vector shape; op_mu for changes
     std::shared_ptr<MirrorDevice> mirror;
     std::shared_ptr<LinearDevice> linear;
