@@ -322,6 +322,7 @@ class MirrorDevice::Impl {
     std::atomic<bool> strict{false};           // false while attaching: count, accept
     std::atomic<int> check_reason{0};          // verify -> rejected hand-over
     std::string check_text;                    // under ident_mu_
+    std::atomic<std::int64_t> lease_ns{INT64_MAX};  // our claim known valid until (steady ns)
   };
 
   // A simple intrusive FIFO of contexts.
@@ -456,7 +457,10 @@ class MirrorDevice::Impl {
   bool stopping_ident_ = false;
   bool ident_kick_ = false;
   std::thread ident_;
-  std::atomic<std::int64_t> lease_valid_ns_{INT64_MAX};  // writes wait past it (claims only)
+  // Our claim on slot s is known valid until legs_[s].lease_ns (claims only).
+  void NoteLease(int slot, std::int64_t t0) {
+    if (claims()) legs_[slot].lease_ns.store(t0 + static_cast<std::int64_t>(opts_.lease_ms) * 1000000);
+  }
   CtxList lease_waiters_;
   bool rotate_pending_ = false;   // the up-to-date set shrank: new generations before acks
   std::uint32_t hdr_rewrite_ = 0; // slots whose rotated header is written after the commit
@@ -736,8 +740,7 @@ Status MirrorDevice::Impl::Init(const ArrayRecord& rec, std::vector<std::shared_
   for (const auto& lr : rec.legs)
     if (lr.state == LegState::kUpToDate && legs_[lr.slot].state != LegState::kUpToDate) rotate_pending_ = true;
   if (opts.new_generations) rotate_pending_ = true;
-  if (claims())
-    lease_valid_ns_.store(NowNs() + static_cast<std::int64_t>(opts_.lease_ms) * 1000000);
+  for (int s = 0; s < nslots_; ++s) NoteLease(s, NowNs());
   // Persist the assembled state (leg generations/states, merged maps, clean=0) before any I/O.
   dirty_ = true;
   clean_value_ = 0;
@@ -851,13 +854,29 @@ void MirrorDevice::Impl::FailLegLocked(int slot, LegReason why, std::string text
 }
 
 MirrorDevice::Impl::Admit MirrorDevice::Impl::AdmitWriteLocked(Ctx* c) {
-  if (claims() && NowNs() > lease_valid_ns_.load(std::memory_order_relaxed)) {
-    // Our leases may have expired (e.g. the process was stopped): nothing is written until the
-    // identity thread re-read the headers and renewed the claims.
-    lease_waiters_.Push(c);
-    ident_kick_ = true;
-    ident_cv_.notify_one();
-    return Admit::kQueued;
+  if (claims()) {
+    // Our claims may have run out (renewal hangs, or this process was stopped).  Every leg in
+    // service expired: it is us -- nothing is written until the identity thread re-read the
+    // headers and renewed the claims.  Only some: those legs do not answer; carry on without.
+    const std::int64_t now = NowNs();
+    int live = 0, expired = 0;
+    for (int s = 0; s < nslots_; ++s) {
+      const Leg& L = legs_[s];
+      if (L.state != LegState::kUpToDate && L.state != LegState::kResyncing) continue;
+      (L.lease_ns.load(std::memory_order_relaxed) < now ? expired : live)++;
+    }
+    if (expired > 0 && live == 0) {
+      lease_waiters_.Push(c);
+      ident_kick_ = true;
+      ident_cv_.notify_one();
+      return Admit::kQueued;
+    }
+    for (int s = 0; expired > 0 && s < nslots_; ++s) {
+      const Leg& L = legs_[s];
+      if ((L.state == LegState::kUpToDate || L.state == LegState::kResyncing) &&
+          L.lease_ns.load(std::memory_order_relaxed) < now)
+        FailLegLocked(s, LegReason::kUnreachable, "claim not renewed in time (header I/O hangs)");
+    }
   }
   if (window_active_ && c->r0 < window_r1_ && window_r0_ < c->r1) {
     window_waiters_.Push(c);
@@ -1839,7 +1858,6 @@ void MirrorDevice::Impl::WriteRotatedHeaders(std::uint32_t mask) {
 
 // One identity round: re-read every header in service, judge it, renew our claim.
 void MirrorDevice::Impl::CheckAndRenew() {
-  const std::int64_t t0 = NowNs();
   std::lock_guard<std::mutex> hl(hdr_mu_);
   for (int s = 0; s < kMaxLegs; ++s) {
     std::shared_ptr<BlockDevice> dev;
@@ -1853,6 +1871,7 @@ void MirrorDevice::Impl::CheckAndRenew() {
       mine = HeaderForLocked(s, true);
     }
     std::string why;
+    const std::int64_t t_leg = NowNs();
     auto h = ReadHeader(*dev);
     LegReason r = Judge(h, ExpectOf(s), /*running=*/true, &why);
     Status ws;
@@ -1863,6 +1882,7 @@ void MirrorDevice::Impl::CheckAndRenew() {
     if (h.ok()) NoteOwner(s, h.value());
     if (r == LegReason::kNone && ws.ok()) {
       if (claims()) NoteOwner(s, mine);
+      NoteLease(s, t_leg);
       continue;
     }
     if (r == LegReason::kNone) {
@@ -1873,8 +1893,6 @@ void MirrorDevice::Impl::CheckAndRenew() {
     FailLegLocked(s, r, why);
     if (r == LegReason::kBlank) L.reinit = true;
   }
-  // Every leg still in service is claimed again (or failed above): writes may go on.
-  if (claims()) lease_valid_ns_.store(t0 + static_cast<std::int64_t>(opts_.lease_ms) * 1000000);
 }
 
 // Blank replacements found by a check: new generation and header, then a full resync.  Runs on
@@ -1898,10 +1916,12 @@ void MirrorDevice::Impl::ReinitLegs() {
       dev = L.dev;
       h = HeaderForLocked(s, true);
     }
+    const std::int64_t t_claim = NowNs();
     Status ws = WriteHeader(*dev, h);
     std::lock_guard<std::mutex> l(mu_);
     Leg& L = legs_[s];
     if (!ws.ok() || L.dev != dev || !L.reinit) continue;  // retried next round
+    NoteLease(s, t_claim);
     NoteOwner(s, h);
     L.reinit = false;
     SetReasonLocked(s, LegReason::kNone, {});
@@ -2347,8 +2367,10 @@ Result<int> MirrorDevice::AddLeg(std::shared_ptr<BlockDevice> dev) {
     std::lock_guard<std::mutex> l(impl_->mu_);
     h = impl_->HeaderForLocked(slot, true);
   }
+  const std::int64_t t_claim = NowNs();
   if (s.ok()) s = WriteHeader(*dev, h);
   if (s.ok()) impl_->NoteOwner(slot, h);
+  if (s.ok()) impl_->NoteLease(slot, t_claim);
   if (!s.ok()) impl_->RemoveCheck(slot);
   std::lock_guard<std::mutex> l(impl_->mu_);
   auto& L = impl_->legs_[slot];
@@ -2414,6 +2436,7 @@ Status MirrorDevice::ReAddLegImpl(int slot, std::shared_ptr<BlockDevice> dev, bo
     h = impl_->HeaderForLocked(slot, true);
   }
   if (!same || impl_->claims()) {
+    impl_->NoteLease(slot, NowNs());
     Status ws = WriteHeader(*dev, h);
     if (!ws.ok()) {
       impl_->RemoveCheck(slot);
@@ -2459,7 +2482,9 @@ Result<std::vector<ResolveStep>> MirrorDevice::Resolve(int keep, bool dry_run) {
       writes.emplace_back(L.dev, impl_->HeaderForLocked(s, true));
     }
   }
+  const std::int64_t t_claim = NowNs();
   for (auto& [dev, h] : writes) DST_RETURN_IF_ERROR(WriteHeader(*dev, h));
+  for (int s = 0; s < impl_->nslots_; ++s) impl_->NoteLease(s, t_claim);
   std::lock_guard<std::mutex> l(impl_->mu_);
   for (int s = 0; s < impl_->nslots_; ++s) {
     auto& L = impl_->legs_[s];
