@@ -626,12 +626,11 @@ Status MirrorDevice::Impl::Init(const ArrayRecord& rec, std::vector<std::shared_
     }
     L.dev = dev;
     L.describe = dev->Describe();
-    if (r == LegReason::kBlank) {
-      // A replacement: new identity, full resync.
-      NewGenerationLocked(lr.slot);
+    // Our claim (and, for a blank leg, its new identity) goes on the header first.
+    if (r == LegReason::kBlank) NewGenerationLocked(lr.slot);
+    if (r == LegReason::kBlank || (r == LegReason::kNone && claims())) {
       LegHeader nh = HeaderForLocked(lr.slot, true);
       Status ws = WriteHeader(*dev, nh);
-      if (ws.ok()) NoteOwner(lr.slot, nh);
       if (!ws.ok()) {
         RemoveCheck(lr.slot);
         L.state = LegState::kFailed;
@@ -639,6 +638,10 @@ Status MirrorDevice::Impl::Init(const ArrayRecord& rec, std::vector<std::shared_
         L.dev.reset();
         continue;
       }
+      NoteOwner(lr.slot, nh);
+    }
+    if (r == LegReason::kBlank) {
+      // A replacement: full resync.
       L.oos.SetAll();
       L.state = LegState::kResyncing;
       SetReasonLocked(lr.slot, LegReason::kNone, {});
@@ -647,18 +650,6 @@ Status MirrorDevice::Impl::Init(const ArrayRecord& rec, std::vector<std::shared_
       if (L.state == LegState::kUpToDate || L.state == LegState::kResyncing) L.state = LegState::kFailed;
       SetReasonLocked(lr.slot, r, why);
     } else {
-      if (claims()) {
-        LegHeader nh = HeaderForLocked(lr.slot, true);
-        Status ws = WriteHeader(*dev, nh);
-        if (ws.ok()) NoteOwner(lr.slot, nh);
-        if (!ws.ok()) {
-          RemoveCheck(lr.slot);
-          L.state = LegState::kFailed;
-          SetReasonLocked(lr.slot, LegReason::kUnreachable, ws.ToString());
-          L.dev.reset();
-          continue;
-        }
-      }
       if (!(L.state == LegState::kUpToDate && L.oos.Empty()))
         L.state = L.oos.Empty() ? LegState::kUpToDate : LegState::kResyncing;
       if (L.state != LegState::kFailed) SetReasonLocked(lr.slot, LegReason::kNone, {});
