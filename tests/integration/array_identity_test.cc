@@ -9,6 +9,9 @@
 //   (b) a second assembler B (host_name "hostB") configured with the same two exports is
 //       refused with hostA named; A stays clean.
 //   (c) release on A, then import on B from the legs: B serves A's data; A no longer has it.
+//   (e) split brain: A fails leg 1 and writes on; B imports leg 1 alone (once A's claim on it ran
+//       out) and releases it; A's re-add is refused as split brain, detail --test says 1;
+//       resolve --dry-run names the bytes and changes nothing; resolve --keep 0 heals it.
 //   (d) remove-leg of an up-to-date leg without --force is refused (exit 75, reason named);
 //       with --force it works.
 #include <QtTest/QtTest>
@@ -165,6 +168,48 @@ class ArrayIdentityTest : public QObject {
     QCOMPARE(CheckData(cmnt + "/m0.img", 31), 0);
     for (auto& l : cj["legs"]) QCOMPARE(QString::fromStdString(l["owner"].value("name", "")), QString("hostC"));
     QVERIFY(c.Terminate() == 0);
+  }
+
+  void splitBrainDetectedAndResolved() {
+    MirrorRig rig;
+    json a;
+    QString why = StartRig(rig, &a);
+    QVERIFY2(why.isEmpty(), qPrintable(why));
+    QVERIFY(WriteData(rig.File("m0"), 41));
+    QByteArray out, err;
+    QCOMPARE(rig.as->Ctl({"array", "fail-leg", "m0", "1"}, &out, &err), 0);
+    QVERIFY(WriteData(rig.File("m0"), 42));  // A goes on without leg 1
+    // B takes leg 1 alone once A's claim on it (no longer renewed) ran out.
+    DaemonProcess b(rig.dir.path() + "/b");
+    b.config() = "host_name = \"hostB\"\n";
+    QVERIFY2(b.Start(), b.Log().constData());
+    int rc = b.Ctl({"array", "import", "m1", rig.Uri(1)}, &out, &err);
+    QCOMPARE(rc, 75);
+    QVERIFY2(err.contains("claimed by host hostA"), err.constData());
+    QVERIFY2(WaitUntil([&] { return b.Ctl({"array", "import", "m1", rig.Uri(1)}, &out, &err) == 0; },
+                       25000, 1000),
+             err.constData());
+    QCOMPARE(b.Ctl({"array", "release", "m1"}, &out, &err), 0);
+    QVERIFY(b.Terminate() == 0);
+    // Back on A: never resynced automatically in either direction.
+    rc = rig.as->Ctl({"array", "re-add-leg", "m0", "1"}, &out, &err);
+    QCOMPARE(rc, 75);
+    QVERIFY2(err.contains("split brain"), err.constData());
+    a = ArrayDetail(*rig.as, "m0");
+    QCOMPARE(QString::fromStdString(ArrayState(a)), QString("split-brain"));
+    QCOMPARE(rig.as->Ctl({"detail", "m0", "--test"}), 1);
+    QByteArray leg1_before = Sha256File(rig.image[1]);
+    rc = rig.as->Ctl({"array", "resolve", "m0", "--keep", "0", "--dry-run"}, &out, &err);
+    QVERIFY2(rc == 0, err.constData());
+    QVERIFY2(out.contains("would overwrite") && out.contains("leg 1"), out.constData());
+    QCOMPARE(QString::fromStdString(ArrayState(ArrayDetail(*rig.as, "m0"))), QString("split-brain"));
+    QCOMPARE(Sha256File(rig.image[1]), leg1_before);
+    rc = rig.as->Ctl({"array", "resolve", "m0", "--keep", "0"}, &out, &err);
+    QVERIFY2(rc == 0, err.constData());
+    QVERIFY2(WaitArrayClean(*rig.as, "m0", 60000, &a), a.dump().c_str());
+    QCOMPARE(CheckData(rig.File("m0"), 42), 0);
+    const std::int64_t diff = FirstDiff(rig.image[0], rig.image[1], a.value("size", std::uint64_t(0)));
+    QVERIFY2(diff < 0, qPrintable(QString("legs differ at byte %1").arg(diff)));
   }
 
   void removeUpToDateLegNeedsForce() {
