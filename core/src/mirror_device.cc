@@ -12,6 +12,7 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <mutex>
 #include <thread>
 
@@ -40,6 +41,26 @@ const char* VerifyStateName(VerifyState s) {
   return "unknown";
 }
 
+const char* LegReasonName(LegReason r) {
+  switch (r) {
+    case LegReason::kNone: return "none";
+    case LegReason::kIoError: return "io-error";
+    case LegReason::kUnreachable: return "unreachable";
+    case LegReason::kOperator: return "operator";
+    case LegReason::kBlank: return "blank";
+    case LegReason::kForeign: return "foreign";
+    case LegReason::kOlderGeneration: return "older-generation";
+    case LegReason::kDiverged: return "split-brain";
+    case LegReason::kClaimed: return "claimed";
+  }
+  return "unknown";
+}
+
+bool LegReasonNeedsOperator(LegReason r) {
+  return r == LegReason::kForeign || r == LegReason::kOlderGeneration || r == LegReason::kDiverged ||
+         r == LegReason::kClaimed;
+}
+
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -49,8 +70,13 @@ std::int64_t NowNs() {
 }
 
 // ---- Leg header (last 4 KiB-aligned block of every leg) ----
+// Layout (little endian): 0 magic, 8 version, 12 slot, 16 region size, 24 array size,
+// 32 lease expiry (unix ms, v2), 40 epoch (v2), 48 clean flag (v2), 64 array UUID, 128 generation, 192 history[4] (64 each, v2),
+// 448 owner host id (v2), 512 owner host name (128, v2).  v1 headers (no history, no claim)
+// are read as unclaimed; every write is v2.
 constexpr char kHeaderMagic[8] = {'D', 'S', 'T', 'L', 'E', 'G', 'H', '1'};
-constexpr std::uint32_t kHeaderVersion = 1;
+constexpr std::uint32_t kHeaderVersion = 2;
+constexpr int kHistory = 4;
 
 struct LegHeader {
   std::string array_id;
@@ -58,6 +84,14 @@ struct LegHeader {
   std::uint32_t slot = 0;
   std::uint32_t region_size = 0;
   std::uint64_t array_size = 0;
+  std::vector<std::string> history;  // newest first
+  std::string owner_id, owner_name;
+  std::uint64_t lease_expiry_ms = 0;
+  // Array epoch: bumped at every rotation and written on the legs up at that moment, so the
+  // legs holding the highest epoch were in sync last (used by Import).  clean: written by a
+  // clean close (released, flushed, intent map empty).
+  std::uint64_t epoch = 0;
+  std::uint32_t clean = 0;
 };
 
 void Put32(char* p, std::uint32_t v) {
@@ -94,6 +128,18 @@ std::uint64_t LegDataBytes(const DeviceInfo& i) {
   return r >= 2 * MirrorDevice::kLegHeaderBytes ? r - MirrorDevice::kLegHeaderBytes : 0;
 }
 
+std::uint64_t WallMs() {
+  return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                        std::chrono::system_clock::now().time_since_epoch())
+                                        .count());
+}
+
+std::string Field(const char* p, std::size_t n) { return std::string(p, strnlen(p, n)); }
+
+void PutField(char* p, std::size_t n, const std::string& v) {
+  std::memcpy(p, v.data(), std::min(v.size(), n - 1));
+}
+
 Status WriteHeader(BlockDevice& dev, const LegHeader& h) {
   DeviceInfo info = dev.Info();
   std::uint64_t data = LegDataBytes(info);
@@ -106,15 +152,47 @@ Status WriteHeader(BlockDevice& dev, const LegHeader& h) {
   Put32(b.p + 12, h.slot);
   Put32(b.p + 16, h.region_size);
   Put64(b.p + 24, h.array_size);
-  std::snprintf(b.p + 64, 64, "%s", h.array_id.c_str());
-  std::snprintf(b.p + 128, 64, "%s", h.generation.c_str());
+  Put64(b.p + 32, h.lease_expiry_ms);
+  Put64(b.p + 40, h.epoch);
+  Put32(b.p + 48, h.clean);
+  PutField(b.p + 64, 64, h.array_id);
+  PutField(b.p + 128, 64, h.generation);
+  for (int i = 0; i < kHistory && i < static_cast<int>(h.history.size()); ++i)
+    PutField(b.p + 192 + 64 * i, 64, h.history[static_cast<std::size_t>(i)]);
+  PutField(b.p + 448, 64, h.owner_id);
+  PutField(b.p + 512, 128, h.owner_name);
   Status s = WriteSync(dev, data, b.p, MirrorDevice::kLegHeaderBytes, kIoFua);
   if (!s.ok()) return s.WithContext("write leg header on " + dev.Describe());
   if (!info.can_fua && info.can_flush) return FlushSync(dev);
   return Status::OK();
 }
 
-// NotFound when the leg carries no dst header (blank or foreign device).
+// NotFound when the bytes carry no dst header (blank or foreign device).
+Result<LegHeader> ParseHeader(const char* p, std::size_t n) {
+  if (n < MirrorDevice::kLegHeaderBytes || std::memcmp(p, kHeaderMagic, 8) != 0)
+    return Status::NotFound("no dst leg header");
+  std::uint32_t ver = Get32(p + 8);
+  if (ver != 1 && ver != 2) return Status::NotFound("unknown dst leg header version");
+  LegHeader h;
+  h.slot = Get32(p + 12);
+  h.region_size = Get32(p + 16);
+  h.array_size = Get64(p + 24);
+  h.array_id = Field(p + 64, 64);
+  h.generation = Field(p + 128, 64);
+  if (ver >= 2) {
+    h.lease_expiry_ms = Get64(p + 32);
+    h.epoch = Get64(p + 40);
+    h.clean = Get32(p + 48);
+    for (int i = 0; i < kHistory; ++i) {
+      std::string g = Field(p + 192 + 64 * i, 64);
+      if (!g.empty()) h.history.push_back(std::move(g));
+    }
+    h.owner_id = Field(p + 448, 64);
+    h.owner_name = Field(p + 512, 128);
+  }
+  return h;
+}
+
 Result<LegHeader> ReadHeader(BlockDevice& dev) {
   DeviceInfo info = dev.Info();
   std::uint64_t data = LegDataBytes(info);
@@ -122,17 +200,78 @@ Result<LegHeader> ReadHeader(BlockDevice& dev) {
   AlignedBuf b(MirrorDevice::kLegHeaderBytes);
   Status s = ReadSync(dev, data, b.p, MirrorDevice::kLegHeaderBytes);
   if (!s.ok()) return s.WithContext("read leg header on " + dev.Describe());
-  if (std::memcmp(b.p, kHeaderMagic, 8) != 0 || Get32(b.p + 8) != kHeaderVersion)
-    return Status::NotFound("no dst leg header on " + dev.Describe());
-  LegHeader h;
-  h.slot = Get32(b.p + 12);
-  h.region_size = Get32(b.p + 16);
-  h.array_size = Get64(b.p + 24);
-  b.p[64 + 63] = 0;
-  b.p[128 + 63] = 0;
-  h.array_id = b.p + 64;
-  h.generation = b.p + 128;
+  auto h = ParseHeader(b.p, b.size);
+  if (!h.ok() && h.status().IsNotFound()) return Status::NotFound("no dst leg header on " + dev.Describe());
   return h;
+}
+
+// What a slot expects to find on its leg's header.
+struct Expect {
+  std::string array_id;
+  int slot = 0;
+  std::string generation;
+  std::vector<std::string> history;  // this slot's earlier generations, newest first
+  std::string host_id;               // "" = no claims
+};
+
+// History entries of generations whose data was discarded (a blank or foreign leg started
+// over) carry a '!' prefix: only a generation the data continued from may still be on the
+// header after a rotation that did not reach it.
+std::string Bare(const std::string& g) { return !g.empty() && g[0] == '!' ? g.substr(1) : g; }
+
+bool Contains(const std::vector<std::string>& v, const std::string& x) {
+  if (x.empty()) return false;
+  for (const auto& g : v)
+    if (Bare(g) == x) return true;
+  return false;
+}
+
+std::string ClaimText(const LegHeader& h) {
+  std::time_t t = static_cast<std::time_t>(h.lease_expiry_ms / 1000);
+  char when[64] = "?";
+  struct tm tmv;
+  if (gmtime_r(&t, &tmv)) std::strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S UTC", &tmv);
+  return "claimed by host " + (h.owner_name.empty() ? std::string("?") : h.owner_name) + " (id " +
+         h.owner_id + ") until " + when + "; it is in use by array " + h.array_id;
+}
+
+// Judges a header against the slot's expectation.  `running`: the leg is in service, so any
+// other owner (live lease or not) means another host wrote to it; at attach only a live lease
+// of another host refuses.  kNone: the leg is ours and at our generation.
+LegReason Judge(Result<LegHeader>& h, const Expect& e, bool running, std::string* why) {
+  if (!h.ok()) {
+    if (h.status().IsNotFound()) {
+      *why = "blank: no dst leg header (a replacement)";
+      return LegReason::kBlank;
+    }
+    *why = "header unreadable: " + h.status().ToString();
+    return LegReason::kUnreachable;
+  }
+  if (h->array_id != e.array_id) {
+    *why = "foreign: the header belongs to array " + h->array_id;
+    return LegReason::kForeign;
+  }
+  if (static_cast<int>(h->slot) != e.slot) {
+    *why = "foreign: the header is for slot " + std::to_string(h->slot) + " of this array";
+    return LegReason::kForeign;
+  }
+  if (!e.host_id.empty() && !h->owner_id.empty() && h->owner_id != e.host_id &&
+      (running || h->lease_expiry_ms > WallMs())) {
+    *why = ClaimText(*h);
+    return LegReason::kClaimed;
+  }
+  if (h->generation == e.generation) return LegReason::kNone;
+  // A rotation whose header write did not land yet (crash or reconnect in between).
+  if (!e.history.empty() && h->generation == e.history.front()) return LegReason::kNone;
+  // (a '!' entry never equals a generation, so a discarded leg coming back is not accepted)
+  if (Contains(h->history, e.generation)) {
+    *why = "split brain: generation " + h->generation + " was written by another assembler after " +
+           e.generation + " (ours)";
+    return LegReason::kDiverged;
+  }
+  *why = std::string("older generation ") + h->generation + " (this slot is at " + e.generation +
+         (Contains(e.history, h->generation) ? ")" : "; unknown to this array)");
+  return LegReason::kOlderGeneration;
 }
 
 }  // namespace
@@ -176,6 +315,25 @@ class MirrorDevice::Impl {
     // Commit that carries this leg's latest "not up" state; a write that missed the leg is
     // acknowledged only once last_ok_seq_ >= down_seq (else a crash could pick it as source).
     std::uint64_t down_seq = 0;
+    // Identity (see "identity" below).  reason/history/owner under mu_.
+    LegReason reason = LegReason::kNone;
+    std::string reason_text;
+    std::vector<std::string> history;
+    std::string owner_id, owner_name;
+    std::uint64_t lease_expiry_ms = 0;
+    bool reinit = false;  // blank replacement: the identity thread gives it a new header
+    std::string identity_event;  // last identity finding, kept after recovery (for detail)
+    std::uint32_t identity_events = 0;
+    struct CheckArg {
+      Impl* self = nullptr;
+      int slot = 0;
+    } check_arg;
+    BlockDevice* check_dev = nullptr;          // device the ConnectCheck is installed on
+    std::atomic<std::uint32_t> connects{0};    // connections seen by the check
+    std::atomic<bool> strict{false};           // false while attaching: count, accept
+    std::atomic<int> check_reason{0};          // verify -> rejected hand-over
+    std::string check_text;                    // under ident_mu_
+    std::atomic<std::int64_t> lease_ns{INT64_MAX};  // our claim known valid until (steady ns)
   };
 
   // A simple intrusive FIFO of contexts.
@@ -232,7 +390,7 @@ class MirrorDevice::Impl {
   static void FlushChildDone(IoRequest* child, Status st);
   void Complete(Ctx* c, Status st);
   void ReleaseCtx(Ctx* c);
-  void FailLegLocked(int slot);
+  void FailLegLocked(int slot, LegReason why = LegReason::kIoError, std::string text = {});
   void MarkLegDownLocked(int slot) {
     legs_[slot].record_dirty = true;
     legs_[slot].down_seq = commits_started_ + 1;
@@ -306,6 +464,47 @@ class MirrorDevice::Impl {
   void EndVerifyLocked(VerifyState st, std::string why);
   void VerifyRecordLocked(std::uint64_t w0, const std::uint32_t* diff, std::uint64_t nreg);
   void NotifyVerifyDone();  // runs the ended verify's on_done (not under mu_)
+
+  // ---- identity: headers, connect checks, claims, generations ----
+  bool claims() const { return !opts_.host_id.empty(); }
+  Expect ExpectOf(int slot);
+  void PublishExpectLocked(int slot);  // mu_ held; copies the slot's identity for verify()
+  LegHeader HeaderForLocked(int slot, bool claim) const;
+  // Old generation into the history; `continues`: the data carries on (a rotation), else it
+  // was discarded (re-initialisation).
+  void NewGenerationLocked(int slot, bool continues = false);
+  void InstallCheck(int slot, BlockDevice* dev);  // attaching mode until L.strict
+  void RemoveCheck(int slot);
+  static Status VerifyCb(void* arg, const char* data, std::uint32_t len);
+  static void RejectedCb(void* arg, const Status& why);
+  void SetReasonLocked(int slot, LegReason r, std::string text);
+  void NoteOwner(int slot, const LegHeader& h);  // the claim as last seen/written
+  // Attach-time judgement of `dev` for `slot` (reads the header).
+  LegReason JudgeAttach(int slot, BlockDevice& dev, std::string* why);
+  void IdentityLoop();
+  void CheckAndRenew();
+  void ReinitLegs();
+  void WriteRotatedHeaders(std::uint32_t mask);
+  void ReleaseClaims();
+  void AdmitLeaseWaiters();
+
+  std::mutex ident_mu_;     // exp_: read by verify() on device threads; never held across I/O
+  Expect exp_[kMaxLegs];
+  std::mutex hdr_mu_;       // serialises header writes; taken before mu_, never under it
+  std::condition_variable ident_cv_;
+  bool stopping_ident_ = false;
+  bool ident_kick_ = false;
+  std::thread ident_;
+  // Our claim on slot s is known valid until legs_[s].lease_ns (claims only).
+  void NoteLease(int slot, std::int64_t t0) {
+    if (claims()) legs_[slot].lease_ns.store(t0 + static_cast<std::int64_t>(opts_.lease_ms) * 1000000);
+  }
+  CtxList lease_waiters_;
+  bool rotate_pending_ = false;   // the up-to-date set shrank: new generations before acks
+  std::uint32_t hdr_rewrite_ = 0; // slots whose rotated header is written after the commit
+  std::uint64_t array_size_ = 0;
+  std::uint64_t epoch_ = 0;       // highest header epoch seen; bumped by every rotation
+  bool closed_clean_ = false;     // Shutdown flushed and cleared the intent map
 
   // Immutable after Init.
   std::string id_;
@@ -394,6 +593,7 @@ Status MirrorDevice::Impl::Init(const ArrayRecord& rec, std::vector<std::shared_
                                 std::shared_ptr<DirtyMapStore> store, const MirrorOptions& opts) {
   id_ = rec.id;
   name_ = rec.name;
+  array_size_ = rec.size;
   store_ = std::move(store);
   opts_ = opts;
   region_size_ = rec.region_size;
@@ -421,6 +621,8 @@ Status MirrorDevice::Impl::Init(const ArrayRecord& rec, std::vector<std::shared_
 
   int source = -1;
   bool caps_init = false;
+  // Checks stay in attaching mode (count connections, accept) until every leg is judged.
+  std::uint32_t attach_connects[kMaxLegs] = {};
   for (const auto& lr : rec.legs) {
     if (lr.slot < 0 || lr.slot >= kMaxLegs) return Status::InvalidArgument("mirror: bad leg slot");
     Leg& L = legs_[lr.slot];
@@ -428,6 +630,17 @@ Status MirrorDevice::Impl::Init(const ArrayRecord& rec, std::vector<std::shared_
     L.generation = lr.generation;
     L.describe = lr.describe;
     L.state = lr.state;
+    L.history.clear();
+    for (std::size_t p = 0, q; p < lr.history.size(); p = q + 1) {
+      q = lr.history.find(',', p);
+      if (q == std::string::npos) q = lr.history.size();
+      if (q > p) L.history.push_back(lr.history.substr(p, q - p));
+    }
+    L.reason = LegReason::kNone;
+    for (int k = 0; k <= static_cast<int>(LegReason::kClaimed); ++k)
+      if (lr.reason == LegReasonName(static_cast<LegReason>(k))) L.reason = static_cast<LegReason>(k);
+    L.check_arg = Leg::CheckArg{this, lr.slot};
+    PublishExpectLocked(lr.slot);
     L.oos = DirtyMap(rec.size, region_size_);
     L.chunk_dirty.assign(L.oos.chunks(), 1);  // rewrite all chunks once at assembly
     L.record_dirty = true;
@@ -444,33 +657,51 @@ Status MirrorDevice::Impl::Init(const ArrayRecord& rec, std::vector<std::shared_
     DeviceInfo di = dev->Info();
     if (LegDataBytes(di) < rec.size) {
       L.state = LegState::kFailed;  // too small: cannot be a leg of this array
+      SetReasonLocked(lr.slot, LegReason::kForeign, "foreign: smaller than the array");
       continue;
     }
-    auto h = ReadHeader(*dev);
-    if (!h.ok() && !h.status().IsNotFound()) {
+    // The check goes on before the header is read, so a reconnect in between is not missed.
+    InstallCheck(lr.slot, dev.get());
+    const std::uint32_t connects0 = L.connects.load();
+    std::string why;
+    LegReason r = JudgeAttach(lr.slot, *dev, &why);
+    if (r == LegReason::kUnreachable) {
+      RemoveCheck(lr.slot);
       L.state = LegState::kFailed;  // unreadable now: not a reason for a full resync
+      SetReasonLocked(lr.slot, r, why);
       continue;
     }
-    bool same = h.ok() && h->array_id == id_ && h->generation == lr.generation;
     L.dev = dev;
     L.describe = dev->Describe();
-    if (!same) {
-      // Foreign, blank or replaced: new identity, full resync.
-      L.generation = NewUuid();
-      LegHeader nh{id_, L.generation, static_cast<std::uint32_t>(lr.slot), region_size_, rec.size};
+    // Our claim (and, for a blank leg, its new identity) goes on the header first.
+    if (r == LegReason::kBlank) NewGenerationLocked(lr.slot);
+    if (r == LegReason::kBlank || (r == LegReason::kNone && claims())) {
+      LegHeader nh = HeaderForLocked(lr.slot, true);
       Status ws = WriteHeader(*dev, nh);
       if (!ws.ok()) {
+        RemoveCheck(lr.slot);
         L.state = LegState::kFailed;
+        SetReasonLocked(lr.slot, LegReason::kUnreachable, ws.ToString());
         L.dev.reset();
         continue;
       }
+      NoteOwner(lr.slot, nh);
+    }
+    if (r == LegReason::kBlank) {
+      // A replacement: full resync.
       L.oos.SetAll();
       L.state = LegState::kResyncing;
-    } else if (L.state == LegState::kUpToDate && L.oos.Empty()) {
-      // fine
+      SetReasonLocked(lr.slot, LegReason::kNone, {});
+    } else if (r != LegReason::kNone) {
+      // Foreign, older, diverged or claimed: never used until the operator re-adds it.
+      if (L.state == LegState::kUpToDate || L.state == LegState::kResyncing) L.state = LegState::kFailed;
+      SetReasonLocked(lr.slot, r, why);
     } else {
-      L.state = L.oos.Empty() ? LegState::kUpToDate : LegState::kResyncing;
+      if (!(L.state == LegState::kUpToDate && L.oos.Empty()))
+        L.state = L.oos.Empty() ? LegState::kUpToDate : LegState::kResyncing;
+      if (L.state != LegState::kFailed) SetReasonLocked(lr.slot, LegReason::kNone, {});
     }
+    attach_connects[lr.slot] = connects0;
     if (L.state == LegState::kUpToDate && source < 0) source = lr.slot;
     if (!caps_init) {
       info_.can_fua = di.can_fua;
@@ -502,7 +733,13 @@ Status MirrorDevice::Impl::Init(const ArrayRecord& rec, std::vector<std::shared_
       }
     }
   }
-  if (source < 0) return Status::Unavailable("mirror " + id_ + ": no up-to-date leg present");
+  if (source < 0) {
+    std::string why;
+    for (int s = 0; s < nslots_; ++s)
+      if (legs_[s].state != LegState::kEmpty && legs_[s].reason != LegReason::kNone)
+        why += "; leg " + std::to_string(s) + ": " + legs_[s].reason_text;
+    return Status::Unavailable("mirror " + id_ + ": no up-to-date leg present" + why);
+  }
   if (unclean) {
     // The assembling host crashed: regions in the intent map may differ between legs.  Leg
     // `source` is the reference; every other leg gets those regions as out-of-sync bits.
@@ -532,6 +769,16 @@ Status MirrorDevice::Impl::Init(const ArrayRecord& rec, std::vector<std::shared_
     free_ = &ctx_[i];
   }
 
+  for (int s = 0; s < nslots_; ++s) {
+    if (!legs_[s].check_dev) continue;
+    legs_[s].strict.store(true);
+    if (legs_[s].connects.load() != attach_connects[s]) ident_kick_ = true;  // re-check at once
+  }
+  // Fewer legs up than recorded: the remaining ones move to new generations before any write.
+  for (const auto& lr : rec.legs)
+    if (lr.state == LegState::kUpToDate && legs_[lr.slot].state != LegState::kUpToDate) rotate_pending_ = true;
+  if (opts.new_generations) rotate_pending_ = true;
+  for (int s = 0; s < nslots_; ++s) NoteLease(s, NowNs());
   // Persist the assembled state (leg generations/states, merged maps, clean=0) before any I/O.
   dirty_ = true;
   clean_value_ = 0;
@@ -540,6 +787,7 @@ Status MirrorDevice::Impl::Init(const ArrayRecord& rec, std::vector<std::shared_
   cps_window_start_ns_ = NowNs();
   writer_ = std::thread([this] { WriterLoop(); });
   resync_ = std::thread([this] { ResyncLoop(); });
+  ident_ = std::thread([this] { IdentityLoop(); });
   return Status::OK();
 }
 
@@ -629,9 +877,11 @@ void MirrorDevice::Impl::MarkOosLocked(int slot, std::uint64_t r0, std::uint64_t
   }
 }
 
-void MirrorDevice::Impl::FailLegLocked(int slot) {
+void MirrorDevice::Impl::FailLegLocked(int slot, LegReason why, std::string text) {
   Leg& L = legs_[slot];
+  if (L.state != LegState::kEmpty) SetReasonLocked(slot, why, std::move(text));
   if (L.state == LegState::kUpToDate || L.state == LegState::kResyncing) {
+    if (L.state == LegState::kUpToDate) rotate_pending_ = true;
     L.state = LegState::kFailed;
     L.prog.leg_state = L.state;
     if (L.prog.state == ResyncState::kRunning || L.prog.state == ResyncState::kPending)
@@ -642,6 +892,30 @@ void MirrorDevice::Impl::FailLegLocked(int slot) {
 }
 
 MirrorDevice::Impl::Admit MirrorDevice::Impl::AdmitWriteLocked(Ctx* c) {
+  if (claims()) {
+    // Our claims may have run out (renewal hangs, or this process was stopped).  Every leg in
+    // service expired: it is us -- nothing is written until the identity thread re-read the
+    // headers and renewed the claims.  Only some: those legs do not answer; carry on without.
+    const std::int64_t now = NowNs();
+    int live = 0, expired = 0;
+    for (int s = 0; s < nslots_; ++s) {
+      const Leg& L = legs_[s];
+      if (L.state != LegState::kUpToDate && L.state != LegState::kResyncing) continue;
+      (L.lease_ns.load(std::memory_order_relaxed) < now ? expired : live)++;
+    }
+    if (expired > 0 && live == 0) {
+      lease_waiters_.Push(c);
+      ident_kick_ = true;
+      ident_cv_.notify_one();
+      return Admit::kQueued;
+    }
+    for (int s = 0; expired > 0 && s < nslots_; ++s) {
+      const Leg& L = legs_[s];
+      if ((L.state == LegState::kUpToDate || L.state == LegState::kResyncing) &&
+          L.lease_ns.load(std::memory_order_relaxed) < now)
+        FailLegLocked(s, LegReason::kUnreachable, "claim not renewed in time (header I/O hangs)");
+    }
+  }
   if (window_active_ && c->r0 < window_r1_ && window_r0_ < c->r1) {
     window_waiters_.Push(c);
     return Admit::kQueued;
@@ -915,10 +1189,23 @@ bool MirrorDevice::Impl::CommitOnce() {
   b.array_id = id_;
   std::uint64_t seq;
   std::vector<std::uint64_t> intent_chunks;
+  std::uint32_t rewrite = 0;
   {
     std::lock_guard<std::mutex> l(mu_);
     if (!dirty_ || crashed_) return false;
     dirty_ = false;
+    if (rotate_pending_) {
+      // The up-to-date set shrank: the legs still up move to new generations (persisted here,
+      // on their headers right after), so the departed leg's generation marks where it left.
+      rotate_pending_ = false;
+      ++epoch_;
+      for (int s = 0; s < nslots_; ++s)
+        if (legs_[s].state == LegState::kUpToDate && legs_[s].dev) {
+          NewGenerationLocked(s, /*continues=*/true);
+          hdr_rewrite_ |= 1u << s;
+        }
+    }
+    rewrite = hdr_rewrite_;
     for (std::size_t ch = 0; ch < intent_chunk_dirty_.size(); ++ch) {
       if (!intent_chunk_dirty_[ch]) continue;
       intent_chunk_dirty_[ch] = 0;
@@ -942,7 +1229,11 @@ bool MirrorDevice::Impl::CommitOnce() {
       }
       if (L.record_dirty) {
         L.record_dirty = false;
-        b.legs.push_back(LegRecord{s, L.generation, L.state, L.describe});
+        LegRecord lr{s, L.generation, L.state, L.describe, {}, {}};
+        for (const auto& g : L.history) lr.history += (lr.history.empty() ? "" : ",") + g;
+        if (L.state != LegState::kUpToDate && L.state != LegState::kResyncing)
+          lr.reason = LegReasonName(L.reason);
+        b.legs.push_back(std::move(lr));
       }
       if (L.checkpoint_dirty) {
         L.checkpoint_dirty = false;
@@ -956,6 +1247,8 @@ bool MirrorDevice::Impl::CommitOnce() {
     seq = ++commits_started_;
   }
   Status st = b.empty() ? Status::OK() : store_->Commit(b);
+  // Rotated generations reach the headers before any write waiting for this commit completes.
+  if (st.ok() && rewrite) WriteRotatedHeaders(rewrite);
   Ctx* released = nullptr;
   Ctx* failed = nullptr;
   {
@@ -1680,6 +1973,311 @@ Status MirrorDevice::Impl::StartLegResyncLocked(int slot, bool full) {
   return Status::OK();
 }
 
+// ---- identity: headers, connect checks, claims, generations ----
+//
+// Every attached leg carries a ConnectCheck over its header block: a reconnecting device runs
+// it before any request goes out on a new connection.  verify() judges the header against
+// exp_[slot] (copied under ident_mu_, never waits for I/O); a mismatch fails the leg inside
+// rejected() before the connection is admitted.  The identity thread re-reads every header at
+// each lease renewal too (devices that cannot run checks, and claims taken by another host),
+// and gives blank replacements a new generation and a full resync.
+
+Expect MirrorDevice::Impl::ExpectOf(int slot) {
+  std::lock_guard<std::mutex> l(ident_mu_);
+  return exp_[slot];
+}
+
+void MirrorDevice::Impl::PublishExpectLocked(int slot) {
+  std::lock_guard<std::mutex> l(ident_mu_);
+  Expect& e = exp_[slot];
+  e.array_id = id_;
+  e.slot = slot;
+  e.generation = legs_[slot].generation;
+  e.history = legs_[slot].history;
+  e.host_id = opts_.host_id;
+}
+
+LegHeader MirrorDevice::Impl::HeaderForLocked(int slot, bool claim) const {
+  const Leg& L = legs_[slot];
+  LegHeader h;
+  h.array_id = id_;
+  h.generation = L.generation;
+  h.slot = static_cast<std::uint32_t>(slot);
+  h.region_size = region_size_;
+  h.array_size = array_size_;
+  h.history = L.history;
+  h.epoch = epoch_;
+  h.clean = !claim && closed_clean_ ? 1 : 0;
+  if (claim && claims()) {
+    h.owner_id = opts_.host_id;
+    h.owner_name = opts_.host_name;
+    h.lease_expiry_ms = WallMs() + opts_.lease_ms;
+  }
+  return h;
+}
+
+void MirrorDevice::Impl::NewGenerationLocked(int slot, bool continues) {
+  Leg& L = legs_[slot];
+  if (!L.generation.empty()) L.history.insert(L.history.begin(), (continues ? "" : "!") + L.generation);
+  if (L.history.size() > static_cast<std::size_t>(kHistory)) L.history.resize(kHistory);
+  L.generation = NewUuid();
+  L.record_dirty = true;
+  dirty_ = true;
+  PublishExpectLocked(slot);  // before the header is written: a reconnect in between is judged right
+}
+
+void MirrorDevice::Impl::SetReasonLocked(int slot, LegReason r, std::string text) {
+  Leg& L = legs_[slot];
+  // An identity reason is not hidden by the I/O errors it causes (queued requests fail first).
+  if ((r == LegReason::kIoError || r == LegReason::kUnreachable) && L.reason >= LegReason::kBlank &&
+      L.state != LegState::kUpToDate && L.state != LegState::kResyncing)
+    return;
+  if (text.empty() && r != LegReason::kNone) text = LegReasonName(r);
+  if (L.reason != r || L.reason_text != text) L.record_dirty = true;
+  if (r >= LegReason::kBlank && (L.reason != r || L.reason_text != text)) {
+    std::time_t t = static_cast<std::time_t>(WallMs() / 1000);
+    char when[32] = "?";
+    struct tm tmv;
+    if (gmtime_r(&t, &tmv)) std::strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S UTC", &tmv);
+    L.identity_event = std::string(when) + ": " + text +
+                       (r == LegReason::kBlank ? " -> new generation, full resync" : " -> failed");
+    ++L.identity_events;
+  }
+  L.reason = r;
+  L.reason_text = std::move(text);
+}
+
+void MirrorDevice::Impl::InstallCheck(int slot, BlockDevice* dev) {
+  Leg& L = legs_[slot];
+  if (L.check_dev == dev) return;
+  if (L.check_dev) RemoveCheck(slot);
+  L.strict.store(false);
+  L.check_arg = Leg::CheckArg{this, slot};
+  ConnectCheck c;
+  c.offset = LegDataBytes(dev->Info());
+  c.length = kLegHeaderBytes;
+  c.verify = &Impl::VerifyCb;
+  c.rejected = &Impl::RejectedCb;
+  c.arg = &L.check_arg;
+  if (dev->SetConnectCheck(c)) L.check_dev = dev;
+}
+
+void MirrorDevice::Impl::RemoveCheck(int slot) {
+  Leg& L = legs_[slot];
+  if (!L.check_dev) return;
+  (void)L.check_dev->SetConnectCheck(ConnectCheck{});
+  L.check_dev = nullptr;
+  L.strict.store(false);
+}
+
+Status MirrorDevice::Impl::VerifyCb(void* arg, const char* data, std::uint32_t len) {
+  auto* a = static_cast<Leg::CheckArg*>(arg);
+  Impl* self = a->self;
+  Leg& L = self->legs_[a->slot];
+  L.connects.fetch_add(1);
+  if (!L.strict.load()) return Status::OK();  // attaching: the attacher reads the header itself
+  auto h = ParseHeader(data, len);
+  std::lock_guard<std::mutex> l(self->ident_mu_);
+  std::string why;
+  LegReason r = Judge(h, self->exp_[a->slot], /*running=*/true, &why);
+  if (r == LegReason::kNone) return Status::OK();
+  L.check_reason.store(static_cast<int>(r));
+  L.check_text = why;
+  return Status::IoError(why);
+}
+
+void MirrorDevice::Impl::RejectedCb(void* arg, const Status& why) {
+  auto* a = static_cast<Leg::CheckArg*>(arg);
+  Impl* self = a->self;
+  Leg& L = self->legs_[a->slot];
+  auto r = static_cast<LegReason>(L.check_reason.exchange(0));
+  std::string text;
+  {
+    std::lock_guard<std::mutex> l(self->ident_mu_);
+    text = r == LegReason::kNone ? "header unreadable on reconnect: " + why.ToString() : L.check_text;
+  }
+  if (r == LegReason::kNone) r = LegReason::kUnreachable;
+  std::lock_guard<std::mutex> l(self->mu_);
+  if (L.state == LegState::kEmpty || L.state == LegState::kDetached) return;
+  // Not read from any more.  Another identity: nothing on it can be trusted (full resync once
+  // re-added); a blank one is re-initialised at once.
+  if (r >= LegReason::kBlank) self->MarkOosLocked(a->slot, 0, self->regions_);
+  self->FailLegLocked(a->slot, r, text);
+  if (r == LegReason::kBlank) {
+    L.reinit = true;
+    self->ident_kick_ = true;
+    self->ident_cv_.notify_one();
+  }
+}
+
+void MirrorDevice::Impl::NoteOwner(int slot, const LegHeader& h) {
+  std::lock_guard<std::mutex> l(ident_mu_);
+  legs_[slot].owner_id = h.owner_id;
+  legs_[slot].owner_name = h.owner_name;
+  legs_[slot].lease_expiry_ms = h.lease_expiry_ms;
+}
+
+LegReason MirrorDevice::Impl::JudgeAttach(int slot, BlockDevice& dev, std::string* why) {
+  auto h = ReadHeader(dev);
+  LegReason r = Judge(h, ExpectOf(slot), /*running=*/false, why);
+  if (h.ok()) NoteOwner(slot, h.value());
+  if (h.ok() && r == LegReason::kNone) {
+    std::lock_guard<std::mutex> l(mu_);
+    epoch_ = std::max(epoch_, h->epoch);
+  }
+  return r;
+}
+
+void MirrorDevice::Impl::WriteRotatedHeaders(std::uint32_t mask) {
+  std::lock_guard<std::mutex> hl(hdr_mu_);
+  for (int s = 0; s < nslots_; ++s) {
+    if (!(mask & (1u << s))) continue;
+    std::shared_ptr<BlockDevice> dev;
+    LegHeader h;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      hdr_rewrite_ &= ~(1u << s);
+      if (legs_[s].state != LegState::kUpToDate && legs_[s].state != LegState::kResyncing) continue;
+      dev = legs_[s].dev;
+      h = HeaderForLocked(s, true);
+    }
+    if (!dev) continue;
+    Status ws = WriteHeader(*dev, h);
+    if (!ws.ok()) {
+      std::lock_guard<std::mutex> l(mu_);
+      MarkOosLocked(s, 0, regions_);  // its header lags: only a full resync makes it trustworthy
+      FailLegLocked(s, LegReason::kIoError, ws.ToString());
+    }
+  }
+}
+
+// One identity round: re-read every header in service, judge it, renew our claim.
+void MirrorDevice::Impl::CheckAndRenew() {
+  std::lock_guard<std::mutex> hl(hdr_mu_);
+  for (int s = 0; s < kMaxLegs; ++s) {
+    std::shared_ptr<BlockDevice> dev;
+    LegHeader mine;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (s >= nslots_ || stopping_ident_) break;
+      Leg& L = legs_[s];
+      if (!L.dev || (L.state != LegState::kUpToDate && L.state != LegState::kResyncing)) continue;
+      dev = L.dev;
+      mine = HeaderForLocked(s, true);
+    }
+    std::string why;
+    const std::int64_t t_leg = NowNs();
+    auto h = ReadHeader(*dev);
+    LegReason r = Judge(h, ExpectOf(s), /*running=*/true, &why);
+    Status ws;
+    if (r == LegReason::kNone && claims()) ws = WriteHeader(*dev, mine);
+    std::lock_guard<std::mutex> l(mu_);
+    Leg& L = legs_[s];
+    if (L.dev != dev || (L.state != LegState::kUpToDate && L.state != LegState::kResyncing)) continue;
+    if (h.ok()) NoteOwner(s, h.value());
+    if (r == LegReason::kNone && ws.ok()) {
+      if (claims()) NoteOwner(s, mine);
+      NoteLease(s, t_leg);
+      continue;
+    }
+    if (r == LegReason::kNone) {
+      r = LegReason::kIoError;
+      why = ws.ToString();
+    }
+    if (r >= LegReason::kBlank) MarkOosLocked(s, 0, regions_);
+    FailLegLocked(s, r, why);
+    if (r == LegReason::kBlank) L.reinit = true;
+  }
+}
+
+// Blank replacements found by a check: new generation and header, then a full resync.  Runs on
+// the identity thread only (never in a device callback); the daemon's re-add skips blank legs.
+void MirrorDevice::Impl::ReinitLegs() {
+  std::lock_guard<std::mutex> hl(hdr_mu_);
+  for (int s = 0; s < kMaxLegs; ++s) {
+    std::shared_ptr<BlockDevice> dev;
+    LegHeader h;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (s >= nslots_) break;
+      Leg& L = legs_[s];
+      if (!L.reinit) continue;
+      if (!L.dev || L.state != LegState::kFailed || L.reason != LegReason::kBlank ||
+          L.pending.load() != 0) {
+        L.reinit = L.dev && L.state == LegState::kFailed && L.reason == LegReason::kBlank;
+        continue;  // busy: next round
+      }
+      NewGenerationLocked(s);
+      dev = L.dev;
+      h = HeaderForLocked(s, true);
+    }
+    const std::int64_t t_claim = NowNs();
+    Status ws = WriteHeader(*dev, h);
+    std::lock_guard<std::mutex> l(mu_);
+    Leg& L = legs_[s];
+    if (!ws.ok() || L.dev != dev || !L.reinit) continue;  // retried next round
+    NoteLease(s, t_claim);
+    NoteOwner(s, h);
+    L.reinit = false;
+    SetReasonLocked(s, LegReason::kNone, {});
+    (void)StartLegResyncLocked(s, /*full=*/true);
+  }
+}
+
+void MirrorDevice::Impl::AdmitLeaseWaiters() {
+  Ctx* list = nullptr;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    Ctx** tail = &list;
+    while (Ctx* c = lease_waiters_.Pop()) {
+      *tail = c;
+      c->next = nullptr;
+      tail = &c->next;
+    }
+  }
+  AdmitList(list);
+}
+
+void MirrorDevice::Impl::IdentityLoop() {
+  const auto period = std::chrono::milliseconds(std::max<std::uint32_t>(opts_.renew_ms, 10));
+  auto next = Clock::now() + period;
+  for (;;) {
+    bool reinit = false, kicked = false;
+    {
+      std::unique_lock<std::mutex> l(mu_);
+      ident_cv_.wait_until(l, next, [&] { return stopping_ident_ || ident_kick_; });
+      if (stopping_ident_) return;
+      kicked = ident_kick_;
+      ident_kick_ = false;
+      for (int s = 0; s < nslots_; ++s) reinit = reinit || legs_[s].reinit;
+    }
+    if (reinit) ReinitLegs();
+    if (kicked || Clock::now() >= next) {
+      CheckAndRenew();
+      next = Clock::now() + period;
+    }
+    AdmitLeaseWaiters();
+  }
+}
+
+// Clean shutdown: the headers keep our identity but no claim, so another host may take over.
+void MirrorDevice::Impl::ReleaseClaims() {
+  if (!claims()) return;
+  std::lock_guard<std::mutex> hl(hdr_mu_);
+  for (int s = 0; s < nslots_; ++s) {
+    std::shared_ptr<BlockDevice> dev;
+    LegHeader h;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      Leg& L = legs_[s];
+      if (!L.dev || (L.state != LegState::kUpToDate && L.state != LegState::kResyncing)) continue;
+      dev = L.dev;
+      h = HeaderForLocked(s, false);
+    }
+    if (WriteHeader(*dev, h).ok()) NoteOwner(s, h);
+  }
+}
+
 void MirrorDevice::Impl::Shutdown(bool orderly) {
   if (crashed_) orderly = false;
   {
@@ -1690,6 +2288,13 @@ void MirrorDevice::Impl::Shutdown(bool orderly) {
     resync_cv_.notify_all();
   }
   if (resync_.joinable()) resync_.join();
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    stopping_ident_ = true;
+    ident_cv_.notify_all();
+  }
+  if (ident_.joinable()) ident_.join();
+  if (orderly) AdmitLeaseWaiters();  // a clean close still writes them (under our claim)
   NotifyVerifyDone();  // a verify the stop ended
   if (orderly) {
     // Wait for in-flight writes and waiting writes to finish.
@@ -1714,6 +2319,7 @@ void MirrorDevice::Impl::Shutdown(bool orderly) {
       if (d->Info().can_flush && !FlushSync(*d).ok()) flushed = false;
     {
       std::lock_guard<std::mutex> l(mu_);
+      closed_clean_ = flushed;
       if (flushed) {
         intent_.ForEachRun([&](std::uint64_t a, std::uint64_t b) {
           for (std::uint64_t r = a; r < b; ++r) MarkIntentChunkLocked(r);
@@ -1739,7 +2345,10 @@ void MirrorDevice::Impl::Shutdown(bool orderly) {
   if (orderly) {
     stopping_writer_ = false;  // let CommitOnce's waiters logic run normally
     CommitOnce();
+    ReleaseClaims();
   }
+  // No connect check may run into a closed mirror.
+  for (int s = 0; s < kMaxLegs; ++s) RemoveCheck(s);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1779,6 +2388,19 @@ Result<std::shared_ptr<MirrorDevice>> MirrorDevice::Create(std::vector<std::shar
   if (size == 0) return Status::InvalidArgument("mirror: a leg is too small");
   ArrayRecord rec;
   rec.id = array_id.empty() ? NewUuid() : array_id;
+  // A leg held by another host, or (unless forced) carrying another array's header, is refused.
+  for (auto& l : legs) {
+    auto h = ReadHeader(*l);
+    if (!h.ok() && !h.status().IsNotFound()) return h.status();
+    if (!h.ok()) continue;
+    if (!opts.host_id.empty() && !h->owner_id.empty() && h->owner_id != opts.host_id &&
+        h->lease_expiry_ms > WallMs())
+      return Status::Busy("leg " + l->Describe() + " is " + ClaimText(*h));
+    if (h->array_id != rec.id && !opts.force_create)
+      return Status::Exists("leg " + l->Describe() + " carries the header of array " + h->array_id +
+                            " (slot " + std::to_string(h->slot) +
+                            "); it may still belong to it (force to overwrite)");
+  }
   rec.name = opts.name;
   rec.kind = "mirror";
   rec.size = size;
@@ -1790,7 +2412,12 @@ Result<std::shared_ptr<MirrorDevice>> MirrorDevice::Create(std::vector<std::shar
     lr.generation = NewUuid();
     lr.state = (i == 0 || opts.assume_clean) ? LegState::kUpToDate : LegState::kResyncing;
     lr.describe = legs[i]->Describe();
-    LegHeader h{rec.id, lr.generation, static_cast<std::uint32_t>(i), opts.region_size, size};
+    LegHeader h;
+    h.array_id = rec.id;
+    h.generation = lr.generation;
+    h.slot = static_cast<std::uint32_t>(i);
+    h.region_size = opts.region_size;
+    h.array_size = size;
     DST_RETURN_IF_ERROR(WriteHeader(*legs[i], h));
     rec.legs.push_back(lr);
   }
@@ -1807,6 +2434,83 @@ Result<std::shared_ptr<MirrorDevice>> MirrorDevice::Create(std::vector<std::shar
     DST_RETURN_IF_ERROR(store->Commit(b));
   }
   return Assemble(rec.id, std::move(legs), std::move(store), opts);
+}
+
+Result<std::pair<std::string, std::vector<std::shared_ptr<BlockDevice>>>> MirrorDevice::Import(
+    std::vector<std::shared_ptr<BlockDevice>> legs, std::shared_ptr<DirtyMapStore> store,
+    const MirrorOptions& opts) {
+  if (legs.empty() || legs.size() > static_cast<std::size_t>(kMaxLegs))
+    return Status::InvalidArgument("mirror import: needs 1.." + std::to_string(kMaxLegs) + " legs");
+  if (!store) return Status::InvalidArgument("mirror: no store");
+  std::vector<LegHeader> hs;
+  for (auto& l : legs) {
+    if (!l) return Status::InvalidArgument("mirror: null leg");
+    auto h = ReadHeader(*l);
+    if (!h.ok())
+      return h.status().IsNotFound()
+                 ? Status::InvalidArgument("leg " + l->Describe() + " carries no dst leg header")
+                 : h.status();
+    if (!opts.host_id.empty() && !h->owner_id.empty() && h->owner_id != opts.host_id &&
+        h->lease_expiry_ms > WallMs())
+      return Status::Busy("leg " + l->Describe() + " is " + ClaimText(h.value()));
+    if (!hs.empty() && h->array_id != hs.front().array_id)
+      return Status::InvalidArgument("legs belong to different arrays: " + hs.front().array_id +
+                                     " and " + h->array_id + " (" + l->Describe() + ")");
+    hs.push_back(h.value());
+  }
+  std::vector<std::shared_ptr<BlockDevice>> by_slot(kMaxLegs);
+  std::uint64_t max_epoch = 0;
+  for (std::size_t i = 0; i < hs.size(); ++i) {
+    if (hs[i].slot >= static_cast<std::uint32_t>(kMaxLegs) || by_slot[hs[i].slot])
+      return Status::InvalidArgument("leg " + legs[i]->Describe() + ": slot " +
+                                     std::to_string(hs[i].slot) + " is given twice or invalid");
+    by_slot[hs[i].slot] = legs[i];
+    max_epoch = std::max(max_epoch, hs[i].epoch);
+    if (LegDataBytes(legs[i]->Info()) < hs[i].array_size)
+      return Status::InvalidArgument("leg " + legs[i]->Describe() + " is smaller than the array");
+  }
+  bool all_clean = true;
+  int source = -1;
+  for (std::size_t i = 0; i < hs.size(); ++i)
+    if (hs[i].epoch == max_epoch) {
+      all_clean = all_clean && hs[i].clean;
+      if (source < 0 || static_cast<int>(hs[i].slot) < source) source = static_cast<int>(hs[i].slot);
+    }
+  ArrayRecord rec;
+  rec.id = hs.front().array_id;
+  rec.name = opts.name;
+  rec.kind = "mirror";
+  rec.size = hs.front().array_size;
+  rec.region_size = hs.front().region_size;
+  rec.clean = true;  // whatever the intent map would have held is covered by full resyncs below
+  CommitBatch b;
+  b.array_id = rec.id;
+  DirtyMap all(rec.size, rec.region_size);
+  all.SetAll();
+  int nslots = 0;
+  for (auto& h : hs) nslots = std::max(nslots, static_cast<int>(h.slot) + 1);
+  for (int s = 0; s < nslots; ++s) {
+    LegRecord lr;
+    lr.slot = s;
+    lr.state = LegState::kEmpty;
+    for (std::size_t i = 0; i < hs.size(); ++i) {
+      if (static_cast<int>(hs[i].slot) != s) continue;
+      lr.generation = hs[i].generation;
+      for (const auto& g : hs[i].history) lr.history += (lr.history.empty() ? "" : ",") + g;
+      lr.describe = legs[i]->Describe();
+      bool in_sync = s == source || (hs[i].epoch == max_epoch && all_clean);
+      lr.state = in_sync ? LegState::kUpToDate : LegState::kResyncing;
+      if (!in_sync)
+        for (std::uint64_t c = 0; c < all.chunks(); ++c)
+          b.chunks.push_back(MapChunk{s, c, all.ChunkBytes(c)});
+    }
+    rec.legs.push_back(lr);
+  }
+  (void)store->DeleteArray(rec.id);  // an older record of it here (released earlier) is stale
+  DST_RETURN_IF_ERROR(store->PutArray(rec));
+  if (!b.chunks.empty()) DST_RETURN_IF_ERROR(store->Commit(b));
+  by_slot.resize(static_cast<std::size_t>(nslots));
+  return std::make_pair(rec.id, std::move(by_slot));
 }
 
 Result<std::shared_ptr<MirrorDevice>> MirrorDevice::Assemble(const std::string& array_id,
@@ -1839,6 +2543,8 @@ void MirrorDevice::TEST_Crash() {
     impl_->crashed_ = true;
     impl_->stopping_resync_ = true;
     impl_->stopping_writer_ = true;
+    impl_->stopping_ident_ = true;
+    impl_->ident_cv_.notify_all();
     impl_->resync_cv_.notify_all();
     impl_->writer_cv_.notify_all();
     impl_->commit_cv_.notify_all();
@@ -1850,7 +2556,8 @@ void MirrorDevice::TEST_Crash() {
   {
     std::lock_guard<std::mutex> l(impl_->mu_);
     Impl::Ctx** tail = &list;
-    for (Impl::CtxList* q : {&impl_->intent_waiters_, &impl_->window_waiters_, &impl_->down_waiters_}) {
+    for (Impl::CtxList* q : {&impl_->intent_waiters_, &impl_->window_waiters_, &impl_->down_waiters_,
+                             &impl_->lease_waiters_}) {
       while (Impl::Ctx* c = q->Pop()) {
         *tail = c;
         c->next = nullptr;
@@ -1892,7 +2599,7 @@ Status MirrorDevice::FailLeg(int slot) {
   std::lock_guard<std::mutex> l(impl_->mu_);
   if (slot < 0 || slot >= impl_->nslots_ || impl_->legs_[slot].state == LegState::kEmpty)
     return Status::NotFound("no leg in slot " + std::to_string(slot));
-  impl_->FailLegLocked(slot);
+  impl_->FailLegLocked(slot, LegReason::kOperator, "failed by the operator");
   return Status::OK();
 }
 
@@ -1909,9 +2616,12 @@ Status MirrorDevice::DetachLeg(int slot) {
     if (up < 2) return Status::Busy("cannot detach the last up-to-date leg");
     L.state = LegState::kDetached;
     L.prog.leg_state = L.state;
+    impl_->SetReasonLocked(slot, LegReason::kOperator, "detached by the operator");
+    impl_->rotate_pending_ = true;
     impl_->MarkLegDownLocked(slot);
     dev = L.dev;
   }
+  impl_->RemoveCheck(slot);
   // Writes issued before the detach may still land; wait for them, then flush: the leg is a
   // crash-consistent point-in-time image from here on.
   while (impl_->legs_[slot].pending.load() != 0) std::this_thread::sleep_for(std::chrono::microseconds(200));
@@ -1934,13 +2644,30 @@ Result<int> MirrorDevice::AddLeg(std::shared_ptr<BlockDevice> dev) {
     L.oos = DirtyMap(impl_->info_.size, impl_->region_size_);
     L.chunk_dirty.assign(L.oos.chunks(), 0);
     L.state = LegState::kFailed;
-    L.generation = NewUuid();
+    L.generation.clear();
+    L.history.clear();
     L.describe = dev->Describe();
     impl_->nslots_ = std::max(impl_->nslots_, slot + 1);
+    impl_->NewGenerationLocked(slot);
   }
-  LegHeader h{impl_->id_, impl_->legs_[slot].generation, static_cast<std::uint32_t>(slot),
-              impl_->region_size_, impl_->info_.size};
-  Status s = WriteHeader(*dev, h);
+  std::lock_guard<std::mutex> hl(impl_->hdr_mu_);
+  impl_->InstallCheck(slot, dev.get());
+  // A leg another host holds is refused, with the holder named.
+  auto old = ReadHeader(*dev);
+  Status s;
+  if (old.ok() && impl_->claims() && !old->owner_id.empty() && old->owner_id != impl_->opts_.host_id &&
+      old->lease_expiry_ms > WallMs())
+    s = Status::Busy("leg " + dev->Describe() + " is " + ClaimText(*old));
+  LegHeader h;
+  {
+    std::lock_guard<std::mutex> l(impl_->mu_);
+    h = impl_->HeaderForLocked(slot, true);
+  }
+  const std::int64_t t_claim = NowNs();
+  if (s.ok()) s = WriteHeader(*dev, h);
+  if (s.ok()) impl_->NoteOwner(slot, h);
+  if (s.ok()) impl_->NoteLease(slot, t_claim);
+  if (!s.ok()) impl_->RemoveCheck(slot);
   std::lock_guard<std::mutex> l(impl_->mu_);
   auto& L = impl_->legs_[slot];
   if (!s.ok()) {
@@ -1948,13 +2675,22 @@ Result<int> MirrorDevice::AddLeg(std::shared_ptr<BlockDevice> dev) {
     return s;
   }
   L.dev = std::move(dev);
+  L.strict.store(true);
+  impl_->SetReasonLocked(slot, LegReason::kNone, {});
   (void)impl_->StartLegResyncLocked(slot, /*full=*/true);
   return slot;
 }
 
 Status MirrorDevice::ReAddLeg(int slot, std::shared_ptr<BlockDevice> dev) {
+  return ReAddLegImpl(slot, std::move(dev), /*automatic=*/false);
+}
+
+Status MirrorDevice::ReAddLegAuto(int slot, std::shared_ptr<BlockDevice> dev) {
+  return ReAddLegImpl(slot, std::move(dev), /*automatic=*/true);
+}
+
+Status MirrorDevice::ReAddLegImpl(int slot, std::shared_ptr<BlockDevice> dev, bool automatic) {
   if (!dev) return Status::InvalidArgument("null leg");
-  std::string gen;
   {
     std::lock_guard<std::mutex> l(impl_->mu_);
     if (slot < 0 || slot >= impl_->nslots_ || impl_->legs_[slot].state == LegState::kEmpty)
@@ -1963,25 +2699,116 @@ Status MirrorDevice::ReAddLeg(int slot, std::shared_ptr<BlockDevice> dev) {
     if (L.state != LegState::kFailed && L.state != LegState::kDetached)
       return Status::Busy("leg " + std::to_string(slot) + " is " + LegStateName(L.state));
     if (L.pending.load() != 0) return Status::Busy("leg still has I/O in flight");
-    gen = L.generation;
+    if (automatic && (LegReasonNeedsOperator(L.reason) || L.reason == LegReason::kBlank))
+      return Status::Busy("leg " + std::to_string(slot) + " needs the operator: " + L.reason_text);
   }
   if (LegDataBytes(dev->Info()) < impl_->info_.size)
     return Status::InvalidArgument("leg " + dev->Describe() + " is smaller than the mirror");
-  auto h = ReadHeader(*dev);
-  if (!h.ok() && !h.status().IsNotFound()) return h.status();
-  bool same = h.ok() && h->array_id == impl_->id_ && h->generation == gen;
-  std::string new_gen;
-  if (!same) {
-    new_gen = NewUuid();
-    LegHeader nh{impl_->id_, new_gen, static_cast<std::uint32_t>(slot), impl_->region_size_, impl_->info_.size};
-    DST_RETURN_IF_ERROR(WriteHeader(*dev, nh));
+  std::lock_guard<std::mutex> hl(impl_->hdr_mu_);
+  impl_->InstallCheck(slot, dev.get());
+  std::string why;
+  LegReason r = impl_->JudgeAttach(slot, *dev, &why);
+  if (r == LegReason::kUnreachable || r == LegReason::kClaimed || r == LegReason::kDiverged ||
+      (automatic && LegReasonNeedsOperator(r))) {
+    if (r == LegReason::kUnreachable || r == LegReason::kClaimed) impl_->RemoveCheck(slot);
+    std::lock_guard<std::mutex> l(impl_->mu_);
+    auto& L = impl_->legs_[slot];
+    if (r != LegReason::kUnreachable) impl_->SetReasonLocked(slot, r, why);
+    if (r == LegReason::kClaimed) return Status::Busy("leg " + dev->Describe() + " is " + why);
+    if (r == LegReason::kUnreachable) return Status::Unavailable(why);
+    // Kept attached (failed, no I/O) so that `resolve` can use it; its check stays installed.
+    L.dev = std::move(dev);
+    L.describe = L.dev->Describe();
+    L.strict.store(true);
+    return Status::Busy("leg " + L.describe + ": " + why +
+                        (r == LegReason::kDiverged ? " (end it with: array resolve)" : ""));
+  }
+  const bool same = r == LegReason::kNone;
+  LegHeader h;
+  {
+    std::lock_guard<std::mutex> l(impl_->mu_);
+    if (!same) impl_->SetReasonLocked(slot, r, why);  // recorded as an identity event
+    if (!same) impl_->NewGenerationLocked(slot);  // blank, foreign, older: start over
+    h = impl_->HeaderForLocked(slot, true);
+  }
+  if (!same || impl_->claims()) {
+    impl_->NoteLease(slot, NowNs());
+    Status ws = WriteHeader(*dev, h);
+    if (!ws.ok()) {
+      impl_->RemoveCheck(slot);
+      return ws;
+    }
+    impl_->NoteOwner(slot, h);
   }
   std::lock_guard<std::mutex> l(impl_->mu_);
   auto& L = impl_->legs_[slot];
-  if (!same) L.generation = new_gen;
   L.dev = std::move(dev);
   L.describe = L.dev->Describe();
+  L.reinit = false;
+  L.strict.store(true);
+  impl_->SetReasonLocked(slot, LegReason::kNone, {});
   return impl_->StartLegResyncLocked(slot, /*full=*/!same);
+}
+
+Result<std::vector<ResolveStep>> MirrorDevice::Resolve(int keep, bool dry_run) {
+  std::vector<ResolveStep> steps;
+  {
+    std::lock_guard<std::mutex> l(impl_->mu_);
+    if (keep < 0 || keep >= impl_->nslots_ || impl_->legs_[keep].state == LegState::kEmpty)
+      return Status::NotFound("no leg in slot " + std::to_string(keep));
+    bool split = false;
+    for (int s = 0; s < impl_->nslots_; ++s) split = split || (impl_->legs_[s].state != LegState::kEmpty &&
+                                                               impl_->legs_[s].reason == LegReason::kDiverged);
+    if (!split) return Status::InvalidArgument("array " + impl_->name_ + " has no split brain");
+    if (!impl_->legs_[keep].dev) return Status::Unavailable("leg " + std::to_string(keep) + " is not present");
+    for (int s = 0; s < impl_->nslots_; ++s) {
+      if (impl_->legs_[s].state == LegState::kEmpty) continue;
+      steps.push_back(ResolveStep{s, s == keep, s == keep ? 0 : impl_->info_.size});
+    }
+  }
+  if (dry_run) return steps;
+  std::lock_guard<std::mutex> hl(impl_->hdr_mu_);
+  std::vector<std::pair<std::shared_ptr<BlockDevice>, LegHeader>> writes;
+  {
+    std::lock_guard<std::mutex> l(impl_->mu_);
+    for (int s = 0; s < impl_->nslots_; ++s) {
+      auto& L = impl_->legs_[s];
+      if (L.state == LegState::kEmpty || !L.dev || L.state == LegState::kDetached) continue;
+      impl_->NewGenerationLocked(s, s == keep);  // every side starts anew after the decision
+      writes.emplace_back(L.dev, impl_->HeaderForLocked(s, true));
+    }
+  }
+  const std::int64_t t_claim = NowNs();
+  for (auto& [dev, h] : writes) DST_RETURN_IF_ERROR(WriteHeader(*dev, h));
+  for (int s = 0; s < impl_->nslots_; ++s) impl_->NoteLease(s, t_claim);
+  std::lock_guard<std::mutex> l(impl_->mu_);
+  for (int s = 0; s < impl_->nslots_; ++s) {
+    auto& L = impl_->legs_[s];
+    if (L.state == LegState::kEmpty) continue;
+    L.reinit = false;
+    if (s == keep) {
+      L.oos.ClearAll();
+      std::fill(L.chunk_dirty.begin(), L.chunk_dirty.end(), 1);
+      L.strict.store(true);
+      impl_->SetReasonLocked(s, LegReason::kNone, {});
+      (void)impl_->StartLegResyncLocked(s, /*full=*/false);  // up to date: the source
+    } else if (L.dev && L.state != LegState::kDetached) {
+      L.strict.store(true);
+      impl_->SetReasonLocked(s, LegReason::kNone, {});
+      (void)impl_->StartLegResyncLocked(s, /*full=*/true);
+    } else {
+      impl_->MarkOosLocked(s, 0, impl_->regions_);
+    }
+  }
+  return steps;
+}
+
+bool MirrorDevice::SplitBrain() const {
+  std::lock_guard<std::mutex> l(impl_->mu_);
+  for (int s = 0; s < impl_->nslots_; ++s)
+    if (impl_->legs_[s].state != LegState::kEmpty && impl_->legs_[s].reason == LegReason::kDiverged)
+      return true;
+  return false;
 }
 
 Status MirrorDevice::RemoveLeg(int slot) {
@@ -1996,7 +2823,11 @@ Status MirrorDevice::RemoveLeg(int slot) {
       for (int s = 0; s < impl_->nslots_; ++s) up += impl_->legs_[s].state == LegState::kUpToDate;
       if (up < 2) return Status::Busy("cannot remove the last up-to-date leg");
     }
+    if (L.state == LegState::kUpToDate) impl_->rotate_pending_ = true;
     L.state = LegState::kEmpty;
+    L.reason = LegReason::kNone;
+    L.reason_text.clear();
+    L.reinit = false;
     L.prog = ResyncProgress();
     L.prog.leg = slot;
     L.prog.leg_state = L.state;
@@ -2006,6 +2837,7 @@ Status MirrorDevice::RemoveLeg(int slot) {
     impl_->RequestCommitLocked();
   }
   while (impl_->legs_[slot].pending.load() != 0) std::this_thread::sleep_for(std::chrono::microseconds(200));
+  impl_->RemoveCheck(slot);
   std::lock_guard<std::mutex> l(impl_->mu_);
   impl_->legs_[slot].dev.reset();
   return Status::OK();
@@ -2024,6 +2856,19 @@ std::vector<LegStatus> MirrorDevice::Legs() const {
     ls.describe = L.describe;
     ls.out_of_sync_bytes = L.oos.DirtyBytes();
     ls.pending = L.pending.load();
+    if (L.state != LegState::kUpToDate && L.state != LegState::kResyncing) {
+      ls.reason = L.reason;
+      ls.reason_text = L.reason_text;
+    }
+    ls.history = L.history;
+    ls.identity_event = L.identity_event;
+    ls.identity_events = L.identity_events;
+    {
+      std::lock_guard<std::mutex> il(impl_->ident_mu_);
+      ls.owner_id = L.owner_id;
+      ls.owner_name = L.owner_name;
+      ls.lease_expiry_ms = L.lease_expiry_ms;
+    }
     v.push_back(std::move(ls));
   }
   return v;

@@ -1,7 +1,8 @@
 // SqliteDirtyMapStore: see dirty_map_store.h.  Schema (all tables prefixed dst_ so the daemon's
 // state database can hold them next to its own tables):
 //   dst_arrays(id PK, name, kind, size, region_size, clean)
-//   dst_legs(array_id, slot, generation, state, describe; PK(array_id, slot))
+//   dst_legs(array_id, slot, generation, state, describe, history, reason; PK(array_id, slot))
+//     (history and reason were added later: ALTER TABLE on open, empty for old rows)
 //   dst_map_chunks(array_id, map, chunk, bits BLOB; PK(array_id, map, chunk))  map -1 = intent
 //   dst_resync(array_id, slot, next_offset, bytes_done, bytes_total; PK(array_id, slot))
 #include <sqlite3.h>
@@ -67,6 +68,11 @@ class SqliteDirtyMapStore::Impl {
         " bits BLOB, PRIMARY KEY(array_id, map, chunk));"
         "CREATE TABLE IF NOT EXISTS dst_resync(array_id TEXT, slot INTEGER, next_offset INTEGER,"
         " bytes_done INTEGER, bytes_total INTEGER, PRIMARY KEY(array_id, slot));"));
+    // Columns added after the first release: add them to an older database.
+    for (const char* col : {"history", "reason"}) {
+      std::string sql = std::string("ALTER TABLE dst_legs ADD COLUMN ") + col + " TEXT DEFAULT ''";
+      if (!HasColumn("dst_legs", col)) DST_RETURN_IF_ERROR(Exec(sql.c_str()));
+    }
     DST_RETURN_IF_ERROR(Prepare(
         "INSERT OR REPLACE INTO dst_map_chunks(array_id, map, chunk, bits) VALUES(?,?,?,?)",
         &put_chunk_));
@@ -77,8 +83,8 @@ class SqliteDirtyMapStore::Impl {
         " VALUES(?,?,?,?,?)",
         &put_cp_));
     DST_RETURN_IF_ERROR(Prepare(
-        "INSERT OR REPLACE INTO dst_legs(array_id, slot, generation, state, describe)"
-        " VALUES(?,?,?,?,?)",
+        "INSERT OR REPLACE INTO dst_legs(array_id, slot, generation, state, describe, history,"
+        " reason) VALUES(?,?,?,?,?,?,?)",
         &put_leg_));
     DST_RETURN_IF_ERROR(Prepare("UPDATE dst_arrays SET clean=? WHERE id=?", &set_clean_));
     return Status::OK();
@@ -98,7 +104,22 @@ class SqliteDirtyMapStore::Impl {
     sqlite3_bind_text(put_leg_, 3, leg.generation.c_str(), -1, SQLITE_TRANSIENT);
     sqlite3_bind_text(put_leg_, 4, LegStateName(leg.state), -1, SQLITE_STATIC);
     sqlite3_bind_text(put_leg_, 5, leg.describe.c_str(), -1, SQLITE_TRANSIENT);
+    sqlite3_bind_text(put_leg_, 6, leg.history.c_str(), -1, SQLITE_TRANSIENT);
+    sqlite3_bind_text(put_leg_, 7, leg.reason.c_str(), -1, SQLITE_TRANSIENT);
     return Step(put_leg_);
+  }
+
+  bool HasColumn(const char* table, const char* col) {
+    sqlite3_stmt* st = nullptr;
+    std::string sql = std::string("PRAGMA table_info(") + table + ")";
+    if (sqlite3_prepare_v2(db_, sql.c_str(), -1, &st, nullptr) != SQLITE_OK) return false;
+    bool found = false;
+    while (sqlite3_step(st) == SQLITE_ROW) {
+      const unsigned char* n = sqlite3_column_text(st, 1);
+      if (n && std::string(reinterpret_cast<const char*>(n)) == col) found = true;
+    }
+    sqlite3_finalize(st);
+    return found;
   }
 
   // Runs fn inside BEGIN IMMEDIATE ... COMMIT; rolls back on error.
@@ -190,7 +211,8 @@ Result<ArrayRecord> SqliteDirtyMapStore::GetArray(const std::string& id) {
   sqlite3_finalize(st);
   st = nullptr;
   s = impl_->Prepare(
-      "SELECT slot, generation, state, describe FROM dst_legs WHERE array_id=? ORDER BY slot", &st);
+      "SELECT slot, generation, state, describe, history, reason FROM dst_legs WHERE array_id=?"
+      " ORDER BY slot", &st);
   if (!s.ok()) return s;
   sqlite3_bind_text(st, 1, id.c_str(), -1, SQLITE_TRANSIENT);
   while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
@@ -199,6 +221,8 @@ Result<ArrayRecord> SqliteDirtyMapStore::GetArray(const std::string& id) {
     leg.generation = text(st, 1);
     if (!ParseLegState(text(st, 2), &leg.state)) leg.state = LegState::kFailed;
     leg.describe = text(st, 3);
+    leg.history = text(st, 4);
+    leg.reason = text(st, 5);
     rec.legs.push_back(std::move(leg));
   }
   sqlite3_finalize(st);

@@ -214,8 +214,8 @@ int main(int argc, char** argv) {
   arr->require_subcommand(1);
   std::string level, region_size, leg, rate_min, rate_max;
   std::vector<std::string> legs;
-  bool assume_clean = false, dry_run = false, test = false;
-  int slot = -1;
+  bool assume_clean = false, dry_run = false, test = false, force = false;
+  int slot = -1, keep = -1;
   auto* arr_create = arr->add_subcommand("create", "Create a mirror or linear array");
   arr_create->add_option("NAME", name, "Array name")->required();
   arr_create->add_option("--level", level, "mirror or linear")->required()
@@ -227,6 +227,9 @@ int main(int argc, char** argv) {
   arr_create->add_option("--resync-rate-min", rate_min, "Resync floor while busy (default 10M)");
   arr_create->add_option("--resync-rate-max", rate_max, "Resync ceiling when idle (default 200M)");
   arr_create->add_flag("--assume-clean", assume_clean, "Legs are identical: skip the initial sync");
+  arr_create->add_flag("--force", force,
+                       "Overwrite legs that carry another array's header (never a leg another "
+                       "host holds a live claim on)");
   auto* arr_list = arr->add_subcommand("list", "List arrays");
   auto* arr_rm = arr->add_subcommand("remove", "Stop an array cleanly and forget it (refused while in use)");
   arr_rm->add_option("NAME", name, "Array name")->required();
@@ -237,7 +240,7 @@ int main(int argc, char** argv) {
   arr_grow->add_option("NAME", name, "Array name")->required();
   arr_grow->add_option("LEG", leg, "Leg spec")->required();
   auto* arr_fail = arr->add_subcommand("fail-leg", "Mark a mirror leg failed");
-  auto* arr_rmleg = arr->add_subcommand("remove-leg", "Remove a failed or detached mirror leg");
+  auto* arr_rmleg = arr->add_subcommand("remove-leg", "Remove a failed or detached mirror leg (--force: an up-to-date one)");
   auto* arr_readd = arr->add_subcommand("re-add-leg", "Re-add a leg (partial resync if it is the same leg)");
   auto* arr_detach = arr->add_subcommand("detach-leg", "Detach a mirror leg as a point-in-time snapshot");
   for (auto* sc : {arr_fail, arr_rmleg, arr_readd, arr_detach}) {
@@ -245,6 +248,21 @@ int main(int argc, char** argv) {
     sc->add_option("SLOT", slot, "Leg slot (see dstctl detail)")->required()->check(CLI::NonNegativeNumber);
   }
   arr_readd->add_option("LEG", leg, "A different device for this slot (full resync)");
+  for (auto* sc : {arr_fail, arr_rmleg, arr_detach})
+    sc->add_flag("--force", force, "Also act on an up-to-date leg / the last up-to-date leg");
+  auto* arr_resolve = arr->add_subcommand(
+      "resolve", "End a split brain: keep one leg's data, resync the others from it");
+  arr_resolve->add_option("NAME", name, "Array name")->required();
+  arr_resolve->add_option("--keep", keep, "Slot whose data is kept")->required()
+      ->check(CLI::NonNegativeNumber);
+  arr_resolve->add_flag("-n,--dry-run", dry_run, "Show what would be overwritten; change nothing");
+  auto* arr_import = arr->add_subcommand(
+      "import", "Take over a released mirror from its legs (headers name the array and slots)");
+  arr_import->add_option("NAME", name, "Array name on this host")->required();
+  arr_import->add_option("LEG", legs, "Leg specs, any order")->required();
+  auto* arr_release = arr->add_subcommand(
+      "release", "Stop a mirror here cleanly and release its legs' claims (hand-over to another host)");
+  arr_release->add_option("NAME", name, "Array name")->required();
   auto* arr_rate = arr->add_subcommand("resync-rate", "Change the resync rate limits live");
   arr_rate->add_option("NAME", name, "Array name")->required();
   arr_rate->add_option("--min", rate_min, "Floor while application I/O is active (e.g. 10M)");
@@ -276,7 +294,8 @@ int main(int argc, char** argv) {
 
   for (auto* sc : {exp_add, exp_list, exp_rm, vol_imp, vol_list, vol_rm, mnt, umnt, status,
                    arr_create, arr_list, arr_rm, arr_add, arr_grow, arr_fail, arr_rmleg,
-                   arr_readd, arr_detach, arr_rate, arr_verify, detail, apply, events})
+                   arr_readd, arr_detach, arr_rate, arr_verify, arr_resolve, arr_release, arr_import, detail,
+                   apply, events})
     sc->add_flag("-j,--json", as_json, "Print the raw JSON result");
 
   try {
@@ -356,6 +375,7 @@ int main(int argc, char** argv) {
     else std::fputs(ctl::RenderStatus(result).c_str(), stdout);
   } else if (arr_create->parsed()) {
     json p{{"name", name}, {"level", level}, {"legs", json::array()}, {"assume_clean", assume_clean}};
+    if (force) p["force"] = true;
     for (auto& l : legs) p["legs"].push_back(LegSpec(l));
     if (!region_size.empty()) p["region_size"] = region_size;
     if (!rate_min.empty()) p["resync_rate_min"] = rate_min;
@@ -382,9 +402,32 @@ int main(int argc, char** argv) {
                   : arr_readd->parsed() ? "array.readd_leg" : "array.detach_leg";
     json p{{"name", name}, {"slot", slot}};
     if (!leg.empty()) p["leg"] = LegSpec(leg);
+    if (force) p["force"] = true;
     if ((rc = Call(socket, m, p, &result)) != 0) return rc;
     print_array(arr_fail->parsed() ? "leg failed" : arr_rmleg->parsed() ? "leg removed"
                 : arr_readd->parsed() ? "leg re-added" : "leg detached");
+  } else if (arr_resolve->parsed()) {
+    json p{{"name", name}, {"keep", keep}, {"dry_run", dry_run}};
+    if ((rc = Call(socket, "array.resolve", p, &result)) != 0) return rc;
+    if (as_json) {
+      PrintJson(result);
+    } else {
+      std::printf("array %s: %skeep leg %d\n", name.c_str(), dry_run ? "dry run: would " : "", keep);
+      for (auto& l : result.value("legs", json::array()))
+        if (!l.value("keep", false))
+          std::printf("  leg %d (%s): %s %s (full resync from leg %d)\n", l.value("slot", -1),
+                      l.value("spec", std::string()).c_str(), dry_run ? "would overwrite" : "overwriting",
+                      ctl::FormatSize(l.value("bytes_overwritten", std::uint64_t{0})).c_str(), keep);
+    }
+  } else if (arr_import->parsed()) {
+    json p{{"name", name}, {"legs", json::array()}};
+    for (auto& l : legs) p["legs"].push_back(LegSpec(l));
+    if ((rc = Call(socket, "array.import", p, &result)) != 0) return rc;
+    print_array("imported");
+  } else if (arr_release->parsed()) {
+    if ((rc = Call(socket, "array.release", json{{"name", name}}, &result)) != 0) return rc;
+    if (as_json) PrintJson(result);
+    else std::printf("array %s released (claims cleared; import it on another host)\n", name.c_str());
   } else if (arr_rate->parsed()) {
     if (rate_min.empty() && rate_max.empty())
       return Fail(ctl::kExUsage, "array resync-rate: give --min and/or --max");

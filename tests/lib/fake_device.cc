@@ -182,4 +182,34 @@ void FakeDevice::WaitIdle() {
   while (in_flight_.load() != 0) std::this_thread::sleep_for(std::chrono::microseconds(100));
 }
 
+bool FakeDevice::SetConnectCheck(const ConnectCheck& check) {
+  if (!o_.reconnects) return false;
+  std::lock_guard<std::mutex> l(check_mu_);  // waits for a running callback
+  check_ = check.verify ? check : ConnectCheck{};
+  return true;
+}
+
+bool FakeDevice::HasConnectCheck() const {
+  std::lock_guard<std::mutex> l(check_mu_);
+  return check_.verify != nullptr;
+}
+
+void FakeDevice::SetContents(std::vector<char> bytes) {
+  bytes.resize(o_.size, 0);
+  std::lock_guard<std::mutex> l(data_mu_);
+  data_ = std::move(bytes);
+}
+
+Status FakeDevice::Reconnect() {
+  std::lock_guard<std::mutex> l(check_mu_);
+  if (!check_.verify) return Status::OK();
+  std::vector<char> buf(check_.length);
+  Peek(check_.offset, buf.data(), buf.size());
+  Status st = check_.verify(check_.arg, buf.data(), check_.length);
+  if (st.ok()) return st;
+  DropHeld();  // requests waiting for this connection fail
+  if (check_.rejected) check_.rejected(check_.arg, st);
+  return st;
+}
+
 }  // namespace dst::test

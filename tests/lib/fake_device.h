@@ -32,6 +32,7 @@ struct FakeDeviceOptions {
   bool can_trim = true;
   bool can_write_zeroes = true;
   std::string name = "fake";
+  bool reconnects = false;  // accepts a ConnectCheck (as a network device does); see Reconnect()
 };
 
 class FakeDevice : public BlockDevice {
@@ -55,6 +56,16 @@ class FakeDevice : public BlockDevice {
   int DropHeld();
   // Called in Submit() before the request is handled (any thread).
   void SetOnSubmit(std::function<void(const IoRequest&)> fn);
+
+  // Reconnecting devices (opts.reconnects): SetConnectCheck stores the check; Reconnect() acts
+  // as a new connection to a peer that now serves the current contents: it runs verify() on the
+  // checked range and, on an error, fails every held (queued) request with EIO and calls
+  // rejected().  Returns verify()'s answer (OK without a check).
+  bool SetConnectCheck(const ConnectCheck& check) override;
+  Status Reconnect();
+  bool HasConnectCheck() const;
+  // Replaces the whole contents (e.g. a blank or foreign image behind the same address).
+  void SetContents(std::vector<char> bytes);
 
   // Direct access to the backing bytes (bypasses counters and failures).
   std::vector<char> Contents() const;
@@ -86,6 +97,8 @@ class FakeDevice : public BlockDevice {
   std::mutex hook_mu_;
   std::function<void(const IoRequest&)> on_submit_;
   std::atomic<bool> have_hook_{false};
+  mutable std::mutex check_mu_;  // held while a check callback runs
+  ConnectCheck check_;
 
   std::mutex q_mu_;
   std::condition_variable q_cv_;

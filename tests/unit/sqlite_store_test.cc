@@ -1,6 +1,7 @@
 // Unit tests for SqliteDirtyMapStore: round trip through a reopened database, atomic batches,
 // and a mirror crash/re-assembly over the SQLite store.
 #include <QTemporaryDir>
+#include <sqlite3.h>
 #include <cstring>
 #include <filesystem>
 #include <random>
@@ -28,7 +29,8 @@ class SqliteStoreTest : public QObject {
     rec.kind = "mirror";
     rec.size = std::uint64_t(3) << 30;
     rec.region_size = 65536;
-    rec.legs = {{0, NewUuid(), LegState::kUpToDate, "file /a"}, {1, NewUuid(), LegState::kFailed, "dst://h/b"}};
+    rec.legs = {{0, NewUuid(), LegState::kUpToDate, "file /a", "", ""},
+                {1, NewUuid(), LegState::kFailed, "dst://h/b", "", "foreign"}};
     DirtyMap intent(rec.size, rec.region_size), oos(rec.size, rec.region_size);
     intent.SetRange(12345 * 4096, 3 * 65536);
     oos.SetRange(std::uint64_t(2) << 30, 1 << 20);
@@ -45,7 +47,7 @@ class SqliteStoreTest : public QObject {
           b.chunks.push_back({kIntentMap, c, intent.ChunkBytes(c)});
       for (std::uint64_t c = 0; c < oos.chunks(); ++c) b.chunks.push_back({1, c, oos.ChunkBytes(c)});
       b.checkpoints.push_back({1, 777 * 65536, 5, 10});
-      b.legs.push_back({1, rec.legs[1].generation, LegState::kResyncing, "dst://h/b"});
+      b.legs.push_back({1, rec.legs[1].generation, LegState::kResyncing, "dst://h/b", "g2,!g1", "blank"});
       b.clean = 0;
       QVERIFY(s.Commit(b).ok());
       QCOMPARE(s.commits(), std::uint64_t(1));
@@ -62,6 +64,9 @@ class SqliteStoreTest : public QObject {
       QCOMPARE(got->legs.size(), std::size_t(2));
       QCOMPARE(got->legs[1].state, LegState::kResyncing);
       QCOMPARE(got->legs[1].generation, rec.legs[1].generation);
+      QCOMPARE(got->legs[1].history, std::string("g2,!g1"));  // identity columns round-trip
+      QCOMPARE(got->legs[1].reason, std::string("blank"));
+      QCOMPARE(got->legs[0].reason, std::string(""));
       DirtyMap i2(rec.size, rec.region_size), o2(rec.size, rec.region_size), other(rec.size, rec.region_size);
       QVERIFY(s->LoadMap(rec.id, kIntentMap, &i2).ok());
       QVERIFY(s->LoadMap(rec.id, 1, &o2).ok());
@@ -90,6 +95,36 @@ class SqliteStoreTest : public QObject {
       QVERIFY(s->LoadMap(rec.id, kIntentMap, &i4).ok());
       QVERIFY(i4.Empty());
     }
+  }
+
+  // A database written before dst_legs had history/reason: opened, upgraded, old rows kept.
+  void olderSchemaIsUpgraded() {
+    QTemporaryDir dir;
+    const std::string path = dir.path().toStdString() + "/old.sqlite";
+    sqlite3* db = nullptr;
+    QCOMPARE(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+    QCOMPARE(sqlite3_exec(db,
+                          "CREATE TABLE dst_arrays(id TEXT PRIMARY KEY, name TEXT, kind TEXT,"
+                          " size INTEGER, region_size INTEGER, clean INTEGER);"
+                          "CREATE TABLE dst_legs(array_id TEXT, slot INTEGER, generation TEXT,"
+                          " state TEXT, describe TEXT, PRIMARY KEY(array_id, slot));"
+                          "INSERT INTO dst_arrays VALUES('a1', 'm0', 'mirror', 1048576, 65536, 1);"
+                          "INSERT INTO dst_legs VALUES('a1', 0, 'g0', 'up-to-date', 'file /a');",
+                          nullptr, nullptr, nullptr),
+             SQLITE_OK);
+    sqlite3_close(db);
+    auto st = SqliteDirtyMapStore::Open(path);
+    QVERIFY2(st.ok(), st.ok() ? "" : st.status().ToString().c_str());
+    auto got = st.value()->GetArray("a1");
+    QVERIFY(got.ok());
+    QCOMPARE(got->legs.size(), std::size_t(1));
+    QCOMPARE(got->legs[0].generation, std::string("g0"));
+    QCOMPARE(got->legs[0].history, std::string(""));
+    CommitBatch b;
+    b.array_id = "a1";
+    b.legs.push_back({0, "g1", LegState::kFailed, "file /a", "g0", "foreign"});
+    QVERIFY(st.value()->Commit(b).ok());
+    QCOMPARE(st.value()->GetArray("a1")->legs[0].reason, std::string("foreign"));
   }
 
   void badPathIsAnError() {

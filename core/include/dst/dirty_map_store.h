@@ -43,6 +43,10 @@ struct LegRecord {
   std::string generation;  // random UUID written on the leg header and here
   LegState state = LegState::kUpToDate;
   std::string describe;    // human description of the device last used in this slot
+  // Identity (mirror_device.h "Generations"): earlier generations of this slot, newest first,
+  // comma-separated; and why the leg is out of service ("" when it is not), e.g. "blank".
+  std::string history;
+  std::string reason;
 };
 
 struct ArrayRecord {

@@ -34,15 +34,19 @@
 // transaction than any out-of-sync bit set for those regions.
 //
 // Assembly: a leg whose header matches the stored generation gets a partial resync of its
-// out-of-sync bits (none if it has none); a foreign, blank or replaced leg gets a new generation
-// and a full resync.  After an unclean shutdown the intent map is OR-ed into the out-of-sync maps
+// out-of-sync bits (none if it has none); a blank leg gets a new generation and a full resync;
+// a foreign leg, one of an older generation, one that diverged (split brain) or one claimed by
+// another host with a live lease stays failed with that reason until an explicit ReAddLeg
+// (or Resolve).  The same check runs on every reconnect of a leg (ConnectCheck) and at every
+// lease renewal.  After an unclean shutdown the intent map is OR-ed into the out-of-sync maps
 // of every leg except the first up-to-date one, which becomes the resync source.
 //
 // Threading: Submit/Info are thread-safe and never block on I/O or on SQLite (writes wait for
 // the group commit asynchronously).  Management methods (AddLeg, FailLeg, ...) are thread-safe
 // and may block briefly (header I/O, draining a leg); never call them from a device completion.
-// Two internal threads: the map writer (group commit + lazy clear) and the resync thread (which
-// also runs online verify, so a verify and a resync never overlap).
+// Three internal threads: the map writer (group commit + lazy clear), the resync thread (which
+// also runs online verify, so a verify and a resync never overlap) and the identity thread
+// (lease renewal, periodic header checks, re-initialising blank replacements).
 // No heap allocation per I/O: parent contexts (with inline child requests) come from a pool.
 #pragma once
 
@@ -57,6 +61,24 @@
 
 namespace dst {
 
+// Why a leg is out of service (LegStatus::reason).  The identity reasons (blank and below) come
+// from the leg's header, checked at attach, on every reconnect (ConnectCheck) and at every lease
+// renewal; see "Generations and claims" in docs/architecture.md.
+enum class LegReason : std::uint8_t {
+  kNone = 0,
+  kIoError,          // an I/O error (re-added automatically when the device answers again)
+  kUnreachable,      // the header could not be read (connection down)
+  kOperator,         // fail-leg / detach-leg
+  kBlank,            // no header: a replacement; full resync at once (no operator needed)
+  kForeign,          // another array's (or another slot's) header: explicit re-add
+  kOlderGeneration,  // our array, but a generation this slot left behind: explicit re-add
+  kDiverged,         // written by another assembler after it left us: split brain (resolve)
+  kClaimed,          // another host holds (or took) the lease on it: explicit re-add
+};
+const char* LegReasonName(LegReason r);
+// Identity reasons that only an operator may clear (never re-added automatically).
+bool LegReasonNeedsOperator(LegReason r);
+
 struct MirrorOptions {
   std::string name;                      // for Describe() and the store record
   std::uint32_t region_size = DirtyMap::kDefaultRegionSize;  // bitmap granularity, power of 2
@@ -68,6 +90,15 @@ struct MirrorOptions {
   bool force_assemble = false;           // Assemble(): no up-to-date leg -> take the first present
                                          // leg of ours that is not blank (mdadm --force)
   ResyncOptions resync;
+  // Claims: the assembling host's lease in every leg header.  host_id empty: no claims (tests,
+  // tools); the headers are still re-checked every renew_ms.
+  std::string host_id;
+  std::string host_name;
+  std::uint32_t lease_ms = 15000;
+  std::uint32_t renew_ms = 5000;         // lease renewal and periodic header re-check
+  bool force_create = false;             // Create(): overwrite another array's leg headers
+  bool new_generations = false;          // Assemble(): every leg up starts a new generation
+                                         // (a takeover: see Import())
 };
 
 struct LegStatus {
@@ -77,6 +108,20 @@ struct LegStatus {
   std::string describe;
   std::uint64_t out_of_sync_bytes = 0;
   std::uint32_t pending = 0;
+  LegReason reason = LegReason::kNone;   // why it is not up (kNone when up)
+  std::string reason_text;               // for humans, names the header's owner/array
+  std::vector<std::string> history;      // earlier generations of this slot, newest first
+  std::string owner_id, owner_name;      // claim as last seen on the header ("" unclaimed)
+  std::uint64_t lease_expiry_ms = 0;     // unix ms
+  std::string identity_event;            // last identity finding ("" none), kept after recovery
+  std::uint32_t identity_events = 0;     // how many identity findings so far
+};
+
+// One side of a split brain as Resolve() would treat it.
+struct ResolveStep {
+  int slot = -1;
+  bool keep = false;
+  std::uint64_t bytes_overwritten = 0;   // full resync from the kept leg
 };
 
 struct MirrorStats {
@@ -108,12 +153,22 @@ class MirrorDevice : public BlockDevice {
                                                         std::vector<std::shared_ptr<BlockDevice>> legs,
                                                         std::shared_ptr<DirtyMapStore> store,
                                                         const MirrorOptions& opts);
+  // Takes over an existing array from its legs' headers (released by another host, or that
+  // host died): every leg must carry the same array UUID; a leg another host holds a live
+  // claim on is refused (holder named).  Legs at the newest epoch whose headers say clean are
+  // up to date; otherwise the first leg at the newest epoch is the source and every other leg
+  // gets a full resync.  Writes the store record (name = opts.name) and returns the array id;
+  // then Assemble() it with the legs placed by slot (the second member) and new_generations,
+  // so that the previous holder sees any later change as a divergence (split brain).
+  static Result<std::pair<std::string, std::vector<std::shared_ptr<BlockDevice>>>> Import(
+      std::vector<std::shared_ptr<BlockDevice>> legs, std::shared_ptr<DirtyMapStore> store,
+      const MirrorOptions& opts);
   // Usable size of a mirror over devices of these sizes (headers included), for planning.
   static std::uint64_t UsableSize(const std::vector<DeviceInfo>& legs);
 
   ~MirrorDevice() override;  // Close() if not closed
   // Orderly shutdown: stop resync, wait for in-flight I/O, flush legs, clear the intent map,
-  // mark the array clean.  REQUIRES: no new Submit() calls.
+  // mark the array clean, release the claims on the leg headers.  REQUIRES: no new Submit().
   Status Close();
   // Simulates a crash of the assembling host for tests: stops threads without flushing,
   // clearing or committing anything further.  The device must not be used afterwards.
@@ -129,8 +184,20 @@ class MirrorDevice : public BlockDevice {
   Status FailLeg(int slot);
   Status DetachLeg(int slot);  // snapshot: waits for the leg's in-flight I/O, flushes it
   Result<int> AddLeg(std::shared_ptr<BlockDevice> dev);              // full resync
-  Status ReAddLeg(int slot, std::shared_ptr<BlockDevice> dev);     // partial if identity matches
+  // Partial resync if the header matches the slot's generation; otherwise (blank, foreign,
+  // older, diverged) a new generation and a full resync.  A leg another host holds a live
+  // lease on is refused (Busy, the holder named).
+  Status ReAddLeg(int slot, std::shared_ptr<BlockDevice> dev);
+  // The same for automatic repair (the daemon's monitor): refuses (Busy) a leg whose reason or
+  // header needs the operator (foreign, older generation, split brain, claimed), and a blank
+  // one (the mirror re-initialises those itself).
+  Status ReAddLegAuto(int slot, std::shared_ptr<BlockDevice> dev);
   Status RemoveLeg(int slot);
+  // Ends a split brain: keeps `keep`'s data (it becomes the source, with a new generation) and
+  // resyncs every other present leg fully from it.  dry_run: only reports.
+  Result<std::vector<ResolveStep>> Resolve(int keep, bool dry_run);
+  // True while a leg is failed because it diverged (split brain).
+  bool SplitBrain() const;
   std::vector<LegStatus> Legs() const;
   // The out-of-sync map of leg `slot` over [offset, offset + length) (clamped to the array size)
   // as consecutive runs: sink(arg, run_bytes, dirty) in order, starting at `offset`; dirty runs
@@ -170,6 +237,7 @@ class MirrorDevice : public BlockDevice {
   class Impl;
  private:
   explicit MirrorDevice(std::unique_ptr<Impl> impl);
+  Status ReAddLegImpl(int slot, std::shared_ptr<BlockDevice> dev, bool automatic);
   std::unique_ptr<Impl> impl_;
 };
 

@@ -13,6 +13,7 @@
 // Everything that blocks (connects, Create with header writes, ReAddLeg, Close, SQLite) runs on
 // a worker thread, the monitor thread or the main thread, never on an io thread.
 #include <sys/stat.h>
+#include <sqlite3.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -108,9 +109,13 @@ Status FlushDeadline(BlockDevice& dev, std::chrono::milliseconds timeout) {
   return op->st;
 }
 
-MirrorOptions MirrorOpts(const ArrayConfig& c, bool assume_clean) {
+MirrorOptions MirrorOpts(const ArrayConfig& c, bool assume_clean, const std::string& host_id,
+                         const std::string& host_name, bool force_create = false) {
   MirrorOptions o;
   o.name = c.name;
+  o.host_id = host_id;
+  o.host_name = host_name;
+  o.force_create = force_create;
   o.region_size = c.region_size;
   o.write_intent = c.write_intent;
   o.assume_clean = assume_clean;
@@ -168,6 +173,7 @@ Status Daemon::StartArrays() {
   auto st = SqliteDirtyMapStore::Open(db);
   if (!st.ok()) return st.status().WithContext(db);
   store_ = std::shared_ptr<DirtyMapStore>(std::move(st.value()));
+  DST_RETURN_IF_ERROR(LoadHostIdentity(db));
   DST_RETURN_IF_ERROR(OpenTopology());
   OpenVerifyStore(db);
   auto recs = topo_->List();
@@ -286,6 +292,42 @@ void Daemon::CloseArrays() {
   arrays_.clear();
 }
 
+// The host id in our claims on leg headers: generated once, kept in the state DB, so that a
+// restarted dstd (even after kill -9) recognises its own live leases at once.
+Status Daemon::LoadHostIdentity(const std::string& db) {
+  host_name_ = cfg_.host_name;
+  if (host_name_.empty()) {
+    char buf[256] = {};
+    if (::gethostname(buf, sizeof buf - 1) == 0) host_name_ = buf;
+    if (host_name_.empty()) host_name_ = "localhost";
+  }
+  sqlite3* h = nullptr;
+  if (sqlite3_open(db.c_str(), &h) != SQLITE_OK) {
+    sqlite3_close(h);
+    return Status::IoError(fmt::format("{}: cannot open the state database", db));
+  }
+  sqlite3_busy_timeout(h, 5000);
+  std::string id;
+  auto exec = [&](const std::string& sql) {
+    return sqlite3_exec(h, sql.c_str(), nullptr, nullptr, nullptr) == SQLITE_OK;
+  };
+  bool ok = exec("CREATE TABLE IF NOT EXISTS dst_host(key TEXT PRIMARY KEY, value TEXT)");
+  sqlite3_stmt* q = nullptr;
+  if (ok && sqlite3_prepare_v2(h, "SELECT value FROM dst_host WHERE key='host_id'", -1, &q, nullptr) == SQLITE_OK &&
+      sqlite3_step(q) == SQLITE_ROW && sqlite3_column_text(q, 0))
+    id = reinterpret_cast<const char*>(sqlite3_column_text(q, 0));
+  sqlite3_finalize(q);
+  if (ok && id.empty()) {
+    id = NewUuid();
+    ok = exec("INSERT OR REPLACE INTO dst_host(key, value) VALUES('host_id', '" + id + "')");
+  }
+  sqlite3_close(h);
+  if (!ok || id.empty()) return Status::IoError(fmt::format("{}: cannot record the host id", db));
+  host_id_ = id;
+  spdlog::info("host \"{}\" (id {}): claims on mirror legs carry this identity", host_name_, host_id_);
+  return Status::OK();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Devices
 
@@ -402,7 +444,11 @@ Status Daemon::BringUp(const std::shared_ptr<Array>& a) {
       st = Status::Unavailable(fmt::format("{} of {} legs unreachable ({})", wanted - present,
                                            wanted, first_error));
     } else if (mirror) {
-      auto r = MirrorDevice::Create(devs, store_, MirrorOpts(a->cfg, a->assume_clean), a->id);
+      if (a->id.empty()) a->id = NewUuid();  // a retry after a partial create keeps the same id
+      auto r = MirrorDevice::Create(devs, store_,
+                                    MirrorOpts(a->cfg, a->assume_clean, host_id_, host_name_,
+                                               a->force_create),
+                                    a->id);
       if (r.ok()) {
         std::lock_guard<std::mutex> l(mu_);
         a->mirror = r.value();
@@ -425,7 +471,9 @@ Status Daemon::BringUp(const std::shared_ptr<Array>& a) {
     if (present == 0) {
       st = Status::Unavailable(fmt::format("no leg reachable ({})", first_error));
     } else {
-      auto r = MirrorDevice::Assemble(a->id, devs, store_, MirrorOpts(a->cfg, false));
+      MirrorOptions mo = MirrorOpts(a->cfg, false, host_id_, host_name_);
+      mo.new_generations = a->takeover;
+      auto r = MirrorDevice::Assemble(a->id, devs, store_, mo);
       if (r.ok()) {
         std::lock_guard<std::mutex> l(mu_);
         a->mirror = r.value();
@@ -584,7 +632,7 @@ void Daemon::TryPendingExports() {
 // ---------------------------------------------------------------------------------------------
 // Management (blocking; worker threads)
 
-Status Daemon::CreateArray(ArrayConfig cfg, bool assume_clean) {
+Status Daemon::CreateArray(ArrayConfig cfg, bool assume_clean, bool force) {
   if (cfg.level != "mirror" && cfg.level != "linear")
     return Status::InvalidArgument(fmt::format("unknown level \"{}\" (mirror or linear)", cfg.level));
   if (cfg.level == "mirror" && (cfg.legs.size() < 2 || cfg.legs.size() > 8))
@@ -608,6 +656,7 @@ Status Daemon::CreateArray(ArrayConfig cfg, bool assume_clean) {
   auto a = std::make_shared<Array>();
   a->cfg = cfg;
   a->assume_clean = assume_clean;
+  a->force_create = force;
   a->legs.resize(cfg.legs.size());
   for (std::size_t i = 0; i < cfg.legs.size(); ++i) a->legs[i].spec = cfg.legs[i];
   {
@@ -670,7 +719,7 @@ Status Daemon::RemoveArray(const std::string& name) {
   }
   if (a->mirror) {
     (void)a->mirror->Close();
-    if (store_ && !a->id.empty()) (void)store_->DeleteArray(a->id);
+    if (store_ && !a->id.empty() && !a->releasing) (void)store_->DeleteArray(a->id);
   } else if (a->linear) {
     (void)FlushDeadline(*a->linear, std::chrono::seconds(20));
   }
@@ -789,7 +838,7 @@ Status Daemon::ArrayAddLeg(const std::string& name, const std::string& spec, boo
 }
 
 Status Daemon::ArrayLegOp(const std::string& name, const std::string& op, int slot,
-                          const std::string& spec) {
+                          const std::string& spec, bool force) {
   auto a = FindArray(name);
   if (!a) return Status::NotFound(fmt::format("no array \"{}\"", name));
   std::lock_guard<std::mutex> ol(a->op_mu);
@@ -802,8 +851,9 @@ Status Daemon::ArrayLegOp(const std::string& name, const std::string& op, int sl
       (a->legs[std::size_t(slot)].spec.empty() && op != "readd"))
     return Status::NotFound(fmt::format("array \"{}\" has no leg in slot {}", name, slot));
   ArrayLeg& leg = a->legs[std::size_t(slot)];
-  if (op == "fail" || op == "detach") {
-    // As md: the last up-to-date leg cannot be failed (the array would become unusable).
+  // Safe leg verbs (dstctl.8): the last up-to-date leg is never failed, detached or removed
+  // without --force, and an up-to-date leg is removed only with --force (or after fail-leg).
+  if (op == "fail" || op == "detach" || op == "remove") {
     int others = 0;
     bool this_up = false;
     for (auto& ls : a->mirror->Legs()) {
@@ -811,9 +861,14 @@ Status Daemon::ArrayLegOp(const std::string& name, const std::string& op, int sl
       if (ls.slot == slot) this_up = true;
       else ++others;
     }
-    if (this_up && others == 0)
+    if (this_up && others == 0 && !force)
       return Status::Busy(fmt::format(
-          "leg {} is the last up-to-date leg of array \"{}\"; refusing to {} it", slot, name, op));
+          "leg {} is the last up-to-date leg of array \"{}\"; refusing to {} it (--force to "
+          "insist: the array would have no copy of its data)", slot, name, op));
+    if (this_up && op == "remove" && !force)
+      return Status::Busy(fmt::format(
+          "leg {} of array \"{}\" is up to date; remove-leg is for failed or detached legs "
+          "(run fail-leg first, or give --force)", slot, name));
   }
   if (op == "fail") {
     DST_RETURN_IF_ERROR(a->mirror->FailLeg(slot));
@@ -897,6 +952,150 @@ Status Daemon::ArraySetRate(const std::string& name, std::uint64_t min, std::uin
 }
 
 // ---------------------------------------------------------------------------------------------
+// Identity: split-brain resolution and clean hand-over (release) to another host.
+
+Result<json> Daemon::ArrayResolve(const std::string& name, int keep, bool dry_run) {
+  auto a = FindArray(name);
+  if (!a) return Status::NotFound(fmt::format("no array \"{}\"", name));
+  std::lock_guard<std::mutex> ol(a->op_mu);
+  if (!a->mirror)
+    return Status::InvalidArgument(fmt::format("array \"{}\" is not an assembled mirror", name));
+  std::uint64_t banked[MirrorDevice::kMaxLegs] = {};
+  if (!dry_run)
+    for (int s = 0; s < MirrorDevice::kMaxLegs; ++s) banked[s] = BankResync(a, s);
+  auto r = a->mirror->Resolve(keep, dry_run);
+  if (!r.ok()) {
+    if (!dry_run)
+      for (int s = 0; s < MirrorDevice::kMaxLegs; ++s) UnbankResync(a, s, banked[s]);
+    return r.status();
+  }
+  json legs = json::array();
+  std::uint64_t total = 0;
+  for (auto& st : r.value()) {
+    std::string spec = std::size_t(st.slot) < a->legs.size() ? a->legs[std::size_t(st.slot)].spec : "";
+    legs.push_back(json{{"slot", st.slot}, {"spec", spec}, {"keep", st.keep},
+                        {"bytes_overwritten", st.bytes_overwritten}});
+    total += st.bytes_overwritten;
+  }
+  if (!dry_run) {
+    spdlog::warn("array \"{}\": split brain resolved keeping leg {}; {} bytes on the other legs are "
+                 "overwritten from it", name, keep, total);
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      for (auto& leg : a->legs) leg.manual = false;
+    }
+    Emit(json{{"type", "split_brain_resolved"}, {"array", name}, {"keep", keep},
+              {"bytes_overwritten", total}});
+  }
+  return json{{"array", name}, {"keep", keep}, {"dry_run", dry_run}, {"legs", legs},
+              {"bytes_overwritten", total}};
+}
+
+Status Daemon::ArrayRelease(const std::string& name) {
+  auto a = FindArray(name);
+  if (!a) return Status::NotFound(fmt::format("no array \"{}\"", name));
+  {
+    std::lock_guard<std::mutex> ol(a->op_mu);
+    if (!a->mirror)
+      return Status::InvalidArgument(fmt::format(
+          "array \"{}\" is not an assembled mirror (only mirrors carry claims to release)", name));
+  }
+  // RemoveArray stops it cleanly (flush, clean, claims released in Close); the store record and
+  // the leg headers are kept, so `array import` on another host (or this one) takes it over.
+  std::string id = a->id;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    a->releasing = true;
+  }
+  Status st = RemoveArray(name);
+  if (!st.ok()) {
+    std::lock_guard<std::mutex> l(mu_);
+    a->releasing = false;
+    return st;
+  }
+  spdlog::info("array \"{}\" (id {}) released: its legs carry no claim; import it with "
+               "`dstctl array import {} LEG...`", name, id, name);
+  Emit(json{{"type", "array_state"}, {"array", name}, {"state", "released"}});
+  return Status::OK();
+}
+
+Status Daemon::ArrayImport(const std::string& name, const std::vector<std::string>& specs) {
+  if (!ValidName(name)) return Status::InvalidArgument(fmt::format("bad name \"{}\"", name));
+  if (specs.empty()) return Status::InvalidArgument("give the legs to import");
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (arrays_.count(name) || volumes_.count(name))
+      return Status::Exists(fmt::format("a volume or array \"{}\" already exists", name));
+  }
+  ArrayConfig cfg;
+  cfg.name = name;
+  cfg.level = "mirror";
+  for (auto& c : cfg_.arrays)
+    if (c.name == name) cfg = c;  // rates/timeouts from the file when it names the array
+  std::vector<ArrayLeg> opened;
+  auto close_all = [&] {
+    for (auto& leg : opened) {
+      if (!leg.owned) continue;
+      if (leg.remote) leg.remote->Close();
+      if (leg.nbd) leg.nbd->Close();
+    }
+  };
+  std::vector<std::shared_ptr<BlockDevice>> devs;
+  for (auto& spec : specs) {
+    auto r = OpenLeg(spec, cfg);
+    if (!r.ok()) {
+      close_all();
+      return r.status();
+    }
+    opened.push_back(std::move(r.value()));
+    devs.push_back(opened.back().dev);
+  }
+  auto imp = MirrorDevice::Import(devs, store_, MirrorOpts(cfg, false, host_id_, host_name_));
+  if (!imp.ok()) {
+    close_all();
+    return imp.status();
+  }
+  auto a = std::make_shared<Array>();
+  a->cfg = cfg;
+  a->id = imp->first;
+  a->created = true;
+  auto rec = store_->GetArray(a->id);
+  if (rec.ok()) a->cfg.region_size = rec->region_size;
+  const auto& by_slot = imp->second;
+  a->cfg.legs.assign(by_slot.size(), "");
+  a->legs.resize(by_slot.size());
+  for (std::size_t s = 0; s < by_slot.size(); ++s)
+    for (auto& leg : opened)
+      if (by_slot[s] && leg.dev == by_slot[s]) {
+        a->legs[s] = leg;
+        a->cfg.legs[s] = leg.spec;
+      }
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (arrays_.count(name)) {
+      close_all();
+      return Status::Exists(fmt::format("a volume or array \"{}\" already exists", name));
+    }
+    arrays_[name] = a;
+  }
+  std::lock_guard<std::mutex> ol(a->op_mu);
+  a->takeover = true;  // new generations on every leg: the previous holder sees any change
+  Status st = BringUp(a);
+  a->takeover = false;
+  if (!st.ok()) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      arrays_.erase(name);
+      a->removed = true;
+    }
+    close_all();
+    return st;
+  }
+  spdlog::info("array \"{}\" (id {}) imported from {}", name, a->id, fmt::join(specs, " "));
+  return Status::OK();
+}
+
+// ---------------------------------------------------------------------------------------------
 // Monitor: assemble waiting arrays, reconnect missing legs, re-add recovered ones.
 
 void Daemon::ArrayMonitorLoop() {
@@ -935,6 +1134,8 @@ void Daemon::ArrayMonitorLoop() {
         if (leg.spec.empty() || leg.manual) continue;
         if (st.state == LegState::kUpToDate) leg.backoff_s = 1;
         if (st.state != LegState::kFailed || now < leg.next_try) continue;
+        // Identity failures wait for the operator; a blank replacement is the mirror's own job.
+        if (LegReasonNeedsOperator(st.reason) || st.reason == LegReason::kBlank) continue;
         // A closed remote never comes back: drop it and connect afresh.
         if (leg.dev && leg.owned && leg.remote && leg.remote->Stats().state == "closed") {
           std::lock_guard<std::mutex> l(mu_);
@@ -968,7 +1169,7 @@ void Daemon::ArrayMonitorLoop() {
           leg = std::move(r.value());
         }
         std::uint64_t banked = BankResync(a, st.slot);
-        Status s = a->mirror->ReAddLeg(st.slot, leg.dev);
+        Status s = a->mirror->ReAddLegAuto(st.slot, leg.dev);
         if (!s.ok()) UnbankResync(a, st.slot, banked);
         leg.next_try = now + std::chrono::seconds(leg.backoff_s);
         leg.backoff_s = std::min(leg.backoff_s * 2, 30);
@@ -1160,6 +1361,7 @@ json Daemon::ArrayJson(const std::shared_ptr<Array>& a) {
          {"error", error.empty() ? json() : json(error)}};
   json legs = json::array();
   int up = 0, n = 0, resyncing = 0;
+  bool split_brain = false;
   json resync = nullptr;
   json progress = json::array();
   json stats = json::object();
@@ -1186,6 +1388,19 @@ json Daemon::ArrayJson(const std::shared_ptr<Array>& a) {
       if (is_dead && s.state == LegState::kUpToDate)
         lj["error"] = fmt::format("unreachable for {} ms (the last up-to-date leg: I/O fails "
                                   "until it is back)", health[i].value("outage_ms", std::uint64_t{0}));
+      // Identity: why it is out of service, its generations, the claim on its header.
+      lj["reason"] = LegReasonName(s.reason);
+      if (s.reason != LegReason::kNone) lj["reason_text"] = s.reason_text;
+      lj["history"] = s.history;
+      if (!s.identity_event.empty()) {
+        lj["identity_event"] = s.identity_event;
+        lj["identity_events"] = s.identity_events;
+      }
+      lj["owner"] = s.owner_id.empty()
+                        ? json()
+                        : json{{"id", s.owner_id}, {"name", s.owner_name},
+                               {"lease_expiry", double(s.lease_expiry_ms) / 1000.0}};
+      if (s.reason == LegReason::kDiverged) split_brain = true;
       legs.push_back(std::move(lj));
     }
     for (auto& p : mirror->Progress()) {
@@ -1261,10 +1476,13 @@ json Daemon::ArrayJson(const std::shared_ptr<Array>& a) {
   std::string state;
   if (!dev || up == 0) state = "failed";
   else if (cfg.level == "linear") state = up == n ? "clean" : "failed";
+  else if (split_brain) state = "split-brain";  // never healthy until `array resolve`
   else if (resyncing > 0 && !resync.is_null()) state = "resyncing";
   else if (up < n) state = "degraded";
   else state = "clean";
   j["state"] = state;
+  j["split_brain"] = split_brain;
+  j["host"] = json{{"id", host_id_}, {"name", host_name_}};
   j["assembled"] = dev != nullptr;
   j["bytes_resynced_total"] = SampleResync(a);  // all passes since this dstd started
   j["legs"] = std::move(legs);
@@ -1340,7 +1558,8 @@ void Daemon::EventsRpc(Reply reply, const json& id) {
 }
 
 void Daemon::EventsLoop() {
-  std::map<std::string, std::string> arr_state, leg_state, vol_state;
+  std::map<std::string, std::string> arr_state, leg_state, leg_reason, vol_state;
+  std::map<std::string, std::uint64_t> leg_idev;
   std::map<std::string, json> last_resync;
   bool first = true;
   for (;;) {
@@ -1371,6 +1590,33 @@ void Daemon::EventsLoop() {
           Emit(std::move(ev));
         }
         lp = ls;
+        // Identity reason changes (blank, foreign, split-brain, claimed...): event and log.
+        std::string reason = l.value("reason", std::string("none"));
+        auto& rp = leg_reason[key];
+        if (!first && rp != reason && !(rp.empty() && reason == "none")) {
+          std::string text = l.value("reason_text", std::string());
+          Emit(json{{"type", "leg_reason"}, {"array", name}, {"slot", l["slot"]},
+                    {"spec", l["spec"]}, {"reason", reason}, {"text", text},
+                    {"previous", rp.empty() ? json() : json(rp)}});
+          if (reason != "none")
+            spdlog::warn("array \"{}\": leg {} ({}) out of service: {}", name,
+                         l["slot"].get<int>(), l.value("spec", std::string()), text);
+          else
+            spdlog::info("array \"{}\": leg {} ({}) identity ok again", name, l["slot"].get<int>(),
+                         l.value("spec", std::string()));
+        }
+        rp = reason;
+        // Findings that healed between two ticks (a blank leg re-initialised at once) too.
+        std::uint64_t nev = l.value("identity_events", std::uint64_t{0});
+        auto& ep = leg_idev[key];
+        if (!first && nev > ep) {
+          std::string text = l.value("identity_event", std::string());
+          Emit(json{{"type", "leg_identity"}, {"array", name}, {"slot", l["slot"]},
+                    {"spec", l["spec"]}, {"event", text}, {"count", nev}});
+          spdlog::warn("array \"{}\": leg {} ({}): {}", name, l["slot"].get<int>(),
+                       l.value("spec", std::string()), text);
+        }
+        ep = nev;
       }
       VerifyEvents(a);
       const json& rs = a["resync"];
@@ -1465,9 +1711,10 @@ void Daemon::ArrayRpc(const std::string& m, const json& p, Finish finish) {
       assume_clean = p["assume_clean"].get<bool>();
     if (st.ok() && p.contains("write_intent") && p["write_intent"].is_boolean())
       c.write_intent = p["write_intent"].get<bool>();
+    bool force = p.contains("force") && p["force"].is_boolean() && p["force"].get<bool>();
     if (!st.ok()) return finish(st);
-    return workers_.Post([this, c, assume_clean, reply_array] {
-      reply_array(CreateArray(c, assume_clean));
+    return workers_.Post([this, c, assume_clean, force, reply_array] {
+      reply_array(CreateArray(c, assume_clean, force));
     });
   }
   if (m == "array.verify") return ArrayVerifyRpc(name, p, finish);
@@ -1492,9 +1739,10 @@ void Daemon::ArrayRpc(const std::string& m, const json& p, Finish finish) {
     std::string leg;
     if (Status st = ParamSlot(p, &slot); !st.ok()) return finish(st);
     if (Status st = ParamString(p, "leg", false, &leg); !st.ok()) return finish(st);
+    bool force = p.contains("force") && p["force"].is_boolean() && p["force"].get<bool>();
     std::string op = m == "array.fail_leg" ? "fail" : m == "array.remove_leg" ? "remove"
                    : m == "array.readd_leg" ? "readd" : "detach";
-    return workers_.Post([this, name, op, slot, leg, reply_array] {
+    return workers_.Post([this, name, op, slot, leg, force, reply_array] {
       if (op == "readd") {  // exclusive legs: a leg still exported or imported is not re-added
         std::string use = leg;
         if (auto a = FindArray(name); a && use.empty()) {
@@ -1504,7 +1752,34 @@ void Daemon::ArrayRpc(const std::string& m, const json& p, Finish finish) {
         if (!use.empty())
           if (Status free = CheckLegFree(use, name, slot); !free.ok()) return reply_array(free);
       }
-      reply_array(ArrayLegOp(name, op, slot, leg));
+      reply_array(ArrayLegOp(name, op, slot, leg, force));
+    });
+  }
+  if (m == "array.resolve") {
+    auto k = p.find("keep");
+    if (k == p.end() || !k->is_number_integer() || k->get<std::int64_t>() < 0 ||
+        k->get<std::int64_t>() >= MirrorDevice::kMaxLegs)
+      return finish(Status::InvalidArgument("parameter \"keep\" must be the leg slot to keep"));
+    int keep = int(k->get<std::int64_t>());
+    bool dry = p.contains("dry_run") && p["dry_run"].is_boolean() && p["dry_run"].get<bool>();
+    return workers_.Post([this, name, keep, dry, finish] { finish(ArrayResolve(name, keep, dry)); });
+  }
+  if (m == "array.import") {
+    auto legs = p.find("legs");
+    if (legs == p.end() || !legs->is_array() || legs->empty())
+      return finish(Status::InvalidArgument("parameter \"legs\" must be an array of leg specs"));
+    std::vector<std::string> specs;
+    for (auto& l : *legs) {
+      if (!l.is_string()) return finish(Status::InvalidArgument("legs must be strings"));
+      specs.push_back(l.get<std::string>());
+    }
+    return workers_.Post([this, name, specs, reply_array] { reply_array(ArrayImport(name, specs)); });
+  }
+  if (m == "array.release") {
+    return workers_.Post([this, name, finish] {
+      Status st = ArrayRelease(name);
+      if (!st.ok()) return finish(st);
+      finish(json{{"released", name}});
     });
   }
   if (m == "array.set_resync_rate") {

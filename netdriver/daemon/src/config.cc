@@ -142,6 +142,8 @@ Status ParseDaemon(const toml::table& t, const ErrorSink& sink, Config* cfg) {
       DST_RETURN_IF_ERROR(f.Bool(v, key, &cfg->batching));
     } else if (key == "io_threads") {
       DST_RETURN_IF_ERROR(f.UInt(v, key, 1, 64, &cfg->io_threads));
+    } else if (key == "host_name") {
+      DST_RETURN_IF_ERROR(f.String(v, key, &cfg->host_name));
     } else if (key == "nbd_listen") {
       // "" disables the NBD server; otherwise HOST:PORT like listen (port 0 = any free port).
       cfg->nbd_listen_set = true;
@@ -158,7 +160,7 @@ Status ParseDaemon(const toml::table& t, const ErrorSink& sink, Config* cfg) {
       DST_RETURN_IF_ERROR(f.Duration(v, key, &cfg->verify_interval_s));
     } else {
       return UnknownKey(sink, k, f.ctx,
-                        "listen, nbd_listen, mountpoint, batching, io_threads, verify_interval");
+                        "listen, nbd_listen, mountpoint, batching, io_threads, verify_interval, host_name");
     }
   }
   return Status::OK();

@@ -14,6 +14,8 @@ const std::vector<std::string>& Methods() {
       "array.create", "array.list", "array.remove", "array.add_leg", "array.grow",
       "array.fail_leg", "array.remove_leg", "array.readd_leg", "array.detach_leg",
       "array.set_resync_rate", "array.detail", "array.verify", "apply", "events",
+      // issue 9: leg identity (split brain, hand-over)
+      "array.resolve", "array.release", "array.import",
   };
   return kMethods;
 }

@@ -123,6 +123,9 @@ class Daemon {
     std::string id;
     bool created = false;  // recorded in the topology table (Assemble, not Create)
     bool assume_clean = false;
+    bool force_create = false;  // create over legs carrying another array's header
+    bool releasing = false;     // array release: keep the store record for a later import
+    bool takeover = false;      // array import: assemble with new generations
     std::vector<ArrayLeg> legs;  // GUARDED_BY(mu_) for the vector shape; op_mu for changes
     std::shared_ptr<MirrorDevice> mirror;
     std::shared_ptr<LinearDevice> linear;
@@ -170,11 +173,20 @@ class Daemon {
   Result<ArrayLeg> OpenLegDevice(const std::string& spec, const ArrayConfig& cfg);
   void ProbeLegs(const std::shared_ptr<Array>& a);  // REQUIRES a->op_mu; monitor thread
   Status BringUp(const std::shared_ptr<Array>& a);   // REQUIRES a->op_mu held; blocking
-  Status CreateArray(ArrayConfig cfg, bool assume_clean);
+  Status CreateArray(ArrayConfig cfg, bool assume_clean, bool force = false);
   Status RemoveArray(const std::string& name);
   Status ArrayAddLeg(const std::string& name, const std::string& spec, bool grow_only);
   Status ArrayLegOp(const std::string& name, const std::string& op, int slot,
-                    const std::string& spec);
+                    const std::string& spec, bool force = false);
+  // Split brain: keep `keep`'s data, resync the others from it (dry_run: report only).
+  Result<nlohmann::json> ArrayResolve(const std::string& name, int keep, bool dry_run);
+  // Stops the array here (flush, clean, claims released) and forgets its topology, so that
+  // another host can import it from its legs.
+  Status ArrayRelease(const std::string& name);
+  // Takes over a released (or orphaned) mirror from its legs' headers (MirrorDevice::Import).
+  Status ArrayImport(const std::string& name, const std::vector<std::string>& specs);
+  Status LoadHostIdentity(const std::string& db);  // host_id_ (stable, in the state DB), host_name_
+  std::string host_id_, host_name_;
   Status ArraySetRate(const std::string& name, std::uint64_t min, std::uint64_t max);
   Status PersistArray(const std::shared_ptr<Array>& a);
   std::uint64_t SampleResync(const std::shared_ptr<Array>& a);  // running bytes resynced

@@ -239,7 +239,9 @@ std::string RenderMdstat(const json& a) {
   int n = 0, up = 0;
   for (auto& l : a.value("legs", json::array())) {
     std::string ls = Str(l, "state");
-    out += fmt::format(" {}[{}]{}", Str(l, "spec"), U64(l, "slot"), LegMark(ls));
+    std::string why = l.contains("reason_text") ? Str(l, "reason", "") : "";
+    out += fmt::format(" {}[{}]{}{}", Str(l, "spec"), U64(l, "slot"), LegMark(ls),
+                       why.empty() || why == "none" ? "" : "{" + why + "}");
     ++n;
     bool u = ls == "up-to-date";
     up += u;
@@ -276,7 +278,7 @@ int DetailTestCode(const json& a) {
   if (!a.is_object() || !a.contains("state")) return 4;
   std::string s = Str(a, "state");
   if (s == "clean") return 0;
-  if (s == "degraded" || s == "resyncing") return 1;
+  if (s == "degraded" || s == "resyncing" || s == "split-brain") return 1;
   if (s == "failed") return 2;
   return 4;
 }
@@ -302,6 +304,7 @@ std::string RenderDetail(const json& a) {
   else if (state == "degraded") st = "clean, degraded";
   else if (state == "resyncing")
     st = std::string("clean, degraded, ") + (r.is_object() && FullResync(a, r) ? "resyncing" : "recovering");
+  else if (state == "split-brain") st = "active, SPLIT BRAIN (dstctl array resolve)";
   else st = "FAILED";
   if (r.is_object() && Str(r, "state") == "pending") st += " (DELAYED)";
   if (auto v = a.find("verify"); v != a.end() && v->is_object() && Str(*v, "state") == "running")
@@ -376,6 +379,16 @@ std::string RenderDetail(const json& a) {
     out += "    " + table.substr(pos, nl - pos + 1);
     pos = nl + 1;
   }
+  // Identity: why legs are out of service, and who holds their claims.
+  for (auto& l : a.value("legs", json::array())) {
+    if (l.contains("reason_text") && l["reason_text"].is_string())
+      out += fmt::format("    leg {} {}: {}\n", U64(l, "slot"), Str(l, "reason"), Str(l, "reason_text"));
+    else if (l.contains("identity_event") && l["identity_event"].is_string())
+      out += fmt::format("    leg {} last identity event: {}\n", U64(l, "slot"), Str(l, "identity_event"));
+    if (auto o = l.find("owner"); o != l.end() && o->is_object())
+      out += fmt::format("    leg {} claimed by {} (id {})\n", U64(l, "slot"), Str(*o, "name"),
+                         Str(*o, "id"));
+  }
   return out;
 }
 
@@ -410,6 +423,13 @@ std::string RenderEvent(const json& e) {
   }
   std::string prev = e.contains("previous") && e["previous"].is_string()
                          ? fmt::format(" (was {})", Str(e, "previous")) : "";
+  if (type == "leg_identity")
+    return fmt::format("{} {} leg {} {}: {}\n", head, Str(e, "array"), U64(e, "slot"),
+                       Str(e, "spec"), Str(e, "event"));
+  if (type == "leg_reason")
+    return fmt::format("{} {} leg {} {}: {}{}\n", head, Str(e, "array"), U64(e, "slot"),
+                       Str(e, "spec"), Str(e, "reason"),
+                       Str(e, "text").empty() ? "" : " (" + Str(e, "text") + ")");
   if (type == "leg_state")
     return fmt::format("{} {} leg {} {}: {}{}\n", head, Str(e, "array"), U64(e, "slot"),
                        Str(e, "spec"), Str(e, "state"), prev);

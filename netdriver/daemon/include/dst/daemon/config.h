@@ -85,6 +85,9 @@ struct Config {
   std::uint32_t io_threads = 1;
   // Default periodic verify of every mirror without its own verify_interval (0 = none).
   std::uint64_t verify_interval_s = 0;
+  // Name this host shows in the claims (leases) it writes on mirror leg headers; "" = the
+  // machine's hostname.  The host id beside it is generated once and kept in the state DB.
+  std::string host_name;
   std::vector<ExportConfig> exports;
   std::vector<VolumeConfig> volumes;
   std::vector<ArrayConfig> arrays;
