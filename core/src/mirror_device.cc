@@ -2595,11 +2595,13 @@ std::string MirrorDevice::Describe() const {
   return s + ")";
 }
 
-Status MirrorDevice::FailLeg(int slot) {
+Status MirrorDevice::FailLeg(int slot) { return FailLeg(slot, LegReason::kOperator, "failed by the operator"); }
+
+Status MirrorDevice::FailLeg(int slot, LegReason reason, std::string why) {
   std::lock_guard<std::mutex> l(impl_->mu_);
   if (slot < 0 || slot >= impl_->nslots_ || impl_->legs_[slot].state == LegState::kEmpty)
     return Status::NotFound("no leg in slot " + std::to_string(slot));
-  impl_->FailLegLocked(slot, LegReason::kOperator, "failed by the operator");
+  impl_->FailLegLocked(slot, reason, std::move(why));
   return Status::OK();
 }
 

@@ -218,13 +218,16 @@ class FaultCampaignTest : public QObject {
     QString why;
     QVERIFY2(rig.StartExporters(2, kLegMiB, &why), qPrintable(why));
     const QString toml = ArrayToml("m0", "mirror", {rig.Uri(0), rig.Uri(1)}, "64K", "100M", "0", 1,
-                                   QString("leg_timeout = %1\n").arg(kLegTimeout));
+                                   QString("leg_timeout = %1\nchecksum = \"xxh3\"\n").arg(kLegTimeout));
     QVERIFY2(rig.StartAssembler(&toml, &why), qPrintable(why));
     QVERIFY2(WaitFileExists(rig.File("m0"), 10000), rig.as->Log().right(3000).constData());
     json a;
     QVERIFY2(WaitArrayClean(*rig.as, "m0", 60000, &a), a.dump().c_str());
     const std::uint64_t size = a.value("size", std::uint64_t(0));
     QVERIFY(size >= kSpan);
+    // The legs run with payload digests (docs/protocol.md §4.1), so a corrupted payload on the
+    // wire would be caught and re-sent, never written.
+    for (auto& l : a["legs"]) QCOMPARE(QString::fromStdString(l.value("checksum", "")), QString("xxh3"));
 
     // Templates for the leg faults: a blank image, and a leg of another array (assembled by
     // another daemon F over local images of the same size, then stopped cleanly).

@@ -79,6 +79,13 @@ class ConfigTest : public QObject {
     QVERIFY(c.volumes[1].checksum.empty());  // default: off
     QVERIFY(!ParseConfig("[[volume]]\nname = \"v\"\nremote = \"dst://h/e\"\nchecksum = \"crc\"\n", "c.toml",
                          {false}).ok());
+    // The same key on an array applies to its dst:// legs.
+    auto arr = ParseConfig("[[array]]\nname = \"m\"\nlegs = [\"dst://h/a\", \"dst://h/b\"]\nchecksum = \"xxh3\"\n",
+                           "c.toml", {false});
+    QVERIFY2(arr.ok(), arr.status().ToString().c_str());
+    QCOMPARE(arr->arrays[0].checksum, std::string("xxh3"));
+    QVERIFY(!ParseConfig("[[array]]\nname = \"m\"\nlegs = [\"dst://h/a\", \"dst://h/b\"]\nchecksum = 1\n",
+                         "c.toml", {false}).ok());
     QCOMPARE(c.volumes[1].path, std::string("/srv/local.img"));
     QCOMPARE(c.volumes[1].queue_depth, 64u);  // default
   }

@@ -181,7 +181,10 @@ class MirrorDevice : public BlockDevice {
   const std::string& id() const;
 
   // Management.
-  Status FailLeg(int slot);
+  Status FailLeg(int slot);  // by the operator
+  // Fails a leg for a reason found outside the I/O path (e.g. the daemon's probe of an idle leg:
+  // kUnreachable); the reason decides whether it may be re-added automatically.
+  Status FailLeg(int slot, LegReason reason, std::string why);
   Status DetachLeg(int slot);  // snapshot: waits for the leg's in-flight I/O, flushes it
   Result<int> AddLeg(std::shared_ptr<BlockDevice> dev);              // full resync
   // Partial resync if the header matches the slot's generation; otherwise (blank, foreign,

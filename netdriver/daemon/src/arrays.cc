@@ -196,6 +196,7 @@ Status Daemon::StartArrays() {
       a->cfg.write_intent = c.write_intent;
       a->cfg.leg_timeout_s = c.leg_timeout_s;
       a->cfg.verify_interval_s = c.verify_interval_s;
+      a->cfg.checksum = c.checksum;
       if (LiveLegs(r.cfg) != c.legs || r.cfg.level != c.level)
         spdlog::warn("array \"{}\": the config file differs from the recorded topology ({} {}); "
                      "using the recorded one (dstctl apply reconciles)",
@@ -357,6 +358,7 @@ Result<Daemon::ArrayLeg> Daemon::OpenLegDevice(const std::string& spec, const Ar
       ro.keepalive_interval = std::min<std::chrono::milliseconds>(
           std::chrono::milliseconds(1000), ro.keepalive_timeout / 3);
       ro.connect_timeout = std::chrono::seconds(3);
+      ro.checksum = cfg.checksum == "xxh3";
       auto r = net::RemoteDevice::Connect(io_, ro);
       if (!r.ok()) return r.status().message().find(spec) == std::string::npos
                               ? r.status().WithContext(spec) : r.status();
@@ -1262,7 +1264,9 @@ void Daemon::ProbeLegs(const std::shared_ptr<Array>& a) {
                       leg.spec, outage);
       continue;
     }
-    if (Status st = a->mirror->FailLeg(int(i)); st.ok())
+    if (Status st = a->mirror->FailLeg(int(i), LegReason::kUnreachable,
+                                       fmt::format("unreachable for {} ms", outage));
+        st.ok())
       spdlog::error("array \"{}\": leg {} ({}) unreachable for {} ms (leg_timeout {} s): failed; "
                     "it is re-added when it is back", a->cfg.name, i, leg.spec, outage,
                     a->cfg.leg_timeout_s);
@@ -1342,6 +1346,11 @@ json Daemon::ArrayJson(const std::shared_ptr<Array>& a) {
         hj["io"] = {{"reads", c.reads},           {"writes", c.writes},
                     {"bytes_read", c.bytes_read}, {"bytes_written", c.bytes_written},
                     {"errors", c.errors},         {"other", c.other}};
+      }
+      if (leg.remote) {  // DST payload digests on this leg's connection (docs/protocol.md §4.1)
+        net::RemoteStats rs = leg.remote->Stats();
+        hj["checksum"] = rs.checksum ? "xxh3" : "none";
+        hj["digest_errors"] = rs.digest_errors;
       }
       health.push_back(std::move(hj));
     }

@@ -94,6 +94,13 @@ struct Fields {
     *out = r.value();
     return Status::OK();
   }
+  // DST payload digests (docs/protocol.md §4.1): "xxh3" or "none".
+  Status Checksum(const toml::node& n, std::string_view key, std::string* out) const {
+    DST_RETURN_IF_ERROR(String(n, key, out));
+    if (*out != "xxh3" && *out != "none")
+      return sink.Error(n.source(), ctx, key, "expected \"xxh3\" or \"none\"");
+    return Status::OK();
+  }
   Status Size(const toml::node& n, std::string_view key, std::uint64_t* out) const {
     if (n.is_integer()) {
       std::int64_t v = *n.value<std::int64_t>();
@@ -266,9 +273,7 @@ Status ParseVolume(const toml::table& t, std::size_t index, const ErrorSink& sin
     } else if (key == "keepalive_timeout") {
       DST_RETURN_IF_ERROR(f.UInt(v, key, 1, 3600, &vol->keepalive_timeout_s));
     } else if (key == "checksum") {
-      DST_RETURN_IF_ERROR(f.String(v, key, &vol->checksum));
-      if (vol->checksum != "xxh3" && vol->checksum != "none")
-        return sink.Error(v.source(), f.ctx, key, "expected \"xxh3\" or \"none\"");
+      DST_RETURN_IF_ERROR(f.Checksum(v, key, &vol->checksum));
     } else {
       return UnknownKey(sink, k, f.ctx,
                         "name, remote, path, queue_depth, io_timeout, keepalive_timeout, checksum");
@@ -351,10 +356,12 @@ Status ParseArrayTable(const toml::table& t, std::size_t index, const ErrorSink&
       std::uint64_t secs = 0;
       DST_RETURN_IF_ERROR(f.Duration(v, key, &secs));
       a->verify_interval_s = std::int64_t(secs);
+    } else if (key == "checksum") {
+      DST_RETURN_IF_ERROR(f.Checksum(v, key, &a->checksum));
     } else {
       return UnknownKey(sink, k, f.ctx,
                         "name, level, legs, region_size, resync_rate_min, resync_rate_max, "
-                        "write_intent, leg_timeout, verify_interval");
+                        "write_intent, leg_timeout, verify_interval, checksum");
     }
   }
   if (!have_legs) return sink.Error(t.source(), f.ctx, "legs", "missing");

@@ -65,6 +65,7 @@ struct ArrayConfig {
   // Periodic online verify (dstd.8 "verify_interval"): seconds between verifies, 0 = none,
   // -1 = not set here ([daemon] verify_interval applies).
   std::int64_t verify_interval_s = -1;
+  std::string checksum;                         // "xxh3": payload digests on its dst:// legs
 };
 
 struct Config {
