@@ -16,6 +16,9 @@
 //       with --force it works.
 #include <QtTest/QtTest>
 
+#include <atomic>
+#include <thread>
+
 #include <filesystem>
 
 #include "array_helpers.h"
@@ -66,6 +69,34 @@ int CheckData(const QString& file, std::uint64_t seed) {
   return bad;
 }
 
+// Reader threads hammering the data through the FUSE file, one 1 MiB chunk each, in parallel so
+// the mirror balances them over both legs (least pending first).  Counts reads that returned
+// something else than the pattern.
+struct ParallelReaders {
+  QString file;
+  std::uint64_t seed;
+  std::atomic<bool> stop{false};
+  std::atomic<int> bad{0}, errors{0}, reads{0};
+  std::vector<std::thread> threads;
+  void Start() {
+    for (int i = 0; i < kDataMiB; ++i)
+      threads.emplace_back([this, i] {
+        const std::uint64_t off = std::uint64_t(i) * kChunk;
+        const QByteArray want = Pattern(seed, off, kChunk);
+        while (!stop) {
+          QByteArray back;
+          if (!PreadDirect(file, off, kChunk, &back)) ++errors;
+          else if (back != want) ++bad;
+          ++reads;
+        }
+      });
+  }
+  ~ParallelReaders() {
+    stop = true;
+    for (auto& t : threads) t.join();
+  }
+};
+
 const json* LegJson(const json& a, int slot) {
   if (!a.is_object() || !a.contains("legs")) return nullptr;
   for (auto& l : a["legs"])
@@ -94,6 +125,12 @@ class ArrayIdentityTest : public QObject {
     QVERIFY(WriteData(rig.File("m0"), 21));
     const std::string gen_before = LegJson(a, 1)->value("generation", std::string());
 
+    // Reads run in parallel through all of it: none may ever return the blank's zeros.
+    ParallelReaders readers;
+    readers.file = rig.File("m0");
+    readers.seed = 21;
+    readers.Start();
+
     // The exporter of leg 1 comes back with a blank image of the same size.
     QVERIFY(rig.ex[1]->Terminate() == 0);
     QVERIFY(QFile::remove(rig.image[1]));
@@ -110,6 +147,13 @@ class ArrayIdentityTest : public QObject {
     // The array reads the original data while (and after) leg 1 is rebuilt.
     QCOMPARE(CheckData(rig.File("m0"), 21), 0);
     QVERIFY2(WaitArrayClean(*rig.as, "m0", 60000, &a), a.dump().c_str());
+    readers.stop = true;
+    for (auto& t : readers.threads) t.join();
+    readers.threads.clear();
+    qInfo("parallel reads during the replacement: %d, wrong data: %d, errors: %d", readers.reads.load(),
+          readers.bad.load(), readers.errors.load());
+    QCOMPARE(readers.bad.load(), 0);
+    QCOMPARE(readers.errors.load(), 0);
     QVERIFY(LegJson(a, 1)->value("generation", std::string()) != gen_before);
     QCOMPARE(CheckData(rig.File("m0"), 21), 0);
     const std::int64_t diff = FirstDiff(rig.image[0], rig.image[1], size);
