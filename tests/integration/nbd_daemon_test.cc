@@ -21,7 +21,7 @@
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 
-#include "../../netdriver/daemon/src/nbd_frontend.h"
+#include "nbd_frontend.h"
 #include "daemon_process.h"
 #include "dst/dirty_map_store.h"
 #include "dst/file_device.h"

@@ -1,4 +1,4 @@
-// dstd configuration parsing and validation (netdriver/daemon/src/config.cc).
+// dstd configuration parsing and validation (daemon/src/config.cc).
 #include <QTemporaryDir>
 #include <QtTest/QtTest>
 

@@ -1,8 +1,8 @@
-// dstd control protocol codec, line splitting and human rendering (netdriver/daemon).
+// dstd control protocol codec, line splitting and human rendering (control/).
 #include <QtTest/QtTest>
 
-#include "dst/daemon/control_protocol.h"
-#include "dst/daemon/render.h"
+#include "dst/control/control_protocol.h"
+#include "dst/control/render.h"
 #include "test_env.h"
 
 namespace ctl = dst::control;

@@ -1,10 +1,10 @@
-// dstctl rendering of arrays (netdriver/daemon/src/render.cc): the mdstat-like status block with
+// dstctl rendering of arrays (control/src/render.cc): the mdstat-like status block with
 // clamped percentages, the mdadm --detail text, and the `detail --test` exit-code mapping.
 #include <QtTest/QtTest>
 
 #include <string>
 
-#include "dst/daemon/render.h"
+#include "dst/control/render.h"
 #include "test_env.h"
 
 using nlohmann::json;

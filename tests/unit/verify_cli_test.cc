@@ -4,7 +4,7 @@
 #include <QtTest/QtTest>
 
 #include "dst/daemon/config.h"
-#include "dst/daemon/render.h"
+#include "dst/control/render.h"
 
 using namespace dst::daemon;
 using namespace dst::control;

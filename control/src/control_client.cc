@@ -1,4 +1,4 @@
-#include "dst/daemon/control_client.h"
+#include "dst/control/control_client.h"
 
 #include <poll.h>
 #include <sys/socket.h>

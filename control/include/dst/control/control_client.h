@@ -5,7 +5,7 @@
 
 #include <string>
 
-#include "dst/daemon/control_protocol.h"
+#include "dst/control/control_protocol.h"
 
 namespace dst::control {
 

@@ -1,4 +1,4 @@
-#include "dst/daemon/control_protocol.h"
+#include "dst/control/control_protocol.h"
 
 #include <algorithm>
 

@@ -16,7 +16,7 @@
 
 #include "daemon.h"
 #include "dst/daemon/config.h"
-#include "dst/daemon/control_protocol.h"
+#include "dst/control/control_protocol.h"
 
 namespace {
 

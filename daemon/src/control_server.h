@@ -1,4 +1,4 @@
-// ControlServer: dstd's Unix-socket JSON-lines server (protocol: dst/daemon/control_protocol.h).
+// ControlServer: dstd's Unix-socket JSON-lines server (protocol: dst/control/control_protocol.h).
 //
 // Per connection:  READING --line--> parse --ok--> handler(req, reply) ... reply(line) -> WRITING
 //                     |                 +--bad--> error reply (connection stays up)
@@ -17,7 +17,7 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/local/stream_protocol.hpp>
 
-#include "dst/daemon/control_protocol.h"
+#include "dst/control/control_protocol.h"
 #include "dst/status.h"
 
 namespace dst::daemon {

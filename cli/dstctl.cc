@@ -1,6 +1,6 @@
 // dstctl: command-line client of dstd's control socket.  See dstctl(8).
 //
-// Human output is rendered from the same JSON `--json` prints (dst/daemon/render.h).  Errors are
+// Human output is rendered from the same JSON `--json` prints (dst/control/render.h).  Errors are
 // one line "dstctl: <message>" on stderr with a sysexits code:
 //   64 usage, 65 bad data (unknown or duplicate name, bad parameter), 69 dstd not running or a
 //   remote unreachable, 74 I/O error, 75 busy / try again, 76 protocol error, 77 no permission.
@@ -19,9 +19,9 @@
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
-#include "dst/daemon/control_client.h"
-#include "dst/daemon/control_protocol.h"
-#include "dst/daemon/render.h"
+#include "dst/control/control_client.h"
+#include "dst/control/control_protocol.h"
+#include "dst/control/render.h"
 
 namespace {
 

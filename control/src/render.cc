@@ -1,4 +1,4 @@
-#include "dst/daemon/render.h"
+#include "dst/control/render.h"
 
 #include <algorithm>
 #include <ctime>
