@@ -51,12 +51,55 @@ class ConnectGate {
     std::lock_guard<std::recursive_mutex> l(mu_);
     if (version_ == used_ && check_.rejected) check_.rejected(check_.arg, why);
   }
+  // The common end of a check READ on a reconnecting client.  `dev` supplies:
+  //   RestartCheck()  the check was replaced or removed while its READ ran: begin again
+  //   FailHeld(why)   fail the requests held for this connection with EIO (count, log)
+  //   Closed()        the device was closed meanwhile (by FailHeld's completions or rejected())
+  //   Admit()         send the held requests and new ones on this connection
+  template <class Dev>
+  void Finish(Dev&& dev, Status read_status, const char* data, std::uint32_t len) {
+    Status why;
+    switch (Verify(std::move(read_status), data, len, &why)) {
+      case Verdict::kRestart:
+        dev.RestartCheck();
+        return;
+      case Verdict::kRejected:
+        dev.FailHeld(why);
+        if (dev.Closed()) return;
+        Rejected(why);
+        if (dev.Closed()) return;
+        break;
+      case Verdict::kOk:
+        break;
+    }
+    dev.Admit();
+  }
 
  private:
   std::recursive_mutex mu_;
   ConnectCheck check_;
   std::uint64_t version_ = 0;
   std::uint64_t used_ = 0;
+};
+
+// ConnectGate::Finish's `dev` for the two clients, whose Impl classes name these members alike
+// (checking_, StartCheck, Admit, check_failures_, FailAll, state_) and befriend this template.
+// `log` is the device's logger.
+template <class Impl>
+struct ClientCheckHooks {
+  Impl* d;
+  void (*log)(const std::string& what, const std::string& msg);
+  void RestartCheck() {
+    d->checking_ = false;
+    if (!d->StartCheck()) d->Admit();
+  }
+  void FailHeld(const Status& why) {
+    d->check_failures_.fetch_add(1, std::memory_order_relaxed);
+    log(d->Describe(), "connect check failed: " + why.ToString() + "; failing held requests");
+    d->FailAll(Status::IoError("connect check failed: " + why.ToString()), false);
+  }
+  bool Closed() const { return d->state_ == Impl::State::kClosed; }
+  void Admit() { d->Admit(); }
 };
 
 class HealthClock {

@@ -517,6 +517,7 @@ class NbdClientDevice::Impl : public std::enable_shared_from_this<Impl> {
   }
 
  private:
+  template <class> friend struct ClientCheckHooks;
   struct Slot {
     TxFrame frame;
     Impl* impl = nullptr;
@@ -968,24 +969,8 @@ bool NbdClientDevice::Impl::StartCheck() {
 }
 
 void NbdClientDevice::Impl::FinishCheck(Status read_status) {
-  Status verdict;
-  switch (gate_.Verify(std::move(read_status), check_buf_.get(), probe_req_.length, &verdict)) {
-    case ConnectGate::Verdict::kRestart:  // replaced or removed while the READ ran
-      checking_ = false;
-      if (!StartCheck()) Admit();
-      return;
-    case ConnectGate::Verdict::kRejected:
-      check_failures_.fetch_add(1, std::memory_order_relaxed);
-      Log(Describe(), "connect check failed: " + verdict.ToString() + "; failing held requests");
-      FailAll(Status::IoError("connect check failed: " + verdict.ToString()), false);
-      if (state_ == State::kClosed) return;
-      gate_.Rejected(verdict);
-      if (state_ == State::kClosed) return;
-      break;
-    case ConnectGate::Verdict::kOk:
-      break;
-  }
-  Admit();
+  gate_.Finish(ClientCheckHooks<Impl>{this, &Log}, std::move(read_status), check_buf_.get(),
+               probe_req_.length);
 }
 
 bool NbdClientDevice::Impl::Slot::AddFilled(std::uint32_t off, std::uint32_t len) {

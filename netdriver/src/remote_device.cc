@@ -198,6 +198,7 @@ class RemoteDevice::Impl : public std::enable_shared_from_this<Impl> {
   }
 
  private:
+  template <class> friend struct ClientCheckHooks;
   struct Slot {
     TxFrame frame;  // header re-encoded on every send (defect D2)
     Impl* impl = nullptr;
@@ -701,28 +702,11 @@ bool RemoteDevice::Impl::StartCheck() {
 void RemoteDevice::Impl::FinishCheck(Status read_status) {
   check_outstanding_ = false;
   if (read_status.ok() && !DigestOk(check_buf_.get(), check_len_)) {  // corrupted: read again
-    checking_ = false;
-    if (!StartCheck()) Admit();
+    ClientCheckHooks<Impl>{this, &Log}.RestartCheck();
     return;
   }
-  Status verdict;
-  switch (gate_.Verify(std::move(read_status), check_buf_.get(), check_len_, &verdict)) {
-    case ConnectGate::Verdict::kRestart:  // replaced or removed while the READ ran
-      checking_ = false;
-      if (!StartCheck()) Admit();
-      return;
-    case ConnectGate::Verdict::kRejected:
-      check_failures_.fetch_add(1, std::memory_order_relaxed);
-      Log(Describe(), "connect check failed: " + verdict.ToString() + "; failing held requests");
-      FailAll(Status::IoError("connect check failed: " + verdict.ToString()), false);
-      if (state_ == State::kClosed) return;
-      gate_.Rejected(verdict);
-      if (state_ == State::kClosed) return;
-      break;
-    case ConnectGate::Verdict::kOk:
-      break;
-  }
-  Admit();
+  gate_.Finish(ClientCheckHooks<Impl>{this, &Log}, std::move(read_status), check_buf_.get(),
+               check_len_);
 }
 
 void RemoteDevice::Impl::Progress() {
