@@ -10,6 +10,7 @@ namespace dst {
 #define DST_LAYERS(X) \
   X(LinearLayer)      \
   X(MirrorLayer)      \
+  X(Raid0Layer)       \
   /* one line per layer, above this one */
 
 #define DST_DECLARE_LAYER(fn) const LayerInfo& fn();
