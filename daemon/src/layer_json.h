@@ -1,5 +1,5 @@
-// The layer registry (dst/layer.h) as JSON for the control socket: the `layers` method and the
-// "layer" object of every array.  dstctl and the GUI take help texts, key lists and detail
+// The layer registry (dst/layer.h) as JSON for the control socket: the `array.layers` method
+// and the "layer" object of every array.  dstctl and the GUI take help texts, key lists and detail
 // labels from here, so dst_control links no engine library and names no layer.
 #pragma once
 

@@ -4,10 +4,11 @@
 // own configuration keys (type, default, help), its leg rules (how many, same size or not,
 // read-only legs or not, how legs may change live, how the array size derives from them), its
 // CLI help text and a factory that builds the device from its legs and key values.  The daemon's
-// config parser, array creation, planner and JSON, and through the daemon's `layers` control
-// method dstctl's help and the status/detail rendering, all read this list; none of them names a
-// layer.  A new layer is one device file defining `const LayerInfo& <Name>Layer()` plus one line
-// in the list in layer.cc (see docs/architecture.md, "Layer registry").
+// config parser, array creation, planner and JSON, and (through the daemon's `array.layers`
+// method and the arrays' "layer" objects) dstctl's help and the status/detail rendering, all
+// read this list; none of them names a layer.  A new layer is one device file defining
+// `const LayerInfo& <Name>Layer()` plus one line in the list in layer.cc (see
+// docs/architecture.md, "Layer registry").
 //
 // Key values travel as canonical text (LayerParams): sizes and integers in decimal bytes/units,
 // booleans "true"/"false", strings as given.  Turning user text ("64K") into canonical text is
