@@ -76,17 +76,15 @@ struct ServerCoreOptions {
 // The core's part of a protocol's options struct (fields of the same names).
 template <typename O>
 ServerCoreOptions CoreOptionsOf(const O& o, const char* log_name, const char* export_kind) {
-  ServerCoreOptions c;
-  c.log_name = log_name;
-  c.export_kind = export_kind;
-  c.listen_address = o.listen_address;
-  c.port = o.port;
-  c.batching = o.batching;
-  c.max_inflight_per_connection = o.max_inflight_per_connection;
-  c.buffer_size = o.max_payload;
-  c.buffer_count = o.buffer_count;
-  c.stall_timeout = o.stall_timeout;
-  return c;
+  return ServerCoreOptions{.log_name = log_name,
+                           .export_kind = export_kind,
+                           .listen_address = o.listen_address,
+                           .port = o.port,
+                           .batching = o.batching,
+                           .max_inflight_per_connection = o.max_inflight_per_connection,
+                           .buffer_size = o.max_payload,
+                           .buffer_count = o.buffer_count,
+                           .stall_timeout = o.stall_timeout};
 }
 
 // What every export has, whatever its protocol; the protocol's entry derives from it.

@@ -7,7 +7,6 @@
 //   'H' + name (len bytes): handshake, attaches the export; reply status 0 or ENOENT.
 //   'W' + len bytes: write at 0.   'R': read len bytes at 0.   'F': flush.
 //   'Y' + len bytes: refused write (payload discarded, EINVAL).   other: EINVAL.
-#include <netinet/in.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -23,6 +22,7 @@
 
 #include "fake_device.h"
 #include "server_core.h"
+#include "loopback.h"
 #include "test_env.h"
 
 using namespace dst;
@@ -187,14 +187,8 @@ struct Client {
     if (fd >= 0) ::close(fd);
   }
   bool Connect(std::uint16_t port) {
-    fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_port = htons(port);
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    timeval tv{10, 0};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    return ::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
+    fd = test::DialLoopback(port);
+    return fd >= 0;
   }
   bool SendRaw(const void* p, std::size_t n) { return ::send(fd, p, n, MSG_NOSIGNAL) == ssize_t(n); }
   bool Send(char op, std::uint64_t id, std::uint32_t len, const void* payload = nullptr, std::size_t send_len = ~0ul) {
@@ -206,16 +200,7 @@ struct Client {
     if (!payload) return true;
     return SendRaw(payload, send_len == ~0ul ? len : send_len);
   }
-  bool RecvAll(void* p, std::size_t n) {
-    auto* c = static_cast<char*>(p);
-    while (n) {
-      const ssize_t r = ::recv(fd, c, n, 0);
-      if (r <= 0) return false;
-      c += r;
-      n -= std::size_t(r);
-    }
-    return true;
-  }
+  bool RecvAll(void* p, std::size_t n) { return test::RecvFull(fd, p, n); }
   // Returns the reply status (or ~0u when the connection ended); *id gets its id.
   std::uint32_t Recv(std::uint64_t* id = nullptr, void* data = nullptr, std::size_t len = 0) {
     std::uint8_t r[kRep];

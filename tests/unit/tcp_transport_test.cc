@@ -2,7 +2,6 @@
 // SendFrames gathering a whole frame list into one system call, its limits and offsets, the
 // Transmitter on a Transport, exact and partial receives, shutdown, an orderly close, writable
 // waits, listener and connector (TCP and AF_UNIX), and IoCallback.
-#include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -21,38 +20,29 @@
 
 #include "dst/net/tcp_transport.h"
 #include "dst/net/transmitter.h"
+#include "loopback.h"
 #include "test_env.h"
+#include "tx_frames.h"
 
+namespace asio = boost::asio;
 using namespace dst;
 using namespace dst::net;
-namespace asio = boost::asio;
-using tcp = asio::ip::tcp;
 
 namespace {
 
 // A TcpTransport (server side) and a raw client descriptor.
 struct Pair {
   asio::io_context io;
+  int client = -1;
   Strand strand = asio::make_strand(io);
   std::unique_ptr<TcpTransport> t;
-  int client = -1;
 
-  bool Open(int sndbuf = 4 << 20) {
-    tcp::acceptor acc(io, tcp::endpoint(asio::ip::address_v4::loopback(), 0));
-    client = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    int rcv = 4 << 20;
-    setsockopt(client, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof rcv);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_port = htons(acc.local_endpoint().port());
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (::connect(client, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) return false;
-    tcp::socket s(io);
-    acc.accept(s);
+  bool Open(int sndbuf = 4 << 20, int rcvbuf = 4 << 20) {
+    asio::ip::tcp::socket s(io);
+    client = test::LoopbackPair(io, &s, rcvbuf);
+    if (client < 0) return false;
     s.set_option(asio::socket_base::send_buffer_size(sndbuf));
     t = TcpTransport::FromTcp(std::move(s), strand);
-    timeval tv{10, 0};
-    setsockopt(client, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     return true;
   }
   ~Pair() {
@@ -68,46 +58,21 @@ struct Pair {
     }
     return pred();
   }
-  bool ReadAll(char* p, std::size_t n) {
-    while (n) {
-      const ssize_t r = ::recv(client, p, n, 0);
-      if (r <= 0) return false;
-      p += r;
-      n -= std::size_t(r);
-    }
-    return true;
-  }
+  bool ReadAll(char* p, std::size_t n) { return test::RecvFull(client, p, n); }
 };
 
-// n frames of a 48-byte header and `len` payload bytes, chained through TxFrame::next.
-struct Chain {
-  std::vector<TxFrame> f;
-  std::vector<char> payload;
-  std::uint32_t len;
-  std::vector<int> sent;
-  Chain(int n, std::uint32_t payload_len) : f(n), payload(std::size_t(n) * payload_len), len(payload_len) {
-    for (std::size_t i = 0; i < payload.size(); ++i) payload[i] = char(i * 13 + 5);
-    for (int i = 0; i < n; ++i) {
-      std::memset(f[i].header, 'A' + i % 26, kHeaderSize);
-      f[i].payload = payload.data() + std::size_t(i) * len;
-      f[i].payload_len = len;
-      f[i].next = i + 1 < n ? &f[i + 1] : nullptr;
-      f[i].owner = this;
-      f[i].on_sent = [](TxFrame* fr, bool ok) {
-        auto* c = static_cast<Chain*>(fr->owner);
-        if (ok) c->sent.push_back(int(fr - c->f.data()));
-      };
-    }
+// A frame list ready for SendFrames on a fresh pair.
+struct Sending {
+  Pair p;
+  Frames ch;
+  boost::system::error_code ec;
+  bool open;
+  Sending(int n, std::uint32_t len, int sndbuf = 4 << 20, int rcvbuf = 4 << 20)
+      : ch(n, len), open(p.Open(sndbuf, rcvbuf)) {
+    ch.Chain();
   }
-  std::size_t FrameBytes() const { return kHeaderSize + len; }
-  std::size_t Bytes() const { return f.size() * FrameBytes(); }
-  std::vector<char> Wire() const {
-    std::vector<char> out;
-    for (std::size_t i = 0; i < f.size(); ++i) {
-      out.insert(out.end(), f[i].header, f[i].header + kHeaderSize);
-      out.insert(out.end(), payload.begin() + i * len, payload.begin() + (i + 1) * len);
-    }
-    return out;
+  std::size_t Send(std::size_t first, std::size_t offset, const SendLimits& lim = {}) {
+    return p.t->SendFrames(&ch.f[first], offset, lim, ec);
   }
 };
 
@@ -118,36 +83,32 @@ class TcpTransportTest : public QObject {
  private slots:
   // One SendFrames call takes a whole list of 300 frames (600 iovecs): one system call.
   void sendFramesGathersManyFramesInOneCall() {
-    Pair p;
-    QVERIFY(p.Open());
-    Chain ch(300, 64);
-    boost::system::error_code ec;
-    const std::size_t w = p.t->SendFrames(&ch.f[0], 0, SendLimits{}, ec);
-    QVERIFY(!ec);
-    QCOMPARE(w, ch.Bytes());
-    std::vector<char> got(ch.Bytes());
-    QVERIFY(p.ReadAll(got.data(), got.size()));
-    QVERIFY(got == ch.Wire());
+    Sending s(300, 64);
+    QVERIFY(s.open);
+    QCOMPARE(s.Send(0, 0), s.ch.WireBytes());
+    QVERIFY(!s.ec);
+    std::vector<char> got(s.ch.WireBytes());
+    QVERIFY(s.p.ReadAll(got.data(), got.size()));
+    QVERIFY(got == s.ch.Expected());
   }
 
   // max_frames bounds a call; `offset` resumes inside the first frame.
   void sendFramesLimitsAndOffset() {
-    Pair p;
-    QVERIFY(p.Open());
-    Chain ch(4, 100);
-    boost::system::error_code ec;
+    Sending s(4, 100);
+    QVERIFY(s.open);
     SendLimits one;
     one.max_frames = 1;
-    QCOMPARE(p.t->SendFrames(&ch.f[0], 0, one, ec), ch.FrameBytes());
-    QVERIFY(!ec);
+    const std::size_t frame = s.ch.FrameBytes();
+    QCOMPARE(s.Send(0, 0, one), frame);
+    QVERIFY(!s.ec);
     // Frame 1 from byte 60 (inside its payload), then frames 2 and 3 whole.
-    const std::size_t rest = ch.FrameBytes() - 60 + 2 * ch.FrameBytes();
-    QCOMPARE(p.t->SendFrames(&ch.f[1], 60, SendLimits{}, ec), rest);
-    const std::vector<char> wire = ch.Wire();
-    std::vector<char> got(ch.FrameBytes() + rest);
-    QVERIFY(p.ReadAll(got.data(), got.size()));
-    std::vector<char> want(wire.begin(), wire.begin() + ch.FrameBytes());
-    want.insert(want.end(), wire.begin() + ch.FrameBytes() + 60, wire.end());
+    const std::size_t rest = frame - 60 + 2 * frame;
+    QCOMPARE(s.Send(1, 60), rest);
+    const std::vector<char> wire = s.ch.Expected();
+    std::vector<char> got(frame + rest);
+    QVERIFY(s.p.ReadAll(got.data(), got.size()));
+    std::vector<char> want(wire.begin(), wire.begin() + frame);
+    want.insert(want.end(), wire.begin() + frame + 60, wire.end());
     QVERIFY(got == want);
   }
 
@@ -157,16 +118,16 @@ class TcpTransportTest : public QObject {
     QVERIFY(p.Open());
     TxStats st;
     Transmitter tx(*p.t, true, &st);
-    Chain ch(300, 64);
-    std::vector<char> got(ch.Bytes());
+    Frames ch(300, 64);
+    std::vector<char> got(ch.WireBytes());
     std::atomic<bool> ok{false};
     std::thread reader([&] { ok = p.ReadAll(got.data(), got.size()); });
     for (auto& f : ch.f) tx.Enqueue(&f);
     QVERIFY(tx.Flush());
-    QVERIFY(p.RunUntil([&] { return ch.sent.size() == ch.f.size(); }));
+    QVERIFY(p.RunUntil([&] { return ch.sent_order.size() == ch.f.size(); }));
     reader.join();
     QVERIFY(ok);
-    QVERIFY(got == ch.Wire());
+    QVERIFY(got == ch.Expected());
     QCOMPARE(st.frames.load(), 300ull);
     QVERIFY(st.syscalls.load() <= 3);  // 600 iovecs: one or two IOV_MAX batches
     QVERIFY(st.FramesPerCall() >= 100.0);
@@ -179,20 +140,23 @@ class TcpTransportTest : public QObject {
     QVERIFY(p.Open(4096));
     TxStats st;
     Transmitter tx(*p.t, true, &st);
-    Chain ch(64, 65536 + 512);
+    Frames ch(64, 65536 + 512);
     for (auto& f : ch.f) tx.Enqueue(&f);
     QVERIFY(tx.Flush());  // nobody reads yet: the socket fills up
     QVERIFY(st.eagain.load() > 0);
     QVERIFY(!tx.idle());
-    std::vector<char> got(ch.Bytes());
+    std::vector<char> got(ch.WireBytes());
     std::atomic<bool> ok{false};
     std::thread reader([&] { ok = p.ReadAll(got.data(), got.size()); });
-    QVERIFY(p.RunUntil([&] { return ch.sent.size() == ch.f.size(); }));
+    QVERIFY(p.RunUntil([&] { return ch.sent_order.size() == ch.f.size(); }));
     reader.join();
     QVERIFY(ok);
-    QVERIFY(got == ch.Wire());
-    for (int i = 0; i < 64; ++i) QCOMPARE(ch.sent[i], i);
-    QCOMPARE(st.bytes.load(), std::uint64_t(ch.Bytes()));
+    QVERIFY(got == ch.Expected());
+    for (int i = 0; i < 64; ++i) {
+      QCOMPARE(ch.sent_order[i], i);
+      QVERIFY(ch.sent_ok[i]);
+    }
+    QCOMPARE(st.bytes.load(), std::uint64_t(ch.WireBytes()));
     QCOMPARE(p.t->arena_fallbacks(), 0ull);
   }
 
@@ -272,19 +236,17 @@ class TcpTransportTest : public QObject {
   // With the send buffer full SendFrames reports would_block; AsyncWaitWritable completes once
   // the peer reads.
   void waitWritable() {
-    Pair p;
-    QVERIFY(p.Open(4096));
-    Chain ch(1, 1 << 20);
+    Sending s(1, 1 << 20, 4096, 4096);  // both buffers small: the socket fills up
+    QVERIFY(s.open);
     std::size_t off = 0;
-    boost::system::error_code ec;
-    while (!ec) off += p.t->SendFrames(&ch.f[0], off, SendLimits{}, ec);
-    QCOMPARE(ec, boost::system::error_code(asio::error::would_block));
-    QVERIFY(off < ch.Bytes());
+    while (!s.ec && off < s.ch.WireBytes()) off += s.Send(0, off);
+    QCOMPARE(s.ec, boost::system::error_code(asio::error::would_block));
+    QVERIFY(off < s.ch.WireBytes());
     bool writable = false;
-    p.t->AsyncWaitWritable([&](const boost::system::error_code& e, std::size_t) { writable = !e; });
-    std::vector<char> got(ch.Bytes());
-    std::thread reader([&] { p.ReadAll(got.data(), off); });
-    QVERIFY(p.RunUntil([&] { return writable; }));
+    s.p.t->AsyncWaitWritable([&](const boost::system::error_code& e, std::size_t) { writable = !e; });
+    std::vector<char> got(s.ch.WireBytes());
+    std::thread reader([&] { s.p.ReadAll(got.data(), off); });
+    QVERIFY(s.p.RunUntil([&] { return writable; }));
     reader.join();
   }
 
@@ -310,7 +272,10 @@ class TcpTransportTest : public QObject {
       client = std::move(t);
     });
     const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-    while ((!server || !client) && std::chrono::steady_clock::now() < end) io.run_for(std::chrono::milliseconds(5));
+    while ((!server || !client) && std::chrono::steady_clock::now() < end) {
+      io.restart();
+      io.run_for(std::chrono::milliseconds(5));
+    }
     QVERIFY(st.ok());
     QVERIFY(server && client);
     QVERIFY(QString::fromStdString(server->peer()).startsWith("127.0.0.1:"));
@@ -318,7 +283,10 @@ class TcpTransportTest : public QObject {
     char buf[5] = {};
     server->AsyncRead(asio::buffer(buf, 5), [&](const boost::system::error_code& ec, std::size_t) { got = !ec; });
     client->AsyncWrite(asio::buffer("hello", 5), [&](const boost::system::error_code& ec, std::size_t) { sent = !ec; });
-    while ((!sent || !got) && std::chrono::steady_clock::now() < end) io.run_for(std::chrono::milliseconds(5));
+    while ((!sent || !got) && std::chrono::steady_clock::now() < end) {
+      io.restart();
+      io.run_for(std::chrono::milliseconds(5));
+    }
     QVERIFY(sent && got);
     QCOMPARE(std::memcmp(buf, "hello", 5), 0);
 
@@ -333,7 +301,10 @@ class TcpTransportTest : public QObject {
       st = s;
       QVERIFY(!t);
     });
-    while (!called && std::chrono::steady_clock::now() < end) io.run_for(std::chrono::milliseconds(5));
+    while (!called && std::chrono::steady_clock::now() < end) {
+      io.restart();
+      io.run_for(std::chrono::milliseconds(5));
+    }
     QVERIFY(called);
     QCOMPARE(st.code(), Status::Code::kUnavailable);
 
@@ -342,6 +313,7 @@ class TcpTransportTest : public QObject {
     bool cancelled_called = false;
     cancelled.AsyncConnect(std::chrono::seconds(5), [&](Status, std::unique_ptr<Transport>) { cancelled_called = true; });
     asio::post(cs, [&] { cancelled.Cancel(); });
+    io.restart();
     io.run_for(std::chrono::milliseconds(100));
     QVERIFY(!cancelled_called);
   }
@@ -366,22 +338,25 @@ class TcpTransportTest : public QObject {
       t = std::move(tr);
     });
     const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-    while (!t && st.code() == Status::Code::kIoError && std::chrono::steady_clock::now() < end)
+    while (!t && st.code() == Status::Code::kIoError && std::chrono::steady_clock::now() < end) {
+      io.restart();
       io.run_for(std::chrono::milliseconds(5));
+    }
     QVERIFY(st.ok());
     const int sfd = ::accept(lfd, nullptr, nullptr);
     QVERIFY(sfd >= 0);
-    Chain ch(3, 10);
+    Frames ch(3, 10);
+    ch.Chain();
     boost::system::error_code ec;
-    QCOMPARE(t->SendFrames(&ch.f[0], 0, SendLimits{}, ec), ch.Bytes());
-    std::vector<char> got(ch.Bytes());
+    QCOMPARE(t->SendFrames(&ch.f[0], 0, SendLimits{}, ec), ch.WireBytes());
+    std::vector<char> got(ch.WireBytes());
     std::size_t n = 0;
     while (n < got.size()) {
       const ssize_t r = ::recv(sfd, got.data() + n, got.size() - n, 0);
       QVERIFY(r > 0);
       n += std::size_t(r);
     }
-    QVERIFY(got == ch.Wire());
+    QVERIFY(got == ch.Expected());
     ::close(sfd);
     ::close(lfd);
   }
