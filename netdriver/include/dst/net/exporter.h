@@ -26,6 +26,7 @@
 #include <boost/asio/io_context.hpp>
 
 #include "dst/block_device.h"
+#include "dst/net/server_stats.h"
 #include "dst/net/transmitter.h"
 #include "dst/status.h"
 
@@ -64,16 +65,8 @@ struct ExportStatus {
   double frames_per_call = 0;     // frames_sent / send_calls (0 before any send)
 };
 
-struct ExporterStats {
-  std::uint64_t connections_total = 0;
-  int connections_open = 0;
-  std::uint64_t requests = 0;
-  std::uint64_t errors_replied = 0;   // requests answered with a non-OK status
-  std::uint64_t protocol_errors = 0;  // connections closed for framing errors
-  std::uint64_t digest_errors = 0;    // WRITE payloads refused for a digest mismatch
-  std::uint64_t frames_sent = 0;
-  std::uint64_t send_calls = 0;
-  double frames_per_call = 0;
+struct ExporterStats : ServerStats {
+  std::uint64_t digest_errors = 0;  // WRITE payloads refused for a digest mismatch
 };
 
 class Exporter {
@@ -89,8 +82,8 @@ class Exporter {
   std::vector<ExportStatus> ListExports() const;
   ExporterStats Stats() const;
 
-  // Stops accepting, lets in-flight requests finish, flushes every export, closes all
-  // connections, then calls done (on an io thread).  Used for SIGTERM.
+  // Stops accepting, lets in-flight requests finish, closes all connections, flushes every
+  // writable export whose device can flush, then calls done (on an io thread).  Used for SIGTERM.
   void Drain(std::function<void(Status)> done);
 
   class Impl;

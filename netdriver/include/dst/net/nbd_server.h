@@ -37,6 +37,7 @@
 
 #include "dst/block_device.h"
 #include "dst/net/nbd_format.h"
+#include "dst/net/server_stats.h"
 #include "dst/status.h"
 
 namespace dst::net {
@@ -130,16 +131,7 @@ struct NbdExportStatus {
   int connections = 0;
 };
 
-struct NbdServerStats {
-  std::uint64_t connections_total = 0;
-  int connections_open = 0;
-  std::uint64_t requests = 0;
-  std::uint64_t errors_replied = 0;
-  std::uint64_t protocol_errors = 0;  // connections closed for framing/handshake violations
-  std::uint64_t frames_sent = 0;
-  std::uint64_t send_calls = 0;
-  double frames_per_call = 0;
-};
+struct NbdServerStats : ServerStats {};
 
 class NbdServer {
  public:
@@ -157,8 +149,8 @@ class NbdServer {
   std::vector<NbdExportStatus> ListExports() const;
   NbdServerStats Stats() const;
 
-  // Stops accepting, lets in-flight requests finish, flushes every writable export, closes every
-  // connection, then calls done on an io thread.
+  // Stops accepting, lets in-flight requests finish, closes every connection, flushes every
+  // writable export whose device can flush, then calls done on an io thread.
   void Drain(std::function<void(Status)> done);
 
   class Impl;
