@@ -12,6 +12,9 @@
 // stops reading on the old connection and waits for its in-flight requests to finish before
 // the new one is answered, so a stale write can never land after a newer one.
 //
+// Accept loop, pools, backpressure, stall sweep, drain and counters are the server-connection
+// core it shares with the NBD server (netdriver/src/server_core.h).
+//
 // Threading: the Exporter runs on the io_context given to it (one or more threads).  Public
 // methods are thread-safe.  Device I/O completes on device threads and is handed back to the
 // connection's io thread.

@@ -11,7 +11,8 @@
 //      |       bad flags / bad magic / ABORT / unknown EXPORT_NAME / EOF          |
 //      +---------------------------> CLOSED <---- DRAINING <--DISC / EOF / bad request magic
 //
-// Transmission works like the DST exporter: preallocated request contexts per connection,
+// Transmission runs on the server-connection core it shares with the DST exporter
+// (netdriver/src/server_core.h): preallocated request contexts per connection,
 // payloads read from the socket straight into pool buffers and replied from them (zero copy),
 // device completions gathered on a list and sent by one posted drain through the batched
 // Transmitter, no heap allocation per I/O in steady state.  A request that fails validation gets
