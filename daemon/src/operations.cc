@@ -1000,9 +1000,13 @@ void Daemon::ApplyRpc(const ctl::Request& req, Reply reply) {
       reply(ctl::EncodeResult(id, res));
       return;
     }
-    ApplyOutcome out = Apply(steps, [](const ctl::StepReport& r) {
+    // Per-step progress: the log, and an `apply_step` event for watchers (the GUI's log pane).
+    ApplyOutcome out = Apply(steps, [this](const ctl::StepReport& r) {
       spdlog::info("apply: {}: {}{}", r.step.description, ctl::StepStatusName(r.status),
                    r.error.empty() ? "" : ": " + r.error);
+      json ev = ctl::ToJson(r);
+      ev["type"] = "apply_step";
+      Emit(std::move(ev));
     });
     res["steps"] = json::array();
     for (auto& r : out.steps) {

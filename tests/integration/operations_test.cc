@@ -5,8 +5,9 @@
 //     object with `reasons[]`, each with its code, object and owner; nothing changed.  Several
 //     reasons are all listed (also on stderr).
 //   * ApplySteps: `apply --dry-run --json` returns typed steps (kind, object, status "not run")
-//     and changes nothing; a step that fails stops the apply (later steps "not run", typed
-//     error code), and the refusal of a whole plan carries the typed reasons.
+//     and changes nothing; each step applied is pushed as an apply_step event; a step that fails
+//     stops the apply (later steps "not run", typed error code); the refusal of a whole plan
+//     carries the typed reasons, also for taking the last up-to-date leg of a mirror.
 #include <QtTest/QtTest>
 
 #include <unistd.h>
@@ -177,12 +178,44 @@ class OperationsTest : public QObject {
     QCOMPARE(ExportNames(d), QStringList());
     QVERIFY(!QFile::exists(e1));
 
-    // Applied: every step done.
+    // Applied: every step done, each reported as it finished (apply_step events).
+    QProcess ev;
+    ev.start(QString::fromStdString(BinPath("dstctl")),
+             {"--socket", d.control_socket(), "events", "--json"});
+    QVERIFY(ev.waitForStarted());
+    struct Killer {
+      QProcess& p;
+      ~Killer() {
+        if (p.state() == QProcess::NotRunning) return;
+        p.kill();
+        p.waitForFinished(5000);
+      }
+    } killer{ev};
+    QThread::msleep(1000);  // subscribed (the subscription's reply is not printed)
     json done = CtlJson(d, {"apply", file, "--json"}, &why);
     QVERIFY2(done["steps"].size() == 2 && done["steps"][0]["status"] == "done" &&
                  done["steps"][1]["status"] == "done" && done["failed"] == false,
              qPrintable(why + QString::fromStdString(done.dump())));
     QCOMPARE(ExportNames(d), QStringList{"e1"});
+    QByteArray events;
+    std::vector<json> steps;
+    QVERIFY2(WaitUntil(
+                 [&] {
+                   ev.waitForReadyRead(100);
+                   events += ev.readAllStandardOutput();
+                   steps.clear();
+                   for (auto& line : events.split('\n')) {
+                     json j = json::parse(line.toStdString(), nullptr, false);
+                     if (j.is_object() && j.value("type", "") == "apply_step") steps.push_back(j);
+                   }
+                   return steps.size() >= 2;
+                 },
+                 10000),
+             events.constData());
+    QCOMPARE(steps[0]["kind"], json("create_array"));
+    QCOMPARE(steps[0]["status"], json("done"));
+    QCOMPARE(steps[1]["kind"], json("add_export"));
+    QCOMPARE(steps[1]["object"], json("export:e1"));
 
     // A whole plan refused: typed reasons with their owners; nothing changed.  (A hard link: the
     // config file itself refuses one path named twice.)
