@@ -21,6 +21,7 @@
 
 #include "dst/control/control_client.h"
 #include "dst/control/control_protocol.h"
+#include "dst/control/ops.h"
 #include "dst/control/render.h"
 
 namespace {
@@ -31,6 +32,27 @@ using nlohmann::json;
 int Fail(int code, const std::string& msg) {
   std::fprintf(stderr, "dstctl: %s\n", msg.c_str());
   return code;
+}
+
+bool g_json = false;  // --json: errors are also printed as JSON on stdout
+
+// An error reply: one line on stderr; a refused operation with several reasons lists each (code,
+// object, owner) below it.  --json prints the whole error object, reasons included.
+int FailReply(const ctl::Reply& reply) {
+  if (g_json) {
+    json e{{"code", reply.error_code}, {"message", reply.error_message}};
+    if (!reply.error_reasons.empty()) e["reasons"] = reply.error_reasons;
+    std::printf("%s\n", json{{"error", e}}.dump(2).c_str());
+  }
+  int rc = Fail(ctl::ExitCodeForError(reply.error_code), reply.error_message);
+  if (reply.error_reasons.size() > 1)
+    for (auto& j : reply.error_reasons) {
+      ctl::Refusal r;
+      if (!ctl::FromJson(j, &r)) continue;
+      std::fprintf(stderr, "dstctl:   %s: %s%s\n", ctl::RefusalCodeName(r.code), r.message.c_str(),
+                   r.owner.empty() ? "" : fmt::format(" (held by {})", r.owner).c_str());
+    }
+  return rc;
 }
 
 std::string Absolute(const std::string& p) {
@@ -63,9 +85,14 @@ int Call(const std::string& socket, const std::string& method, const json& param
     return Fail(protocol ? ctl::kExProtocol : ctl::kExUnavailable,
                 fmt::format("{}: {}", method, why));
   }
-  if (!reply.ok) return Fail(ctl::ExitCodeForError(reply.error_code), reply.error_message);
+  if (!reply.ok) return FailReply(reply);
   *result = std::move(reply.result);
   return 0;
+}
+
+// A change: the typed request (dst/control/ops.h) on the wire.
+int Call(const std::string& socket, const ctl::OpRequest& op, json* result) {
+  return Call(socket, ctl::MethodOf(op), ctl::ToParams(op), result);
 }
 
 void PrintJson(const json& j) { std::printf("%s\n", j.dump(2).c_str()); }
@@ -88,7 +115,7 @@ int Events(const std::string& socket, bool as_json) {
   std::string why;
   if (!client.Call("events", json::object(), &reply, &why))
     return Fail(ctl::kExUnavailable, fmt::format("events: {}", why));
-  if (!reply.ok) return Fail(ctl::ExitCodeForError(reply.error_code), reply.error_message);
+  if (!reply.ok) return FailReply(reply);
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
   std::string line;
   while (client.ReadLine(&line, &why)) {
@@ -108,10 +135,8 @@ int Events(const std::string& socket, bool as_json) {
 // of what --repair marked, and print the result.  Exit codes: render.h VerifyExitCode.
 int Verify(const std::string& socket, const std::string& name, bool repair, bool cancel,
            bool no_wait, bool as_json) {
-  json result, p{{"name", name}};
-  if (cancel) p["cancel"] = true;
-  if (repair) p["repair"] = true;
-  if (int rc = Call(socket, "array.verify", p, &result); rc != 0) return rc;
+  json result;
+  if (int rc = Call(socket, ctl::VerifyOp{name, repair, cancel}, &result); rc != 0) return rc;
   if (cancel || no_wait) {
     if (as_json) PrintJson(result);
     else if (cancel) std::printf("verify of %s: cancel requested\n", name.c_str());
@@ -315,6 +340,7 @@ int main(int argc, char** argv) {
     return Fail(ctl::kExUsage, fmt::format("{} (see dstctl --help)", e.what()));
   }
 
+  g_json = as_json;
   json result;
   int rc = 0;
   auto print_array = [&](const char* what) {
@@ -325,13 +351,9 @@ int main(int argc, char** argv) {
   if (exp_add->parsed()) {
     if (int(!path.empty()) + int(!exp_array.empty()) + int(!exp_volume.empty()) != 1)
       return Fail(ctl::kExUsage, "export add: give exactly one of PATH, --array, --volume");
-    json p{{"name", name}, {"read_only", read_only}, {"direct_io", direct_io}};
-    if (!path.empty()) p["path"] = Absolute(path);
-    if (!exp_array.empty()) p["array"] = exp_array;
-    if (!exp_volume.empty()) p["volume"] = exp_volume;
-    if (!size.empty()) p["size"] = size;
-    if (grow_image) p["grow"] = true;
-    if ((rc = Call(socket, "export.add", p, &result)) != 0) return rc;
+    ctl::ExportAddOp op{name, path.empty() ? "" : Absolute(path), exp_array, exp_volume, size,
+                        read_only, direct_io, grow_image};
+    if ((rc = Call(socket, op, &result)) != 0) return rc;
     if (as_json) PrintJson(result);
     else std::printf("export %s added: %s, %s\n", name.c_str(),
                      ctl::FormatSize(result.value("size", std::uint64_t{0})).c_str(),
@@ -341,16 +363,16 @@ int main(int argc, char** argv) {
     if (as_json) PrintJson(result);
     else std::fputs(ctl::RenderExportList(result.value("exports", json::array())).c_str(), stdout);
   } else if (exp_rm->parsed()) {
-    if ((rc = Call(socket, "export.remove", json{{"name", name}}, &result)) != 0) return rc;
+    if ((rc = Call(socket, ctl::ExportRemoveOp{name}, &result)) != 0) return rc;
     if (as_json) PrintJson(result);
     else std::printf("export %s removed\n", name.c_str());
   } else if (vol_imp->parsed()) {
     if (uri.find("://") == std::string::npos) uri = Absolute(uri);
-    json p{{"name", name}, {"uri", uri}};
-    if (queue_depth) p["queue_depth"] = queue_depth;
-    if (timeout) p["io_timeout"] = timeout;
-    if (keepalive) p["keepalive_timeout"] = keepalive;
-    if ((rc = Call(socket, "volume.import", p, &result)) != 0) return rc;
+    ctl::VolumeImportOp op{name, uri, {}, {}, {}};
+    if (queue_depth) op.queue_depth = std::uint32_t(queue_depth);
+    if (timeout) op.io_timeout = std::uint32_t(timeout);
+    if (keepalive) op.keepalive_timeout = std::uint32_t(keepalive);
+    if ((rc = Call(socket, op, &result)) != 0) return rc;
     if (as_json) PrintJson(result);
     else std::printf("volume %s imported: %s, %s%s%s\n", name.c_str(),
                      ctl::FormatSize(result.value("size", std::uint64_t{0})).c_str(),
@@ -363,11 +385,11 @@ int main(int argc, char** argv) {
     if (as_json) PrintJson(result);
     else std::fputs(ctl::RenderVolumeList(result.value("volumes", json::array())).c_str(), stdout);
   } else if (vol_rm->parsed()) {
-    if ((rc = Call(socket, "volume.remove", json{{"name", name}}, &result)) != 0) return rc;
+    if ((rc = Call(socket, ctl::VolumeRemoveOp{name}, &result)) != 0) return rc;
     if (as_json) PrintJson(result);
     else std::printf("volume %s removed\n", name.c_str());
   } else if (mnt->parsed()) {
-    if ((rc = Call(socket, "mount", json{{"path", Absolute(dir)}}, &result)) != 0) return rc;
+    if ((rc = Call(socket, ctl::MountOp{Absolute(dir)}, &result)) != 0) return rc;
     if (as_json) PrintJson(result);
     else std::printf("mounted at %s\n", result.value("mount", dir).c_str());
   } else if (umnt->parsed()) {
@@ -379,19 +401,22 @@ int main(int argc, char** argv) {
     if (as_json) PrintJson(result);
     else std::fputs(ctl::RenderStatus(result).c_str(), stdout);
   } else if (arr_create->parsed()) {
-    json p{{"name", name}, {"level", level}, {"legs", json::array()}, {"assume_clean", assume_clean}};
-    if (force) p["force"] = true;
-    for (auto& l : legs) p["legs"].push_back(LegSpec(l));
-    if (!region_size.empty()) p["region_size"] = region_size;
-    if (!rate_min.empty()) p["resync_rate_min"] = rate_min;
-    if (!rate_max.empty()) p["resync_rate_max"] = rate_max;
+    ctl::ArrayCreateOp op;
+    op.name = name;
+    op.level = level;
+    for (auto& l : legs) op.legs.push_back(LegSpec(l));
+    op.region_size = region_size;
+    op.resync_rate_min = rate_min;
+    op.resync_rate_max = rate_max;
+    op.assume_clean = assume_clean;
+    op.force = force;
     for (auto& kv : layer_keys) {
       auto eq = kv.find('=');
       if (eq == std::string::npos || eq == 0)
         return Fail(ctl::kExUsage, fmt::format("array create: --set {}: expected KEY=VALUE", kv));
-      p["params"][kv.substr(0, eq)] = kv.substr(eq + 1);
+      op.params[kv.substr(0, eq)] = kv.substr(eq + 1);
     }
-    if ((rc = Call(socket, "array.create", p, &result)) != 0) return rc;
+    if ((rc = Call(socket, op, &result)) != 0) return rc;
     if (as_json) PrintJson(result);
     else std::printf("array %s created: %s %s, %s\n", name.c_str(), level.c_str(),
                      ctl::FormatSize(result.value("size", std::uint64_t{0})).c_str(),
@@ -405,20 +430,20 @@ int main(int argc, char** argv) {
     if (as_json) PrintJson(result);
     else std::fputs(ctl::RenderArrayList(result.value("arrays", json::array())).c_str(), stdout);
   } else if (arr_rm->parsed()) {
-    if ((rc = Call(socket, "array.remove", json{{"name", name}}, &result)) != 0) return rc;
+    if ((rc = Call(socket, ctl::ArrayRemoveOp{name}, &result)) != 0) return rc;
     if (as_json) PrintJson(result);
     else std::printf("array %s removed\n", name.c_str());
   } else if (arr_add->parsed() || arr_grow->parsed()) {
-    const char* m = arr_add->parsed() ? "array.add_leg" : "array.grow";
-    if ((rc = Call(socket, m, json{{"name", name}, {"leg", LegSpec(leg)}}, &result)) != 0) return rc;
+    if ((rc = Call(socket, ctl::LegAddOp{name, LegSpec(leg), arr_grow->parsed()}, &result)) != 0)
+      return rc;
     print_array(arr_add->parsed() ? "leg added" : "grown");
   } else if (arr_fail->parsed() || arr_rmleg->parsed() || arr_readd->parsed() || arr_detach->parsed()) {
-    const char* m = arr_fail->parsed() ? "array.fail_leg" : arr_rmleg->parsed() ? "array.remove_leg"
-                  : arr_readd->parsed() ? "array.readd_leg" : "array.detach_leg";
-    json p{{"name", name}, {"slot", slot}};
-    if (!leg.empty()) p["leg"] = LegSpec(leg);
-    if (force) p["force"] = true;
-    if ((rc = Call(socket, m, p, &result)) != 0) return rc;
+    ctl::LegAction action = arr_fail->parsed()    ? ctl::LegAction::kFail
+                            : arr_rmleg->parsed() ? ctl::LegAction::kRemove
+                            : arr_readd->parsed() ? ctl::LegAction::kReAdd
+                                                  : ctl::LegAction::kDetach;
+    ctl::LegChangeOp op{name, action, slot, leg.empty() ? "" : LegSpec(leg), force};
+    if ((rc = Call(socket, op, &result)) != 0) return rc;
     print_array(arr_fail->parsed() ? "leg failed" : arr_rmleg->parsed() ? "leg removed"
                 : arr_readd->parsed() ? "leg re-added" : "leg detached");
   } else if (arr_resolve->parsed()) {
@@ -446,10 +471,7 @@ int main(int argc, char** argv) {
   } else if (arr_rate->parsed()) {
     if (rate_min.empty() && rate_max.empty())
       return Fail(ctl::kExUsage, "array resync-rate: give --min and/or --max");
-    json p{{"name", name}};
-    if (!rate_min.empty()) p["min"] = rate_min;
-    if (!rate_max.empty()) p["max"] = rate_max;
-    if ((rc = Call(socket, "array.set_resync_rate", p, &result)) != 0) return rc;
+    if ((rc = Call(socket, ctl::SetResyncRateOp{name, rate_min, rate_max}, &result)) != 0) return rc;
     print_array("resync rate set");
   } else if (arr_verify->parsed()) {
     if (repair && cancel) return Fail(ctl::kExUsage, "array verify: --repair and --cancel exclude each other");

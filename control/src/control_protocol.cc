@@ -97,6 +97,12 @@ std::string EncodeError(const json& id, std::string_view code, std::string_view 
   return Line(json{{"id", id}, {"error", {{"code", code}, {"message", message}}}});
 }
 
+std::string EncodeError(const json& id, std::string_view code, std::string_view message,
+                        const json& reasons) {
+  return Line(json{{"id", id},
+                   {"error", {{"code", code}, {"message", message}, {"reasons", reasons}}}});
+}
+
 bool ParseReply(std::string_view line, Reply* reply, std::string* why) {
   json j = json::parse(line.begin(), line.end(), nullptr, false);
   if (j.is_discarded() || !j.is_object()) {
@@ -123,6 +129,8 @@ bool ParseReply(std::string_view line, Reply* reply, std::string* why) {
   reply->error_code = (*e)["code"].get<std::string>();
   auto m = e->find("message");
   reply->error_message = (m != e->end() && m->is_string()) ? m->get<std::string>() : reply->error_code;
+  auto rs = e->find("reasons");
+  reply->error_reasons = (rs != e->end() && rs->is_array()) ? *rs : json::array();
   return true;
 }
 

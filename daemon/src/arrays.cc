@@ -19,7 +19,6 @@
 #include <algorithm>
 #include <concepts>
 #include <filesystem>
-#include <future>
 #include <set>
 
 #include <fmt/format.h>
@@ -56,52 +55,6 @@ Status ParamString(const json& p, const char* key, bool required, std::string* o
     return Status::InvalidArgument(fmt::format("parameter \"{}\" must be a non-empty string", key));
   *out = it->get<std::string>();
   return Status::OK();
-}
-
-// "params": {"KEY": value, ...}: the layer's own keys (dst/layer.h) as canonical text.  An
-// unknown level is left to CreateArray, which names the registered ones.
-Status ParamLayerKeys(const json& p, ArrayConfig* c) {
-  auto it = p.find("params");
-  if (it == p.end() || it->is_null()) return Status::OK();
-  if (!it->is_object())
-    return Status::InvalidArgument("parameter \"params\" must be an object of layer keys");
-  const LayerInfo* layer = FindLayer(c->level);
-  if (!layer) return Status::OK();
-  for (auto& [k, v] : it->items()) {
-    const LayerKey* key = FindLayerKey(*layer, k);
-    if (!key)
-      return Status::InvalidArgument(fmt::format("a {} array has no key \"{}\"", c->level, k));
-    auto r = ParseLayerValue(*key, v.is_string() ? v.get<std::string>() : v.dump());
-    if (!r.ok()) return Status::InvalidArgument(fmt::format("{}: {}", k, Msg(r.status())));
-    c->params[k] = std::move(r.value());
-  }
-  return Status::OK();
-}
-
-Status ParamSlot(const json& p, int* slot) {
-  auto it = p.find("slot");
-  if (it == p.end() || !it->is_number_integer() || it->get<std::int64_t>() < 0 ||
-      it->get<std::int64_t>() >= MirrorDevice::kMaxLegs * 32)
-    return Status::InvalidArgument("parameter \"slot\" must be a leg slot number (0, 1, ...)");
-  *slot = int(it->get<std::int64_t>());
-  return Status::OK();
-}
-
-// "10M", 10485760 or null (keep).
-Status ParamRate(const json& p, const char* key, std::optional<std::uint64_t>* out) {
-  auto it = p.find(key);
-  if (it == p.end() || it->is_null()) return Status::OK();
-  if (it->is_number_unsigned()) {
-    *out = it->get<std::uint64_t>();
-    return Status::OK();
-  }
-  if (it->is_string()) {
-    auto r = ParseRate(it->get<std::string>());
-    if (!r.ok()) return r.status();
-    *out = r.value();
-    return Status::OK();
-  }
-  return Status::InvalidArgument(fmt::format("parameter \"{}\" must be a rate like \"10M\"", key));
 }
 
 Status FlushDeadline(BlockDevice& dev, std::chrono::milliseconds timeout) {
@@ -153,23 +106,6 @@ std::vector<std::string> LiveLegs(const ArrayConfig& c) {
   return out;
 }
 
-std::string RateText(std::uint64_t r) {
-  if (r == 0) return "0";
-  if (r % (1u << 30) == 0) return fmt::format("{}G", r >> 30);
-  if (r % (1u << 20) == 0) return fmt::format("{}M", r >> 20);
-  if (r % (1u << 10) == 0) return fmt::format("{}K", r >> 10);
-  return std::to_string(r);
-}
-
-std::string SizeText(std::uint64_t r) { return RateText(r); }
-
-// What `dstctl array create` needs beyond name, level and legs (the text of a plan step).
-std::string CreateFlagsText(const ArrayConfig& a) {
-  const LayerInfo* layer = FindLayer(a.level);
-  std::string s = layer && layer->redundant ? " --region-size " + SizeText(a.region_size) : "";
-  for (const auto& [k, v] : a.params) s += fmt::format(" --set {}={}", k, v);
-  return s;
-}
 
 // After the FUSE file's attributes were invalidated: one stat() from here refreshes the kernel's
 // i_size, so `losetup -c` on a loop device over the file sees the new size without anyone else
@@ -626,14 +562,6 @@ std::shared_ptr<Daemon::Array> Daemon::FindArray(const std::string& name) {
   return it == arrays_.end() ? nullptr : it->second;
 }
 
-std::string Daemon::UsedBy(const std::string& name) {
-  std::lock_guard<std::mutex> l(mu_);
-  for (auto& [n, a] : arrays_)
-    for (auto& leg : a->legs)
-      if (leg.spec == "volume:" + name || leg.spec == "array:" + name) return n;
-  return {};
-}
-
 void Daemon::TryPendingExports() {
   if (!exporter_) return;
   std::vector<ExportConfig> want;
@@ -672,28 +600,19 @@ void Daemon::TryPendingExports() {
 // ---------------------------------------------------------------------------------------------
 // Management (blocking; worker threads)
 
+// The steps of the typed operations (operations.cc): their Validate checked the preconditions;
+// what is re-checked here must be atomic with the change (a name taken meanwhile) or keeps the
+// step safe on its own.
+
 Status Daemon::CreateArray(ArrayConfig cfg, bool assume_clean, bool force) {
+  // The layer's key defaults (a config-file array arrives with them; an operation's with the
+  // values its Validate resolved): resolving again is idempotent.
   const LayerInfo* layer = FindLayer(cfg.level);
   if (!layer)
     return Status::InvalidArgument(fmt::format("unknown level \"{}\" ({})", cfg.level, LayerNames()));
-  DST_RETURN_IF_ERROR(CheckLegCount(*layer, cfg.legs.size()));
   auto params = ResolveLayerParams(*layer, cfg.params);
   if (!params.ok()) return params.status();
   cfg.params = std::move(params.value());
-  std::set<std::string> seen;
-  for (auto& spec : cfg.legs) {
-    LegSpec ls;
-    DST_RETURN_IF_ERROR(ParseLegSpec(spec, &ls));
-    if (!seen.insert(spec).second)
-      return Status::InvalidArgument(fmt::format("leg \"{}\" is listed twice", spec));
-    if (ls.kind == LegSpec::Kind::kArray && ls.ref == cfg.name)
-      return Status::InvalidArgument("an array cannot be its own leg");
-    if (std::string u = UsedBy(ls.ref);
-        (ls.kind == LegSpec::Kind::kVolume || ls.kind == LegSpec::Kind::kArray) && !u.empty())
-      return Status::Busy(fmt::format("leg \"{}\" is already used by array \"{}\"", spec, u));
-    DST_RETURN_IF_ERROR(CheckLegFree(spec, cfg.name, -1));
-  }
-  DST_RETURN_IF_ERROR(CheckLegsDistinct(cfg.legs));
   auto a = std::make_shared<Array>();
   a->cfg = cfg;
   a->assume_clean = assume_clean;
@@ -720,15 +639,6 @@ Status Daemon::RemoveArray(const std::string& name) {
   auto a = FindArray(name);
   if (!a) return Status::NotFound(fmt::format("no array \"{}\"", name));
   std::lock_guard<std::mutex> ol(a->op_mu);
-  if (std::string u = UsedBy(name); !u.empty())
-    return Status::Busy(fmt::format("array \"{}\" is a leg of array \"{}\"", name, u));
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    for (auto& [n, e] : exports_)
-      if (e.array == name)
-        return Status::Busy(fmt::format("array \"{}\" is exported as \"{}\" (export remove {} first)",
-                                        name, n, n));
-  }
   std::shared_ptr<fuse::FuseMount> m;
   std::shared_ptr<Volume> vol;
   {
@@ -783,43 +693,26 @@ Status Daemon::RemoveArray(const std::string& name) {
   return Status::OK();
 }
 
+Status Daemon::CheckLegChange(const ArrayConfig& cfg, bool grow) {
+  const LayerInfo* layer = FindLayer(cfg.level);
+  const LegChange change = layer ? layer->legs.change : LegChange::kFixed;
+  if (change == LegChange::kFixed)
+    return Status::InvalidArgument(
+        fmt::format("array \"{}\" is a {}: its legs cannot change live", cfg.name, cfg.level));
+  if (grow && change != LegChange::kAppend)
+    return Status::InvalidArgument(fmt::format(
+        "array \"{}\" is a {}: grow appends legs, which it does not (use add-leg)", cfg.name,
+        cfg.level));
+  return Status::OK();
+}
+
 Status Daemon::ArrayAddLeg(const std::string& name, const std::string& spec, bool grow_only) {
   auto a = FindArray(name);
   if (!a) return Status::NotFound(fmt::format("no array \"{}\"", name));
   std::lock_guard<std::mutex> ol(a->op_mu);
   if (!a->dev) return Status::Unavailable(fmt::format("array \"{}\" is not assembled: {}", name, a->error));
-  const LayerInfo* layer = FindLayer(a->cfg.level);
-  const LegChange change = layer ? layer->legs.change : LegChange::kFixed;
-  if (change == LegChange::kFixed)
-    return Status::InvalidArgument(
-        fmt::format("array \"{}\" is a {}: its legs cannot change live", name, a->cfg.level));
-  if (grow_only && change != LegChange::kAppend)
-    return Status::InvalidArgument(fmt::format(
-        "array \"{}\" is a {}: grow appends legs, which it does not (use add-leg)", name,
-        a->cfg.level));
-  LegSpec ls;
-  DST_RETURN_IF_ERROR(ParseLegSpec(spec, &ls));
-  for (auto& l : a->legs)
-    if (l.spec == spec) return Status::Exists(fmt::format("\"{}\" is already a leg of \"{}\"", spec, name));
-  if (ls.kind == LegSpec::Kind::kArray && ls.ref == name)
-    return Status::InvalidArgument("an array cannot be its own leg");
-  if ((ls.kind == LegSpec::Kind::kVolume || ls.kind == LegSpec::Kind::kArray) &&
-      !UsedBy(ls.ref).empty())
-    return Status::Busy(fmt::format("leg \"{}\" is already used by array \"{}\"", spec, UsedBy(ls.ref)));
-  DST_RETURN_IF_ERROR(CheckLegFree(spec, name, -1));
-  if (ls.kind == LegSpec::Kind::kArray) {
-    // Refuse a cycle: `name` must not be below `ls.ref`.
-    std::function<bool(const std::string&)> below = [&](const std::string& n) {
-      auto b = FindArray(n);
-      if (!b) return false;
-      for (auto& l : b->cfg.legs) {
-        if (l == "array:" + name) return true;
-        if (l.rfind("array:", 0) == 0 && below(l.substr(6))) return true;
-      }
-      return false;
-    };
-    if (below(ls.ref)) return Status::InvalidArgument("that would stack arrays in a cycle");
-  }
+  // Again under op_mu (Validate checked it too): the layer's rule for live leg changes.
+  DST_RETURN_IF_ERROR(CheckLegChange(a->cfg, grow_only));
   auto r = OpenLeg(spec, a->cfg);
   if (!r.ok()) return r.status();
   ArrayLeg leg = std::move(r.value());
@@ -894,29 +787,11 @@ Status Daemon::ArrayLegOp(const std::string& name, const std::string& op, int sl
         a->dev ? fmt::format("array \"{}\" is {}: legs cannot be failed, removed or "
                              "detached (it has no redundancy)", name, a->cfg.level)
                   : fmt::format("array \"{}\" is not assembled: {}", name, a->error));
-  if (slot < 0 || std::size_t(slot) >= a->legs.size() ||
-      (a->legs[std::size_t(slot)].spec.empty() && op != "readd"))
+  if (slot < 0 || std::size_t(slot) >= a->legs.size())
     return Status::NotFound(fmt::format("array \"{}\" has no leg in slot {}", name, slot));
   ArrayLeg& leg = a->legs[std::size_t(slot)];
-  // Safe leg verbs (dstctl.8): the last up-to-date leg is never failed, detached or removed
-  // without --force, and an up-to-date leg is removed only with --force (or after fail-leg).
-  if (op == "fail" || op == "detach" || op == "remove") {
-    int others = 0;
-    bool this_up = false;
-    for (auto& ls : a->mirror->Legs()) {
-      if (ls.state != LegState::kUpToDate) continue;
-      if (ls.slot == slot) this_up = true;
-      else ++others;
-    }
-    if (this_up && others == 0 && !force)
-      return Status::Busy(fmt::format(
-          "leg {} is the last up-to-date leg of array \"{}\"; refusing to {} it (--force to "
-          "insist: the array would have no copy of its data)", slot, name, op));
-    if (this_up && op == "remove" && !force)
-      return Status::Busy(fmt::format(
-          "leg {} of array \"{}\" is up to date; remove-leg is for failed or detached legs "
-          "(run fail-leg first, or give --force)", slot, name));
-  }
+  // Again under op_mu: the monitor may have failed another leg since Validate.
+  if (op != "readd") DST_RETURN_IF_ERROR(CheckRetire(a, slot, op, force, {}, nullptr));
   if (op == "fail") {
     DST_RETURN_IF_ERROR(a->mirror->FailLeg(slot));
     leg.manual = true;
@@ -987,7 +862,6 @@ Status Daemon::ArrayLegOp(const std::string& name, const std::string& op, int sl
 Status Daemon::ArraySetRate(const std::string& name, std::uint64_t min, std::uint64_t max) {
   auto a = FindArray(name);
   if (!a) return Status::NotFound(fmt::format("no array \"{}\"", name));
-  if (max != 0 && min > max) return Status::InvalidArgument("--min must not exceed --max");
   std::lock_guard<std::mutex> ol(a->op_mu);
   {
     std::lock_guard<std::mutex> l(mu_);
@@ -1046,6 +920,12 @@ Status Daemon::ArrayRelease(const std::string& name) {
     if (!a->mirror)
       return Status::InvalidArgument(fmt::format(
           "array \"{}\" is not an assembled mirror (only mirrors carry claims to release)", name));
+  }
+  // Refused for what refuses `array remove` (a leg or export of it; operations.cc).
+  if (auto refusals = MakeOperation(*this, ctl::ArrayRemoveOp{name})->Validate(PlanContext{});
+      !refusals.empty()) {
+    RefusalError e = DescribeRefusals(refusals);
+    return e.code == ctl::kBusy ? Status::Busy(e.message) : Status::InvalidArgument(e.message);
   }
   // RemoveArray stops it cleanly (flush, clean, claims released in Close); the store record and
   // the leg headers are kept, so `array import` on another host (or this one) takes it over.
@@ -1733,87 +1613,6 @@ void Daemon::ArrayRpc(const std::string& m, const json& p, Finish finish) {
     auto a = FindArray(name);
     finish(a ? ArrayJson(a) : json::object());
   };
-  if (m == "array.create") {
-    ArrayConfig c;
-    c.name = name;
-    bool assume_clean = false;
-    Status st;
-    if (!ValidName(name)) st = Status::InvalidArgument(fmt::format("bad name \"{}\"", name));
-    if (st.ok()) st = ParamString(p, "level", true, &c.level);
-    auto legs = p.find("legs");
-    if (st.ok() && (legs == p.end() || !legs->is_array()))
-      st = Status::InvalidArgument("parameter \"legs\" must be an array of leg specs");
-    if (st.ok())
-      for (auto& l : *legs) {
-        if (!l.is_string()) { st = Status::InvalidArgument("legs must be strings"); break; }
-        c.legs.push_back(l.get<std::string>());
-      }
-    if (st.ok()) {
-      auto rs = p.find("region_size");
-      if (rs != p.end() && !rs->is_null()) {
-        Result<std::uint64_t> v = Status::InvalidArgument("bad region_size");
-        if (rs->is_string()) v = ParseSize(rs->get<std::string>());
-        else if (rs->is_number_unsigned()) v = rs->get<std::uint64_t>();
-        if (!v.ok()) st = v.status();
-        else if (v.value() < 4096 || v.value() > (1u << 30) || (v.value() & (v.value() - 1)))
-          st = Status::InvalidArgument("region_size must be a power of two between 4K and 1G");
-        else c.region_size = std::uint32_t(v.value());
-      }
-    }
-    std::optional<std::uint64_t> rmin, rmax;
-    if (st.ok()) st = ParamRate(p, "resync_rate_min", &rmin);
-    if (st.ok()) st = ParamRate(p, "resync_rate_max", &rmax);
-    if (rmin) c.resync_rate_min = *rmin;
-    if (rmax) c.resync_rate_max = *rmax;
-    if (st.ok() && p.contains("assume_clean") && p["assume_clean"].is_boolean())
-      assume_clean = p["assume_clean"].get<bool>();
-    if (st.ok() && p.contains("write_intent") && p["write_intent"].is_boolean())
-      c.write_intent = p["write_intent"].get<bool>();
-    bool force = p.contains("force") && p["force"].is_boolean() && p["force"].get<bool>();
-    if (st.ok()) st = ParamLayerKeys(p, &c);
-    if (!st.ok()) return finish(st);
-    return workers_.Post([this, c, assume_clean, force, reply_array] {
-      reply_array(CreateArray(c, assume_clean, force));
-    });
-  }
-  if (m == "array.verify") return ArrayVerifyRpc(name, p, finish);
-  if (m == "array.remove") {
-    return workers_.Post([this, name, finish] {
-      Status st = RemoveArray(name);
-      if (!st.ok()) return finish(st);
-      finish(json::object());
-    });
-  }
-  if (m == "array.add_leg" || m == "array.grow") {
-    std::string leg;
-    if (Status st = ParamString(p, "leg", true, &leg); !st.ok()) return finish(st);
-    bool grow = m == "array.grow";
-    return workers_.Post([this, name, leg, grow, reply_array] {
-      reply_array(ArrayAddLeg(name, leg, grow));
-    });
-  }
-  if (m == "array.fail_leg" || m == "array.remove_leg" || m == "array.readd_leg" ||
-      m == "array.detach_leg") {
-    int slot = -1;
-    std::string leg;
-    if (Status st = ParamSlot(p, &slot); !st.ok()) return finish(st);
-    if (Status st = ParamString(p, "leg", false, &leg); !st.ok()) return finish(st);
-    bool force = p.contains("force") && p["force"].is_boolean() && p["force"].get<bool>();
-    std::string op = m == "array.fail_leg" ? "fail" : m == "array.remove_leg" ? "remove"
-                   : m == "array.readd_leg" ? "readd" : "detach";
-    return workers_.Post([this, name, op, slot, leg, force, reply_array] {
-      if (op == "readd") {  // exclusive legs: a leg still exported or imported is not re-added
-        std::string use = leg;
-        if (auto a = FindArray(name); a && use.empty()) {
-          std::lock_guard<std::mutex> l(mu_);
-          if (std::size_t(slot) < a->legs.size()) use = a->legs[std::size_t(slot)].spec;
-        }
-        if (!use.empty())
-          if (Status free = CheckLegFree(use, name, slot); !free.ok()) return reply_array(free);
-      }
-      reply_array(ArrayLegOp(name, op, slot, leg, force));
-    });
-  }
   if (m == "array.resolve") {
     auto k = p.find("keep");
     if (k == p.end() || !k->is_number_integer() || k->get<std::int64_t>() < 0 ||
@@ -1839,24 +1638,6 @@ void Daemon::ArrayRpc(const std::string& m, const json& p, Finish finish) {
       Status st = ArrayRelease(name);
       if (!st.ok()) return finish(st);
       finish(json{{"released", name}});
-    });
-  }
-  if (m == "array.set_resync_rate") {
-    auto a = FindArray(name);
-    if (!a) return finish(Status::NotFound(fmt::format("no array \"{}\"", name)));
-    std::optional<std::uint64_t> rmin, rmax;
-    Status st = ParamRate(p, "min", &rmin);
-    if (st.ok()) st = ParamRate(p, "max", &rmax);
-    if (st.ok() && !rmin && !rmax) st = Status::InvalidArgument("give min and/or max");
-    if (!st.ok()) return finish(st);
-    std::uint64_t lo, hi;
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      lo = rmin.value_or(a->cfg.resync_rate_min);
-      hi = rmax.value_or(a->cfg.resync_rate_max);
-    }
-    return workers_.Post([this, name, lo, hi, reply_array] {
-      reply_array(ArraySetRate(name, lo, hi));
     });
   }
   finish(Status::NotSupported(fmt::format("method \"{}\" is not implemented", m)));
@@ -1956,46 +1737,44 @@ void Daemon::AddVerifyJson(const ArrayConfig& cfg, const std::shared_ptr<MirrorD
   (*j)["verify_schedule"] = std::move(sched);
 }
 
-void Daemon::ArrayVerifyRpc(const std::string& name, const json& p, Finish finish) {
-  auto flag = [&](const char* k) { return p.contains(k) && p[k].is_boolean() && p[k].get<bool>(); };
-  bool repair = flag("repair"), cancel = flag("cancel");
-  if (repair && cancel) return finish(Status::InvalidArgument("give repair or cancel, not both"));
-  workers_.Post([this, name, repair, cancel, finish] {
-    auto a = FindArray(name);
-    if (!a) return finish(Status::NotFound(fmt::format("no array \"{}\"", name)));
-    std::shared_ptr<MirrorDevice> m;
-    ArrayConfig cfg;
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      m = a->mirror;
-      cfg = a->cfg;
-      if (!m && a->dev)
-        return finish(Status::InvalidArgument(fmt::format(
-            "array \"{}\" is {}: verify compares the legs of a mirror", name, a->cfg.level)));
-      if (!m) return finish(Status::Unavailable(
-                  fmt::format("array \"{}\" is not assembled: {}", name, a->error)));
+Result<json> Daemon::Verify(const std::string& name, bool repair, bool cancel) {
+  auto a = FindArray(name);
+  if (!a) return Status::NotFound(fmt::format("no array \"{}\"", name));
+  std::shared_ptr<MirrorDevice> m;
+  ArrayConfig cfg;
+  bool assembled = false;
+  std::string why;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    m = a->mirror;
+    cfg = a->cfg;
+    assembled = a->dev != nullptr;
+    why = a->error;
+  }
+  if (!m && assembled)
+    return Status::InvalidArgument(fmt::format(
+        "array \"{}\" is {}: verify compares the legs of a mirror", name, cfg.level));
+  if (!m) return Status::Unavailable(fmt::format("array \"{}\" is not assembled: {}", name, why));
+  Status st;
+  if (cancel) {
+    st = m->CancelVerify();
+    if (st.IsNotFound()) st = Status::NotFound(fmt::format("no verify is running on array \"{}\"", name));
+  } else {
+    VerifyOptions vo;
+    vo.repair = repair;
+    vo.on_done = [this, name](const VerifyProgress& p) { VerifyFinished(name, "operator", p); };
+    st = m->StartVerify(vo);
+    if (st.ok()) {
+      std::lock_guard<std::mutex> l(verify_mu_);
+      verify_trigger_[name] = "operator";
     }
-    Status st;
-    if (cancel) {
-      st = m->CancelVerify();
-      if (st.IsNotFound()) st = Status::NotFound(fmt::format("no verify is running on array \"{}\"", name));
-    } else {
-      VerifyOptions vo;
-      vo.repair = repair;
-      vo.on_done = [this, name](const VerifyProgress& p) { VerifyFinished(name, "operator", p); };
-      st = m->StartVerify(vo);
-      if (st.ok()) {
-        std::lock_guard<std::mutex> l(verify_mu_);
-        verify_trigger_[name] = "operator";
-      }
-    }
-    if (!st.ok()) return finish(st.WithContext(fmt::format("array \"{}\"", name)));
-    spdlog::info("array \"{}\": verify {}{}", name, cancel ? "cancel requested" : "started",
-                 repair ? " (repair)" : "");
-    json j{{"name", name}};
-    AddVerifyJson(cfg, m, &j);
-    finish(j);
-  });
+  }
+  if (!st.ok()) return st.WithContext(fmt::format("array \"{}\"", name));
+  spdlog::info("array \"{}\": verify {}{}", name, cancel ? "cancel requested" : "started",
+               repair ? " (repair)" : "");
+  json j{{"name", name}};
+  AddVerifyJson(cfg, m, &j);
+  return j;
 }
 
 // Monitor thread, once a second: start the verifies that are due.  A refused start (a resync
@@ -2091,8 +1870,8 @@ void Daemon::VerifyFinished(const std::string& name, const std::string& trigger,
 // ---------------------------------------------------------------------------------------------
 // apply: reconcile live exports/volumes/arrays with a config file.
 
-Result<std::vector<Daemon::PlanStep>> Daemon::Plan(const Config& want, bool prune,
-                                                   std::vector<std::string>* kept) {
+Status Daemon::PlanApply(const Config& want, bool prune, std::vector<std::string>* kept,
+                         PlanContext* ctx, std::vector<std::unique_ptr<Operation>>* ops) {
   std::map<std::string, ExportConfig> live_exports;
   std::map<std::string, VolumeConfig> live_volumes;
   std::map<std::string, ArrayConfig> live_arrays;
@@ -2103,13 +1882,14 @@ Result<std::vector<Daemon::PlanStep>> Daemon::Plan(const Config& want, bool prun
       if (!v->is_array) live_volumes[n] = v->cfg;
     for (auto& [n, a] : arrays_) live_arrays[n] = a->cfg;
   }
-  std::vector<PlanStep> remove_exports, array_changes, remove_arrays, remove_volumes,
-      add_volumes, add_arrays, add_exports;
-  auto ctx = std::make_shared<PlanContext>();  // filled below; read by the checks later
-  auto removal = [&](std::vector<PlanStep>& to, const std::string& kind, const std::string& n,
-                     std::function<Status()> run) {
+  using Ops = std::vector<std::unique_ptr<Operation>>;
+  Ops remove_exports, array_changes, remove_arrays, remove_volumes, add_volumes, add_arrays,
+      add_exports;
+  auto removal = [&](Ops& to, const std::string& kind, const std::string& n) {
     ctx->gone.insert(kind + ":" + n);
-    to.push_back({kind + " remove " + n, std::move(run), CheckRemove(ctx, kind, n)});
+    if (kind == "export") to.push_back(MakeOperation(*this, ctl::ExportRemoveOp{n}));
+    else if (kind == "volume") to.push_back(MakeOperation(*this, ctl::VolumeRemoveOp{n}));
+    else to.push_back(MakeOperation(*this, ctl::ArrayRemoveOp{n}));
   };
   auto same_export = [](const ExportConfig& a, const ExportConfig& b) {
     return a.path == b.path && a.array == b.array && a.volume == b.volume &&
@@ -2119,49 +1899,18 @@ Result<std::vector<Daemon::PlanStep>> Daemon::Plan(const Config& want, bool prun
     return a.remote == b.remote && a.path == b.path && a.queue_depth == b.queue_depth &&
            a.io_timeout_s == b.io_timeout_s && a.keepalive_timeout_s == b.keepalive_timeout_s;
   };
-  auto call = [this](const std::string& method, json params) {
-    // Reuses the RPC implementations (they post to the worker pool) and waits for them.
-    return [this, method, params]() -> Status {
-      auto pr = std::make_shared<std::promise<Status>>();
-      auto fut = pr->get_future();
-      Finish fin = [pr](Result<json> r) { pr->set_value(r.ok() ? Status::OK() : r.status()); };
-      if (method == "export.add") ExportAdd(params, fin);
-      else if (method == "export.remove") ExportRemove(params, fin);
-      else if (method == "volume.import") VolumeImport(params, fin);
-      else if (method == "volume.remove") VolumeRemove(params, fin);
-      if (fut.wait_for(std::chrono::seconds(120)) != std::future_status::ready)
-        return Status::TimedOut(method + " did not finish");
-      return fut.get();
-    };
-  };
-  auto export_params = [](const ExportConfig& e) {
-    json p{{"name", e.name}, {"read_only", e.read_only}, {"direct_io", e.direct_io}};
-    if (!e.path.empty()) p["path"] = e.path;
-    if (!e.array.empty()) p["array"] = e.array;
-    if (!e.volume.empty()) p["volume"] = e.volume;
-    if (e.size) p["size"] = e.size;
-    if (e.grow) p["grow"] = true;
-    return p;
-  };
-  auto export_text = [](const ExportConfig& e) {
-    std::string src = !e.path.empty() ? e.path : !e.array.empty() ? "--array " + e.array
-                                                                  : "--volume " + e.volume;
-    return fmt::format("export add {} {}{}{}", e.name, src, e.read_only ? " --read-only" : "",
-                       e.direct_io ? " --direct-io" : "");
-  };
   std::set<std::string> want_exports, want_volumes, want_arrays;
   // Exports.
   for (auto& e : want.exports) {
     want_exports.insert(e.name);
     auto it = live_exports.find(e.name);
     if (it != live_exports.end() && same_export(it->second, e)) continue;
-    if (it != live_exports.end())
-      removal(remove_exports, "export", e.name, call("export.remove", {{"name", e.name}}));
-    add_exports.push_back({export_text(e), call("export.add", export_params(e)), CheckAddExport(ctx, e)});
+    if (it != live_exports.end()) removal(remove_exports, "export", e.name);
+    add_exports.push_back(MakeAddExport(*this, e));
   }
   for (auto& [n, e] : live_exports)
     if (!want_exports.count(n)) {
-      if (prune) removal(remove_exports, "export", n, call("export.remove", {{"name", n}}));
+      if (prune) removal(remove_exports, "export", n);
       else kept->push_back("export " + n);
     }
   // Volumes.
@@ -2169,18 +1918,13 @@ Result<std::vector<Daemon::PlanStep>> Daemon::Plan(const Config& want, bool prun
     want_volumes.insert(v.name);
     auto it = live_volumes.find(v.name);
     if (it != live_volumes.end() && same_volume(it->second, v)) continue;
-    if (it != live_volumes.end())
-      removal(remove_volumes, "volume", v.name, call("volume.remove", {{"name", v.name}}));
-    json p{{"name", v.name}, {"uri", v.remote.empty() ? v.path : v.remote},
-           {"queue_depth", v.queue_depth}, {"io_timeout", v.io_timeout_s},
-           {"keepalive_timeout", v.keepalive_timeout_s}};
+    if (it != live_volumes.end()) removal(remove_volumes, "volume", v.name);
     ctx->created.insert("volume:" + v.name);
-    add_volumes.push_back({fmt::format("volume import {} {}", v.name, v.remote.empty() ? v.path : v.remote),
-                           call("volume.import", p), CheckAddVolume(ctx, v)});
+    add_volumes.push_back(MakeImportVolume(*this, v));
   }
   for (auto& [n, v] : live_volumes)
     if (!want_volumes.count(n)) {
-      if (prune) removal(remove_volumes, "volume", n, call("volume.remove", {{"name", n}}));
+      if (prune) removal(remove_volumes, "volume", n);
       else kept->push_back("volume " + n);
     }
   // Arrays: new ones in dependency order.
@@ -2206,10 +1950,7 @@ Result<std::vector<Daemon::PlanStep>> Daemon::Plan(const Config& want, bool prun
       if (live_volumes.count(a.name) && want_volumes.count(a.name))
         return Status::InvalidArgument(fmt::format("\"{}\" is a volume; cannot create an array with that name", a.name));
       ctx->created.insert("array:" + a.name);
-      add_arrays.push_back(
-          {fmt::format("array create {} --level {} {}{}", a.name, a.level,
-                       fmt::join(a.legs, " "), CreateFlagsText(a)),
-           [this, a] { return CreateArray(a, false); }, CheckAddLegs(ctx, a.name, a.legs, true)});
+      add_arrays.push_back(MakeCreateArray(*this, a));
       continue;
     }
     const ArrayConfig& cur = it->second;
@@ -2220,7 +1961,7 @@ Result<std::vector<Daemon::PlanStep>> Daemon::Plan(const Config& want, bool prun
     if (cur.region_size != a.region_size)
       return Status::InvalidArgument(fmt::format(
           "array \"{}\": region_size cannot change live ({} -> {})", a.name,
-          SizeText(cur.region_size), SizeText(a.region_size)));
+          AmountText(cur.region_size), AmountText(a.region_size)));
     if (cur.params != a.params)
       return Status::InvalidArgument(fmt::format(
           "array \"{}\": the {} keys cannot change live (remove and re-create it)", a.name,
@@ -2240,48 +1981,24 @@ Result<std::vector<Daemon::PlanStep>> Daemon::Plan(const Config& want, bool prun
         return Status::InvalidArgument(fmt::format(
             "array \"{}\": a linear can only grow by appending legs (live: {}; file: {})", a.name,
             fmt::join(have, " "), fmt::join(a.legs, " ")));
-      for (std::size_t i = have.size(); i < a.legs.size(); ++i) {
-        std::string leg = a.legs[i], name = a.name;
-        array_changes.push_back({fmt::format("array grow {} {}", name, leg),
-                                 [this, name, leg] { return ArrayAddLeg(name, leg, true); },
-                                 CheckAddLegs(ctx, name, {leg}, false)});
-      }
+      for (std::size_t i = have.size(); i < a.legs.size(); ++i)
+        array_changes.push_back(MakeOperation(*this, ctl::LegAddOp{a.name, a.legs[i], true}));
     } else {
       for (auto& l : a.legs)
-        if (std::find(have.begin(), have.end(), l) == have.end()) {
-          std::string name = a.name, leg = l;
-          array_changes.push_back({fmt::format("array add-leg {} {}", name, leg),
-                                   [this, name, leg] { return ArrayAddLeg(name, leg, false); },
-                                   CheckAddLegs(ctx, name, {leg}, false)});
-        }
+        if (std::find(have.begin(), have.end(), l) == have.end())
+          array_changes.push_back(MakeOperation(*this, ctl::LegAddOp{a.name, l, false}));
       for (std::size_t s = 0; s < cur.legs.size(); ++s)
         if (!cur.legs[s].empty() &&
             std::find(a.legs.begin(), a.legs.end(), cur.legs[s]) == a.legs.end()) {
-          std::string name = a.name;
-          int slot = int(s);
-          array_changes.push_back(
-              {fmt::format("array remove-leg {} {}  # {}", name, slot, cur.legs[s]),
-               [this, name, slot] {
-                 // remove-leg needs the leg out of service first.
-                 auto a2 = FindArray(name);
-                 if (a2 && a2->mirror) {
-                   for (auto& ls : a2->mirror->Legs())
-                     if (ls.slot == slot && (ls.state == LegState::kUpToDate ||
-                                             ls.state == LegState::kResyncing))
-                       DST_RETURN_IF_ERROR(ArrayLegOp(name, "fail", slot, ""));
-                 }
-                 return ArrayLegOp(name, "remove", slot, "");
-               },
-               {}});
+          // remove-leg needs the leg out of service first: the retire fails it.
+          array_changes.push_back(MakeRetireLeg(*this, a.name, int(s)));
+          ctx->legs_gone[a.name].insert(int(s));
         }
     }
-    if (cur.resync_rate_min != a.resync_rate_min || cur.resync_rate_max != a.resync_rate_max) {
-      std::string name = a.name;
-      std::uint64_t lo = a.resync_rate_min, hi = a.resync_rate_max;
-      array_changes.push_back({fmt::format("array resync-rate {} --min {} --max {}", name,
-                                           RateText(lo), RateText(hi)),
-                               [this, name, lo, hi] { return ArraySetRate(name, lo, hi); }, {}});
-    }
+    if (cur.resync_rate_min != a.resync_rate_min || cur.resync_rate_max != a.resync_rate_max)
+      array_changes.push_back(MakeOperation(
+          *this, ctl::SetResyncRateOp{a.name, std::to_string(a.resync_rate_min),
+                                      std::to_string(a.resync_rate_max)}));
   }
   // Live arrays not in the file: outer ones first.
   std::vector<std::string> gone;
@@ -2299,80 +2016,13 @@ Result<std::vector<Daemon::PlanStep>> Daemon::Plan(const Config& want, bool prun
           for (auto& l : live_arrays[o].legs)
             if (l == "array:" + n) used = true;
       if (used && round < gone.size()) continue;
-      std::string name = n;
-      removal(remove_arrays, "array", name, [this, name] { return RemoveArray(name); });
+      removal(remove_arrays, "array", n);
       n.clear();
     }
-  std::vector<PlanStep> plan;
   for (auto* part : {&remove_exports, &array_changes, &remove_arrays, &remove_volumes,
                      &add_volumes, &add_arrays, &add_exports})
-    for (auto& s : *part) plan.push_back(std::move(s));
-  return plan;
-}
-
-void Daemon::ApplyRpc(const json& p, Finish finish) {
-  std::string text, source = "apply";
-  Status st = ParamString(p, "config", true, &text);
-  if (st.ok()) st = ParamString(p, "source", false, &source);
-  auto flag = [&](const char* k) { return p.contains(k) && p[k].is_boolean() && p[k].get<bool>(); };
-  bool dry_run = flag("dry_run"), prune = flag("prune");
-  if (!st.ok()) return finish(st);
-  if (apply_busy_.exchange(true)) return finish(Status::Busy("another apply is running"));
-  workers_.Post([this, text, source, dry_run, prune, finish] {
-    struct Release {
-      std::atomic<bool>& b;
-      ~Release() { b = false; }
-    } release{apply_busy_};
-    auto cfg = ParseConfig(text, source);
-    if (!cfg.ok()) return finish(cfg.status());
-    std::vector<std::string> kept;
-    auto plan = Plan(cfg.value(), prune, &kept);
-    if (!plan.ok()) return finish(plan.status());
-    // The whole plan is validated before the first step: a plan that would fail changes nothing.
-    std::vector<std::string> problems;
-    Status first;
-    for (auto& s : plan.value()) {
-      if (!s.check) continue;
-      if (Status c = s.check(); !c.ok()) {
-        if (first.ok()) first = c;
-        problems.push_back(fmt::format("\"{}\": {}", s.text, Msg(c)));
-      }
-    }
-    if (!problems.empty()) {
-      std::string m = fmt::format("apply refused, nothing changed: {}", fmt::join(problems, "; "));
-      return finish(first.code() == Status::Code::kBusy ? Status::Busy(m)
-                    : first.IsNotFound()                ? Status::NotFound(m)
-                                                        : Status::InvalidArgument(m));
-    }
-    json steps = json::array(), plan_text = json::array();
-    for (auto& s : plan.value()) {
-      plan_text.push_back(s.text);
-      steps.push_back(json{{"step", s.text}, {"status", "not run"}});
-    }
-    json res{{"plan", plan_text}, {"dry_run", dry_run}, {"prune", prune}, {"kept", kept},
-             {"done", json::array()}, {"steps", steps}, {"failed", false}};
-    if (dry_run) return finish(res);
-    for (std::size_t i = 0; i < plan.value().size(); ++i) {
-      auto& s = plan.value()[i];
-      spdlog::info("apply: {}", s.text);
-      Status r = s.run();
-      if (!r.ok()) {
-        // Reported step by step (done / failed / not run); running apply again converges, as
-        // the plan is recomputed from what is live then.
-        res["steps"][i]["status"] = "failed";
-        res["steps"][i]["error"] = Msg(r);
-        res["failed"] = true;
-        res["error"] = fmt::format("\"{}\" failed: {} ({} of {} steps done)", s.text, Msg(r),
-                                   res["done"].size(), plan_text.size());
-        res["error_code"] = ControlErrorCode(r);
-        spdlog::warn("apply: {}", res["error"].get<std::string>());
-        return finish(res);
-      }
-      res["steps"][i]["status"] = "done";
-      res["done"].push_back(s.text);
-    }
-    finish(res);
-  });
+    for (auto& op : *part) ops->push_back(std::move(op));
+  return Status::OK();
 }
 
 }  // namespace dst::daemon

@@ -98,48 +98,6 @@ std::string ErrorLine(const json& id, const Status& s) {
   return ctl::EncodeError(id, ErrorCode(s), Message(s));
 }
 
-// Param readers: a missing required member or a wrong type is invalid_params.
-Status GetString(const json& p, const char* key, bool required, std::string* out) {
-  auto it = p.find(key);
-  if (it == p.end() || it->is_null()) {
-    return required ? Status::InvalidArgument(fmt::format("missing parameter \"{}\"", key))
-                    : Status::OK();
-  }
-  if (!it->is_string() || it->get<std::string>().empty())
-    return Status::InvalidArgument(fmt::format("parameter \"{}\" must be a non-empty string", key));
-  *out = it->get<std::string>();
-  return Status::OK();
-}
-
-Status GetBool(const json& p, const char* key, bool* out) {
-  auto it = p.find(key);
-  if (it == p.end() || it->is_null()) return Status::OK();
-  if (!it->is_boolean())
-    return Status::InvalidArgument(fmt::format("parameter \"{}\" must be true or false", key));
-  *out = it->get<bool>();
-  return Status::OK();
-}
-
-Status GetUInt(const json& p, const char* key, std::uint64_t lo, std::uint64_t hi,
-               std::uint32_t* out) {
-  auto it = p.find(key);
-  if (it == p.end() || it->is_null()) return Status::OK();
-  if (!it->is_number_integer() || it->get<std::int64_t>() < std::int64_t(lo) ||
-      it->get<std::int64_t>() > std::int64_t(hi))
-    return Status::InvalidArgument(
-        fmt::format("parameter \"{}\" must be an integer in {}..{}", key, lo, hi));
-  *out = std::uint32_t(it->get<std::int64_t>());
-  return Status::OK();
-}
-
-Status GetName(const json& p, std::string* out) {
-  DST_RETURN_IF_ERROR(GetString(p, "name", true, out));
-  if (!ValidName(*out))
-    return Status::InvalidArgument(
-        fmt::format("bad name \"{}\" (1-64 of A-Z a-z 0-9 . _ -, not starting with .)", *out));
-  return Status::OK();
-}
-
 std::string VolumeSource(const VolumeConfig& c) { return c.remote.empty() ? c.path : c.remote; }
 
 // A flush that gives up after `timeout`: FlushSync would wait forever on a remote that never
@@ -689,6 +647,7 @@ void Daemon::Handle(ctl::Request req, Reply reply) {
   const std::string& m = req.method;
   const json& p = req.params;
   spdlog::debug("control: {} {}", m, p.dump(-1, ' ', false, json::error_handler_t::replace));
+  if (ctl::IsOperationMethod(m)) return OperationRpc(req, std::move(reply));  // operations.cc
   Reply reply_copy = reply;  // `events` keeps replying after its result
   Finish finish = [id = req.id, reply = std::move(reply), m](Result<json> r) {
     if (!r.ok()) spdlog::info("control: {} failed: {}", m, Message(r.status()));
@@ -700,22 +659,12 @@ void Daemon::Handle(ctl::Request req, Reply reply) {
     finish(json{{"exports", ExportsJson()}});
   } else if (m == "volume.list") {
     finish(json{{"volumes", VolumesJson()}});
-  } else if (m == "export.add") {
-    ExportAdd(p, std::move(finish));
-  } else if (m == "export.remove") {
-    ExportRemove(p, std::move(finish));
-  } else if (m == "volume.import") {
-    VolumeImport(p, std::move(finish));
-  } else if (m == "volume.remove") {
-    VolumeRemove(p, std::move(finish));
-  } else if (m == "mount") {
-    MountRpc(p, std::move(finish));
   } else if (m == "unmount") {
     UnmountRpc(std::move(finish));
   } else if (m.rfind("array.", 0) == 0) {
     ArrayRpc(m, p, std::move(finish));
   } else if (m == "apply") {
-    ApplyRpc(p, std::move(finish));
+    ApplyRpc(req, std::move(reply_copy));
   } else if (m == "events") {
     EventsRpc(std::move(reply_copy), req.id);
   } else {
@@ -724,213 +673,137 @@ void Daemon::Handle(ctl::Request req, Reply reply) {
   }
 }
 
-void Daemon::ExportAdd(const json& p, Finish finish) {
-  ExportConfig e;
-  Status st = GetName(p, &e.name);
-  if (st.ok()) st = GetString(p, "array", false, &e.array);
-  if (st.ok()) st = GetString(p, "volume", false, &e.volume);
-  if (st.ok()) st = GetString(p, "path", e.array.empty() && e.volume.empty(), &e.path);
-  if (st.ok() && int(!e.path.empty()) + int(!e.array.empty()) + int(!e.volume.empty()) != 1)
-    st = Status::InvalidArgument("give exactly one of path, array, volume");
-  if (st.ok() && !e.path.empty() && e.path[0] != '/')
-    st = Status::InvalidArgument(fmt::format("path \"{}\" must be absolute", e.path));
-  if (st.ok()) st = GetBool(p, "read_only", &e.read_only);
-  if (st.ok()) st = GetBool(p, "direct_io", &e.direct_io);
-  if (st.ok()) st = GetBool(p, "grow", &e.grow);
-  if (st.ok()) {
-    auto it = p.find("size");
-    if (it != p.end() && !it->is_null()) {
-      Result<std::uint64_t> sz = Status::InvalidArgument("parameter \"size\" must be a string or an integer");
-      if (it->is_string()) sz = ParseSize(it->get<std::string>());
-      else if (it->is_number_unsigned()) sz = ParseSize(std::to_string(it->get<std::uint64_t>()));
-      if (sz.ok()) e.size = sz.value();
-      else st = sz.status();
-    }
-  }
-  if (st.ok() && e.grow && e.size == 0)
-    st = Status::InvalidArgument("grow needs a size to grow the image to");
-  if (st.ok() && !e.path.empty() && e.size == 0 && ::access(e.path.c_str(), F_OK) != 0)
-    st = Status::NotFound(fmt::format("{} does not exist (give a size to create it)", e.path));
-  if (st.ok()) {
-    std::lock_guard<std::mutex> l(mu_);
-    if (!exports_.emplace(e.name, e).second)
-      st = Status::Exists(fmt::format("export \"{}\" already exists", e.name));
-  }
-  if (!st.ok()) return finish(st);
-  workers_.Post([this, e, finish] {
-    if (Status s = OpenExport(e); !s.ok()) {
-      std::lock_guard<std::mutex> l(mu_);
-      exports_.erase(e.name);
-      return finish(s);
-    }
-    RecordExport(e);
-    for (auto& j : ExportsJson())
-      if (j["name"] == e.name) return finish(j);
-    finish(json::object());
-  });
-}
+// Operation steps (operations.cc validates first; these re-check only what must be atomic).
 
-void Daemon::ExportRemove(const json& p, Finish finish) {
-  std::string name;
-  if (Status st = GetString(p, "name", true, &name); !st.ok()) return finish(st);
+Status Daemon::AddExport(const ExportConfig& e) {
   {
     std::lock_guard<std::mutex> l(mu_);
-    if (!exports_.count(name))
-      return finish(Status::NotFound(fmt::format("no export \"{}\"", name)));
+    if (!exports_.emplace(e.name, e).second)
+      return Status::Exists(fmt::format("export \"{}\" already exists", e.name));
   }
-  workers_.Post([this, name, finish] {
-    if (Status nst = NbdExportRemove(name); !nst.ok()) return finish(nst);
-    Status st = exporter_->RemoveExport(name);
-    NbdExportRemoveDone(name, st.ok() || st.IsNotFound());
-    if (st.ok() || st.IsNotFound()) {
-      {
-        std::lock_guard<std::mutex> l(mu_);
-        exports_.erase(name);
-      }
-      ForgetObject("export", name);
-      if (st.IsNotFound()) st = Status::OK();  // reserved but never opened (see persist.cc)
-    }
-    if (st.ok()) spdlog::info("export \"{}\" removed", name);
-    if (st.code() == Status::Code::kBusy && st.message().empty())
-      st = Status::Busy(fmt::format("export \"{}\" has connected clients", name));
-    if (st.ok()) return finish(json::object());
-    finish(st);
-  });
+  if (Status s = OpenExport(e); !s.ok()) {
+    std::lock_guard<std::mutex> l(mu_);
+    exports_.erase(e.name);
+    return s;
+  }
+  RecordExport(e);
+  return Status::OK();
 }
 
-void Daemon::VolumeImport(const json& p, Finish finish) {
-  VolumeConfig c;
-  std::string uri;
-  Status st = GetName(p, &c.name);
-  if (st.ok()) st = GetString(p, "uri", true, &uri);
-  if (st.ok()) {
-    if (uri.rfind("dst://", 0) == 0) {
-      c.remote = uri;
-      st = ParseVolumeUri(uri, &c.host, &c.port, &c.export_name);
-    } else {
-      if (uri.rfind("file://", 0) == 0) uri = uri.substr(7);
-      if (uri.empty() || uri[0] != '/')
-        st = Status::InvalidArgument(
-            fmt::format("bad URI \"{}\" (expected dst://HOST[:PORT]/EXPORT or an absolute path)",
-                        uri));
-      c.path = uri;
-    }
+json Daemon::ExportJsonOf(const std::string& name) {
+  for (auto& j : ExportsJson())
+    if (j["name"] == name) return j;
+  return json::object();
+}
+
+Status Daemon::RemoveExport(const std::string& name) {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!exports_.count(name)) return Status::NotFound(fmt::format("no export \"{}\"", name));
   }
-  if (st.ok()) st = GetUInt(p, "queue_depth", 1, 1024, &c.queue_depth);
-  if (st.ok()) st = GetUInt(p, "io_timeout", 1, 86400, &c.io_timeout_s);
-  if (st.ok()) st = GetUInt(p, "keepalive_timeout", 1, 3600, &c.keepalive_timeout_s);
+  DST_RETURN_IF_ERROR(NbdExportRemove(name));
+  Status st = exporter_->RemoveExport(name);
+  NbdExportRemoveDone(name, st.ok() || st.IsNotFound());
+  if (st.ok() || st.IsNotFound()) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      exports_.erase(name);
+    }
+    ForgetObject("export", name);
+    if (st.IsNotFound()) st = Status::OK();  // reserved but never opened (see persist.cc)
+  }
+  if (st.ok()) spdlog::info("export \"{}\" removed", name);
+  if (st.code() == Status::Code::kBusy && st.message().empty())
+    st = Status::Busy(fmt::format("export \"{}\" has connected clients", name));
+  return st;
+}
+
+Status Daemon::ImportVolume(const VolumeConfig& c) {
   auto vol = std::make_shared<Volume>();
   vol->cfg = c;
-  if (st.ok()) {
+  {
     std::lock_guard<std::mutex> l(mu_);
     if (!volumes_.emplace(c.name, vol).second)
-      st = Status::Exists(fmt::format("volume \"{}\" already exists", c.name));
+      return Status::Exists(fmt::format("volume \"{}\" already exists", c.name));
   }
-  if (!st.ok()) return finish(st);
-  workers_.Post([this, vol, finish] {
-    Status s = ConnectVolume(vol);
-    if (!s.ok()) {
-      std::lock_guard<std::mutex> l(mu_);
-      auto it = volumes_.find(vol->cfg.name);
-      if (it != volumes_.end() && it->second == vol) volumes_.erase(it);
-      vol->removed = true;
-      return finish(s);
-    }
-    RecordVolume(vol->cfg);
-    for (auto& j : VolumesJson())
-      if (j["name"] == vol->cfg.name) return finish(j);
-    finish(json::object());
-  });
+  if (Status s = ConnectVolume(vol); !s.ok()) {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = volumes_.find(c.name);
+    if (it != volumes_.end() && it->second == vol) volumes_.erase(it);
+    vol->removed = true;
+    return s;
+  }
+  RecordVolume(vol->cfg);
+  return Status::OK();
 }
 
-void Daemon::VolumeRemove(const json& p, Finish finish) {
-  std::string name;
-  if (Status st = GetString(p, "name", true, &name); !st.ok()) return finish(st);
+json Daemon::VolumeJsonOf(const std::string& name) {
+  for (auto& j : VolumesJson())
+    if (j["name"] == name) return j;
+  return json::object();
+}
+
+Status Daemon::RemoveVolume(const std::string& name) {
   std::shared_ptr<Volume> vol;
   std::shared_ptr<fuse::FuseMount> m;
   {
     std::lock_guard<std::mutex> l(mu_);
     auto it = volumes_.find(name);
-    if (it == volumes_.end())
-      return finish(Status::NotFound(fmt::format("no volume \"{}\"", name)));
+    if (it == volumes_.end() || it->second->is_array)
+      return Status::NotFound(fmt::format("no volume \"{}\"", name));
     vol = it->second;
-    if (vol->is_array)
-      return finish(Status::Busy(fmt::format(
-          "\"{}\" is an array (use: dstctl array remove {})", name, name)));
-    for (auto& [an, a] : arrays_)
-      for (auto& leg : a->legs)
-        if (leg.spec == "volume:" + name)
-          return finish(Status::Busy(
-              fmt::format("volume \"{}\" is a leg of array \"{}\"", name, an)));
-    for (auto& [en, e] : exports_)
-      if (e.volume == name)
-        return finish(Status::Busy(
-            fmt::format("volume \"{}\" is exported as \"{}\"", name, en)));
-    if (vol->removing)
-      return finish(Status::Busy(fmt::format("volume \"{}\" is being removed", name)));
+    if (vol->removing) return Status::Busy(fmt::format("volume \"{}\" is being removed", name));
     if (!vol->dev) {
       // Still connecting: the retry loop sees `removed` and stops.
       vol->removed = true;
       volumes_.erase(it);
       spdlog::info("volume \"{}\" removed (was not connected)", name);
-      workers_.Post([this, name, finish] {
-        ForgetObject("volume", name);
-        finish(json::object());
-      });
-      return;
+      ForgetObject("volume", name);
+      return Status::OK();
     }
     vol->removing = true;
     if (vol->in_mount) m = mount_;
   }
-  workers_.Post([this, vol, m, name, finish] {
-    if (m) {
-      Status st = m->RemoveVolume(name);
-      if (!st.ok() && !st.IsNotFound()) {
-        std::lock_guard<std::mutex> l(mu_);
-        vol->removing = false;
-        if (st.code() == Status::Code::kBusy)
-          st = Status::Busy(fmt::format("volume \"{}\" is in use ({}/{}.img is open)", name,
-                                        m->mountpoint(), name));
-        return finish(st);
-      }
-    }
-    {
+  if (m) {
+    Status st = m->RemoveVolume(name);
+    if (!st.ok() && !st.IsNotFound()) {
       std::lock_guard<std::mutex> l(mu_);
-      vol->in_mount = false;
-      vol->removed = true;
-      volumes_.erase(name);
+      vol->removing = false;
+      if (st.code() == Status::Code::kBusy)
+        st = Status::Busy(fmt::format("volume \"{}\" is in use ({}/{}.img is open)", name,
+                                      m->mountpoint(), name));
+      return st;
     }
-    if (Status st = FlushWithDeadline(*vol->dev, FlushTimeout(vol->cfg)); !st.ok())
-      spdlog::warn("volume \"{}\": flush before removal failed: {}", name, Message(st));
-    if (vol->remote) vol->remote->Close();
-    ForgetObject("volume", name);
-    spdlog::info("volume \"{}\" removed", name);
-    finish(json::object());
-  });
+  }
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    vol->in_mount = false;
+    vol->removed = true;
+    volumes_.erase(name);
+  }
+  if (Status st = FlushWithDeadline(*vol->dev, FlushTimeout(vol->cfg)); !st.ok())
+    spdlog::warn("volume \"{}\": flush before removal failed: {}", name, Message(st));
+  if (vol->remote) vol->remote->Close();
+  ForgetObject("volume", name);
+  spdlog::info("volume \"{}\" removed", name);
+  return Status::OK();
 }
 
-void Daemon::MountRpc(const json& p, Finish finish) {
-  std::string dir;
-  Status st = GetString(p, "path", true, &dir);
-  if (st.ok() && dir[0] != '/')
-    st = Status::InvalidArgument(fmt::format("mount point \"{}\" must be absolute", dir));
-  if (st.ok()) {
+Status Daemon::Mount(const std::string& dir) {
+  {
     std::lock_guard<std::mutex> l(mu_);
-    if (mount_) st = Status::Exists(fmt::format("already mounted at {}", mount_->mountpoint()));
-    else if (mount_busy_) st = Status::Busy("a mount or unmount is in progress");
-    else mount_busy_ = true;
+    if (mount_) return Status::Exists(fmt::format("already mounted at {}", mount_->mountpoint()));
+    if (mount_busy_) return Status::Busy("a mount or unmount is in progress");
+    mount_busy_ = true;
   }
-  if (!st.ok()) return finish(st);
-  workers_.Post([this, dir, finish] {
-    Status s = DoMount(dir);
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      mount_busy_ = false;
-    }
-    if (!s.ok()) return finish(s.WithContext(fmt::format("cannot mount {}", dir)));
-    RecordObject("mount", "mount", json{{"path", dir}});
-    finish(json{{"mount", dir}});
-  });
+  Status s = DoMount(dir);
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    mount_busy_ = false;
+  }
+  if (!s.ok()) return s.WithContext(fmt::format("cannot mount {}", dir));
+  RecordObject("mount", "mount", json{{"path", dir}});
+  return Status::OK();
 }
 
 void Daemon::UnmountRpc(Finish finish) {

@@ -43,6 +43,7 @@
 #include "dst/net/nbd_client_device.h"
 #include "dst/net/remote_device.h"
 #include "nbd_frontend.h"
+#include "operations.h"
 #include "topology.h"
 
 namespace dst::daemon {
@@ -139,11 +140,6 @@ class Daemon {
     std::mutex acc_mu;
     std::map<int, std::uint64_t> resync_base, resync_last;  // GUARDED_BY(acc_mu)
   };
-  struct PlanStep {
-    std::string text;
-    std::function<Status()> run;
-    std::function<Status()> check;  // apply validates every step before running any
-  };
   using Reply = ControlServer::ReplyFn;
   using Finish = std::function<void(Result<nlohmann::json>)>;  // any thread, exactly once
 
@@ -153,17 +149,40 @@ class Daemon {
   nlohmann::json VolumesJson();
   nlohmann::json VolumeJson(const std::string& name, const Volume& v);
 
-  void ExportAdd(const nlohmann::json& p, Finish finish);
-  void ExportRemove(const nlohmann::json& p, Finish finish);
-  void VolumeImport(const nlohmann::json& p, Finish finish);
-  void VolumeRemove(const nlohmann::json& p, Finish finish);
-  void MountRpc(const nlohmann::json& p, Finish finish);
   void UnmountRpc(Finish finish);
+
+  // Typed operations (operations.h, operations.cc).  Every change the control protocol makes is
+  // an Operation (Validate, Plan, Apply); the single-object RPCs and `apply` both go through
+  // OperationImpl<Request>, whose steps call the engine methods below (blocking; worker threads).
+  template <typename Req>
+  friend class OperationImpl;
+  void OperationRpc(const control::Request& req, Reply reply);
+  Status AddExport(const ExportConfig& e);  // reserves the name, opens, records
+  Status RemoveExport(const std::string& name);
+  Status ImportVolume(const VolumeConfig& c);
+  Status RemoveVolume(const std::string& name);
+  Status Mount(const std::string& dir);
+  Result<nlohmann::json> Verify(const std::string& name, bool repair, bool cancel);
+  nlohmann::json ExportJsonOf(const std::string& name);  // {} when gone
+  nlohmann::json VolumeJsonOf(const std::string& name);
+  // Whether a volume or array NAME exists once the plan in `ctx` ran up to here.
+  bool PlanHas(const PlanContext& ctx, const std::string& kind, const std::string& name);
+  // The operations (in order) that make the live objects match `want`; objects absent from it
+  // are removed only with `prune` (else listed in *kept).  Fills *ctx for their validation.
+  Status PlanApply(const Config& want, bool prune, std::vector<std::string>* kept,
+                   PlanContext* ctx, std::vector<std::unique_ptr<Operation>>* ops);
+  // Whether leg `slot` of `a` may be failed, detached or removed (`op`): not the last up-to-date
+  // leg (counting `also_gone` slots as gone), and an up-to-date leg is removed only with `force`.
+  // *code (when given) says which refusal.  Also re-checked by the step under a->op_mu.
+  Status CheckRetire(const std::shared_ptr<Array>& a, int slot, const std::string& op, bool force,
+                     const std::set<int>& also_gone, control::RefusalCode* code);
+  // Whether array `cfg` may take a leg live under its layer's rule (grow: appended).
+  static Status CheckLegChange(const ArrayConfig& cfg, bool grow);
 
   // arrays.cc
   void ArrayRpc(const std::string& method, const nlohmann::json& p, Finish finish);
   void EventsRpc(Reply reply, const nlohmann::json& id);
-  void ApplyRpc(const nlohmann::json& p, Finish finish);
+  void ApplyRpc(const control::Request& req, Reply reply);  // operations.cc
   Status StartArrays();              // main thread, after volumes
   void StopArrayThreads();
   void CloseArrays();                // Shutdown: after the exporter drained and FUSE is gone
@@ -196,28 +215,11 @@ class Daemon {
   void UnbankResync(const std::shared_ptr<Array>& a, int slot, std::uint64_t bytes);
   void RegisterArrayVolume(const std::shared_ptr<Array>& a);
   std::shared_ptr<Array> FindArray(const std::string& name);
-  std::string UsedBy(const std::string& volume_name);  // array using volume/array NAME as leg
   void ArrayMonitorLoop();
   void RefreshGrownFiles();
   void EventsLoop();
   void Emit(nlohmann::json ev);
   void TryPendingExports();
-  // The steps that make the live objects match `want`; objects absent from it are removed
-  // only with `prune` (else listed in *kept).
-  Result<std::vector<PlanStep>> Plan(const Config& want, bool prune,
-                                     std::vector<std::string>* kept);
-  // apply_check.cc: step checks, run for the whole plan before its first step.
-  struct PlanContext {
-    std::set<std::string> gone, created;  // "export:N", "volume:N", "array:N"
-  };
-  bool PlanHas(const std::shared_ptr<PlanContext>& ctx, const std::string& kind,
-               const std::string& name);
-  std::function<Status()> CheckAddExport(std::shared_ptr<PlanContext> ctx, ExportConfig e);
-  std::function<Status()> CheckAddVolume(std::shared_ptr<PlanContext> ctx, VolumeConfig v);
-  std::function<Status()> CheckAddLegs(std::shared_ptr<PlanContext> ctx, std::string array,
-                                       std::vector<std::string> legs, bool new_array);
-  std::function<Status()> CheckRemove(std::shared_ptr<PlanContext> ctx, std::string kind,
-                                      std::string name);
 
   // Exclusive legs (exclusive.cc): who uses a file, remote export, volume or array here.
   struct Use {
@@ -231,13 +233,16 @@ class Daemon {
     std::string owner;   // "exported as \"e1\"", "a live leg 0 of array \"m\"", ...
   };
   // `gone`: "export:N", "volume:N", "array:N" to disregard (an apply plan removes them first).
+  // *holder (when given) is set to the use that makes a check fail.
   std::vector<Use> Uses(const std::set<std::string>& gone = {});
   std::vector<Use> UsesOf(const Use& want, const std::set<std::string>& gone = {});
-  Status CheckExportFree(const ExportConfig& e, const std::set<std::string>& gone = {});
-  Status CheckVolumeFree(const VolumeConfig& c, const std::set<std::string>& gone = {});
+  Status CheckExportFree(const ExportConfig& e, const std::set<std::string>& gone = {},
+                         Use* holder = nullptr);
+  Status CheckVolumeFree(const VolumeConfig& c, const std::set<std::string>& gone = {},
+                         Use* holder = nullptr);
   // `slot` >= 0: skip that slot of `array` (a re-add of the same leg).
   Status CheckLegFree(const std::string& spec, const std::string& array, int slot,
-                      const std::set<std::string>& gone = {});
+                      const std::set<std::string>& gone = {}, Use* holder = nullptr);
   Status CheckLegsDistinct(const std::vector<std::string>& specs);
 
   // Persistent topology (persist.cc): runtime-added exports, volumes and mount.
@@ -256,7 +261,6 @@ class Daemon {
   // Online verify (arrays.cc, "Online verify"): the array.verify RPC, the "verify" member of
   // array JSON, periodic verifies (monitor thread) and verify events (events thread).
   void OpenVerifyStore(const std::string& db);
-  void ArrayVerifyRpc(const std::string& name, const nlohmann::json& p, Finish finish);
   void AddVerifyJson(const ArrayConfig& cfg, const std::shared_ptr<MirrorDevice>& m,
                      nlohmann::json* array);
   std::uint64_t VerifyInterval(const ArrayConfig& cfg) const;

@@ -55,6 +55,13 @@ std::string RemoteKey(const std::string& spec) {
   return spec;  // nbd:// and anything else: as written
 }
 
+// A refusal of a Check*Free below, with the use that causes it (for the refusal's owner).
+template <typename Use>  // deduced: Daemon::Use is private
+Status Held(Use* holder, const Use& u, Status s) {
+  if (holder) *holder = u;
+  return s;
+}
+
 }  // namespace
 
 std::vector<Daemon::Use> Daemon::Uses(const std::set<std::string>& gone) {
@@ -143,7 +150,8 @@ std::vector<Daemon::Use> Daemon::UsesOf(const Use& want, const std::set<std::str
   return same;
 }
 
-Status Daemon::CheckExportFree(const ExportConfig& e, const std::set<std::string>& gone) {
+Status Daemon::CheckExportFree(const ExportConfig& e, const std::set<std::string>& gone,
+                               Use* holder) {
   Use w;
   w.export_name = e.name;
   w.rw = !e.read_only;
@@ -160,16 +168,18 @@ Status Daemon::CheckExportFree(const ExportConfig& e, const std::set<std::string
   }
   for (auto& u : UsesOf(w, gone)) {
     if (!u.array.empty() && u.live)
-      return Status::Busy(fmt::format("cannot export {}: it is {} (a leg belongs to its array)",
-                                      what, u.owner));
+      return Held(holder, u, Status::Busy(fmt::format(
+                                 "cannot export {}: it is {} (a leg belongs to its array)", what,
+                                 u.owner)));
     if (w.rw && u.rw && u.array.empty())
-      return Status::Busy(fmt::format("cannot export {} read-write: it is already {}", what,
-                                      u.owner));
+      return Held(holder, u, Status::Busy(fmt::format(
+                                 "cannot export {} read-write: it is already {}", what, u.owner)));
   }
   return Status::OK();
 }
 
-Status Daemon::CheckVolumeFree(const VolumeConfig& c, const std::set<std::string>& gone) {
+Status Daemon::CheckVolumeFree(const VolumeConfig& c, const std::set<std::string>& gone,
+                               Use* holder) {
   Use w;
   w.volume_name = c.name;
   w.rw = true;
@@ -178,17 +188,18 @@ Status Daemon::CheckVolumeFree(const VolumeConfig& c, const std::set<std::string
   const std::string& what = c.path.empty() ? c.remote : c.path;
   for (auto& u : UsesOf(w, gone)) {
     if (!u.array.empty() && u.live)
-      return Status::Busy(fmt::format("cannot import {}: it is {} (a leg belongs to its array)",
-                                      what, u.owner));
+      return Held(holder, u, Status::Busy(fmt::format(
+                                 "cannot import {}: it is {} (a leg belongs to its array)", what,
+                                 u.owner)));
     if (u.rw && u.array.empty())
-      return Status::Busy(fmt::format("cannot import {} read-write: it is already {}", what,
-                                      u.owner));
+      return Held(holder, u, Status::Busy(fmt::format(
+                                 "cannot import {} read-write: it is already {}", what, u.owner)));
   }
   return Status::OK();
 }
 
 Status Daemon::CheckLegFree(const std::string& spec, const std::string& array, int slot,
-                            const std::set<std::string>& gone) {
+                            const std::set<std::string>& gone, Use* holder) {
   LegSpec ls;
   DST_RETURN_IF_ERROR(ParseLegSpec(spec, &ls));
   Use w;
@@ -206,9 +217,10 @@ Status Daemon::CheckLegFree(const std::string& spec, const std::string& array, i
     // leg then.  Everything else that shares the object is a second owner.
     if (!u.volume_name.empty() && ls.kind == LegSpec::Kind::kVolume) continue;
     if (!u.export_name.empty())
-      return Status::Busy(fmt::format("leg \"{}\" is still {} (export remove {} first)", spec,
-                                      u.owner, u.export_name));
-    return Status::Busy(fmt::format("leg \"{}\" is already {}", spec, u.owner));
+      return Held(holder, u, Status::Busy(fmt::format(
+                                 "leg \"{}\" is still {} (export remove {} first)", spec, u.owner,
+                                 u.export_name)));
+    return Held(holder, u, Status::Busy(fmt::format("leg \"{}\" is already {}", spec, u.owner)));
   }
   return Status::OK();
 }

@@ -72,6 +72,10 @@ std::string EncodeRequest(const nlohmann::json& id, std::string_view method,
                           const nlohmann::json& params = nlohmann::json::object());
 std::string EncodeResult(const nlohmann::json& id, const nlohmann::json& result);
 std::string EncodeError(const nlohmann::json& id, std::string_view code, std::string_view message);
+// An error with the refusal reasons of an operation (dst/control/ops.h Refusal, as JSON):
+// {"code":..,"message":..,"reasons":[{"code","object","owner","message"},...]}.
+std::string EncodeError(const nlohmann::json& id, std::string_view code, std::string_view message,
+                        const nlohmann::json& reasons);
 
 struct Reply {
   nlohmann::json id;
@@ -79,6 +83,7 @@ struct Reply {
   nlohmann::json result;
   std::string error_code;
   std::string error_message;
+  nlohmann::json error_reasons = nlohmann::json::array();  // refusals (ops.h), when refused
 };
 // Parses a reply line; false (with *why) if it is not a well-formed reply.
 bool ParseReply(std::string_view line, Reply* reply, std::string* why);
