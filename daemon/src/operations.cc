@@ -281,7 +281,7 @@ class OperationImpl<ctl::ArrayCreateOp> : public OpBase {
       for (const auto& [k, text] : r.params) {
         const LayerKey* key = FindLayerKey(*layer, k);
         auto v = key ? ParseLayerValue(*key, text)
-                     : Result<std::string>(Status::InvalidArgument(
+                     : dst::Result<std::string>(Status::InvalidArgument(
                            fmt::format("a {} array has no key \"{}\"", r.level, k)));
         if (v.ok()) cfg_.params[k] = std::move(v.value());
         else bad_.push_back(Refuse("array:" + r.name, v.status()));
