@@ -460,10 +460,10 @@ class OperationImpl<ctl::LegChangeOp> : public OpOf<ctl::LegChangeOp> {
       std::lock_guard<std::mutex> l(d_.mu_);
       if (!a->mirror) {
         out.push_back(
-            a->linear
+            a->dev
                 ? Refuse(RefusalCode::kInvalid, "array:" + r_.array, {},
-                         fmt::format("array \"{}\" is linear: legs cannot be failed, removed or "
-                                     "detached (it has no redundancy)", r_.array))
+                         fmt::format("array \"{}\" is {}: legs cannot be failed, removed or "
+                                     "detached (it has no redundancy)", r_.array, a->cfg.level))
                 : Refuse(RefusalCode::kNotAssembled, "array:" + r_.array, {},
                          fmt::format("array \"{}\" is not assembled: {}", r_.array, a->error)));
         return out;
@@ -600,10 +600,10 @@ class OperationImpl<ctl::VerifyOp> : public OpOf<ctl::VerifyOp> {
     auto a = LiveArray(r_.array, &out);
     if (!a) return out;
     std::lock_guard<std::mutex> l(d_.mu_);
-    if (!a->mirror && a->linear)
+    if (!a->mirror && a->dev)
       out.push_back(Refuse(RefusalCode::kInvalid, "array:" + r_.array, {},
-                           fmt::format("array \"{}\" is linear: verify compares the legs of a "
-                                       "mirror", r_.array)));
+                           fmt::format("array \"{}\" is {}: verify compares the legs of a "
+                                       "mirror", r_.array, a->cfg.level)));
     else if (!a->mirror)
       out.push_back(Refuse(RefusalCode::kNotAssembled, "array:" + r_.array, {},
                            fmt::format("array \"{}\" is not assembled: {}", r_.array, a->error)));
