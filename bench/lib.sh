@@ -21,3 +21,19 @@ stop_daemon() {
   kill -KILL "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
 }
+
+# Installs the usual traps around the caller's cleanup() (EXIT runs it; INT and TERM exit with
+# the conventional codes, which runs it too).
+install_traps() {
+  trap cleanup EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+}
+
+# end_cleanup <rc> <work dir>: the tail of a cleanup(): unmounts <work dir>/tmpfs, removes the
+# work directory, exits with rc.
+end_cleanup() {
+  if grep -qs " $2/tmpfs " /proc/self/mounts; then umount "$2/tmpfs" || umount -l "$2/tmpfs"; fi
+  rm -rf --one-file-system "$2"
+  exit "$1"
+}

@@ -1,22 +1,57 @@
 #include "dst/net/transmitter.h"
 
-#include <sys/socket.h>
-
 #include <boost/asio/bind_executor.hpp>
 #include <boost/asio/post.hpp>
 
+#include "fd_send.h"
+
 namespace dst::net {
+
+// The FrameSink of the bare-socket constructor: sendmsg() on the socket's descriptor, writable
+// waits through the socket on the Transmitter's executor.
+class Transmitter::SocketSink final : public FrameSink {
+ public:
+  SocketSink(boost::asio::ip::tcp::socket& socket, const boost::asio::any_io_executor* ex)
+      : socket_(socket), ex_(ex) {}
+
+  std::size_t SendFrames(const TxFrame* head, std::size_t offset, const SendLimits& lim,
+                         boost::system::error_code& ec) override {
+    return detail::SendFramesOnFd(socket_.native_handle(), head, offset, lim, iov_, kMaxIov, ec);
+  }
+
+  void AsyncWaitWritable(IoCallback done) override {
+    socket_.async_wait(boost::asio::ip::tcp::socket::wait_write,
+                       boost::asio::bind_executor(*ex_, [cb = std::move(done)](const boost::system::error_code& ec) mutable {
+                         cb(ec, 0);
+                       }));
+  }
+
+ private:
+  static constexpr int kMaxIov = 1024;  // IOV_MAX on Linux
+  boost::asio::ip::tcp::socket& socket_;
+  const boost::asio::any_io_executor* ex_;
+  struct iovec iov_[kMaxIov];
+};
+
+Transmitter::Transmitter(Transport& transport, bool batching, TxStats* stats, std::size_t max_batch_bytes)
+    : sink_(&transport),
+      batching_(batching),
+      ex_(transport.strand()),
+      stats_(stats),
+      max_batch_bytes_(max_batch_bytes),
+      alive_(std::make_shared<bool>(true)) {}
 
 Transmitter::Transmitter(boost::asio::ip::tcp::socket& socket, bool batching, TxStats* stats,
                          std::size_t max_batch_bytes)
-    : socket_(socket),
+    : own_sink_(std::make_unique<SocketSink>(socket, &ex_)),
+      sink_(own_sink_.get()),
       batching_(batching),
       ex_(socket.get_executor()),
       stats_(stats),
       max_batch_bytes_(max_batch_bytes),
       alive_(std::make_shared<bool>(true)) {
   boost::system::error_code ec;
-  socket_.non_blocking(true, ec);
+  socket.non_blocking(true, ec);
 }
 
 Transmitter::~Transmitter() {
@@ -47,46 +82,25 @@ void Transmitter::Kick(std::shared_ptr<void> guard) {
 bool Transmitter::Flush() {
   if (closed_) return false;
   if (waiting_) return true;  // the writable-wait handler will continue
-  const int fd = socket_.native_handle();
+  SendLimits lim;
+  lim.max_frames = batching_ ? 512 : 1;
+  lim.max_bytes = max_batch_bytes_;
   while (head_) {
-    // Gather.
-    int n = 0;
-    std::size_t bytes = 0;
-    std::size_t skip = head_sent_;
-    const int max_frames = batching_ ? kMaxIov / 2 : 1;
-    int frames = 0;
-    for (TxFrame* f = head_; f && frames < max_frames && bytes < max_batch_bytes_; f = f->next, ++frames) {
-      if (skip < f->header_len) {
-        iov_[n++] = {const_cast<std::uint8_t*>(f->header) + skip, f->header_len - skip};
-        bytes += f->header_len - skip;
-        skip = 0;
-      } else {
-        skip -= f->header_len;
-      }
-      if (f->payload_len > skip) {
-        iov_[n++] = {const_cast<char*>(f->payload) + skip, f->payload_len - skip};
-        bytes += f->payload_len - skip;
-      }
-      skip = 0;
+    boost::system::error_code ec;
+    const std::size_t w = sink_->SendFrames(head_, head_sent_, lim, ec);
+    if (ec == boost::asio::error::would_block || (!ec && w == 0)) {
+      stats_->eagain.fetch_add(1, std::memory_order_relaxed);
+      WaitWritable();
+      return true;
     }
-    struct msghdr msg = {};
-    msg.msg_iov = iov_;
-    msg.msg_iovlen = static_cast<std::size_t>(n);
-    ssize_t w = ::sendmsg(fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK) {
-        stats_->eagain.fetch_add(1, std::memory_order_relaxed);
-        WaitWritable();
-        return true;
-      }
+    if (ec) {
       Fail();
       return false;
     }
     stats_->syscalls.fetch_add(1, std::memory_order_relaxed);
     stats_->bytes.fetch_add(static_cast<std::uint64_t>(w), std::memory_order_relaxed);
     // Retire fully written frames.
-    std::size_t left = static_cast<std::size_t>(w) + head_sent_;
+    std::size_t left = w + head_sent_;
     head_sent_ = 0;
     std::uint64_t done = 0;
     while (head_) {
@@ -109,16 +123,15 @@ bool Transmitter::Flush() {
 
 void Transmitter::WaitWritable() {
   waiting_ = true;
-  socket_.async_wait(boost::asio::ip::tcp::socket::wait_write,
-                     boost::asio::bind_executor(ex_, [this, alive = alive_](const boost::system::error_code& ec) {
-                       if (!*alive) return;
-                       waiting_ = false;
-                       if (ec) {
-                         if (!closed_) Fail();
-                         return;
-                       }
-                       Flush();
-                     }));
+  sink_->AsyncWaitWritable([this, alive = alive_](const boost::system::error_code& ec, std::size_t) {
+    if (!*alive) return;
+    waiting_ = false;
+    if (ec) {
+      if (!closed_) Fail();
+      return;
+    }
+    Flush();
+  });
 }
 
 void Transmitter::Fail() {

@@ -1,9 +1,10 @@
 // Transmitter: the batched send path of one connection.
 //
-// Frames (a 48-byte header plus an optional payload pointer) are queued on an intrusive list
-// and handed to the kernel in batches: one sendmsg() gathers up to IOV_MAX iovecs or a byte
-// budget, i.e. many frames per system call -- the kernel's transmit batching (xmit_more) moved
-// to user space.  Payloads are referenced, never copied.  A one-frame-per-call mode exists for
+// Frames (TxFrame, transport.h: a header of up to 48 bytes plus an optional payload pointer) are
+// queued on an intrusive list and handed to the Transport in batches: one SendFrames() call gets
+// the whole list, which TCP gathers into one sendmsg() of up to IOV_MAX iovecs or a byte budget,
+// i.e. many frames per system call -- the kernel's transmit batching (xmit_more) moved to user
+// space.  Payloads are referenced, never copied.  A one-frame-per-call mode exists for
 // comparison (benchmarks, `batching = false` in the config).
 //
 // State of the send side:
@@ -15,11 +16,8 @@
 //                                             WAIT_WRITABLE
 //   any state --Abort()--> CLOSED  (every queued frame gets on_sent(frame, false))
 //
-// Threading: every method runs on the connection's io_context thread (single-threaded use).
-// The socket must be in non-blocking mode; the Transmitter sets it.
+// Threading: every method runs on the connection's strand (single-threaded use).
 #pragma once
-
-#include <sys/uio.h>
 
 #include <atomic>
 #include <cstdint>
@@ -28,23 +26,9 @@
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/ip/tcp.hpp>
 
-#include "dst/net/dst_format.h"
+#include "dst/net/transport.h"
 
 namespace dst::net {
-
-struct TxFrame {
-  std::uint8_t header[kHeaderSize];
-  // Bytes of `header` to send.  DST frames use all 48; the NBD server sends its shorter
-  // reply headers (16/20/28 bytes) through the same transmitter.
-  std::uint8_t header_len = kHeaderSize;
-  const char* payload = nullptr;
-  std::uint32_t payload_len = 0;
-  // Called exactly once when the frame has been fully written (ok) or dropped (!ok).  May be
-  // null.  The frame may be reused or freed inside the callback.
-  void (*on_sent)(TxFrame* f, bool ok) = nullptr;
-  void* owner = nullptr;
-  TxFrame* next = nullptr;  // owned by the Transmitter while queued
-};
 
 struct TxStats {
   std::atomic<std::uint64_t> frames{0};
@@ -59,7 +43,10 @@ struct TxStats {
 
 class Transmitter {
  public:
-  // `on_error` runs (on the io thread) when the socket fails; the owner then calls Abort().
+  // Sends through `transport`; its handlers (writable wait, Kick) run on the transport's strand.
+  Transmitter(Transport& transport, bool batching, TxStats* stats, std::size_t max_batch_bytes = 4u << 20);
+  // Sends on a bare TCP socket (put in non-blocking mode) through a private FrameSink.  For the
+  // clients until they hold a Transport; new code uses the constructor above.
   Transmitter(boost::asio::ip::tcp::socket& socket, bool batching, TxStats* stats,
               std::size_t max_batch_bytes = 4u << 20);
   ~Transmitter();
@@ -68,8 +55,8 @@ class Transmitter {
 
   // Appends a frame.  Nothing is sent until Flush() (directly, or via Kick()).
   void Enqueue(TxFrame* f);
-  // Sends as much as the socket takes now; arms a writable-wait for the rest.  Returns false if
-  // the socket failed (all frames dropped).
+  // Sends as much as the transport takes now; arms a writable-wait for the rest.  Returns false
+  // if the transport failed (all frames dropped).
   bool Flush();
   // Schedules one Flush() at the end of the current event-loop turn, so frames enqueued by the
   // same burst of completions go out in one call.  `guard` keeps the owner alive until then.
@@ -79,17 +66,21 @@ class Transmitter {
 
   bool idle() const { return head_ == nullptr; }
   bool batching() const { return batching_; }
+  // `fn` runs (on the strand) when the transport fails; the Transmitter then aborts its queue.
   void set_error_handler(void (*fn)(void* ctx), void* ctx) { on_error_ = fn; on_error_ctx_ = ctx; }
-  // Runs the Transmitter's own handlers (writable wait, Kick) on `ex` instead of the socket's
-  // executor, e.g. the connection's strand when the socket itself uses the plain io_context
+  // Runs the Kick handler on `ex` instead of the transport's strand (or the bare socket's
+  // executor), e.g. the connection's strand when the socket itself uses the plain io_context
   // executor (cheaper per operation: a strand does not fit any_io_executor's small buffer).
   void set_executor(boost::asio::any_io_executor ex) { ex_ = std::move(ex); }
 
  private:
+  class SocketSink;
+
   void WaitWritable();
   void Fail();
 
-  boost::asio::ip::tcp::socket& socket_;
+  std::unique_ptr<SocketSink> own_sink_;  // bare-socket constructor only
+  FrameSink* sink_;
   bool batching_;
   boost::asio::any_io_executor ex_;  // where our handlers run; default: the socket's executor
   TxStats* stats_;
@@ -103,8 +94,6 @@ class Transmitter {
   void (*on_error_)(void*) = nullptr;
   void* on_error_ctx_ = nullptr;
   std::shared_ptr<bool> alive_;
-  static constexpr int kMaxIov = 1024;  // IOV_MAX on Linux
-  struct iovec iov_[kMaxIov];
 };
 
 }  // namespace dst::net
