@@ -26,8 +26,10 @@
 #include <cstring>
 
 #include <boost/asio/dispatch.hpp>
+#include <boost/asio/generic/stream_protocol.hpp>
 #include <boost/asio/post.hpp>
-#include <boost/asio/read.hpp>
+
+#include "dst/net/tcp_transport.h"
 
 namespace dst::net {
 
@@ -217,9 +219,7 @@ void ClientCore::SetState(State s) {
 }
 
 void ClientCore::CloseSockets() {
-  boost::system::error_code ec;
-  tx_socket_.close(ec);
-  socket_.close(ec);
+  if (transport_) transport_->Close();
 }
 
 // --- connect -------------------------------------------------------------------------------
@@ -356,19 +356,17 @@ Status ClientCore::Attach(int fd) {
   sockaddr_storage ss{};
   socklen_t sl = sizeof ss;
   ::getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &sl);
-  socket_.assign(Proto(ss.ss_family, 0), fd, ec);
+  // The socket runs on the plain io_context executor (a strand does not fit any_io_executor's
+  // small buffer: Asio would copy it to the heap on every operation); the transport binds every
+  // completion to strand_.
+  TcpTransport::Socket socket(io_);
+  socket.assign(asio::generic::stream_protocol(ss.ss_family, 0), fd, ec);
   if (ec) {
     ::close(fd);
     return Status::IoError("socket assign: " + ec.message());
   }
-  const int dup_fd = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
-  if (dup_fd < 0) return Status::FromErrno(errno, "dup");
-  tx_socket_.assign(asio::ip::tcp::v4(), dup_fd, ec);
-  if (ec) {
-    ::close(dup_fd);
-    return Status::IoError("socket assign: " + ec.message());
-  }
-  tx_ = std::make_unique<Transmitter>(tx_socket_, opts_.batching, &tx_stats_);
+  transport_ = std::make_unique<TcpTransport>(std::move(socket), strand_, Describe());
+  tx_ = std::make_unique<Transmitter>(*transport_, opts_.batching, &tx_stats_);
   tx_->set_error_handler(&ClientCore::OnTxError, this);
   return Status::OK();
 }
@@ -759,7 +757,7 @@ void ClientCore::OnTxError(void* ctx) {
 void ClientCore::StartRead() {
   auto self = shared_from_this();
   const std::uint64_t ep = epoch_;
-  socket_.async_read_some(rx_buf_.Space(), [self, ep](const boost::system::error_code& ec, std::size_t n) {
+  transport_->AsyncReadSome(rx_buf_.Space(), [self, ep](const boost::system::error_code& ec, std::size_t n) {
     if (ep != self->epoch_ || self->state_ != State::kConnected) return;
     if (ec) return self->Lost(ec == asio::error::eof ? "closed by server" : "receive failed");
     self->last_rx_ = Clock::now();
@@ -785,20 +783,28 @@ void ClientCore::ParseRx(bool completed) {
 void ClientCore::ReadRest(ClientSlot* owner, char* dst, std::size_t total, std::size_t have) {
   rx_rest_ = true;
   rx_owner_ = owner;
-  const std::size_t n = std::min(kPayloadChunk, total - have);
+  rest_dst_ = dst;
+  rest_total_ = total;
+  rest_done_ = have;
+  ReadMore();
+}
+
+void ClientCore::ReadMore() {
+  const std::size_t n = std::min(kPayloadChunk, rest_total_ - rest_done_);
   auto self = shared_from_this();
   const std::uint64_t ep = epoch_;
-  asio::async_read(socket_, asio::buffer(dst + have, n),
-                   [self, ep, owner, dst, total, have](const boost::system::error_code& ec, std::size_t got) {
-                     if (ep != self->epoch_ || self->state_ != State::kConnected) return;
-                     if (ec) return self->Lost("receive failed");
-                     self->last_rx_ = Clock::now();
-                     if (have + got < total) return self->ReadRest(owner, dst, total, have + got);
-                     self->rx_rest_ = false;
-                     self->rx_owner_ = nullptr;
-                     const RxStep step = self->proto_->OnRest();
-                     if (step != RxStep::kStop) self->ParseRx(step == RxStep::kCompleted);
-                   });
+  transport_->AsyncRead(asio::buffer(rest_dst_ + rest_done_, n),
+                        [self, ep](const boost::system::error_code& ec, std::size_t got) {
+                          if (ep != self->epoch_ || self->state_ != State::kConnected) return;
+                          if (ec) return self->Lost("receive failed");
+                          self->last_rx_ = Clock::now();
+                          self->rest_done_ += got;
+                          if (self->rest_done_ < self->rest_total_) return self->ReadMore();
+                          self->rx_rest_ = false;
+                          self->rx_owner_ = nullptr;
+                          const RxStep step = self->proto_->OnRest();
+                          if (step != RxStep::kStop) self->ParseRx(step == RxStep::kCompleted);
+                        });
 }
 
 void ClientCore::DrainRest(std::size_t n) {
@@ -807,16 +813,16 @@ void ClientCore::DrainRest(std::size_t n) {
   const std::size_t chunk = std::min(drain_left_, kDrainBufSize);
   auto self = shared_from_this();
   const std::uint64_t ep = epoch_;
-  asio::async_read(socket_, asio::buffer(drain_buf_.get(), chunk),
-                   [self, ep](const boost::system::error_code& ec, std::size_t got) {
-                     if (ep != self->epoch_ || self->state_ != State::kConnected) return;
-                     if (ec) return self->Lost("receive failed");
-                     self->last_rx_ = Clock::now();
-                     self->drain_left_ -= got;
-                     if (self->drain_left_) return self->DrainRest(self->drain_left_);
-                     self->rx_rest_ = false;
-                     self->ParseRx(false);
-                   });
+  transport_->AsyncRead(asio::buffer(drain_buf_.get(), chunk),
+                        [self, ep](const boost::system::error_code& ec, std::size_t got) {
+                          if (ep != self->epoch_ || self->state_ != State::kConnected) return;
+                          if (ec) return self->Lost("receive failed");
+                          self->last_rx_ = Clock::now();
+                          self->drain_left_ -= got;
+                          if (self->drain_left_) return self->DrainRest(self->drain_left_);
+                          self->rx_rest_ = false;
+                          self->ParseRx(false);
+                        });
 }
 
 ClientSlot* ClientCore::Lookup(std::uint64_t id) {

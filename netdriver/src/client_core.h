@@ -46,9 +46,10 @@
 // so no event-loop thread ever waits on it; the descriptor is then handed to the strand.
 //
 // Threading: Submit(), Info(), Stats counters and Health() from any thread; everything else on
-// the connection strand.  Socket operations are in a few private functions (OpenSocket,
-// BlockingIo, Attach, StartRead, ReadRest, DrainRest, the Transmitter) so a transport swap is
-// local to this core.
+// the connection strand.  Connection I/O goes through the Transport seam (transport.h): the
+// connector thread dials and negotiates on a descriptor (OpenSocket, BlockingIo), Attach() puts
+// the connection into a TcpTransport, and receives (StartRead, ReadRest, DrainRest) and the
+// Transmitter's sends use that transport.
 #pragma once
 
 #include <atomic>
@@ -61,9 +62,7 @@
 #include <thread>
 #include <vector>
 
-#include <boost/asio/generic/stream_protocol.hpp>
 #include <boost/asio/io_context.hpp>
-#include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
@@ -72,6 +71,7 @@
 #include "dst/block_device.h"
 #include "dst/net/client_device.h"
 #include "dst/net/transmitter.h"
+#include "dst/net/transport.h"
 #include "dst/status.h"
 #include "rx_buffer.h"
 
@@ -244,7 +244,7 @@ class ClientCore : public std::enable_shared_from_this<ClientCore> {
   void AttemptFailed(Status st, bool hard);
   void OnHandshake(int fd, const Negotiated& n);
   bool IdentityChanged(const DeviceInfo& ni, DeviceInfo* keep);
-  Status Attach(int fd);  // the descriptor becomes this connection's socket
+  Status Attach(int fd);  // the descriptor becomes this connection's transport
   void ConnectionLost(const char* why, ClientClock::time_point outage_start, bool closed_by_peer);
   ClientSlot* PoisonSuspect(bool closed_by_peer);
   bool StartCheck();
@@ -267,6 +267,7 @@ class ClientCore : public std::enable_shared_from_this<ClientCore> {
   void SendKeepalive();
   void FlushTx();
   void StartRead();
+  void ReadMore();  // the next chunk of a ReadRest
   void ParseRx(bool completed);
   void CompleteSlot(ClientSlot& s, Status st);
   void FreeSlot(ClientSlot& s);
@@ -282,16 +283,11 @@ class ClientCore : public std::enable_shared_from_this<ClientCore> {
   static void OnGoodbyeSent(TxFrame*, bool) {}
   static void OnTxError(void* ctx);
 
-  using Strand = boost::asio::strand<boost::asio::io_context::executor_type>;
-  using Proto = boost::asio::generic::stream_protocol;
   boost::asio::io_context& io_;
   const ClientCoreOptions opts_;
   const std::unique_ptr<ClientProtocol> proto_;
   Strand strand_;
-  boost::asio::basic_stream_socket<Proto, Strand> socket_{strand_};  // receive side
-  // The Transmitter wants a tcp::socket; it gets a dup() of socket_'s descriptor (asio only
-  // stores it, and sendmsg() works for AF_UNIX too).
-  boost::asio::ip::tcp::socket tx_socket_{strand_};
+  std::unique_ptr<Transport> transport_;  // the current connection (closed between connections)
   boost::asio::basic_waitable_timer<ClientClock, boost::asio::wait_traits<ClientClock>, Strand> tick_timer_{strand_};
   boost::asio::posix::basic_stream_descriptor<Strand> kick_{strand_};
   const std::chrono::milliseconds tick_;
@@ -359,6 +355,9 @@ class ClientCore : public std::enable_shared_from_this<ClientCore> {
   RxBuffer rx_buf_;
   bool rx_rest_ = false;             // ReadRest / DrainRest in progress
   ClientSlot* rx_owner_ = nullptr;   // slot whose buffer ReadRest fills
+  char* rest_dst_ = nullptr;         // ReadRest: destination, bytes wanted, bytes done
+  std::size_t rest_total_ = 0;
+  std::size_t rest_done_ = 0;
   std::size_t drain_left_ = 0;
   std::unique_ptr<char[]> drain_buf_;
 
