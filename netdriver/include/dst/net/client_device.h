@@ -41,8 +41,8 @@ struct ClientStats {
   std::uint64_t check_failures = 0;  // connections whose connect check failed
   std::uint32_t inflight = 0;
   std::uint64_t requests = 0;
-  std::uint64_t frames_sent = 0;
-  std::uint64_t send_calls = 0;
+  // Send batching: frames, the system calls that carried them, and their ratio.
+  std::uint64_t frames_sent = 0, send_calls = 0;
   double frames_per_call = 0;
 };
 
