@@ -75,7 +75,9 @@ resolve() {
 build_rev() {
   local rev="$1" dir src build launcher=()
   if [[ $rev == WORKTREE ]]; then dir="$WORK_ROOT/worktree"; else dir="$WORK_ROOT/$rev"; fi
-  src="$dir/src"; build="$dir/build"
+  # The build tree sits inside the source tree, as in a checkout, so ccache (with base_dir set)
+  # finds the objects a checkout's own build left.
+  src="$dir/src"; build="$dir/src/build"
   if [[ $rev == WORKTREE || ! -x $build/bin/dstd || ! -x $build/bin/dstctl ]]; then
     mkdir -p "$dir"
     rm -rf "$src"; mkdir -p "$src"

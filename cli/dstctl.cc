@@ -210,16 +210,19 @@ int main(int argc, char** argv) {
   auto* status = app.add_subcommand("status", "Show daemon, exports, volumes, arrays and mount");
 
   // array ...
-  auto* arr = app.add_subcommand("array", "Manage linear and mirror arrays");
+  auto* arr = app.add_subcommand("array", "Manage arrays (`dstctl array layers` lists the layers)");
   arr->require_subcommand(1);
   std::string level, region_size, leg, rate_min, rate_max;
-  std::vector<std::string> legs;
+  std::vector<std::string> legs, layer_keys;
   bool assume_clean = false, dry_run = false, test = false, force = false;
   int slot = -1, keep = -1;
-  auto* arr_create = arr->add_subcommand("create", "Create a mirror or linear array");
+  auto* arr_create = arr->add_subcommand("create", "Create an array of a layer (mirror, linear, ...)");
   arr_create->add_option("NAME", name, "Array name")->required();
-  arr_create->add_option("--level", level, "mirror or linear")->required()
-      ->check(CLI::IsMember({"mirror", "linear"}));
+  arr_create->add_option("--level", level, "Layer name (`dstctl array layers` lists them)")->required();
+  arr_create->add_option("--set", layer_keys,
+                         "A key of the layer, KEY=VALUE (repeatable; `dstctl array layers`)")
+      ->allow_extra_args(false)  // one KEY=VALUE per --set: the legs follow
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
   arr_create->add_option("LEG", legs,
                          "Legs: dst://HOST[:PORT]/EXPORT, nbd://HOST[:PORT]/NAME, /path, "
                          "volume:NAME, array:NAME")->required();
@@ -231,6 +234,8 @@ int main(int argc, char** argv) {
                        "Overwrite legs that carry another array's header (never a leg another "
                        "host holds a live claim on)");
   auto* arr_list = arr->add_subcommand("list", "List arrays");
+  auto* arr_layers = arr->add_subcommand(
+      "layers", "List the layers the daemon knows: their keys, leg rules and help");
   auto* arr_rm = arr->add_subcommand("remove", "Stop an array cleanly and forget it (refused while in use)");
   arr_rm->add_option("NAME", name, "Array name")->required();
   auto* arr_add = arr->add_subcommand("add-leg", "Add a leg (mirror: full resync; linear: append)");
@@ -380,11 +385,21 @@ int main(int argc, char** argv) {
     if (!region_size.empty()) p["region_size"] = region_size;
     if (!rate_min.empty()) p["resync_rate_min"] = rate_min;
     if (!rate_max.empty()) p["resync_rate_max"] = rate_max;
+    for (auto& kv : layer_keys) {
+      auto eq = kv.find('=');
+      if (eq == std::string::npos || eq == 0)
+        return Fail(ctl::kExUsage, fmt::format("array create: --set {}: expected KEY=VALUE", kv));
+      p["params"][kv.substr(0, eq)] = kv.substr(eq + 1);
+    }
     if ((rc = Call(socket, "array.create", p, &result)) != 0) return rc;
     if (as_json) PrintJson(result);
     else std::printf("array %s created: %s %s, %s\n", name.c_str(), level.c_str(),
                      ctl::FormatSize(result.value("size", std::uint64_t{0})).c_str(),
                      result.value("state", std::string("?")).c_str());
+  } else if (arr_layers->parsed()) {
+    if ((rc = Call(socket, "array.layers", json::object(), &result)) != 0) return rc;
+    if (as_json) PrintJson(result);
+    else std::fputs(ctl::RenderLayers(result.value("layers", json::array())).c_str(), stdout);
   } else if (arr_list->parsed()) {
     if ((rc = Call(socket, "array.list", json::object(), &result)) != 0) return rc;
     if (as_json) PrintJson(result);

@@ -16,6 +16,8 @@ const std::vector<std::string>& Methods() {
       "array.set_resync_rate", "array.detail", "array.verify", "apply", "events",
       // issue 9: leg identity (split brain, hand-over)
       "array.resolve", "array.release", "array.import",
+      // issue 10: the layer registry (names, keys, leg rules, help)
+      "array.layers",
   };
   return kMethods;
 }

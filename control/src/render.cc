@@ -1,6 +1,7 @@
 #include "dst/control/render.h"
 
 #include <algorithm>
+#include <charconv>
 #include <ctime>
 
 #include <fmt/format.h>
@@ -215,6 +216,32 @@ std::vector<std::pair<std::string, std::string>> VerifyDetail(const json& a);
 std::string VerifyMdstatLine(const json& a);
 std::string VerifyEventLine(const std::string& head, const json& e);
 
+// The array's layer as the daemon describes it from its registry (dst/layer.h): dstctl names
+// no layer itself.
+const json& Layer(const json& a) {
+  static const json kNone = json::object();
+  auto it = a.find("layer");
+  return it != a.end() && it->is_object() ? *it : kNone;
+}
+
+// A layer key's canonical value for humans: sizes in bytes become "64 KiB".
+std::string LayerValueText(const std::string& type, std::string v) {
+  std::uint64_t n = 0;
+  auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), n);
+  if (type == "size" && !v.empty() && ec == std::errc() && end == v.data() + v.size())
+    return FormatSize(n);
+  return v;
+}
+
+// "Chunk Size : 64 KiB": the layer's key values that have a detail label.
+void LayerParamLines(const json& a, std::vector<std::pair<std::string, std::string>>* kv) {
+  for (auto& p : Layer(a).value("params", json::array())) {
+    std::string label = Str(p, "label", "");
+    if (label.empty()) continue;
+    kv->push_back({label, LayerValueText(Str(p, "type"), Str(p, "value"))});
+  }
+}
+
 std::string SizePair(std::uint64_t bytes) {
   return fmt::format("{:.2f} GiB {:.2f} GB", double(bytes) / double(1ull << 30),
                      double(bytes) / 1e9);
@@ -287,6 +314,7 @@ std::string RenderDetail(const json& a) {
   std::vector<std::pair<std::string, std::string>> kv;
   std::string level = Str(a, "level");
   std::string state = Str(a, "state");
+  const bool redundant = Bool(Layer(a), "redundant");
   const json& r = Resync(a);
   int n = 0, up = 0, failed = 0, rebuilding = 0;
   for (auto& l : a.value("legs", json::array())) {
@@ -311,12 +339,12 @@ std::string RenderDetail(const json& a) {
     st += Bool(*v, "repair") ? ", repairing" : ", checking";  // as mdadm --detail
   std::uint64_t size = U64(a, "size");
   kv.push_back({"Version", "dst 1"});
-  kv.push_back({"Raid Level", level == "mirror" ? "mirror (raid1)" : level});
+  kv.push_back({"Raid Level", Str(Layer(a), "title", level.c_str())});
   kv.push_back({"Array Size", fmt::format("{} KiB ({})", size / 1024, SizePair(size))});
   kv.push_back({"Raid Devices", std::to_string(n)});
   kv.push_back({"Total Devices", std::to_string(n)});
   kv.push_back({"Persistence", fmt::format("SQLite {}", Str(a, "state_db"))});
-  if (level == "mirror")
+  if (redundant)
     kv.push_back({"Intent Bitmap", Bool(a, "write_intent")
                                        ? fmt::format("Internal ({} regions)",
                                                      FormatSize(U64(a, "region_size")))
@@ -325,11 +353,12 @@ std::string RenderDetail(const json& a) {
   kv.push_back({"Active Devices", std::to_string(up)});
   kv.push_back({"Working Devices", std::to_string(up + rebuilding)});
   kv.push_back({"Failed Devices", std::to_string(failed)});
-  if (level == "mirror") kv.push_back({"Consistency Policy", "bitmap"});
+  if (redundant) kv.push_back({"Consistency Policy", "bitmap"});
+  LayerParamLines(a, &kv);
   if (r.is_object())
     kv.push_back({Str(r, "state") == "pending" ? "Rebuild Status" : "Rebuild Status",
                   fmt::format("{}% complete", int(ResyncPercent(r)))});
-  if (auto rr = a.find("resync_rate"); rr != a.end() && rr->is_object() && level == "mirror") {
+  if (auto rr = a.find("resync_rate"); rr != a.end() && rr->is_object() && redundant) {
     auto rate = [](std::uint64_t v) {
       return v == 0 ? std::string("unlimited") : FormatSize(v) + "/s";
     };
@@ -388,6 +417,24 @@ std::string RenderDetail(const json& a) {
     if (auto o = l.find("owner"); o != l.end() && o->is_object())
       out += fmt::format("    leg {} claimed by {} (id {})\n", U64(l, "slot"), Str(*o, "name"),
                          Str(*o, "id"));
+  }
+  return out;
+}
+
+std::string RenderLayers(const json& layers) {
+  std::string out;
+  for (auto& l : layers) {
+    const json& legs = l.value("legs", json::object());
+    out += fmt::format("{}: {}\n  {}\n", Str(l, "name"), Str(l, "title"), Str(l, "help"));
+    out += fmt::format("  legs: {}..{}{}{}, live changes: {}\n  size: {}\n", U64(legs, "min"),
+                       U64(legs, "max"), Bool(legs, "same_size") ? ", same size" : "",
+                       Bool(legs, "read_only_legs") ? ", read-only legs allowed" : "",
+                       Str(legs, "change"), Str(legs, "size"));
+    for (auto& k : l.value("keys", json::array())) {
+      std::string def = LayerValueText(Str(k, "type"), Str(k, "default", ""));
+      out += fmt::format("  --set {}=VALUE  {} ({}{})\n", Str(k, "name"), Str(k, "help"),
+                         Str(k, "type"), def.empty() ? "" : ", default " + def);
+    }
   }
   return out;
 }

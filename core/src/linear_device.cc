@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "dst/layer.h"
+
 namespace dst {
 
 struct LinearDevice::Ctx {
@@ -224,6 +226,45 @@ void LinearDevice::Finish(Ctx* c) {
   }
   p->done(p, st);
   if (waiting) Start(waiting, c);  // the context passes straight to the oldest waiter
+}
+
+// ---- registry entry (dst/layer.h) ----
+
+namespace {
+
+std::uint64_t LinearSize(const std::vector<DeviceInfo>& legs, const LayerParams&) {
+  std::uint32_t bs = 512;
+  for (const DeviceInfo& i : legs) bs = std::max(bs, i.logical_block_size);
+  std::uint64_t size = 0;
+  for (const DeviceInfo& i : legs) size += i.size / bs * bs;
+  return size;
+}
+
+Result<std::shared_ptr<BlockDevice>> CreateLinear(std::vector<std::shared_ptr<BlockDevice>> legs,
+                                                  const LayerParams&) {
+  auto r = LinearDevice::Create(std::move(legs));
+  if (!r.ok()) return r.status();
+  return std::shared_ptr<BlockDevice>(r.value());
+}
+
+}  // namespace
+
+const LayerInfo& LinearLayer() {
+  static const LayerInfo layer{
+      .name = "linear",
+      .title = "linear",
+      .help = "Concatenates the legs in order (md linear). Grows live by appending legs "
+              "(array grow). No redundancy: while a leg is unreachable, I/O to its extent fails.",
+      .keys = {},  // none of its own
+      .legs = {.min_legs = 1,
+               .max_legs = int(LinearDevice::kMaxLegs),
+               .read_only_legs = true,  // the array is read-only then
+               .change = LegChange::kAppend,
+               .size_rule = "sum of the legs, each rounded down to the largest leg block size"},
+      .usable_size = &LinearSize,
+      .create = &CreateLinear,
+  };
+  return layer;
 }
 
 }  // namespace dst

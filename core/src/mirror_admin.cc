@@ -2,6 +2,8 @@
 // add, re-add, resolve, remove), state and statistics, shutdown.
 #include "mirror_internal.h"
 
+#include "dst/layer.h"
+
 namespace dst {
 
 using namespace mirror_internal;
@@ -898,6 +900,36 @@ std::string MirrorDevice::TEST_DebugState() const {
     s += " leg" + std::to_string(i) + "=" + LegStateName(impl_->legs_[i].state) + "/down_seq=" +
          std::to_string(impl_->legs_[i].down_seq) + "/pending=" + std::to_string(impl_->legs_[i].pending.load());
   return s;
+}
+
+// ---- registry entry (dst/layer.h) ----
+
+namespace {
+std::uint64_t MirrorSize(const std::vector<DeviceInfo>& legs, const LayerParams&) {
+  return MirrorDevice::UsableSize(legs);
+}
+}  // namespace
+
+// Built by the engine with its state (Create/Assemble with a map store and the host identity),
+// so no factory here.  Its keys (region_size, resync_rate_min/max, write_intent,
+// verify_interval) predate the registry and stay typed fields of the daemon's array config.
+const LayerInfo& MirrorLayer() {
+  static const LayerInfo layer{
+      .name = "mirror",
+      .title = "mirror (raid1)",
+      .help = "N-way mirror (raid1) with a write-intent map, partial resync, online verify and "
+              "leg identity headers. Legs can be failed, removed, re-added and detached live. "
+              "Keys: region_size, resync_rate_min, resync_rate_max, write_intent, verify_interval.",
+      .keys = {},  // its keys are the daemon's typed array fields (above)
+      .legs = {.min_legs = 2,
+               .max_legs = MirrorDevice::kMaxLegs,
+               .same_size = true,
+               .change = LegChange::kReplace,
+               .size_rule = "the smallest leg less its 4 KiB identity header"},
+      .redundant = true,
+      .usable_size = &MirrorSize,
+  };
+  return layer;
 }
 
 }  // namespace dst

@@ -27,6 +27,8 @@
 
 #include "daemon.h"
 #include "dst/file_device.h"
+#include "dst/layer.h"
+#include "layer_json.h"
 #include "verify_store.h"
 
 namespace dst::daemon {
@@ -53,6 +55,26 @@ Status ParamString(const json& p, const char* key, bool required, std::string* o
   if (!it->is_string() || it->get<std::string>().empty())
     return Status::InvalidArgument(fmt::format("parameter \"{}\" must be a non-empty string", key));
   *out = it->get<std::string>();
+  return Status::OK();
+}
+
+// "params": {"KEY": value, ...}: the layer's own keys (dst/layer.h) as canonical text.  An
+// unknown level is left to CreateArray, which names the registered ones.
+Status ParamLayerKeys(const json& p, ArrayConfig* c) {
+  auto it = p.find("params");
+  if (it == p.end() || it->is_null()) return Status::OK();
+  if (!it->is_object())
+    return Status::InvalidArgument("parameter \"params\" must be an object of layer keys");
+  const LayerInfo* layer = FindLayer(c->level);
+  if (!layer) return Status::OK();
+  for (auto& [k, v] : it->items()) {
+    const LayerKey* key = FindLayerKey(*layer, k);
+    if (!key)
+      return Status::InvalidArgument(fmt::format("a {} array has no key \"{}\"", c->level, k));
+    auto r = ParseLayerValue(*key, v.is_string() ? v.get<std::string>() : v.dump());
+    if (!r.ok()) return Status::InvalidArgument(fmt::format("{}: {}", k, Msg(r.status())));
+    c->params[k] = std::move(r.value());
+  }
   return Status::OK();
 }
 
@@ -141,6 +163,14 @@ std::string RateText(std::uint64_t r) {
 
 std::string SizeText(std::uint64_t r) { return RateText(r); }
 
+// What `dstctl array create` needs beyond name, level and legs (the text of a plan step).
+std::string CreateFlagsText(const ArrayConfig& a) {
+  const LayerInfo* layer = FindLayer(a.level);
+  std::string s = layer && layer->redundant ? " --region-size " + SizeText(a.region_size) : "";
+  for (const auto& [k, v] : a.params) s += fmt::format(" --set {}={}", k, v);
+  return s;
+}
+
 // After the FUSE file's attributes were invalidated: one stat() from here refreshes the kernel's
 // i_size, so `losetup -c` on a loop device over the file sees the new size without anyone else
 // having to stat it first.  (Never on a FUSE thread: this is a worker or the monitor.)
@@ -197,7 +227,7 @@ Status Daemon::StartArrays() {
       a->cfg.leg_timeout_s = c.leg_timeout_s;
       a->cfg.verify_interval_s = c.verify_interval_s;
       a->cfg.checksum = c.checksum;
-      if (LiveLegs(r.cfg) != c.legs || r.cfg.level != c.level)
+      if (LiveLegs(r.cfg) != c.legs || r.cfg.level != c.level || r.cfg.params != c.params)
         spdlog::warn("array \"{}\": the config file differs from the recorded topology ({} {}); "
                      "using the recorded one (dstctl apply reconciles)",
                      c.name, r.cfg.level, fmt::join(LiveLegs(r.cfg), " "));
@@ -279,8 +309,8 @@ void Daemon::CloseArrays() {
         Status s = a->mirror->Close();
         if (s.ok()) spdlog::info("array \"{}\": closed cleanly", a->cfg.name);
         else spdlog::warn("array \"{}\": close: {}", a->cfg.name, Msg(s));
-      } else if (a->linear) {
-        (void)FlushDeadline(*a->linear, std::chrono::seconds(20));
+      } else if (a->dev) {
+        (void)FlushDeadline(*a->dev, std::chrono::seconds(20));
       }
       for (auto& leg : a->legs) {
         if (!leg.owned) continue;
@@ -415,7 +445,15 @@ Result<Daemon::ArrayLeg> Daemon::OpenLegDevice(const std::string& spec, const Ar
 
 Status Daemon::BringUp(const std::shared_ptr<Array>& a) {
   if (a->dev || a->removed) return Status::OK();
-  const bool mirror = a->cfg.level == "mirror";
+  const LayerInfo* layer = FindLayer(a->cfg.level);
+  if (!layer) {
+    std::lock_guard<std::mutex> l(mu_);
+    a->error = fmt::format("unknown level \"{}\" ({})", a->cfg.level, LayerNames());
+    return Status::InvalidArgument(a->error);
+  }
+  // Redundant layers carry their own state (identity, maps): the mirror path below.
+  const bool mirror = layer->redundant;
+  std::shared_ptr<BlockDevice> built;  // a stateless layer's device (registry factory)
   std::vector<std::shared_ptr<BlockDevice>> devs(a->legs.size());
   std::size_t present = 0, wanted = 0;
   std::string first_error;
@@ -461,10 +499,11 @@ Status Daemon::BringUp(const std::shared_ptr<Array>& a) {
       std::vector<std::shared_ptr<BlockDevice>> ld;
       for (auto& d : devs)
         if (d) ld.push_back(d);
-      auto r = LinearDevice::Create(ld);
+      auto r = layer->create(ld, a->cfg.params);
       if (r.ok()) {
         std::lock_guard<std::mutex> l(mu_);
-        a->linear = r.value();
+        built = r.value();
+        a->linear = std::dynamic_pointer_cast<LinearDevice>(built);  // grow appends to it
         if (a->id.empty()) a->id = NewUuid();
       }
       st = r.status();
@@ -501,8 +540,7 @@ Status Daemon::BringUp(const std::shared_ptr<Array>& a) {
   }
   {
     std::lock_guard<std::mutex> l(mu_);
-    a->dev = a->mirror ? std::shared_ptr<BlockDevice>(a->mirror)
-                       : std::shared_ptr<BlockDevice>(a->linear);
+    a->dev = a->mirror ? std::shared_ptr<BlockDevice>(a->mirror) : built;
     a->error.clear();
   }
   bool was_created = a->created;
@@ -635,12 +673,13 @@ void Daemon::TryPendingExports() {
 // Management (blocking; worker threads)
 
 Status Daemon::CreateArray(ArrayConfig cfg, bool assume_clean, bool force) {
-  if (cfg.level != "mirror" && cfg.level != "linear")
-    return Status::InvalidArgument(fmt::format("unknown level \"{}\" (mirror or linear)", cfg.level));
-  if (cfg.level == "mirror" && (cfg.legs.size() < 2 || cfg.legs.size() > 8))
-    return Status::InvalidArgument(
-        fmt::format("a mirror needs 2..8 legs, got {}", cfg.legs.size()));
-  if (cfg.legs.empty()) return Status::InvalidArgument("a linear needs at least 1 leg");
+  const LayerInfo* layer = FindLayer(cfg.level);
+  if (!layer)
+    return Status::InvalidArgument(fmt::format("unknown level \"{}\" ({})", cfg.level, LayerNames()));
+  DST_RETURN_IF_ERROR(CheckLegCount(*layer, cfg.legs.size()));
+  auto params = ResolveLayerParams(*layer, cfg.params);
+  if (!params.ok()) return params.status();
+  cfg.params = std::move(params.value());
   std::set<std::string> seen;
   for (auto& spec : cfg.legs) {
     LegSpec ls;
@@ -722,8 +761,8 @@ Status Daemon::RemoveArray(const std::string& name) {
   if (a->mirror) {
     (void)a->mirror->Close();
     if (store_ && !a->id.empty() && !a->releasing) (void)store_->DeleteArray(a->id);
-  } else if (a->linear) {
-    (void)FlushDeadline(*a->linear, std::chrono::seconds(20));
+  } else if (a->dev) {
+    (void)FlushDeadline(*a->dev, std::chrono::seconds(20));
   }
   for (auto& leg : a->legs) {
     if (!leg.owned) continue;
@@ -749,9 +788,15 @@ Status Daemon::ArrayAddLeg(const std::string& name, const std::string& spec, boo
   if (!a) return Status::NotFound(fmt::format("no array \"{}\"", name));
   std::lock_guard<std::mutex> ol(a->op_mu);
   if (!a->dev) return Status::Unavailable(fmt::format("array \"{}\" is not assembled: {}", name, a->error));
-  if (grow_only && !a->linear)
+  const LayerInfo* layer = FindLayer(a->cfg.level);
+  const LegChange change = layer ? layer->legs.change : LegChange::kFixed;
+  if (change == LegChange::kFixed)
     return Status::InvalidArgument(
-        fmt::format("array \"{}\" is a mirror: grow is for linear arrays (use add-leg)", name));
+        fmt::format("array \"{}\" is a {}: its legs cannot change live", name, a->cfg.level));
+  if (grow_only && change != LegChange::kAppend)
+    return Status::InvalidArgument(fmt::format(
+        "array \"{}\" is a {}: grow appends legs, which it does not (use add-leg)", name,
+        a->cfg.level));
   LegSpec ls;
   DST_RETURN_IF_ERROR(ParseLegSpec(spec, &ls));
   for (auto& l : a->legs)
@@ -846,8 +891,8 @@ Status Daemon::ArrayLegOp(const std::string& name, const std::string& op, int sl
   std::lock_guard<std::mutex> ol(a->op_mu);
   if (!a->mirror)
     return Status::InvalidArgument(
-        a->linear ? fmt::format("array \"{}\" is linear: legs cannot be failed, removed or "
-                                "detached (it has no redundancy)", name)
+        a->dev ? fmt::format("array \"{}\" is {}: legs cannot be failed, removed or "
+                             "detached (it has no redundancy)", name, a->cfg.level)
                   : fmt::format("array \"{}\" is not assembled: {}", name, a->error));
   if (slot < 0 || std::size_t(slot) >= a->legs.size() ||
       (a->legs[std::size_t(slot)].spec.empty() && op != "readd"))
@@ -1247,7 +1292,7 @@ void Daemon::ProbeLegs(const std::shared_ptr<Array>& a) {
       if (newly_dead)
         spdlog::error("array \"{}\": leg {} ({}) unreachable for {} ms (leg_timeout {} s){}",
                       a->cfg.name, i, leg.spec, outage, a->cfg.leg_timeout_s,
-                      a->linear ? ": the array is failed until it is back" : "");
+                      a->dev && !a->mirror ? ": the array is failed until it is back" : "");
       continue;
     }
     LegState ls = state_of(i);
@@ -1367,7 +1412,10 @@ json Daemon::ArrayJson(const std::shared_ptr<Array>& a) {
          {"region_size", cfg.region_size},
          {"write_intent", cfg.write_intent},
          {"resync_rate", {{"min", cfg.resync_rate_min}, {"max", cfg.resync_rate_max}}},
+         {"layer", LayerJson(cfg)},
          {"error", error.empty() ? json() : json(error)}};
+  const LayerInfo* layer = FindLayer(cfg.level);
+  const bool redundant = layer && layer->redundant;
   json legs = json::array();
   int up = 0, n = 0, resyncing = 0;
   bool split_brain = false;
@@ -1449,7 +1497,7 @@ json Daemon::ArrayJson(const std::shared_ptr<Array>& a) {
       if (specs[i].empty()) continue;
       ++n;
       // A dead leg (unreachable for leg_timeout) fails the I/O that reaches it: the array too.
-      bool ok = linear && i < table.size() && !dead[i];
+      bool ok = dev && present[i] && (!linear || i < table.size()) && !dead[i];
       json lj{{"slot", int(i)},
               {"spec", specs[i]},
               {"state", ok ? "up-to-date" : dead[i] ? "failed" : present[i] ? "ready" : "missing"},
@@ -1471,7 +1519,7 @@ json Daemon::ArrayJson(const std::shared_ptr<Array>& a) {
   }
   if (!mirror) {
     // Legs of a mirror that is not assembled yet: show what we know.
-    if (cfg.level == "mirror") {
+    if (redundant) {
       for (std::size_t i = 0; i < specs.size(); ++i) {
         if (specs[i].empty()) continue;
         ++n;
@@ -1484,7 +1532,7 @@ json Daemon::ArrayJson(const std::shared_ptr<Array>& a) {
   }
   std::string state;
   if (!dev || up == 0) state = "failed";
-  else if (cfg.level == "linear") state = up == n ? "clean" : "failed";
+  else if (!redundant) state = up == n ? "clean" : "failed";
   else if (split_brain) state = "split-brain";  // never healthy until `array resolve`
   else if (resyncing > 0 && !resync.is_null()) state = "resyncing";
   else if (up < n) state = "degraded";
@@ -1673,6 +1721,7 @@ void Daemon::EventsLoop() {
 void Daemon::ArrayRpc(const std::string& m, const json& p, Finish finish) {
   std::string name;
   if (m == "array.list") return finish(json{{"arrays", ArraysJson()}});
+  if (m == "array.layers") return finish(LayersJson());
   if (Status st = ParamString(p, "name", true, &name); !st.ok()) return finish(st);
   if (m == "array.detail") {
     auto a = FindArray(name);
@@ -1721,6 +1770,7 @@ void Daemon::ArrayRpc(const std::string& m, const json& p, Finish finish) {
     if (st.ok() && p.contains("write_intent") && p["write_intent"].is_boolean())
       c.write_intent = p["write_intent"].get<bool>();
     bool force = p.contains("force") && p["force"].is_boolean() && p["force"].get<bool>();
+    if (st.ok()) st = ParamLayerKeys(p, &c);
     if (!st.ok()) return finish(st);
     return workers_.Post([this, c, assume_clean, force, reply_array] {
       reply_array(CreateArray(c, assume_clean, force));
@@ -1873,7 +1923,8 @@ void Daemon::OpenVerifyStore(const std::string& db) {
 }
 
 std::uint64_t Daemon::VerifyInterval(const ArrayConfig& cfg) const {
-  if (cfg.level != "mirror") return 0;
+  const LayerInfo* layer = FindLayer(cfg.level);
+  if (!layer || !layer->redundant) return 0;
   return cfg.verify_interval_s >= 0 ? std::uint64_t(cfg.verify_interval_s) : cfg_.verify_interval_s;
 }
 
@@ -1918,9 +1969,9 @@ void Daemon::ArrayVerifyRpc(const std::string& name, const json& p, Finish finis
       std::lock_guard<std::mutex> l(mu_);
       m = a->mirror;
       cfg = a->cfg;
-      if (!m && a->linear)
+      if (!m && a->dev)
         return finish(Status::InvalidArgument(fmt::format(
-            "array \"{}\" is linear: verify compares the legs of a mirror", name)));
+            "array \"{}\" is {}: verify compares the legs of a mirror", name, a->cfg.level)));
       if (!m) return finish(Status::Unavailable(
                   fmt::format("array \"{}\" is not assembled: {}", name, a->error)));
     }
@@ -2157,8 +2208,7 @@ Result<std::vector<Daemon::PlanStep>> Daemon::Plan(const Config& want, bool prun
       ctx->created.insert("array:" + a.name);
       add_arrays.push_back(
           {fmt::format("array create {} --level {} {}{}", a.name, a.level,
-                       fmt::join(a.legs, " "),
-                       a.level == "mirror" ? " --region-size " + SizeText(a.region_size) : ""),
+                       fmt::join(a.legs, " "), CreateFlagsText(a)),
            [this, a] { return CreateArray(a, false); }, CheckAddLegs(ctx, a.name, a.legs, true)});
       continue;
     }
@@ -2171,8 +2221,19 @@ Result<std::vector<Daemon::PlanStep>> Daemon::Plan(const Config& want, bool prun
       return Status::InvalidArgument(fmt::format(
           "array \"{}\": region_size cannot change live ({} -> {})", a.name,
           SizeText(cur.region_size), SizeText(a.region_size)));
+    if (cur.params != a.params)
+      return Status::InvalidArgument(fmt::format(
+          "array \"{}\": the {} keys cannot change live (remove and re-create it)", a.name,
+          a.level));
     std::vector<std::string> have = LiveLegs(cur);
-    if (a.level == "linear") {
+    const LayerInfo* layer = FindLayer(a.level);
+    const LegChange change = layer ? layer->legs.change : LegChange::kFixed;
+    if (change == LegChange::kFixed) {
+      if (have != a.legs)
+        return Status::InvalidArgument(fmt::format(
+            "array \"{}\": the legs of a {} cannot change live (live: {}; file: {})", a.name,
+            a.level, fmt::join(have, " "), fmt::join(a.legs, " ")));
+    } else if (change == LegChange::kAppend) {
       bool prefix = have.size() <= a.legs.size() &&
                     std::equal(have.begin(), have.end(), a.legs.begin());
       if (!prefix)

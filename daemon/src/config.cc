@@ -12,6 +12,7 @@
 #include <fmt/format.h>
 #include <toml++/toml.h>
 
+#include "dst/layer.h"
 #include "dst/net/uri.h"
 
 namespace dst::daemon {
@@ -103,6 +104,33 @@ struct Fields {
       return sink.Error(n.source(), ctx, key, "expected \"xxh3\" or \"none\"");
     return Status::OK();
   }
+  // A layer's own key (dst/layer.h) as canonical text: TOML integers and booleans as such,
+  // strings through ParseLayerValue ("64K").
+  Status LayerValue(const toml::node& n, const LayerKey& key, std::string* out) const {
+    if (key.type == LayerKey::Type::kSize) {
+      std::uint64_t v = 0;
+      DST_RETURN_IF_ERROR(Size(n, key.name, &v));
+      *out = std::to_string(v);
+      return Status::OK();
+    }
+    if (key.type == LayerKey::Type::kBool) {
+      bool b = false;
+      DST_RETURN_IF_ERROR(Bool(n, key.name, &b));
+      *out = b ? "true" : "false";
+      return Status::OK();
+    }
+    if (key.type == LayerKey::Type::kUInt && n.is_integer() && *n.value<std::int64_t>() >= 0) {
+      *out = std::to_string(*n.value<std::int64_t>());
+      return Status::OK();
+    }
+    if (!n.is_string())
+      return sink.Error(n.source(), ctx, key.name,
+                        fmt::format("expected {}, got {}", LayerKeyTypeName(key.type), TypeName(n)));
+    auto r = ParseLayerValue(key, *n.value<std::string>());
+    if (!r.ok()) return sink.Error(n.source(), ctx, key.name, r.status().message());
+    *out = std::move(r.value());
+    return Status::OK();
+  }
   Status Size(const toml::node& n, std::string_view key, std::uint64_t* out) const {
     if (n.is_integer()) {
       std::int64_t v = *n.value<std::int64_t>();
@@ -121,6 +149,13 @@ struct Fields {
     return Status::OK();
   }
 };
+
+// ", chunk" for the allowed-keys hint of an array of this layer.
+std::string LayerKeyList(const LayerInfo& layer) {
+  std::string s;
+  for (const LayerKey& k : layer.keys) s += ", " + k.name;
+  return s;
+}
 
 Status UnknownKey(const ErrorSink& sink, const toml::key& k, std::string_view ctx,
                   std::string_view allowed) {
@@ -304,15 +339,16 @@ Status ParseArrayTable(const toml::table& t, std::size_t index, const ErrorSink&
     return sink.Error(t.source(), f.ctx, "name", "missing");
   }
   bool have_legs = false;
+  std::vector<const toml::key*> layer_keys;
   for (auto&& [k, v] : t) {
     std::string_view key = k.str();
     if (key == "name") {
       continue;
     } else if (key == "level") {
       DST_RETURN_IF_ERROR(f.String(v, key, &a->level));
-      if (a->level != "mirror" && a->level != "linear")
+      if (!FindLayer(a->level))
         return sink.Error(v.source(), f.ctx, key,
-                          fmt::format("unknown level \"{}\" (mirror or linear)", a->level));
+                          fmt::format("unknown level \"{}\" ({})", a->level, LayerNames()));
     } else if (key == "legs") {
       const toml::array* arr = v.as_array();
       if (!arr)
@@ -361,20 +397,36 @@ Status ParseArrayTable(const toml::table& t, std::size_t index, const ErrorSink&
     } else if (key == "checksum") {
       DST_RETURN_IF_ERROR(f.Checksum(v, key, &a->checksum));
     } else {
-      return UnknownKey(sink, k, f.ctx,
-                        "name, level, legs, region_size, resync_rate_min, resync_rate_max, "
-                        "write_intent, leg_timeout, verify_interval, checksum");
+      layer_keys.push_back(&k);  // the layer's own keys: judged once the level is known
     }
   }
+  const LayerInfo* layer = FindLayer(a->level);
+  if (!layer) return sink.Error(t.source(), f.ctx, "level", "missing");
+  LayerParams given;
+  for (const toml::key* k : layer_keys) {
+    const LayerKey* lk = FindLayerKey(*layer, k->str());
+    if (!lk)
+      return UnknownKey(sink, *k, f.ctx,
+                        fmt::format("name, level, legs, region_size, resync_rate_min, "
+                                    "resync_rate_max, write_intent, leg_timeout, "
+                                    "verify_interval, checksum{}",
+                                    LayerKeyList(*layer)));
+    const toml::node& v = *t.get(k->str());
+    DST_RETURN_IF_ERROR(f.LayerValue(v, *lk, &given[lk->name]));
+  }
+  auto params = ResolveLayerParams(*layer, given);
+  if (!params.ok()) {
+    // The layer names the key first ("chunk: ..."): point at its line.
+    const std::string& m = params.status().message();
+    for (const toml::key* k : layer_keys)
+      if (m.rfind(std::string(k->str()) + ":", 0) == 0)
+        return sink.Error(t.get(k->str())->source(), f.ctx, "", m);
+    return sink.Error(t.source(), f.ctx, "", m);
+  }
+  a->params = std::move(params.value());
   if (!have_legs) return sink.Error(t.source(), f.ctx, "legs", "missing");
-  if (a->level == "mirror" && a->legs.size() < 2)
-    return sink.Error(t["legs"].node()->source(), f.ctx, "legs",
-                      fmt::format("a mirror needs at least 2 legs, got {}", a->legs.size()));
-  if (a->level == "mirror" && a->legs.size() > 8)
-    return sink.Error(t["legs"].node()->source(), f.ctx, "legs",
-                      fmt::format("a mirror has at most 8 legs, got {}", a->legs.size()));
-  if (a->legs.empty())
-    return sink.Error(t["legs"].node()->source(), f.ctx, "legs", "a linear needs at least 1 leg");
+  if (Status st = CheckLegCount(*layer, a->legs.size()); !st.ok())
+    return sink.Error(t["legs"].node()->source(), f.ctx, "legs", st.message());
   if (a->resync_rate_max != 0 && a->resync_rate_min > a->resync_rate_max)
     return sink.Error(t.source(), f.ctx, "resync_rate_min",
                       "must not exceed resync_rate_max");
@@ -676,6 +728,31 @@ Result<Config> LoadConfigFile(const std::string& path, const ParseOptions& opts)
   ss << in.rdbuf();
   if (in.bad()) return Status::FromErrno(errno, fmt::format("{}: cannot read", path));
   return ParseConfig(ss.str(), path, opts);
+}
+
+Result<std::string> ParseLayerValue(const LayerKey& key, std::string_view text) {
+  switch (key.type) {
+    case LayerKey::Type::kSize: {
+      auto r = ParseSize(text);
+      if (!r.ok()) return r.status();
+      return std::to_string(r.value());
+    }
+    case LayerKey::Type::kUInt: {
+      std::uint64_t v = 0;
+      auto [p, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+      if (text.empty() || ec != std::errc() || p != text.data() + text.size())
+        return Status::InvalidArgument(fmt::format("bad integer \"{}\"", text));
+      return std::to_string(v);
+    }
+    case LayerKey::Type::kBool:
+      if (text == "true" || text == "yes" || text == "1") return std::string("true");
+      if (text == "false" || text == "no" || text == "0") return std::string("false");
+      return Status::InvalidArgument(fmt::format("expected true or false, got \"{}\"", text));
+    case LayerKey::Type::kString:
+      if (text.empty()) return Status::InvalidArgument("must not be empty");
+      return std::string(text);
+  }
+  return Status::InvalidArgument("bad layer key type");
 }
 
 }  // namespace dst::daemon

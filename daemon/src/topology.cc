@@ -30,6 +30,14 @@ Status TopologyStore::Exec(const char* sql) {
   return Status::OK();
 }
 
+bool TopologyStore::HasColumn(const char* table, const char* column) {
+  Stmt st;
+  std::string sql = fmt::format("SELECT 1 FROM pragma_table_info('{}') WHERE name=?", table);
+  if (sqlite3_prepare_v2(db_, sql.c_str(), -1, &st.s, nullptr) != SQLITE_OK) return false;
+  sqlite3_bind_text(st.s, 1, column, -1, SQLITE_TRANSIENT);
+  return sqlite3_step(st.s) == SQLITE_ROW;
+}
+
 Result<std::unique_ptr<TopologyStore>> TopologyStore::Open(const std::string& path) {
   std::unique_ptr<TopologyStore> t(new TopologyStore);
   if (sqlite3_open_v2(path.c_str(), &t->db_,
@@ -45,6 +53,9 @@ Result<std::unique_ptr<TopologyStore>> TopologyStore::Open(const std::string& pa
       "CREATE TABLE IF NOT EXISTS dstd_arrays(name TEXT PRIMARY KEY, id TEXT NOT NULL, "
       "level TEXT NOT NULL, region_size INTEGER, legs TEXT NOT NULL, rate_min INTEGER, "
       "rate_max INTEGER, write_intent INTEGER, leg_timeout INTEGER)"));
+  // Layer keys (dst/layer.h) as a JSON object; added after the first release of the table.
+  if (!t->HasColumn("dstd_arrays", "params"))
+    DST_RETURN_IF_ERROR(t->Exec("ALTER TABLE dstd_arrays ADD COLUMN params TEXT"));
   DST_RETURN_IF_ERROR(t->Exec(
       "CREATE TABLE IF NOT EXISTS dstd_objects(kind TEXT NOT NULL, name TEXT NOT NULL, "
       "spec TEXT NOT NULL, PRIMARY KEY(kind, name))"));
@@ -55,7 +66,7 @@ Status TopologyStore::Put(const TopologyRecord& rec) {
   Stmt st;
   const char* sql =
       "INSERT OR REPLACE INTO dstd_arrays(name,id,level,region_size,legs,rate_min,rate_max,"
-      "write_intent,leg_timeout) VALUES(?,?,?,?,?,?,?,?,?)";
+      "write_intent,leg_timeout,params) VALUES(?,?,?,?,?,?,?,?,?,?)";
   if (sqlite3_prepare_v2(db_, sql, -1, &st.s, nullptr) != SQLITE_OK)
     return Status::IoError(fmt::format("sqlite: {}", sqlite3_errmsg(db_)));
   std::string legs = nlohmann::json(rec.cfg.legs).dump();
@@ -68,6 +79,8 @@ Status TopologyStore::Put(const TopologyRecord& rec) {
   sqlite3_bind_int64(st.s, 7, sqlite3_int64(rec.cfg.resync_rate_max));
   sqlite3_bind_int(st.s, 8, rec.cfg.write_intent ? 1 : 0);
   sqlite3_bind_int64(st.s, 9, rec.cfg.leg_timeout_s);
+  std::string params = nlohmann::json(rec.cfg.params).dump();
+  sqlite3_bind_text(st.s, 10, params.c_str(), -1, SQLITE_TRANSIENT);
   if (sqlite3_step(st.s) != SQLITE_DONE)
     return Status::IoError(fmt::format("sqlite: {}", sqlite3_errmsg(db_)));
   return Status::OK();
@@ -87,7 +100,7 @@ Status TopologyStore::Delete(const std::string& name) {
 Result<std::vector<TopologyRecord>> TopologyStore::List() {
   Stmt st;
   const char* sql =
-      "SELECT name,id,level,region_size,legs,rate_min,rate_max,write_intent,leg_timeout "
+      "SELECT name,id,level,region_size,legs,rate_min,rate_max,write_intent,leg_timeout,params "
       "FROM dstd_arrays ORDER BY rowid";
   if (sqlite3_prepare_v2(db_, sql, -1, &st.s, nullptr) != SQLITE_OK)
     return Status::IoError(fmt::format("sqlite: {}", sqlite3_errmsg(db_)));
@@ -114,6 +127,10 @@ Result<std::vector<TopologyRecord>> TopologyStore::List() {
     r.cfg.write_intent = sqlite3_column_int(st.s, 7) != 0;
     r.cfg.leg_timeout_s = std::uint32_t(sqlite3_column_int64(st.s, 8));
     if (r.cfg.leg_timeout_s == 0) r.cfg.leg_timeout_s = 10;
+    auto params = nlohmann::json::parse(text(9), nullptr, false);
+    if (params.is_object())
+      for (auto& [k, v] : params.items())
+        if (v.is_string()) r.cfg.params[k] = v.get<std::string>();
     out.push_back(std::move(r));
   }
   return out;

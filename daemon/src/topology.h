@@ -2,7 +2,8 @@
 // tables, on a separate connection): which arrays this daemon assembles, by name.
 //
 //   dstd_arrays(name PRIMARY KEY, id, level, region_size, legs (JSON array of specs by slot,
-//               "" = empty slot), rate_min, rate_max, write_intent, leg_timeout)
+//               "" = empty slot), rate_min, rate_max, write_intent, leg_timeout,
+//               params (JSON object of the layer's own keys, dst/layer.h))
 //
 //   dstd_objects(kind, name, spec JSON, PRIMARY KEY(kind, name)): exports, volumes and the FUSE
 //               mount added at run time with dstctl (kind "export", "volume", "mount"), so
@@ -47,6 +48,7 @@ class TopologyStore {
  private:
   TopologyStore() = default;
   Status Exec(const char* sql);
+  bool HasColumn(const char* table, const char* column);
   sqlite3* db_ = nullptr;
 };
 

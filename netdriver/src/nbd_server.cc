@@ -1,114 +1,71 @@
-// NbdServer implementation.  See nbd_server.h for the connection state diagram and docs/nbd.md
-// for what is implemented.  The transmission side follows the DST exporter (exporter.cc):
+// NbdServer: the NBD protocol on the shared server core (server_core.h: accept loop, pools,
+// backpressure, stall sweep, drain, teardown, counters).  This file holds only the NBD phases:
+// the fixed-newstyle handshake (options), request decode and checks, metadata queries, and the
+// simple and structured reply encodings.  See nbd_server.h for the connection state diagram and
+// docs/nbd.md for what is implemented.
 //
-//   IDLE --free ctx--> READ_REQUEST --ok--> [CheckRequest] --WRITE--> (pool buffer?) --> READ_PAYLOAD --> SUBMIT
-//     ^                     |                  |  \--READ----------> (pool buffer?) --> SUBMIT
-//     |                     | bad magic        |   \--BLOCK_STATUS--> (pool buffer?) --> METADATA WORKER
-//     |                     v                  |    \--rejected WRITE --> DRAIN_PAYLOAD --> error reply
-//     |                  CLOSING               v
-//     +------------------------------- immediate reply (errors, CACHE, FAST_ZERO refused)
+// Per request (on the connection's strand):
 //
-// Completions (device threads, the metadata worker) go on a mutex-protected intrusive list; one
-// posted drain per burst turns them into reply frames (1..16 per request: structured READ replies
-// are split at holes, BLOCK_STATUS sends one chunk per context) and flushes them in one sendmsg.
+//   decode --ok--> [CheckRequest] --WRITE--> pool buffer --> payload --> SUBMIT
+//     |               |  |  \--READ----------> pool buffer --> SUBMIT
+//     | bad magic     |  |   \--BLOCK_STATUS--> pool buffer --> METADATA WORKER
+//     v               |  +--FLUSH/TRIM/WRITE_ZEROES --> SUBMIT
+//   close             +--refused (a WRITE's payload discarded first), CACHE, FAST_ZERO refused --> immediate reply
+//
+// Replies are 1..16 frames per request: structured READ replies are split at holes,
+// BLOCK_STATUS sends one chunk per context.
 #include "dst/net/nbd_server.h"
 
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <sys/socket.h>
-
 #include <algorithm>
-#include <atomic>
 #include <condition_variable>
-#include <cstdio>
 #include <cstring>
-#include <map>
-#include <mutex>
 #include <thread>
 
-#include <boost/asio/ip/tcp.hpp>
-#include <boost/asio/post.hpp>
-#include <boost/asio/read.hpp>
-#include <boost/asio/steady_timer.hpp>
-#include <boost/asio/write.hpp>
-
-#include "dst/buffer_pool.h"
-#include "dst/net/transmitter.h"
-#include "rx_buffer.h"
-#include "server_alloc.h"
+#include "server_core.h"
 
 namespace dst::net {
 
 namespace asio = boost::asio;
-using tcp = asio::ip::tcp;
-using detail::Bind;
-using detail::HandlerArena;
-using detail::Strand;
 using namespace nbd;
 
 namespace {
-
-void LogLine(const std::string& peer, const char* what, const char* detail) {
-  std::fprintf(stderr, "dst nbd: %s: %s%s%s\n", peer.c_str(), what, detail && *detail ? ": " : "",
-               detail ? detail : "");
-}
 
 constexpr int kMaxChunks = 16;          // reply frames per request
 constexpr int kMaxProviders = 8;        // extra metadata contexts per export
 constexpr int kMaxContexts = 1 + kMaxProviders;
 constexpr std::uint32_t kBaseAllocationId = 1;  // providers: 2 + index
-constexpr std::chrono::seconds kCloseGrace{5};
-constexpr std::chrono::seconds kDrainGrace{20};
 
 }  // namespace
 
-struct NbdExportEntry {
+struct NbdExportEntry : ServedExport {
   NbdExportSpec spec;
-  DeviceInfo info;
-  std::uint64_t order = 0;
   std::uint32_t min_block = 1;
   std::uint32_t pref_block = 4096;
   std::uint32_t max_payload = 1u << 20;
-  bool read_only = false;
-  int connections = 0;  // GUARDED_BY(Impl::mu_)
 };
 
 class NbdConn;
 
-// A preallocated request slot.
-struct NbdReqCtx {
+// A preallocated request slot; `status` is the NBD errno of the reply.
+struct NbdReqCtx : ServerReq {
   enum SegKind : std::uint8_t { kData, kHole, kStatus };
   struct Seg {
     std::uint32_t off;  // into the request range (data/hole) or into buf (status chunk)
     std::uint32_t len;
     SegKind kind;
   };
-  NbdConn* conn = nullptr;
   Request rq;
-  IoRequest io;
-  char* buf = nullptr;
-  std::uint32_t error = 0;
   int nseg = 0;
-  int frames_out = 0;
   Seg seg[kMaxChunks];
   TxFrame tx[kMaxChunks];
-  NbdReqCtx* next = nullptr;
 };
 
-class NbdServer::Impl : public std::enable_shared_from_this<NbdServer::Impl> {
+class NbdServer::Impl : public ServerCore {
  public:
-  Impl(asio::io_context& io, NbdServerOptions opts)
-      : io_(io),
-        opts_(Sanitize(std::move(opts))),
-        ctl_(asio::make_strand(io)),
-        acceptor_(ctl_),
-        accept_timer_(ctl_),
-        drain_timer_(ctl_),
-        sweep_timer_(ctl_),
-        pool_(opts_.max_payload, opts_.buffer_count) {
+  Impl(asio::io_context& io, NbdServerOptions opts) : ServerCore(io, detail::CoreOptionsOf(Sanitize(opts), "dst nbd", "NBD export")), opts_(Sanitize(opts)) {
     meta_thread_ = std::thread([this] { MetaLoop(); });
   }
-  ~Impl() {
+  ~Impl() override {
     {
       std::lock_guard<std::mutex> l(meta_mu_);
       meta_stop_ = true;
@@ -122,230 +79,82 @@ class NbdServer::Impl : public std::enable_shared_from_this<NbdServer::Impl> {
     if (o.max_payload > kMaxPayloadHard) o.max_payload = kMaxPayloadHard;
     if (o.max_payload < 4096) o.max_payload = 4096;
     o.max_payload &= ~4095u;  // the pool wants multiples of 4096
-    if (o.buffer_count == 0) o.buffer_count = 1;
-    if (o.max_inflight_per_connection == 0) o.max_inflight_per_connection = 1;
     if (o.preferred_block < 512 || (o.preferred_block & (o.preferred_block - 1))) o.preferred_block = 4096;
     return o;
   }
-
-  Status Start();
-  void DoAccept();
-  void ArmSweep();
-  void Shutdown();
-  void Drain(std::function<void(Status)> done);
-  void MaybeDrainDone();
-  void FlushAllAndFinish();
-  std::shared_ptr<NbdExportEntry> FindExport(const std::string& name);  // "" = default
-
-  char* TryGetOrWait(NbdConn* c);
-  void PutBuffer(char* b);
-  void CancelWait(NbdConn* c);
-  void ConnFinished(NbdConn* c);
-  void RemoveConn(NbdConn* c);
+  std::shared_ptr<ServerConn> NewConn(std::unique_ptr<Transport> t) override;
+  std::shared_ptr<NbdExportEntry> Find(const std::string& name) const {  // "" = default export
+    return std::static_pointer_cast<NbdExportEntry>(name.empty() ? FirstExport() : FindExport(name));
+  }
 
   // Metadata worker: BLOCK_STATUS queries may block (lseek), so they never run on io threads.
   void QueueMeta(NbdReqCtx* c);
   void MetaLoop();
 
-  asio::io_context& io_;
-  NbdServerOptions opts_;
-  Strand ctl_;
-  tcp::acceptor acceptor_;
-  asio::steady_timer accept_timer_;
-  asio::steady_timer drain_timer_;
-  asio::steady_timer sweep_timer_;
-  std::uint16_t port_ = 0;
-  BufferPool pool_;
+  const NbdServerOptions opts_;
 
-  mutable std::mutex mu_;
-  std::map<std::string, std::shared_ptr<NbdExportEntry>> exports_;  // GUARDED_BY(mu_)
-  std::map<NbdConn*, std::shared_ptr<NbdConn>> conns_;             // GUARDED_BY(mu_)
-  std::uint64_t next_order_ = 0;                                    // GUARDED_BY(mu_)
-  bool draining_ = false;                                           // GUARDED_BY(mu_)
-  bool stopped_ = false;                                            // GUARDED_BY(mu_)
-  bool flush_started_ = false;                                      // GUARDED_BY(mu_)
-  std::function<void(Status)> drain_done_;                          // GUARDED_BY(mu_)
-
-  std::mutex pool_mu_;
-  NbdConn* wait_head_ = nullptr;  // GUARDED_BY(pool_mu_)
-  NbdConn* wait_tail_ = nullptr;  // GUARDED_BY(pool_mu_)
-  std::atomic<int> waiters_{0};
-
+ private:
   std::mutex meta_mu_;
   std::condition_variable meta_cv_;
   NbdReqCtx* meta_head_ = nullptr;  // GUARDED_BY(meta_mu_)
   NbdReqCtx* meta_tail_ = nullptr;  // GUARDED_BY(meta_mu_)
   bool meta_stop_ = false;          // GUARDED_BY(meta_mu_)
   std::thread meta_thread_;
-
-  std::atomic<std::uint64_t> connections_total_{0};
-  std::atomic<std::uint64_t> requests_{0};
-  std::atomic<std::uint64_t> errors_replied_{0};
-  std::atomic<std::uint64_t> protocol_errors_{0};
-  TxStats tx_stats_;
 };
 
-class NbdConn : public std::enable_shared_from_this<NbdConn> {
+class NbdConn : public ServerConn {
  public:
-  enum class State { kHandshake, kServing, kClosing };
-
-  NbdConn(std::shared_ptr<NbdServer::Impl> impl, Strand strand, tcp::socket sock, std::string peer)
-      : impl_ref_(std::move(impl)),
-        impl_(impl_ref_.get()),
-        strand_(std::move(strand)),
-        sock_(std::move(sock)),
-        nctx_(impl_->opts_.max_inflight_per_connection),
-        ctxs_(new NbdReqCtx[nctx_]),
-        tx_(sock_, impl_->opts_.batching, &impl_->tx_stats_),
-        close_timer_(strand_),
-        peer_(std::move(peer)) {
-    for (std::uint32_t i = 0; i < nctx_; ++i) {
-      ctxs_[i].conn = this;
-      ctxs_[i].next = free_;
-      free_ = &ctxs_[i];
-    }
-    tx_.set_error_handler(&NbdConn::OnTxError, this);
-    tx_.set_executor(strand_);
-    buf_cap_ = std::max<std::size_t>(1, impl_->pool_.count() / 4);
+  NbdConn(std::shared_ptr<NbdServer::Impl> impl, std::unique_ptr<Transport> t)
+      : ServerConn(impl, std::move(t)),
+        impl_(impl.get()),
+        ctxs_(MakeSlots<NbdReqCtx>()) {
     opt_data_.reserve(kMaxOptionData);
     out_.reserve(512);
   }
-  ~NbdConn() { impl_->CancelWait(this); }
 
-  void Start() {
-    asio::post(strand_, [self = shared_from_this()] {
-      Scope s(self.get());
-      self->SendGreeting();
-    });
-  }
-  void StartDrain(bool force) {
-    Scope s(this);
-    BeginClose(force);
-  }
-  void OnPoolResume() {
-    Scope s(this);
-    parked_pool_ = false;
-    ResumeAfterBuffer();
-  }
-  void PushDone(NbdReqCtx* c);
   void RunBlockStatus(NbdReqCtx* c);  // metadata worker thread
-  // Periodic stall check: `limit` sweeps without progress while the server waits on the client
-  // (handshake, a WRITE payload, replies it does not read) close the connection, so a silent
-  // client cannot hold a connection slot or pool buffers forever.  Idle serving is fine.
-  void Sweep(int limit) {
-    Scope s(this);
-    if (finished_) return;
-    const bool waiting_on_client = in_payload_ || !tx_.idle() || st_ == State::kHandshake;
-    if (!waiting_on_client || progress_ != seen_progress_) {
-      strikes_ = 0;
-      seen_progress_ = progress_;
-      return;
-    }
-    if (++strikes_ < limit) return;
-    LogLine(peer_, "stalled client closed",
-            st_ == State::kHandshake ? "handshake not completed" : in_payload_ ? "payload stopped arriving"
-                                                                                : "replies not read");
-    BeginClose(true);
-  }
-
-  const Strand& strand_ref() const { return strand_; }
-  std::shared_ptr<NbdExportEntry> export_entry() const { return exp_; }
-
-  NbdConn* wait_next_ = nullptr;  // Impl::pool_mu_
-  bool waiting_pool_ = false;
 
  private:
-  struct Scope {
-    explicit Scope(NbdConn* c) : c_(c) { ++c_->depth_; }
-    ~Scope() {
-      if (--c_->depth_ == 0) c_->Pump();
-    }
-    NbdConn* c_;
-  };
-  template <typename F>
-  auto H(F f) {
-    return Bind(&arena_, strand_, std::move(f));
-  }
   enum class Next { kOption, kServe, kClose };
+  NbdExportEntry* entry() const { return static_cast<NbdExportEntry*>(served().get()); }
 
-  // Handshake.
+  // Handshake (its own reads and writes; the request loop starts with kServing).
+  void OnStart() override { SendGreeting(); }
+  bool FramesInHandshake() const override { return false; }
+  const char* HandshakeStall() const override { return "handshake not completed"; }
   void SendGreeting();
-  void OnClientFlags(const boost::system::error_code& ec);
+  void AfterGreeting(const boost::system::error_code& ec, ServerReq*);
+  void OnClientFlags(const boost::system::error_code& ec, ServerReq*);
   void ReadOption();
-  void OnOptionHeader(const boost::system::error_code& ec);
-  void OnOptionData(const boost::system::error_code& ec);
-  void DrainOption();
+  void OnOptionHeader(const boost::system::error_code& ec, ServerReq*);
+  void OnOptionData(const boost::system::error_code& ec, ServerReq*);
+  void OnOptionDrained(const boost::system::error_code& ec, ServerReq*);
   void HandleOption();
   void OptExportName();
   void OptInfoGo(bool go);
   void OptList();
   void OptMeta(bool set);
   void Reply(std::uint32_t type, std::string_view data = {}) { AppendOptionReply(&out_, opt_.option, type, data); }
+  using ServerConn::Reply;
   void WriteOut(Next next);
+  void AfterWriteOut(const boost::system::error_code& ec, ServerReq*);
   bool Attach(const std::shared_ptr<NbdExportEntry>& e);
   std::uint16_t TxFlags(const NbdExportEntry& e) const;
   void HandshakeViolation(const char* what, const char* detail);
 
-  // Transmission.
-  void Pump();
-  void MaybeRead();
-  bool CanRead() const;
-  void OnRx(const boost::system::error_code& ec, std::size_t n);
-  void HandleRequest();
-  void ResumeAfterBuffer();
-  void StartData(NbdReqCtx* c);
-  void OnPayload(NbdReqCtx* c, const boost::system::error_code& ec);
-  void DrainPayload(NbdReqCtx* c);
-  void Submit(NbdReqCtx* c, IoOp op);
+  // Transmission, in the order of a request's life.
+  std::size_t FrameSize() const override { return kRequestSize; }
+  void HandleFrame(const std::uint8_t* hdr) override;
   void ReplyNow(NbdReqCtx* c, std::uint32_t error);
-  void PrepareReply(NbdReqCtx* c);
-  void DrainDone();
-  void ReleaseCtx(NbdReqCtx* c);
-  void BeginClose(bool force);
-  void MaybeFinish();
-  void Finish();
-
-  static void OnIoDone(IoRequest* req, Status st);
+  void StartData(ServerReq* r) override;
+  void Submit(NbdReqCtx* c, IoOp op);
+  void OnPayload(ServerReq* r) override;
+  void OnDeviceDone(ServerReq* r, const Status& st) override;
   static void MapReadHoles(NbdReqCtx* c);
-  static void OnCtxSent(TxFrame* f, bool ok);
-  static void OnTxError(void* ctx);
+  void PrepareReply(ServerReq* r) override;
 
-  std::shared_ptr<NbdServer::Impl> impl_ref_;
   NbdServer::Impl* impl_;
-  Strand strand_;
-  tcp::socket sock_;
-  HandlerArena arena_;
-  std::uint32_t nctx_;
-  std::unique_ptr<NbdReqCtx[]> ctxs_;  // outlives tx_ (frames point into it)
-  Transmitter tx_;
-  asio::steady_timer close_timer_;
-  std::string peer_;
-  NbdReqCtx* free_ = nullptr;
-
-  State st_ = State::kHandshake;
-  int depth_ = 0;
-  bool reading_ = false;
-  bool writing_ = false;  // handshake async_write outstanding
-  bool read_shut_ = false;
-  bool force_ = false;
-  bool finished_ = false;
-  bool close_timer_armed_ = false;
-  bool in_payload_ = false;     // reading WRITE data (or draining it)
-  bool parsing_ = false;        // MaybeRead's loop is running (no re-entry)
-  std::uint64_t progress_ = 0;  // bumps on every completed read or sent frame
-  std::uint64_t seen_progress_ = 0;
-  int strikes_ = 0;
-  NbdReqCtx* pending_ = nullptr;
-  bool parked_pool_ = false;
-  std::uint32_t dev_inflight_ = 0;
-  std::uint32_t drain_left_ = 0;
-  std::size_t bufs_held_ = 0;
-  std::size_t buf_cap_ = 1;
-
-  std::mutex done_mu_;
-  NbdReqCtx* done_head_ = nullptr;  // GUARDED_BY(done_mu_)
-  NbdReqCtx* done_tail_ = nullptr;  // GUARDED_BY(done_mu_)
-  bool drain_posted_ = false;       // GUARDED_BY(done_mu_)
+  std::unique_ptr<NbdReqCtx[]> ctxs_;
 
   // Handshake state.
   std::uint8_t small_[kGreetingSize];
@@ -353,6 +162,7 @@ class NbdConn : public std::enable_shared_from_this<NbdConn> {
   OptionHeader opt_;
   std::vector<std::uint8_t> opt_data_;  // capacity kMaxOptionData, reserved up front
   std::string out_;                     // option replies being written
+  Next next_ = Next::kOption;           // after out_ is written
   int options_seen_ = 0;
   bool fixed_newstyle_ = false;
   bool no_zeroes_ = false;
@@ -362,15 +172,13 @@ class NbdConn : public std::enable_shared_from_this<NbdConn> {
   int nsel_ = 0;
 
   // Transmission state (fixed once serving).
-  std::shared_ptr<NbdExportEntry> exp_;
   RequestLimits lim_;
   bool read_only_ = false;
-  std::uint8_t req_[kRequestSize];
-  // Requests (and the start of WRITE payloads) as recv() brought them in: a burst of pipelined
-  // requests costs one system call, not one per header.
-  RxBuffer rx_;
-  char scratch_[16384];
 };
+
+std::shared_ptr<ServerConn> NbdServer::Impl::NewConn(std::unique_ptr<Transport> t) {
+  return std::make_shared<NbdConn>(std::static_pointer_cast<Impl>(shared_from_this()), std::move(t));
+}
 
 // ------------------------------------------------------------------------------------------------
 // Handshake
@@ -378,32 +186,21 @@ class NbdConn : public std::enable_shared_from_this<NbdConn> {
 void NbdConn::SendGreeting() {
   EncodeGreeting(kFlagFixedNewstyle | kFlagNoZeroes, small_);
   out_.assign(reinterpret_cast<const char*>(small_), kGreetingSize);
-  writing_ = true;
-  asio::async_write(sock_, asio::buffer(out_),
-                    H([self = shared_from_this()](const boost::system::error_code& ec, std::size_t) {
-                      Scope s(self.get());
-                      self->writing_ = false;
-                      ++self->progress_;
-                      if (ec || self->st_ == State::kClosing) return self->BeginClose(true);
-                      self->reading_ = true;
-                      asio::async_read(self->sock_, asio::buffer(self->small_, 4),
-                                       self->H([self](const boost::system::error_code& e, std::size_t) {
-                                         self->OnClientFlags(e);
-                                       }));
-                    }));
+  WriteAll(out_.data(), out_.size(), &NbdConn::AfterGreeting);
+}
+
+void NbdConn::AfterGreeting(const boost::system::error_code& ec, ServerReq*) {
+  if (ec || phase_ == Phase::kClosing) return BeginClose(true);
+  ReadBody(small_, 4, nullptr, &NbdConn::OnClientFlags);
 }
 
 void NbdConn::HandshakeViolation(const char* what, const char* detail) {
-  impl_->protocol_errors_.fetch_add(1, std::memory_order_relaxed);
-  LogLine(peer_, what, detail);
+  ProtocolViolation(what, detail);
   BeginClose(true);
 }
 
-void NbdConn::OnClientFlags(const boost::system::error_code& ec) {
-  Scope s(this);
-  reading_ = false;
-  ++progress_;
-  if (ec || st_ == State::kClosing) return BeginClose(true);
+void NbdConn::OnClientFlags(const boost::system::error_code& ec, ServerReq*) {
+  if (ec || phase_ == Phase::kClosing) return BeginClose(true);
   const std::uint32_t flags = Get32(small_);
   if (flags & ~kClientFlagsKnown) {
     // The spec: the server MUST drop the connection on unknown client flags.
@@ -415,19 +212,12 @@ void NbdConn::OnClientFlags(const boost::system::error_code& ec) {
 }
 
 void NbdConn::ReadOption() {
-  if (st_ == State::kClosing) return;
-  reading_ = true;
-  asio::async_read(sock_, asio::buffer(opt_hdr_, kOptionHeaderSize),
-                   H([self = shared_from_this()](const boost::system::error_code& ec, std::size_t) {
-                     self->OnOptionHeader(ec);
-                   }));
+  if (phase_ == Phase::kClosing) return;
+  ReadBody(opt_hdr_, kOptionHeaderSize, nullptr, &NbdConn::OnOptionHeader);
 }
 
-void NbdConn::OnOptionHeader(const boost::system::error_code& ec) {
-  Scope s(this);
-  reading_ = false;
-  ++progress_;
-  if (ec || st_ == State::kClosing) return BeginClose(true);  // a client may simply hang up
+void NbdConn::OnOptionHeader(const boost::system::error_code& ec, ServerReq*) {
+  if (ec || phase_ == Phase::kClosing) return BeginClose(true);  // a client may simply hang up
   Status st = DecodeOptionHeader(opt_hdr_, &opt_);
   if (!st.ok()) return HandshakeViolation("handshake", st.message().c_str());
   if (++options_seen_ > kMaxOptionsPerHandshake) return HandshakeViolation("handshake", "too many options");
@@ -438,43 +228,22 @@ void NbdConn::OnOptionHeader(const boost::system::error_code& ec) {
   if (opt_.length > kMaxOptionData) {
     if (opt_.length > kMaxOptionDrain || opt_.option == kOptExportName)
       return HandshakeViolation("handshake", "option data too long");
-    drain_left_ = opt_.length;
-    DrainOption();
-    return;
+    return Discard(opt_.length, nullptr, &NbdConn::OnOptionDrained);
   }
   opt_data_.resize(opt_.length);  // within the reserved capacity: no allocation
   if (opt_.length == 0) return HandleOption();
-  reading_ = true;
-  asio::async_read(sock_, asio::buffer(opt_data_.data(), opt_.length),
-                   H([self = shared_from_this()](const boost::system::error_code& e, std::size_t) {
-                     self->OnOptionData(e);
-                   }));
+  ReadBody(opt_data_.data(), opt_.length, nullptr, &NbdConn::OnOptionData);
 }
 
-void NbdConn::DrainOption() {
-  if (drain_left_ == 0) {
-    out_.clear();
-    Reply(kRepErrTooBig, "option data longer than 16 KiB");
-    return WriteOut(Next::kOption);
-  }
-  const std::size_t chunk = std::min<std::size_t>(drain_left_, sizeof scratch_);
-  reading_ = true;
-  asio::async_read(sock_, asio::buffer(scratch_, chunk),
-                   H([self = shared_from_this()](const boost::system::error_code& ec, std::size_t n) {
-                     Scope s(self.get());
-                     self->reading_ = false;
-                     ++self->progress_;
-                     if (ec || self->st_ == State::kClosing) return self->BeginClose(true);
-                     self->drain_left_ -= static_cast<std::uint32_t>(n);
-                     self->DrainOption();
-                   }));
+void NbdConn::OnOptionDrained(const boost::system::error_code& ec, ServerReq*) {
+  if (ec || phase_ == Phase::kClosing) return BeginClose(true);
+  out_.clear();
+  Reply(kRepErrTooBig, "option data longer than 16 KiB");
+  WriteOut(Next::kOption);
 }
 
-void NbdConn::OnOptionData(const boost::system::error_code& ec) {
-  Scope s(this);
-  reading_ = false;
-  ++progress_;
-  if (ec || st_ == State::kClosing) return BeginClose(true);
+void NbdConn::OnOptionData(const boost::system::error_code& ec, ServerReq*) {
+  if (ec || phase_ == Phase::kClosing) return BeginClose(true);
   HandleOption();
 }
 
@@ -516,18 +285,6 @@ void NbdConn::HandleOption() {
   }
 }
 
-std::shared_ptr<NbdExportEntry> NbdServer::Impl::FindExport(const std::string& name) {
-  std::lock_guard<std::mutex> l(mu_);
-  if (name.empty()) {
-    std::shared_ptr<NbdExportEntry> best;
-    for (auto& [n, e] : exports_)
-      if (!best || e->order < best->order) best = e;
-    return best;
-  }
-  auto it = exports_.find(name);
-  return it == exports_.end() ? nullptr : it->second;
-}
-
 std::uint16_t NbdConn::TxFlags(const NbdExportEntry& e) const {
   std::uint16_t f = kTxHasFlags | kTxSendCache | kTxCanMultiConn;
   // CAN_MULTI_CONN: every connection of an export submits to the same BlockDevice object, so a
@@ -546,12 +303,7 @@ std::uint16_t NbdConn::TxFlags(const NbdExportEntry& e) const {
 
 // Enters transmission on `e` (GO, EXPORT_NAME).  False when the server is draining.
 bool NbdConn::Attach(const std::shared_ptr<NbdExportEntry>& e) {
-  {
-    std::lock_guard<std::mutex> l(impl_->mu_);
-    if (impl_->draining_ || impl_->stopped_) return false;
-    e->connections++;
-  }
-  exp_ = e;
+  if (!core_->Attach(this, e)) return false;
   read_only_ = e->read_only;
   lim_.size = e->info.size;
   lim_.min_block = e->min_block;
@@ -565,10 +317,10 @@ bool NbdConn::Attach(const std::shared_ptr<NbdExportEntry>& e) {
 
 void NbdConn::OptExportName() {
   std::string name(reinterpret_cast<const char*>(opt_data_.data()), opt_data_.size());
-  auto e = impl_->FindExport(name);
+  auto e = impl_->Find(name);
   if (!e) {
     // EXPORT_NAME cannot report an error: the spec says close.
-    LogLine(peer_, "EXPORT_NAME for unknown export", name.c_str());
+    Log("EXPORT_NAME for unknown export", name.c_str());
     return BeginClose(true);
   }
   meta_export_.clear();
@@ -589,17 +341,12 @@ void NbdConn::OptInfoGo(bool go) {
     Reply(kRepErrInvalid, st.message());
     return WriteOut(Next::kOption);
   }
-  auto e = impl_->FindExport(req.name);
+  auto e = impl_->Find(req.name);
   if (!e) {
     Reply(kRepErrUnknown, "no export named '" + req.name + "'");
     return WriteOut(Next::kOption);
   }
-  bool draining;
-  {
-    std::lock_guard<std::mutex> l(impl_->mu_);
-    draining = impl_->draining_ || impl_->stopped_;
-  }
-  if (draining) {
+  if (!core_->accepting()) {
     Reply(kRepErrShutdown, "server is shutting down");
     return WriteOut(Next::kOption);
   }
@@ -628,12 +375,10 @@ void NbdConn::OptInfoGo(bool go) {
 }
 
 void NbdConn::OptList() {
-  std::vector<std::shared_ptr<NbdExportEntry>> list;
-  {
-    std::lock_guard<std::mutex> l(impl_->mu_);
-    for (auto& [n, e] : impl_->exports_) list.push_back(e);
-  }
-  for (auto& e : list) Reply(kRepServer, ServerPayload(e->spec.name, e->spec.description));
+  impl_->VisitExports([this](const ServedExport& se, const ExportCounters&) {
+    const auto& e = static_cast<const NbdExportEntry&>(se);
+    Reply(kRepServer, ServerPayload(e.spec.name, e.spec.description));
+  });
   Reply(kRepAck);
 }
 
@@ -651,7 +396,7 @@ void NbdConn::OptMeta(bool set) {
   if (set) nsel_ = 0;  // a failed SET leaves nothing selected
   if (!st.ok()) return Reply(kRepErrInvalid, st.message());
   if (set && !structured_) return Reply(kRepErrInvalid, "SET_META_CONTEXT needs structured replies first");
-  auto e = impl_->FindExport(req.name);
+  auto e = impl_->Find(req.name);
   if (!e) return Reply(kRepErrUnknown, "no export named '" + req.name + "'");
   // The contexts this export offers, with their ids.
   std::vector<std::pair<std::uint32_t, std::string>> all;
@@ -676,108 +421,51 @@ void NbdConn::OptMeta(bool set) {
 }
 
 void NbdConn::WriteOut(Next next) {
-  writing_ = true;
-  asio::async_write(sock_, asio::buffer(out_),
-                    H([self = shared_from_this(), next](const boost::system::error_code& ec, std::size_t) {
-                      Scope s(self.get());
-                      self->writing_ = false;
-                      ++self->progress_;
-                      if (ec || self->st_ == State::kClosing) return self->BeginClose(true);
-                      switch (next) {
-                        case Next::kOption: self->ReadOption(); return;
-                        case Next::kClose: self->BeginClose(false); return;
-                        case Next::kServe:
-                          self->out_.clear();
-                          self->out_.shrink_to_fit();
-                          self->st_ = State::kServing;  // Pump starts reading requests
-                          return;
-                      }
-                    }));
+  next_ = next;
+  WriteAll(out_.data(), out_.size(), &NbdConn::AfterWriteOut);
+}
+
+void NbdConn::AfterWriteOut(const boost::system::error_code& ec, ServerReq*) {
+  if (ec || phase_ == Phase::kClosing) return BeginClose(true);
+  switch (next_) {
+    case Next::kOption: return ReadOption();
+    case Next::kClose: return BeginClose(false);
+    case Next::kServe:
+      out_.clear();
+      out_.shrink_to_fit();
+      phase_ = Phase::kServing;  // Pump starts reading requests
+      return;
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
-// Transmission: read side
+// Transmission: requests
 
-void NbdConn::Pump() {
-  if (finished_) return;
-  if (pending_ && !parked_pool_ && bufs_held_ < buf_cap_ && st_ != State::kClosing) {
-    ResumeAfterBuffer();
-    return;
-  }
-  MaybeRead();
-  MaybeFinish();
-}
-
-// Parses every whole request already buffered, then reads more.  Runs from Pump (depth 0), so
-// the handlers it calls never re-enter it; it stops where a request has to wait (no free
-// context, no buffer, a WRITE payload still on the wire) and Pump calls it again after that.
-void NbdConn::MaybeRead() {
-  if (parsing_) return;
-  parsing_ = true;
-  while (CanRead() && rx_.size() >= kRequestSize) {
-    rx_.Take(req_, kRequestSize);
-    HandleRequest();
-  }
-  parsing_ = false;
-  if (!CanRead()) return;
-  reading_ = true;
-  sock_.async_read_some(rx_.Space(),
-                        H([self = shared_from_this()](const boost::system::error_code& ec, std::size_t n) {
-                          self->OnRx(ec, n);
-                        }));
-}
-
-bool NbdConn::CanRead() const {
-  return st_ == State::kServing && !reading_ && !pending_ && free_;  // no free context: backpressure
-}
-
-void NbdConn::OnRx(const boost::system::error_code& ec, std::size_t n) {
-  Scope s(this);
-  reading_ = false;
-  ++progress_;
-  if (ec) {
-    if (rx_.size() > 0 && st_ != State::kClosing) {
-      impl_->protocol_errors_.fetch_add(1, std::memory_order_relaxed);
-      LogLine(peer_, "truncated request", ec.message().c_str());
-    }
-    return BeginClose(false);
-  }
-  rx_.Commit(n);  // parsed by Pump -> MaybeRead when this handler returns
-}
-
-void NbdConn::HandleRequest() {
-  if (st_ == State::kClosing) return;
+void NbdConn::HandleFrame(const std::uint8_t* hdr) {
   Request r;
-  Status st = DecodeRequest(req_, &r);
+  Status st = DecodeRequest(hdr, &r);
   if (!st.ok()) {
     // Without the request magic nothing after this point can be trusted: close (spec).
-    impl_->protocol_errors_.fetch_add(1, std::memory_order_relaxed);
-    LogLine(peer_, "framing error", st.message().c_str());
+    ProtocolViolation("framing error", st.message().c_str());
     return BeginClose(false);
   }
-  impl_->requests_.fetch_add(1, std::memory_order_relaxed);
+  CountRequest();
   if (r.type == kCmdDisc) return BeginClose(false);  // in-flight requests finish first; no reply
 
-  NbdReqCtx* c = free_;  // MaybeRead only reads when a context is free
-  free_ = c->next;
-  c->next = nullptr;
+  auto* c = static_cast<NbdReqCtx*>(TakeSlot());
   c->rq = r;
-  c->buf = nullptr;
   c->nseg = 0;
-  c->error = 0;
   const std::uint32_t err = CheckRequest(r, lim_);
   if (err) {
     if (r.type == kCmdWrite) {
       if (r.length > kMaxPayloadHard) {
         // Not worth draining: answer and close, as the spec allows.
-        impl_->protocol_errors_.fetch_add(1, std::memory_order_relaxed);
-        LogLine(peer_, "WRITE payload above 32 MiB", nullptr);
+        ProtocolViolation("WRITE payload above 32 MiB", nullptr);
         ReplyNow(c, err);
         return BeginClose(false);
       }
-      c->error = err;
-      drain_left_ = r.length;  // keep the stream in sync
-      return DrainPayload(c);
+      c->status = err;
+      return DiscardPayload(c, r.length);  // keep the stream in sync
     }
     return ReplyNow(c, err);
   }
@@ -791,50 +479,16 @@ void NbdConn::HandleRequest() {
       return Submit(c, IoOp::kTrim);
     case kCmdWriteZeroes:
       // FAST_ZERO: succeed only where zeroing is a deallocation (see docs/nbd.md §3).
-      if ((r.flags & kCmdFlagFastZero) && (!exp_->spec.fast_zero || (r.flags & kCmdFlagNoHole)))
+      if ((r.flags & kCmdFlagFastZero) && (!entry()->spec.fast_zero || (r.flags & kCmdFlagNoHole)))
         return ReplyNow(c, kEnotsup);
       return Submit(c, IoOp::kWriteZeroes);
     default:
-      break;  // READ, WRITE, BLOCK_STATUS need a buffer
+      return AcquireBuffer(c);  // READ, WRITE, BLOCK_STATUS need a buffer
   }
-  if (bufs_held_ >= buf_cap_) {
-    pending_ = c;
-    return;
-  }
-  c->buf = impl_->TryGetOrWait(this);
-  if (!c->buf) {
-    pending_ = c;
-    parked_pool_ = true;
-    return;
-  }
-  ++bufs_held_;
-  StartData(c);
 }
 
-void NbdConn::ResumeAfterBuffer() {
-  Scope s(this);
-  if (finished_ || !pending_) return;
-  NbdReqCtx* c = pending_;
-  if (st_ == State::kClosing) {
-    impl_->CancelWait(this);
-    parked_pool_ = false;
-    pending_ = nullptr;
-    ReleaseCtx(c);
-    return;
-  }
-  if (bufs_held_ >= buf_cap_) return;
-  char* b = impl_->TryGetOrWait(this);
-  if (!b) {
-    parked_pool_ = true;
-    return;
-  }
-  pending_ = nullptr;
-  c->buf = b;
-  ++bufs_held_;
-  StartData(c);
-}
-
-void NbdConn::StartData(NbdReqCtx* c) {
+void NbdConn::StartData(ServerReq* r) {
+  auto* c = static_cast<NbdReqCtx*>(r);
   switch (c->rq.type) {
     case kCmdRead:
       return Submit(c, IoOp::kRead);
@@ -843,88 +497,31 @@ void NbdConn::StartData(NbdReqCtx* c) {
       impl_->QueueMeta(c);
       return;
     default:
-      break;
+      return ReceivePayload(c, c->rq.length);  // WRITE
   }
-  // WRITE: what came in with the header is copied out of rx_; the rest goes from the socket
-  // straight into the pool buffer, no copy.
-  const std::size_t have = rx_.TakeInto(c->buf, c->rq.length);
-  if (have == c->rq.length) return Submit(c, IoOp::kWrite);
-  reading_ = true;
-  in_payload_ = true;
-  asio::async_read(sock_, asio::buffer(c->buf + have, c->rq.length - have),
-                   H([self = shared_from_this(), c](const boost::system::error_code& ec, std::size_t) {
-                     self->OnPayload(c, ec);
-                   }));
 }
 
-void NbdConn::OnPayload(NbdReqCtx* c, const boost::system::error_code& ec) {
-  Scope s(this);
-  reading_ = false;
-  in_payload_ = false;
-  ++progress_;
-  if (ec) {
-    if (st_ != State::kClosing) {
-      impl_->protocol_errors_.fetch_add(1, std::memory_order_relaxed);
-      LogLine(peer_, "truncated WRITE payload", ec.message().c_str());
-    }
-    ReleaseCtx(c);  // never acknowledged, never written
-    return BeginClose(false);
-  }
-  Submit(c, IoOp::kWrite);
-}
-
-void NbdConn::DrainPayload(NbdReqCtx* c) {
-  drain_left_ -= static_cast<std::uint32_t>(rx_.Skip(drain_left_));
-  if (drain_left_ == 0) return ReplyNow(c, c->error);
-  const std::size_t chunk = std::min<std::size_t>(drain_left_, sizeof scratch_);
-  reading_ = true;
-  in_payload_ = true;
-  asio::async_read(sock_, asio::buffer(scratch_, chunk),
-                   H([self = shared_from_this(), c](const boost::system::error_code& ec, std::size_t n) {
-                     Scope s(self.get());
-                     self->reading_ = false;
-                     self->in_payload_ = false;
-                     ++self->progress_;
-                     if (ec) {
-                       self->ReleaseCtx(c);
-                       return self->BeginClose(false);
-                     }
-                     self->drain_left_ -= static_cast<std::uint32_t>(n);
-                     self->DrainPayload(c);
-                   }));
-}
-
-// ------------------------------------------------------------------------------------------------
-// Transmission: device, metadata, replies
+void NbdConn::OnPayload(ServerReq* r) { Submit(static_cast<NbdReqCtx*>(r), IoOp::kWrite); }
 
 void NbdConn::Submit(NbdReqCtx* c, IoOp op) {
-  IoRequest& io = c->io;
-  io = IoRequest{};
-  io.op = op;
-  if ((c->rq.flags & kCmdFlagFua) && op != IoOp::kRead && op != IoOp::kFlush) io.flags |= kIoFua;
-  if (op == IoOp::kWriteZeroes && (c->rq.flags & kCmdFlagNoHole)) io.flags |= kIoNoUnmap;
-  io.offset = op == IoOp::kFlush ? 0 : c->rq.offset;
-  io.length = op == IoOp::kFlush ? 0 : c->rq.length;
-  io.data = c->buf;
-  io.done = &NbdConn::OnIoDone;
-  io.ctx = c;
-  ++dev_inflight_;
-  exp_->spec.device->Submit(&io);
+  std::uint32_t flags = 0;
+  if ((c->rq.flags & kCmdFlagFua) && op != IoOp::kRead && op != IoOp::kFlush) flags |= kIoFua;
+  if (op == IoOp::kWriteZeroes && (c->rq.flags & kCmdFlagNoHole)) flags |= kIoNoUnmap;
+  if (op == IoOp::kFlush) return ServerConn::Submit(c, op, flags, 0, 0);
+  ServerConn::Submit(c, op, flags, c->rq.offset, c->rq.length);
 }
 
 // Device thread (or inline in Submit).
-void NbdConn::OnIoDone(IoRequest* req, Status st) {
-  auto* c = static_cast<NbdReqCtx*>(req->ctx);
-  NbdConn* conn = c->conn;
-  c->error = ErrnoFromStatus(st);
+void NbdConn::OnDeviceDone(ServerReq* r, const Status& st) {
+  auto* c = static_cast<NbdReqCtx*>(r);
+  c->status = ErrnoFromStatus(st);
   // The spec keeps ENOTSUP for FAST_ZERO; any other unsupported operation is EINVAL.
-  if (c->error == kEnotsup && !(c->rq.type == kCmdWriteZeroes && (c->rq.flags & kCmdFlagFastZero)))
-    c->error = kEinval;
-  if (c->error == 0 && c->rq.type == kCmdRead && conn->structured_ && !(c->rq.flags & kCmdFlagDf) &&
-      conn->impl_->opts_.sparse_read_min && c->rq.length >= conn->impl_->opts_.sparse_read_min) {
+  if (c->status == kEnotsup && !(c->rq.type == kCmdWriteZeroes && (c->rq.flags & kCmdFlagFastZero)))
+    c->status = kEinval;
+  if (c->status == 0 && c->rq.type == kCmdRead && structured_ && !(c->rq.flags & kCmdFlagDf) &&
+      impl_->opts_.sparse_read_min && c->rq.length >= impl_->opts_.sparse_read_min) {
     MapReadHoles(c);
   }
-  conn->PushDone(c);
 }
 
 namespace {
@@ -1036,7 +633,7 @@ class StatusSink final : public ExtentSink {
 void NbdConn::RunBlockStatus(NbdReqCtx* c) {
   // The whole reply stays within the advertised maximum payload (the spec bounds server-sized
   // replies by it), split evenly between the contexts.
-  const std::size_t share = exp_->max_payload / static_cast<std::size_t>(nsel_);
+  const std::size_t share = entry()->max_payload / static_cast<std::size_t>(nsel_);
   std::uint32_t max_ext = static_cast<std::uint32_t>(std::min<std::size_t>((share - 4) / 8, 1u << 20));
   if (c->rq.flags & kCmdFlagReqOne) max_ext = 1;
   auto* base = reinterpret_cast<std::uint8_t*>(c->buf);
@@ -1048,13 +645,13 @@ void NbdConn::RunBlockStatus(NbdReqCtx* c) {
     StatusSink sink(base + off + 4, max_ext, c->rq.length);
     Status st;
     if (id == kBaseAllocationId) {
-      if (exp_->spec.allocation) st = exp_->spec.allocation->Query(c->rq.offset, c->rq.length, sink);
+      if (entry()->spec.allocation) st = entry()->spec.allocation->Query(c->rq.offset, c->rq.length, sink);
       else sink.Add(c->rq.length, 0);  // unknown: all allocated data
     } else {
-      st = exp_->spec.contexts[id - 2]->Query(c->rq.offset, c->rq.length, sink);
+      st = entry()->spec.contexts[id - 2]->Query(c->rq.offset, c->rq.length, sink);
     }
     if (sink.count() == 0) {  // at least one extent per context is mandatory
-      c->error = st.ok() ? kEio : ErrnoFromStatus(st);
+      c->status = st.ok() ? kEio : ErrnoFromStatus(st);
       c->nseg = 0;
       return;
     }
@@ -1062,7 +659,7 @@ void NbdConn::RunBlockStatus(NbdReqCtx* c) {
     c->seg[c->nseg++] = {static_cast<std::uint32_t>(off), len, NbdReqCtx::kStatus};
     off += len;
   }
-  c->error = 0;
+  c->status = 0;
 }
 
 void NbdServer::Impl::QueueMeta(NbdReqCtx* c) {
@@ -1081,75 +678,48 @@ void NbdServer::Impl::MetaLoop() {
     meta_cv_.wait(l, [this] { return meta_stop_ || meta_head_; });
     if (!meta_head_) return;  // stopping and nothing queued
     NbdReqCtx* c = meta_head_;
-    meta_head_ = c->next;
+    meta_head_ = static_cast<NbdReqCtx*>(c->next);
     if (!meta_head_) meta_tail_ = nullptr;
     l.unlock();
-    c->conn->RunBlockStatus(c);
+    static_cast<NbdConn*>(c->conn)->RunBlockStatus(c);
     c->conn->PushDone(c);
     l.lock();
   }
 }
 
-void NbdConn::PushDone(NbdReqCtx* c) {
-  bool post = false;
-  {
-    std::lock_guard<std::mutex> l(done_mu_);
-    c->next = nullptr;
-    if (done_tail_) done_tail_->next = c; else done_head_ = c;
-    done_tail_ = c;
-    if (!drain_posted_) post = drain_posted_ = true;
-  }
-  if (post) asio::post(strand_, H([self = shared_from_this()] { self->DrainDone(); }));
+void NbdConn::ReplyNow(NbdReqCtx* c, std::uint32_t error) {
+  c->status = error;
+  c->nseg = 0;
+  Reply(c);
 }
 
-void NbdConn::DrainDone() {
-  Scope s(this);
-  NbdReqCtx* list;
-  {
-    std::lock_guard<std::mutex> l(done_mu_);
-    list = done_head_;
-    done_head_ = done_tail_ = nullptr;
-    drain_posted_ = false;
-  }
-  while (list) {
-    NbdReqCtx* c = list;
-    list = c->next;
-    c->next = nullptr;
-    --dev_inflight_;
-    PrepareReply(c);
-    for (int i = 0, n = c->frames_out; i < n; ++i) tx_.Enqueue(&c->tx[i]);
-  }
-  tx_.Flush();  // a burst of replies, one sendmsg
-}
-
-void NbdConn::PrepareReply(NbdReqCtx* c) {
+void NbdConn::PrepareReply(ServerReq* req) {
+  auto* c = static_cast<NbdReqCtx*>(req);
+  c->frames = c->tx;
   const Request& r = c->rq;
-  if (c->error) impl_->errors_replied_.fetch_add(1, std::memory_order_relaxed);
   auto frame = [c](int i) -> TxFrame& {
     TxFrame& f = c->tx[i];
     f.payload = nullptr;
     f.payload_len = 0;
-    f.on_sent = &NbdConn::OnCtxSent;
-    f.owner = c;
     return f;
   };
   const bool payload_reply = r.type == kCmdRead || r.type == kCmdBlockStatus;
   if (!structured_ || !payload_reply) {
     // Simple reply (allowed for every command without payload even when structured).
     TxFrame& f = frame(0);
-    EncodeSimpleReply(c->error, r.cookie, f.header);
+    EncodeSimpleReply(c->status, r.cookie, f.header);
     f.header_len = kSimpleReplySize;
-    if (c->error == 0 && r.type == kCmdRead) {
+    if (c->status == 0 && r.type == kCmdRead) {
       f.payload = c->buf;  // the pool buffer the device filled: no copy
       f.payload_len = r.length;
     }
     c->frames_out = 1;
     return;
   }
-  if (c->error) {
+  if (c->status) {
     TxFrame& f = frame(0);
     EncodeChunkHeader(kReplyFlagDone, kChunkError, r.cookie, 6, f.header);
-    Put32(f.header + kChunkHeaderSize, c->error);
+    Put32(f.header + kChunkHeaderSize, c->status);
     Put16(f.header + kChunkHeaderSize + 4, 0);  // no message
     f.header_len = kChunkHeaderSize + 6;
     c->frames_out = 1;
@@ -1185,361 +755,6 @@ void NbdConn::PrepareReply(NbdReqCtx* c) {
   c->frames_out = c->nseg;
 }
 
-void NbdConn::ReplyNow(NbdReqCtx* c, std::uint32_t error) {
-  c->error = error;
-  c->nseg = 0;
-  PrepareReply(c);
-  for (int i = 0, n = c->frames_out; i < n; ++i) tx_.Enqueue(&c->tx[i]);
-  tx_.Flush();
-}
-
-void NbdConn::ReleaseCtx(NbdReqCtx* c) {
-  if (c->buf) {
-    char* b = c->buf;
-    c->buf = nullptr;
-    --bufs_held_;
-    impl_->PutBuffer(b);
-  }
-  c->next = free_;
-  free_ = c;
-}
-
-void NbdConn::OnCtxSent(TxFrame* f, bool) {
-  auto* c = static_cast<NbdReqCtx*>(f->owner);
-  NbdConn* conn = c->conn;
-  ++conn->progress_;
-  if (--c->frames_out > 0) return;
-  conn->ReleaseCtx(c);
-  if (conn->depth_ == 0) {
-    Scope s(conn);  // from the Transmitter's writable handler: still on the strand
-  }
-}
-
-void NbdConn::OnTxError(void* ctx) {
-  auto* conn = static_cast<NbdConn*>(ctx);
-  conn->force_ = true;
-  conn->st_ = State::kClosing;
-}
-
-// ------------------------------------------------------------------------------------------------
-// Closing
-
-void NbdConn::BeginClose(bool force) {
-  if (force) force_ = true;
-  st_ = State::kClosing;
-}
-
-void NbdConn::MaybeFinish() {
-  if (finished_ || st_ != State::kClosing) return;
-  if (pending_) {
-    impl_->CancelWait(this);
-    parked_pool_ = false;
-    NbdReqCtx* c = pending_;
-    pending_ = nullptr;
-    ReleaseCtx(c);
-  }
-  if (reading_ || writing_) {
-    // End the outstanding read (or a handshake write the client does not read) with an error.
-    if (!read_shut_) {
-      read_shut_ = true;
-      ::shutdown(sock_.native_handle(), writing_ ? SHUT_RDWR : SHUT_RD);
-    }
-    return;
-  }
-  if (dev_inflight_ > 0) return;
-  if (!force_ && !tx_.idle()) {
-    if (!close_timer_armed_) {
-      close_timer_armed_ = true;
-      close_timer_.expires_after(kCloseGrace);
-      close_timer_.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
-        if (ec) return;
-        Scope s(self.get());
-        self->force_ = true;
-      });
-    }
-    return;
-  }
-  Finish();
-}
-
-void NbdConn::Finish() {
-  finished_ = true;
-  tx_.Abort();
-  boost::system::error_code ec;
-  close_timer_.cancel();
-  if (sock_.is_open()) {
-    const int fd = sock_.native_handle();
-    for (int i = 0; i < 16; ++i) {  // swallow unread input so close() sends FIN, not RST
-      ssize_t r = ::recv(fd, scratch_, sizeof scratch_, MSG_DONTWAIT);
-      if (r <= 0) break;
-    }
-    sock_.shutdown(tcp::socket::shutdown_both, ec);
-    sock_.close(ec);
-  }
-  impl_->ConnFinished(this);
-  asio::post(strand_, [self = shared_from_this()] { self->impl_->RemoveConn(self.get()); });
-}
-
-// ------------------------------------------------------------------------------------------------
-// Impl
-
-Status NbdServer::Impl::Start() {
-  boost::system::error_code ec;
-  auto addr = asio::ip::make_address(opts_.listen_address, ec);
-  if (ec) return Status::InvalidArgument("bad listen address " + opts_.listen_address);
-  tcp::endpoint ep(addr, opts_.port);
-  acceptor_.open(ep.protocol(), ec);
-  if (!ec) acceptor_.set_option(tcp::acceptor::reuse_address(true), ec);
-  if (!ec) acceptor_.bind(ep, ec);
-  if (!ec) acceptor_.listen(asio::socket_base::max_listen_connections, ec);
-  if (ec) {
-    return Status::FromErrno(ec.value(), "NBD listen on " + opts_.listen_address + ":" + std::to_string(opts_.port));
-  }
-  port_ = acceptor_.local_endpoint(ec).port();
-  DoAccept();
-  if (opts_.stall_timeout.count() > 0) asio::post(ctl_, [self = shared_from_this()] { self->ArmSweep(); });
-  return Status::OK();
-}
-
-// Every stall_timeout/3 each connection checks whether it made progress (NbdConn::Sweep).
-void NbdServer::Impl::ArmSweep() {
-  constexpr int kStrikes = 3;
-  auto period = opts_.stall_timeout / kStrikes;
-  if (period < std::chrono::milliseconds(50)) period = std::chrono::milliseconds(50);
-  sweep_timer_.expires_after(period);
-  sweep_timer_.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
-    if (ec) return;
-    std::vector<std::shared_ptr<NbdConn>> conns;
-    {
-      std::lock_guard<std::mutex> l(self->mu_);
-      if (self->stopped_ || self->flush_started_) return;
-      for (auto& [p, c] : self->conns_) conns.push_back(c);
-    }
-    for (auto& c : conns) asio::post(c->strand_ref(), [c] { c->Sweep(kStrikes); });
-    self->ArmSweep();
-  });
-}
-
-void NbdServer::Impl::DoAccept() {
-  auto strand = asio::make_strand(io_);
-  auto sock = std::make_shared<tcp::socket>(io_);
-  acceptor_.async_accept(*sock, [self = shared_from_this(), sock, strand](const boost::system::error_code& ec) {
-    if (ec == asio::error::operation_aborted || !self->acceptor_.is_open()) return;
-    if (ec) {
-      LogLine("listener", "accept failed", ec.message().c_str());
-      self->accept_timer_.expires_after(std::chrono::milliseconds(100));
-      self->accept_timer_.async_wait([self](const boost::system::error_code& e) {
-        if (!e) self->DoAccept();
-      });
-      return;
-    }
-    boost::system::error_code e2;
-    sock->set_option(tcp::no_delay(true), e2);
-    auto rep = sock->remote_endpoint(e2);
-    std::string peer = e2 ? std::string("?") : rep.address().to_string() + ":" + std::to_string(rep.port());
-    auto conn = std::make_shared<NbdConn>(self, strand, std::move(*sock), std::move(peer));
-    bool accept = true;
-    {
-      std::lock_guard<std::mutex> l(self->mu_);
-      if (self->draining_ || self->stopped_) accept = false;
-      else self->conns_.emplace(conn.get(), conn);
-    }
-    if (!accept) return;
-    self->connections_total_.fetch_add(1, std::memory_order_relaxed);
-    conn->Start();
-    self->DoAccept();
-  });
-}
-
-char* NbdServer::Impl::TryGetOrWait(NbdConn* c) {
-  char* b = pool_.TryGet();
-  if (b) return b;
-  std::lock_guard<std::mutex> l(pool_mu_);
-  b = pool_.TryGet();
-  if (b) return b;
-  if (!c->waiting_pool_) {
-    c->waiting_pool_ = true;
-    c->wait_next_ = nullptr;
-    if (wait_tail_) wait_tail_->wait_next_ = c; else wait_head_ = c;
-    wait_tail_ = c;
-    waiters_.fetch_add(1);
-  }
-  return nullptr;
-}
-
-void NbdServer::Impl::PutBuffer(char* b) {
-  pool_.Put(b);
-  if (waiters_.load() == 0) return;
-  std::shared_ptr<NbdConn> wake;
-  {
-    std::lock_guard<std::mutex> l(pool_mu_);
-    while (wait_head_ && !wake) {
-      NbdConn* c = wait_head_;
-      wait_head_ = c->wait_next_;
-      if (!wait_head_) wait_tail_ = nullptr;
-      c->waiting_pool_ = false;
-      c->wait_next_ = nullptr;
-      waiters_.fetch_sub(1);
-      wake = c->weak_from_this().lock();
-    }
-  }
-  if (wake) asio::post(wake->strand_ref(), [wake] { wake->OnPoolResume(); });
-}
-
-void NbdServer::Impl::CancelWait(NbdConn* c) {
-  std::lock_guard<std::mutex> l(pool_mu_);
-  if (!c->waiting_pool_) return;
-  NbdConn* prev = nullptr;
-  for (NbdConn* p = wait_head_; p; prev = p, p = p->wait_next_) {
-    if (p != c) continue;
-    if (prev) prev->wait_next_ = p->wait_next_; else wait_head_ = p->wait_next_;
-    if (wait_tail_ == p) wait_tail_ = prev;
-    break;
-  }
-  c->waiting_pool_ = false;
-  c->wait_next_ = nullptr;
-  waiters_.fetch_sub(1);
-}
-
-void NbdServer::Impl::ConnFinished(NbdConn* c) {
-  std::lock_guard<std::mutex> l(mu_);
-  if (auto e = c->export_entry()) e->connections--;
-}
-
-void NbdServer::Impl::RemoveConn(NbdConn* c) {
-  std::shared_ptr<NbdConn> hold;
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    auto it = conns_.find(c);
-    if (it == conns_.end()) return;
-    hold = std::move(it->second);
-    conns_.erase(it);
-  }
-  MaybeDrainDone();
-}
-
-void NbdServer::Impl::Drain(std::function<void(Status)> done) {
-  std::vector<std::shared_ptr<NbdConn>> conns;
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    if (drain_done_ || flush_started_) {
-      asio::post(io_, [done = std::move(done)] { done(Status::Busy("already draining")); });
-      return;
-    }
-    draining_ = true;
-    drain_done_ = std::move(done);
-    for (auto& [p, c] : conns_) conns.push_back(c);
-  }
-  asio::post(ctl_, [self = shared_from_this()] {
-    boost::system::error_code ec;
-    self->acceptor_.close(ec);
-    self->accept_timer_.cancel();
-    self->drain_timer_.expires_after(kDrainGrace);
-    self->drain_timer_.async_wait([self](const boost::system::error_code& e) {
-      if (e) return;
-      std::vector<std::shared_ptr<NbdConn>> rest;
-      {
-        std::lock_guard<std::mutex> l(self->mu_);
-        if (self->flush_started_) return;
-        for (auto& [p, c] : self->conns_) rest.push_back(c);
-      }
-      for (auto& c : rest) asio::post(c->strand_ref(), [c] { c->StartDrain(true); });
-    });
-  });
-  for (auto& c : conns) asio::post(c->strand_ref(), [c] { c->StartDrain(false); });
-  MaybeDrainDone();
-}
-
-void NbdServer::Impl::MaybeDrainDone() {
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    if (!draining_ || !drain_done_ || flush_started_ || !conns_.empty()) return;
-    flush_started_ = true;
-  }
-  asio::post(ctl_, [self = shared_from_this()] {
-    self->drain_timer_.cancel();
-    self->sweep_timer_.cancel();
-  });
-  FlushAllAndFinish();
-}
-
-void NbdServer::Impl::FlushAllAndFinish() {
-  struct FlushState {
-    std::shared_ptr<Impl> impl;
-    std::mutex mu;
-    int left = 0;
-    Status first_error;
-    std::vector<std::shared_ptr<BlockDevice>> devices;
-    std::vector<IoRequest> reqs;
-  };
-  auto fs = std::make_shared<FlushState>();
-  fs->impl = shared_from_this();
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    for (auto& [name, e] : exports_)
-      if (!e->read_only && e->info.can_flush) fs->devices.push_back(e->spec.device);
-  }
-  // Reports on an io thread.  The state (which owns the Impl and the devices) is moved into the
-  // posted handler so that its last reference never dies on a device thread: destroying a
-  // FileDevice there would join the very thread running the destructor.
-  static constexpr auto finish = [](std::shared_ptr<FlushState> st) {
-    std::function<void(Status)> done;
-    {
-      std::lock_guard<std::mutex> l(st->impl->mu_);
-      done = std::move(st->impl->drain_done_);
-      st->impl->drain_done_ = nullptr;
-    }
-    asio::io_context& io = st->impl->io_;
-    asio::post(io, [done = std::move(done), st = std::move(st)]() mutable {
-      Status result = st->first_error;
-      st.reset();
-      if (done) done(result);
-    });
-  };
-  if (fs->devices.empty()) return finish(std::move(fs));
-  fs->reqs.resize(fs->devices.size());
-  fs->left = static_cast<int>(fs->devices.size());
-  auto* keep = new std::shared_ptr<FlushState>(fs);  // released by the last completion
-  for (auto& r : fs->reqs) {
-    r.op = IoOp::kFlush;
-    r.ctx = keep;
-    r.done = [](IoRequest* req, Status st) {
-      auto* k = static_cast<std::shared_ptr<FlushState>*>(req->ctx);
-      bool last;
-      {
-        std::lock_guard<std::mutex> l((*k)->mu);
-        if (!st.ok() && (*k)->first_error.ok()) (*k)->first_error = st.WithContext("flush");
-        last = --(*k)->left == 0;
-      }
-      if (!last) return;
-      std::shared_ptr<FlushState> s = std::move(*k);
-      delete k;
-      finish(std::move(s));
-    };
-  }
-  std::vector<std::shared_ptr<BlockDevice>> devices = fs->devices;
-  std::vector<IoRequest>* reqs = &fs->reqs;
-  fs.reset();  // from here on `keep` (and then the posted report) owns the state
-  for (std::size_t i = 0; i < devices.size(); ++i) devices[i]->Submit(&(*reqs)[i]);
-}
-
-void NbdServer::Impl::Shutdown() {
-  std::vector<std::shared_ptr<NbdConn>> conns;
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    stopped_ = true;
-    for (auto& [p, c] : conns_) conns.push_back(c);
-  }
-  asio::post(ctl_, [self = shared_from_this()] {
-    boost::system::error_code ec;
-    self->acceptor_.close(ec);
-    self->accept_timer_.cancel();
-    self->drain_timer_.cancel();
-    self->sweep_timer_.cancel();
-  });
-  for (auto& c : conns) asio::post(c->strand_ref(), [c] { c->StartDrain(true); });
-}
-
 // ------------------------------------------------------------------------------------------------
 // NbdServer
 
@@ -1548,9 +763,12 @@ NbdServer::NbdServer(asio::io_context& io, NbdServerOptions opts)
 
 NbdServer::~NbdServer() { impl_->Shutdown(); }
 
-Status NbdServer::Start() { return impl_->Start(); }
+Status NbdServer::Start() {
+  Status st = impl_->Start();
+  return st.ok() ? st : st.WithContext("NBD");
+}
 
-std::uint16_t NbdServer::port() const { return impl_->port_; }
+std::uint16_t NbdServer::port() const { return impl_->port(); }
 
 Status NbdServer::AddExport(NbdExportSpec spec) {
   if (spec.name.empty() || spec.name.size() > kMaxStringLen)
@@ -1565,7 +783,7 @@ Status NbdServer::AddExport(NbdExportSpec spec) {
       return Status::InvalidArgument("bad metadata context name '" + n + "'");
   }
   auto e = std::make_shared<NbdExportEntry>();
-  e->info = spec.device->Info();
+  e->Init(spec.name, spec.device, spec.read_only);
   std::uint32_t min = e->info.logical_block_size ? e->info.logical_block_size : 1;
   if (min > 65536 || (min & (min - 1))) return Status::InvalidArgument("device block size not a power of two <= 64 KiB");
   e->min_block = min;
@@ -1575,54 +793,22 @@ Status NbdServer::AddExport(NbdExportSpec spec) {
   maxp -= maxp % e->pref_block;
   if (maxp < e->pref_block) return Status::InvalidArgument("max payload below the preferred block size");
   e->max_payload = maxp;
-  e->read_only = spec.read_only || e->info.read_only;
   e->spec = std::move(spec);
-  std::lock_guard<std::mutex> l(impl_->mu_);
-  if (impl_->exports_.count(e->spec.name)) return Status::Exists("NBD export " + e->spec.name + " exists");
-  e->order = impl_->next_order_++;
-  impl_->exports_.emplace(e->spec.name, e);
-  return Status::OK();
+  return impl_->AddExport(std::move(e));
 }
 
-Status NbdServer::RemoveExport(const std::string& name) {
-  std::lock_guard<std::mutex> l(impl_->mu_);
-  auto it = impl_->exports_.find(name);
-  if (it == impl_->exports_.end()) return Status::NotFound("no NBD export " + name);
-  if (it->second->connections > 0)
-    return Status::Busy("NBD export " + name + " has " + std::to_string(it->second->connections) + " connection(s)");
-  impl_->exports_.erase(it);
-  return Status::OK();
-}
+Status NbdServer::RemoveExport(const std::string& name) { return impl_->RemoveExport(name); }
 
 std::vector<NbdExportStatus> NbdServer::ListExports() const {
-  std::vector<NbdExportStatus> out;
-  std::lock_guard<std::mutex> l(impl_->mu_);
-  for (auto& [name, e] : impl_->exports_) {
-    NbdExportStatus s;
-    s.name = name;
-    s.device = e->spec.device->Describe();
-    s.description = e->spec.description;
-    s.size = e->info.size;
-    s.read_only = e->read_only;
-    s.connections = e->connections;
-    out.push_back(std::move(s));
-  }
-  return out;
+  return impl_->ListExportsAs<NbdExportStatus, NbdExportEntry>(
+      [](const NbdExportEntry& e, const ExportCounters&, NbdExportStatus* s) {
+        s->description = e.spec.description;
+      });
 }
 
 NbdServerStats NbdServer::Stats() const {
   NbdServerStats s;
-  s.connections_total = impl_->connections_total_.load();
-  {
-    std::lock_guard<std::mutex> l(impl_->mu_);
-    s.connections_open = static_cast<int>(impl_->conns_.size());
-  }
-  s.requests = impl_->requests_.load();
-  s.errors_replied = impl_->errors_replied_.load();
-  s.protocol_errors = impl_->protocol_errors_.load();
-  s.frames_sent = impl_->tx_stats_.frames.load();
-  s.send_calls = impl_->tx_stats_.syscalls.load();
-  s.frames_per_call = impl_->tx_stats_.FramesPerCall();
+  impl_->FillStats(&s);
   return s;
 }
 

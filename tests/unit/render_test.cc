@@ -28,6 +28,8 @@ json Mirror(const std::string& state, json resync = nullptr) {
               {"assembled", true}, {"legs", legs}, {"resync", resync}, {"id", "uuid-1"},
               {"region_size", 65536}, {"write_intent", true}, {"state_db", "/var/lib/dst/dstd.sqlite"},
               {"resync_rate", {{"min", 10485760}, {"max", 209715200}}},
+              {"layer", {{"name", "mirror"}, {"title", "mirror (raid1)"}, {"redundant", true},
+                         {"params", json::array()}}},
               {"stats", {{"commits", 12}, {"commits_per_second", 3.5}, {"intent_waits", 7}}}};
 }
 
@@ -160,6 +162,44 @@ class RenderTest : public QObject {
     std::string failed = ctl::RenderDetail(Mirror("failed"));
     QVERIFY2(failed.find("State : FAILED") != std::string::npos, failed.c_str());
     QVERIFY(failed.find("faulty") != std::string::npos);
+  }
+
+  // A layer the renderer has never heard of: title, labelled keys and no mirror lines, all
+  // from the "layer" object the daemon fills from its registry.
+  void DetailOfAnyLayer() {
+    json a = Mirror("clean");
+    a["level"] = "stripe";
+    a["layer"] = {{"name", "stripe"},
+                  {"title", "stripe (test)"},
+                  {"redundant", false},
+                  {"params", json::array({{{"name", "chunk"}, {"type", "size"}, {"label", "Chunk Size"},
+                                           {"value", "131072"}},
+                                          {{"name", "hidden"}, {"type", "string"}, {"label", ""},
+                                           {"value", "x"}}})}};
+    std::string d = ctl::RenderDetail(a);
+    QVERIFY2(d.find("        Raid Level : stripe (test)\n") != std::string::npos, d.c_str());
+    QVERIFY2(d.find("        Chunk Size : 128 KiB\n") != std::string::npos, d.c_str());
+    QVERIFY2(d.find("hidden") == std::string::npos, d.c_str());
+    for (const char* mirror_only : {"Intent Bitmap", "Consistency Policy", "Resync Rate"})
+      QVERIFY2(d.find(mirror_only) == std::string::npos, mirror_only);
+    // Without a layer object the level name stands as the title.
+    a.erase("layer");
+    QVERIFY(ctl::RenderDetail(a).find("        Raid Level : stripe\n") != std::string::npos);
+  }
+
+  void Layers() {
+    json layers = json::array(
+        {{{"name", "stripe"}, {"title", "stripe (test)"}, {"help", "Stripes things."},
+          {"redundant", false},
+          {"keys", json::array({{{"name", "chunk"}, {"type", "size"}, {"default", "65536"},
+                                 {"help", "stripe unit"}, {"label", "Chunk Size"}}})},
+          {"legs", {{"min", 2}, {"max", 32}, {"same_size", true}, {"read_only_legs", false},
+                    {"change", "fixed"}, {"size", "smallest x legs"}}}}});
+    std::string out = ctl::RenderLayers(layers);
+    for (const char* s : {"stripe: stripe (test)\n  Stripes things.\n",
+                          "  legs: 2..32, same size, live changes: fixed\n  size: smallest x legs\n",
+                          "  --set chunk=VALUE  stripe unit (size, default 64 KiB)\n"})
+      QVERIFY2(out.find(s) != std::string::npos, out.c_str());
   }
 
   // mdadm.8: 0 healthy, 1 degraded, 2 unusable, 4 error.

@@ -35,6 +35,9 @@ std::string ProgressBar(int permille);
 // mdadm --detail shape: "Key : Value" lines, then the leg table.
 std::string RenderDetail(const nlohmann::json& array);
 std::string RenderArrayList(const nlohmann::json& arrays);
+// `dstctl array layers`: per layer its title, help, leg rules and keys (`layers` of the
+// array.layers result: the daemon's registry, dst/layer.h).
+std::string RenderLayers(const nlohmann::json& layers);
 // `dstctl detail --test` exit code (mdadm.8): 0 healthy, 1 degraded (or recovering), 2 unusable,
 // 4 error (no usable information).
 int DetailTestCode(const nlohmann::json& array);

@@ -9,11 +9,13 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include "dst/layer.h"
 #include "dst/status.h"
 
 namespace dst::daemon {
@@ -56,7 +58,7 @@ Status ParseLegSpec(std::string_view spec, LegSpec* out);
 
 struct ArrayConfig {
   std::string name;
-  std::string level = "mirror";                 // "mirror" (N >= 2 legs) or "linear"
+  std::string level = "mirror";                 // a layer name (dst/layer.h): "mirror", "linear", ...
   std::vector<std::string> legs;                // leg specs by slot
   std::uint32_t region_size = 64 * 1024;        // mirror bitmap granularity (power of 2)
   std::uint64_t resync_rate_min = 10ull << 20;  // bytes/s while application I/O is active
@@ -67,6 +69,8 @@ struct ArrayConfig {
   // -1 = not set here ([daemon] verify_interval applies).
   std::int64_t verify_interval_s = -1;
   std::string checksum;                         // "xxh3": payload digests on its dst:// legs
+  // The layer's own keys (dst/layer.h: LayerInfo::keys), canonical text, defaults filled in.
+  std::map<std::string, std::string> params;
 };
 
 struct Config {
@@ -125,6 +129,10 @@ Result<std::uint64_t> ParseDuration(std::string_view s);
 // existing volumes/arrays, no array stacks on itself, no leg is used twice, names are unique
 // between volumes and arrays (arrays are volumes too).
 Status ValidateTopology(const Config& cfg);
+
+// A layer key's value from user text ("64K", "true", "12") as the canonical text the layer
+// registry checks (sizes in bytes).
+Result<std::string> ParseLayerValue(const LayerKey& key, std::string_view text);
 
 // Export and volume names: 1..64 chars of [A-Za-z0-9._-], not starting with '.'.
 bool ValidName(std::string_view name);

@@ -12,6 +12,9 @@
 // stops reading on the old connection and waits for its in-flight requests to finish before
 // the new one is answered, so a stale write can never land after a newer one.
 //
+// Accept loop, pools, backpressure, stall sweep, drain and counters are the server-connection
+// core it shares with the NBD server (netdriver/src/server_core.h).
+//
 // Threading: the Exporter runs on the io_context given to it (one or more threads).  Public
 // methods are thread-safe.  Device I/O completes on device threads and is handed back to the
 // connection's io thread.
@@ -26,6 +29,7 @@
 #include <boost/asio/io_context.hpp>
 
 #include "dst/block_device.h"
+#include "dst/net/server_stats.h"
 #include "dst/net/transmitter.h"
 #include "dst/status.h"
 
@@ -64,16 +68,8 @@ struct ExportStatus {
   double frames_per_call = 0;     // frames_sent / send_calls (0 before any send)
 };
 
-struct ExporterStats {
-  std::uint64_t connections_total = 0;
-  int connections_open = 0;
-  std::uint64_t requests = 0;
-  std::uint64_t errors_replied = 0;   // requests answered with a non-OK status
-  std::uint64_t protocol_errors = 0;  // connections closed for framing errors
-  std::uint64_t digest_errors = 0;    // WRITE payloads refused for a digest mismatch
-  std::uint64_t frames_sent = 0;
-  std::uint64_t send_calls = 0;
-  double frames_per_call = 0;
+struct ExporterStats : ServerStats {
+  std::uint64_t digest_errors = 0;  // WRITE payloads refused for a digest mismatch
 };
 
 class Exporter {
@@ -89,8 +85,8 @@ class Exporter {
   std::vector<ExportStatus> ListExports() const;
   ExporterStats Stats() const;
 
-  // Stops accepting, lets in-flight requests finish, flushes every export, closes all
-  // connections, then calls done (on an io thread).  Used for SIGTERM.
+  // Stops accepting, lets in-flight requests finish, closes all connections, flushes every
+  // writable export whose device can flush, then calls done (on an io thread).  Used for SIGTERM.
   void Drain(std::function<void(Status)> done);
 
   class Impl;

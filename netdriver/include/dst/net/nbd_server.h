@@ -11,7 +11,8 @@
 //      |       bad flags / bad magic / ABORT / unknown EXPORT_NAME / EOF          |
 //      +---------------------------> CLOSED <---- DRAINING <--DISC / EOF / bad request magic
 //
-// Transmission works like the DST exporter: preallocated request contexts per connection,
+// Transmission runs on the server-connection core it shares with the DST exporter
+// (netdriver/src/server_core.h): preallocated request contexts per connection,
 // payloads read from the socket straight into pool buffers and replied from them (zero copy),
 // device completions gathered on a list and sent by one posted drain through the batched
 // Transmitter, no heap allocation per I/O in steady state.  A request that fails validation gets
@@ -37,6 +38,7 @@
 
 #include "dst/block_device.h"
 #include "dst/net/nbd_format.h"
+#include "dst/net/server_stats.h"
 #include "dst/status.h"
 
 namespace dst::net {
@@ -130,16 +132,7 @@ struct NbdExportStatus {
   int connections = 0;
 };
 
-struct NbdServerStats {
-  std::uint64_t connections_total = 0;
-  int connections_open = 0;
-  std::uint64_t requests = 0;
-  std::uint64_t errors_replied = 0;
-  std::uint64_t protocol_errors = 0;  // connections closed for framing/handshake violations
-  std::uint64_t frames_sent = 0;
-  std::uint64_t send_calls = 0;
-  double frames_per_call = 0;
-};
+struct NbdServerStats : ServerStats {};
 
 class NbdServer {
  public:
@@ -157,8 +150,8 @@ class NbdServer {
   std::vector<NbdExportStatus> ListExports() const;
   NbdServerStats Stats() const;
 
-  // Stops accepting, lets in-flight requests finish, flushes every writable export, closes every
-  // connection, then calls done on an io thread.
+  // Stops accepting, lets in-flight requests finish, closes every connection, flushes every
+  // writable export whose device can flush, then calls done on an io thread.
   void Drain(std::function<void(Status)> done);
 
   class Impl;

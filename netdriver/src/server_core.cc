@@ -1,0 +1,741 @@
+// ServerCore and ServerConn: see server_core.h for the connection state diagram.
+#include "server_core.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <vector>
+
+#include <boost/asio/post.hpp>
+
+namespace dst::net::detail {
+
+namespace asio = boost::asio;
+
+namespace {
+
+constexpr std::chrono::seconds kCloseGrace{5};   // unsent replies of a closing connection
+constexpr std::chrono::seconds kDrainGrace{20};  // Drain(): then connections are forced shut
+constexpr int kStrikes = 3;                      // sweeps per stall_timeout
+
+ServerCoreOptions Sanitize(ServerCoreOptions o) {
+  if (o.max_inflight_per_connection == 0) o.max_inflight_per_connection = 1;
+  if (o.buffer_count == 0) o.buffer_count = 1;
+  if (o.buffer_size < 4096) o.buffer_size = 4096;
+  return o;
+}
+
+}  // namespace
+
+// ================================================================================================
+// ServerConn
+
+ServerConn::ServerConn(std::shared_ptr<ServerCore> core, std::unique_ptr<Transport> transport)
+    : core_ref_(std::move(core)),
+      core_(core_ref_.get()),
+      transport_(std::move(transport)),
+      strand_(transport_->strand()),
+      tx_(*transport_, core_->options().batching, &tx_stats_),
+      close_timer_(strand_) {
+  tx_.set_error_handler(&ServerConn::OnTxError, this);
+  buf_cap_ = std::max<std::size_t>(1, core_->pool_count() / 4);
+}
+
+ServerConn::~ServerConn() { core_->CancelWait(this); }
+
+void ServerConn::Start() {
+  asio::post(strand_, [self = shared_from_this()] {
+    Scope s(self.get());
+    self->OnStart();
+  });
+}
+
+void ServerConn::StartDrain(bool force) {
+  Scope s(this);
+  BeginClose(force);
+}
+
+void ServerConn::Sweep(int limit) {
+  Scope s(this);
+  if (finished_) return;
+  const char* handshake = phase_ == Phase::kHandshake ? HandshakeStall() : nullptr;
+  const bool waiting_on_client = in_payload_ || !tx_.idle() || handshake;
+  if (!waiting_on_client || progress_ != seen_progress_) {
+    strikes_ = 0;
+    seen_progress_ = progress_;
+    return;
+  }
+  if (++strikes_ < limit) return;
+  Log("stalled client closed", handshake ? handshake : in_payload_ ? "payload stopped arriving" : "replies not read");
+  BeginClose(true);
+}
+
+void ServerConn::OnPoolResume() {
+  Scope s(this);
+  parked_pool_ = false;
+  ResumeAfterBuffer();
+}
+
+void ServerConn::AddSlot(ServerReq* r) {
+  r->conn = this;
+  r->next = free_;
+  free_ = r;
+}
+
+ServerReq* ServerConn::TakeSlot() {
+  ServerReq* r = free_;  // MaybeRead only parses a request when a slot is free
+  free_ = r->next;
+  r->next = nullptr;
+  r->buf = nullptr;
+  r->status = 0;
+  return r;
+}
+
+void ServerConn::ReleaseSlot(ServerReq* r) {
+  if (r->buf) {
+    char* b = r->buf;
+    r->buf = nullptr;
+    --bufs_held_;
+    core_->PutBuffer(b);
+  }
+  r->next = free_;
+  free_ = r;
+}
+
+void ServerConn::CountRequest() {
+  core_->requests_.fetch_add(1, std::memory_order_relaxed);
+  if (served_) served_->requests.fetch_add(1, std::memory_order_relaxed);
+}
+
+void ServerConn::ProtocolViolation(const char* what, const char* detail) {
+  core_->protocol_errors_.fetch_add(1, std::memory_order_relaxed);
+  Log(what, detail);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Read side
+
+void ServerConn::Pump() {
+  if (finished_) return;
+  if (pending_ && !parked_pool_ && bufs_held_ < buf_cap_ && phase_ != Phase::kClosing) {
+    ResumeAfterBuffer();  // nested Scope: Pump runs again at its end
+    return;
+  }
+  MaybeRead();
+  MaybeFinish();
+}
+
+// Parses every whole request already buffered, then receives more.  Runs from Pump (depth 0),
+// so the handlers it calls never re-enter it; it stops where a request has to wait (no free slot,
+// no buffer, a payload still on the wire, a handshake step) and Pump calls it again after that.
+void ServerConn::MaybeRead() {
+  if (parsing_) return;
+  parsing_ = true;
+  const std::size_t n = FrameSize();
+  while (CanRead() && rx_.size() >= n) {
+    rx_.Take(hdr_, n);
+    HandleFrame(hdr_);
+  }
+  parsing_ = false;
+  if (!CanRead()) return;
+  reading_ = true;
+  transport_->AsyncReadSome(rx_.Space(), [self = shared_from_this()](const boost::system::error_code& ec, std::size_t got) {
+    self->OnRx(ec, got);
+  });
+}
+
+bool ServerConn::CanRead() const {
+  if (reading_ || writing_ || pending_ || phase_ == Phase::kClosing) return false;
+  if (phase_ == Phase::kHandshake) return FramesInHandshake();
+  return free_ != nullptr;  // every slot busy: backpressure
+}
+
+void ServerConn::OnRx(const boost::system::error_code& ec, std::size_t n) {
+  Scope s(this);
+  reading_ = false;
+  ++progress_;
+  if (ec) {
+    if (rx_.size() > 0 && phase_ != Phase::kClosing) ProtocolViolation("truncated request header", ec.message().c_str());
+    BeginClose(false);
+    return;
+  }
+  rx_.Commit(n);  // parsed by Pump -> MaybeRead when this handler returns
+}
+
+void ServerConn::AcquireBuffer(ServerReq* r) {
+  if (bufs_held_ >= buf_cap_) {
+    pending_ = r;  // over this connection's share: resumed by Pump when one comes back
+    return;
+  }
+  r->buf = core_->TryGetOrWait(this);
+  if (!r->buf) {
+    pending_ = r;  // resumed by OnPoolResume
+    parked_pool_ = true;
+    return;
+  }
+  ++bufs_held_;
+  StartData(r);
+}
+
+void ServerConn::ResumeAfterBuffer() {
+  Scope s(this);
+  if (finished_ || !pending_) return;
+  ServerReq* r = pending_;
+  if (phase_ == Phase::kClosing) {
+    core_->CancelWait(this);
+    parked_pool_ = false;
+    pending_ = nullptr;
+    ReleaseSlot(r);
+    return;
+  }
+  if (bufs_held_ >= buf_cap_) return;  // Pump retries when one of ours comes back
+  char* b = core_->TryGetOrWait(this);
+  if (!b) {
+    parked_pool_ = true;  // still parked
+    return;
+  }
+  pending_ = nullptr;
+  r->buf = b;
+  ++bufs_held_;
+  StartData(r);
+}
+
+void ServerConn::ReceivePayload(ServerReq* r, std::uint32_t len) {
+  ReadBody(r->buf, len, r, &ServerConn::AfterPayload);
+}
+
+void ServerConn::AfterPayload(const boost::system::error_code& ec, ServerReq* r) {
+  if (ec) {
+    if (phase_ != Phase::kClosing) ProtocolViolation("truncated WRITE payload", ec.message().c_str());
+    ReleaseSlot(r);  // never acknowledged, never written
+    BeginClose(false);
+    return;
+  }
+  OnPayload(r);
+}
+
+void ServerConn::DiscardPayload(ServerReq* r, std::uint32_t len) { Discard(len, r, &ServerConn::AfterDiscard); }
+
+void ServerConn::AfterDiscard(const boost::system::error_code& ec, ServerReq* r) {
+  if (ec) {
+    ReleaseSlot(r);
+    BeginClose(false);
+    return;
+  }
+  Reply(r);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Device submission and replies
+
+void ServerConn::Submit(ServerReq* r, IoOp op, std::uint32_t flags, std::uint64_t offset, std::uint32_t length) {
+  IoRequest& io = r->io;
+  io = IoRequest{};
+  io.op = op;
+  io.flags = flags;
+  io.offset = offset;
+  io.length = length;
+  io.data = r->buf;
+  io.done = &ServerConn::OnIoDone;
+  io.ctx = r;
+  ++dev_inflight_;
+  served_->device->Submit(&io);  // may complete inline; the reply still goes via DrainDone
+}
+
+void ServerConn::OnIoDone(IoRequest* req, Status st) {
+  auto* r = static_cast<ServerReq*>(req->ctx);
+  r->conn->OnDeviceDone(r, st);
+  r->conn->PushDone(r);
+}
+
+void ServerConn::PushDone(ServerReq* r) {
+  bool post = false;
+  {
+    std::lock_guard<std::mutex> l(done_mu_);
+    r->next = nullptr;
+    if (done_tail_) done_tail_->next = r; else done_head_ = r;
+    done_tail_ = r;
+    if (!drain_posted_) post = drain_posted_ = true;
+  }
+  // One post per burst; the arena keeps it off the heap even from a device thread.
+  if (post) asio::post(strand_, H([self = shared_from_this()] { self->DrainDone(); }));
+}
+
+void ServerConn::DrainDone() {
+  Scope s(this);
+  ServerReq* list;
+  {
+    std::lock_guard<std::mutex> l(done_mu_);
+    list = done_head_;
+    done_head_ = done_tail_ = nullptr;
+    drain_posted_ = false;
+  }
+  while (list) {
+    ServerReq* r = list;
+    list = r->next;
+    r->next = nullptr;
+    --dev_inflight_;
+    Emit(r);
+  }
+  tx_.Flush();  // many frames, one system call
+}
+
+void ServerConn::Emit(ServerReq* r) {
+  PrepareReply(r);
+  if (r->status != 0) core_->errors_replied_.fetch_add(1, std::memory_order_relaxed);
+  const int n = r->frames_out;
+  for (int i = 0; i < n; ++i) {
+    r->frames[i].on_sent = &ServerConn::OnReqSent;
+    r->frames[i].owner = r;
+    tx_.Enqueue(&r->frames[i]);
+  }
+}
+
+void ServerConn::Reply(ServerReq* r) {
+  Emit(r);
+  tx_.Flush();
+}
+
+void ServerConn::Send(TxFrame* f) {
+  tx_.Enqueue(f);
+  tx_.Flush();
+}
+
+void ServerConn::OnReqSent(TxFrame* f, bool) {
+  auto* r = static_cast<ServerReq*>(f->owner);
+  ServerConn* c = r->conn;
+  ++c->progress_;
+  if (--r->frames_out > 0) return;
+  c->ReleaseSlot(r);
+  if (c->depth_ == 0) {
+    Scope s(c);  // from the Transmitter's writable handler: still on the strand
+  }
+}
+
+void ServerConn::FrameSent() {
+  ++progress_;
+  if (depth_ == 0) {
+    Scope s(this);
+  }
+}
+
+void ServerConn::OnTxError(void* ctx) {
+  // The Transmitter aborts its queue right after this; we only mark the connection dead.
+  auto* c = static_cast<ServerConn*>(ctx);
+  c->force_ = true;
+  c->phase_ = Phase::kClosing;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Closing
+
+void ServerConn::BeginClose(bool force) {
+  if (force) force_ = true;
+  phase_ = Phase::kClosing;
+}
+
+void ServerConn::MaybeFinish() {
+  if (finished_ || phase_ != Phase::kClosing) return;
+  if (pending_) {
+    core_->CancelWait(this);
+    parked_pool_ = false;
+    ServerReq* r = pending_;
+    pending_ = nullptr;
+    ReleaseSlot(r);
+  }
+  if (reading_ || writing_) {
+    // End the outstanding receive (or a handshake write the client does not read): nothing new
+    // is started.
+    if (!read_shut_) {
+      read_shut_ = true;
+      transport_->Shutdown(writing_ ? Transport::ShutdownHow::kBoth : Transport::ShutdownHow::kRead);
+    }
+    return;
+  }
+  if (dev_inflight_ > 0) return;  // the device still owns slots and buffers
+  if (!force_ && !tx_.idle()) {
+    if (!close_timer_armed_) {
+      close_timer_armed_ = true;
+      close_timer_.expires_after(kCloseGrace);
+      close_timer_.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
+        if (ec) return;
+        Scope s(self.get());
+        self->force_ = true;
+      });
+    }
+    return;
+  }
+  Finish();
+}
+
+void ServerConn::Finish() {
+  finished_ = true;
+  tx_.Abort();  // unsent replies (forced close) are dropped; their slots come back
+  close_timer_.cancel();
+  transport_->Close();
+  core_->ConnFinished(this);
+  OnFinished();
+  // Leave the connection table later, outside any Transmitter frame.
+  asio::post(strand_, [self = shared_from_this()] { self->core_->RemoveConn(self.get()); });
+}
+
+// ================================================================================================
+// ServerCore
+
+ServerCore::ServerCore(asio::io_context& io, ServerCoreOptions opts)
+    : io_(io),
+      opts_(Sanitize(std::move(opts))),
+      ctl_(asio::make_strand(io)),
+      accept_timer_(ctl_),
+      drain_timer_(ctl_),
+      sweep_timer_(ctl_),
+      pool_(opts_.buffer_size, opts_.buffer_count) {}
+
+ServerCore::~ServerCore() = default;
+
+void ServerCore::Log(const std::string& who, const char* what, const char* detail) const {
+  std::fprintf(stderr, "%s: %s: %s%s%s\n", opts_.log_name, who.c_str(), what, detail && *detail ? ": " : "",
+               detail ? detail : "");
+}
+
+Status ServerCore::Start() {
+  auto l = TcpListener::Open(io_, ctl_, opts_.listen_address, opts_.port);
+  if (!l.ok()) return l.status();
+  listener_ = std::move(l).value();
+  port_ = listener_->port();
+  asio::post(ctl_, [self = shared_from_this()] {
+    self->listening_ = true;
+    self->DoAccept();
+    if (self->opts_.stall_timeout.count() > 0) self->ArmSweep();
+  });
+  return Status::OK();
+}
+
+// Every stall_timeout/3 each connection checks whether it made progress (ServerConn::Sweep).
+void ServerCore::ArmSweep() {
+  auto period = opts_.stall_timeout / kStrikes;
+  if (period < std::chrono::milliseconds(50)) period = std::chrono::milliseconds(50);
+  sweep_timer_.expires_after(period);
+  sweep_timer_.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
+    if (ec) return;
+    {
+      std::lock_guard<std::mutex> l(self->mu_);
+      if (self->stopped_ || self->flush_started_) return;
+    }
+    self->ForEachConn([](ServerConn* c) { c->Sweep(kStrikes); });
+    self->ArmSweep();
+  });
+}
+
+template <typename F>
+void ServerCore::ForEachConn(F&& f) {
+  std::vector<std::shared_ptr<ServerConn>> conns;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& [p, c] : conns_) conns.push_back(c);
+  }
+  for (auto& c : conns) asio::post(c->strand(), [c, f] { f(c.get()); });
+}
+
+// Runs on ctl_.
+void ServerCore::DoAccept() {
+  if (!listening_) return;
+  listener_->AsyncAccept([self = shared_from_this()](const boost::system::error_code& ec, std::unique_ptr<Transport> t) {
+    if (ec == asio::error::operation_aborted || !self->listening_) return;
+    if (ec) {
+      // EMFILE and friends: back off instead of spinning.
+      self->Log("listener", "accept failed", ec.message().c_str());
+      self->accept_timer_.expires_after(std::chrono::milliseconds(100));
+      self->accept_timer_.async_wait([self](const boost::system::error_code& e) {
+        if (!e) self->DoAccept();
+      });
+      return;
+    }
+    auto conn = self->NewConn(std::move(t));
+    bool accept = true;
+    {
+      std::lock_guard<std::mutex> l(self->mu_);
+      if (self->draining_ || self->stopped_) accept = false;
+      else self->conns_.emplace(conn.get(), conn);
+    }
+    if (!accept) return;  // conn destroyed: transport closed
+    self->connections_total_.fetch_add(1, std::memory_order_relaxed);
+    conn->Start();
+    self->DoAccept();
+  });
+}
+
+// Runs on ctl_.
+void ServerCore::StopListening() {
+  listening_ = false;
+  if (listener_) listener_->Close();
+  accept_timer_.cancel();
+}
+
+void ServerCore::FillStats(ServerStats* s) const {
+  s->connections_total = connections_total_.load();
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    s->connections_open = static_cast<int>(conns_.size());
+    s->frames_sent = closed_frames_;
+    s->send_calls = closed_send_calls_;
+    for (const auto& [p, conn] : conns_) {
+      s->frames_sent += conn->tx_stats().frames.load(std::memory_order_relaxed);
+      s->send_calls += conn->tx_stats().syscalls.load(std::memory_order_relaxed);
+    }
+  }
+  s->requests = requests_.load();
+  s->errors_replied = errors_replied_.load();
+  s->protocol_errors = protocol_errors_.load();
+  s->frames_per_call = s->send_calls ? double(s->frames_sent) / double(s->send_calls) : 0.0;
+}
+
+bool ServerCore::accepting() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return !draining_ && !stopped_;
+}
+
+bool ServerCore::Attach(ServerConn* c, const std::shared_ptr<ServedExport>& e) {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (draining_ || stopped_) return false;
+    e->connections++;
+  }
+  c->set_served(e);
+  return true;
+}
+
+Status ServerCore::AddExport(std::shared_ptr<ServedExport> e) {
+  std::lock_guard<std::mutex> l(mu_);
+  if (exports_.count(e->name)) return Status::Exists(std::string(opts_.export_kind) + " " + e->name + " exists");
+  e->order = next_order_++;
+  exports_.emplace(e->name, std::move(e));
+  return Status::OK();
+}
+
+Status ServerCore::RemoveExport(const std::string& name) {
+  std::lock_guard<std::mutex> l(mu_);
+  auto it = exports_.find(name);
+  if (it == exports_.end()) return Status::NotFound(std::string("no ") + opts_.export_kind + " " + name);
+  if (it->second->connections > 0)
+    return Status::Busy(std::string(opts_.export_kind) + " " + name + " has " +
+                        std::to_string(it->second->connections) + " connection(s)");
+  exports_.erase(it);
+  return Status::OK();
+}
+
+std::shared_ptr<ServedExport> ServerCore::FindExport(const std::string& name) const {
+  std::lock_guard<std::mutex> l(mu_);
+  auto it = exports_.find(name);
+  return it == exports_.end() ? nullptr : it->second;
+}
+
+std::shared_ptr<ServedExport> ServerCore::FirstExport() const {
+  std::lock_guard<std::mutex> l(mu_);
+  std::shared_ptr<ServedExport> best;
+  for (auto& [n, e] : exports_)
+    if (!best || e->order < best->order) best = e;
+  return best;
+}
+
+char* ServerCore::TryGetOrWait(ServerConn* c) {
+  char* b = pool_.TryGet();
+  if (b) return b;
+  std::lock_guard<std::mutex> l(pool_mu_);
+  b = pool_.TryGet();  // a buffer may have come back meanwhile
+  if (b) return b;
+  if (!c->waiting_pool_) {
+    c->waiting_pool_ = true;
+    c->wait_next_ = nullptr;
+    if (wait_tail_) wait_tail_->wait_next_ = c; else wait_head_ = c;
+    wait_tail_ = c;
+    waiters_.fetch_add(1);
+  }
+  return nullptr;
+}
+
+void ServerCore::PutBuffer(char* b) {
+  pool_.Put(b);
+  if (waiters_.load() == 0) return;
+  std::shared_ptr<ServerConn> wake;
+  {
+    std::lock_guard<std::mutex> l(pool_mu_);
+    while (wait_head_ && !wake) {
+      ServerConn* c = wait_head_;
+      wait_head_ = c->wait_next_;
+      if (!wait_head_) wait_tail_ = nullptr;
+      c->waiting_pool_ = false;
+      c->wait_next_ = nullptr;
+      waiters_.fetch_sub(1);
+      wake = c->weak_from_this().lock();  // null while it is being destroyed
+    }
+  }
+  // Resume on its own strand (it re-parks if another connection was faster).
+  if (wake) asio::post(wake->strand(), [wake] { wake->OnPoolResume(); });
+}
+
+void ServerCore::CancelWait(ServerConn* c) {
+  std::lock_guard<std::mutex> l(pool_mu_);
+  if (!c->waiting_pool_) return;
+  ServerConn* prev = nullptr;
+  for (ServerConn* p = wait_head_; p; prev = p, p = p->wait_next_) {
+    if (p != c) continue;
+    if (prev) prev->wait_next_ = p->wait_next_; else wait_head_ = p->wait_next_;
+    if (wait_tail_ == p) wait_tail_ = prev;
+    break;
+  }
+  c->waiting_pool_ = false;
+  c->wait_next_ = nullptr;
+  waiters_.fetch_sub(1);
+}
+
+void ServerCore::ConnFinished(ServerConn* c) {
+  std::lock_guard<std::mutex> l(mu_);
+  if (c->served()) c->served()->connections--;
+}
+
+void ServerCore::RemoveConn(ServerConn* c) {
+  std::shared_ptr<ServerConn> hold;  // destroyed after the lock is released
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = conns_.find(c);
+    if (it == conns_.end()) return;
+    hold = std::move(it->second);
+    conns_.erase(it);
+    // Fold its counters into the closed totals in the same critical section that takes it out
+    // of the live sum, so the statistics never count it twice or lose it.
+    const std::uint64_t frames = c->tx_stats().frames.load(std::memory_order_relaxed);
+    const std::uint64_t calls = c->tx_stats().syscalls.load(std::memory_order_relaxed);
+    closed_frames_ += frames;
+    closed_send_calls_ += calls;
+    if (const auto& e = c->served()) {
+      e->closed_frames += frames;
+      e->closed_send_calls += calls;
+    }
+  }
+  MaybeDrainDone();
+}
+
+void ServerCore::Drain(std::function<void(Status)> done) {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (drain_done_ || flush_started_) {
+      // A second Drain: answering once the first is done would need a list; keep it simple.
+      asio::post(io_, [done = std::move(done)] { done(Status::Busy("already draining")); });
+      return;
+    }
+    draining_ = true;
+    drain_done_ = std::move(done);
+  }
+  asio::post(ctl_, [self = shared_from_this()] {
+    self->StopListening();
+    self->drain_timer_.expires_after(kDrainGrace);
+    self->drain_timer_.async_wait([self](const boost::system::error_code& e) {
+      if (e) return;
+      {
+        std::lock_guard<std::mutex> l(self->mu_);
+        if (self->flush_started_) return;
+      }
+      self->ForEachConn([](ServerConn* c) { c->StartDrain(true); });
+    });
+  });
+  ForEachConn([](ServerConn* c) { c->StartDrain(false); });
+  MaybeDrainDone();
+}
+
+void ServerCore::MaybeDrainDone() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!draining_ || !drain_done_ || flush_started_ || !conns_.empty()) return;
+    flush_started_ = true;
+  }
+  asio::post(ctl_, [self = shared_from_this()] {
+    self->drain_timer_.cancel();
+    self->sweep_timer_.cancel();
+  });
+  FlushAllAndFinish();
+}
+
+// Flushes every writable export whose device can flush (a read-only export cannot be dirty; a
+// device without flush has nothing to flush and would only refuse), with asynchronous device
+// flushes (never blocks an io thread), then reports on an io thread.
+void ServerCore::FlushAllAndFinish() {
+  struct FlushState {
+    std::shared_ptr<ServerCore> core;
+    std::mutex mu;
+    int left = 0;
+    Status first_error;
+    std::vector<std::shared_ptr<BlockDevice>> devices;
+    std::vector<IoRequest> reqs;
+  };
+  auto fs = std::make_shared<FlushState>();
+  fs->core = shared_from_this();
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& [name, e] : exports_)
+      if (!e->read_only && e->info.can_flush) fs->devices.push_back(e->device);
+  }
+  // Hands the result to the Drain() caller on an io thread.  The state (which owns the core and
+  // the devices) moves into the posted handler, so its last reference never dies on a device
+  // thread: if the server is already gone and this held a FileDevice's last reference, its
+  // destructor would join the very worker thread running it.
+  static constexpr auto finish = [](std::shared_ptr<FlushState> st) {
+    std::function<void(Status)> done;
+    {
+      std::lock_guard<std::mutex> l(st->core->mu_);
+      done = std::move(st->core->drain_done_);
+      st->core->drain_done_ = nullptr;
+    }
+    asio::io_context& io = st->core->io_;
+    asio::post(io, [done = std::move(done), st = std::move(st)]() mutable {
+      Status result = st->first_error;
+      st.reset();
+      if (done) done(result);
+    });
+  };
+  if (fs->devices.empty()) {
+    finish(std::move(fs));
+    return;
+  }
+  fs->reqs.resize(fs->devices.size());
+  fs->left = static_cast<int>(fs->devices.size());
+  // The requests keep the state alive through a raw self-reference released by the last one.
+  auto* keep = new std::shared_ptr<FlushState>(fs);
+  for (auto& r : fs->reqs) {
+    r.op = IoOp::kFlush;
+    r.ctx = keep;
+    r.done = [](IoRequest* req, Status st) {
+      auto* k = static_cast<std::shared_ptr<FlushState>*>(req->ctx);
+      bool last;
+      {
+        std::lock_guard<std::mutex> l((*k)->mu);
+        if (!st.ok() && (*k)->first_error.ok()) (*k)->first_error = st.WithContext("flush");
+        last = --(*k)->left == 0;
+      }
+      if (!last) return;
+      std::shared_ptr<FlushState> s = std::move(*k);
+      delete k;
+      finish(std::move(s));
+    };
+  }
+  // From here on `keep` (and then the posted report) owns the state: this thread (an io thread
+  // or the Drain() caller) keeps only plain copies, so a completion may free everything.
+  std::vector<std::shared_ptr<BlockDevice>> devices = fs->devices;
+  std::vector<IoRequest>* reqs = &fs->reqs;
+  fs.reset();
+  for (std::size_t i = 0; i < devices.size(); ++i) devices[i]->Submit(&(*reqs)[i]);
+}
+
+void ServerCore::Shutdown() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    stopped_ = true;
+  }
+  asio::post(ctl_, [self = shared_from_this()] {
+    self->StopListening();
+    self->drain_timer_.cancel();
+    self->sweep_timer_.cancel();
+  });
+  ForEachConn([](ServerConn* c) { c->StartDrain(true); });
+}
+
+}  // namespace dst::net::detail

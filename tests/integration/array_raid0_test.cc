@@ -1,0 +1,181 @@
+// raid0 through dstctl against a real dstd (issue 10 item 3: the layer registry's proof):
+//
+//   * `array layers` lists raid0 with its chunk key; `array create --level raid0 --set chunk=128K`
+//     over two local file legs of different sizes gives min(leg) rounded to the chunk x 2;
+//   * data written through the FUSE file lands striped on the leg files (chunk k on leg k % 2
+//     at (k / 2) * chunk) and reads back;
+//   * status, array list and detail (text and --json) show the layer, its title and chunk;
+//   * refusals: a bad chunk, an unknown level (the message lists the registered layers),
+//     growing or failing a leg of a raid0;
+//   * after a dstd restart the array is assembled again from the topology table with the same
+//     chunk, and the data reads back.
+#include <QtTest/QtTest>
+
+#include <filesystem>
+
+#include "array_helpers.h"
+#include "test_env.h"
+
+using namespace dst::test;
+using nlohmann::json;
+
+namespace {
+constexpr std::uint64_t kChunk = 128 << 10;
+constexpr std::uint64_t kLeg0 = 8 << 20;
+constexpr std::uint64_t kLeg1 = (8 << 20) + 3 * 4096;  // the smaller leg sets the size
+constexpr std::uint32_t kData = 1 << 20;              // 8 chunks: 4 stripes over 2 legs
+
+QByteArray ReadRange(const QString& path, std::uint64_t off, std::uint64_t len) {
+  QFile f(path);
+  if (!f.open(QIODevice::ReadOnly) || !f.seek(qint64(off))) return {};
+  return f.read(qint64(len));
+}
+
+// The array's data (from 0) is where the striping formula puts it on the leg files.
+bool StripedOnLegs(const QByteArray& data, const QString& leg0, const QString& leg1, QString* why) {
+  const QString legs[2] = {leg0, leg1};
+  for (std::uint64_t k = 0; k * kChunk < std::uint64_t(data.size()); ++k) {
+    QByteArray want = data.mid(qsizetype(k * kChunk), qsizetype(kChunk));
+    QByteArray got = ReadRange(legs[k % 2], k / 2 * kChunk, kChunk);
+    if (got != want) {
+      *why = QString("chunk %1 is not at leg %2 offset %3").arg(k).arg(k % 2).arg(k / 2 * kChunk);
+      return false;
+    }
+  }
+  return true;
+}
+
+const json* FindArray(const json& arrays, const std::string& name) {
+  for (auto& a : arrays)
+    if (a.value("name", "") == name) return &a;
+  return nullptr;
+}
+}  // namespace
+
+class ArrayRaid0Test : public QObject {
+  Q_OBJECT
+
+ private slots:
+  void createWriteRestart() {
+    DST_REQUIRE(IsRoot() && HaveFuse() && std::filesystem::exists(BinPath("dstd")),
+                "needs root, /dev/fuse (the FUSE mount) and a built dstd");
+    MirrorRig rig;
+    QString why;
+    QVERIFY2(rig.StartExporters(0, 0, &why), qPrintable(why));
+    const QString empty;
+    QVERIFY2(rig.StartAssembler(&empty, &why), qPrintable(why));
+    const QString l0 = rig.dir.path() + "/l0.img", l1 = rig.dir.path() + "/l1.img",
+                  l2 = rig.dir.path() + "/l2.img";
+    QVERIFY(MakeSparse(l0, kLeg0));
+    QVERIFY(MakeSparse(l1, kLeg1));
+    QVERIFY(MakeSparse(l2, kLeg0));
+
+    // The registry as dstctl sees it through the daemon.
+    QByteArray out, err;
+    QVERIFY2(rig.as->Ctl({"array", "layers"}, &out, &err) == 0, err.constData());
+    QVERIFY2(out.contains("raid0: raid0 (striped)") && out.contains("--set chunk=VALUE") &&
+                 out.contains("default 64 KiB"),
+             out.constData());
+    json layers = CtlJson(*rig.as, {"array", "layers", "--json"}, &why);
+    QVERIFY2(layers.is_object(), qPrintable(why));
+    const json* r0l = FindArray(layers["layers"], "raid0");
+    QVERIFY(r0l);
+    QCOMPARE((*r0l)["legs"].value("change", ""), std::string("fixed"));
+
+    // Refusals, each before anything is created.
+    QVERIFY(rig.as->Ctl({"array", "create", "bad", "--level", "raid0", "--set", "chunk=12K", l0, l1},
+                        &out, &err) != 0);
+    QVERIFY2(err.contains("chunk: must be a power of two"), err.constData());
+    QVERIFY(rig.as->Ctl({"array", "create", "bad", "--level", "raid5", l0, l1}, &out, &err) != 0);
+    QVERIFY2(err.contains("raid0") && err.contains("mirror") && err.contains("linear"),
+             err.constData());
+    QVERIFY(rig.as->Ctl({"array", "create", "bad", "--level", "raid0", l0}, &out, &err) != 0);
+    QVERIFY2(err.contains("a raid0 needs at least 2 legs"), err.constData());
+
+    QVERIFY2(rig.as->Ctl({"array", "create", "r0", "--level", "raid0", "--set", "chunk=128K", l0, l1},
+                         &out, &err) == 0,
+             err.constData());
+    const std::uint64_t size = kLeg0 / kChunk * kChunk * 2;
+    json a = ArrayDetail(*rig.as, "r0", &why);
+    QVERIFY2(a.is_object(), qPrintable(why));
+    QCOMPARE(a.value("level", ""), std::string("raid0"));
+    QCOMPARE(a.value("size", std::uint64_t(0)), size);
+    QCOMPARE(a.value("state", ""), std::string("clean"));
+    QCOMPARE(a["layer"].value("title", ""), std::string("raid0 (striped)"));
+    QCOMPARE(a["layer"]["params"][0].value("value", ""), std::to_string(kChunk));
+    QCOMPARE(a["legs"].size(), std::size_t(2));
+    QCOMPARE(LegStateOf(a, 0), std::string("up_to_date"));
+    QCOMPARE(LegStateOf(a, 1), std::string("up_to_date"));
+
+    // Data through the FUSE file lands striped on the legs and reads back.
+    QVERIFY(WaitFileExists(rig.File("r0"), 10000));
+    const QByteArray data = Pattern(7, 0, kData);
+    int e = 0;
+    QVERIFY2(PwriteDirect(rig.File("r0"), 0, data, &e), qPrintable(QString("errno %1").arg(e)));
+    const QByteArray tail = Pattern(8, size - 4 * 4096, 4 * 4096);
+    QVERIFY(PwriteDirect(rig.File("r0"), size - tail.size(), tail, &e));
+    QByteArray back;
+    QVERIFY(PreadDirect(rig.File("r0"), 0, kData, &back, &e));
+    QVERIFY(back == data);
+    QVERIFY(Run("sync", {}).rc == 0);
+    QVERIFY2(StripedOnLegs(data, l0, l1, &why), qPrintable(why));
+    // The last chunk of the array is the last whole chunk of leg 1.
+    QCOMPARE(ReadRange(l1, kLeg0 - tail.size(), std::uint64_t(tail.size())), tail);
+
+    // status, list and detail show it.
+    QCOMPARE(rig.as->Ctl({"status"}, &out, &err), 0);
+    QVERIFY2(out.contains("r0") && out.contains("raid0"), out.constData());
+    QCOMPARE(rig.as->Ctl({"array", "list"}, &out, &err), 0);
+    QVERIFY2(out.contains("r0") && out.contains("raid0") && out.contains("clean"), out.constData());
+    QCOMPARE(rig.as->Ctl({"detail", "r0"}, &out, &err), 0);
+    QVERIFY2(out.contains("Raid Level : raid0 (striped)") && out.contains("Chunk Size : 128 KiB") &&
+                 !out.contains("Intent Bitmap"),
+             out.constData());
+    QCOMPARE(rig.as->Ctl({"detail", "r0", "--test"}, &out, &err), 0);
+
+    // Its legs cannot change live, and it has nothing to verify.
+    QVERIFY(rig.as->Ctl({"array", "grow", "r0", l2}, &out, &err) != 0);
+    QVERIFY2(err.contains("cannot change live"), err.constData());
+    QVERIFY(rig.as->Ctl({"array", "add-leg", "r0", l2}, &out, &err) != 0);
+    QVERIFY(rig.as->Ctl({"array", "fail-leg", "r0", "1"}, &out, &err) != 0);
+    QVERIFY2(err.contains("no redundancy"), err.constData());
+    QVERIFY(rig.as->Ctl({"array", "verify", "r0"}, &out, &err) != 0);
+
+    // A restart assembles it again from the topology table, with its chunk.
+    QVERIFY(rig.as->Terminate() == 0);
+    QVERIFY2(rig.StartAssembler(nullptr, &why), qPrintable(why));
+    QVERIFY2(WaitUntil([&] { return ArrayDetail(*rig.as, "r0").value("state", "") == "clean"; },
+                       20000),
+             ArrayDetail(*rig.as, "r0").dump().c_str());
+    a = ArrayDetail(*rig.as, "r0");
+    QCOMPARE(a.value("size", std::uint64_t(0)), size);
+    QCOMPARE(a["layer"]["params"][0].value("value", ""), std::to_string(kChunk));
+    QVERIFY(WaitFileExists(rig.File("r0"), 10000));
+    QVERIFY(PreadDirect(rig.File("r0"), 0, kData, &back, &e));
+    QVERIFY(back == data);
+    QVERIFY(PreadDirect(rig.File("r0"), size - tail.size(), std::uint32_t(tail.size()), &back, &e));
+    QVERIFY(back == tail);
+    json st = CtlJson(*rig.as, {"status", "--json"}, &why);
+    QVERIFY2(st.is_object(), qPrintable(why));
+    const json status_arrays = st.value("arrays", json::array());
+    const json* in_status = FindArray(status_arrays, "r0");
+    QVERIFY(in_status);
+    QCOMPARE(in_status->value("level", ""), std::string("raid0"));
+
+    // An [[array]] in the config file takes the same key (apply plans it with --set).
+    const QString file = rig.dir.path() + "/apply.toml";
+    {
+      QFile f(file);
+      QVERIFY(f.open(QIODevice::WriteOnly));
+      f.write(ArrayToml("r1", "raid0", {l2, rig.dir.path() + "/l3.img"}, "", "", "", -1,
+                        "chunk = \"256K\"\n")
+                  .toUtf8());
+    }
+    QVERIFY(MakeSparse(rig.dir.path() + "/l3.img", kLeg0));
+    QCOMPARE(rig.as->Ctl({"apply", file, "--dry-run"}, &out, &err), 0);
+    QVERIFY2(out.contains("--level raid0") && out.contains("--set chunk=262144"), out.constData());
+  }
+};
+
+DST_TEST_MAIN(ArrayRaid0Test)
+#include "array_raid0_test.moc"
