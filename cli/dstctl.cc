@@ -218,7 +218,7 @@ int main(int argc, char** argv) {
   vol->require_subcommand(1);
   auto* vol_imp = vol->add_subcommand("import", "Attach a remote export (dst://HOST:PORT/EXPORT) or a local image");
   vol_imp->add_option("NAME", name, "Volume name")->required();
-  vol_imp->add_option("URI", uri, "dst://HOST[:PORT]/EXPORT, or an image path")->required();
+  vol_imp->add_option("URI", uri, "dst://HOST[:PORT]/EXPORT, nbd://HOST[:PORT]/EXPORT, or an image path")->required();
   vol_imp->add_option("--queue-depth", queue_depth, "Requests in flight (1-1024, default 64)")
       ->check(CLI::Range(1, 1024));
   vol_imp->add_option("--timeout", timeout, "Seconds an outage may last before I/O fails (default 60)")

@@ -13,6 +13,7 @@
 #include <toml++/toml.h>
 
 #include "dst/layer.h"
+#include "dst/net/uri.h"
 
 namespace dst::daemon {
 
@@ -298,7 +299,7 @@ Status ParseVolume(const toml::table& t, std::size_t index, const ErrorSink& sin
       continue;
     } else if (key == "remote") {
       DST_RETURN_IF_ERROR(f.String(v, key, &vol->remote));
-      Status st = ParseVolumeUri(vol->remote, &vol->host, &vol->port, &vol->export_name);
+      Status st = ParseVolumeRemote(vol->remote, vol);
       if (!st.ok()) return sink.Error(v.source(), f.ctx, key, st.message());
     } else if (key == "path") {
       DST_RETURN_IF_ERROR(f.String(v, key, &vol->path));
@@ -516,50 +517,29 @@ Status ParseListen(std::string_view s, std::string* host, std::uint16_t* port) {
 
 Status ParseVolumeUri(std::string_view uri, std::string* host, std::uint16_t* port,
                       std::string* export_name) {
-  auto bad = [&](std::string_view why) {
-    return Status::InvalidArgument(fmt::format("bad URI \"{}\" ({})", uri, why));
-  };
-  constexpr std::string_view kScheme = "dst://";
-  if (uri.substr(0, kScheme.size()) != kScheme) return bad("expected dst://HOST[:PORT]/EXPORT");
-  std::string_view rest = uri.substr(kScheme.size());
-  std::size_t slash = rest.find('/');
-  if (slash == std::string_view::npos) return bad("missing /EXPORT");
-  std::string_view authority = rest.substr(0, slash);
-  std::string_view name = rest.substr(slash + 1);
-  if (!ValidName(name)) return bad("bad export name");
-  std::string h;
-  std::uint16_t p = 7400;
-  bool has_port = false;
-  if (!authority.empty() && authority.front() == '[') {
-    std::size_t close = authority.find(']');
-    if (close == std::string_view::npos) return bad("unclosed [");
-    h = std::string(authority.substr(1, close - 1));
-    std::string_view after = authority.substr(close + 1);
-    if (!after.empty()) {
-      if (after[0] != ':') return bad("junk after ]");
-      has_port = true;
-      authority = after.substr(1);
-    }
+  net::BlockUri u;
+  DST_RETURN_IF_ERROR(net::ParseBlockUri(uri, &u));
+  if (u.scheme != net::UriScheme::kDst)
+    return Status::InvalidArgument(fmt::format("bad URI \"{}\": expected dst://HOST[:PORT]/EXPORT", uri));
+  if (!ValidName(u.export_name))
+    return Status::InvalidArgument(fmt::format("bad URI \"{}\": bad export name", uri));
+  *host = u.host;
+  *port = u.port;
+  *export_name = u.export_name;
+  return Status::OK();
+}
+
+Status ParseVolumeRemote(std::string_view uri, VolumeConfig* v) {
+  if (uri.rfind("dst://", 0) == 0) {
+    DST_RETURN_IF_ERROR(ParseVolumeUri(uri, &v->host, &v->port, &v->export_name));
   } else {
-    std::size_t colon = authority.find(':');
-    h = std::string(authority.substr(0, colon));
-    if (colon != std::string_view::npos) {
-      has_port = true;
-      authority = authority.substr(colon + 1);
-    }
+    net::BlockUri u;
+    DST_RETURN_IF_ERROR(net::ParseBlockUri(uri, &u));
+    v->host = u.host;
+    v->port = u.port;
+    v->export_name = u.export_name;
   }
-  if (h.empty()) return bad("empty host");
-  if (has_port) {
-    unsigned v = 0;
-    auto [e, ec] = std::from_chars(authority.data(), authority.data() + authority.size(), v);
-    if (authority.empty() || ec != std::errc() || e != authority.data() + authority.size() ||
-        v == 0 || v > 65535)
-      return bad("port must be 1..65535");
-    p = std::uint16_t(v);
-  }
-  *host = h;
-  *port = p;
-  *export_name = std::string(name);
+  v->remote = std::string(uri);
   return Status::OK();
 }
 
@@ -661,10 +641,10 @@ Status ParseLegSpec(std::string_view spec, LegSpec* out) {
     std::uint16_t port = 0;
     if (Status st = ParseVolumeUri(spec, &h, &port, &e); !st.ok()) return bad(st.message());
     ls.ref = ls.text;
-  } else if (spec.rfind("nbd://", 0) == 0) {
+  } else if (spec.rfind("nbd://", 0) == 0 || spec.rfind("nbd+unix://", 0) == 0) {
     ls.kind = LegSpec::Kind::kNbd;
-    std::string_view rest = spec.substr(6);
-    if (rest.empty() || rest[0] == '/') return bad("expected nbd://HOST[:PORT]/NAME");
+    net::BlockUri u;
+    if (Status st = net::ParseBlockUri(spec, &u); !st.ok()) return bad(st.message());
     ls.ref = ls.text;
   } else if (spec.rfind("volume:", 0) == 0 || spec.rfind("array:", 0) == 0) {
     bool vol = spec[0] == 'v';

@@ -18,6 +18,7 @@
 #include <spdlog/spdlog.h>
 
 #include "dst/file_device.h"
+#include "dst/net/uri.h"
 
 namespace dst::daemon {
 
@@ -331,10 +332,12 @@ void Daemon::Shutdown() {
     Status st = FlushWithDeadline(*v->dev, FlushTimeout(v->cfg));
     if (st.ok()) continue;
     spdlog::warn("volume \"{}\": flush failed: {}", v->cfg.name, Message(st));
-    if (st.IsTimedOut() && v->remote) {
+    if (st.IsTimedOut() && (v->remote || v->nbd)) {
       // Stuck peer: fail its pending requests now so the FUSE unmount below cannot hang on them.
-      v->remote->Close();
+      if (v->remote) v->remote->Close();
+      if (v->nbd) v->nbd->Close();
       v->remote.reset();
+      v->nbd.reset();
       v->dev.reset();
     }
   }
@@ -349,8 +352,10 @@ void Daemon::Shutdown() {
   }
   // Arrays close cleanly (mirror intent maps cleared, marked clean) before their leg volumes go.
   CloseArrays();
-  for (auto& v : vols)
+  for (auto& v : vols) {
     if (v->remote) v->remote->Close();
+    if (v->nbd) v->nbd->Close();
+  }
   vols.clear();
   {
     std::lock_guard<std::mutex> l(mu_);
@@ -426,34 +431,44 @@ Status Daemon::ConnectVolume(const std::shared_ptr<Volume>& vol) {
   const VolumeConfig& c = vol->cfg;
   std::shared_ptr<BlockDevice> dev;
   std::shared_ptr<net::RemoteDevice> remote;
+  std::shared_ptr<net::NbdClientDevice> nbd;
   if (Status free = CheckVolumeFree(c); !free.ok()) {
     std::lock_guard<std::mutex> l(mu_);
     vol->error = Message(free);
     return free;
   }
-  if (!c.remote.empty()) {
+  // Options both network clients take from the volume config.
+  net::ClientOptions co;
+  co.queue_depth = c.queue_depth;
+  co.batching = cfg_.batching;
+  co.keepalive_timeout = std::chrono::seconds(c.keepalive_timeout_s);
+  co.keepalive_interval = std::min<std::chrono::milliseconds>(
+      std::chrono::milliseconds(1000), co.keepalive_timeout / 3);
+  co.io_timeout = std::chrono::seconds(c.io_timeout_s);
+  auto connected = [&](const Status& st) {
+    std::lock_guard<std::mutex> l(mu_);
+    ++vol->attempts;
+    if (!st.ok()) vol->error = Message(st);
+    if (st.ok() || st.message().find(c.remote) != std::string::npos) return st;
+    return st.WithContext(c.remote);
+  };
+  if (!c.remote.empty() && c.remote.rfind("dst://", 0) != 0) {  // nbd:// or nbd+unix://
+    net::NbdClientOptions no;
+    static_cast<net::ClientOptions&>(no) = co;
+    Status st = net::ParseNbdUri(c.remote, &no);
+    auto r = st.ok() ? net::NbdClientDevice::Connect(io_, no) : Result<std::shared_ptr<net::NbdClientDevice>>(st);
+    if (Status done = connected(r.ok() ? Status::OK() : r.status()); !done.ok()) return done;
+    nbd = r.value();
+    dev = nbd;
+  } else if (!c.remote.empty()) {
     net::RemoteOptions ro;
+    static_cast<net::ClientOptions&>(ro) = co;
     ro.host = c.host;
     ro.port = c.port;
     ro.export_name = c.export_name;
-    ro.queue_depth = c.queue_depth;
-    ro.batching = cfg_.batching;
-    ro.keepalive_timeout = std::chrono::seconds(c.keepalive_timeout_s);
-    ro.keepalive_interval = std::min<std::chrono::milliseconds>(
-        std::chrono::milliseconds(1000), ro.keepalive_timeout / 3);
-    ro.io_timeout = std::chrono::seconds(c.io_timeout_s);
     ro.checksum = c.checksum == "xxh3";
     auto r = net::RemoteDevice::Connect(io_, ro);
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      ++vol->attempts;
-      if (!r.ok()) vol->error = Message(r.status());
-    }
-    if (!r.ok()) {
-      return r.status().message().find(c.remote) == std::string::npos
-                 ? r.status().WithContext(c.remote)
-                 : r.status();
-    }
+    if (Status done = connected(r.ok() ? Status::OK() : r.status()); !done.ok()) return done;
     remote = r.value();
     dev = remote;
   } else {
@@ -469,11 +484,13 @@ Status Daemon::ConnectVolume(const std::shared_ptr<Volume>& vol) {
     std::lock_guard<std::mutex> l(mu_);
     if (vol->removed || stopping_) {
       if (remote) remote->Close();
+      if (nbd) nbd->Close();
       return Status::NotFound(fmt::format("volume \"{}\" was removed while connecting", c.name));
     }
     vol->dev = dev;
     vol->remote = remote;
-    vol->state = remote ? "connected" : "ready";
+    vol->nbd = nbd;
+    vol->state = remote || nbd ? "connected" : "ready";
     vol->error.clear();
   }
   spdlog::info("volume \"{}\": {} ({} bytes)", c.name, dev->Describe(), dev->Info().size);
@@ -899,12 +916,15 @@ json Daemon::VolumeJson(const std::string& name, const Volume& v) {
   if (v.remote) {
     rs = v.remote->Stats();
     state = rs.state;
+  } else if (v.nbd) {
+    static_cast<net::ClientStats&>(rs) = v.nbd->Stats();
+    state = rs.state;
   }
   if (v.removing) state = "removing";
   // Truthful health: what I/O to this volume would meet now (no I/O is done to find out).
   if (v.dev) {
     DeviceHealth h = v.dev->Health();
-    if (h.reachable && v.remote && rs.state != "connected") {
+    if (h.reachable && (v.remote || v.nbd) && rs.state != "connected") {
       h.reachable = false;
       if (h.detail.empty()) h.detail = rs.state;
     }

@@ -92,6 +92,7 @@ class Daemon {
     std::string error;  // last connect error while connecting
     std::shared_ptr<BlockDevice> dev;
     std::shared_ptr<net::RemoteDevice> remote;
+    std::shared_ptr<net::NbdClientDevice> nbd;  // an nbd:// volume
     bool in_mount = false;
     bool removing = false;
     bool removed = false;

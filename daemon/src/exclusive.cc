@@ -16,6 +16,7 @@
 #include <fmt/format.h>
 
 #include "daemon.h"
+#include "dst/net/uri.h"
 
 namespace dst::daemon {
 
@@ -46,13 +47,11 @@ bool SameFile(const FileKey& a, const FileKey& b) {
   return a.path == b.path;
 }
 
-// host:port/export of a dst:// or nbd:// spec, so "dst://h/e" and "dst://h:7400/e" match.
+// The canonical URI of a dst:// or nbd:// spec, so "dst://h/e" and "dst://h:7400/e" match.
 std::string RemoteKey(const std::string& spec) {
-  std::string host, exp;
-  std::uint16_t port = 0;
-  if (spec.rfind("dst://", 0) == 0 && ParseVolumeUri(spec, &host, &port, &exp).ok())
-    return fmt::format("dst {}:{}/{}", host, port, exp);
-  return spec;  // nbd:// and anything else: as written
+  net::BlockUri u;
+  if (net::ParseBlockUri(spec, &u).ok()) return u.Canonical();
+  return spec;  // anything else: as written
 }
 
 // A refusal of a Check*Free below, with the use that causes it (for the refusal's owner).

@@ -17,6 +17,7 @@
 #include <spdlog/spdlog.h>
 
 #include "daemon.h"
+#include "dst/net/uri.h"
 
 namespace dst::daemon {
 
@@ -733,16 +734,16 @@ class OperationImpl<ctl::VolumeImportOp> : public OpBase {
   OperationImpl(Daemon& d, const ctl::VolumeImportOp& r) : OpBase(d) {
     c_.name = r.name;
     std::string uri = r.uri;
-    if (uri.rfind("dst://", 0) == 0) {
-      c_.remote = uri;
-      if (Status s = ParseVolumeUri(uri, &c_.host, &c_.port, &c_.export_name); !s.ok())
+    if (net::HasBlockUriScheme(uri)) {  // dst://, nbd://, nbd+unix:// (net/uri.h)
+      if (Status s = ParseVolumeRemote(uri, &c_); !s.ok())
         bad_.push_back(Refuse("volume:" + r.name, s));
     } else {
       if (uri.rfind("file://", 0) == 0) uri = uri.substr(7);
       if (uri.empty() || uri[0] != '/')
         bad_.push_back(Refuse(
             RefusalCode::kInvalid, "volume:" + r.name, {},
-            fmt::format("bad URI \"{}\" (expected dst://HOST[:PORT]/EXPORT or an absolute path)",
+            fmt::format("bad URI \"{}\" (expected dst://HOST[:PORT]/EXPORT, "
+                        "nbd://HOST[:PORT]/EXPORT or an absolute path)",
                         uri)));
       c_.path = uri;
     }

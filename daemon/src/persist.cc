@@ -17,6 +17,7 @@
 #include <spdlog/spdlog.h>
 
 #include "daemon.h"
+#include "dst/net/uri.h"
 
 namespace dst::daemon {
 
@@ -102,9 +103,8 @@ Daemon::RuntimeObjects Daemon::LoadRuntimeObjects() {
       VolumeConfig v;
       v.name = o.name;
       std::string uri = Str(j, "uri");
-      if (uri.rfind("dst://", 0) == 0) {
-        v.remote = uri;
-        if (!ParseVolumeUri(uri, &v.host, &v.port, &v.export_name).ok()) continue;
+      if (net::HasBlockUriScheme(uri)) {
+        if (!ParseVolumeRemote(uri, &v).ok()) continue;
       } else {
         v.path = uri;
       }

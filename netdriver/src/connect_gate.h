@@ -1,4 +1,4 @@
-// Shared by the reconnecting clients (RemoteDevice, NbdClientDevice): the connect check of
+// Used by the reconnecting-client core (client_core.h): the connect check of
 // block_device.h and the Health() bookkeeping.  Internal header.
 //
 // ConnectGate: the installed ConnectCheck and its version, under a recursive mutex that is also
@@ -82,23 +82,21 @@ class ConnectGate {
   std::uint64_t used_ = 0;
 };
 
-// ConnectGate::Finish's `dev` for the two clients, whose Impl classes name these members alike
-// (checking_, StartCheck, Admit, check_failures_, FailAll, state_) and befriend this template.
-// `log` is the device's logger.
-template <class Impl>
+// ConnectGate::Finish's `dev` for ClientCore (client_core.h), which befriends this template:
+// the members it names (checking_, StartCheck, Admit, check_failures_, FailAll, state_, Log).
+template <class Core>
 struct ClientCheckHooks {
-  Impl* d;
-  void (*log)(const std::string& what, const std::string& msg);
+  Core* d;
   void RestartCheck() {
     d->checking_ = false;
     if (!d->StartCheck()) d->Admit();
   }
   void FailHeld(const Status& why) {
     d->check_failures_.fetch_add(1, std::memory_order_relaxed);
-    log(d->Describe(), "connect check failed: " + why.ToString() + "; failing held requests");
+    d->Log("connect check failed: " + why.ToString() + "; failing held requests");
     d->FailAll(Status::IoError("connect check failed: " + why.ToString()), false);
   }
-  bool Closed() const { return d->state_ == Impl::State::kClosed; }
+  bool Closed() const { return d->state_ == Core::State::kClosed; }
   void Admit() { d->Admit(); }
 };
 

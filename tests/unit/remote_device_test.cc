@@ -149,6 +149,13 @@ void Fill(char* p, std::size_t n, std::uint32_t seed) {
   }
 }
 
+// Index of the first server event of kind k for command cmd at offset off, or -1.
+int FindEvent(const std::vector<Event>& ev, Event::Kind k, std::uint16_t cmd, std::uint64_t off) {
+  for (std::size_t i = 0; i < ev.size(); ++i)
+    if (ev[i].kind == k && (ev[i].cmd & ~kReplyBit) == cmd && ev[i].offset == off) return int(i);
+  return -1;
+}
+
 RemoteOptions Opts(std::uint16_t port) {
   RemoteOptions o;
   o.host = "127.0.0.1";
@@ -353,11 +360,7 @@ class RemoteDeviceTest : public QObject {
     QCOMPARE(bt.errors, 0);
     qInfo("ordered batch took %lld ms", static_cast<long long>(MsSince(t0)));
     auto ev = srv.events();
-    auto find = [&](Event::Kind k, std::uint16_t cmd, std::uint64_t off) {
-      for (std::size_t i = 0; i < ev.size(); ++i)
-        if (ev[i].kind == k && (ev[i].cmd & ~kReplyBit) == cmd && ev[i].offset == off) return int(i);
-      return -1;
-    };
+    auto find = [&](Event::Kind k, std::uint16_t cmd, std::uint64_t off) { return FindEvent(ev, k, cmd, off); };
     const std::uint16_t W = std::uint16_t(Cmd::kWrite);
     const int w1_reply = find(Event::kReply, W, 0);
     const int w2_arrive = find(Event::kArrive, W, 32 << 10);
@@ -379,6 +382,41 @@ class RemoteDeviceTest : public QObject {
     QVERIFY(std::all_of(disk.begin(), disk.begin() + (32 << 10), [](char x) { return x == 'A'; }));
     QVERIFY(std::all_of(disk.begin() + (32 << 10), disk.begin() + (64 << 10), [](char x) { return x == 'B'; }));
     QVERIFY(std::all_of(disk.begin() + (64 << 10), disk.begin() + (128 << 10), [](char x) { return x == 'C'; }));
+  }
+
+  // The one ordering rule of the client core (client_core.h): a flush is a barrier, so a newer
+  // write-type request, even one that overlaps nothing, is not sent before the flush.  (The
+  // weaker rule RemoteDevice had before let W2 pass the waiting flush.)  The caller's
+  // IoRequest::scratch is never touched (a mirror keeps its leg index there).
+  void flushIsABarrierForNewerWrites() {
+    FakeServer srv(8u << 20);
+    IoThread io;
+    auto r = RemoteDevice::Connect(io.io, Opts(srv.port()));
+    QVERIFY2(r.ok(), r.status().ToString().c_str());
+    srv.write_delay_ms = 80;  // W1 stays in flight while the flush and the newer writes wait
+    auto dev = r.value();
+    std::vector<char> a(4096, 'A'), b(4096, 'B');
+    Batch bt;
+    IoRequest w1{}, fl{}, w2{}, tz{};
+    bt.Prep(w1, IoOp::kWrite, 0, 4096, a.data());
+    bt.Prep(fl, IoOp::kFlush, 0, 0, nullptr);
+    bt.Prep(w2, IoOp::kWrite, 1 << 20, 4096, b.data());      // overlaps nothing
+    bt.Prep(tz, IoOp::kWriteZeroes, 2 << 20, 4096, nullptr);  // write-type, overlaps nothing
+    IoRequest* all[] = {&w1, &fl, &w2, &tz};
+    for (std::size_t i = 0; i < 4; ++i) all[i]->scratch = 0xfeed0000u + i;
+    for (IoRequest* q : all) dev->Submit(q);
+    QVERIFY(bt.Wait(4));
+    QCOMPARE(bt.errors, 0);
+    const auto ev = srv.events();
+    const int w1_reply = FindEvent(ev, Event::kReply, std::uint16_t(Cmd::kWrite), 0);
+    const int fl_arrive = FindEvent(ev, Event::kArrive, std::uint16_t(Cmd::kFlush), 0);
+    const int w2_arrive = FindEvent(ev, Event::kArrive, std::uint16_t(Cmd::kWrite), 1 << 20);
+    const int tz_arrive = FindEvent(ev, Event::kArrive, std::uint16_t(Cmd::kWriteZeroes), 2 << 20);
+    QVERIFY(w1_reply >= 0 && fl_arrive >= 0 && w2_arrive >= 0 && tz_arrive >= 0);
+    QVERIFY2(fl_arrive > w1_reply, "the flush waits for the older write");
+    QVERIFY2(w2_arrive > fl_arrive, "a newer write must not pass a waiting flush");
+    QVERIFY2(tz_arrive > fl_arrive, "a newer WRITE_ZEROES must not pass a waiting flush");
+    for (std::size_t i = 0; i < 4; ++i) QCOMPARE(all[i]->scratch, std::uint64_t(0xfeed0000u + i));
   }
 
   void reconnectResendsAfterMidFrameClose() {

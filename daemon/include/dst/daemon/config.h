@@ -33,7 +33,7 @@ struct ExportConfig {
 
 struct VolumeConfig {
   std::string name;
-  std::string remote;       // "dst://host:port/export" (exactly one of remote / path)
+  std::string remote;       // dst:// or nbd:// URI (exactly one of remote / path)
   std::string host;         // parsed from remote
   std::uint16_t port = 0;   // parsed from remote
   std::string export_name;  // parsed from remote
@@ -45,7 +45,8 @@ struct VolumeConfig {
   std::string checksum;
 };
 
-// One leg of an array: "dst://host[:port]/export", "nbd://host[:port]/name", "/abs/path",
+// One leg of an array: "dst://host[:port]/export", "nbd://host[:port]/name",
+// "nbd+unix:///name?socket=/path", "/abs/path",
 // "volume:NAME" or "array:NAME".
 struct LegSpec {
   enum class Kind { kDst, kNbd, kPath, kVolume, kArray };
@@ -114,9 +115,12 @@ Result<Config> LoadConfigFile(const std::string& path, const ParseOptions& opts 
 Result<std::uint64_t> ParseSize(std::string_view s);
 // "HOST:PORT" or "[V6]:PORT"; port 0 = any free port.
 Status ParseListen(std::string_view s, std::string* host, std::uint16_t* port);
-// "dst://host[:port]/export" (default port 7400).
+// "dst://host[:port]/export" (default port 7400; net/uri.h, export a valid name).
 Status ParseVolumeUri(std::string_view uri, std::string* host, std::uint16_t* port,
                       std::string* export_name);
+// A volume's remote: dst:// as above, or nbd:// / nbd+unix:// (net/uri.h).  Sets v->remote and
+// the parsed host, port and export_name.
+Status ParseVolumeRemote(std::string_view uri, VolumeConfig* v);
 // A rate: "0" (unlimited), "500K", "10M", "1G" (bytes/s, binary units), or plain bytes.
 Result<std::uint64_t> ParseRate(std::string_view s);
 // A duration: "7d", "12h", "30m", "90s", "2w" or plain seconds ("3600"); "0" = none.

@@ -1,11 +1,12 @@
 // NbdClientDevice: a BlockDevice backed by an NBD export (nbdkit, qemu-nbd, nbd-server, a dst
 // NBD server...), so any NBD export can be a leaf of a dst array.
 //
-// Same self-healing design as RemoteDevice (remote_device.h): a fixed slot table (cookie =
-// generation << 32 | slot), Submit() wakes the connection strand through an eventfd, a batched
-// Transmitter on a dup() of the socket, keepalive probes, reconnect with backoff, re-send of
-// unacknowledged requests in submission order, io_timeout -> EIO, overlapping writes kept in
-// submission order.
+// The same reconnecting client core as RemoteDevice (client_device.h): a fixed slot table
+// (cookie = generation << 32 | slot), Submit() wakes the connection strand through an eventfd,
+// a batched Transmitter, keepalive probes, reconnect with backoff, re-send of unacknowledged
+// requests in submission order, io_timeout -> EIO, one write-ordering rule (overlapping writes
+// in submission order, a flush is a barrier).  nbd_client_device.cc holds only the NBD
+// handshake, request encoding and reply decoding.
 //
 //   CONNECTING --handshake ok--> CONNECTED --probe silence / socket error / ESHUTDOWN--> RECONNECTING
 //       ^                                                                                  |
@@ -14,8 +15,8 @@
 //                                                   reconnects go on, success -> CONNECTED)
 //   any --Close()--> CLOSED (NBD_CMD_DISC sent if connected; pending requests end with EIO)
 //
-// Handshake (one attempt; runs on a short-lived connector thread with blocking-style poll()
-// I/O bounded by connect_timeout, so no event-loop thread ever waits on it):
+// Handshake (one attempt; runs on the core's short-lived connector thread with blocking-style
+// poll() I/O bounded by connect_timeout, so no event-loop thread ever waits on it):
 //
 //   greeting (NBDMAGIC IHAVEOPT flags) -> client flags (FIXED_NEWSTYLE [+NO_ZEROES])
 //     -> OPT_STRUCTURED_REPLY --ACK--> structured replies | --ERR_*--> simple replies
@@ -56,73 +57,44 @@
 #include <boost/asio/io_context.hpp>
 
 #include "dst/block_device.h"
+#include "dst/net/client_device.h"
 #include "dst/status.h"
 
 namespace dst::net {
 
-struct NbdClientOptions {
-  std::string host = "127.0.0.1";
+struct NbdClientOptions : ClientOptions {
   std::uint16_t port = 10809;
   std::string unix_socket;  // non-empty: connect to this Unix socket instead of host:port
   std::string export_name;  // may be empty (the server's default export)
-  std::uint32_t queue_depth = 64;
-  bool batching = true;
   bool try_structured_replies = true;  // false: never ask (tests; old-client behaviour)
   bool try_opt_go = true;              // false: use OPT_EXPORT_NAME directly (tests)
-  std::chrono::milliseconds keepalive_interval{1000};
-  std::chrono::milliseconds keepalive_timeout{5000};
-  std::chrono::milliseconds io_timeout{60000};
-  std::chrono::milliseconds connect_timeout{5000};
-  std::chrono::milliseconds reconnect_min{100};
-  std::chrono::milliseconds reconnect_max{2000};
+};
+
+struct NbdClientStats : ClientStats {
+  bool structured_replies = false;
+  std::uint64_t probes = 0;  // keepalive reads sent
 };
 
 // Parses "nbd://host[:port][/name]" (default port 10809, name may be empty, %XX decoded) and
 // "nbd+unix:///name?socket=/path" into opts.  TLS schemes (nbds://) are refused.
 Status ParseNbdUri(const std::string& uri, NbdClientOptions* opts);
 
-struct NbdClientStats {
-  std::string state;  // "connected", "reconnecting", "failing", "closed"
-  bool structured_replies = false;
-  std::uint64_t reconnects = 0;
-  std::uint64_t resent = 0;
-  std::uint64_t timeouts = 0;
-  std::uint64_t probes = 0;  // keepalive reads sent
-  std::uint64_t bad_replies = 0;     // reads failed because the server broke the chunk rules
-  std::uint64_t check_failures = 0;  // connections whose connect check failed
-  std::uint32_t inflight = 0;
-  std::uint64_t requests = 0;
-  std::uint64_t frames_sent = 0;
-  std::uint64_t send_calls = 0;
-  double frames_per_call = 0;
-};
-
-class NbdClientDevice : public BlockDevice {
+class NbdClientDevice : public ClientDevice {
  public:
+  class Protocol;  // nbd_client_device.cc
+
   // Connects and negotiates (blocking, bounded by connect_timeout).  Must not be called on one
-  // of the io_context's threads.
+  // of the io_context's threads.  Close() sends NBD_CMD_DISC first when connected.
   static Result<std::shared_ptr<NbdClientDevice>> Connect(boost::asio::io_context& io,
                                                           const NbdClientOptions& opts);
-  ~NbdClientDevice() override;
-
-  DeviceInfo Info() const override;
-  void Submit(IoRequest* req) override;
-  std::string Describe() const override;  // the URI
   NbdClientStats Stats() const;
-  // See block_device.h.  The check READ goes out alone on each new connection (in the
-  // keepalive probe's slot).  The callbacks run on the connection strand under an internal
-  // mutex that SetConnectCheck() also takes: once it returns no old callback runs; never call
-  // it holding a lock that verify()/rejected() take.
-  bool SetConnectCheck(const ConnectCheck& check) override;
-  DeviceHealth Health() const override;
-  // Sends NBD_CMD_DISC, fails every pending request with EIO and stops reconnecting.
-  void Close();
 
-  class Impl;
+  // Use Connect().
+  NbdClientDevice(std::shared_ptr<ClientCore> core, const Protocol* proto)
+      : ClientDevice(std::move(core)), proto_(proto) {}
 
  private:
-  explicit NbdClientDevice(std::shared_ptr<Impl> impl);
-  std::shared_ptr<Impl> impl_;
+  const Protocol* proto_;  // owned by the core
 };
 
 }  // namespace dst::net

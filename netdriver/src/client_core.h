@@ -1,0 +1,392 @@
+// ClientCore: the reconnecting-client machinery shared by RemoteDevice (DST, remote_device.cc)
+// and NbdClientDevice (NBD, nbd_client_device.cc).  Internal header.  Each protocol file keeps
+// only its protocol (handshake, request encoding, reply decoding) behind ClientProtocol.
+//
+// Connection states:
+//
+//   CONNECTING --handshake ok--> CONNECTED --silence (keepalive) / socket error / bad frame--> RECONNECTING
+//       ^                            |                                                           |
+//       |                            +--identity changed (size, lost write permission,           |
+//       |                               larger block) across a reconnect --> FAILING             |
+//       +----------------------------- backoff (min..max) ---------------------------------------+
+//   RECONNECTING --outage longer than io_timeout--> FAILING (requests end with EIO; reconnects go
+//                                                   on, success -> CONNECTED)
+//   CONNECTED, a request on the wire longer than io_timeout --> the connection is dropped, FAILING
+//   handshake ok on a reconnect with a connect check installed --> CHECKING (inside CONNECTED):
+//       one READ of the check range goes out alone in the control slot; verdict OK -> held
+//       requests are re-sent; rejected -> they end with EIO, rejected(); then ADMITTED.
+//   any --Close()--> CLOSED (the protocol's goodbye if connected; every request ends with EIO)
+//
+// Request life cycle:
+//
+//   Submit --> PENDING (MPSC list, mutex) --eventfd kick--> WAITING (strand FIFO, ordering rule)
+//        --free slot--> IN FLIGHT (slot: TxFrame + IoRequest*, id = gen << 32 | slot) --reply--> done()
+//   connection lost: in-flight slots stay and are re-sent in dispatch order after the handshake
+//   (and the connect check).
+//
+// Ordering rule (one rule for both protocols, the stronger of the two the clients had):
+//   * a write-type request (WRITE, TRIM, WRITE_ZEROES) waits while an older overlapping
+//     write-type request is in flight or waiting, so overlapping writes reach the server in
+//     submission order;
+//   * a flush is a barrier: it waits until every older write-type request is acknowledged, and
+//     no newer write-type request is sent before the flush (writes behind a waiting flush wait);
+//   * reads pass everything.
+//   Requests reach a slot in submission order, so dispatch order is the re-send order.
+//   IoRequest::scratch is never touched (callers such as MirrorDevice keep data there).
+//
+// Progress: only a correct reply ends an outage and resets the reconnect backoff (Progress); a
+// keepalive answer counts only while no request waits.  A connection lost without progress
+// retries after a growing backoff, so a lying peer costs EIO after io_timeout, not a storm.
+//
+// Poison backstop (optional, DST docs/protocol.md §8.4): a request that was the first one sent
+// on kPoisonLosses consecutive connections the server closed before answering anything ends
+// with EIO instead of being re-sent forever.
+//
+// The handshake runs on a short-lived connector thread with poll()-bounded I/O (BlockingIo),
+// so no event-loop thread ever waits on it; the descriptor is then handed to the strand.
+//
+// Threading: Submit(), Info(), Stats counters and Health() from any thread; everything else on
+// the connection strand.  Connection I/O goes through the Transport seam (transport.h): the
+// connector thread dials and negotiates on a descriptor (OpenSocket, BlockingIo), Attach() puts
+// the connection into a TcpTransport, and receives (StartRead, ReadRest, DrainRest) and the
+// Transmitter's sends use that transport.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
+
+#include "connect_gate.h"
+#include "dst/block_device.h"
+#include "dst/net/client_device.h"
+#include "dst/net/transmitter.h"
+#include "dst/net/transport.h"
+#include "dst/status.h"
+#include "rx_buffer.h"
+
+namespace dst::net {
+
+using ClientClock = std::chrono::steady_clock;
+
+struct ClientCoreOptions : ClientOptions {
+  std::uint16_t port = 0;
+  std::string unix_socket;  // non-empty: connect here instead of host:port
+  bool poison_backstop = false;
+  const char* log_tag = "client";
+
+  ClientCoreOptions(const ClientOptions& o, std::uint16_t p, const char* tag)
+      : ClientOptions(o), port(p), log_tag(tag) {}
+};
+
+// Blocking-style I/O on a non-blocking descriptor, bounded by a deadline and cancellable through
+// an eventfd.  Used only on the connector thread (handshakes).
+class BlockingIo {
+ public:
+  BlockingIo(int fd, int cancel_fd, ClientClock::time_point deadline)
+      : fd_(fd), cancel_fd_(cancel_fd), deadline_(deadline) {}
+  Status Wait(short events);
+  Status Read(void* buf, std::size_t n);
+  Status Write(const void* buf, std::size_t n);
+
+ private:
+  int fd_;
+  int cancel_fd_;
+  ClientClock::time_point deadline_;
+};
+
+// What a handshake found.  `features` is the protocol's own (e.g. digests, structured replies).
+struct Negotiated {
+  DeviceInfo info;
+  std::uint64_t features = 0;
+};
+
+class ClientCore;
+
+struct ClientSlot {
+  TxFrame frame;             // header re-encoded on every send
+  ClientCore* core = nullptr;
+  IoRequest* req = nullptr;  // null: free
+  std::uint32_t index = 0;
+  std::uint32_t gen = 1;     // never 0, so no request id is 0
+  std::uint64_t seq = 0;     // dispatch order (= submission order where ordering matters)
+  std::uint64_t sent_no = 0; // send order on the current connection (poison suspect)
+  ClientClock::time_point start;  // when it entered the slot (per-request deadline)
+  bool on_wire = false;      // sent on the current connection, reply outstanding
+  bool tx_queued = false;    // frame still referenced by the Transmitter
+  bool early_done = false;   // reply came while the frame was still queued
+  bool resend = false;       // send again once the frame is released
+  Status early_status;
+  std::uint64_t id() const { return std::uint64_t(gen) << 32 | index; }
+};
+
+// What the control slot (the one beyond queue_depth) carries.
+enum class ControlUse { kNone, kKeepalive, kCheck };
+
+// Result of parsing from the receive buffer.
+enum class RxStep {
+  kNeedMore,   // a whole frame is not buffered yet: read more
+  kNext,       // one frame handled, nothing completed
+  kCompleted,  // one frame handled and a request ended (Pump after the burst)
+  kAsync,      // ReadRest (then OnRest()) or DrainRest started
+  kStop,       // the connection was lost
+};
+
+// The protocol half, called by the core on its strand (Handshake on the connector thread).
+class ClientProtocol {
+ public:
+  virtual ~ClientProtocol() = default;
+  virtual std::string Describe() const = 0;
+  // Submit-time check (under the core's submit mutex; no allocation on success).
+  virtual Status Validate(const DeviceInfo& info, const IoRequest& req) const {
+    return ValidateRequest(info, req);
+  }
+  // Connector thread: negotiate on a connected descriptor.  *hard: do not retry a first connect.
+  virtual Status Handshake(BlockingIo& io, Negotiated* n, bool* hard) = 0;
+  // Strand: a new connection is up (parser state reset, features of its handshake).
+  virtual void OnConnection(std::uint64_t features) = 0;
+  // Encodes slot s (its req; for a keepalive the protocol's own probe) into s.frame.
+  virtual void Encode(ClientSlot& s, ControlUse use) = 0;
+  // Parses one frame from the front of rx.
+  virtual RxStep Parse(RxBuffer& rx) = 0;
+  // A ReadRest finished (the payload is in its buffer).
+  virtual RxStep OnRest() = 0;
+  // Close(): encode a goodbye into `f` (return false: none).
+  virtual bool EncodeGoodbye(TxFrame* /*f*/) { return false; }
+  // Check READ finished with its data in buffer; false: corrupted, read it again.
+  virtual bool CheckDataOk(const char* /*data*/, std::uint32_t /*len*/) { return true; }
+
+ protected:
+  ClientCore* core_ = nullptr;  // set by the core that owns this protocol
+
+ private:
+  friend class ClientCore;
+};
+
+class ClientCore : public std::enable_shared_from_this<ClientCore> {
+ public:
+  enum class State : int { kConnecting, kConnected, kReconnecting, kFailing, kClosed };
+
+  ClientCore(boost::asio::io_context& io, const ClientCoreOptions& opts,
+             std::unique_ptr<ClientProtocol> proto);
+  ~ClientCore();
+
+  // Creates a core and runs the first connect (blocking, bounded by connect_timeout; not on one
+  // of the io_context's threads).  `who` names the client in errors.
+  static Result<std::shared_ptr<ClientCore>> Connect(boost::asio::io_context& io, const ClientCoreOptions& opts,
+                                                     std::unique_ptr<ClientProtocol> proto, const char* who);
+
+  // --- any thread ---
+  Status Start();  // blocking first connect (off the io threads)
+  DeviceInfo Info() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return info_;
+  }
+  void Submit(IoRequest* req);
+  std::string Describe() const { return proto_->Describe(); }
+  // The common counters; keepalive probes sent go to *keepalives.
+  ClientStats Counters(std::uint64_t* keepalives = nullptr) const;
+  void Close();
+  bool SetConnectCheck(const ConnectCheck& c) {
+    gate_.Set(c);
+    return true;
+  }
+  DeviceHealth Health() const {
+    const auto st = static_cast<State>(stat_state_.load(std::memory_order_relaxed));
+    return health_.Get(st == State::kConnected, st == State::kClosed);
+  }
+  void Log(const std::string& msg) const;
+
+  // --- strand: used by the protocol's parser ---
+  // The slot a reply id names, if it is on the wire now (request or control slot).
+  ClientSlot* Lookup(std::uint64_t id);
+  bool IsControl(const ClientSlot& s) const { return s.index == control_index_; }
+  ControlUse control_use() const { return control_use_; }
+  // A reply ended slot s with st (a request, the keepalive or the connect check).
+  void Finish(ClientSlot& s, Status st);
+  // A correct reply arrived: the outage is over, backoff resets.  `answered`: to a request.
+  void Progress(bool answered);
+  // The server will not run s now (shutting down): re-send it on the next connection.
+  void Requeue(ClientSlot& s);
+  // Send s again on this connection (e.g. a corrupted payload).
+  void Reissue(ClientSlot& s);
+  void Lost(const char* why, bool closed_by_peer = true) {
+    ConnectionLost(why, ClientClock::now(), closed_by_peer);
+  }
+  // The loss that follows is explained by the server (no poison suspect on this connection).
+  void MarkAnswered() { answered_ = true; }
+  bool connected() const { return state_ == State::kConnected; }
+  bool closed() const { return state_ == State::kClosed; }
+  void CountBadReply() { bad_replies_.fetch_add(1, std::memory_order_relaxed); }
+  const DeviceInfo& strand_info() const { return info_; }  // written on the strand only
+  // Reads the rest of a payload (`have` of `total` already taken from the buffer) straight into
+  // dst, on behalf of slot `owner` (null: none), then calls OnRest() and resumes parsing.
+  void ReadRest(ClientSlot* owner, char* dst, std::size_t total, std::size_t have);
+  // Discards n bytes from the socket (after what the buffer held), then resumes parsing.
+  void DrainRest(std::size_t n);
+
+ private:
+  template <class> friend struct ClientCheckHooks;
+
+  // Connection management.
+  void StartAttempt();
+  void OnAttemptDone(std::uint64_t ep, int fd, const Negotiated& n, Status st, bool hard);
+  void AttemptFailed(Status st, bool hard);
+  void OnHandshake(int fd, const Negotiated& n);
+  bool IdentityChanged(const DeviceInfo& ni, DeviceInfo* keep);
+  Status Attach(int fd);  // the descriptor becomes this connection's transport
+  void ConnectionLost(const char* why, ClientClock::time_point outage_start, bool closed_by_peer);
+  ClientSlot* PoisonSuspect(bool closed_by_peer);
+  bool StartCheck();
+  void FinishCheck(Status read_status);
+  void Admit();
+  void SetState(State s);
+  void CloseSockets();
+  void ReportFirst(Status st);
+  void JoinConnector();
+
+  // Data path.
+  void ArmKick();
+  void OnKick(const boost::system::error_code& ec);
+  void TakePending();
+  void Pump();
+  bool MayDispatch(const IoRequest& r, bool* flush_waiting, bool* older_write_waiting);
+  void Dispatch(IoRequest* req);
+  void SendSlot(ClientSlot& s);
+  bool UseControl(ControlUse use, std::uint64_t offset, std::uint32_t length, char* buf);
+  void SendKeepalive();
+  void FlushTx();
+  void StartRead();
+  void ReadMore();  // the next chunk of a ReadRest
+  void ParseRx(bool completed);
+  void CompleteSlot(ClientSlot& s, Status st);
+  void FreeSlot(ClientSlot& s);
+  void ReleaseControl();
+  void FailAll(const Status& st, bool count_timeouts);
+  void ArmTick();
+  void OnTick(const boost::system::error_code& ec);
+  void TickConnected(ClientClock::time_point now);
+  bool TickOffline(ClientClock::time_point now);
+  void DoClose();
+  bool Outstanding() const { return on_wire_ > 0 || control_use_ != ControlUse::kNone; }
+  static void OnFrameSent(TxFrame* f, bool ok);
+  static void OnGoodbyeSent(TxFrame*, bool) {}
+  static void OnTxError(void* ctx);
+
+  boost::asio::io_context& io_;
+  const ClientCoreOptions opts_;
+  const std::unique_ptr<ClientProtocol> proto_;
+  Strand strand_;
+  std::unique_ptr<Transport> transport_;  // the current connection (closed between connections)
+  boost::asio::basic_waitable_timer<ClientClock, boost::asio::wait_traits<ClientClock>, Strand> tick_timer_{strand_};
+  boost::asio::posix::basic_stream_descriptor<Strand> kick_{strand_};
+  const std::chrono::milliseconds tick_;
+
+  // Shared with submitters.
+  mutable std::mutex mu_;
+  DeviceInfo info_;                    // GUARDED_BY(mu_) (the strand also reads it unlocked)
+  IoRequest* pending_head_ = nullptr;  // GUARDED_BY(mu_)
+  IoRequest* pending_tail_ = nullptr;  // GUARDED_BY(mu_)
+  bool kick_pending_ = false;          // GUARDED_BY(mu_)
+  bool accepting_ = false;             // GUARDED_BY(mu_): false while failing/closed
+  bool closed_ = false;                // GUARDED_BY(mu_)
+  int kick_fd_ = -1;
+
+  // First-connect result (Start waits on it) and Close's hand-off.
+  std::mutex first_mu_;
+  std::condition_variable first_cv_;
+  bool first_done_ = false;
+  Status first_status_;
+  bool close_done_ = false;
+
+  // Connector thread.
+  std::thread connector_;
+  int cancel_fd_ = -1;  // eventfd: wakes a connector stuck in poll()
+  std::mutex conn_mu_;
+
+  // Strand-only state.
+  State state_ = State::kConnecting;
+  bool initial_ = true;
+  ClientClock::time_point initial_deadline_;
+  std::uint64_t epoch_ = 0;  // bumps whenever a connection/attempt is abandoned
+  bool attempt_active_ = false;
+  ClientClock::time_point next_attempt_;
+  std::chrono::milliseconds backoff_;
+  ClientClock::time_point outage_start_;
+  bool in_outage_ = false;
+  Status last_error_;
+  std::unique_ptr<Transmitter> tx_;
+  std::vector<ClientSlot> slots_;  // queue_depth request slots + the control slot (last)
+  const std::uint32_t control_index_;
+  std::vector<std::uint32_t> free_;   // stack of free request slot indices
+  std::vector<std::uint32_t> order_;  // scratch: slots in dispatch order
+  struct Range { std::uint64_t off, len; };
+  std::vector<Range> blocked_;        // scratch for Pump, capacity queue_depth
+  IoRequest* wait_head_ = nullptr;
+  IoRequest* wait_tail_ = nullptr;
+  std::uint64_t dispatch_seq_ = 0;
+  std::uint32_t busy_ = 0;        // request slots holding a request
+  std::uint32_t busy_writes_ = 0; // ... of write type
+  std::uint32_t on_wire_ = 0;     // requests with a reply outstanding on this connection
+  bool resend_waiting_ = false;   // some slot has `resend` set
+  std::uint64_t send_count_ = 0;  // frames sent on this connection (sent_no)
+  bool answered_ = false;         // the server answered a request on this connection
+  bool conn_progress_ = false;    // a correct reply arrived on this connection
+  std::uint64_t suspect_seq_ = 0; // poison backstop: request blamed for the last losses
+  int suspect_losses_ = 0;
+  ClientClock::time_point last_rx_;  // last byte received (or start of the current wait)
+  ClientClock::time_point last_keepalive_;
+  ControlUse control_use_ = ControlUse::kNone;
+  IoRequest control_req_;
+  std::unique_ptr<char[]> probe_buf_;
+  TxFrame goodbye_frame_;
+
+  // Receive state.
+  RxBuffer rx_buf_;
+  bool rx_rest_ = false;             // ReadRest / DrainRest in progress
+  ClientSlot* rx_owner_ = nullptr;   // slot whose buffer ReadRest fills
+  char* rest_dst_ = nullptr;         // ReadRest: destination, bytes wanted, bytes done
+  std::size_t rest_total_ = 0;
+  std::size_t rest_done_ = 0;
+  std::size_t drain_left_ = 0;
+  std::unique_ptr<char[]> drain_buf_;
+
+  // Connect check (connect_gate.h).
+  ConnectGate gate_;
+  bool checking_ = false;
+  ClientClock::time_point check_start_;
+  std::uint32_t check_cap_ = 0;
+  std::unique_ptr<char[]> check_buf_;  // grows once per larger check, never per I/O
+
+  HealthClock health_;
+
+  // Stats.
+  TxStats tx_stats_;
+  std::atomic<int> stat_state_{0};
+  std::atomic<std::uint64_t> reconnects_{0}, resent_{0}, timeouts_{0}, requests_{0};
+  std::atomic<std::uint64_t> bad_replies_{0}, check_failures_{0}, keepalives_{0};
+  std::atomic<std::uint32_t> inflight_{0};
+};
+
+// Connects a Device (RemoteDevice, NbdClientDevice) speaking protocol Proto (built from opts).
+template <class Device, class Proto, class Options>
+Result<std::shared_ptr<Device>> ConnectClient(boost::asio::io_context& io, const Options& opts,
+                                              const ClientCoreOptions& co, const char* who) {
+  auto proto = std::make_unique<Proto>(opts);
+  const Proto* p = proto.get();
+  auto core = ClientCore::Connect(io, co, std::move(proto), who);
+  if (!core.ok()) return core.status();
+  return std::make_shared<Device>(core.value(), p);
+}
+
+}  // namespace dst::net
