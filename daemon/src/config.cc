@@ -2,6 +2,7 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <charconv>
 #include <fstream>
 #include <functional>
@@ -308,7 +309,8 @@ Status ParseArrayTable(const toml::table& t, std::size_t index, const ErrorSink&
       continue;
     } else if (key == "level") {
       DST_RETURN_IF_ERROR(f.String(v, key, &a->level));
-      if (a->level != "mirror" && a->level != "linear")
+      const auto& levels = ArrayLevels();
+      if (std::find(levels.begin(), levels.end(), a->level) == levels.end())
         return sink.Error(v.source(), f.ctx, key,
                           fmt::format("unknown level \"{}\" (mirror or linear)", a->level));
     } else if (key == "legs") {
@@ -400,6 +402,11 @@ Status ParseArray(const toml::node& n, std::string_view key, const ErrorSink& si
 }
 
 }  // namespace
+
+const std::vector<std::string>& ArrayLevels() {
+  static const std::vector<std::string> kLevels = {"linear", "mirror"};
+  return kLevels;
+}
 
 bool ValidName(std::string_view name) {
   if (name.empty() || name.size() > 64 || name[0] == '.') return false;

@@ -441,6 +441,7 @@ Status Daemon::OpenExport(const ExportConfig& e) {
     NbdExportAdded(e.name, dev, e.read_only, {}, e.array);
     spdlog::info("export \"{}\": {} \"{}\" ({} bytes)", e.name,
                  e.array.empty() ? "volume" : "array", ref, dev->Info().size);
+    Emit(json{{"type", "export_added"}, {"export", e.name}, {"size", dev->Info().size}});
     return Status::OK();
   }
   FileDeviceOptions fo;
@@ -461,6 +462,7 @@ Status Daemon::OpenExport(const ExportConfig& e) {
   NbdExportAdded(e.name, dev.value(), e.read_only, e.path, {});
   spdlog::info("export \"{}\": {} ({} bytes{})", e.name, e.path, dev.value()->Info().size,
                e.read_only ? ", read-only" : "");
+  Emit(json{{"type", "export_added"}, {"export", e.name}, {"size", dev.value()->Info().size}});
   return Status::OK();
 }
 
@@ -674,6 +676,7 @@ Status Daemon::DoMount(const std::string& dir) {
     }
   }
   spdlog::info("FUSE mounted at {}", dir);
+  Emit(json{{"type", "mount"}, {"state", "mounted"}, {"path", dir}});
   for (auto& v : vols) AddToMount(v);
   return Status::OK();
 }
@@ -696,6 +699,8 @@ void Daemon::Handle(ctl::Request req, Reply reply) {
   };
   if (m == "status") {
     finish(StatusJson());
+  } else if (m == "hello") {
+    finish(HelloJson());
   } else if (m == "export.list") {
     finish(json{{"exports", ExportsJson()}});
   } else if (m == "volume.list") {
@@ -717,7 +722,7 @@ void Daemon::Handle(ctl::Request req, Reply reply) {
   } else if (m == "apply") {
     ApplyRpc(p, std::move(finish));
   } else if (m == "events") {
-    EventsRpc(std::move(reply_copy), req.id);
+    EventsRpc(p, std::move(reply_copy), req.id);
   } else {
     // ParseRequest only lets known methods through; this is a Methods()/dispatch mismatch.
     finish(Status::NotSupported(fmt::format("method \"{}\" is not implemented", m)));
@@ -790,7 +795,10 @@ void Daemon::ExportRemove(const json& p, Finish finish) {
       ForgetObject("export", name);
       if (st.IsNotFound()) st = Status::OK();  // reserved but never opened (see persist.cc)
     }
-    if (st.ok()) spdlog::info("export \"{}\" removed", name);
+    if (st.ok()) {
+      spdlog::info("export \"{}\" removed", name);
+      Emit(json{{"type", "export_removed"}, {"export", name}});
+    }
     if (st.code() == Status::Code::kBusy && st.message().empty())
       st = Status::Busy(fmt::format("export \"{}\" has connected clients", name));
     if (st.ok()) return finish(json::object());
@@ -905,6 +913,7 @@ void Daemon::VolumeRemove(const json& p, Finish finish) {
     if (vol->remote) vol->remote->Close();
     ForgetObject("volume", name);
     spdlog::info("volume \"{}\" removed", name);
+    Emit(json{{"type", "volume_removed"}, {"volume", name}});
     finish(json::object());
   });
 }
@@ -963,6 +972,7 @@ void Daemon::UnmountRpc(Finish finish) {
       mount_busy_ = false;
     }
     spdlog::info("FUSE unmounted from {}", dir);
+    Emit(json{{"type", "mount"}, {"state", "unmounted"}, {"path", dir}});
     finish(json::object());
   });
 }
@@ -1093,7 +1103,7 @@ json Daemon::StatusJson() {
       std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
   st["daemon"] = {
       {"pid", ::getpid()},
-      {"version", "0.1.0"},
+      {"version", DaemonVersion()},
       {"listen", {{"address", cfg_.listen_host}, {"port", exporter_ ? exporter_->port() : 0}}},
       {"uptime_s", uptime},
       {"batching", cfg_.batching},

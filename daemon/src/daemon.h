@@ -33,6 +33,7 @@
 #include <nlohmann/json.hpp>
 
 #include "control_server.h"
+#include "events.h"
 #include "dst/block_device.h"
 #include "dst/counting_device.h"
 #include "dst/daemon/config.h"
@@ -55,6 +56,9 @@ struct DaemonOptions {
   std::string control_path = "/run/dst/dstd.sock";
   bool verbose = false;
 };
+
+// dstd's version (the project version), for hello and status.
+const char* DaemonVersion();
 
 // The control protocol's error code ("busy", "not_found", ...) for a Status.
 const char* ControlErrorCode(const Status& s);
@@ -149,6 +153,7 @@ class Daemon {
 
   void Handle(control::Request req, Reply reply);
   nlohmann::json StatusJson();
+  nlohmann::json HelloJson();  // hello.cc
   nlohmann::json ExportsJson();
   nlohmann::json VolumesJson();
   nlohmann::json VolumeJson(const std::string& name, const Volume& v);
@@ -162,7 +167,12 @@ class Daemon {
 
   // arrays.cc
   void ArrayRpc(const std::string& method, const nlohmann::json& p, Finish finish);
-  void EventsRpc(Reply reply, const nlohmann::json& id);
+  // events.cc: `events` (since: replay from the ring, or a gap line and a fresh snapshot).
+  void EventsRpc(const nlohmann::json& p, Reply reply, const nlohmann::json& id);
+  std::vector<std::string> SnapshotLines(std::uint64_t seq);  // current state, as of `seq`
+  // Pushes leg_state / leg_reason events from the mirror's leg listener as they happen, then
+  // the legs' states at assembly.  After a->mirror is set.
+  void WatchLegs(const std::shared_ptr<Array>& a);
   void ApplyRpc(const nlohmann::json& p, Finish finish);
   Status StartArrays();              // main thread, after volumes
   void StopArrayThreads();
@@ -200,7 +210,7 @@ class Daemon {
   void ArrayMonitorLoop();
   void RefreshGrownFiles();
   void EventsLoop();
-  void Emit(nlohmann::json ev);
+  void Emit(nlohmann::json ev);  // events_.Emit, and wakes the events thread
   void TryPendingExports();
   // The steps that make the live objects match `want`; objects absent from it are removed
   // only with `prune` (else listed in *kept).
@@ -301,6 +311,8 @@ class Daemon {
   std::unique_ptr<ControlServer> control_;
   WorkQueue workers_{3};
   std::atomic<bool> stopping_{false};
+  // Before the objects that emit into it (mirror leg listeners run until the mirror is gone).
+  EventLog events_;
 
   std::mutex mu_;
   std::map<std::string, std::shared_ptr<Volume>> volumes_;  // GUARDED_BY(mu_)
@@ -317,7 +329,8 @@ class Daemon {
   std::mutex ev_mu_;
   std::condition_variable ev_cv_;
   bool ev_stop_ = false;                                     // GUARDED_BY(ev_mu_)
-  std::vector<Reply> subscribers_;                           // GUARDED_BY(ev_mu_)
+  bool ev_poke_ = false;  // GUARDED_BY(ev_mu_) a change was pushed: re-derive states now
+  ProgressGate progress_gate_{4.0};  // resync/verify progress: at most 4 a second per leg
   std::thread monitor_thread_;
   std::thread events_thread_;
 

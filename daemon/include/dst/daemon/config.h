@@ -124,5 +124,7 @@ Status ValidateTopology(const Config& cfg);
 
 // Export and volume names: 1..64 chars of [A-Za-z0-9._-], not starting with '.'.
 bool ValidName(std::string_view name);
+// The array levels ([[array]] level, hello's "layers").
+const std::vector<std::string>& ArrayLevels();
 
 }  // namespace dst::daemon
