@@ -10,18 +10,19 @@
 //   ```json request                   one request line (@DIR@, @REMOTE@ substituted)
 //   ```json response                  the documented reply (pretty-printed JSON)
 // Shapes: an object's documented keys must all be present with the same type (numbers are one
-// type); a documented null matches any value (nullable member); arrays compare every real
-// element with the documented first element (an empty documented array matches any array).
+// type); a documented null matches any value (nullable member); every element of a real array
+// must match one of the documented elements (an empty documented array matches any array).
 // Keys the daemon sends but the doc lacks are listed; DST_CONTRACT_STRICT=1 makes them fail
 // (additions are tolerated by default so a new member does not break older clients' docs).
 // DST_CONTRACT_BLESS=1 rewrites the response blocks of the doc with the live replies instead
-// (temp paths back to @DIR@, arrays cut to one element): review the diff before committing.
+// (temp paths back to @DIR@, arrays cut to one element per shape): review the diff before committing.
 #include <QtTest/QtTest>
 
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <fstream>
 #include <map>
@@ -121,7 +122,7 @@ bool ParseDoc(const std::string& path, Doc* doc, QString* why) {
       doc->error_codes.insert(line.substr(3, e - 3));
     }
     const std::string tag = "<!-- contract: ";
-    if (auto p = line.find(tag); p != std::string::npos) {
+    if (auto p = line.find(tag); p == 0) {  // a directive line (not prose that names one)
       std::size_t e = line.find(" -->", p);
       directives.push_back(line.substr(p + tag.size(), e - p - tag.size()));
     }
@@ -142,7 +143,9 @@ const char* TypeOf(const json& j) {
   return "object";
 }
 
-// Compares shapes; mismatches go to *bad, undocumented keys to *extra.
+// Compares shapes; mismatches go to *bad, undocumented keys to *extra.  An element of a real
+// array matches if it matches one of the documented elements (variants: a linear and a mirror
+// array, an up and a failed leg...).
 void Shape(const json& doc, const json& real, const std::string& at, std::vector<std::string>* bad,
            std::vector<std::string>* extra) {
   if (doc.is_null()) return;  // nullable: documented as null, may carry a value
@@ -162,8 +165,23 @@ void Shape(const json& doc, const json& real, const std::string& at, std::vector
     for (auto it = real.begin(); it != real.end(); ++it)
       if (!doc.contains(it.key())) extra->push_back(at + "." + it.key());
   } else if (doc.is_array() && !doc.empty()) {
-    for (std::size_t i = 0; i < real.size(); ++i)
-      Shape(doc[0], real[i], at + "[" + std::to_string(i) + "]", bad, extra);
+    for (std::size_t i = 0; i < real.size(); ++i) {
+      const std::string el = at + "[" + std::to_string(i) + "]";
+      std::vector<std::string> best_bad, best_extra;
+      bool found = false;
+      for (const json& variant : doc) {
+        std::vector<std::string> b, e;
+        Shape(variant, real[i], el, &b, &e);
+        if (!found || b.size() < best_bad.size()) {
+          best_bad = std::move(b);
+          best_extra = std::move(e);
+          found = true;
+        }
+        if (best_bad.empty()) break;
+      }
+      bad->insert(bad->end(), best_bad.begin(), best_bad.end());
+      extra->insert(extra->end(), best_extra.begin(), best_extra.end());
+    }
   }
 }
 
@@ -225,8 +243,35 @@ void Replace(std::string* s, const std::string& from, const std::string& to) {
     s->replace(p, from.size(), to);
 }
 
+// The shape of a value as text (member names and types, recursively), to tell variants apart.
+std::string Sig(const json& j) {
+  if (j.is_object()) {
+    std::string s = "{";
+    for (auto it = j.begin(); it != j.end(); ++it) s += it.key() + ":" + Sig(it.value()) + ",";
+    return s + "}";
+  }
+  if (j.is_array()) {
+    std::set<std::string> el;
+    for (const json& e : j) el.insert(Sig(e));
+    std::string s = "[";
+    for (const auto& e : el) s += e + "|";
+    return s + "]";
+  }
+  return TypeOf(j);
+}
+
+// One element per distinct shape in every array of objects or arrays (lists of names and
+// numbers stay whole: they are the example's content).
 json Trim(const json& j) {
-  if (j.is_array()) return j.empty() ? j : json::array({Trim(j[0])});
+  if (j.is_array() && std::any_of(j.begin(), j.end(), [](const json& e) { return e.is_structured(); })) {
+    json out = json::array();
+    std::set<std::string> seen;
+    for (const json& e : j) {
+      json t = Trim(e);
+      if (seen.insert(Sig(t)).second) out.push_back(std::move(t));
+    }
+    return out;
+  }
   if (!j.is_object()) return j;
   json o = json::object();
   for (auto it = j.begin(); it != j.end(); ++it) o[it.key()] = Trim(it.value());
@@ -295,7 +340,11 @@ class ControlContractTest : public QObject {
         if (dv.rfind("wait-clean ", 0) == 0) {
           json a;
           QString name = QString::fromStdString(dv.substr(11));
-          QVERIFY2(WaitArrayClean(dstd, name, 60000, &a), a.dump().c_str());
+          QString w;
+          if (!WaitArrayClean(dstd, name, 60000, &a))
+            ArrayDetail(dstd, name, &w);
+          QVERIFY2(a.is_object() && ArrayState(a) == "clean",
+                   qPrintable(QString::fromStdString(a.dump()) + " " + w));
         } else if (dv.rfind("sleep ", 0) == 0) {
           QTest::qWait(std::stoi(dv.substr(6)));
         } else {
@@ -317,6 +366,7 @@ class ControlContractTest : public QObject {
                qPrintable(QString("line %1 (%2): %3").arg(ex.line)
                               .arg(QString::fromStdString(ex.method)).arg(why)));
       replies.push_back(reply);
+      if (bless) qInfo("line %d: %s", ex.line, reply.dump().substr(0, 400).c_str());
       std::vector<std::string> bad, extra;
       if (!bless) Shape(ex.response, reply, "reply", &bad, &extra);
       QString where = QString("docs/control.md line %1 (%2): ").arg(ex.line)
