@@ -330,6 +330,7 @@ class Daemon {
   std::condition_variable ev_cv_;
   bool ev_stop_ = false;                                     // GUARDED_BY(ev_mu_)
   bool ev_poke_ = false;  // GUARDED_BY(ev_mu_) a change was pushed: re-derive states now
+  std::atomic<std::thread::id> events_tid_{};  // the events thread (it needs no wake-up)
   ProgressGate progress_gate_{4.0};  // resync/verify progress: at most 4 a second per leg
   std::thread monitor_thread_;
   std::thread events_thread_;

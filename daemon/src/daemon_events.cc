@@ -31,7 +31,8 @@ constexpr int kSnapshotTries = 3;
 
 void Daemon::Emit(json ev) {
   events_.Emit(std::move(ev));
-  if (std::this_thread::get_id() == events_thread_.get_id()) return;  // it is awake
+  // The events thread itself is awake: waking it again would only re-derive twice.
+  if (std::this_thread::get_id() == events_tid_.load(std::memory_order_relaxed)) return;
   {
     std::lock_guard<std::mutex> l(ev_mu_);
     ev_poke_ = true;
@@ -130,6 +131,7 @@ void Daemon::EventsLoop() {
   std::map<std::string, std::uint64_t> leg_idev;
   std::map<std::string, json> last_resync;
   bool first = true;
+  events_tid_.store(std::this_thread::get_id(), std::memory_order_relaxed);
   for (;;) {
     {
       std::unique_lock<std::mutex> l(ev_mu_);
