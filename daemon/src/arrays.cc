@@ -531,6 +531,7 @@ std::uint64_t Daemon::SampleResync(const std::shared_ptr<Array>& a) {
   std::lock_guard<std::mutex> l(a->acc_mu);
   if (m) {
     for (auto& p : m->Progress()) {
+      if (a->banking.count(p.leg)) continue;  // banked; the engine is restarting its pass
       std::uint64_t& last = a->resync_last[p.leg];
       if (p.bytes_resynced_total < last) a->resync_base[p.leg] += last;  // a new pass started
       last = p.bytes_resynced_total;
@@ -548,13 +549,20 @@ std::uint64_t Daemon::BankResync(const std::shared_ptr<Array>& a, int slot) {
   std::uint64_t v = a->resync_last[slot];
   a->resync_base[slot] += v;
   a->resync_last[slot] = 0;
+  a->banking.insert(slot);
   return v;
+}
+
+void Daemon::BankDone(const std::shared_ptr<Array>& a, int slot) {
+  std::lock_guard<std::mutex> l(a->acc_mu);
+  a->banking.erase(slot);
 }
 
 void Daemon::UnbankResync(const std::shared_ptr<Array>& a, int slot, std::uint64_t bytes) {
   std::lock_guard<std::mutex> l(a->acc_mu);
   a->resync_base[slot] -= bytes;
   a->resync_last[slot] = bytes;
+  a->banking.erase(slot);
 }
 
 Status Daemon::PersistArray(const std::shared_ptr<Array>& a) {
@@ -885,6 +893,7 @@ Status Daemon::ArrayLegOp(const std::string& name, const std::string& op, int sl
       UnbankResync(a, slot, banked);
       return rs;
     }
+    BankDone(a, slot);
     ArrayLeg old;
     {
       std::lock_guard<std::mutex> l(mu_);
@@ -910,6 +919,7 @@ Status Daemon::ArrayLegOp(const std::string& name, const std::string& op, int sl
     }
     std::uint64_t banked = BankResync(a, slot);
     Status s = a->mirror->ReAddLeg(slot, dev);
+    if (s.ok()) BankDone(a, slot);
     if (!s.ok()) {
       UnbankResync(a, slot, banked);
       if (fresh.owned && fresh.remote) fresh.remote->Close();
@@ -967,6 +977,8 @@ Result<json> Daemon::ArrayResolve(const std::string& name, int keep, bool dry_ru
   if (!dry_run)
     for (int s = 0; s < MirrorDevice::kMaxLegs; ++s) banked[s] = BankResync(a, s);
   auto r = a->mirror->Resolve(keep, dry_run);
+  if (r.ok() && !dry_run)
+    for (int s = 0; s < MirrorDevice::kMaxLegs; ++s) BankDone(a, s);
   if (!r.ok()) {
     if (!dry_run)
       for (int s = 0; s < MirrorDevice::kMaxLegs; ++s) UnbankResync(a, s, banked[s]);
@@ -1174,6 +1186,7 @@ void Daemon::ArrayMonitorLoop() {
         std::uint64_t banked = BankResync(a, st.slot);
         Status s = a->mirror->ReAddLegAuto(st.slot, leg.dev);
         if (!s.ok()) UnbankResync(a, st.slot, banked);
+        else BankDone(a, st.slot);
         leg.next_try = now + std::chrono::seconds(leg.backoff_s);
         leg.backoff_s = std::min(leg.backoff_s * 2, 30);
         if (s.ok()) {

@@ -142,6 +142,9 @@ class Daemon {
     // every pass it starts (re-add, add); these keep the array's running total since start.
     std::mutex acc_mu;
     std::map<int, std::uint64_t> resync_base, resync_last;  // GUARDED_BY(acc_mu)
+    // Slots between BankResync and the end of the engine call: the old pass's counter may
+    // still show until the engine restarts it, so samples skip them.
+    std::set<int> banking;  // GUARDED_BY(acc_mu)
   };
   struct PlanStep {
     std::string text;
@@ -204,6 +207,7 @@ class Daemon {
   // the pass's bytes into the running total.  Returns them, for UnbankResync if the call fails.
   std::uint64_t BankResync(const std::shared_ptr<Array>& a, int slot);
   void UnbankResync(const std::shared_ptr<Array>& a, int slot, std::uint64_t bytes);
+  void BankDone(const std::shared_ptr<Array>& a, int slot);  // the engine call succeeded
   void RegisterArrayVolume(const std::shared_ptr<Array>& a);
   std::shared_ptr<Array> FindArray(const std::string& name);
   std::string UsedBy(const std::string& volume_name);  // array using volume/array NAME as leg
