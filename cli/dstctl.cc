@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <optional>
 #include <string>
 
 #include <CLI/CLI.hpp>
@@ -66,9 +67,10 @@ std::string DefaultSocket() {
   return (s && *s) ? s : "/run/dst/dstd.sock";
 }
 
-// Runs one request; on success stores the result.  Returns 0 or the exit code (after printing).
-int Call(const std::string& socket, const std::string& method, const json& params, json* result) {
-  ctl::ControlClient client;
+// Connects and asks `hello` first: a daemon too old for this dstctl (or without `feature`) is
+// refused with a sentence saying so.  Returns 0 or the exit code (after printing).
+int Connect(ctl::ControlClient& client, const std::string& socket, std::string_view feature = {},
+            ctl::Hello* hello = nullptr) {
   if (int err = client.Connect(socket); err != 0) {
     std::string why = std::strerror(err);
     if (err == EACCES || err == EPERM)
@@ -78,6 +80,22 @@ int Call(const std::string& socket, const std::string& method, const json& param
                 fmt::format("cannot connect to dstd at {}: {} (is dstd running? use --socket or "
                             "DST_SOCKET to point at its control socket)", socket, why));
   }
+  ctl::Reply reply;
+  std::string why;
+  if (!client.Call("hello", json::object(), &reply, &why))
+    return Fail(ctl::kExUnavailable, fmt::format("hello: {}", why));
+  if (std::string bad = ctl::CheckHello(reply, feature, hello); !bad.empty()) {
+    if (!reply.ok && reply.error_code != ctl::kUnknownMethod)
+      return Fail(ctl::ExitCodeForError(reply.error_code), bad);
+    return Fail(ctl::kExProtocol, bad);
+  }
+  return 0;
+}
+
+// Runs one request; on success stores the result.  Returns 0 or the exit code (after printing).
+int Call(const std::string& socket, const std::string& method, const json& params, json* result) {
+  ctl::ControlClient client;
+  if (int rc = Connect(client, socket); rc != 0) return rc;
   ctl::Reply reply;
   std::string why;
   if (!client.Call(method, params, &reply, &why)) {
@@ -105,20 +123,25 @@ std::string LegSpec(const std::string& s) {
   return Absolute(s);
 }
 
-// `dstctl events`: subscribe, then print every line until the daemon goes away.
-int Events(const std::string& socket, bool as_json) {
+// `dstctl events`: subscribe (--since N: resume after event N), then print every line until the
+// daemon goes away.  A gap (N older than the daemon's ring, or another dstd run) is said on
+// stderr and the stream goes on with a fresh snapshot.
+int Events(const std::string& socket, bool as_json, std::optional<std::uint64_t> since) {
   ctl::ControlClient client;
-  if (int err = client.Connect(socket); err != 0)
-    return Fail(ctl::kExUnavailable,
-                fmt::format("cannot connect to dstd at {}: {}", socket, std::strerror(err)));
+  if (int rc = Connect(client, socket, since ? "events_since" : ""); rc != 0) return rc;
   ctl::Reply reply;
   std::string why;
-  if (!client.Call("events", json::object(), &reply, &why))
+  json params = json::object();
+  if (since) params["since"] = *since;
+  if (!client.Call("events", params, &reply, &why))
     return Fail(ctl::kExUnavailable, fmt::format("events: {}", why));
   if (!reply.ok) return FailReply(reply);
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
   std::string line;
   while (client.ReadLine(&line, &why)) {
+    json g = json::parse(line, nullptr, false);
+    if (g.is_object() && g.value("type", "") == "gap")
+      std::fprintf(stderr, "dstctl: events: %s", ctl::RenderEvent(g).c_str());
     if (as_json) {
       std::printf("%s\n", line.c_str());
     } else {
@@ -129,6 +152,32 @@ int Events(const std::string& socket, bool as_json) {
     std::fflush(stdout);
   }
   return Fail(ctl::kExUnavailable, fmt::format("events: {}", why));
+}
+
+// `dstctl version`: this dstctl, then dstd's hello (refused if dstd is too old).
+int Version(const std::string& socket, bool as_json) {
+  ctl::ControlClient client;
+  ctl::Hello h;
+  ctl::Reply reply;
+  std::string why;
+  if (int rc = Connect(client, socket, {}, &h); rc != 0) return rc;
+  if (!client.Call("hello", json::object(), &reply, &why))
+    return Fail(ctl::kExUnavailable, fmt::format("hello: {}", why));
+  if (as_json) {
+    PrintJson(json{{"dstctl", {{"version", DST_VERSION}, {"protocol", ctl::kProtocolVersion}}},
+                   {"dstd", reply.result}});
+    return 0;
+  }
+  auto join = [](const std::vector<std::string>& v) {
+    std::string s;
+    for (const auto& e : v) s += (s.empty() ? "" : " ") + e;
+    return s;
+  };
+  std::printf("dstctl %s (control protocol %d)\n", DST_VERSION, ctl::kProtocolVersion);
+  std::printf("dstd   %s (control protocol %d)\n", h.daemon_version.c_str(), h.protocol);
+  std::printf("layers:   %s\nfeatures: %s\nmethods:  %s\n", join(h.layers).c_str(),
+              join(h.features).c_str(), join(h.methods).c_str());
+  return 0;
 }
 
 // `dstctl array verify`: start (or cancel) a verify; by default wait for it, then for the resync
@@ -321,11 +370,16 @@ int main(int argc, char** argv) {
                   "Also remove exports, volumes and arrays that are not in the file");
 
   auto* events = app.add_subcommand("events", "Stream state changes and resync progress (NDJSON with --json)");
+  std::uint64_t since_seq = 0;
+  auto* since_opt = events->add_option(
+      "--since", since_seq,
+      "Resume after event number N (its \"seq\"): replay what came after it, then stream");
+  auto* version = app.add_subcommand("version", "Show dstctl's and dstd's versions and what dstd offers");
 
   for (auto* sc : {exp_add, exp_list, exp_rm, vol_imp, vol_list, vol_rm, mnt, umnt, status,
                    arr_create, arr_list, arr_rm, arr_add, arr_grow, arr_fail, arr_rmleg,
                    arr_readd, arr_detach, arr_rate, arr_verify, arr_resolve, arr_release, arr_import, detail,
-                   apply, events})
+                   apply, events, version})
     sc->add_flag("-j,--json", as_json, "Print the raw JSON result");
 
   try {
@@ -500,7 +554,10 @@ int main(int argc, char** argv) {
       return ctl::ExitCodeForError(result.value("error_code", std::string("io_error")));
     }
   } else if (events->parsed()) {
-    return Events(socket, as_json);
+    return Events(socket, as_json,
+                  since_opt->count() ? std::optional<std::uint64_t>(since_seq) : std::nullopt);
+  } else if (version->parsed()) {
+    return Version(socket, as_json);
   }
   return 0;
 }

@@ -18,6 +18,8 @@ const std::vector<std::string>& Methods() {
       "array.resolve", "array.release", "array.import",
       // issue 10: the layer registry (names, keys, leg rules, help)
       "array.layers",
+      // issue 10: capabilities
+      "hello",
   };
   return kMethods;
 }
@@ -132,6 +134,52 @@ bool ParseReply(std::string_view line, Reply* reply, std::string* why) {
   auto rs = e->find("reasons");
   reply->error_reasons = (rs != e->end() && rs->is_array()) ? *rs : json::array();
   return true;
+}
+
+bool Hello::Has(std::string_view feature) const {
+  return std::find(features.begin(), features.end(), feature) != features.end();
+}
+
+static bool StringList(const json& j, const char* key, std::vector<std::string>* out) {
+  auto it = j.find(key);
+  if (it == j.end() || !it->is_array()) return false;
+  out->clear();
+  for (const json& e : *it) {
+    if (!e.is_string()) return false;
+    out->push_back(e.get<std::string>());
+  }
+  return true;
+}
+
+bool ParseHello(const json& r, Hello* out, std::string* why) {
+  auto d = r.is_object() ? r.find("daemon") : r.end();
+  if (!r.is_object() || !r.contains("protocol") || !r["protocol"].is_number_integer() ||
+      d == r.end() || !d->is_object() || !d->contains("version") || !(*d)["version"].is_string() ||
+      !StringList(r, "methods", &out->methods) || !StringList(r, "layers", &out->layers) ||
+      !StringList(r, "features", &out->features)) {
+    *why = "malformed hello result";
+    return false;
+  }
+  out->protocol = r["protocol"].get<int>();
+  out->daemon_version = (*d)["version"].get<std::string>();
+  return true;
+}
+
+std::string CheckHello(const Reply& reply, std::string_view feature, Hello* out) {
+  Hello h;
+  std::string why;
+  if (!reply.ok && reply.error_code == kUnknownMethod)
+    return "dstd is too old for this dstctl (it does not answer \"hello\"); upgrade dstd";
+  if (!reply.ok) return reply.error_message;
+  if (!ParseHello(reply.result, &h, &why)) return "dstd answered hello oddly: " + why;
+  if (h.protocol < kMinDaemonProtocol)
+    return "dstd " + h.daemon_version + " speaks control protocol " + std::to_string(h.protocol) +
+           ", this dstctl needs " + std::to_string(kMinDaemonProtocol) + " or newer; upgrade dstd";
+  if (!feature.empty() && !h.Has(feature))
+    return "dstd " + h.daemon_version + " does not support " + std::string(feature) +
+           "; upgrade dstd";
+  if (out) *out = std::move(h);
+  return {};
 }
 
 LineSplitter::Next LineSplitter::Pop(std::string* line) {

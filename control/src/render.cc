@@ -477,9 +477,18 @@ std::string RenderEvent(const json& e) {
     return fmt::format("{} {} leg {} {}: {}{}\n", head, Str(e, "array"), U64(e, "slot"),
                        Str(e, "spec"), Str(e, "reason"),
                        Str(e, "text").empty() ? "" : " (" + Str(e, "text") + ")");
-  if (type == "leg_state")
+  if (type == "leg_state")  // pushed leg states name the device, derived ones the spec
     return fmt::format("{} {} leg {} {}: {}{}\n", head, Str(e, "array"), U64(e, "slot"),
-                       Str(e, "spec"), Str(e, "state"), prev);
+                       e.contains("spec") ? Str(e, "spec") : Str(e, "device", ""),
+                       Str(e, "state"), prev);
+  if (type == "gap") {
+    if (Str(e, "reason", "") == "restarted")
+      return fmt::format("{} gap: dstd has no event after {} (its last is {}: it restarted); "
+                         "the current state follows\n", head, U64(e, "since"), U64(e, "last_seq"));
+    return fmt::format("{} gap: events {}..{} are no longer kept (the oldest kept is {}); the "
+                       "current state follows\n", head, U64(e, "since") + 1,
+                       U64(e, "first_seq") - 1, U64(e, "first_seq"));
+  }
   if (type == "array_state")
     return fmt::format("{} {} {}{}\n", head, Str(e, "array"), Str(e, "state"), prev);
   if (type == "resync_progress")

@@ -593,7 +593,7 @@ Status MirrorDevice::DetachLeg(int slot) {
     int up = 0;
     for (int s = 0; s < impl_->nslots_; ++s) up += impl_->legs_[s].state == LegState::kUpToDate;
     if (up < 2) return Status::Busy("cannot detach the last up-to-date leg");
-    L.state = LegState::kDetached;
+    impl_->SetLegStateLocked(slot, LegState::kDetached);
     L.prog.leg_state = L.state;
     impl_->SetReasonLocked(slot, LegReason::kOperator, "detached by the operator");
     impl_->rotate_pending_ = true;
@@ -622,7 +622,7 @@ Result<int> MirrorDevice::AddLeg(std::shared_ptr<BlockDevice> dev) {
     auto& L = impl_->legs_[slot];
     L.oos = DirtyMap(impl_->info_.size, impl_->region_size_);
     L.chunk_dirty.assign(L.oos.chunks(), 0);
-    L.state = LegState::kFailed;
+    impl_->SetLegStateLocked(slot, LegState::kFailed);
     L.generation.clear();
     L.history.clear();
     L.describe = dev->Describe();
@@ -650,7 +650,7 @@ Result<int> MirrorDevice::AddLeg(std::shared_ptr<BlockDevice> dev) {
   std::lock_guard<std::mutex> l(impl_->mu_);
   auto& L = impl_->legs_[slot];
   if (!s.ok()) {
-    L.state = LegState::kEmpty;
+    impl_->SetLegStateLocked(slot, LegState::kEmpty);
     return s;
   }
   L.dev = std::move(dev);
@@ -803,7 +803,7 @@ Status MirrorDevice::RemoveLeg(int slot) {
       if (up < 2) return Status::Busy("cannot remove the last up-to-date leg");
     }
     if (L.state == LegState::kUpToDate) impl_->rotate_pending_ = true;
-    L.state = LegState::kEmpty;
+    impl_->SetLegStateLocked(slot, LegState::kEmpty);
     L.reason = LegReason::kNone;
     L.reason_text.clear();
     L.reinit = false;
@@ -820,6 +820,11 @@ Status MirrorDevice::RemoveLeg(int slot) {
   std::lock_guard<std::mutex> l(impl_->mu_);
   impl_->legs_[slot].dev.reset();
   return Status::OK();
+}
+
+void MirrorDevice::SetLegListener(LegListener fn) {
+  std::lock_guard<std::mutex> l(impl_->mu_);
+  impl_->leg_listener_ = std::move(fn);
 }
 
 std::vector<LegStatus> MirrorDevice::Legs() const {

@@ -249,8 +249,31 @@ void MirrorDevice::Impl::SetReasonLocked(int slot, LegReason r, std::string text
                        (r == LegReason::kBlank ? " -> new generation, full resync" : " -> failed");
     ++L.identity_events;
   }
+  const LegReason before = L.reason;
   L.reason = r;
   L.reason_text = std::move(text);
+  if (before != r) NotifyLegLocked(slot, L.state, before);
+}
+
+void MirrorDevice::Impl::SetLegStateLocked(int slot, LegState s) {
+  Leg& L = legs_[slot];
+  const LegState before = L.state;
+  L.state = s;
+  if (before != s) NotifyLegLocked(slot, before, L.reason);
+}
+
+void MirrorDevice::Impl::NotifyLegLocked(int slot, LegState from, LegReason reason_from) {
+  if (!leg_listener_) return;
+  const Leg& L = legs_[slot];
+  LegTransition t;
+  t.slot = slot;
+  t.from = from;
+  t.to = L.state;
+  t.reason_from = reason_from;
+  t.reason = L.reason;
+  t.reason_text = L.reason_text;
+  t.device = L.describe;
+  leg_listener_(t);
 }
 
 void MirrorDevice::Impl::InstallCheck(int slot, BlockDevice* dev) {

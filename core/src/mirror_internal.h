@@ -301,6 +301,10 @@ class MirrorDevice::Impl {
   static Status VerifyCb(void* arg, const char* data, std::uint32_t len);
   static void RejectedCb(void* arg, const Status& why);
   void SetReasonLocked(int slot, LegReason r, std::string text);
+  // Every leg state change after assembly goes through here (the listener sees it).
+  void SetLegStateLocked(int slot, LegState s);
+  void NotifyLegLocked(int slot, LegState from, LegReason reason_from);
+  MirrorDevice::LegListener leg_listener_;  // GUARDED_BY(mu_)
   void NoteOwner(int slot, const LegHeader& h);  // the claim as last seen/written
   // Attach-time judgement of `dev` for `slot` (reads the header).
   LegReason JudgeAttach(int slot, BlockDevice& dev, std::string* why);

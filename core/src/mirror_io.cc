@@ -96,7 +96,7 @@ void MirrorDevice::Impl::FailLegLocked(int slot, LegReason why, std::string text
   if (L.state != LegState::kEmpty) SetReasonLocked(slot, why, std::move(text));
   if (L.state == LegState::kUpToDate || L.state == LegState::kResyncing) {
     if (L.state == LegState::kUpToDate) rotate_pending_ = true;
-    L.state = LegState::kFailed;
+    SetLegStateLocked(slot, LegState::kFailed);
     L.prog.leg_state = L.state;
     if (L.prog.state == ResyncState::kRunning || L.prog.state == ResyncState::kPending)
       L.prog.state = ResyncState::kFailed;

@@ -98,7 +98,7 @@ bool MirrorDevice::Impl::ResyncLeg(int slot) {
           writer_cv_.notify_one();
           WaitCommittedLocked(l2, seq);
           if (T.state == LegState::kResyncing && T.oos.Empty()) {
-            T.state = LegState::kUpToDate;
+            SetLegStateLocked(slot, LegState::kUpToDate);
             T.prog.leg_state = T.state;
             T.prog.state = ResyncState::kDone;
             T.prog.next_offset = info_.size;
@@ -482,7 +482,7 @@ Status MirrorDevice::Impl::StartLegResyncLocked(int slot, bool full) {
     L.oos.SetAll();
     std::fill(L.chunk_dirty.begin(), L.chunk_dirty.end(), 1);
   }
-  L.state = L.oos.Empty() ? LegState::kUpToDate : LegState::kResyncing;
+  SetLegStateLocked(slot, L.oos.Empty() ? LegState::kUpToDate : LegState::kResyncing);
   L.prog = ResyncProgress();
   L.prog.leg = slot;
   L.prog.leg_state = L.state;

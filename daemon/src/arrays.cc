@@ -214,8 +214,8 @@ void Daemon::StopArrayThreads() {
   {
     std::lock_guard<std::mutex> l(ev_mu_);
     ev_stop_ = true;
-    subscribers_.clear();
   }
+  events_.Stop();
   ev_cv_.notify_all();
   if (monitor_thread_.joinable()) monitor_thread_.join();
   if (events_thread_.joinable()) events_thread_.join();
@@ -492,6 +492,7 @@ Status Daemon::BringUp(const std::shared_ptr<Array>& a) {
                    a->cfg.name, i, a->legs[i].spec, a->legs[i].error);
   RegisterArrayVolume(a);
   Emit(json{{"type", "array_state"}, {"array", a->cfg.name}, {"state", "assembled"}});
+  WatchLegs(a);
   return Status::OK();
 }
 
@@ -504,6 +505,7 @@ std::uint64_t Daemon::SampleResync(const std::shared_ptr<Array>& a) {
   std::lock_guard<std::mutex> l(a->acc_mu);
   if (m) {
     for (auto& p : m->Progress()) {
+      if (a->banking.count(p.leg)) continue;  // banked; the engine is restarting its pass
       std::uint64_t& last = a->resync_last[p.leg];
       if (p.bytes_resynced_total < last) a->resync_base[p.leg] += last;  // a new pass started
       last = p.bytes_resynced_total;
@@ -521,13 +523,20 @@ std::uint64_t Daemon::BankResync(const std::shared_ptr<Array>& a, int slot) {
   std::uint64_t v = a->resync_last[slot];
   a->resync_base[slot] += v;
   a->resync_last[slot] = 0;
+  a->banking.insert(slot);
   return v;
+}
+
+void Daemon::BankDone(const std::shared_ptr<Array>& a, int slot) {
+  std::lock_guard<std::mutex> l(a->acc_mu);
+  a->banking.erase(slot);
 }
 
 void Daemon::UnbankResync(const std::shared_ptr<Array>& a, int slot, std::uint64_t bytes) {
   std::lock_guard<std::mutex> l(a->acc_mu);
   a->resync_base[slot] -= bytes;
   a->resync_last[slot] = bytes;
+  a->banking.erase(slot);
 }
 
 Status Daemon::PersistArray(const std::shared_ptr<Array>& a) {
@@ -804,6 +813,7 @@ Status Daemon::ArrayLegOp(const std::string& name, const std::string& op, int sl
       UnbankResync(a, slot, banked);
       return rs;
     }
+    BankDone(a, slot);
     ArrayLeg old;
     {
       std::lock_guard<std::mutex> l(mu_);
@@ -829,6 +839,7 @@ Status Daemon::ArrayLegOp(const std::string& name, const std::string& op, int sl
     }
     std::uint64_t banked = BankResync(a, slot);
     Status s = a->mirror->ReAddLeg(slot, dev);
+    if (s.ok()) BankDone(a, slot);
     if (!s.ok()) {
       UnbankResync(a, slot, banked);
       if (fresh.owned && fresh.remote) fresh.remote->Close();
@@ -885,6 +896,8 @@ Result<json> Daemon::ArrayResolve(const std::string& name, int keep, bool dry_ru
   if (!dry_run)
     for (int s = 0; s < MirrorDevice::kMaxLegs; ++s) banked[s] = BankResync(a, s);
   auto r = a->mirror->Resolve(keep, dry_run);
+  if (r.ok() && !dry_run)
+    for (int s = 0; s < MirrorDevice::kMaxLegs; ++s) BankDone(a, s);
   if (!r.ok()) {
     if (!dry_run)
       for (int s = 0; s < MirrorDevice::kMaxLegs; ++s) UnbankResync(a, s, banked[s]);
@@ -1098,6 +1111,7 @@ void Daemon::ArrayMonitorLoop() {
         std::uint64_t banked = BankResync(a, st.slot);
         Status s = a->mirror->ReAddLegAuto(st.slot, leg.dev);
         if (!s.ok()) UnbankResync(a, st.slot, banked);
+        else BankDone(a, st.slot);
         leg.next_try = now + std::chrono::seconds(leg.backoff_s);
         leg.backoff_s = std::min(leg.backoff_s * 2, 30);
         if (s.ok()) {
@@ -1462,140 +1476,6 @@ json Daemon::ArraysJson() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Events: a 0.5 s ticker diffs the array/volume states and streams changes to subscribers.
-
-void Daemon::Emit(json ev) {
-  if (!ev.contains("ts")) ev["ts"] = NowTs();
-  std::string line = ev.dump(-1, ' ', false, json::error_handler_t::replace) + "\n";
-  std::lock_guard<std::mutex> l(ev_mu_);
-  subscribers_.erase(std::remove_if(subscribers_.begin(), subscribers_.end(),
-                                    [&](Reply& r) { return !r(line); }),
-                     subscribers_.end());
-}
-
-void Daemon::EventsRpc(Reply reply, const json& id) {
-  // The reply first, then (same connection, same strand order) the current state, then changes.
-  reply(ctl::EncodeResult(id, json{{"subscribed", true}}));
-  json arrays = ArraysJson();
-  std::vector<std::string> lines;
-  for (auto& a : arrays) {
-    json ev{{"ts", NowTs()}, {"type", "array_state"}, {"array", a["name"]}, {"state", a["state"]},
-            {"initial", true}};
-    lines.push_back(ev.dump() + "\n");
-    for (auto& l : a["legs"]) {
-      json lev{{"ts", NowTs()}, {"type", "leg_state"}, {"array", a["name"]}, {"slot", l["slot"]},
-               {"spec", l["spec"]}, {"state", l["state"]}, {"initial", true}};
-      lines.push_back(lev.dump() + "\n");
-    }
-  }
-  std::lock_guard<std::mutex> l(ev_mu_);
-  for (auto& line : lines)
-    if (!reply(line)) return;
-  subscribers_.push_back(std::move(reply));
-}
-
-void Daemon::EventsLoop() {
-  std::map<std::string, std::string> arr_state, leg_state, leg_reason, vol_state;
-  std::map<std::string, std::uint64_t> leg_idev;
-  std::map<std::string, json> last_resync;
-  bool first = true;
-  for (;;) {
-    {
-      std::unique_lock<std::mutex> l(ev_mu_);
-      if (ev_cv_.wait_for(l, std::chrono::milliseconds(500), [this] { return ev_stop_; })) return;
-    }
-    json arrays = ArraysJson();
-    json vols = VolumesJson();
-    std::set<std::string> seen_arrays;
-    for (auto& a : arrays) {
-      std::string name = a["name"];
-      seen_arrays.insert(name);
-      std::string st = a["state"];
-      auto& prev = arr_state[name];
-      if (!first && prev != st)
-        Emit(json{{"type", "array_state"}, {"array", name}, {"state", st},
-                  {"previous", prev.empty() ? json() : json(prev)}});
-      prev = st;
-      for (auto& l : a["legs"]) {
-        std::string key = name + "/" + std::to_string(l["slot"].get<int>());
-        std::string ls = l["state"];
-        auto& lp = leg_state[key];
-        if (!first && lp != ls) {
-          json ev{{"type", "leg_state"}, {"array", name}, {"slot", l["slot"]}, {"spec", l["spec"]},
-                  {"state", ls}, {"previous", lp.empty() ? json() : json(lp)},
-                  {"out_of_sync_bytes", l["out_of_sync_bytes"]}};
-          Emit(std::move(ev));
-        }
-        lp = ls;
-        // Identity reason changes (blank, foreign, split-brain, claimed...): event and log.
-        std::string reason = l.value("reason", std::string("none"));
-        auto& rp = leg_reason[key];
-        if (!first && rp != reason && !(rp.empty() && reason == "none")) {
-          std::string text = l.value("reason_text", std::string());
-          Emit(json{{"type", "leg_reason"}, {"array", name}, {"slot", l["slot"]},
-                    {"spec", l["spec"]}, {"reason", reason}, {"text", text},
-                    {"previous", rp.empty() ? json() : json(rp)}});
-          if (reason != "none")
-            spdlog::warn("array \"{}\": leg {} ({}) out of service: {}", name,
-                         l["slot"].get<int>(), l.value("spec", std::string()), text);
-          else
-            spdlog::info("array \"{}\": leg {} ({}) identity ok again", name, l["slot"].get<int>(),
-                         l.value("spec", std::string()));
-        }
-        rp = reason;
-        // Findings that healed between two ticks (a blank leg re-initialised at once) too.
-        std::uint64_t nev = l.value("identity_events", std::uint64_t{0});
-        auto& ep = leg_idev[key];
-        if (!first && nev > ep) {
-          std::string text = l.value("identity_event", std::string());
-          Emit(json{{"type", "leg_identity"}, {"array", name}, {"slot", l["slot"]},
-                    {"spec", l["spec"]}, {"event", text}, {"count", nev}});
-          spdlog::warn("array \"{}\": leg {} ({}): {}", name, l["slot"].get<int>(),
-                       l.value("spec", std::string()), text);
-        }
-        ep = nev;
-      }
-      VerifyEvents(a);
-      const json& rs = a["resync"];
-      if (!rs.is_null()) {
-        Emit(json{{"type", "resync_progress"}, {"array", name}, {"leg", rs["leg"]},
-                  {"state", rs["state"]}, {"bytes_done", rs["bytes_done"]},
-                  {"bytes_total", rs["bytes_total"]}, {"percent", rs["percent"]},
-                  {"rate", rs["rate"]}, {"eta_seconds", rs["eta_seconds"]}});
-      }
-      // A pass ended (possibly between two ticks): report its final accounting once.
-      for (auto& p : a["progress"]) {
-        std::string key = name + "/" + std::to_string(p["leg"].get<int>());
-        json& lp = last_resync[key];
-        std::string pst = p["state"];
-        std::uint64_t total = p["bytes_resynced_total"];
-        bool ended = (pst == "done" || pst == "failed") &&
-                     (lp.is_null() || lp["state"] != pst || lp["bytes_resynced_total"] != total);
-        if (ended && !first)
-          Emit(json{{"type", "resync_done"}, {"array", name}, {"leg", p["leg"]},
-                    {"state", pst}, {"leg_state", p["leg_state"]},
-                    {"bytes_resynced_total", total}});
-        lp = json{{"state", pst}, {"bytes_resynced_total", total}};
-      }
-    }
-    for (auto it = arr_state.begin(); it != arr_state.end();) {
-      if (seen_arrays.count(it->first)) { ++it; continue; }
-      it = arr_state.erase(it);
-    }
-    for (auto& v : vols) {
-      std::string name = v["name"];
-      std::string st = v["state"];
-      auto& prev = vol_state[name];
-      if (!first && prev != st)
-        Emit(json{{"type", "volume_state"}, {"volume", name}, {"state", st},
-                  {"previous", prev.empty() ? json() : json(prev)}});
-      prev = st;
-    }
-    first = false;
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
 // RPCs
 
 void Daemon::ArrayRpc(const std::string& m, const json& p, Finish finish) {
@@ -1813,8 +1693,8 @@ void Daemon::VerifyTick() {
   }
 }
 
-// Events thread, every tick, per array JSON: verify_progress while a verify runs, at most once
-// a second (verify_done comes from VerifyFinished).
+// Events thread, every tick, per array JSON: verify_progress while a verify runs, at most 4 a
+// second (verify_done comes from VerifyFinished).
 void Daemon::VerifyEvents(const json& a) {
   const std::string name = a.value("name", "");
   auto it = a.find("verify");
@@ -1824,7 +1704,8 @@ void Daemon::VerifyEvents(const json& a) {
   const bool same_run = !seen.is_null() && seen["run"] == v["run"];
   if (VerifyRunning(v)) {
     double now = NowTs();
-    if (!same_run || now - seen.value("emitted", 0.0) >= 1.0) {
+    if (!same_run) progress_gate_.Forget("verify:" + name);  // a new run reports at once
+    if (progress_gate_.Allow("verify:" + name, now)) {
       Emit(json{{"type", "verify_progress"}, {"array", name}, {"run", v["run"]},
                 {"repair", v["repair"]}, {"bytes_done", v["bytes_done"]},
                 {"bytes_total", v["bytes_total"]}, {"percent", v["percent"]}, {"rate", v["rate"]},

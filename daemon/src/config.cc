@@ -2,6 +2,7 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <charconv>
 #include <fstream>
 #include <functional>
@@ -454,6 +455,7 @@ Status ParseArray(const toml::node& n, std::string_view key, const ErrorSink& si
 }
 
 }  // namespace
+
 
 bool ValidName(std::string_view name) {
   if (name.empty() || name.size() > 64 || name[0] == '.') return false;

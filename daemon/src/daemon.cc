@@ -404,6 +404,7 @@ Status Daemon::OpenExport(const ExportConfig& e) {
     NbdExportAdded(e.name, dev, e.read_only, {}, e.array);
     spdlog::info("export \"{}\": {} \"{}\" ({} bytes)", e.name,
                  e.array.empty() ? "volume" : "array", ref, dev->Info().size);
+    Emit(json{{"type", "export_added"}, {"export", e.name}, {"size", dev->Info().size}});
     return Status::OK();
   }
   FileDeviceOptions fo;
@@ -424,6 +425,7 @@ Status Daemon::OpenExport(const ExportConfig& e) {
   NbdExportAdded(e.name, dev.value(), e.read_only, e.path, {});
   spdlog::info("export \"{}\": {} ({} bytes{})", e.name, e.path, dev.value()->Info().size,
                e.read_only ? ", read-only" : "");
+  Emit(json{{"type", "export_added"}, {"export", e.name}, {"size", dev.value()->Info().size}});
   return Status::OK();
 }
 
@@ -649,6 +651,7 @@ Status Daemon::DoMount(const std::string& dir) {
     }
   }
   spdlog::info("FUSE mounted at {}", dir);
+  Emit(json{{"type", "mount"}, {"state", "mounted"}, {"path", dir}});
   for (auto& v : vols) AddToMount(v);
   return Status::OK();
 }
@@ -672,6 +675,8 @@ void Daemon::Handle(ctl::Request req, Reply reply) {
   };
   if (m == "status") {
     finish(StatusJson());
+  } else if (m == "hello") {
+    finish(HelloJson());
   } else if (m == "export.list") {
     finish(json{{"exports", ExportsJson()}});
   } else if (m == "volume.list") {
@@ -683,7 +688,7 @@ void Daemon::Handle(ctl::Request req, Reply reply) {
   } else if (m == "apply") {
     ApplyRpc(req, std::move(reply_copy));
   } else if (m == "events") {
-    EventsRpc(std::move(reply_copy), req.id);
+    EventsRpc(p, std::move(reply_copy), req.id);
   } else {
     // ParseRequest only lets known methods through; this is a Methods()/dispatch mismatch.
     finish(Status::NotSupported(fmt::format("method \"{}\" is not implemented", m)));
@@ -729,7 +734,10 @@ Status Daemon::RemoveExport(const std::string& name) {
     ForgetObject("export", name);
     if (st.IsNotFound()) st = Status::OK();  // reserved but never opened (see persist.cc)
   }
-  if (st.ok()) spdlog::info("export \"{}\" removed", name);
+  if (st.ok()) {
+    spdlog::info("export \"{}\" removed", name);
+    Emit(json{{"type", "export_removed"}, {"export", name}});
+  }
   if (st.code() == Status::Code::kBusy && st.message().empty())
     st = Status::Busy(fmt::format("export \"{}\" has connected clients", name));
   return st;
@@ -801,8 +809,10 @@ Status Daemon::RemoveVolume(const std::string& name) {
   if (Status st = FlushWithDeadline(*vol->dev, FlushTimeout(vol->cfg)); !st.ok())
     spdlog::warn("volume \"{}\": flush before removal failed: {}", name, Message(st));
   if (vol->remote) vol->remote->Close();
+  if (vol->nbd) vol->nbd->Close();
   ForgetObject("volume", name);
   spdlog::info("volume \"{}\" removed", name);
+  Emit(json{{"type", "volume_removed"}, {"volume", name}});
   return Status::OK();
 }
 
@@ -853,6 +863,7 @@ void Daemon::UnmountRpc(Finish finish) {
       mount_busy_ = false;
     }
     spdlog::info("FUSE unmounted from {}", dir);
+    Emit(json{{"type", "mount"}, {"state", "unmounted"}, {"path", dir}});
     finish(json::object());
   });
 }
@@ -986,7 +997,7 @@ json Daemon::StatusJson() {
       std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
   st["daemon"] = {
       {"pid", ::getpid()},
-      {"version", "0.1.0"},
+      {"version", DaemonVersion()},
       {"listen", {{"address", cfg_.listen_host}, {"port", exporter_ ? exporter_->port() : 0}}},
       {"uptime_s", uptime},
       {"batching", cfg_.batching},

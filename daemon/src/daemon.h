@@ -33,6 +33,7 @@
 #include <nlohmann/json.hpp>
 
 #include "control_server.h"
+#include "events.h"
 #include "dst/block_device.h"
 #include "dst/counting_device.h"
 #include "dst/daemon/config.h"
@@ -56,6 +57,9 @@ struct DaemonOptions {
   std::string control_path = "/run/dst/dstd.sock";
   bool verbose = false;
 };
+
+// dstd's version (the project version), for hello and status.
+const char* DaemonVersion();
 
 // The control protocol's error code ("busy", "not_found", ...) for a Status.
 const char* ControlErrorCode(const Status& s);
@@ -140,12 +144,16 @@ class Daemon {
     // every pass it starts (re-add, add); these keep the array's running total since start.
     std::mutex acc_mu;
     std::map<int, std::uint64_t> resync_base, resync_last;  // GUARDED_BY(acc_mu)
+    // Slots between BankResync and the end of the engine call: the old pass's counter may
+    // still show until the engine restarts it, so samples skip them.
+    std::set<int> banking;  // GUARDED_BY(acc_mu)
   };
   using Reply = ControlServer::ReplyFn;
   using Finish = std::function<void(Result<nlohmann::json>)>;  // any thread, exactly once
 
   void Handle(control::Request req, Reply reply);
   nlohmann::json StatusJson();
+  nlohmann::json HelloJson();  // hello.cc
   nlohmann::json ExportsJson();
   nlohmann::json VolumesJson();
   nlohmann::json VolumeJson(const std::string& name, const Volume& v);
@@ -182,7 +190,12 @@ class Daemon {
 
   // arrays.cc
   void ArrayRpc(const std::string& method, const nlohmann::json& p, Finish finish);
-  void EventsRpc(Reply reply, const nlohmann::json& id);
+  // events.cc: `events` (since: replay from the ring, or a gap line and a fresh snapshot).
+  void EventsRpc(const nlohmann::json& p, Reply reply, const nlohmann::json& id);
+  std::vector<std::string> SnapshotLines(std::uint64_t seq);  // current state, as of `seq`
+  // Pushes leg_state / leg_reason events from the mirror's leg listener as they happen, then
+  // the legs' states at assembly.  After a->mirror is set.
+  void WatchLegs(const std::shared_ptr<Array>& a);
   void ApplyRpc(const control::Request& req, Reply reply);  // operations.cc
   Status StartArrays();              // main thread, after volumes
   void StopArrayThreads();
@@ -214,12 +227,13 @@ class Daemon {
   // the pass's bytes into the running total.  Returns them, for UnbankResync if the call fails.
   std::uint64_t BankResync(const std::shared_ptr<Array>& a, int slot);
   void UnbankResync(const std::shared_ptr<Array>& a, int slot, std::uint64_t bytes);
+  void BankDone(const std::shared_ptr<Array>& a, int slot);  // the engine call succeeded
   void RegisterArrayVolume(const std::shared_ptr<Array>& a);
   std::shared_ptr<Array> FindArray(const std::string& name);
   void ArrayMonitorLoop();
   void RefreshGrownFiles();
   void EventsLoop();
-  void Emit(nlohmann::json ev);
+  void Emit(nlohmann::json ev);  // events_.Emit, and wakes the events thread
   void TryPendingExports();
 
   // Exclusive legs (exclusive.cc): who uses a file, remote export, volume or array here.
@@ -306,6 +320,8 @@ class Daemon {
   std::unique_ptr<ControlServer> control_;
   WorkQueue workers_{3};
   std::atomic<bool> stopping_{false};
+  // Before the objects that emit into it (mirror leg listeners run until the mirror is gone).
+  EventLog events_;
 
   std::mutex mu_;
   std::map<std::string, std::shared_ptr<Volume>> volumes_;  // GUARDED_BY(mu_)
@@ -322,7 +338,9 @@ class Daemon {
   std::mutex ev_mu_;
   std::condition_variable ev_cv_;
   bool ev_stop_ = false;                                     // GUARDED_BY(ev_mu_)
-  std::vector<Reply> subscribers_;                           // GUARDED_BY(ev_mu_)
+  bool ev_poke_ = false;  // GUARDED_BY(ev_mu_) a change was pushed: re-derive states now
+  std::atomic<std::thread::id> events_tid_{};  // the events thread (it needs no wake-up)
+  ProgressGate progress_gate_{4.0};  // resync/verify progress: at most 4 a second per leg
   std::thread monitor_thread_;
   std::thread events_thread_;
 

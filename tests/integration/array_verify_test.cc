@@ -17,6 +17,7 @@
 #include <filesystem>
 
 #include "array_helpers.h"
+#include "event_tap.h"
 #include "test_env.h"
 
 using namespace dst::test;
@@ -43,30 +44,6 @@ bool PwriteFile(const QString& path, std::uint64_t off, const QByteArray& d) {
   return ok;
 }
 
-// `dstctl events --json` in the background; lines() parses what arrived so far.
-struct EventTap {
-  QProcess p;
-  QByteArray buf;
-  bool Start(DaemonProcess& d) {
-    p.start(QString::fromStdString(BinPath("dstctl")),
-            {"--socket", d.control_socket(), "events", "--json"});
-    return p.waitForStarted(5000);
-  }
-  std::vector<json> Lines() {
-    p.waitForReadyRead(50);
-    buf += p.readAllStandardOutput();
-    std::vector<json> out;
-    for (const QByteArray& l : buf.split('\n')) {
-      json j = json::parse(l.toStdString(), nullptr, false);
-      if (j.is_object()) out.push_back(std::move(j));
-    }
-    return out;
-  }
-  ~EventTap() {
-    p.kill();
-    p.waitForFinished(3000);
-  }
-};
 }  // namespace
 
 class ArrayVerifyTest : public QObject {

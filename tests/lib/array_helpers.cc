@@ -426,4 +426,16 @@ bool MirrorRig::StartAssembler(const QString* toml, QString* why) {
   return true;
 }
 
+bool MirrorRig::StartCleanMirror(int exporters, int size_mib, QString* why) {
+  if (!StartExporters(exporters, size_mib, why)) return false;
+  const QString toml = ArrayToml("m0", "mirror", {Uri(0), Uri(1)}, "64K", "200M", "400M");
+  if (!StartAssembler(&toml, why)) return false;
+  nlohmann::json a;
+  if (!WaitArrayClean(*as, "m0", 60000, &a)) {
+    *why = QString::fromStdString("m0 not clean: " + a.dump());
+    return false;
+  }
+  return true;
+}
+
 }  // namespace dst::test

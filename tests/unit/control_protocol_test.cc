@@ -99,6 +99,45 @@ class ControlProtocolTest : public QObject {
     QVERIFY(!ctl::IsKnownMethod(""));
   }
 
+  // hello (issue 10 item 6): a client refuses a daemon too old for it, with a sentence.
+  void HelloCheck() {
+    QVERIFY(ctl::IsKnownMethod("hello"));
+    json good{{"protocol", ctl::kProtocolVersion},
+              {"daemon", {{"name", "dstd"}, {"version", "0.1.0"}}},
+              {"methods", {"hello", "status"}},
+              {"layers", {"linear", "mirror"}},
+              {"features", {"events", "events_since"}}};
+    ctl::Reply r;
+    r.ok = true;
+    r.result = good;
+    ctl::Hello h;
+    QCOMPARE(ctl::CheckHello(r, "", &h), std::string());
+    QCOMPARE(h.daemon_version, std::string("0.1.0"));
+    QVERIFY(h.Has("events_since") && !h.Has("nbd"));
+    QCOMPARE(ctl::CheckHello(r, "events_since"), std::string());
+    // A feature it lacks.
+    std::string why = ctl::CheckHello(r, "tls");
+    QVERIFY2(why.find("does not support tls") != std::string::npos, why.c_str());
+    // Too old a protocol.
+    r.result["protocol"] = ctl::kMinDaemonProtocol - 1;
+    why = ctl::CheckHello(r, "");
+    QVERIFY2(why.find("upgrade dstd") != std::string::npos, why.c_str());
+    // A daemon from before hello.
+    ctl::Reply old;
+    old.ok = false;
+    old.error_code = ctl::kUnknownMethod;
+    old.error_message = "unknown method \"hello\"";
+    why = ctl::CheckHello(old, "");
+    QVERIFY2(why.find("too old") != std::string::npos, why.c_str());
+    // Malformed results are refused, not half-parsed.
+    r.result = good;
+    r.result.erase("layers");
+    QVERIFY(!ctl::CheckHello(r, "").empty());
+    r.result = good;
+    r.result["methods"] = {1, 2};
+    QVERIFY(!ctl::CheckHello(r, "").empty());
+  }
+
   void LineSplitting() {
     ctl::LineSplitter s(64);
     std::string line;

@@ -51,7 +51,9 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <memory>
+#include <string_view>
 #include <string>
 #include <vector>
 
@@ -115,6 +117,15 @@ struct LegStatus {
   std::uint64_t lease_expiry_ms = 0;     // unix ms
   std::string identity_event;            // last identity finding ("" none), kept after recovery
   std::uint32_t identity_events = 0;     // how many identity findings so far
+};
+
+// A leg's state or reason changed (MirrorDevice::SetLegListener).
+struct LegTransition {
+  int slot = -1;
+  LegState from = LegState::kEmpty, to = LegState::kEmpty;  // equal: only the reason changed
+  LegReason reason_from = LegReason::kNone, reason = LegReason::kNone;
+  std::string_view reason_text;  // valid during the call only
+  std::string_view device;       // the leg device's Describe(); valid during the call only
 };
 
 // One side of a split brain as Resolve() would treat it.
@@ -202,6 +213,13 @@ class MirrorDevice : public BlockDevice {
   // True while a leg is failed because it diverged (split brain).
   bool SplitBrain() const;
   std::vector<LegStatus> Legs() const;
+  // Called synchronously on every leg state transition and reason change, by the thread that
+  // makes it and under the array's lock (so no transition is missed, however short): it must be
+  // quick, must not block and must not call into this device.  Transitions made while the
+  // array is being assembled (before this is set) are not reported: read Legs() after setting.
+  // nullptr removes it.
+  using LegListener = std::function<void(const LegTransition&)>;
+  void SetLegListener(LegListener fn);
   // The out-of-sync map of leg `slot` over [offset, offset + length) (clamped to the array size)
   // as consecutive runs: sink(arg, run_bytes, dirty) in order, starting at `offset`; dirty runs
   // are the covering regions of whatever that leg misses.  The sink runs under the array's lock:

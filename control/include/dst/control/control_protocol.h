@@ -12,7 +12,8 @@
 // * A line that is not JSON gets `parse_error` (id null); a JSON value that is not a valid request
 //   gets `invalid_request`; an unknown method `unknown_method`.  The connection stays up.
 //
-// Methods and their params/results are listed in docs/man/dstctl.8 ("CONTROL PROTOCOL").
+// Every method, its params, result shape and error codes: docs/control.md (checked against a
+// live dstd by tests/integration/control_contract_test.cc).
 //
 // This library links only nlohmann-json (dstctl and the GUI use it; no engine code).
 #pragma once
@@ -28,7 +29,10 @@
 namespace dst::control {
 
 inline constexpr std::size_t kMaxLineBytes = 1u << 20;  // 1 MiB per request or reply line
-inline constexpr int kProtocolVersion = 1;             // "version" in status results
+inline constexpr int kProtocolVersion = 1;             // "version" in status, "protocol" in hello
+// The oldest daemon protocol this client library speaks.  A daemon without `hello` is older than
+// every capability below and is refused by CheckHello's callers (dstctl).
+inline constexpr int kMinDaemonProtocol = 1;
 
 // Error codes (the "code" member of an error object).
 inline constexpr const char* kParseError = "parse_error";
@@ -87,6 +91,22 @@ struct Reply {
 };
 // Parses a reply line; false (with *why) if it is not a well-formed reply.
 bool ParseReply(std::string_view line, Reply* reply, std::string* why);
+
+// The result of `hello` (docs/control.md): what the daemon speaks and offers.
+struct Hello {
+  int protocol = 0;
+  std::string daemon_version;
+  std::vector<std::string> methods;   // every method it answers
+  std::vector<std::string> layers;    // array levels ("linear", "mirror", ...)
+  std::vector<std::string> features;  // "events_since", "nbd", "fuse", ...
+  bool Has(std::string_view feature) const;
+};
+// false + *why if `result` is not a hello result.
+bool ParseHello(const nlohmann::json& result, Hello* out, std::string* why);
+// Checks a daemon's answer to `hello` before talking to it.  "" when it is new enough and offers
+// `feature` (empty: none needed); otherwise a sentence for the user.  `reply` may be the
+// unknown_method error of a daemon that predates hello.
+std::string CheckHello(const Reply& reply, std::string_view feature, Hello* out = nullptr);
 
 // Splits a byte stream into lines with a hard length limit.
 class LineSplitter {

@@ -1,0 +1,27 @@
+// EventTap: `dstctl events --json [--since N]` in the background for integration tests; Lines()
+// parses what arrived so far (one JSON object per line; partial lines wait for the next call).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include <QByteArray>
+#include <QProcess>
+
+#include <nlohmann/json.hpp>
+
+#include "daemon_process.h"
+
+namespace dst::test {
+
+struct EventTap {
+  QProcess p;
+  QByteArray buf;
+  // since < 0: a plain subscription (snapshot, then live).
+  bool Start(DaemonProcess& d, qint64 since = -1);
+  std::vector<nlohmann::json> Lines();
+  void Kill();
+  ~EventTap() { Kill(); }
+};
+
+}  // namespace dst::test
