@@ -838,7 +838,14 @@ Status Daemon::ArrayLegOp(const std::string& name, const std::string& op, int sl
       dev = fresh.dev;
     }
     std::uint64_t banked = BankResync(a, slot);
+    // A remote leg whose connection is being re-checked (its exporter just came back) can fail
+    // the header read with EIO while the old check rejects the connection; the operator's
+    // re-add must not lose that race.  Unreachable for 2 s more is a real refusal.
     Status s = a->mirror->ReAddLeg(slot, dev);
+    for (int i = 0; i < 4 && s.code() == Status::Code::kUnavailable; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(500));
+      s = a->mirror->ReAddLeg(slot, dev);
+    }
     if (s.ok()) BankDone(a, slot);
     if (!s.ok()) {
       UnbankResync(a, slot, banked);
