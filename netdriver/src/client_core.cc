@@ -11,14 +11,8 @@
 // slot (a late or duplicated reply) does not match: the protocol drains its payload.
 #include "client_core.h"
 
-#include <fcntl.h>
-#include <netdb.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
-#include <sys/un.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -26,7 +20,6 @@
 #include <cstring>
 
 #include <boost/asio/dispatch.hpp>
-#include <boost/asio/generic/stream_protocol.hpp>
 #include <boost/asio/post.hpp>
 
 #include "dst/net/tcp_transport.h"
@@ -54,109 +47,27 @@ bool Overlaps(std::uint64_t a_off, std::uint64_t a_len, std::uint64_t b_off, std
   return a_off < b_off + b_len && b_off < a_off + a_len;
 }
 
-// Opens the connection; returns the descriptor (non-blocking, CLOEXEC) or an error.
-Status OpenSocket(const ClientCoreOptions& o, int cancel_fd, Clock::time_point deadline, int* out_fd) {
-  auto try_connect = [&](int family, const sockaddr* sa, socklen_t len) -> Status {
-    const int fd = ::socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0) return Status::FromErrno(errno, "socket");
-    Status st;
-    if (::connect(fd, sa, len) < 0) {
-      if (errno == EINPROGRESS || errno == EAGAIN) {
-        BlockingIo io(fd, cancel_fd, deadline);
-        st = io.Wait(POLLOUT);
-        if (st.ok()) {
-          int err = 0;
-          socklen_t el = sizeof err;
-          ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &el);
-          if (err) st = Status::FromErrno(err, "connect");
-        }
-      } else {
-        st = Status::FromErrno(errno, "connect");
-      }
-    }
-    if (!st.ok()) {
-      ::close(fd);
-      return st;
-    }
-    if (family != AF_UNIX) {
-      int one = 1;
-      ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    }
-    *out_fd = fd;
-    return Status::OK();
-  };
-  if (!o.unix_socket.empty()) {
-    sockaddr_un a{};
-    a.sun_family = AF_UNIX;
-    if (o.unix_socket.size() >= sizeof a.sun_path) return Status::InvalidArgument("socket path too long");
-    std::memcpy(a.sun_path, o.unix_socket.data(), o.unix_socket.size());
-    return try_connect(AF_UNIX, reinterpret_cast<sockaddr*>(&a), sizeof a);
-  }
-  addrinfo hints{};
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_NUMERICSERV;
-  addrinfo* res = nullptr;
-  const int rc = ::getaddrinfo(o.host.c_str(), std::to_string(o.port).c_str(), &hints, &res);
-  if (rc != 0) return Status::Unavailable("resolve " + o.host + ": " + gai_strerror(rc));
-  Status st = Status::Unavailable("no address for " + o.host);
-  for (addrinfo* ai = res; ai; ai = ai->ai_next) {
-    st = try_connect(ai->ai_family, ai->ai_addr, ai->ai_addrlen);
-    if (st.ok()) break;
-  }
-  ::freeaddrinfo(res);
-  return st;
-}
-
 }  // namespace
 
-// --- BlockingIo ----------------------------------------------------------------------------
+// --- HandshakeIo ---------------------------------------------------------------------------
 
-Status BlockingIo::Wait(short events) {
-  for (;;) {
-    const auto left = std::chrono::duration_cast<milliseconds>(deadline_ - Clock::now()).count();
-    if (left <= 0) return Status::TimedOut("handshake timed out");
-    pollfd p[2] = {{fd_, events, 0}, {cancel_fd_, POLLIN, 0}};
-    const int r = ::poll(p, 2, static_cast<int>(left));
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      return Status::FromErrno(errno, "poll");
-    }
-    if (p[1].revents) return Status::Unavailable("cancelled");
-    if (p[0].revents) return Status::OK();
+void HandshakeIo::Op::await_suspend(std::coroutine_handle<> h) {
+  IoCallback done = [this, h, keep = io->owner_.lock()](const boost::system::error_code& e, std::size_t) {
+    ec = e;
+    h.resume();
+  };
+  if (write) {
+    io->t_->AsyncWrite(asio::const_buffer(buf, n), std::move(done));
+  } else {
+    io->t_->AsyncRead(asio::mutable_buffer(buf, n), std::move(done));
   }
 }
 
-Status BlockingIo::Read(void* buf, std::size_t n) {
-  auto* p = static_cast<char*>(buf);
-  while (n) {
-    const ssize_t r = ::recv(fd_, p, n, 0);
-    if (r > 0) {
-      p += r;
-      n -= static_cast<std::size_t>(r);
-      continue;
-    }
-    if (r == 0) return Status::Unavailable("server closed the connection during the handshake");
-    if (errno == EINTR) continue;
-    if (errno != EAGAIN && errno != EWOULDBLOCK) return Status::FromErrno(errno, "handshake recv");
-    DST_RETURN_IF_ERROR(Wait(POLLIN));
-  }
-  return Status::OK();
-}
-
-Status BlockingIo::Write(const void* buf, std::size_t n) {
-  auto* p = static_cast<const char*>(buf);
-  while (n) {
-    const ssize_t w = ::send(fd_, p, n, MSG_NOSIGNAL);
-    if (w > 0) {
-      p += w;
-      n -= static_cast<std::size_t>(w);
-      continue;
-    }
-    if (w < 0 && errno == EINTR) continue;
-    if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK) return Status::FromErrno(errno, "handshake send");
-    DST_RETURN_IF_ERROR(Wait(POLLOUT));
-  }
-  return Status::OK();
+Status HandshakeIo::Op::await_resume() const {
+  if (!ec) return Status::OK();
+  if (ec == asio::error::eof) return Status::Unavailable("server closed the connection during the handshake");
+  if (ec == asio::error::operation_aborted) return Status::Unavailable("handshake abandoned");
+  return Status::Unavailable(std::string(write ? "handshake send: " : "handshake recv: ") + ec.message());
 }
 
 // --- construction ----------------------------------------------------------------------------
@@ -191,24 +102,16 @@ ClientCore::ClientCore(asio::io_context& io, const ClientCoreOptions& opts,
   probe_buf_.reset(new char[kProbeBufSize]);
   drain_buf_.reset(new char[kDrainBufSize]);
   kick_fd_ = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-  cancel_fd_ = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 }
 
 ClientCore::~ClientCore() {
-  JoinConnector();
   boost::system::error_code ec;
   if (kick_.is_open()) kick_.close(ec);
   if (kick_fd_ >= 0) ::close(kick_fd_);
-  if (cancel_fd_ >= 0) ::close(cancel_fd_);
 }
 
 void ClientCore::Log(const std::string& msg) const {
   std::fprintf(stderr, "[%s %s] %s\n", opts_.log_tag, Describe().c_str(), msg.c_str());
-}
-
-void ClientCore::JoinConnector() {
-  std::lock_guard<std::mutex> l(conn_mu_);
-  if (connector_.joinable() && connector_.get_id() != std::this_thread::get_id()) connector_.join();
 }
 
 void ClientCore::SetState(State s) {
@@ -220,12 +123,13 @@ void ClientCore::SetState(State s) {
 
 void ClientCore::CloseSockets() {
   if (transport_) transport_->Close();
+  if (hs_transport_) hs_transport_->Close();
 }
 
 // --- connect -------------------------------------------------------------------------------
 
 Status ClientCore::Start() {
-  if (kick_fd_ < 0 || cancel_fd_ < 0) return Status::FromErrno(errno, "eventfd");
+  if (kick_fd_ < 0) return Status::FromErrno(errno, "eventfd");
   {
     boost::system::error_code ec;
     kick_.assign(::dup(kick_fd_), ec);
@@ -255,49 +159,64 @@ void ClientCore::ReportFirst(Status st) {
 
 void ClientCore::StartAttempt() {
   if (state_ == State::kClosed) return;
-  JoinConnector();  // the previous connector has posted its result and is exiting
+  // An abandoned handshake task still waits for its (closed) transport to answer; its frame and
+  // arguments must outlive it.  The tick retries once it has ended.
+  if (hs_task_.valid() && !hs_task_.done()) return;
   ++epoch_;
   attempt_active_ = true;
   CloseSockets();
   const std::uint64_t ep = epoch_;
-  const auto deadline = Clock::now() + opts_.connect_timeout;
-  std::lock_guard<std::mutex> l(conn_mu_);
-  // The thread uses `this` only while the core is alive: DoClose() and ~ClientCore() join it.
-  connector_ = std::thread([this, ep, deadline] {
-    int fd = -1;
-    Negotiated n;
-    bool hard = false;
-    Status st = OpenSocket(opts_, cancel_fd_, deadline, &fd);
-    if (!st.ok()) {
-      hard = st.code() == Status::Code::kInvalidArgument;
+  attempt_deadline_ = Clock::now() + opts_.connect_timeout;
+  if (!connector_) {
+    if (opts_.connector) {
+      connector_ = opts_.connector(strand_);
+    } else if (!opts_.unix_socket.empty()) {
+      connector_ = TcpConnector::Unix(strand_, opts_.unix_socket);
     } else {
-      BlockingIo bio(fd, cancel_fd_, deadline);
-      st = proto_->Handshake(bio, &n, &hard);
-      if (!st.ok()) {
-        ::close(fd);
-        fd = -1;
-      }
+      connector_ = std::make_unique<TcpConnector>(strand_, opts_.host, opts_.port);
     }
-    auto sp = weak_from_this().lock();
-    if (!sp) {  // the device is being destroyed (its destructor joins us)
-      if (fd >= 0) ::close(fd);
-      return;
-    }
-    ClientCore* raw = sp.get();
-    asio::post(raw->strand_, [sp = std::move(sp), ep, fd, n, hard, st = std::move(st)]() mutable {
-      sp->OnAttemptDone(ep, fd, n, std::move(st), hard);
-    });
+  }
+  connector_->Cancel();
+  connector_->AsyncConnect(opts_.connect_timeout, [self = shared_from_this(), ep](Status st, std::unique_ptr<Transport> t) {
+    self->OnConnected(ep, std::move(st), std::move(t));
   });
 }
 
-void ClientCore::OnAttemptDone(std::uint64_t ep, int fd, const Negotiated& n, Status st, bool hard) {
+void ClientCore::OnConnected(std::uint64_t ep, Status st, std::unique_ptr<Transport> t) {
   if (ep != epoch_ || state_ == State::kClosed) {
-    if (fd >= 0) ::close(fd);
+    if (t) t->Close();
     return;
   }
-  attempt_active_ = false;
-  if (!st.ok()) return AttemptFailed(std::move(st), hard);
-  OnHandshake(fd, n);
+  if (!st.ok()) {
+    const bool hard = st.code() == Status::Code::kInvalidArgument;
+    return AttemptFailed(std::move(st), hard);
+  }
+  hs_transport_ = std::move(t);
+  hs_neg_ = Negotiated{};
+  hs_hard_ = false;
+  hs_epoch_ = ep;
+  hs_io_ = HandshakeIo(hs_transport_.get(), weak_from_this());
+  hs_task_ = proto_->Handshake(hs_io_, &hs_neg_, &hs_hard_);
+  hs_task_.Start(&ClientCore::OnHandshakeDone, this);
+}
+
+// The handshake task returned (on the strand; the task's frame stays until the next attempt).
+void ClientCore::OnHandshakeDone(void* ctx) {
+  auto* self = static_cast<ClientCore*>(ctx);
+  if (self->hs_epoch_ != self->epoch_ || self->state_ == State::kClosed) {
+    if (self->hs_transport_) self->hs_transport_->Close();
+    return;
+  }
+  self->attempt_active_ = false;
+  Status st = self->hs_task_.value();
+  if (!st.ok()) return self->AttemptFailed(std::move(st), self->hs_hard_);
+  self->OnHandshake(self->hs_neg_);
+}
+
+// connect_timeout passed during dial or handshake.
+void ClientCore::AbortAttempt(Status why) {
+  if (connector_) connector_->Cancel();
+  AttemptFailed(std::move(why), false);  // moves the epoch on and closes the transport
 }
 
 void ClientCore::AttemptFailed(Status st, bool hard) {
@@ -351,35 +270,16 @@ bool ClientCore::IdentityChanged(const DeviceInfo& ni, DeviceInfo* keep) {
   return true;
 }
 
-Status ClientCore::Attach(int fd) {
-  boost::system::error_code ec;
-  sockaddr_storage ss{};
-  socklen_t sl = sizeof ss;
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &sl);
-  // The socket runs on the plain io_context executor (a strand does not fit any_io_executor's
-  // small buffer: Asio would copy it to the heap on every operation); the transport binds every
-  // completion to strand_.
-  TcpTransport::Socket socket(io_);
-  socket.assign(asio::generic::stream_protocol(ss.ss_family, 0), fd, ec);
-  if (ec) {
-    ::close(fd);
-    return Status::IoError("socket assign: " + ec.message());
-  }
-  transport_ = std::make_unique<TcpTransport>(std::move(socket), strand_, Describe());
+void ClientCore::Attach(std::unique_ptr<Transport> t) {
+  transport_ = std::move(t);
   tx_ = std::make_unique<Transmitter>(*transport_, opts_.batching, &tx_stats_);
   tx_->set_error_handler(&ClientCore::OnTxError, this);
-  return Status::OK();
 }
 
-void ClientCore::OnHandshake(int fd, const Negotiated& n) {
+void ClientCore::OnHandshake(const Negotiated& n) {
   DeviceInfo ni = n.info;
-  if (!initial_) {
-    if (IdentityChanged(n.info, &ni)) {
-      ::close(fd);
-      return;
-    }
-  }
-  if (Status st = Attach(fd); !st.ok()) return AttemptFailed(std::move(st), false);
+  if (!initial_ && IdentityChanged(n.info, &ni)) return;  // it closed the handshake transport
+  Attach(std::move(hs_transport_));
   {
     std::lock_guard<std::mutex> l(mu_);
     info_ = ni;
@@ -1001,6 +901,9 @@ bool ClientCore::TickOffline(Clock::time_point now) {
     CompleteSlot(s, Status::IoError("request exceeded io_timeout"));  // may re-enter
     if (state_ == State::kClosed) return false;
   }
+  if (attempt_active_ && now >= attempt_deadline_) {
+    AbortAttempt(Status::TimedOut("connect to " + Describe() + " timed out (dial or handshake)"));
+  }
   if (!attempt_active_ && now >= next_attempt_) StartAttempt();
   return true;
 }
@@ -1021,10 +924,7 @@ void ClientCore::OnTick(const boost::system::error_code& ec) {
 void ClientCore::Close() {
   {
     std::lock_guard<std::mutex> l(mu_);
-    if (closed_) {
-      if (io_.stopped()) JoinConnector();
-      return;
-    }
+    if (closed_) return;
     closed_ = true;
     accepting_ = false;
   }
@@ -1057,10 +957,7 @@ void ClientCore::DoClose() {
   SetState(State::kClosed);
   health_.Down(Clock::now(), "closed");
   checking_ = false;
-  const std::uint64_t one = 1;
-  ssize_t w = ::write(cancel_fd_, &one, sizeof one);  // wake a connector stuck in poll()
-  (void)w;
-  JoinConnector();
+  if (connector_) connector_->Cancel();
   boost::system::error_code ec;
   tx_.reset();
   CloseSockets();

@@ -34,6 +34,16 @@
 //   Requests reach a slot in submission order, so dispatch order is the re-send order.
 //   IoRequest::scratch is never touched (callers such as MirrorDevice keep data there).
 //
+// Connecting (all on the strand, nothing blocks):
+//
+//   StartAttempt --Connector::AsyncConnect--> TRANSPORT --proto Handshake task (HandshakeIo)-->
+//       OnHandshakeDone --ok--> OnHandshake (identity check, Attach) --> CONNECTED
+//   any failure --> AttemptFailed (backoff; a first connect gives up at connect_timeout or on a
+//   hard refusal).  connect_timeout bounds dial + handshake: the tick abandons a late attempt
+//   (AbortAttempt: the epoch moves on, the connector is cancelled, the handshake transport is
+//   closed so its task ends).  The Connector comes from ClientCoreOptions::connector (TCP or
+//   AF_UNIX by default; TLS plugs in there).
+//
 // Progress: only a correct reply ends an outage and resets the reconnect backoff (Progress); a
 // keepalive answer counts only while no request waits.  A connection lost without progress
 // retries after a growing backoff, so a lying peer costs EIO after io_timeout, not a storm.
@@ -42,24 +52,21 @@
 // on kPoisonLosses consecutive connections the server closed before answering anything ends
 // with EIO instead of being re-sent forever.
 //
-// The handshake runs on a short-lived connector thread with poll()-bounded I/O (BlockingIo),
-// so no event-loop thread ever waits on it; the descriptor is then handed to the strand.
-//
 // Threading: Submit(), Info(), Stats counters and Health() from any thread; everything else on
-// the connection strand.  Connection I/O goes through the Transport seam (transport.h): the
-// connector thread dials and negotiates on a descriptor (OpenSocket, BlockingIo), Attach() puts
-// the connection into a TcpTransport, and receives (StartRead, ReadRest, DrainRest) and the
-// Transmitter's sends use that transport.
+// the connection strand.  Connection I/O goes only through the Transport seam (transport.h): a
+// Connector dials, the handshake task talks through HandshakeIo, Attach() keeps the transport,
+// and receives (StartRead, ReadRest, DrainRest) and the Transmitter's sends use it.
 #pragma once
 
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <coroutine>
+#include <functional>
 #include <cstdint>
 #include <memory>
 #include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include <boost/asio/io_context.hpp>
@@ -67,6 +74,7 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
 
+#include "co_task.h"
 #include "connect_gate.h"
 #include "dst/block_device.h"
 #include "dst/net/client_device.h"
@@ -89,20 +97,31 @@ struct ClientCoreOptions : ClientOptions {
       : ClientOptions(o), port(p), log_tag(tag) {}
 };
 
-// Blocking-style I/O on a non-blocking descriptor, bounded by a deadline and cancellable through
-// an eventfd.  Used only on the connector thread (handshakes).
-class BlockingIo {
+// Handshake bytes over a Transport, for the protocols' Task-based handshakes (co_task.h).  Read
+// and Write move exactly n bytes and yield a Status; an attempt the core abandons (timeout,
+// Close) closes the transport, so a pending Read or Write ends with an error.  Completions run on
+// the transport's strand and keep the owner (`keep`) alive until they resume the task.
+class HandshakeIo {
  public:
-  BlockingIo(int fd, int cancel_fd, ClientClock::time_point deadline)
-      : fd_(fd), cancel_fd_(cancel_fd), deadline_(deadline) {}
-  Status Wait(short events);
-  Status Read(void* buf, std::size_t n);
-  Status Write(const void* buf, std::size_t n);
+  HandshakeIo() = default;
+  HandshakeIo(Transport* t, std::weak_ptr<void> owner) : t_(t), owner_(std::move(owner)) {}
+
+  struct [[nodiscard]] Op {
+    HandshakeIo* io;
+    void* buf;
+    std::size_t n;
+    bool write;
+    boost::system::error_code ec{};
+    bool await_ready() const noexcept { return n == 0; }
+    void await_suspend(std::coroutine_handle<> h);
+    Status await_resume() const;
+  };
+  Op Read(void* buf, std::size_t n) { return Op{this, buf, n, false}; }
+  Op Write(const void* buf, std::size_t n) { return Op{this, const_cast<void*>(buf), n, true}; }
 
  private:
-  int fd_;
-  int cancel_fd_;
-  ClientClock::time_point deadline_;
+  Transport* t_ = nullptr;
+  std::weak_ptr<void> owner_;  // a pending completion holds it (weak here: no cycle)
 };
 
 // What a handshake found.  `features` is the protocol's own (e.g. digests, structured replies).
@@ -142,7 +161,7 @@ enum class RxStep {
   kStop,       // the connection was lost
 };
 
-// The protocol half, called by the core on its strand (Handshake on the connector thread).
+// The protocol half, called by the core on its strand.
 class ClientProtocol {
  public:
   virtual ~ClientProtocol() = default;
@@ -151,8 +170,9 @@ class ClientProtocol {
   virtual Status Validate(const DeviceInfo& info, const IoRequest& req) const {
     return ValidateRequest(info, req);
   }
-  // Connector thread: negotiate on a connected descriptor.  *hard: do not retry a first connect.
-  virtual Status Handshake(BlockingIo& io, Negotiated* n, bool* hard) = 0;
+  // Strand: negotiate on a new connection.  *hard: do not retry a first connect.  The arguments
+  // outlive the task (the core owns them for the attempt).
+  virtual Task<Status> Handshake(HandshakeIo& io, Negotiated* n, bool* hard) = 0;
   // Strand: a new connection is up (parser state reset, features of its handshake).
   virtual void OnConnection(std::uint64_t features) = 0;
   // Encodes slot s (its req; for a keepalive the protocol's own probe) into s.frame.
@@ -240,11 +260,13 @@ class ClientCore : public std::enable_shared_from_this<ClientCore> {
 
   // Connection management.
   void StartAttempt();
-  void OnAttemptDone(std::uint64_t ep, int fd, const Negotiated& n, Status st, bool hard);
+  void OnConnected(std::uint64_t ep, Status st, std::unique_ptr<Transport> t);
+  static void OnHandshakeDone(void* ctx);
+  void AbortAttempt(Status why);
   void AttemptFailed(Status st, bool hard);
-  void OnHandshake(int fd, const Negotiated& n);
+  void OnHandshake(const Negotiated& n);
   bool IdentityChanged(const DeviceInfo& ni, DeviceInfo* keep);
-  Status Attach(int fd);  // the descriptor becomes this connection's transport
+  void Attach(std::unique_ptr<Transport> t);  // t becomes this connection's transport
   void ConnectionLost(const char* why, ClientClock::time_point outage_start, bool closed_by_peer);
   ClientSlot* PoisonSuspect(bool closed_by_peer);
   bool StartCheck();
@@ -253,7 +275,6 @@ class ClientCore : public std::enable_shared_from_this<ClientCore> {
   void SetState(State s);
   void CloseSockets();
   void ReportFirst(Status st);
-  void JoinConnector();
 
   // Data path.
   void ArmKick();
@@ -309,10 +330,16 @@ class ClientCore : public std::enable_shared_from_this<ClientCore> {
   Status first_status_;
   bool close_done_ = false;
 
-  // Connector thread.
-  std::thread connector_;
-  int cancel_fd_ = -1;  // eventfd: wakes a connector stuck in poll()
-  std::mutex conn_mu_;
+  // Connect attempt (strand).  The handshake task and its arguments live here until the next
+  // attempt replaces them, so a late completion of an abandoned attempt finds them intact.
+  std::unique_ptr<Connector> connector_;
+  std::unique_ptr<Transport> hs_transport_;  // the connection being negotiated
+  HandshakeIo hs_io_;
+  Negotiated hs_neg_;
+  bool hs_hard_ = false;
+  std::uint64_t hs_epoch_ = 0;
+  ClientClock::time_point attempt_deadline_;
+  Task<Status> hs_task_;
 
   // Strand-only state.
   State state_ = State::kConnecting;

@@ -81,27 +81,27 @@ struct NbdNegotiation {
   bool structured = false;
 };
 
-Status SendOption(BlockingIo& io, std::uint32_t opt, const std::string& data) {
+Task<Status> SendOption(HandshakeIo& io, std::uint32_t opt, const std::string& data) {
   std::string b(kOptionHeaderSize, '\0');
   auto* p = reinterpret_cast<std::uint8_t*>(b.data());
   Put64(p, kOptMagic);
   Put32(p + 8, opt);
   Put32(p + 12, static_cast<std::uint32_t>(data.size()));
   b += data;
-  return io.Write(b.data(), b.size());
+  co_return co_await io.Write(b.data(), b.size());
 }
 
 // Reads one option reply; `data` gets its payload.
-Status ReadOptReply(BlockingIo& io, std::uint32_t opt, std::uint32_t* type, std::string* data) {
+Task<Status> ReadOptReply(HandshakeIo& io, std::uint32_t opt, std::uint32_t* type, std::string* data) {
   std::uint8_t h[kOptionReplyHeaderSize];
-  DST_RETURN_IF_ERROR(io.Read(h, sizeof h));
-  if (Get64(h) != kOptReplyMagic) return Status::ProtocolError("bad option reply magic");
-  if (Get32(h + 8) != opt) return Status::ProtocolError("option reply for another option");
+  DST_CO_RETURN_IF_ERROR(co_await io.Read(h, sizeof h));
+  if (Get64(h) != kOptReplyMagic) co_return Status::ProtocolError("bad option reply magic");
+  if (Get32(h + 8) != opt) co_return Status::ProtocolError("option reply for another option");
   *type = Get32(h + 12);
   const std::uint32_t len = Get32(h + 16);
-  if (len > kMaxHandshakeData) return Status::ProtocolError("option reply too long");
+  if (len > kMaxHandshakeData) co_return Status::ProtocolError("option reply too long");
   data->assign(len, '\0');
-  return io.Read(data->data(), len);
+  co_return co_await io.Read(data->data(), len);
 }
 
 std::string OptErrorText(std::uint32_t type, const std::string& msg) {
@@ -122,42 +122,42 @@ std::string OptErrorText(std::uint32_t type, const std::string& msg) {
   return s;
 }
 
-Status ExportNameFallback(BlockingIo& io, const NbdClientOptions& o, bool no_zeroes, NbdNegotiation* n) {
-  DST_RETURN_IF_ERROR(SendOption(io, kOptExportName, o.export_name));
+Task<Status> ExportNameFallback(HandshakeIo& io, const NbdClientOptions& o, bool no_zeroes, NbdNegotiation* n) {
+  DST_CO_RETURN_IF_ERROR(co_await SendOption(io, kOptExportName, o.export_name));
   std::uint8_t b[8 + 2 + kExportNameReplyZeroes];
-  Status st = io.Read(b, no_zeroes ? 10 : sizeof b);
+  Status st = co_await io.Read(b, no_zeroes ? 10 : sizeof b);
   if (!st.ok())  // the server may only refuse an unknown name by closing the connection
-    return Status::NotFound("server closed the connection after EXPORT_NAME \"" + o.export_name +
+    co_return Status::NotFound("server closed the connection after EXPORT_NAME \"" + o.export_name +
                             "\" (unknown export?)");
   n->size = Get64(b);
   n->tx_flags = Get16(b + 8);
-  return Status::OK();
+  co_return Status::OK();
 }
 
-Status Negotiate(BlockingIo& io, const NbdClientOptions& o, NbdNegotiation* n) {
+Task<Status> Negotiate(HandshakeIo& io, const NbdClientOptions& o, NbdNegotiation* n) {
   std::uint8_t g[kGreetingSize];
-  DST_RETURN_IF_ERROR(io.Read(g, sizeof g));
-  if (Get64(g) != kNbdMagic) return Status::ProtocolError("not an NBD server (bad greeting magic)");
-  if (Get64(g + 8) != kOptMagic) return Status::ProtocolError("old-style NBD server not supported");
+  DST_CO_RETURN_IF_ERROR(co_await io.Read(g, sizeof g));
+  if (Get64(g) != kNbdMagic) co_return Status::ProtocolError("not an NBD server (bad greeting magic)");
+  if (Get64(g + 8) != kOptMagic) co_return Status::ProtocolError("old-style NBD server not supported");
   const std::uint16_t hflags = Get16(g + 16);
   const bool fixed = hflags & kFlagFixedNewstyle;
   const bool no_zeroes = hflags & kFlagNoZeroes;
   std::uint8_t cf[4];
   Put32(cf, (fixed ? kClientFlagFixedNewstyle : 0u) | (no_zeroes ? kClientFlagNoZeroes : 0u));
-  DST_RETURN_IF_ERROR(io.Write(cf, 4));
-  if (!fixed) return ExportNameFallback(io, o, no_zeroes, n);
+  DST_CO_RETURN_IF_ERROR(co_await io.Write(cf, 4));
+  if (!fixed) co_return co_await ExportNameFallback(io, o, no_zeroes, n);
 
   std::uint32_t type = 0;
   std::string data;
   if (o.try_structured_replies) {
-    DST_RETURN_IF_ERROR(SendOption(io, kOptStructuredReply, {}));
+    DST_CO_RETURN_IF_ERROR(co_await SendOption(io, kOptStructuredReply, {}));
     for (;;) {
-      DST_RETURN_IF_ERROR(ReadOptReply(io, kOptStructuredReply, &type, &data));
+      DST_CO_RETURN_IF_ERROR(co_await ReadOptReply(io, kOptStructuredReply, &type, &data));
       if (type == kRepAck) { n->structured = true; break; }
       if (type & kRepErrBit) break;  // fall back to simple replies
     }
   }
-  if (!o.try_opt_go) return ExportNameFallback(io, o, no_zeroes, n);
+  if (!o.try_opt_go) co_return co_await ExportNameFallback(io, o, no_zeroes, n);
 
   std::string go(4, '\0');
   Put32(reinterpret_cast<std::uint8_t*>(go.data()), static_cast<std::uint32_t>(o.export_name.size()));
@@ -166,38 +166,38 @@ Status Negotiate(BlockingIo& io, const NbdClientOptions& o, NbdNegotiation* n) {
   Put16(tail, 1);
   Put16(tail + 2, kInfoBlockSize);
   go.append(reinterpret_cast<char*>(tail), 4);
-  DST_RETURN_IF_ERROR(SendOption(io, kOptGo, go));
+  DST_CO_RETURN_IF_ERROR(co_await SendOption(io, kOptGo, go));
   bool have_export = false;
   for (;;) {
-    DST_RETURN_IF_ERROR(ReadOptReply(io, kOptGo, &type, &data));
+    DST_CO_RETURN_IF_ERROR(co_await ReadOptReply(io, kOptGo, &type, &data));
     const auto* d = reinterpret_cast<const std::uint8_t*>(data.data());
     if (type == kRepInfo) {
-      if (data.size() < 2) return Status::ProtocolError("short NBD_REP_INFO");
+      if (data.size() < 2) co_return Status::ProtocolError("short NBD_REP_INFO");
       const std::uint16_t info = Get16(d);
       if (info == kInfoExport) {
-        if (data.size() != 12) return Status::ProtocolError("bad NBD_INFO_EXPORT length");
+        if (data.size() != 12) co_return Status::ProtocolError("bad NBD_INFO_EXPORT length");
         n->size = Get64(d + 2);
         n->tx_flags = Get16(d + 10);
         have_export = true;
       } else if (info == kInfoBlockSize) {
-        if (data.size() != 14) return Status::ProtocolError("bad NBD_INFO_BLOCK_SIZE length");
+        if (data.size() != 14) co_return Status::ProtocolError("bad NBD_INFO_BLOCK_SIZE length");
         n->min_block = Get32(d + 2);
         n->max_payload = Get32(d + 10);
         if (n->min_block == 0 || (n->min_block & (n->min_block - 1)) || n->min_block > (64u << 10))
-          return Status::ProtocolError("bad NBD minimum block size");
+          co_return Status::ProtocolError("bad NBD minimum block size");
       }
       continue;  // NAME, DESCRIPTION, unknown: ignored
     }
     if (type == kRepAck) {
-      if (!have_export) return Status::ProtocolError("NBD_OPT_GO acknowledged without NBD_INFO_EXPORT");
-      return Status::OK();
+      if (!have_export) co_return Status::ProtocolError("NBD_OPT_GO acknowledged without NBD_INFO_EXPORT");
+      co_return Status::OK();
     }
-    if (type == kRepErrUnsup) return ExportNameFallback(io, o, no_zeroes, n);  // pre-GO server
+    if (type == kRepErrUnsup) co_return co_await ExportNameFallback(io, o, no_zeroes, n);  // pre-GO server
     if (type & kRepErrBit) {
       const std::string text = "export \"" + o.export_name + "\" refused: " + OptErrorText(type, data);
-      if (type == kRepErrUnknown) return Status::NotFound(text);
-      if (type == kRepErrShutdown) return Status::Unavailable(text);
-      return Status::InvalidArgument(text);
+      if (type == kRepErrUnknown) co_return Status::NotFound(text);
+      if (type == kRepErrShutdown) co_return Status::Unavailable(text);
+      co_return Status::InvalidArgument(text);
     }
     // Other reply types are not valid for GO; tolerate and ignore (forward compatibility).
   }
@@ -239,7 +239,7 @@ class NbdClientDevice::Protocol final : public ClientProtocol {
     if (req.op == IoOp::kFlush && !info.can_flush) return Status::NotSupported();
     return ValidateRequest(info, req);
   }
-  Status Handshake(BlockingIo& io, Negotiated* n, bool* hard) override;
+  Task<Status> Handshake(HandshakeIo& io, Negotiated* n, bool* hard) override;
   void OnConnection(std::uint64_t features) override {
     structured_ = features & kNegotiatedStructured;
     stat_structured_.store(structured_, std::memory_order_relaxed);
@@ -300,13 +300,13 @@ class NbdClientDevice::Protocol final : public ClientProtocol {
   bool rx_simple_ = false;
 };
 
-Status NbdClientDevice::Protocol::Handshake(BlockingIo& io, Negotiated* out, bool* hard) {
+Task<Status> NbdClientDevice::Protocol::Handshake(HandshakeIo& io, Negotiated* out, bool* hard) {
   NbdNegotiation n;
-  Status st = Negotiate(io, opts_, &n);
+  Status st = co_await Negotiate(io, opts_, &n);
   if (!st.ok()) {
     *hard = st.code() == Status::Code::kNotFound || st.code() == Status::Code::kProtocolError ||
             st.code() == Status::Code::kInvalidArgument;
-    return st;
+    co_return st;
   }
   DeviceInfo& ni = out->info;
   ni.size = n.size;
@@ -321,7 +321,7 @@ Status NbdClientDevice::Protocol::Handshake(BlockingIo& io, Negotiated* out, boo
   ni.can_trim = n.tx_flags & kTxSendTrim;
   ni.can_write_zeroes = n.tx_flags & kTxSendWriteZeroes;
   out->features = n.structured ? kNegotiatedStructured : 0;
-  return Status::OK();
+  co_return Status::OK();
 }
 
 // The keepalive probe is a one-block READ at offset 0 (see the header): the core puts it in

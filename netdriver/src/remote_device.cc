@@ -72,7 +72,7 @@ class RemoteDevice::Protocol final : public ClientProtocol {
   std::string Describe() const override {
     return "dst://" + opts_.host + ":" + std::to_string(opts_.port) + "/" + opts_.export_name;
   }
-  Status Handshake(BlockingIo& io, Negotiated* n, bool* hard) override;
+  Task<Status> Handshake(HandshakeIo& io, Negotiated* n, bool* hard) override;
   void OnConnection(std::uint64_t features) override {
     digest_ = features & kNegotiatedDigest;
     stat_digest_.store(digest_, std::memory_order_relaxed);
@@ -99,9 +99,9 @@ class RemoteDevice::Protocol final : public ClientProtocol {
   ClientSlot* rx_slot_ = nullptr;  // READ whose payload is being received
 };
 
-// HELLO on the connector thread: a protocol refusal is hard (a first connect fails at once),
+// HELLO (a task on the strand): a protocol refusal is hard (a first connect fails at once),
 // an I/O error is not (retried until connect_timeout).
-Status RemoteDevice::Protocol::Handshake(BlockingIo& io, Negotiated* n, bool* hard) {
+Task<Status> RemoteDevice::Protocol::Handshake(HandshakeIo& io, Negotiated* n, bool* hard) {
   std::uint8_t buf[kHeaderSize + kMaxHelloPayload];
   HelloRequest hr;
   hr.session_id = session_id_;
@@ -112,23 +112,25 @@ Status RemoteDevice::Protocol::Handshake(BlockingIo& io, Negotiated* n, bool* ha
   h.cmd = static_cast<std::uint16_t>(Cmd::kHello);
   h.length = static_cast<std::uint32_t>(len);
   EncodeHeader(h, buf);
-  if (Status st = io.Write(buf, kHeaderSize + len); !st.ok()) return Status::Unavailable("sending HELLO: " + st.ToString());
-  if (Status st = io.Read(buf, kHeaderSize); !st.ok())
-    return Status::Unavailable("reading HELLO reply: " + st.ToString());
+  Status st = co_await io.Write(buf, kHeaderSize + len);
+  if (!st.ok()) co_return Status::Unavailable("sending HELLO: " + st.ToString());
+  st = co_await io.Read(buf, kHeaderSize);
+  if (!st.ok()) co_return Status::Unavailable("reading HELLO reply: " + st.ToString());
   *hard = true;
   Header rh;
-  Status st = DecodeHeader(buf, &rh);
-  if (!st.ok()) return st.WithContext("HELLO reply");
-  if (!rh.is_reply() || rh.command() != Cmd::kHello) return Status::ProtocolError("expected a HELLO reply");
-  if (rh.status != 0) return FromWireStatus(rh.status, "export " + opts_.export_name + " refused by server");
+  st = DecodeHeader(buf, &rh);
+  if (!st.ok()) co_return st.WithContext("HELLO reply");
+  if (!rh.is_reply() || rh.command() != Cmd::kHello) co_return Status::ProtocolError("expected a HELLO reply");
+  if (rh.status != 0) co_return FromWireStatus(rh.status, "export " + opts_.export_name + " refused by server");
   if (rh.length < kHelloReplySize || rh.length > kMaxHelloPayload)
-    return Status::ProtocolError("bad HELLO reply length");
-  if (st = io.Read(buf, rh.length); !st.ok()) {
+    co_return Status::ProtocolError("bad HELLO reply length");
+  st = co_await io.Read(buf, rh.length);
+  if (!st.ok()) {
     *hard = false;
-    return Status::Unavailable("reading HELLO reply: " + st.ToString());
+    co_return Status::Unavailable("reading HELLO reply: " + st.ToString());
   }
   HelloReply r;
-  if (st = DecodeHelloReply(buf, rh.length, &r); !st.ok()) return st.WithContext("HELLO reply");
+  if (st = DecodeHelloReply(buf, rh.length, &r); !st.ok()) co_return st.WithContext("HELLO reply");
   *hard = false;
   DeviceInfo& ni = n->info;
   ni.size = r.size;
@@ -140,7 +142,7 @@ Status RemoteDevice::Protocol::Handshake(BlockingIo& io, Negotiated* n, bool* ha
   ni.can_trim = r.export_flags & kExportCanTrim;
   ni.can_write_zeroes = r.export_flags & kExportCanWriteZeroes;
   n->features = opts_.checksum && (r.features & kFeatureDigestXxh3) ? kNegotiatedDigest : 0;
-  return Status::OK();
+  co_return Status::OK();
 }
 
 void RemoteDevice::Protocol::Encode(ClientSlot& s, ControlUse use) {

@@ -35,6 +35,7 @@
 #include "dst/net/codec.h"
 #include "dst/net/exporter.h"
 #include "dst/net/remote_device.h"
+#include "dst/net/tcp_transport.h"
 #include "connect_check_probe.h"
 #include "fake_peers.h"
 #include "fault_proxy.h"
@@ -171,6 +172,66 @@ RemoteOptions Opts(std::uint16_t port) {
   return o;
 }
 
+// A Transport that forwards to TCP and counts what went through each entry point, and the
+// Connector that makes it: proves the client dials, negotiates and runs I/O only through the
+// seam (so TLS can replace it).
+struct SeamCounts {
+  std::atomic<int> connects{0};
+  std::atomic<std::uint64_t> hs_written{0}, hs_read{0}, frames_bytes{0}, read_some{0};
+};
+
+class CountingTransport final : public dst::net::Transport {
+ public:
+  CountingTransport(std::unique_ptr<dst::net::Transport> t, SeamCounts* c) : t_(std::move(t)), c_(c) {}
+  const dst::net::Strand& strand() const override { return t_->strand(); }
+  std::size_t SendFrames(const dst::net::TxFrame* head, std::size_t offset, const dst::net::SendLimits& lim,
+                         boost::system::error_code& ec) override {
+    const std::size_t n = t_->SendFrames(head, offset, lim, ec);
+    c_->frames_bytes += n;
+    return n;
+  }
+  void AsyncWaitWritable(dst::net::IoCallback done) override { t_->AsyncWaitWritable(std::move(done)); }
+  void AsyncReadSome(boost::asio::mutable_buffer b, dst::net::IoCallback done) override {
+    c_->read_some++;
+    t_->AsyncReadSome(b, std::move(done));
+  }
+  void AsyncRead(boost::asio::mutable_buffer b, dst::net::IoCallback done) override {
+    c_->hs_read += b.size();
+    t_->AsyncRead(b, std::move(done));
+  }
+  void AsyncWrite(boost::asio::const_buffer b, dst::net::IoCallback done) override {
+    c_->hs_written += b.size();
+    t_->AsyncWrite(b, std::move(done));
+  }
+  void Shutdown(ShutdownHow how) override { t_->Shutdown(how); }
+  void Close() override { t_->Close(); }
+  bool is_open() const override { return t_->is_open(); }
+  const std::string& peer() const override { return t_->peer(); }
+
+ private:
+  std::unique_ptr<dst::net::Transport> t_;
+  SeamCounts* c_;
+};
+
+class CountingConnector final : public dst::net::Connector {
+ public:
+  CountingConnector(const dst::net::Strand& s, std::uint16_t port, SeamCounts* c)
+      : tcp_(s, "127.0.0.1", port), c_(c) {}
+  void AsyncConnect(std::chrono::milliseconds timeout, ConnectCallback done) override {
+    c_->connects++;
+    tcp_.AsyncConnect(timeout, [c = c_, done = std::move(done)](Status st, std::unique_ptr<dst::net::Transport> t) {
+      if (t) t = std::make_unique<CountingTransport>(std::move(t), c);
+      done(std::move(st), std::move(t));
+    });
+  }
+  void Cancel() override { tcp_.Cancel(); }
+  std::string target() const override { return tcp_.target(); }
+
+ private:
+  dst::net::TcpConnector tcp_;
+  SeamCounts* c_;
+};
+
 }  // namespace
 
 class RemoteDeviceTest : public QObject {
@@ -216,6 +277,52 @@ class RemoteDeviceTest : public QObject {
     }
     std::string long_name = "dst://h/" + std::string(256, 'a');
     QVERIFY(!ParseDstUri(long_name, &o).ok());
+  }
+
+  void connectsOnlyThroughTheTransportSeam() {
+    FakeServer srv(8u << 20);
+    IoThread io;
+    SeamCounts c;
+    RemoteOptions o = Opts(srv.port());
+    o.connector = [&c, port = srv.port()](const dst::net::Strand& s) {
+      return std::make_unique<CountingConnector>(s, port, &c);
+    };
+    auto r = RemoteDevice::Connect(io.io, o);
+    QVERIFY2(r.ok(), r.status().ToString().c_str());
+    auto dev = r.value();
+    QCOMPARE(c.connects.load(), 1);
+    QVERIFY2(c.hs_written.load() > kHeaderSize, "the HELLO must go out through Transport::AsyncWrite");
+    QVERIFY2(c.hs_read.load() >= kHeaderSize + kHelloReplySize, "the HELLO reply must come in through Transport::AsyncRead");
+    std::vector<char> w(64 << 10), rd(64 << 10);
+    Fill(w.data(), w.size(), 3);
+    QVERIFY(WriteSync(*dev, 0, w.data(), w.size()).ok());
+    QVERIFY(ReadSync(*dev, 0, rd.data(), rd.size()).ok());
+    QVERIFY(w == rd);
+    QVERIFY2(c.frames_bytes.load() >= w.size(), "requests must go out through Transport::SendFrames");
+    QVERIFY(c.read_some.load() > 0);
+    dev->Close();
+  }
+
+  // A server that accepts (the kernel's backlog) but never answers the HELLO: the first connect
+  // gives up at connect_timeout, without a thread stuck on the socket.
+  void silentHandshakeTimesOut() {
+    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    QCOMPARE(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+    QCOMPARE(::listen(fd, 8), 0);
+    socklen_t len = sizeof a;
+    getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+    IoThread io;
+    RemoteOptions o = Opts(ntohs(a.sin_port));
+    o.connect_timeout = milliseconds(600);
+    auto t0 = Clock::now();
+    auto r = RemoteDevice::Connect(io.io, o);
+    const auto ms = MsSince(t0);
+    ::close(fd);
+    QVERIFY(!r.ok());
+    QVERIFY2(ms >= 500 && ms < 2500, qPrintable(QString("gave up after %1 ms").arg(ms)));
   }
 
   void connectFailures() {

@@ -9,10 +9,12 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
 #include "dst/block_device.h"
+#include "dst/net/transport.h"
 
 namespace dst::net {
 
@@ -29,6 +31,9 @@ struct ClientOptions {
   std::chrono::milliseconds connect_timeout{5000};
   std::chrono::milliseconds reconnect_min{100};
   std::chrono::milliseconds reconnect_max{2000};
+  // Makes the Connector that dials the peer (called on the client's strand, once per client).
+  // Empty: TCP to host:port, or AF_UNIX for a socket path.  TLS and tests plug in here.
+  std::function<std::unique_ptr<Connector>(const Strand&)> connector;
 };
 
 // Counters every client reports (each client's Stats struct adds its protocol's own).
