@@ -64,9 +64,10 @@ for t in "${TARGETS[@]}"; do
   secs=$(( $(date +%s) - start ))
   execs="$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)"
   cov="$(grep -o 'cov: [0-9]* ft: [0-9]*' "$log" | tail -1 || true)"
-  corpus="$(ls "$out/corpus" | wc -l)"
+  corpus="$(ls "$out/corpus" | wc -l) files"
+  [[ $MODE == replay ]] && corpus="${#dirs[@]} dirs"
   if [[ $rc -eq 0 ]]; then
-    echo "fuzz: $t ($MODE): ${execs:-?} executions in ${secs} s, ${cov:-cov: ?}, corpus ${corpus} files, crashes: 0"
+    echo "fuzz: $t ($MODE): ${execs:-?} executions in ${secs} s, ${cov:-cov: ?}, corpus ${corpus}, crashes: 0"
   else
     failed=1
     echo "fuzz: $t ($MODE): FAILED (exit $rc) after ${execs:-?} executions in ${secs} s; log $log" >&2
