@@ -134,8 +134,23 @@ build() {
   else
     cmake -S "$ROOT" -B "$BUILD" >/dev/null
   fi
-  log "building with -j$JOBS"
-  cmake --build "$BUILD" -j"$JOBS"
+  # Only unit (and fuzz) tests wanted: build just their executables, not the daemons and tools.
+  local targets=() l
+  if [[ -n $LABELS ]]; then
+    for l in ${LABELS//|/ }; do
+      case "$l" in
+        unit) targets+=(tests_unit) ;;
+        fuzz) targets+=(fuzzers) ;;
+        *) targets=(); break ;;
+      esac
+    done
+  fi
+  log "building ${targets[*]:-everything} with -j$JOBS"
+  if [[ ${#targets[@]} -gt 0 ]]; then
+    cmake --build "$BUILD" -j"$JOBS" --target "${targets[@]}"
+  else
+    cmake --build "$BUILD" -j"$JOBS"
+  fi
 }
 
 # ---------------------------------------------------------------------------------------------

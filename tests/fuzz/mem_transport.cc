@@ -45,6 +45,7 @@ void MemTransport::AsyncWrite(asio::const_buffer buf, net::IoCallback done) {
   if (!open_) return Complete(std::move(done), asio::error::bad_descriptor, 0);
   if (write_shut_) return Complete(std::move(done), asio::error::broken_pipe, 0);
   written_ += buf.size();
+  if (output_) output_->append(static_cast<const char*>(buf.data()), buf.size());
   Complete(std::move(done), {}, buf.size());
 }
 
@@ -56,7 +57,10 @@ std::size_t MemTransport::SendFrames(const net::TxFrame* head, std::size_t offse
   }
   struct iovec iov[64];
   std::size_t bytes = 0;
-  net::GatherFrames(head, offset, lim, iov, 64, &bytes);
+  const int n = net::GatherFrames(head, offset, lim, iov, 64, &bytes);
+  if (output_) {
+    for (int i = 0; i < n; ++i) output_->append(static_cast<const char*>(iov[i].iov_base), iov[i].iov_len);
+  }
   ec = {};
   written_ += bytes;
   return bytes;
@@ -89,10 +93,10 @@ void MemListener::Close() {
   waiting_ = nullptr;
 }
 
-void MemListener::Push(std::string input) {
+void MemListener::Push(std::string input, std::string* output) {
   // Each connection gets its own strand, as TcpListener's do.
   ready_.push_back(std::make_unique<MemTransport>(asio::make_strand(strand_.get_inner_executor().context()),
-                                                  std::move(input)));
+                                                  std::move(input), output));
   Deliver();
 }
 

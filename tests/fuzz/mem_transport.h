@@ -20,8 +20,9 @@ namespace dst::fuzz {
 
 class MemTransport final : public net::Transport {
  public:
-  MemTransport(const net::Strand& strand, std::string input)
-      : strand_(strand), input_(std::move(input)) {}
+  // `output`, when not null, receives every byte the server sends (it must outlive the transport).
+  MemTransport(const net::Strand& strand, std::string input, std::string* output = nullptr)
+      : strand_(strand), input_(std::move(input)), output_(output) {}
 
   const net::Strand& strand() const override { return strand_; }
   void AsyncReadSome(boost::asio::mutable_buffer buf, net::IoCallback done) override;
@@ -43,6 +44,7 @@ class MemTransport final : public net::Transport {
 
   net::Strand strand_;
   std::string input_;
+  std::string* output_;
   std::size_t pos_ = 0;
   std::size_t piece_ = 0;
   std::size_t written_ = 0;
@@ -60,8 +62,8 @@ class MemListener final : public net::Listener {
   void Close() override;
   std::string local_name() const override { return "memory"; }
 
-  // A new connection whose client sends `input`.
-  void Push(std::string input);
+  // A new connection whose client sends `input`; what the server sends goes to *output if set.
+  void Push(std::string input, std::string* output = nullptr);
 
  private:
   void Deliver();
