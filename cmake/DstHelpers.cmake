@@ -9,6 +9,10 @@ function(dst_add_test)
   if(NOT T_TIMEOUT)
     set(T_TIMEOUT 300)
   endif()
+  # tests_<label> targets (tests/CMakeLists.txt) build only one label's executables.
+  foreach(l IN LISTS T_LABELS)
+    set_property(GLOBAL APPEND PROPERTY DST_TESTS_${l} ${T_NAME})
+  endforeach()
   set_tests_properties(${T_NAME} PROPERTIES
     LABELS "${T_LABELS}"
     TIMEOUT ${T_TIMEOUT}

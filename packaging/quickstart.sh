@@ -3,14 +3,20 @@
 # small end-to-end demo or the whole test suite.
 #
 #   bash packaging/quickstart.sh demo [--keep]   # two exporters, a mirrored volume, FUSE, ext4 on a loop device
-#   bash packaging/quickstart.sh test            # ctest, every label (what .ci/run does)
+#   bash packaging/quickstart.sh test            # ctest, every label (what .ci/run does first)
+#   bash packaging/quickstart.sh test --sanitize # clang, ASan + UBSan, in ./build-sanitize: the unit
+#                                                # and integration suites and the fuzz targets' replays
 #   bash packaging/quickstart.sh build           # packages + build only
 #   bash packaging/quickstart.sh deps            # packages only
 #
 # Options:  --keep            (demo) leave everything running and print how to clean up
 #           --build-dir DIR   build tree (default: ./build in the repository root)
 #           --no-deps         do not touch apt (for machines that already have everything)
-# Environment: DST_JOBS (default 2) parallel build and test jobs; DST_DEMO_TIMEOUT (default 300)
+#           --sanitize        build with clang-14, AddressSanitizer, UBSan and the libFuzzer targets
+#                             (default build tree ./build-sanitize); test runs unit|integration
+#           --labels REGEX    (test) only the CTest labels matching REGEX, e.g. 'unit|fuzz'
+# Environment: DST_JOBS (default 2) parallel build and test jobs; DST_FUZZ_SECONDS (default 60)
+#              per fuzz target in the fuzz_smoke_* tests (label fuzz); DST_DEMO_TIMEOUT (default 300)
 #              seconds before a hung demo is torn down; DST_DEMO_MKFS_OPTIONS extra mkfs.ext4 options.
 #
 # Runs as root on a fresh Debian 12 machine (the demo needs root for FUSE, losetup and mount).
@@ -21,9 +27,12 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 JOBS="${DST_JOBS:-2}"
 BUILD="$ROOT/build"
+BUILD_SET=0
 MODE=""
 KEEP=0
 NO_DEPS=0
+SANITIZE=0
+LABELS=""
 
 # The package list is also quoted in README.md ("Dependencies"); keep the two in sync.
 PACKAGES=(
@@ -36,6 +45,7 @@ PACKAGES=(
   nbdkit libnbd-bin qemu-utils                      # NBD comparison tests (nbdfuse is in libnbd-bin)
   iproute2 iptables procps                          # ss, fault injection, pgrep/ps in tests
   file                                              # CPack's dpkg-shlibdeps step (cpack -G DEB)
+  clang-14 libclang-rt-14-dev                       # libFuzzer, ASan, UBSan (test --sanitize, tests/fuzz)
 )
 
 if [[ -t 1 ]]; then
@@ -115,13 +125,32 @@ load_modules() {
 
 build() {
   log "configuring $BUILD"
-  if [[ ! -f $BUILD/CMakeCache.txt ]]; then
+  if [[ ! -f $BUILD/CMakeCache.txt && $SANITIZE -eq 1 ]]; then
+    # DST_FUZZ builds every target with ASan + UBSan (and coverage feedback) plus the fuzzers.
+    CC=clang-14 CXX=clang++-14 cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+      -DDST_FUZZ=ON -DDST_BUILD_GUI=OFF
+  elif [[ ! -f $BUILD/CMakeCache.txt ]]; then
     cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo
   else
     cmake -S "$ROOT" -B "$BUILD" >/dev/null
   fi
-  log "building with -j$JOBS"
-  cmake --build "$BUILD" -j"$JOBS"
+  # Only unit (and fuzz) tests wanted: build just their executables, not the daemons and tools.
+  local targets=() l
+  if [[ -n $LABELS ]]; then
+    for l in ${LABELS//|/ }; do
+      case "$l" in
+        unit) targets+=(tests_unit) ;;
+        fuzz) targets+=(fuzzers) ;;
+        *) targets=(); break ;;
+      esac
+    done
+  fi
+  log "building ${targets[*]:-everything} with -j$JOBS"
+  if [[ ${#targets[@]} -gt 0 ]]; then
+    cmake --build "$BUILD" -j"$JOBS" --target "${targets[@]}"
+  else
+    cmake --build "$BUILD" -j"$JOBS"
+  fi
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -129,9 +158,19 @@ build() {
 # ---------------------------------------------------------------------------------------------
 
 run_tests() {
-  log "running ctest (all labels) in $BUILD"
+  local labels="$LABELS"
+  if [[ -z $labels && $SANITIZE -eq 1 ]]; then labels='unit|integration'; fi
+  local sel=()
+  [[ -n $labels ]] && sel=(-L "$labels")
+  if [[ $SANITIZE -eq 1 ]]; then
+    # Any finding fails the test: UBSan aborts (also -fno-sanitize-recover), ASan reports leaks.
+    export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:detect_stack_use_after_return=0}"
+    export UBSAN_OPTIONS="${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1}"
+    export LSAN_OPTIONS="${LSAN_OPTIONS:-suppressions=$ROOT/tests/lsan.supp:print_suppressions=0}"
+  fi
+  log "running ctest (${labels:-all labels}) in $BUILD"
   # --no-tests=error: an empty test list is a failure, not a green run.
-  ctest --test-dir "$BUILD" --output-on-failure -j"$JOBS" --timeout 600 --no-tests=error
+  ctest --test-dir "$BUILD" --output-on-failure -j"$JOBS" --timeout 600 --no-tests=error "${sel[@]}"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -339,12 +378,16 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --keep) KEEP=1 ;;
     --no-deps) NO_DEPS=1 ;;
-    --build-dir) [[ $# -ge 2 ]] || usage; BUILD="$(realpath -m "$2")"; shift ;;
+    --build-dir) [[ $# -ge 2 ]] || usage; BUILD="$(realpath -m "$2")"; BUILD_SET=1; shift ;;
+    --sanitize) SANITIZE=1 ;;
+    --labels) [[ $# -ge 2 ]] || usage; LABELS="$2"; shift ;;
     -h|--help) usage ;;
     *) echo "quickstart: unknown option $1" >&2; usage ;;
   esac
   shift
 done
+
+if [[ $SANITIZE -eq 1 && $BUILD_SET -eq 0 ]]; then BUILD="$ROOT/build-sanitize"; fi
 
 case "$MODE" in
   deps) install_deps ;;

@@ -398,10 +398,15 @@ void ServerCore::Log(const std::string& who, const char* what, const char* detai
 }
 
 Status ServerCore::Start() {
-  auto l = TcpListener::Open(io_, ctl_, opts_.listen_address, opts_.port);
-  if (!l.ok()) return l.status();
-  listener_ = std::move(l).value();
-  port_ = listener_->port();
+  if (opts_.listener) {
+    listener_ = opts_.listener(ctl_);
+    if (!listener_) return Status::InvalidArgument("listener factory returned none");
+  } else {
+    auto l = TcpListener::Open(io_, ctl_, opts_.listen_address, opts_.port);
+    if (!l.ok()) return l.status();
+    port_ = l.value()->port();
+    listener_ = std::move(l).value();
+  }
   asio::post(ctl_, [self = shared_from_this()] {
     self->listening_ = true;
     self->DoAccept();

@@ -71,6 +71,7 @@ struct ServerCoreOptions {
   std::size_t buffer_size = 1u << 20;  // multiple of 4096
   std::size_t buffer_count = 64;
   std::chrono::milliseconds stall_timeout{30000};  // 0 disables the sweep
+  ListenerFactory listener;  // null: TCP on listen_address:port
 };
 
 // The core's part of a protocol's options struct (fields of the same names).
@@ -84,7 +85,8 @@ ServerCoreOptions CoreOptionsOf(const O& o, const char* log_name, const char* ex
                            .max_inflight_per_connection = o.max_inflight_per_connection,
                            .buffer_size = o.max_payload,
                            .buffer_count = o.buffer_count,
-                           .stall_timeout = o.stall_timeout};
+                           .stall_timeout = o.stall_timeout,
+                           .listener = o.listener};
 }
 
 // What every export has, whatever its protocol; the protocol's entry derives from it.
@@ -199,7 +201,7 @@ class ServerCore : public std::enable_shared_from_this<ServerCore> {
 
   const ServerCoreOptions opts_;
   Strand ctl_;  // serializes the listener and the timers below
-  std::unique_ptr<TcpListener> listener_;
+  std::unique_ptr<Listener> listener_;
   bool listening_ = false;  // on ctl_
   boost::asio::steady_timer accept_timer_;
   boost::asio::steady_timer drain_timer_;

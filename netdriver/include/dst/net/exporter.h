@@ -46,6 +46,9 @@ struct ExporterOptions {
   // payload or HELLO that stops arriving, replies the client does not read) is closed, so it
   // cannot pin pool buffers forever.  Idle connections are not affected.  0 disables.
   std::chrono::milliseconds stall_timeout{30000};
+  // Accept from this listener instead of binding listen_address:port (the fuzz targets feed
+  // in-memory transports).  port() is then 0.
+  ListenerFactory listener;
 };
 
 struct ExportSpec {

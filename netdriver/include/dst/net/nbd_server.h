@@ -39,6 +39,7 @@
 #include "dst/block_device.h"
 #include "dst/net/nbd_format.h"
 #include "dst/net/server_stats.h"
+#include "dst/net/transport.h"
 #include "dst/status.h"
 
 namespace dst::net {
@@ -108,6 +109,9 @@ struct NbdServerOptions {
   // not finished, a WRITE payload that stops arriving, replies the client does not read) is
   // closed.  Idle connections in transmission are not affected.  0 disables.
   std::chrono::milliseconds stall_timeout{30000};
+  // Accept from this listener instead of binding listen_address:port (the fuzz targets feed
+  // in-memory transports).  port() is then 0.
+  ListenerFactory listener;
 };
 
 struct NbdExportSpec {

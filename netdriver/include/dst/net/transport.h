@@ -210,6 +210,10 @@ class Listener {
   virtual std::string local_name() const = 0;
 };
 
+// Makes a server's listener instead of a TCP one (in-memory transports for tests and fuzzing).
+// Called once by the server's Start() with the strand its accept callbacks must run on.
+using ListenerFactory = std::function<std::unique_ptr<Listener>(const Strand& ex)>;
+
 // Produces a transport to one configured peer.
 class Connector {
  public:
