@@ -23,7 +23,7 @@
 // is lying, and the read is not re-sent (FailLying).
 //
 // The keepalive probe and the connect check are READs in the core's control slot; the handshake
-// runs on the core's connector thread (Negotiate below).
+// is a task on the core's strand (Negotiate below).
 #include "dst/net/nbd_client_device.h"
 
 #include <algorithm>
@@ -71,7 +71,7 @@ Status FromNbdError(std::uint32_t err) {
   }
 }
 
-// ---- handshake (connector thread) -----------------------------------------------------------
+// ---- handshake (a Task on the strand) -----------------------------------------------------------
 
 struct NbdNegotiation {
   std::uint64_t size = 0;

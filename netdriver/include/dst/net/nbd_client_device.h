@@ -15,8 +15,8 @@
 //                                                   reconnects go on, success -> CONNECTED)
 //   any --Close()--> CLOSED (NBD_CMD_DISC sent if connected; pending requests end with EIO)
 //
-// Handshake (one attempt; runs on the core's short-lived connector thread with blocking-style
-// poll() I/O bounded by connect_timeout, so no event-loop thread ever waits on it):
+// Handshake (one attempt; a coroutine task on the client's strand, reading and writing through
+// the connection's Transport, bounded by connect_timeout; nothing blocks an event-loop thread):
 //
 //   greeting (NBDMAGIC IHAVEOPT flags) -> client flags (FIXED_NEWSTYLE [+NO_ZEROES])
 //     -> OPT_STRUCTURED_REPLY --ACK--> structured replies | --ERR_*--> simple replies
