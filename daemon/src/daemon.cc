@@ -496,6 +496,7 @@ Status Daemon::ConnectVolume(const std::shared_ptr<Volume>& vol) {
     vol->error.clear();
   }
   spdlog::info("volume \"{}\": {} ({} bytes)", c.name, dev->Describe(), dev->Info().size);
+  if (remote || nbd) WatchVolume(c.name, remote ? static_cast<net::ClientDevice&>(*remote) : *nbd);
   AddToMount(vol);
   TryPendingExports();
   return Status::OK();

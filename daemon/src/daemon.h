@@ -196,6 +196,7 @@ class Daemon {
   // Pushes leg_state / leg_reason events from the mirror's leg listener as they happen, then
   // the legs' states at assembly.  After a->mirror is set.
   void WatchLegs(const std::shared_ptr<Array>& a);
+  void WatchVolume(const std::string& name, net::ClientDevice& dev);
   void ApplyRpc(const control::Request& req, Reply reply);  // operations.cc
   Status StartArrays();              // main thread, after volumes
   void StopArrayThreads();

@@ -6,7 +6,9 @@
 //   * array_state (assembled / removed / released), export_added / export_removed,
 //     volume_removed, mount, verify_done, split_brain_resolved, leg_unreachable: where the
 //     engine makes the change (arrays.cc, daemon.cc);
-//   * derived states (array_state clean / degraded / resyncing / failed, volume_state, the leg
+//   * volume_state of network volumes: the client's state listener (WatchVolume), as it changes;
+//   * derived states (array_state clean / degraded / resyncing / failed, volume_state of local
+//     volumes and of network ones before their client exists or while removing, the leg
 //     states of linear and not yet assembled arrays), resync_progress, resync_done,
 //     verify_progress, leg_identity: the events thread re-derives them from the engine's JSON
 //     at once after any pushed event and every 250 ms otherwise.  Progress goes through a
@@ -27,6 +29,14 @@ namespace {
 constexpr auto kEventsTick = std::chrono::milliseconds(250);
 // A snapshot taken while events flood in may be overtaken by the ring; give up after this many.
 constexpr int kSnapshotTries = 3;
+
+// States a network volume's client pushes (WatchVolume); "removing" and the states before a
+// client exists still come from the poller.
+bool IsPushedVolumeState(const json& v) {
+  static const std::set<std::string> kClient = {"connecting", "connected", "reconnecting",
+                                                "failing", "closed"};
+  return v["uri"].is_string() && kClient.count(v["state"].get<std::string>()) != 0;
+}
 }  // namespace
 
 void Daemon::Emit(json ev) {
@@ -70,6 +80,15 @@ void Daemon::WatchLegs(const std::shared_ptr<Array>& a) {
               {"state", LegStateName(s.state)}, {"previous", nullptr},
               {"reason", LegReasonName(s.reason)}, {"assembled", true}});
   }
+}
+
+// A network volume's state is its client's connection state: pushed by the client as it
+// changes (the poller leaves these volumes alone), so a reconnect that lasts 1 ms is seen.
+void Daemon::WatchVolume(const std::string& name, net::ClientDevice& dev) {
+  dev.SetStateListener([this, name](const char* from, const char* to) {
+    Emit(json{{"type", "volume_state"}, {"volume", name}, {"state", to}, {"previous", from}});
+  });
+  Emit(json{{"type", "volume_state"}, {"volume", name}, {"state", dev.State()}, {"previous", nullptr}});
 }
 
 std::vector<std::string> Daemon::SnapshotLines(std::uint64_t seq) {
@@ -223,7 +242,7 @@ void Daemon::EventsLoop() {
       std::string name = v["name"];
       std::string st = v["state"];
       auto& prev = vol_state[name];
-      if (!first && prev != st)
+      if (!first && prev != st && !IsPushedVolumeState(v))
         Emit(json{{"type", "volume_state"}, {"volume", name}, {"state", st},
                   {"previous", prev.empty() ? json() : json(prev)}});
       prev = st;

@@ -114,11 +114,34 @@ void ClientCore::Log(const std::string& msg) const {
   std::fprintf(stderr, "[%s %s] %s\n", opts_.log_tag, Describe().c_str(), msg.c_str());
 }
 
+const char* ClientCore::StateName(State s) {
+  switch (s) {
+    case State::kConnecting: return "connecting";
+    case State::kConnected: return "connected";
+    case State::kReconnecting: return "reconnecting";
+    case State::kFailing: return "failing";
+    case State::kClosed: return "closed";
+  }
+  return "unknown";
+}
+
+void ClientCore::SetStateListener(ClientDevice::StateListener l) {
+  std::lock_guard<std::mutex> g(listener_mu_);
+  listener_ = std::move(l);
+}
+
 void ClientCore::SetState(State s) {
+  const State from = state_;
   state_ = s;
   stat_state_.store(static_cast<int>(s), std::memory_order_relaxed);
-  std::lock_guard<std::mutex> l(mu_);
-  accepting_ = !closed_ && (s == State::kConnected || s == State::kReconnecting);
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    accepting_ = !closed_ && (s == State::kConnected || s == State::kReconnecting);
+  }
+  if (from != s) {  // after the counters say so, so a listener that reads Stats() agrees
+    std::lock_guard<std::mutex> g(listener_mu_);
+    if (listener_) listener_(StateName(from), StateName(s));
+  }
 }
 
 void ClientCore::CloseSockets() {
@@ -970,13 +993,7 @@ void ClientCore::DoClose() {
 
 ClientStats ClientCore::Counters(std::uint64_t* keepalives) const {
   ClientStats c;
-  switch (static_cast<State>(stat_state_.load(std::memory_order_relaxed))) {
-    case State::kConnecting: c.state = "connecting"; break;
-    case State::kConnected: c.state = "connected"; break;
-    case State::kReconnecting: c.state = "reconnecting"; break;
-    case State::kFailing: c.state = "failing"; break;
-    case State::kClosed: c.state = "closed"; break;
-  }
+  c.state = StateName(static_cast<State>(stat_state_.load(std::memory_order_relaxed)));
   c.reconnects = reconnects_.load(std::memory_order_relaxed);
   c.resent = resent_.load(std::memory_order_relaxed);
   c.timeouts = timeouts_.load(std::memory_order_relaxed);
@@ -1013,6 +1030,8 @@ DeviceInfo ClientDevice::Info() const { return core_->Info(); }
 void ClientDevice::Submit(IoRequest* req) { core_->Submit(req); }
 std::string ClientDevice::Describe() const { return core_->Describe(); }
 bool ClientDevice::SetConnectCheck(const ConnectCheck& check) { return core_->SetConnectCheck(check); }
+void ClientDevice::SetStateListener(StateListener listener) { core_->SetStateListener(std::move(listener)); }
+const char* ClientDevice::State() const { return core_->StateNow(); }
 DeviceHealth ClientDevice::Health() const { return core_->Health(); }
 void ClientDevice::Close() { core_->Close(); }
 ClientStats ClientDevice::CoreStats(std::uint64_t* keepalives) const { return core_->Counters(keepalives); }

@@ -217,6 +217,9 @@ class ClientCore : public std::enable_shared_from_this<ClientCore> {
   // The common counters; keepalive probes sent go to *keepalives.
   ClientStats Counters(std::uint64_t* keepalives = nullptr) const;
   void Close();
+  void SetStateListener(ClientDevice::StateListener l);
+  static const char* StateName(State s);
+  const char* StateNow() const { return StateName(static_cast<State>(stat_state_.load(std::memory_order_relaxed))); }
   bool SetConnectCheck(const ConnectCheck& c) {
     gate_.Set(c);
     return true;
@@ -396,6 +399,8 @@ class ClientCore : public std::enable_shared_from_this<ClientCore> {
   std::unique_ptr<char[]> check_buf_;  // grows once per larger check, never per I/O
 
   HealthClock health_;
+  std::mutex listener_mu_;
+  ClientDevice::StateListener listener_;  // GUARDED_BY(listener_mu_)
 
   // Stats.
   TxStats tx_stats_;

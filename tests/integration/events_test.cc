@@ -190,6 +190,50 @@ class EventsTest : public QObject {
     QVERIFY2(double(prog.size()) <= 4 * span + 1.5,
              qPrintable(QString("%1 events in %2 s").arg(prog.size()).arg(span)));
   }
+  // A network volume's state is pushed by its client as it changes (not polled): an exporter
+  // killed and restarted shows connected -> reconnecting -> connected, each event continuing
+  // where the previous one ended and none repeated (the poller must not emit them a second time).
+  void volumeStatesArePushedOnce() {
+    MirrorRig rig;
+    QString why;
+    QVERIFY2(rig.StartExporters(1, 16, &why), qPrintable(why));
+    const QString empty;
+    QVERIFY2(rig.StartAssembler(&empty, &why), qPrintable(why));
+    EventTap all;
+    QVERIFY(all.Start(*rig.as));
+    QTest::qWait(1000);  // subscribed (nothing to snapshot yet)
+    QByteArray out, err;
+    QVERIFY2(rig.as->Ctl({"volume", "import", "v0", rig.Uri(0), "--timeout", "30"}, &out, &err) == 0,
+             err.constData());
+    auto states = [&] {
+      std::vector<json> live, v;
+      QString w;
+      Live(all.Lines(), &live, &w);
+      for (const json& e : live)
+        if (e.value("type", "") == "volume_state" && e.value("volume", "") == "v0") v.push_back(e);
+      return v;
+    };
+    auto last_is = [&](const char* st) {
+      auto v = states();
+      return !v.empty() && v.back().value("state", "") == st;
+    };
+    QVERIFY(WaitUntil([&] { return last_is("connected"); }, 10000));
+    rig.ex[0]->Kill9();
+    QVERIFY(WaitUntil([&] { return last_is("reconnecting"); }, 10000));
+    QVERIFY(rig.ex[0]->Start());
+    QVERIFY(WaitUntil([&] { return last_is("connected"); }, 15000));
+    QTest::qWait(600);  // a poller that also emitted would have done so by now
+    std::vector<json> v = states();
+    QStringList seen;
+    for (const json& e : v) seen << QString::fromStdString(e.value("state", ""));
+    qInfo("v0: %s", qPrintable(seen.join(" -> ")));
+    QVERIFY2(v.size() >= 3, qPrintable(seen.join(",")));
+    for (std::size_t i = 1; i < v.size(); ++i) {
+      QVERIFY2(v[i].value("state", "") != v[i - 1].value("state", ""), qPrintable(seen.join(",")));
+      QVERIFY2(v[i].value("previous", "") == v[i - 1].value("state", ""), v[i].dump().c_str());
+    }
+    QVERIFY2(seen.contains("reconnecting"), qPrintable(seen.join(",")));
+  }
 };
 
 QTEST_GUILESS_MAIN(EventsTest)

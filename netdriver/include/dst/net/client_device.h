@@ -63,6 +63,15 @@ class ClientDevice : public BlockDevice {
   // it returns no old callback runs and none runs again.  Never call it holding a lock that
   // verify()/rejected() take (calling it from inside a callback, on the strand, is fine).
   bool SetConnectCheck(const ConnectCheck& check) override;
+  // Called on every connection state change ("connecting", "connected", "reconnecting",
+  // "failing", "closed": ClientStats::state), on the connection strand, as it happens (so the
+  // daemon pushes volume states instead of polling them).  Keep it short and non-blocking; it
+  // runs under an internal mutex that this setter also takes (after it returns, the old one
+  // never runs again).  An empty function removes it.
+  using StateListener = std::function<void(const char* from, const char* to)>;
+  void SetStateListener(StateListener listener);
+  // The connection state now (the name the listener and ClientStats::state use).
+  const char* State() const;
   DeviceHealth Health() const override;
   // Fails every pending request with EIO and stops reconnecting (after the protocol's goodbye).
   void Close();
