@@ -1,0 +1,200 @@
+// Local hardening of dstd (issue 11, docs/security.md "Local hardening"), against a real dstd:
+// * the control socket is 0660 root:dst (root's group without a dst group); a peer that cannot
+//   write it cannot connect; one that can (the mode loosened by hand) but is neither root nor in
+//   the group may read (status) and is refused changes with permission_denied, which dstctl
+//   prints and exits 77 for; a member of the group may change state.  Peers are real processes
+//   that drop to nobody (setgroups/setgid/setuid) in a forked child.
+// * a request nested 400,000 deep gets an error and dstd keeps answering;
+// * 300,000 pipelined requests whose replies are never read leave dstd's RSS bounded.
+#include <QtTest/QtTest>
+
+#include <fcntl.h>
+#include <grp.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <functional>
+
+#include <nlohmann/json.hpp>
+
+#include "daemon_process.h"
+#include "dst/control/control_protocol.h"
+#include "raw_control.h"
+#include "test_env.h"
+
+using namespace dst::test;
+namespace ctl = dst::control;
+using nlohmann::json;
+
+namespace {
+
+constexpr uid_t kNobody = 65534;
+constexpr gid_t kNogroup = 65534;
+
+// The group dstd gives the socket: "dst", or root's group when there is none.
+gid_t ControlGid() {
+  group* g = ::getgrnam("dst");
+  return g ? g->gr_gid : 0;
+}
+
+// One request on a fresh connection; the reply's error code ("" = success, "connect: <errno>"
+// when the socket refused us).
+std::string Ask(const std::string& path, const std::string& method, const json& params = {}) {
+  int err = 0;
+  int fd = ConnectUnix(path, &err);
+  if (fd < 0) return "connect: " + std::string(std::strerror(err));
+  SendAll(fd, ctl::EncodeRequest(1, method, params.is_null() ? json::object() : params));
+  auto lines = ReadLines(fd, 1, 30000);
+  ::close(fd);
+  ctl::Reply r;
+  std::string why;
+  if (lines.empty() || !ctl::ParseReply(lines[0], &r, &why)) return "no reply";
+  return r.ok ? "" : r.error_code + ": " + r.error_message;
+}
+
+struct ChildResult {
+  int rc = -1;
+  std::string out;
+};
+
+// Runs `fn` in a forked child as uid/gid nobody with supplementary `groups`; what it returns
+// (or writes to stdout/stderr when it execs) comes back in .out.
+ChildResult AsNobody(const std::vector<gid_t>& groups, const std::function<std::string()>& fn) {
+  int p[2];
+  if (::pipe(p) != 0) return {};
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    ::close(p[0]);
+    ::dup2(p[1], 1);
+    ::dup2(p[1], 2);
+    if (::setgroups(groups.size(), groups.data()) != 0 || ::setgid(kNogroup) != 0 ||
+        ::setuid(kNobody) != 0 || ::getuid() != kNobody)
+      _exit(121);
+    std::string s = fn();
+    if (::write(1, s.data(), s.size()) < 0) _exit(122);
+    _exit(0);
+  }
+  ::close(p[1]);
+  ChildResult r;
+  char buf[4096];
+  for (ssize_t n; (n = ::read(p[0], buf, sizeof buf)) > 0;) r.out.append(buf, std::size_t(n));
+  ::close(p[0]);
+  int st = 0;
+  ::waitpid(pid, &st, 0);
+  r.rc = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+  return r;
+}
+
+// Execs dstctl (the child is already nobody); returns only if exec failed.
+std::string ExecDstctl(const std::string& socket, const std::vector<std::string>& args) {
+  std::string bin = BinPath("dstctl");
+  std::vector<std::string> all{bin, "--socket", socket};
+  all.insert(all.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (auto& a : all) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  ::execv(bin.c_str(), argv.data());
+  _exit(127);
+}
+
+}  // namespace
+
+class LocalHardeningTest : public QObject {
+  Q_OBJECT
+
+ private slots:
+  void controlSocketPeersAndPermissions() {
+    DST_REQUIRE(IsRoot(), "needs root (drops to nobody in forked children)");
+    QTemporaryDir dir;
+    // nobody must be able to reach the socket through the test's private temp directory.
+    QVERIFY(::chmod(dir.path().toLocal8Bit().constData(), 0711) == 0);
+    DaemonProcess d(dir.path() + "/a");
+    QVERIFY(::chmod(d.state_dir().toLocal8Bit().constData(), 0711) == 0);
+    QVERIFY(d.Start());
+    const std::string sock = d.control_socket().toStdString();
+
+    struct stat st;
+    QVERIFY(::stat(sock.c_str(), &st) == 0);
+    QCOMPARE(int(st.st_mode & 07777), 0660);
+    QCOMPARE(int(st.st_uid), 0);
+    QCOMPARE(int(st.st_gid), int(ControlGid()));
+
+    // Not in the group: the socket's mode keeps nobody out altogether.
+    auto r = AsNobody({}, [&] { return Ask(sock, "status"); });
+    QCOMPARE(r.rc, 0);
+    QCOMPARE(r.out, std::string("connect: Permission denied"));
+
+    // Loosened by hand: nobody connects, may read, may not change.  The peer check, not the
+    // file mode, is what refuses.
+    QVERIFY(::chmod(sock.c_str(), 0666) == 0);
+    r = AsNobody({}, [&] { return Ask(sock, "status"); });
+    QCOMPARE(r.out, std::string(""));
+    r = AsNobody({}, [&] { return Ask(sock, "array.list"); });
+    QCOMPARE(r.out, std::string(""));
+    const std::string img = (d.state_dir() + "/e1.img").toStdString();
+    r = AsNobody({}, [&] {
+      return Ask(sock, "export.add", json{{"name", "e1"}, {"path", img}, {"size", "1M"}});
+    });
+    QVERIFY2(r.out.rfind("permission_denied: permission denied: export.add changes state and "
+                         "needs root or group ", 0) == 0, r.out.c_str());
+    QVERIFY2(r.out.find("(peer uid 65534)") != std::string::npos, r.out.c_str());
+    QVERIFY(::access(img.c_str(), F_OK) != 0);
+    // dstctl says why and exits 77 (EX_NOPERM, docs/control.md).
+    r = AsNobody({}, [&] { return ExecDstctl(sock, {"export", "add", "e1", img, "--size", "1M"}); });
+    QCOMPARE(r.rc, 77);
+    QVERIFY2(r.out.find("permission denied") != std::string::npos, r.out.c_str());
+    r = AsNobody({}, [&] { return ExecDstctl(sock, {"status"}); });
+    QCOMPARE(r.rc, 0);
+    QVERIFY(d.Log().contains("control: refused export.add from uid 65534"));
+
+    // A member of the control group (a supplementary group, as after `adduser alice dst`) may
+    // change state; so may root.
+    QVERIFY(::chmod(sock.c_str(), 0660) == 0);
+    r = AsNobody({ControlGid()}, [&] {
+      return Ask(sock, "export.add", json{{"name", "e1"}, {"path", img}, {"size", "1M"}});
+    });
+    QVERIFY2(r.out.empty(), r.out.c_str());
+    QCOMPARE(Ask(sock, "export.remove", json{{"name", "e1"}}), std::string(""));
+  }
+
+  void deepRequestAndUnreadFlood() {
+    QTemporaryDir dir;
+    DaemonProcess d(dir.path() + "/a");
+    QVERIFY(d.Start());
+    const std::string sock = d.control_socket().toStdString();
+
+    // 400,000 levels (800 KB, under the 1 MiB line limit) used to overflow dstd's stack.
+    int fd = ConnectUnix(sock);
+    QVERIFY(fd >= 0);
+    QVERIFY(SendAll(fd, DeepRequest("export.list", 400000)));
+    QVERIFY(SendAll(fd, ctl::EncodeRequest(2, "status")));
+    auto lines = ReadLines(fd, 2, 10000);
+    ::close(fd);
+    QCOMPARE(lines.size(), std::size_t(2));
+    QVERIFY2(lines[0].find("nested deeper than 64 levels") != std::string::npos, lines[0].c_str());
+    QVERIFY(d.Running());
+    QCOMPARE(Ask(sock, "status"), std::string(""));
+
+    // 300,000 pipelined requests, replies never read: dstd stops reading the connection.
+    long rss0 = RssKiB(d.pid());
+    fd = ConnectUnix(sock);
+    QVERIFY(fd >= 0);
+    const int kRequests = 300000;
+    bool partial = false;
+    int sent = FloodUnread(fd, "status", kRequests, 2000, &partial);
+    QThread::msleep(500);
+    long grown = RssKiB(d.pid()) - rss0;
+    qInfo("dstd took %d of %d unread requests; VmRSS %ld -> %ld KiB (+%ld)", sent, kRequests,
+          rss0, rss0 + grown, grown);
+    QVERIFY(sent < kRequests);
+    QVERIFY2(grown < 64 * 1024, qPrintable(QString("RSS grew %1 KiB").arg(grown)));
+    QCOMPARE(Ask(sock, "status"), std::string(""));  // others are still served
+    // Reading again resumes it: every complete request is answered.
+    QCOMPARE(int(ReadLines(fd, std::size_t(sent), 20000).size()), sent);
+    ::close(fd);
+  }
+};
+
+DST_TEST_MAIN(LocalHardeningTest)
+#include "local_hardening_test.moc"
