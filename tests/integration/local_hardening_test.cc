@@ -4,6 +4,10 @@
 //   the group may read (status) and is refused changes with permission_denied, which dstctl
 //   prints and exits 77 for; a member of the group may change state.  Peers are real processes
 //   that drop to nobody (setgroups/setgid/setuid) in a forked child.
+// * `export add` (and local volumes, path legs) accept paths only under [daemon] export_roots
+//   (default: the state directory) or named in the config file; /etc/shadow, a ".." path and a
+//   symlink out of the root are refused with a reason naming export_roots (dstctl exit 77);
+// * files dstd creates (images, dstd.sqlite and its -wal/-shm) are 0600 even under umask 0;
 // * a request nested 400,000 deep gets an error and dstd keeps answering;
 // * 300,000 pipelined requests whose replies are never read leave dstd's RSS bounded.
 #include <QtTest/QtTest>
@@ -156,6 +160,98 @@ class LocalHardeningTest : public QObject {
     });
     QVERIFY2(r.out.empty(), r.out.c_str());
     QCOMPARE(Ask(sock, "export.remove", json{{"name", "e1"}}), std::string(""));
+  }
+
+  void exportRoots() {
+    QTemporaryDir dir;
+    DaemonProcess d(dir.path() + "/a");
+    d.export_roots().clear();  // dstd's default: the state directory
+    const QString named = dir.path() + "/named.img";
+    QFile f(named);
+    QVERIFY(f.open(QIODevice::WriteOnly));
+    QVERIFY(f.resize(1 << 20));
+    f.close();
+    d.config() = "[[export]]\nname = \"cfg\"\npath = \"" + named + "\"\n";
+    QVERIFY(d.Start());
+    QVERIFY(QFile::link("/etc/shadow", d.state_dir() + "/shadow"));
+
+    QByteArray out, err;
+    QCOMPARE(d.Ctl({"export", "add", "s", "/etc/shadow", "--read-only"}, &out, &err), 77);
+    QVERIFY2(err.contains("/etc/shadow is outside export_roots (" +
+                          QFileInfo(d.state_dir()).canonicalFilePath().toUtf8() + ")"),
+             err.constData());
+    QCOMPARE(d.Ctl({"export", "add", "s", d.state_dir() + "/shadow", "--read-only"}, &out, &err),
+             77);
+    QVERIFY2(err.contains("(/etc/shadow) is outside export_roots"), err.constData());
+    QCOMPARE(d.Ctl({"export", "add", "s", d.state_dir() + "/../up.img", "--size", "1M"}, &out,
+                   &err), 77);
+    QVERIFY(!QFile::exists(dir.path() + "/up.img"));
+    // Local volumes and path legs follow the same rule.
+    QCOMPARE(d.Ctl({"volume", "import", "v", "/etc/shadow"}, &out, &err), 77);
+    QCOMPARE(d.Ctl({"array", "create", "m", "--level", "linear", "/etc/shadow"}, &out, &err), 77);
+    QVERIFY2(err.contains("outside export_roots"), err.constData());
+
+    // Inside the state directory, or named in the config file: fine.
+    QCOMPARE(d.Ctl({"export", "add", "in", d.state_dir() + "/in.img", "--size", "1M"}, &out, &err),
+             0);
+    QCOMPARE(d.Ctl({"export", "remove", "cfg"}, &out, &err), 0);
+    QCOMPARE(d.Ctl({"export", "add", "cfg2", named}, &out, &err), 0);
+    QVERIFY2(d.Terminate() == 0, d.Log().constData());
+
+    // Another root from the config.
+    QVERIFY(QDir().mkpath(dir.path() + "/r"));
+    d.export_roots() = {dir.path() + "/r"};
+    QVERIFY(d.Start());
+    QCOMPARE(d.Ctl({"export", "add", "r1", dir.path() + "/r/x.img", "--size", "1M"}, &out, &err),
+             0);
+    QCOMPARE(d.Ctl({"export", "add", "r2", d.state_dir() + "/y.img", "--size", "1M"}, &out, &err),
+             77);
+  }
+
+  void createdFilesArePrivate() {
+    QTemporaryDir dir;
+    DaemonProcess d(dir.path() + "/a");
+    mode_t old = ::umask(0);  // dstd inherits it
+    bool started = d.Start();
+    ::umask(old);
+    QVERIFY(started);
+    QByteArray out, err;
+    const QString img = dir.path() + "/new.img";
+    QCOMPARE(d.Ctl({"export", "add", "e1", img, "--size", "1M"}, &out, &err), 0);
+    // A mirror writes its dirty maps into dstd.sqlite (WAL mode: -wal and -shm appear).
+    for (const char* leg : {"/l0.img", "/l1.img"}) {
+      QFile l(dir.path() + leg);
+      QVERIFY(l.open(QIODevice::WriteOnly));
+      QVERIFY(l.resize(16 << 20));
+    }
+    QVERIFY2(d.Ctl({"array", "create", "m0", "--level", "mirror", dir.path() + "/l0.img",
+                    dir.path() + "/l1.img", "--assume-clean"}, &out, &err) == 0,
+             err.constData());
+    auto mode = [](const QString& p) {
+      struct stat st;
+      return ::stat(p.toLocal8Bit().constData(), &st) == 0 ? int(st.st_mode & 07777) : -1;
+    };
+    QCOMPARE(mode(img), 0600);
+    QCOMPARE(mode(d.state_dir() + "/dstd.sqlite"), 0600);
+    for (const char* j : {"-wal", "-shm"})
+      if (QFile::exists(d.state_dir() + "/dstd.sqlite" + j))
+        QCOMPARE(mode(d.state_dir() + "/dstd.sqlite" + j), 0600);
+    QVERIFY(QFile::exists(d.state_dir() + "/dstd.sqlite-wal"));
+    // An existing file dstd is pointed at keeps its mode (it is the operator's).
+    const QString mine = dir.path() + "/mine.img";
+    QFile f(mine);
+    QVERIFY(f.open(QIODevice::WriteOnly));
+    QVERIFY(f.resize(1 << 20));
+    f.close();
+    QVERIFY(::chmod(mine.toLocal8Bit().constData(), 0640) == 0);
+    QCOMPARE(d.Ctl({"export", "add", "e2", mine}, &out, &err), 0);
+    QCOMPARE(mode(mine), 0640);
+
+    // A database left 0644 by an older dstd is tightened at start.
+    QVERIFY(d.Terminate() == 0);
+    QVERIFY(::chmod((d.state_dir() + "/dstd.sqlite").toLocal8Bit().constData(), 0644) == 0);
+    QVERIFY(d.Start());
+    QCOMPARE(mode(d.state_dir() + "/dstd.sqlite"), 0600);
   }
 
   void deepRequestAndUnreadFlood() {
