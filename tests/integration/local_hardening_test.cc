@@ -8,11 +8,14 @@
 //   (default: the state directory) or named in the config file; /etc/shadow, a ".." path and a
 //   symlink out of the root are refused with a reason naming export_roots (dstctl exit 77);
 // * files dstd creates (images, dstd.sqlite and its -wal/-shm) are 0600 even under umask 0;
+// * an NBD export name with a newline cannot forge a dstd log line (it is logged escaped);
 // * a request nested 400,000 deep gets an error and dstd keeps answering;
 // * 300,000 pipelined requests whose replies are never read leave dstd's RSS bounded.
 #include <QtTest/QtTest>
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <grp.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -252,6 +255,36 @@ class LocalHardeningTest : public QObject {
     QVERIFY(::chmod((d.state_dir() + "/dstd.sqlite").toLocal8Bit().constData(), 0644) == 0);
     QVERIFY(d.Start());
     QCOMPARE(mode(d.state_dir() + "/dstd.sqlite"), 0600);
+  }
+
+  void peerStringsAreEscapedInLogs() {
+    QTemporaryDir dir;
+    DaemonProcess d(dir.path() + "/a");
+    QVERIFY(d.Start());
+    // NBD fixed newstyle by hand: NBD_OPT_EXPORT_NAME of an unknown name, which dstd logs.
+    int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(d.nbd_port());
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    QVERIFY(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+    char greeting[18];
+    QCOMPARE(::recv(fd, greeting, sizeof greeting, MSG_WAITALL), ssize_t(18));
+    const std::string name = "x\n[2099-01-01 00:00:00.000] [dstd] [error] FORGED";
+    std::string msg("\0\0\0\1IHAVEOPT\0\0\0\1", 16);
+    std::uint32_t len = htonl(std::uint32_t(name.size()));
+    msg.append(reinterpret_cast<const char*>(&len), 4);
+    msg += name;
+    QVERIFY(SendAll(fd, msg));
+    char c;
+    QCOMPARE(::recv(fd, &c, 1, 0), ssize_t(0));  // closed: EXPORT_NAME cannot report errors
+    ::close(fd);
+    QTRY_VERIFY_WITH_TIMEOUT(d.Log().contains("EXPORT_NAME for unknown export"), 5000);
+    QByteArray log = d.Log();
+    QVERIFY2(log.contains("unknown export: x\\x0a[2099-01-01 00:00:00.000] [dstd] [error] FORGED"),
+             log.constData());
+    for (const QByteArray& line : log.split('\n'))
+      QVERIFY2(!line.startsWith("[2099"), line.constData());
   }
 
   void deepRequestAndUnreadFlood() {

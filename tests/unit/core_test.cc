@@ -16,6 +16,7 @@
 #include "dst/buffer_pool.h"
 #include "dst/counting_device.h"
 #include "dst/file_device.h"
+#include "dst/log_escape.h"
 #include "dst/status.h"
 #include "test_env.h"
 
@@ -207,6 +208,17 @@ class CoreTest : public QObject {
     QCOMPARE(WriteSync(*dev.value(), 0, buf, 512).code(), Status::Code::kReadOnly);
     QVERIFY(ReadSync(*dev.value(), 0, buf, 512).ok());
     QVERIFY(!FileDevice::Open(dir.path().toStdString() + "/missing.img").ok());
+  }
+
+  // Issue 11: peer strings in log lines cannot break or forge lines, and are bounded.
+  void escapeForLog() {
+    QCOMPARE(dst::EscapeForLog("disk-1.img"), std::string("disk-1.img"));
+    QCOMPARE(dst::EscapeForLog("a\nFAKE: x\r\t"), std::string("a\\x0aFAKE: x\\x0d\\x09"));
+    QCOMPARE(dst::EscapeForLog(std::string("n\0\x7f\xc3\xa9\\", 6)),
+             std::string("n\\x00\\x7f\\xc3\\xa9\\x5c"));
+    std::string big(5000, 'a');
+    std::string e = dst::EscapeForLog(big);
+    QCOMPARE(e, std::string(dst::kMaxLogField, 'a') + "...(5000 bytes)");
   }
 
   // Issue 11: an image FileDevice creates, and a file EnsurePrivateFile creates, are 0600 even
