@@ -29,8 +29,43 @@ bool IsKnownMethod(std::string_view method) {
   return std::find(m.begin(), m.end(), method) != m.end();
 }
 
+bool IsReadOnlyMethod(std::string_view method) {
+  static const char* const kReadOnly[] = {"status",       "hello",       "export.list",
+                                          "volume.list",  "array.list",  "array.detail",
+                                          "array.layers", "events"};
+  for (const char* m : kReadOnly)
+    if (method == m) return true;
+  return false;
+}
+
+bool JsonDepthWithin(std::string_view text, int max_depth) {
+  int depth = 0;
+  bool in_string = false;
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    char c = text[i];
+    if (in_string) {
+      if (c == '\\')
+        ++i;  // the escaped character cannot end the string
+      else if (c == '"')
+        in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      if (++depth > max_depth) return false;
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
+  return true;
+}
+
 bool ParseRequest(std::string_view line, Request* req, ErrorInfo* error) {
   error->id = nullptr;
+  if (!JsonDepthWithin(line)) {
+    error->code = kInvalidRequest;
+    error->message = "request nested deeper than " + std::to_string(kMaxJsonDepth) + " levels";
+    return false;
+  }
   json j = json::parse(line.begin(), line.end(), nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) {
     error->code = kParseError;
@@ -106,6 +141,10 @@ std::string EncodeError(const json& id, std::string_view code, std::string_view 
 }
 
 bool ParseReply(std::string_view line, Reply* reply, std::string* why) {
+  if (!JsonDepthWithin(line)) {
+    *why = "reply nested deeper than " + std::to_string(kMaxJsonDepth) + " levels";
+    return false;
+  }
   json j = json::parse(line.begin(), line.end(), nullptr, false);
   if (j.is_discarded() || !j.is_object()) {
     *why = "reply is not a JSON object";
@@ -214,8 +253,10 @@ int ExitCodeForError(std::string_view code) {
   if (code == kBusy || code == kTimedOut || code == kShuttingDown) return kExTempFail;
   if (code == kUnavailable) return kExUnavailable;
   if (code == kIoError) return kExIoErr;
+  if (code == kPermissionDenied) return kExNoPerm;
   if (code == kNotSupported) return kExDataErr;
-  if (code == kParseError || code == kInvalidRequest || code == kUnknownMethod || code == kTooLarge)
+  if (code == kParseError || code == kInvalidRequest || code == kUnknownMethod || code == kTooLarge ||
+      code == kTooSlow)
     return kExProtocol;
   return kExSoftware;
 }

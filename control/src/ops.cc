@@ -354,6 +354,7 @@ constexpr RefusalRow kRefusals[] = {
     {RefusalCode::kReadOnlyLeg, "read_only_leg", kReadOnly},
     {RefusalCode::kLastGoodLeg, "last_good_leg", kBusy},
     {RefusalCode::kNotAssembled, "not_assembled", kUnavailable},
+    {RefusalCode::kOutsideRoots, "outside_export_roots", kPermissionDenied},
 };
 
 constexpr std::pair<StepKind, const char*> kStepKinds[] = {

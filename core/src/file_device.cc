@@ -38,8 +38,14 @@ class FileDevice::Impl {
   Status Open(const std::string& path, const FileDeviceOptions& o) {
     path_ = path;
     int flags = (o.read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC;
-    if (o.create && !o.read_only) flags |= O_CREAT;
-    fd_ = ::open(path.c_str(), flags, 0644);
+    fd_ = -1;
+    if (o.create && !o.read_only) {
+      // O_EXCL tells whether we made it: only a new image gets its mode set.
+      fd_ = ::open(path.c_str(), flags | O_CREAT | O_EXCL, 0600);
+      if (fd_ >= 0 && ::fchmod(fd_, 0600) != 0) return Status::FromErrno(errno, "chmod " + path);
+      if (fd_ < 0 && errno != EEXIST) return Status::FromErrno(errno, "create " + path);
+    }
+    if (fd_ < 0) fd_ = ::open(path.c_str(), flags);
     if (fd_ < 0) return Status::FromErrno(errno, "open " + path);
     struct stat st;
     if (fstat(fd_, &st) != 0) return Status::FromErrno(errno, "stat " + path);
@@ -85,7 +91,7 @@ class FileDevice::Impl {
     info_.read_only = o.read_only;
     info_.max_io_bytes = 32u << 20;
     if (o.direct_io) {
-      direct_fd_ = ::open(path.c_str(), (flags & ~O_CREAT) | O_DIRECT, 0644);
+      direct_fd_ = ::open(path.c_str(), flags | O_DIRECT);
       if (direct_fd_ < 0) return Status::FromErrno(errno, "open O_DIRECT " + path);
     }
     inline_nowait_ = o.inline_nowait;
@@ -355,5 +361,19 @@ DeviceInfo FileDevice::Info() const { return impl_->info_; }
 void FileDevice::Submit(IoRequest* req) { impl_->Submit(req); }
 std::string FileDevice::Describe() const { return "file " + impl_->path_; }
 const std::string& FileDevice::path() const { return impl_->path_; }
+
+Status EnsurePrivateFile(const std::string& path, bool tighten) {
+  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  bool created = fd >= 0;
+  if (fd < 0 && errno == EEXIST) fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return Status::FromErrno(errno, "open " + path);
+  struct stat st;
+  int rc = ::fstat(fd, &st);
+  if (rc == 0 && (created || (tighten && S_ISREG(st.st_mode) && (st.st_mode & 077))))
+    rc = ::fchmod(fd, created ? 0600 : (st.st_mode & 0700));
+  int err = errno;
+  ::close(fd);
+  return rc == 0 ? Status::OK() : Status::FromErrno(err, "chmod " + path);
+}
 
 }  // namespace dst

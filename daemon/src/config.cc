@@ -2,6 +2,10 @@
 
 #include <sys/stat.h>
 
+#include <cerrno>
+#include <climits>
+#include <cstdlib>
+
 #include <algorithm>
 #include <charconv>
 #include <fstream>
@@ -203,9 +207,22 @@ Status ParseDaemon(const toml::table& t, const ErrorSink& sink, Config* cfg) {
       }
     } else if (key == "verify_interval") {
       DST_RETURN_IF_ERROR(f.Duration(v, key, &cfg->verify_interval_s));
+    } else if (key == "export_roots") {
+      if (!v.is_array())
+        return sink.Error(v.source(), f.ctx, key,
+                          fmt::format("expected an array of absolute paths, got {}", TypeName(v)));
+      for (auto&& e : *v.as_array()) {
+        std::string root;
+        DST_RETURN_IF_ERROR(f.String(e, key, &root));
+        if (root[0] != '/')
+          return sink.Error(e.source(), f.ctx, key,
+                            fmt::format("\"{}\" must be an absolute path", root));
+        cfg->export_roots.push_back(root);
+      }
     } else {
       return UnknownKey(sink, k, f.ctx,
-                        "listen, nbd_listen, mountpoint, batching, io_threads, verify_interval, host_name");
+                        "listen, nbd_listen, mountpoint, batching, io_threads, verify_interval, "
+                        "host_name, export_roots");
     }
   }
   return Status::OK();
@@ -584,6 +601,67 @@ Result<Config> ParseConfig(std::string_view text, const std::string& source,
   if (Status st = ValidateTopology(cfg); !st.ok())
     return Status::InvalidArgument(fmt::format("{}: {}", source, st.message()));
   return cfg;
+}
+
+Result<std::string> CanonicalPath(const std::string& path) {
+  if (path.empty() || path[0] != '/')
+    return Status::InvalidArgument(fmt::format("\"{}\" is not an absolute path", path));
+  char buf[PATH_MAX];
+  if (::realpath(path.c_str(), buf)) return std::string(buf);
+  if (errno != ENOENT) return Status::FromErrno(errno, path);
+  // Not there yet (an image dstd will create): its directory must exist.
+  auto slash = path.find_last_of('/');
+  std::string dir = slash == 0 ? "/" : path.substr(0, slash), name = path.substr(slash + 1);
+  if (name.empty() || name == "." || name == "..")
+    return Status::InvalidArgument(fmt::format("\"{}\" does not name a file", path));
+  if (!::realpath(dir.c_str(), buf)) return Status::FromErrno(errno, dir);
+  std::string d(buf);
+  return d == "/" ? "/" + name : d + "/" + name;
+}
+
+Status CheckPathAllowed(const PathPolicy& policy, const std::string& path) {
+  auto c = CanonicalPath(path);
+  if (!c.ok()) return c.status();
+  const std::string& p = c.value();
+  for (const auto& r : policy.roots)
+    if (p == r || r == "/" || (p.size() > r.size() && p.compare(0, r.size(), r) == 0 &&
+                               p[r.size()] == '/'))
+      return Status::OK();
+  for (const auto& n : policy.named)
+    if (p == n) return Status::OK();
+  std::string roots;
+  for (const auto& r : policy.roots) roots += (roots.empty() ? "" : ", ") + r;
+  std::string shown = p == path ? path : fmt::format("{} ({})", path, p);
+  return Status::InvalidArgument(fmt::format(
+      "{} is outside export_roots ({}); add it or its directory to [daemon] export_roots",
+      shown, roots.empty() ? "none" : roots));
+}
+
+PathPolicy MakePathPolicy(const Config& cfg, const std::string& state_dir,
+                          std::vector<std::string>* skipped) {
+  PathPolicy pp;
+  std::vector<std::string> roots = cfg.export_roots;
+  if (roots.empty()) roots.push_back(state_dir);
+  for (const auto& r : roots) {
+    char buf[PATH_MAX];
+    if (::realpath(r.c_str(), buf))
+      pp.roots.push_back(buf);
+    else if (skipped)
+      skipped->push_back(r);
+  }
+  auto name = [&](const std::string& path) {
+    if (path.empty()) return;
+    auto c = CanonicalPath(path);
+    if (c.ok()) pp.named.push_back(c.value());
+  };
+  for (const auto& e : cfg.exports) name(e.path);
+  for (const auto& v : cfg.volumes) name(v.path);
+  for (const auto& a : cfg.arrays)
+    for (const auto& leg : a.legs) {
+      LegSpec ls;
+      if (ParseLegSpec(leg, &ls).ok() && ls.kind == LegSpec::Kind::kPath) name(ls.ref);
+    }
+  return pp;
 }
 
 Result<std::uint64_t> ParseRate(std::string_view s) {

@@ -148,7 +148,9 @@ Daemon::~Daemon() { Shutdown(); }
 
 Status Daemon::LockStateDir() {
   std::error_code ec;
-  std::filesystem::create_directories(opts_.state_dir, ec);
+  // A state directory dstd makes is its own (images may live in it: export_roots' default).
+  if (std::filesystem::create_directories(opts_.state_dir, ec) && !ec)
+    ::chmod(opts_.state_dir.c_str(), 0700);
   if (ec)
     return Status::FromErrno(ec.value(), fmt::format("cannot create state directory {}",
                                                      opts_.state_dir));
@@ -176,6 +178,13 @@ Status Daemon::LockStateDir() {
     return Status::FromErrno(err, fmt::format("cannot write {}", path));
   }
   lock_fd_ = fd;
+  // The state database (topology, host id, dirty maps): owner only, whatever the umask.
+  // SQLite gives the -wal and -shm files the database's mode; older ones are tightened too.
+  const std::string db = opts_.state_dir + "/dstd.sqlite";
+  DST_RETURN_IF_ERROR(EnsurePrivateFile(db, /*tighten=*/true));
+  for (const char* journal : {"-wal", "-shm", "-journal"})
+    if (std::string j = db + journal; ::access(j.c_str(), F_OK) == 0)
+      DST_RETURN_IF_ERROR(EnsurePrivateFile(j, /*tighten=*/true));
   return Status::OK();
 }
 
@@ -276,6 +285,10 @@ int Daemon::Start() {
                     Message(st));
   }
 
+  std::vector<std::string> skipped;
+  path_policy_ = MakePathPolicy(cfg_, opts_.state_dir, &skipped);
+  for (const auto& r : skipped)
+    spdlog::warn("export_roots: {} does not exist; ignored", r);
   std::error_code ec;
   auto parent = std::filesystem::path(opts_.control_path).parent_path();
   if (!parent.empty()) std::filesystem::create_directories(parent, ec);

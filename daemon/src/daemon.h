@@ -252,6 +252,10 @@ class Daemon {
   // *holder (when given) is set to the use that makes a check fail.
   std::vector<Use> Uses(const std::set<std::string>& gone = {});
   std::vector<Use> UsesOf(const Use& want, const std::set<std::string>& gone = {});
+  // Whether a control client may name local `path` ([daemon] export_roots; config.h).
+  Status CheckPathAllowed(const std::string& path) const {
+    return daemon::CheckPathAllowed(path_policy_, path);
+  }
   Status CheckExportFree(const ExportConfig& e, const std::set<std::string>& gone = {},
                          Use* holder = nullptr);
   Status CheckVolumeFree(const VolumeConfig& c, const std::set<std::string>& gone = {},
@@ -319,6 +323,7 @@ class Daemon {
   std::unique_ptr<net::Exporter> exporter_;
   std::unique_ptr<NbdFrontend> nbd_;  // null: NBD disabled or not started
   std::unique_ptr<ControlServer> control_;
+  PathPolicy path_policy_;  // set by Start before the control socket opens
   WorkQueue workers_{3};
   std::atomic<bool> stopping_{false};
   // Before the objects that emit into it (mirror leg listeners run until the mirror is gone).

@@ -60,7 +60,9 @@ Status NbdFrontend::AddExport(const std::string& name, std::shared_ptr<BlockDevi
   net::NbdExportSpec spec;
   spec.name = name;
   spec.read_only = read_only;
-  spec.description = path.empty() ? device->Describe() : path;
+  // LIST and INFO go to unauthenticated peers: no host paths (a device's Describe() names its
+  // file or legs), only what the client already knows.
+  spec.description = fmt::format("dst export {}{}", name, read_only ? " (read-only)" : "");
   if (!path.empty()) {
     struct stat st;
     if (::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode)) {

@@ -130,6 +130,10 @@ class OperationImpl<void> : public Operation {
       std::optional<DeviceInfo> info;
       switch (ls.kind) {
         case LegSpec::Kind::kPath:
+          if (Status s = d_.CheckPathAllowed(ls.ref); !s.ok()) {
+            out->push_back(Refuse(RefusalCode::kOutsideRoots, obj, {}, Msg(s)));
+            continue;
+          }
           if (!Exists(ls.ref)) {
             out->push_back(Refuse(RefusalCode::kUnknownName, obj, {},
                                   fmt::format("leg \"{}\": {} does not exist", spec, ls.ref)));
@@ -663,6 +667,9 @@ class OperationImpl<ctl::ExportAddOp> : public OpBase {
     if (!e_.volume.empty() && !d_.PlanHas(ctx, "volume", e_.volume))
       out.push_back(Refuse(RefusalCode::kUnknownName, "volume:" + e_.volume, {},
                            fmt::format("no volume \"{}\"", e_.volume)));
+    if (!e_.path.empty())
+      if (Status s = d_.CheckPathAllowed(e_.path); !s.ok())
+        return {Refuse(RefusalCode::kOutsideRoots, "file:" + e_.path, {}, Msg(s))};
     if (!e_.path.empty() && e_.size == 0 && !Exists(e_.path))
       out.push_back(Refuse(RefusalCode::kUnknownName, "file:" + e_.path, {},
                            fmt::format("{} does not exist (give a size to create it)", e_.path)));
@@ -758,6 +765,9 @@ class OperationImpl<ctl::VolumeImportOp> : public OpBase {
     CheckName("volume", c_.name, &out);
     out.insert(out.end(), bad_.begin(), bad_.end());
     if (!out.empty()) return out;
+    if (!c_.path.empty())
+      if (Status s = d_.CheckPathAllowed(c_.path); !s.ok())
+        return {Refuse(RefusalCode::kOutsideRoots, "file:" + c_.path, {}, Msg(s))};
     if (!c_.path.empty() && !Exists(c_.path))
       out.push_back(Refuse(RefusalCode::kUnknownName, "file:" + c_.path, {},
                            fmt::format("{} does not exist", c_.path)));

@@ -7,6 +7,8 @@
 
 #include <boost/asio/post.hpp>
 
+#include "dst/log_escape.h"
+
 namespace dst::net::detail {
 
 namespace asio = boost::asio;
@@ -393,8 +395,10 @@ ServerCore::ServerCore(asio::io_context& io, ServerCoreOptions opts)
 ServerCore::~ServerCore() = default;
 
 void ServerCore::Log(const std::string& who, const char* what, const char* detail) const {
-  std::fprintf(stderr, "%s: %s: %s%s%s\n", opts_.log_name, who.c_str(), what, detail && *detail ? ": " : "",
-               detail ? detail : "");
+  // `detail` is often the peer's own words (an export name, a framing error about its bytes).
+  std::string d = detail ? EscapeForLog(detail) : std::string();
+  std::fprintf(stderr, "%s: %s: %s%s%s\n", opts_.log_name, who.c_str(), what, d.empty() ? "" : ": ",
+               d.c_str());
 }
 
 Status ServerCore::Start() {

@@ -286,6 +286,13 @@ class NbdDaemonTest : public QObject {
     QCOMPARE(qint64(e["export-size"].toDouble()), qint64(16 * kM));
     QVERIFY(e["can_flush"].toBool());
     QVERIFY(!e["is_read_only"].toBool());
+    // Issue 11: neither INFO nor LIST reveals the host path of the image.
+    QCOMPARE(e["description"].toString(), QString("dst export disk"));
+    QVERIFY2(!r.out.contains(img.toUtf8()), r.out.constData());
+    ToolResult list = Run("nbdinfo", {"--list", "--json", Uri(d.nbd_port(), "")});
+    QVERIFY2(list.rc == 0, list.err.constData());
+    QVERIFY2(list.out.contains("dst export disk") && !list.out.contains(img.toUtf8()),
+             list.out.constData());
 
     r = Run("nbdinfo", {"--map", uri});
     QVERIFY2(r.rc == 0, r.err.constData());

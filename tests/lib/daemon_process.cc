@@ -10,6 +10,7 @@
 
 #include <QDir>
 #include <QElapsedTimer>
+#include <QFileInfo>
 #include <QFile>
 #include <QProcess>
 #include <QThread>
@@ -35,6 +36,7 @@ DaemonProcess::DaemonProcess(const QString& state_dir, quint16 port)
     : state_dir_(state_dir), port_(port ? port : FreePort()) {
   do nbd_port_ = FreePort(); while (nbd_port_ == port_);
   QDir().mkpath(state_dir_);
+  export_roots_ = {QFileInfo(state_dir_).absolutePath(), QDir::tempPath()};
 }
 
 DaemonProcess::~DaemonProcess() {
@@ -64,9 +66,12 @@ static bool ControlAnswers(const QString& path) {
 }
 
 bool DaemonProcess::Start(int timeout_ms) {
-  QString cfg = QString("[daemon]\nlisten = \"127.0.0.1:%1\"\nnbd_listen = \"127.0.0.1:%2\"\n\n")
+  QString roots;
+  for (const auto& r : export_roots_) roots += (roots.isEmpty() ? "\"" : ", \"") + r + "\"";
+  QString cfg = QString("[daemon]\nlisten = \"127.0.0.1:%1\"\nnbd_listen = \"127.0.0.1:%2\"\n")
                     .arg(port_)
                     .arg(nbd_port_) +
+                (roots.isEmpty() ? QString() : "export_roots = [" + roots + "]\n") + "\n" +
                 extra_config_;
   QFile f(state_dir_ + "/dstd.toml");
   if (!f.open(QIODevice::WriteOnly | QIODevice::Truncate)) return false;

@@ -27,6 +27,10 @@ class DaemonProcess {
   // Extra TOML appended to the generated config (exports, volumes...).
   QString& config() { return extra_config_; }
   QStringList& extra_args() { return extra_args_; }
+  // [daemon] export_roots written into the config: by default the state directory's parent
+  // (the test's temporary directory) and the system temp directory, so tests may name their
+  // images in control requests.  Empty: the key is left out (dstd's default, the state dir).
+  QStringList& export_roots() { return export_roots_; }
   quint16 port() const { return port_; }
   // dstd's NBD server port ([daemon] nbd_listen, a free port chosen like port()).
   quint16 nbd_port() const { return nbd_port_; }
@@ -52,6 +56,7 @@ class DaemonProcess {
   quint16 nbd_port_ = 0;
   QString extra_config_;
   QStringList extra_args_;
+  QStringList export_roots_;
   pid_t pid_ = -1;
 };
 

@@ -2,6 +2,9 @@
 #include <QTemporaryDir>
 #include <QtTest/QtTest>
 
+#include <unistd.h>
+
+#include <filesystem>
 #include <fstream>
 
 #include "dst/daemon/config.h"
@@ -368,6 +371,56 @@ class ConfigTest : public QObject {
     QVERIFY(!bad.ok());
     QVERIFY2(bad.status().message().rfind(path + ":3: [daemon]: foo: unknown key", 0) == 0,
              bad.status().message().c_str());
+  }
+
+  // [daemon] export_roots and the path policy (issue 11): canonical paths, so neither ".." nor a
+  // symlink leads out of a root; files named in the config stay allowed; the default root is
+  // the state directory.
+  void ExportRoots() {
+    QTemporaryDir tmp;
+    const std::string d = std::filesystem::canonical(tmp.path().toStdString()).string();
+    std::filesystem::create_directories(d + "/roots/sub");
+    std::filesystem::create_directories(d + "/state");
+    std::filesystem::create_directories(d + "/rootsx");
+    { std::ofstream(d + "/roots/a.img") << "x"; }
+    { std::ofstream(d + "/named.img") << "x"; }
+    std::filesystem::create_symlink("/etc/shadow", d + "/roots/shadow");
+    std::filesystem::create_symlink(d, d + "/roots/up");
+
+    auto r = ParseConfig("[daemon]\nexport_roots = [\"" + d + "/roots\", \"/nonexistent\"]\n"
+                         "[[export]]\nname = \"n\"\npath = \"" + d + "/named.img\"\n",
+                         "test.toml", {false});
+    QVERIFY2(r.ok(), r.status().message().c_str());
+    QCOMPARE(r.value().export_roots.size(), std::size_t(2));
+    std::vector<std::string> skipped;
+    auto pp = dst::daemon::MakePathPolicy(r.value(), d + "/state", &skipped);
+    QCOMPARE(skipped, std::vector<std::string>{"/nonexistent"});
+    auto ok = [&](const std::string& p) { return dst::daemon::CheckPathAllowed(pp, p).ok(); };
+    QVERIFY(ok(d + "/roots/a.img"));
+    QVERIFY(ok(d + "/roots/new.img"));        // to be created
+    QVERIFY(ok(d + "/roots/sub/../a.img"));   // ".." that stays inside
+    QVERIFY(ok(d + "/named.img"));            // named in the config file
+    QVERIFY(!ok(d + "/roots/../named2.img"));
+    QVERIFY(!ok(d + "/roots/../state/x.img"));
+    QVERIFY(!ok(d + "/rootsx/x.img"));        // a prefix of the name is not a parent
+    QVERIFY(!ok(d + "/roots/shadow"));        // symlink out
+    QVERIFY(!ok(d + "/roots/up/named2.img"));  // symlinked directory out
+    QVERIFY(!ok(d + "/roots/.."));
+    QVERIFY(!ok("relative.img"));
+    auto shadow = dst::daemon::CheckPathAllowed(pp, "/etc/shadow");
+    QVERIFY(!shadow.ok());
+    QVERIFY2(shadow.message().find("/etc/shadow is outside export_roots (" + d + "/roots)") !=
+                 std::string::npos,
+             shadow.message().c_str());
+    // Default: the state directory only.
+    auto def = dst::daemon::MakePathPolicy(Config{}, d + "/state");
+    QVERIFY(dst::daemon::CheckPathAllowed(def, d + "/state/v.img").ok());
+    QVERIFY(!dst::daemon::CheckPathAllowed(def, d + "/roots/a.img").ok());
+
+    QVERIFY(Error("[daemon]\nexport_roots = \"/srv\"\n").find("expected an array") !=
+            std::string::npos);
+    QVERIFY(Error("[daemon]\nexport_roots = [\"srv\"]\n").find("must be an absolute path") !=
+            std::string::npos);
   }
 };
 

@@ -196,6 +196,48 @@ class ControlProtocolTest : public QObject {
     QCOMPARE(ctl::ExitCodeForError(ctl::kIoError), 74);
     QCOMPARE(ctl::ExitCodeForError(ctl::kUnknownMethod), 76);
     QCOMPARE(ctl::ExitCodeForError("something_new"), 70);
+    QCOMPARE(ctl::ExitCodeForError(ctl::kPermissionDenied), 77);
+    QCOMPARE(ctl::ExitCodeForError(ctl::kTooSlow), 76);
+  }
+
+  // A request nested deeper than kMaxJsonDepth is refused by a byte scan, before nlohmann
+  // builds (and recursively copies) it; brackets inside strings do not count.
+  void NestingDepth() {
+    QVERIFY(ctl::JsonDepthWithin("{\"a\":[[1]]}", 3));
+    QVERIFY(!ctl::JsonDepthWithin("{\"a\":[[1]]}", 2));
+    QVERIFY(ctl::JsonDepthWithin("{\"a\":\"[[[[[[\\\"[[[\"}", 1));
+    std::string at_limit = "{\"id\":1,\"method\":\"status\",\"params\":{\"x\":" +
+                           std::string(ctl::kMaxJsonDepth - 2, '[') +
+                           std::string(ctl::kMaxJsonDepth - 2, ']') + "}}";
+    ctl::Request req;
+    ctl::ErrorInfo err;
+    QVERIFY2(ctl::ParseRequest(at_limit, &req, &err), err.message.c_str());
+    const int kDeep = 400000;
+    std::string deep = "{\"id\":1,\"method\":\"status\",\"params\":{\"x\":" +
+                       std::string(kDeep, '[') + std::string(kDeep, ']') + "}}";
+    QVERIFY(deep.size() < ctl::kMaxLineBytes);
+    QVERIFY(!ctl::ParseRequest(deep, &req, &err));
+    QCOMPARE(err.code, std::string(ctl::kInvalidRequest));
+    QVERIFY2(err.message.find("nested deeper than 64") != std::string::npos, err.message.c_str());
+    ctl::Reply r;
+    std::string why;
+    QVERIFY(!ctl::ParseReply("{\"id\":1,\"result\":" + std::string(100, '[') +
+                                 std::string(100, ']') + "}",
+                             &r, &why));
+  }
+
+  void ReadOnlyMethods() {
+    for (const char* m : {"status", "hello", "export.list", "volume.list", "array.list",
+                          "array.detail", "array.layers", "events"})
+      QVERIFY2(ctl::IsReadOnlyMethod(m), m);
+    for (const char* m : {"export.add", "export.remove", "volume.import", "volume.remove",
+                          "mount", "unmount", "array.create", "array.verify", "apply",
+                          "array.fail_leg", "array.resolve"})
+      QVERIFY2(!ctl::IsReadOnlyMethod(m), m);
+    // Every read-only method is a real one (a typo would silently deny it).
+    int known = 0;
+    for (const auto& m : ctl::Methods()) known += ctl::IsReadOnlyMethod(m);
+    QCOMPARE(known, 8);
   }
 
   void Rendering() {

@@ -1,5 +1,6 @@
 // Unit tests for core/: Status, request validation, BufferPool, FileDevice.
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <sys/vfs.h>
 #include <unistd.h>
 
@@ -15,6 +16,7 @@
 #include "dst/buffer_pool.h"
 #include "dst/counting_device.h"
 #include "dst/file_device.h"
+#include "dst/log_escape.h"
 #include "dst/status.h"
 #include "test_env.h"
 
@@ -206,6 +208,53 @@ class CoreTest : public QObject {
     QCOMPARE(WriteSync(*dev.value(), 0, buf, 512).code(), Status::Code::kReadOnly);
     QVERIFY(ReadSync(*dev.value(), 0, buf, 512).ok());
     QVERIFY(!FileDevice::Open(dir.path().toStdString() + "/missing.img").ok());
+  }
+
+  // Issue 11: peer strings in log lines cannot break or forge lines, and are bounded.
+  void escapeForLog() {
+    QCOMPARE(dst::EscapeForLog("disk-1.img"), std::string("disk-1.img"));
+    QCOMPARE(dst::EscapeForLog("a\nFAKE: x\r\t"), std::string("a\\x0aFAKE: x\\x0d\\x09"));
+    QCOMPARE(dst::EscapeForLog(std::string("n\0\x7f\xc3\xa9\\", 6)),
+             std::string("n\\x00\\x7f\\xc3\\xa9\\x5c"));
+    std::string big(5000, 'a');
+    std::string e = dst::EscapeForLog(big);
+    QCOMPARE(e, std::string(dst::kMaxLogField, 'a') + "...(5000 bytes)");
+  }
+
+  // Issue 11: an image FileDevice creates, and a file EnsurePrivateFile creates, are 0600 even
+  // under umask 0 or 0277; existing files keep their mode unless tightened.
+  void createdFilesArePrivate() {
+    QTemporaryDir dir;
+    auto mode = [](const std::string& p) {
+      struct stat st;
+      return ::stat(p.c_str(), &st) == 0 ? int(st.st_mode & 07777) : -1;
+    };
+    for (mode_t mask : {mode_t(0), mode_t(0277)}) {
+      mode_t old = ::umask(mask);
+      std::string img = dir.path().toStdString() + "/img" + std::to_string(mask);
+      FileDeviceOptions o;
+      o.create = true;
+      o.size = 1 << 20;
+      bool ok = FileDevice::Open(img, o).ok();
+      std::string db = dir.path().toStdString() + "/db" + std::to_string(mask);
+      Status st = EnsurePrivateFile(db, false);
+      ::umask(old);
+      QVERIFY(ok && st.ok());
+      QCOMPARE(mode(img), 0600);
+      QCOMPARE(mode(db), 0600);
+    }
+    std::string theirs = dir.path().toStdString() + "/theirs";
+    ::close(::open(theirs.c_str(), O_CREAT | O_WRONLY, 0600));
+    ::chmod(theirs.c_str(), 0664);
+    FileDeviceOptions o;
+    o.create = true;
+    o.size = 1 << 20;
+    QVERIFY(FileDevice::Open(theirs, o).ok());
+    QCOMPARE(mode(theirs), 0664);
+    QVERIFY(EnsurePrivateFile(theirs, false).ok());
+    QCOMPARE(mode(theirs), 0664);
+    QVERIFY(EnsurePrivateFile(theirs, true).ok());
+    QCOMPARE(mode(theirs), 0600);
   }
 
   // Regression (issue 9, 11a): create+size on an existing image truncated it (1 MiB of data

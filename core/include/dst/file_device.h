@@ -30,7 +30,8 @@ namespace dst {
 struct FileDeviceOptions {
   bool read_only = false;
   bool direct_io = false;
-  bool create = false;          // create the file if missing (needs size)
+  bool create = false;          // create the file if missing (needs size); mode 0600 whatever
+                                // the umask (an image holds someone's disk)
   // 0: use the file's size.  Else a new (or empty) file is extended to it; an existing image
   // of another size is refused (never shrunk: the error names both sizes) unless grow is set
   // and size is larger.
@@ -39,6 +40,11 @@ struct FileDeviceOptions {
   int io_threads = 4;
   bool inline_nowait = true;    // see "Fast path" above
 };
+
+// Creates `path` if missing, mode 0600 whatever the umask; an existing file keeps its mode
+// unless `tighten` (then group and other bits are cleared).  For files dstd owns (its state
+// database: SQLite gives the -wal and -shm files the database's mode).
+Status EnsurePrivateFile(const std::string& path, bool tighten);
 
 class FileDevice : public BlockDevice {
  public:

@@ -10,7 +10,10 @@
 // * A line longer than kMaxLineBytes gets a `too_large` error (id null) and the connection is
 //   closed: the server never buffers unbounded input.
 // * A line that is not JSON gets `parse_error` (id null); a JSON value that is not a valid request
-//   gets `invalid_request`; an unknown method `unknown_method`.  The connection stays up.
+//   (also one nested deeper than kMaxJsonDepth) gets `invalid_request`; an unknown method
+//   `unknown_method`.  The connection stays up.
+// * Methods that change state need root or the control group; others get `permission_denied`
+//   (IsReadOnlyMethod lists the ones anyone who can connect may call).
 //
 // Every method, its params, result shape and error codes: docs/control.md (checked against a
 // live dstd by tests/integration/control_contract_test.cc).
@@ -29,6 +32,9 @@
 namespace dst::control {
 
 inline constexpr std::size_t kMaxLineBytes = 1u << 20;  // 1 MiB per request or reply line
+// Arrays and objects nested deeper than this are refused before they are built: JSON values are
+// copied and printed recursively, so depth is stack (a 400,000-deep request crashed dstd).
+inline constexpr int kMaxJsonDepth = 64;
 inline constexpr int kProtocolVersion = 1;             // "version" in status, "protocol" in hello
 // The oldest daemon protocol this client library speaks.  A daemon without `hello` is older than
 // every capability below and is refused by CheckHello's callers (dstctl).
@@ -50,10 +56,21 @@ inline constexpr const char* kReadOnly = "read_only";
 inline constexpr const char* kNotSupported = "not_supported";
 inline constexpr const char* kShuttingDown = "shutting_down";
 inline constexpr const char* kInternal = "internal";
+// A changing method from a peer that is neither root nor in the control group (docs/security.md).
+inline constexpr const char* kPermissionDenied = "permission_denied";
+// The client left too many reply bytes unread (events subscriber too slow); the connection closes.
+inline constexpr const char* kTooSlow = "too_slow";
 
 // Every method dstd answers.
 const std::vector<std::string>& Methods();
 bool IsKnownMethod(std::string_view method);
+// Methods that only read state (status, hello, lists, details, events): allowed to any peer that
+// can connect to the socket.  Every other method changes something.
+bool IsReadOnlyMethod(std::string_view method);
+
+// Whether JSON text nests arrays/objects at most `max_depth` deep (a byte scan that skips
+// strings; it does not validate).  Run before parsing untrusted text.
+bool JsonDepthWithin(std::string_view text, int max_depth = kMaxJsonDepth);
 
 struct Request {
   nlohmann::json id;  // integer or string

@@ -100,6 +100,7 @@ enum class RefusalCode {
   kReadOnlyLeg,    // a read-only device cannot be a mirror leg
   kLastGoodLeg,    // would fail, detach or remove the last up-to-date leg
   kNotAssembled,   // the array is not running (its legs are missing)
+  kOutsideRoots,   // a path outside [daemon] export_roots (docs/security.md)
 };
 const char* RefusalCodeName(RefusalCode c);  // "does_not_fit", ...
 bool ParseRefusalCode(std::string_view s, RefusalCode* c);

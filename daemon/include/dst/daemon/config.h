@@ -94,6 +94,10 @@ struct Config {
   // Name this host shows in the claims (leases) it writes on mirror leg headers; "" = the
   // machine's hostname.  The host id beside it is generated once and kept in the state DB.
   std::string host_name;
+  // Where paths given through the control socket (export add, local volumes, path legs) may
+  // live: directories (everything below them) or single files / block devices.  Empty: the
+  // daemon's state directory only.  Paths named in this file are allowed anyway.
+  std::vector<std::string> export_roots;
   std::vector<ExportConfig> exports;
   std::vector<VolumeConfig> volumes;
   std::vector<ArrayConfig> arrays;
@@ -133,6 +137,23 @@ Status ValidateTopology(const Config& cfg);
 // A layer key's value from user text ("64K", "true", "12") as the canonical text the layer
 // registry checks (sizes in bytes).
 Result<std::string> ParseLayerValue(const LayerKey& key, std::string_view text);
+
+// Paths a control client may name (docs/security.md "Local hardening").  `roots` and `named`
+// are canonical (CanonicalPath).
+struct PathPolicy {
+  std::vector<std::string> roots;  // directories, or exact files / block devices
+  std::vector<std::string> named;  // paths named in the config file (always allowed)
+};
+// realpath(3) of `path`; for a file that does not exist yet, realpath of its directory plus its
+// name (which must not be "." or "..").  So ".." and symlinks cannot lead out of a root.
+Result<std::string> CanonicalPath(const std::string& path);
+// OK when `path` resolves to a root, below a directory root, or to a named path; otherwise
+// InvalidArgument whose message names export_roots.
+Status CheckPathAllowed(const PathPolicy& policy, const std::string& path);
+// The policy for `cfg` with `state_dir` as the default root.  Roots that do not resolve are
+// left out (and reported in *skipped).
+PathPolicy MakePathPolicy(const Config& cfg, const std::string& state_dir,
+                          std::vector<std::string>* skipped = nullptr);
 
 // Export and volume names: 1..64 chars of [A-Za-z0-9._-], not starting with '.'.
 bool ValidName(std::string_view name);
