@@ -1133,7 +1133,10 @@ class RemoteDeviceTest : public QObject {
       }
     });
     int late = 0, verified = 0;
-    for (int round = 0; round < 30; ++round) {
+    // At least 30 rounds; under a sanitizer a reconnect is slow enough that 30 short rounds
+    // may see no check run, so keep going (bounded) until one has.
+    const auto deadline = Clock::now() + std::chrono::seconds(30);
+    for (int round = 0; round < 30 || (verified == 0 && Clock::now() < deadline); ++round) {
       test::ConnectCheckProbe probe;
       probe.SetExpect(round % 2 ? ident : std::string(4096, 'Z'));
       dev->SetConnectCheck(probe.Make(0, 4096));
