@@ -523,7 +523,15 @@ std::string RenderApply(const json& r) {
   if (plan.empty()) return "nothing to do\n" + kept_line;
   bool dry = Bool(r, "dry_run");
   const json steps = r.value("steps", json::array());
-  if (dry || steps.size() != plan.size()) {
+  if (dry && steps.size() == plan.size()) {
+    // The typed plan: each step with its kind (the same kinds --json and apply_step events
+    // carry), so a reader sees what sort of change each line is.
+    for (auto& s : steps) {
+      out += "would: " + s.value("step", std::string());
+      if (auto k = s.value("kind", std::string()); !k.empty()) out += "  [" + k + "]";
+      out += "\n";
+    }
+  } else if (dry || steps.size() != plan.size()) {
     for (auto& s : plan) out += (dry ? "would: " : "") + s.get<std::string>() + "\n";
   } else {
     // Step by step: done / FAILED / not run.

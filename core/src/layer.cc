@@ -48,6 +48,7 @@ const char* LayerKeyTypeName(LayerKey::Type t) {
     case LayerKey::Type::kUInt: return "integer";
     case LayerKey::Type::kBool: return "bool";
     case LayerKey::Type::kString: return "string";
+    case LayerKey::Type::kRate: return "rate";
   }
   return "?";
 }
@@ -70,6 +71,17 @@ std::uint64_t LayerParamU64(const LayerParams& params, const std::string& key) {
   return ec == std::errc() && p == s.data() + s.size() ? v : 0;
 }
 
+LayerParams StructuralParams(const LayerInfo& layer, LayerParams params) {
+  for (const LayerKey& k : layer.keys)
+    if (k.live) params.erase(k.name);
+  return params;
+}
+
+void CopyLiveParams(const LayerInfo& layer, const LayerParams& from, LayerParams* to) {
+  for (const LayerKey& k : layer.keys)
+    if (auto it = from.find(k.name); k.live && it != from.end()) (*to)[k.name] = it->second;
+}
+
 Result<LayerParams> ResolveLayerParams(const LayerInfo& layer, const LayerParams& given) {
   LayerParams out;
   for (const auto& [k, v] : given) {
@@ -78,7 +90,8 @@ Result<LayerParams> ResolveLayerParams(const LayerInfo& layer, const LayerParams
       return Status::InvalidArgument("a " + layer.name + " array has no key \"" + k + "\"");
     bool canonical = true;
     if (key->type == LayerKey::Type::kBool) canonical = v == "true" || v == "false";
-    if (key->type == LayerKey::Type::kSize || key->type == LayerKey::Type::kUInt) {
+    if (key->type == LayerKey::Type::kSize || key->type == LayerKey::Type::kUInt ||
+        key->type == LayerKey::Type::kRate) {
       std::uint64_t n = 0;
       auto [p, ec] = std::from_chars(v.data(), v.data() + v.size(), n);
       canonical = !v.empty() && ec == std::errc() && p == v.data() + v.size();

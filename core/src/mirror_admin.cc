@@ -913,25 +913,73 @@ namespace {
 std::uint64_t MirrorSize(const std::vector<DeviceInfo>& legs, const LayerParams&) {
   return MirrorDevice::UsableSize(legs);
 }
+
+Status CheckMirror(const LayerParams& params) {
+  const std::uint64_t rs = LayerParamU64(params, "region_size");
+  if (rs < 4096 || rs > (std::uint64_t{1} << 30) || (rs & (rs - 1)) != 0)
+    return Status::InvalidArgument("region_size: must be a power of two between 4K and 1G");
+  const std::uint64_t lo = LayerParamU64(params, "resync_rate_min");
+  const std::uint64_t hi = LayerParamU64(params, "resync_rate_max");
+  if (hi != 0 && lo > hi)
+    return Status::InvalidArgument("resync_rate_min: must not exceed resync_rate_max");
+  return Status::OK();
+}
 }  // namespace
 
+const LayerInfo& MirrorLayer();
+
+MirrorKeys MirrorKeysFrom(const LayerParams& params) {
+  const LayerInfo& layer = MirrorLayer();
+  auto value = [&](const char* key) -> std::string {
+    if (auto it = params.find(key); it != params.end()) return it->second;
+    const LayerKey* k = FindLayerKey(layer, key);
+    return k ? k->default_value : std::string();
+  };
+  auto u64 = [&](const char* key) { return LayerParamU64({{key, value(key)}}, key); };
+  MirrorKeys m;
+  m.region_size = std::uint32_t(u64("region_size"));
+  m.resync_rate_min = u64("resync_rate_min");
+  m.resync_rate_max = u64("resync_rate_max");
+  m.write_intent = value("write_intent") != "false";
+  return m;
+}
+
 // Built by the engine with its state (Create/Assemble with a map store and the host identity),
-// so no factory here.  Its keys (region_size, resync_rate_min/max, write_intent,
-// verify_interval) predate the registry and stay typed fields of the daemon's array config.
+// so no factory here; the engine reads its keys through MirrorKeysFrom().
 const LayerInfo& MirrorLayer() {
   static const LayerInfo layer{
       .name = "mirror",
       .title = "mirror (raid1)",
       .help = "N-way mirror (raid1) with a write-intent map, partial resync, online verify and "
-              "leg identity headers. Legs can be failed, removed, re-added and detached live. "
-              "Keys: region_size, resync_rate_min, resync_rate_max, write_intent, verify_interval.",
-      .keys = {},  // its keys are the daemon's typed array fields (above)
+              "leg identity headers. Legs can be failed, removed, re-added and detached live.",
+      .keys = {{.name = "region_size",
+                .type = LayerKey::Type::kSize,
+                .default_value = std::to_string(DirtyMap::kDefaultRegionSize),
+                .help = "dirty-map granularity: a missed write resyncs this much (power of two, "
+                        "4K..1G; fixed at creation)"},
+               {.name = "resync_rate_min",
+                .type = LayerKey::Type::kRate,
+                .default_value = std::to_string(ResyncRate{}.floor),
+                .help = "resync rate while applications do I/O (bytes/s, e.g. 10M)",
+                .live = true},
+               {.name = "resync_rate_max",
+                .type = LayerKey::Type::kRate,
+                .default_value = std::to_string(ResyncRate{}.ceiling),
+                .help = "resync rate when idle (bytes/s, 0 = unlimited)",
+                .live = true},
+               {.name = "write_intent",
+                .type = LayerKey::Type::kBool,
+                .default_value = "true",
+                .help = "log regions before writing them, so a crash resyncs only those "
+                        "(false: a crash means a full resync)",
+                .live = true}},
       .legs = {.min_legs = 2,
                .max_legs = MirrorDevice::kMaxLegs,
                .same_size = true,
                .change = LegChange::kReplace,
                .size_rule = "the smallest leg less its 4 KiB identity header"},
       .redundant = true,
+      .check = &CheckMirror,
       .usable_size = &MirrorSize,
   };
   return layer;

@@ -91,11 +91,12 @@ MirrorOptions MirrorOpts(const ArrayConfig& c, bool assume_clean, const std::str
   o.host_id = host_id;
   o.host_name = host_name;
   o.force_create = force_create;
-  o.region_size = c.region_size;
-  o.write_intent = c.write_intent;
+  const MirrorKeys k = MirrorKeysFrom(c.params);
+  o.region_size = k.region_size;
+  o.write_intent = k.write_intent;
   o.assume_clean = assume_clean;
-  o.resync.rate.floor = c.resync_rate_min;
-  o.resync.rate.ceiling = c.resync_rate_max;
+  o.resync.rate.floor = k.resync_rate_min;
+  o.resync.rate.ceiling = k.resync_rate_max;
   return o;
 }
 
@@ -155,15 +156,15 @@ Status Daemon::StartArrays() {
     a->created = true;
     for (auto& c : cfg_.arrays) {
       if (c.name != r.cfg.name) continue;
-      // Rates and write-intent follow the file; structure follows the table (live changes
-      // made with dstctl win; `dstctl apply` reconciles the file).
-      a->cfg.resync_rate_min = c.resync_rate_min;
-      a->cfg.resync_rate_max = c.resync_rate_max;
-      a->cfg.write_intent = c.write_intent;
+      // The layer's live keys (a mirror's rates and write-intent) and the array-wide tuning
+      // follow the file; structure follows the table (live changes made with dstctl win;
+      // `dstctl apply` reconciles the file).
+      const LayerInfo* layer = FindLayer(r.cfg.level);
+      if (layer && r.cfg.level == c.level) CopyLiveParams(*layer, c.params, &a->cfg.params);
       a->cfg.leg_timeout_s = c.leg_timeout_s;
       a->cfg.verify_interval_s = c.verify_interval_s;
       a->cfg.checksum = c.checksum;
-      if (LiveLegs(r.cfg) != c.legs || r.cfg.level != c.level || r.cfg.params != c.params)
+      if (LiveLegs(r.cfg) != c.legs || r.cfg.level != c.level || a->cfg.params != c.params)
         spdlog::warn("array \"{}\": the config file differs from the recorded topology ({} {}); "
                      "using the recorded one (dstctl apply reconciles)",
                      c.name, r.cfg.level, fmt::join(LiveLegs(r.cfg), " "));
@@ -883,8 +884,8 @@ Status Daemon::ArraySetRate(const std::string& name, std::uint64_t min, std::uin
   std::lock_guard<std::mutex> ol(a->op_mu);
   {
     std::lock_guard<std::mutex> l(mu_);
-    a->cfg.resync_rate_min = min;
-    a->cfg.resync_rate_max = max;
+    a->cfg.params["resync_rate_min"] = std::to_string(min);
+    a->cfg.params["resync_rate_max"] = std::to_string(max);
   }
   if (a->mirror) a->mirror->SetResyncRate(ResyncRate{min, max});
   return PersistArray(a);
@@ -1007,7 +1008,7 @@ Status Daemon::ArrayImport(const std::string& name, const std::vector<std::strin
   a->id = imp->first;
   a->created = true;
   auto rec = store_->GetArray(a->id);
-  if (rec.ok()) a->cfg.region_size = rec->region_size;
+  if (rec.ok()) a->cfg.params["region_size"] = std::to_string(rec->region_size);
   const auto& by_slot = imp->second;
   a->cfg.legs.assign(by_slot.size(), "");
   a->legs.resize(by_slot.size());
@@ -1306,13 +1307,16 @@ json Daemon::ArrayJson(const std::shared_ptr<Array>& a) {
     error = a->error;
     id = a->id;
   }
+  // region_size, write_intent and resync_rate: the mirror's keys, kept as top-level fields for
+  // control-protocol compatibility (docs/control.md); "layer" carries every key.
+  const MirrorKeys mk = MirrorKeysFrom(cfg.params);
   json j{{"name", cfg.name},
          {"level", cfg.level},
          {"id", id},
          {"size", dev ? dev->Info().size : 0},
-         {"region_size", cfg.region_size},
-         {"write_intent", cfg.write_intent},
-         {"resync_rate", {{"min", cfg.resync_rate_min}, {"max", cfg.resync_rate_max}}},
+         {"region_size", mk.region_size},
+         {"write_intent", mk.write_intent},
+         {"resync_rate", {{"min", mk.resync_rate_min}, {"max", mk.resync_rate_max}}},
          {"layer", LayerJson(cfg)},
          {"error", error.empty() ? json() : json(error)}};
   const LayerInfo* layer = FindLayer(cfg.level);
@@ -1846,16 +1850,17 @@ Status Daemon::PlanApply(const Config& want, bool prune, std::vector<std::string
       return Status::InvalidArgument(fmt::format(
           "array \"{}\": level {} -> {} cannot change live (remove and re-create it)", a.name,
           cur.level, a.level));
-    if (cur.region_size != a.region_size)
-      return Status::InvalidArgument(fmt::format(
-          "array \"{}\": region_size cannot change live ({} -> {})", a.name,
-          AmountText(cur.region_size), AmountText(a.region_size)));
-    if (cur.params != a.params)
-      return Status::InvalidArgument(fmt::format(
-          "array \"{}\": the {} keys cannot change live (remove and re-create it)", a.name,
-          a.level));
-    std::vector<std::string> have = LiveLegs(cur);
     const LayerInfo* layer = FindLayer(a.level);
+    if (layer) {
+      const LayerParams was = StructuralParams(*layer, cur.params);
+      const LayerParams want = StructuralParams(*layer, a.params);
+      for (const LayerKey& k : layer->keys)
+        if (was.count(k.name) && want.count(k.name) && was.at(k.name) != want.at(k.name))
+          return Status::InvalidArgument(fmt::format(
+              "array \"{}\": {} cannot change live ({} -> {}; remove and re-create it)", a.name,
+              k.name, was.at(k.name), want.at(k.name)));
+    }
+    std::vector<std::string> have = LiveLegs(cur);
     const LegChange change = layer ? layer->legs.change : LegChange::kFixed;
     if (change == LegChange::kFixed) {
       if (have != a.legs)
@@ -1883,10 +1888,12 @@ Status Daemon::PlanApply(const Config& want, bool prune, std::vector<std::string
           ctx->legs_gone[a.name].insert(int(s));
         }
     }
-    if (cur.resync_rate_min != a.resync_rate_min || cur.resync_rate_max != a.resync_rate_max)
+    const MirrorKeys cur_k = MirrorKeysFrom(cur.params), want_k = MirrorKeysFrom(a.params);
+    if (layer && layer->redundant && (cur_k.resync_rate_min != want_k.resync_rate_min ||
+                                      cur_k.resync_rate_max != want_k.resync_rate_max))
       array_changes.push_back(MakeOperation(
-          *this, ctl::SetResyncRateOp{a.name, std::to_string(a.resync_rate_min),
-                                      std::to_string(a.resync_rate_max)}));
+          *this, ctl::SetResyncRateOp{a.name, std::to_string(want_k.resync_rate_min),
+                                      std::to_string(want_k.resync_rate_max)}));
   }
   // Live arrays not in the file: outer ones first.
   std::vector<std::string> gone;

@@ -124,7 +124,8 @@ struct Fields {
       *out = b ? "true" : "false";
       return Status::OK();
     }
-    if (key.type == LayerKey::Type::kUInt && n.is_integer() && *n.value<std::int64_t>() >= 0) {
+    if ((key.type == LayerKey::Type::kUInt || key.type == LayerKey::Type::kRate) &&
+        n.is_integer() && *n.value<std::int64_t>() >= 0) {
       *out = std::to_string(*n.value<std::int64_t>());
       return Status::OK();
     }
@@ -385,27 +386,6 @@ Status ParseArrayTable(const toml::table& t, std::size_t index, const ErrorSink&
                               fmt::format("leg \"{}\" is listed twice", spec));
         a->legs.push_back(ls.text);
       }
-    } else if (key == "region_size") {
-      std::uint64_t rs = 0;
-      DST_RETURN_IF_ERROR(f.Size(v, key, &rs));
-      if (rs < 4096 || rs > (std::uint64_t{1} << 30) || (rs & (rs - 1)) != 0)
-        return sink.Error(v.source(), f.ctx, key,
-                          "must be a power of two between 4K and 1G");
-      a->region_size = std::uint32_t(rs);
-    } else if (key == "resync_rate_min" || key == "resync_rate_max") {
-      std::uint64_t* dst = key == "resync_rate_min" ? &a->resync_rate_min : &a->resync_rate_max;
-      if (v.is_integer() && *v.value<std::int64_t>() >= 0) {
-        *dst = std::uint64_t(*v.value<std::int64_t>());
-      } else if (v.is_string()) {
-        auto r = ParseRate(*v.value<std::string>());
-        if (!r.ok()) return sink.Error(v.source(), f.ctx, key, r.status().message());
-        *dst = r.value();
-      } else {
-        return sink.Error(v.source(), f.ctx, key,
-                          fmt::format("expected a rate like \"10M\", got {}", TypeName(v)));
-      }
-    } else if (key == "write_intent") {
-      DST_RETURN_IF_ERROR(f.Bool(v, key, &a->write_intent));
     } else if (key == "leg_timeout") {
       DST_RETURN_IF_ERROR(f.UInt(v, key, 1, 86400, &a->leg_timeout_s));
     } else if (key == "verify_interval") {
@@ -425,9 +405,8 @@ Status ParseArrayTable(const toml::table& t, std::size_t index, const ErrorSink&
     const LayerKey* lk = FindLayerKey(*layer, k->str());
     if (!lk)
       return UnknownKey(sink, *k, f.ctx,
-                        fmt::format("name, level, legs, region_size, resync_rate_min, "
-                                    "resync_rate_max, write_intent, leg_timeout, "
-                                    "verify_interval, checksum{}",
+                        fmt::format("name, level, legs, leg_timeout, verify_interval, "
+                                    "checksum{}",
                                     LayerKeyList(*layer)));
     const toml::node& v = *t.get(k->str());
     DST_RETURN_IF_ERROR(f.LayerValue(v, *lk, &given[lk->name]));
@@ -445,9 +424,6 @@ Status ParseArrayTable(const toml::table& t, std::size_t index, const ErrorSink&
   if (!have_legs) return sink.Error(t.source(), f.ctx, "legs", "missing");
   if (Status st = CheckLegCount(*layer, a->legs.size()); !st.ok())
     return sink.Error(t["legs"].node()->source(), f.ctx, "legs", st.message());
-  if (a->resync_rate_max != 0 && a->resync_rate_min > a->resync_rate_max)
-    return sink.Error(t.source(), f.ctx, "resync_rate_min",
-                      "must not exceed resync_rate_max");
   return Status::OK();
 }
 
@@ -823,6 +799,11 @@ Result<std::string> ParseLayerValue(const LayerKey& key, std::string_view text) 
       if (text.empty() || ec != std::errc() || p != text.data() + text.size())
         return Status::InvalidArgument(fmt::format("bad integer \"{}\"", text));
       return std::to_string(v);
+    }
+    case LayerKey::Type::kRate: {
+      auto r = ParseRate(text);
+      if (!r.ok()) return r.status();
+      return std::to_string(r.value());
     }
     case LayerKey::Type::kBool:
       if (text == "true" || text == "yes" || text == "1") return std::string("true");

@@ -17,6 +17,8 @@
 #include <spdlog/spdlog.h>
 
 #include "daemon.h"
+#include "dst/layer.h"
+#include "dst/mirror_device.h"
 #include "dst/net/uri.h"
 
 namespace dst::daemon {
@@ -279,11 +281,18 @@ class OperationImpl<ctl::ArrayCreateOp> : public OpBase {
     cfg_.legs = r.legs;
     assume_clean_ = r.assume_clean;
     force_ = r.force;
-    if (r.write_intent) cfg_.write_intent = *r.write_intent;
     // The layer's own keys, from user text ("64K") to canonical values; an unknown level is
-    // refused by Validate, which names the registered ones.
+    // refused by Validate, which names the registered ones.  The request's region_size,
+    // resync_rate_* and write_intent fields (dstctl --region-size ...) are the mirror's keys
+    // under their older names: they go through the registry like any --set.
+    std::map<std::string, std::string> given = r.params;
+    for (auto [key, text] : {std::pair{"region_size", r.region_size},
+                             std::pair{"resync_rate_min", r.resync_rate_min},
+                             std::pair{"resync_rate_max", r.resync_rate_max}})
+      if (!text.empty()) given[key] = text;
+    if (r.write_intent) given["write_intent"] = *r.write_intent ? "true" : "false";
     if (const LayerInfo* layer = FindLayer(r.level))
-      for (const auto& [k, text] : r.params) {
+      for (const auto& [k, text] : given) {
         const LayerKey* key = FindLayerKey(*layer, k);
         auto v = key ? ParseLayerValue(*key, text)
                      : dst::Result<std::string>(Status::InvalidArgument(
@@ -291,23 +300,6 @@ class OperationImpl<ctl::ArrayCreateOp> : public OpBase {
         if (v.ok()) cfg_.params[k] = std::move(v.value());
         else bad_.push_back(Refuse("array:" + r.name, v.status()));
       }
-    if (!r.region_size.empty()) {
-      auto v = ParseSize(r.region_size);
-      if (!v.ok())
-        bad_.push_back(Refuse("array:" + r.name, v.status()));
-      else if (v.value() < 4096 || v.value() > (1u << 30) || (v.value() & (v.value() - 1)))
-        bad_.push_back(Refuse(RefusalCode::kInvalid, "array:" + r.name, {},
-                              "region_size must be a power of two between 4K and 1G"));
-      else
-        cfg_.region_size = std::uint32_t(v.value());
-    }
-    for (auto [text, to] : {std::pair{&r.resync_rate_min, &cfg_.resync_rate_min},
-                            std::pair{&r.resync_rate_max, &cfg_.resync_rate_max}}) {
-      if (text->empty()) continue;
-      auto v = ParseRate(*text);
-      if (v.ok()) *to = v.value();
-      else bad_.push_back(Refuse("array:" + r.name, v.status()));
-    }
   }
 
   std::vector<ctl::Refusal> Validate(const PlanContext& ctx) override {
@@ -341,7 +333,6 @@ class OperationImpl<ctl::ArrayCreateOp> : public OpBase {
     std::string text = fmt::format("array create {} --level {} {}", cfg_.name, cfg_.level,
                                    fmt::join(cfg_.legs, " "));
     const LayerInfo* layer = FindLayer(cfg_.level);
-    if (layer && layer->redundant) text += " --region-size " + AmountText(cfg_.region_size);
     for (const auto& [k, v] : cfg_.params) text += fmt::format(" --set {}={}", k, v);
     return {MakeStep(ctl::StepKind::kCreateArray, "array:" + cfg_.name, text,
                      [this] { return d_.CreateArray(cfg_, assume_clean_, force_); })};
@@ -573,8 +564,9 @@ class OperationImpl<ctl::SetResyncRateOp> : public OpOf<ctl::SetResyncRateOp> {
     if (!out.empty()) return out;
     {
       std::lock_guard<std::mutex> l(d_.mu_);
-      if (!min_) min_ = a->cfg.resync_rate_min;  // unchanged
-      if (!max_) max_ = a->cfg.resync_rate_max;
+      const MirrorKeys k = MirrorKeysFrom(a->cfg.params);
+      if (!min_) min_ = k.resync_rate_min;  // unchanged
+      if (!max_) max_ = k.resync_rate_max;
     }
     if (*max_ != 0 && *min_ > *max_)
       out.push_back(Refuse(RefusalCode::kInvalid, "array:" + r_.array, {},

@@ -1,5 +1,8 @@
 #include "topology.h"
 
+#include "dst/layer.h"
+#include "dst/mirror_device.h"
+
 #include <sqlite3.h>
 
 #include <fmt/format.h>
@@ -73,11 +76,14 @@ Status TopologyStore::Put(const TopologyRecord& rec) {
   sqlite3_bind_text(st.s, 1, rec.cfg.name.c_str(), -1, SQLITE_TRANSIENT);
   sqlite3_bind_text(st.s, 2, rec.id.c_str(), -1, SQLITE_TRANSIENT);
   sqlite3_bind_text(st.s, 3, rec.cfg.level.c_str(), -1, SQLITE_TRANSIENT);
-  sqlite3_bind_int64(st.s, 4, rec.cfg.region_size);
+  // The mirror's keys also go to their own columns, so an older dstd reading this table (and
+  // a human with sqlite3) still finds them; `params` is what this version reads.
+  const MirrorKeys mk = MirrorKeysFrom(rec.cfg.params);
+  sqlite3_bind_int64(st.s, 4, mk.region_size);
   sqlite3_bind_text(st.s, 5, legs.c_str(), -1, SQLITE_TRANSIENT);
-  sqlite3_bind_int64(st.s, 6, sqlite3_int64(rec.cfg.resync_rate_min));
-  sqlite3_bind_int64(st.s, 7, sqlite3_int64(rec.cfg.resync_rate_max));
-  sqlite3_bind_int(st.s, 8, rec.cfg.write_intent ? 1 : 0);
+  sqlite3_bind_int64(st.s, 6, sqlite3_int64(mk.resync_rate_min));
+  sqlite3_bind_int64(st.s, 7, sqlite3_int64(mk.resync_rate_max));
+  sqlite3_bind_int(st.s, 8, mk.write_intent ? 1 : 0);
   sqlite3_bind_int64(st.s, 9, rec.cfg.leg_timeout_s);
   std::string params = nlohmann::json(rec.cfg.params).dump();
   sqlite3_bind_text(st.s, 10, params.c_str(), -1, SQLITE_TRANSIENT);
@@ -117,20 +123,29 @@ Result<std::vector<TopologyRecord>> TopologyStore::List() {
     r.cfg.name = text(0);
     r.id = text(1);
     r.cfg.level = text(2);
-    r.cfg.region_size = std::uint32_t(sqlite3_column_int64(st.s, 3));
     auto legs = nlohmann::json::parse(text(4), nullptr, false);
     if (legs.is_array())
       for (auto& l : legs)
         if (l.is_string()) r.cfg.legs.push_back(l.get<std::string>());
-    r.cfg.resync_rate_min = std::uint64_t(sqlite3_column_int64(st.s, 5));
-    r.cfg.resync_rate_max = std::uint64_t(sqlite3_column_int64(st.s, 6));
-    r.cfg.write_intent = sqlite3_column_int(st.s, 7) != 0;
     r.cfg.leg_timeout_s = std::uint32_t(sqlite3_column_int64(st.s, 8));
     if (r.cfg.leg_timeout_s == 0) r.cfg.leg_timeout_s = 10;
     auto params = nlohmann::json::parse(text(9), nullptr, false);
     if (params.is_object())
       for (auto& [k, v] : params.items())
         if (v.is_string()) r.cfg.params[k] = v.get<std::string>();
+    // Rows written before the mirror's keys moved into the registry keep them only in the
+    // columns: the columns fill what `params` lacks.
+    if (const LayerInfo* layer = FindLayer(r.cfg.level); layer && layer->redundant) {
+      const std::pair<const char*, std::int64_t> columns[] = {
+          {"region_size", sqlite3_column_int64(st.s, 3)},
+          {"resync_rate_min", sqlite3_column_int64(st.s, 5)},
+          {"resync_rate_max", sqlite3_column_int64(st.s, 6)}};
+      for (auto [key, v] : columns)
+        if (!r.cfg.params.count(key) && FindLayerKey(*layer, key) && v >= 0)
+          r.cfg.params[key] = std::to_string(v);
+      if (!r.cfg.params.count("write_intent") && FindLayerKey(*layer, "write_intent"))
+        r.cfg.params["write_intent"] = sqlite3_column_int(st.s, 7) != 0 ? "true" : "false";
+    }
     out.push_back(std::move(r));
   }
   return out;

@@ -7,32 +7,6 @@
 
 namespace dst::net {
 
-// The FrameSink of the bare-socket constructor: sendmsg() on the socket's descriptor, writable
-// waits through the socket on the Transmitter's executor.
-class Transmitter::SocketSink final : public FrameSink {
- public:
-  SocketSink(boost::asio::ip::tcp::socket& socket, const boost::asio::any_io_executor* ex)
-      : socket_(socket), ex_(ex) {}
-
-  std::size_t SendFrames(const TxFrame* head, std::size_t offset, const SendLimits& lim,
-                         boost::system::error_code& ec) override {
-    return detail::SendFramesOnFd(socket_.native_handle(), head, offset, lim, iov_, kMaxIov, ec);
-  }
-
-  void AsyncWaitWritable(IoCallback done) override {
-    socket_.async_wait(boost::asio::ip::tcp::socket::wait_write,
-                       boost::asio::bind_executor(*ex_, [cb = std::move(done)](const boost::system::error_code& ec) mutable {
-                         cb(ec, 0);
-                       }));
-  }
-
- private:
-  static constexpr int kMaxIov = 1024;  // IOV_MAX on Linux
-  boost::asio::ip::tcp::socket& socket_;
-  const boost::asio::any_io_executor* ex_;
-  struct iovec iov_[kMaxIov];
-};
-
 Transmitter::Transmitter(Transport& transport, bool batching, TxStats* stats, std::size_t max_batch_bytes)
     : sink_(&transport),
       batching_(batching),
@@ -40,19 +14,6 @@ Transmitter::Transmitter(Transport& transport, bool batching, TxStats* stats, st
       stats_(stats),
       max_batch_bytes_(max_batch_bytes),
       alive_(std::make_shared<bool>(true)) {}
-
-Transmitter::Transmitter(boost::asio::ip::tcp::socket& socket, bool batching, TxStats* stats,
-                         std::size_t max_batch_bytes)
-    : own_sink_(std::make_unique<SocketSink>(socket, &ex_)),
-      sink_(own_sink_.get()),
-      batching_(batching),
-      ex_(socket.get_executor()),
-      stats_(stats),
-      max_batch_bytes_(max_batch_bytes),
-      alive_(std::make_shared<bool>(true)) {
-  boost::system::error_code ec;
-  socket.non_blocking(true, ec);
-}
 
 Transmitter::~Transmitter() {
   *alive_ = false;

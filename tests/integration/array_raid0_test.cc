@@ -12,6 +12,7 @@
 #include <QtTest/QtTest>
 
 #include <filesystem>
+#include <set>
 
 #include "array_helpers.h"
 #include "test_env.h"
@@ -81,6 +82,19 @@ class ArrayRaid0Test : public QObject {
     const json* r0l = FindArray(layers["layers"], "raid0");
     QVERIFY(r0l);
     QCOMPARE((*r0l)["legs"].value("change", ""), std::string("fixed"));
+    // The mirror's keys are registry keys too (issue 10): listed with types and defaults, and
+    // refused on a layer that does not have them.
+    const json* ml = FindArray(layers["layers"], "mirror");
+    QVERIFY(ml);
+    std::set<std::string> mkeys;
+    for (auto& k : (*ml)["keys"]) mkeys.insert(k.value("name", ""));
+    QVERIFY2(mkeys.count("region_size") && mkeys.count("resync_rate_min") &&
+                 mkeys.count("resync_rate_max") && mkeys.count("write_intent"),
+             (*ml).dump().c_str());
+    QVERIFY2(out.contains("--set resync_rate_min=VALUE"), out.constData());
+    QVERIFY(rig.as->Ctl({"array", "create", "bad", "--level", "raid0", "--region-size", "64K", l0, l1},
+                        &out, &err) != 0);
+    QVERIFY2(err.contains("a raid0 array has no key \"region_size\""), err.constData());
 
     // Refusals, each before anything is created.
     QVERIFY(rig.as->Ctl({"array", "create", "bad", "--level", "raid0", "--set", "chunk=12K", l0, l1},

@@ -135,9 +135,11 @@ QString ArrayToml(const QString& name, const QString& level, const QStringList& 
   QString s = QString("[[array]]\nname = \"%1\"\nlevel = \"%2\"\nlegs = [%3]\n")
                   .arg(name, level, q.join(", "));
   if (level == "mirror" && !region_size.isEmpty()) s += QString("region_size = \"%1\"\n").arg(region_size);
-  if (!rate_min.isEmpty()) s += QString("resync_rate_min = \"%1\"\n").arg(rate_min);
-  if (!rate_max.isEmpty()) s += QString("resync_rate_max = \"%1\"\n").arg(rate_max);
-  if (write_intent >= 0) s += QString("write_intent = %1\n").arg(write_intent ? "true" : "false");
+  // The mirror's keys: other layers refuse them (dst/layer.h registry).
+  if (level == "mirror" && !rate_min.isEmpty()) s += QString("resync_rate_min = \"%1\"\n").arg(rate_min);
+  if (level == "mirror" && !rate_max.isEmpty()) s += QString("resync_rate_max = \"%1\"\n").arg(rate_max);
+  if (level == "mirror" && write_intent >= 0)
+    s += QString("write_intent = %1\n").arg(write_intent ? "true" : "false");
   return s + extra + "\n";
 }
 

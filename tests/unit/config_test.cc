@@ -8,6 +8,7 @@
 #include <fstream>
 
 #include "dst/daemon/config.h"
+#include "dst/mirror_device.h"
 #include "test_env.h"
 
 using dst::daemon::Config;
@@ -246,10 +247,13 @@ class ConfigTest : public QObject {
     QCOMPARE(m.level, std::string("mirror"));
     QCOMPARE(m.legs.size(), std::size_t(3));
     QCOMPARE(m.legs[1], std::string("volume:v1"));
-    QCOMPARE(m.region_size, 128u * 1024);
-    QCOMPARE(m.resync_rate_min, std::uint64_t(5) << 20);
-    QCOMPARE(m.resync_rate_max, std::uint64_t(0));
-    QVERIFY(!m.write_intent);
+    // The mirror's keys are registry keys (dst/layer.h): canonical text in params.
+    QCOMPARE(m.params.at("region_size"), std::string("131072"));
+    QCOMPARE(dst::MirrorKeysFrom(m.params).region_size, 128u * 1024);
+    QCOMPARE(dst::MirrorKeysFrom(m.params).resync_rate_min, std::uint64_t(5) << 20);
+    QCOMPARE(dst::MirrorKeysFrom(m.params).resync_rate_max, std::uint64_t(0));
+    QVERIFY(!dst::MirrorKeysFrom(m.params).write_intent);
+    QCOMPARE(m.params.at("write_intent"), std::string("false"));
     QCOMPARE(m.leg_timeout_s, 3u);
     QCOMPARE(c.arrays[1].level, std::string("linear"));
     QCOMPARE(c.exports[0].array, std::string("l0"));
@@ -259,10 +263,17 @@ class ConfigTest : public QObject {
     auto d = ParseConfig("[[array]]\nname = \"a\"\nlegs = [\"/a\", \"/b\"]\n", "t", {false});
     QVERIFY2(d.ok(), d.status().message().c_str());
     QCOMPARE(d.value().arrays[0].level, std::string("mirror"));
-    QCOMPARE(d.value().arrays[0].region_size, 64u * 1024);
-    QCOMPARE(d.value().arrays[0].resync_rate_min, std::uint64_t(10) << 20);
-    QCOMPARE(d.value().arrays[0].resync_rate_max, std::uint64_t(200) << 20);
-    QVERIFY(d.value().arrays[0].write_intent);
+    const auto& dp = d.value().arrays[0].params;  // defaults filled in from the registry
+    QCOMPARE(dp.at("region_size"), std::string("65536"));
+    QCOMPARE(dst::MirrorKeysFrom(dp).resync_rate_min, std::uint64_t(10) << 20);
+    QCOMPARE(dst::MirrorKeysFrom(dp).resync_rate_max, std::uint64_t(200) << 20);
+    QVERIFY(dst::MirrorKeysFrom(dp).write_intent);
+    // A mirror key on a layer without it is refused, naming the keys that layer has.
+    auto lin = ParseConfig("[[array]]\nname = \"l\"\nlevel = \"linear\"\nlegs = [\"/a\", \"/b\"]\n"
+                           "region_size = \"64K\"\n", "t", {false});
+    QVERIFY(!lin.ok());
+    QVERIFY2(lin.status().message().find("region_size: unknown key") != std::string::npos,
+             lin.status().message().c_str());
   }
 
   void LegSpecs() {

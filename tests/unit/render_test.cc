@@ -235,6 +235,12 @@ class RenderTest : public QObject {
     QCOMPARE(ctl::RenderApply(json{{"plan", json::array()}}), std::string("nothing to do\n"));
     QCOMPARE(ctl::RenderApply(json{{"plan", {"array create m0"}}, {"dry_run", true}}),
              std::string("would: array create m0\n"));
+    // A dry run with typed steps names each step's kind.
+    QCOMPARE(ctl::RenderApply(json{{"plan", {"array create m0", "export add e0"}},
+                                   {"dry_run", true},
+                                   {"steps", {{{"kind", "create-array"}, {"step", "array create m0"}},
+                                              {{"kind", "add-export"}, {"step", "export add e0"}}}}}),
+             std::string("would: array create m0  [create-array]\nwould: export add e0  [add-export]\n"));
     // Safe apply: kept objects, and a run that stopped shows every step.
     QCOMPARE(ctl::RenderApply(json{{"plan", json::array()}, {"kept", {"export e1"}}}),
              std::string("nothing to do\nkept (not in the file; --prune removes): export e1\n"));

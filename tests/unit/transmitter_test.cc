@@ -14,6 +14,7 @@
 #include <boost/asio/ip/tcp.hpp>
 
 #include "dst/net/codec.h"
+#include "dst/net/tcp_transport.h"
 #include "dst/net/transmitter.h"
 #include "test_env.h"
 #include "tx_frames.h"
@@ -24,9 +25,11 @@ using tcp = asio::ip::tcp;
 
 namespace {
 
+// The sending side is a TcpTransport (the Transmitter only sends through a Transport); the
+// receiving side a plain blocking socket read by a thread.
 struct Link {
   asio::io_context io;
-  tcp::socket server{io};
+  std::unique_ptr<TcpTransport> server;
   int client = -1;
 
   bool Open(int sndbuf = 4 << 20, int rcvbuf = 4 << 20) {
@@ -38,8 +41,10 @@ struct Link {
     a.sin_port = htons(acc.local_endpoint().port());
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     if (::connect(client, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) return false;
-    acc.accept(server);
-    server.set_option(asio::socket_base::send_buffer_size(sndbuf));
+    tcp::socket sock(io);
+    acc.accept(sock);
+    sock.set_option(asio::socket_base::send_buffer_size(sndbuf));
+    server = TcpTransport::FromTcp(std::move(sock), asio::make_strand(io));
     timeval tv{10, 0};
     setsockopt(client, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     return true;
@@ -87,7 +92,7 @@ class TransmitterTest : public QObject {
     Link l;
     QVERIFY(l.Open());
     TxStats st;
-    Transmitter tx(l.server, true, &st);
+    Transmitter tx(*l.server, true, &st);
     Frames fr(300, 64);
     std::vector<char> got;
     QVERIFY(SendAndReceive(l, tx, fr, &got));
@@ -104,7 +109,7 @@ class TransmitterTest : public QObject {
     Link l;
     QVERIFY(l.Open());
     TxStats st;
-    Transmitter tx(l.server, false, &st);
+    Transmitter tx(*l.server, false, &st);
     QVERIFY(!tx.batching());
     Frames fr(300, 64);
     std::vector<char> got;
@@ -118,7 +123,7 @@ class TransmitterTest : public QObject {
     Link l;
     QVERIFY(l.Open());
     TxStats st;
-    Transmitter tx(l.server, true, &st);
+    Transmitter tx(*l.server, true, &st);
     Frames fr(50, 4096);
     for (auto& f : fr.f) tx.Enqueue(&f);
     // Change the payloads after Enqueue: a copying transmitter would send the old bytes.
@@ -146,7 +151,7 @@ class TransmitterTest : public QObject {
     Link l;
     QVERIFY(l.Open(4096, 4096));  // tiny buffers: sendmsg writes parts of frames
     TxStats st;
-    Transmitter tx(l.server, true, &st);
+    Transmitter tx(*l.server, true, &st);
     Frames fr(64, 65536 + 512);
     std::vector<char> got;
     QVERIFY(SendAndReceive(l, tx, fr, &got, 3000, 50));
@@ -168,7 +173,7 @@ class TransmitterTest : public QObject {
     TxStats st;
     Frames fr(10, 128);
     {
-      Transmitter tx(l.server, true, &st);
+      Transmitter tx(*l.server, true, &st);
       for (auto& f : fr.f) tx.Enqueue(&f);
       tx.Abort();
       QCOMPARE(int(fr.sent_order.size()), 10);
@@ -190,7 +195,7 @@ class TransmitterTest : public QObject {
     Link l;
     QVERIFY(l.Open(4096, 4096));
     TxStats st;
-    Transmitter tx(l.server, true, &st);
+    Transmitter tx(*l.server, true, &st);
     int errors = 0;
     tx.set_error_handler([](void* c) { ++*static_cast<int*>(c); }, &errors);
     ::close(l.client);  // peer gone: sends fail with EPIPE/ECONNRESET

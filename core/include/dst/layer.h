@@ -31,12 +31,16 @@ namespace dst {
 
 // One layer-specific configuration key ([[array]] KEY = VALUE, dstctl array create --set).
 struct LayerKey {
-  enum class Type { kSize, kUInt, kBool, kString };
+  // kRate: bytes per second, 0 allowed (e.g. "unlimited"); kSize: a positive byte count.
+  enum class Type { kSize, kUInt, kBool, kString, kRate };
   std::string name;
   Type type = Type::kString;
   std::string default_value;  // canonical text; "" = no default (the key is optional)
   std::string help;
   std::string label;  // how `array detail` names it ("Chunk Size"); "" = not shown there
+  // May change on a live array (a tuning knob such as a resync rate): the config file's value
+  // then wins over the recorded topology instead of counting as a structural difference.
+  bool live = false;
 };
 const char* LayerKeyTypeName(LayerKey::Type t);
 
@@ -94,6 +98,11 @@ const LayerKey* FindLayerKey(const LayerInfo& layer, std::string_view key);
 Result<LayerParams> ResolveLayerParams(const LayerInfo& layer, const LayerParams& given);
 // Refuses a leg count outside the layer's rules ("a mirror needs 2..8 legs, got 1").
 Status CheckLegCount(const LayerInfo& layer, std::size_t legs);
+// `params` without the layer's live keys (LayerKey::live): what must match for two configs of
+// an array to describe the same structure.
+LayerParams StructuralParams(const LayerInfo& layer, LayerParams params);
+// Copies the layer's live keys that `from` has into `*to`.
+void CopyLiveParams(const LayerInfo& layer, const LayerParams& from, LayerParams* to);
 // A canonical unsigned value of `params` (0 when absent or not a number).
 std::uint64_t LayerParamU64(const LayerParams& params, const std::string& key);
 

@@ -59,6 +59,7 @@
 
 #include "dst/block_device.h"
 #include "dst/dirty_map_store.h"
+#include "dst/layer.h"
 #include "dst/resync.h"
 
 namespace dst {
@@ -261,5 +262,15 @@ class MirrorDevice : public BlockDevice {
   Status ReAddLegImpl(int slot, std::shared_ptr<BlockDevice> dev, bool automatic);
   std::unique_ptr<Impl> impl_;
 };
+
+// The mirror's registry keys (MirrorLayer() in the layer list) as typed values.  A key that
+// `params` lacks takes its registered default, so resolved and empty params both work.
+struct MirrorKeys {
+  std::uint32_t region_size = 0;
+  std::uint64_t resync_rate_min = 0;  // bytes/s while application I/O is active
+  std::uint64_t resync_rate_max = 0;  // bytes/s when idle, 0 = unlimited
+  bool write_intent = true;
+};
+MirrorKeys MirrorKeysFrom(const LayerParams& params);
 
 }  // namespace dst

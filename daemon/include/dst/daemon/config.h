@@ -60,16 +60,15 @@ struct ArrayConfig {
   std::string name;
   std::string level = "mirror";                 // a layer name (dst/layer.h): "mirror", "linear", ...
   std::vector<std::string> legs;                // leg specs by slot
-  std::uint32_t region_size = 64 * 1024;        // mirror bitmap granularity (power of 2)
-  std::uint64_t resync_rate_min = 10ull << 20;  // bytes/s while application I/O is active
-  std::uint64_t resync_rate_max = 200ull << 20; // bytes/s when idle (0 = unlimited)
-  bool write_intent = true;
+  // Keys every layer has; a layer's own keys (the mirror's region_size, resync rates and
+  // write_intent, raid0's chunk) live in `params`, described by the registry (dst/layer.h).
   std::uint32_t leg_timeout_s = 10;             // dst:// legs: outage after which a leg fails
   // Periodic online verify (dstd.8 "verify_interval"): seconds between verifies, 0 = none,
   // -1 = not set here ([daemon] verify_interval applies).
   std::int64_t verify_interval_s = -1;
   std::string checksum;                         // "xxh3": payload digests on its dst:// legs
   // The layer's own keys (dst/layer.h: LayerInfo::keys), canonical text, defaults filled in.
+  // A mirror's as typed values: MirrorKeysFrom(params) (dst/mirror_device.h).
   std::map<std::string, std::string> params;
 };
 

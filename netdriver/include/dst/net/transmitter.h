@@ -45,10 +45,6 @@ class Transmitter {
  public:
   // Sends through `transport`; its handlers (writable wait, Kick) run on the transport's strand.
   Transmitter(Transport& transport, bool batching, TxStats* stats, std::size_t max_batch_bytes = 4u << 20);
-  // Sends on a bare TCP socket (put in non-blocking mode) through a private FrameSink.  For the
-  // clients until they hold a Transport; new code uses the constructor above.
-  Transmitter(boost::asio::ip::tcp::socket& socket, bool batching, TxStats* stats,
-              std::size_t max_batch_bytes = 4u << 20);
   ~Transmitter();
   Transmitter(const Transmitter&) = delete;
   Transmitter& operator=(const Transmitter&) = delete;
@@ -68,21 +64,14 @@ class Transmitter {
   bool batching() const { return batching_; }
   // `fn` runs (on the strand) when the transport fails; the Transmitter then aborts its queue.
   void set_error_handler(void (*fn)(void* ctx), void* ctx) { on_error_ = fn; on_error_ctx_ = ctx; }
-  // Runs the Kick handler on `ex` instead of the transport's strand (or the bare socket's
-  // executor), e.g. the connection's strand when the socket itself uses the plain io_context
-  // executor (cheaper per operation: a strand does not fit any_io_executor's small buffer).
-  void set_executor(boost::asio::any_io_executor ex) { ex_ = std::move(ex); }
 
  private:
-  class SocketSink;
-
   void WaitWritable();
   void Fail();
 
-  std::unique_ptr<SocketSink> own_sink_;  // bare-socket constructor only
   FrameSink* sink_;
   bool batching_;
-  boost::asio::any_io_executor ex_;  // where our handlers run; default: the socket's executor
+  boost::asio::any_io_executor ex_;  // where our handlers run: the transport's strand
   TxStats* stats_;
   std::size_t max_batch_bytes_;
   TxFrame* head_ = nullptr;
