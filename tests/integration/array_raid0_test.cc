@@ -10,6 +10,7 @@
 //   * after a dstd restart the array is assembled again from the topology table with the same
 //     chunk, and the data reads back.
 #include <QtTest/QtTest>
+#include <sqlite3.h>
 
 #include <filesystem>
 #include <set>
@@ -188,6 +189,69 @@ class ArrayRaid0Test : public QObject {
     QVERIFY(MakeSparse(rig.dir.path() + "/l3.img", kLeg0));
     QCOMPARE(rig.as->Ctl({"apply", file, "--dry-run"}, &out, &err), 0);
     QVERIFY2(out.contains("--level raid0") && out.contains("--set chunk=262144"), out.constData());
+  }
+
+  // The mirror's keys go through the registry like raid0's chunk: set with --set or their older
+  // flags, kept across a restart, and read back from the SQLite columns for a topology row an
+  // older dstd wrote (no mirror keys in its params).
+  void mirrorKeysAreRegistryKeys() {
+    DST_REQUIRE(IsRoot() && HaveFuse() && std::filesystem::exists(BinPath("dstd")),
+                "needs root, /dev/fuse (the FUSE mount) and a built dstd");
+    MirrorRig rig;
+    QString why;
+    QVERIFY2(rig.StartExporters(0, 0, &why), qPrintable(why));
+    const QString empty;
+    QVERIFY2(rig.StartAssembler(&empty, &why), qPrintable(why));
+    const QString l0 = rig.dir.path() + "/m0.img", l1 = rig.dir.path() + "/m1.img";
+    QVERIFY(MakeSparse(l0, kLeg0));
+    QVERIFY(MakeSparse(l1, kLeg0));
+    QByteArray out, err;
+    QVERIFY2(rig.as->Ctl({"array", "create", "mk", "--level", "mirror", "--region-size", "128K",
+                          "--set", "resync_rate_min=5M", "--set", "write_intent=false",
+                          "--assume-clean", l0, l1},
+                         &out, &err) == 0,
+             err.constData());
+    auto check = [&](const char* when) -> bool {
+      json a = ArrayDetail(*rig.as, "mk", &why);
+      const bool ok = a.value("region_size", 0u) == 128u * 1024 &&
+                      a["resync_rate"].value("min", std::uint64_t(0)) == std::uint64_t(5) << 20 &&
+                      a["resync_rate"].value("max", std::uint64_t(0)) == std::uint64_t(200) << 20 &&
+                      !a.value("write_intent", true);
+      if (!ok) qWarning("%s: %s", when, a.dump().c_str());
+      return ok;
+    };
+    QVERIFY(check("after create"));
+    QCOMPARE(rig.as->Ctl({"detail", "mk"}, &out, &err), 0);
+    QVERIFY2(out.contains("Intent Bitmap : None") && out.contains("Resync Rate : min 5 MiB/s"),
+             out.constData());
+    QVERIFY(rig.as->Ctl({"array", "create", "bad", "--level", "mirror", "--set", "region_size=96K",
+                         l0, l1},
+                        &out, &err) != 0);
+    QVERIFY2(err.contains("region_size: must be a power of two"), err.constData());
+
+    QVERIFY(rig.as->Terminate() == 0);
+    QVERIFY2(rig.StartAssembler(nullptr, &why), qPrintable(why));
+    QVERIFY(WaitUntil([&] { return ArrayDetail(*rig.as, "mk").value("state", "") == "clean"; }, 20000));
+    QVERIFY(check("after a restart"));
+
+    // A row as an older dstd wrote it: the mirror keys only in their columns.
+    QVERIFY(rig.as->Terminate() == 0);
+    {
+      sqlite3* db = nullptr;
+      const QByteArray path = (rig.as->state_dir() + "/dstd.sqlite").toUtf8();
+      QCOMPARE(sqlite3_open(path.constData(), &db), SQLITE_OK);
+      char* msg = nullptr;
+      const int rc = sqlite3_exec(db, "UPDATE dstd_arrays SET params='{}' WHERE name='mk'", nullptr,
+                                  nullptr, &msg);
+      const QString m = msg ? msg : "";
+      sqlite3_free(msg);
+      QCOMPARE(sqlite3_changes(db), 1);
+      sqlite3_close(db);
+      QVERIFY2(rc == SQLITE_OK, qPrintable(m));
+    }
+    QVERIFY2(rig.StartAssembler(nullptr, &why), qPrintable(why));
+    QVERIFY(WaitUntil([&] { return ArrayDetail(*rig.as, "mk").value("state", "") == "clean"; }, 20000));
+    QVERIFY(check("from an older row"));
   }
 };
 
