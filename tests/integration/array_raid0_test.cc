@@ -58,9 +58,12 @@ class ArrayRaid0Test : public QObject {
   Q_OBJECT
 
  private slots:
-  void createWriteRestart() {
+  void init() {
     DST_REQUIRE(IsRoot() && HaveFuse() && std::filesystem::exists(BinPath("dstd")),
                 "needs root, /dev/fuse (the FUSE mount) and a built dstd");
+  }
+
+  void createWriteRestart() {
     MirrorRig rig;
     QString why;
     QVERIFY2(rig.StartExporters(0, 0, &why), qPrintable(why));
@@ -195,8 +198,6 @@ class ArrayRaid0Test : public QObject {
   // flags, kept across a restart, and read back from the SQLite columns for a topology row an
   // older dstd wrote (no mirror keys in its params).
   void mirrorKeysAreRegistryKeys() {
-    DST_REQUIRE(IsRoot() && HaveFuse() && std::filesystem::exists(BinPath("dstd")),
-                "needs root, /dev/fuse (the FUSE mount) and a built dstd");
     MirrorRig rig;
     QString why;
     QVERIFY2(rig.StartExporters(0, 0, &why), qPrintable(why));
