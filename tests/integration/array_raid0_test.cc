@@ -66,9 +66,7 @@ class ArrayRaid0Test : public QObject {
   void createWriteRestart() {
     MirrorRig rig;
     QString why;
-    QVERIFY2(rig.StartExporters(0, 0, &why), qPrintable(why));
-    const QString empty;
-    QVERIFY2(rig.StartAssembler(&empty, &why), qPrintable(why));
+    QVERIFY2(rig.StartEmpty(0, 0, &why), qPrintable(why));
     const QString l0 = rig.dir.path() + "/l0.img", l1 = rig.dir.path() + "/l1.img",
                   l2 = rig.dir.path() + "/l2.img";
     QVERIFY(MakeSparse(l0, kLeg0));
@@ -200,9 +198,7 @@ class ArrayRaid0Test : public QObject {
   void mirrorKeysAreRegistryKeys() {
     MirrorRig rig;
     QString why;
-    QVERIFY2(rig.StartExporters(0, 0, &why), qPrintable(why));
-    const QString empty;
-    QVERIFY2(rig.StartAssembler(&empty, &why), qPrintable(why));
+    QVERIFY2(rig.StartEmpty(0, 0, &why), qPrintable(why));
     const QString l0 = rig.dir.path() + "/m0.img", l1 = rig.dir.path() + "/m1.img";
     QVERIFY(MakeSparse(l0, kLeg0));
     QVERIFY(MakeSparse(l1, kLeg0));

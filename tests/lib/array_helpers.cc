@@ -428,6 +428,12 @@ bool MirrorRig::StartAssembler(const QString* toml, QString* why) {
   return true;
 }
 
+bool MirrorRig::StartEmpty(int exporters, int size_mib, QString* why) {
+  if (!StartExporters(exporters, size_mib, why)) return false;
+  const QString empty;
+  return StartAssembler(&empty, why);
+}
+
 bool MirrorRig::StartCleanMirror(int exporters, int size_mib, QString* why) {
   if (!StartExporters(exporters, size_mib, why)) return false;
   const QString toml = ArrayToml("m0", "mirror", {Uri(0), Uri(1)}, "64K", "200M", "400M");

@@ -123,6 +123,8 @@ struct MirrorRig {
   // non-null.
   bool StartAssembler(const QString* toml, QString* why);
   QString File(const QString& name) const { return mnt + "/" + name + ".img"; }
+  // StartExporters, then the assembler with no arrays or volumes of its own.
+  bool StartEmpty(int exporters, int size_mib, QString* why);
   // StartExporters, then the assembler with mirror "m0" over legs 0 and 1 (64K regions, resync
   // 200M..400M/s), waiting until it is clean.
   bool StartCleanMirror(int exporters, int size_mib, QString* why);

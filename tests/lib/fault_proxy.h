@@ -51,6 +51,11 @@ class FaultProxy {
     for (int fd : fds_) ::close(fd);
   }
   std::uint16_t port() const { return port_; }
+  // Cuts every connection made so far (both sides see EOF); new ones are proxied as before.
+  void DropConnections() {
+    std::lock_guard<std::mutex> l(mu_);
+    for (int fd : fds_) ::shutdown(fd, SHUT_RDWR);  // closed only in the destructor: no reuse
+  }
 
  private:
   static sockaddr_in Loopback(std::uint16_t port) {
