@@ -49,6 +49,16 @@ bool Overlaps(std::uint64_t a_off, std::uint64_t a_len, std::uint64_t b_off, std
 
 }  // namespace
 
+Status CheckExportSize(std::uint64_t size, std::uint32_t block) {
+  if (size == 0) return Status::ProtocolError("export size is 0");
+  if (size > kMaxExportSize)
+    return Status::ProtocolError("export size " + std::to_string(size) + " above the 2^63 - 64 KiB limit");
+  if (block == 0 || size % block != 0)
+    return Status::ProtocolError("export size " + std::to_string(size) + " not a multiple of the block size " +
+                                 std::to_string(block));
+  return Status::OK();
+}
+
 // --- HandshakeIo ---------------------------------------------------------------------------
 
 void HandshakeIo::Op::await_suspend(std::coroutine_handle<> h) {
