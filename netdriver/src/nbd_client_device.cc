@@ -127,6 +127,27 @@ std::string OptErrorText(std::uint32_t type, const std::string& msg) {
   return s;
 }
 
+// One NBD_REP_INFO to GO.  A plain function, not part of the task: clang 14 gives the
+// handshake tasks no coverage feedback under -DDST_FUZZ=ON (sancov_ignorelist.txt).
+Status ParseGoInfo(const std::string& data, NbdNegotiation* n, bool* have_export) {
+  const auto* d = reinterpret_cast<const std::uint8_t*>(data.data());
+  if (data.size() < 2) return Status::ProtocolError("short NBD_REP_INFO");
+  const std::uint16_t info = Get16(d);
+  if (info == kInfoExport) {
+    if (data.size() != 12) return Status::ProtocolError("bad NBD_INFO_EXPORT length");
+    n->size = Get64(d + 2);
+    n->tx_flags = Get16(d + 10);
+    *have_export = true;
+  } else if (info == kInfoBlockSize) {
+    if (data.size() != 14) return Status::ProtocolError("bad NBD_INFO_BLOCK_SIZE length");
+    n->min_block = Get32(d + 2);
+    n->max_payload = Get32(d + 10);
+    if (n->min_block == 0 || (n->min_block & (n->min_block - 1)) || n->min_block > (64u << 10))
+      return Status::ProtocolError("bad NBD minimum block size");
+  }
+  return Status::OK();  // NAME, DESCRIPTION, unknown: ignored
+}
+
 Task<Status> ExportNameFallback(HandshakeIo& io, const NbdClientOptions& o, bool no_zeroes, NbdNegotiation* n) {
   DST_CO_RETURN_IF_ERROR(co_await SendOption(io, kOptExportName, o.export_name));
   std::uint8_t b[8 + 2 + kExportNameReplyZeroes];
@@ -175,23 +196,9 @@ Task<Status> Negotiate(HandshakeIo& io, const NbdClientOptions& o, NbdNegotiatio
   bool have_export = false;
   for (int replies = 0;;) {
     DST_CO_RETURN_IF_ERROR(co_await ReadOptReply(io, kOptGo, &type, &data, &replies));
-    const auto* d = reinterpret_cast<const std::uint8_t*>(data.data());
     if (type == kRepInfo) {
-      if (data.size() < 2) co_return Status::ProtocolError("short NBD_REP_INFO");
-      const std::uint16_t info = Get16(d);
-      if (info == kInfoExport) {
-        if (data.size() != 12) co_return Status::ProtocolError("bad NBD_INFO_EXPORT length");
-        n->size = Get64(d + 2);
-        n->tx_flags = Get16(d + 10);
-        have_export = true;
-      } else if (info == kInfoBlockSize) {
-        if (data.size() != 14) co_return Status::ProtocolError("bad NBD_INFO_BLOCK_SIZE length");
-        n->min_block = Get32(d + 2);
-        n->max_payload = Get32(d + 10);
-        if (n->min_block == 0 || (n->min_block & (n->min_block - 1)) || n->min_block > (64u << 10))
-          co_return Status::ProtocolError("bad NBD minimum block size");
-      }
-      continue;  // NAME, DESCRIPTION, unknown: ignored
+      DST_CO_RETURN_IF_ERROR(ParseGoInfo(data, n, &have_export));
+      continue;
     }
     if (type == kRepAck) {
       if (!have_export) co_return Status::ProtocolError("NBD_OPT_GO acknowledged without NBD_INFO_EXPORT");
