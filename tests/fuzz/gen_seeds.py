@@ -202,3 +202,10 @@ write("fuzz_nbd_client", "structured_errors",
       chunk(rid(1), 0x8001, struct.pack(">IH", 5, 4) + b"oops", flags=0) + chunk(rid(1), 0) +
       chunk(rid(3), 0x8002, struct.pack(">IHQ", 28, 0, 8192)) +
       chunk(rid(6), 5, struct.pack(">III", 1, 512, 0)) + nbd_replies(True, [0, 2, 4, 5]) + simple(rid(6), 108))
+# Hostile handshakes the client refuses (hostile_server_test has them too): an absurd size, an
+# endless NBD_REP_SERVER list, a 4 GiB option reply.
+write("fuzz_dst_client", "size_2_63", b"\0" + dst_hello_reply(size=1 << 63) + dst_replies())
+write("fuzz_nbd_client", "endless_rep_server",
+      b"\3" + greeting() + opt_reply(OPT_SR, REP_SERVER, struct.pack(">I", 1) + b"x") * 80 + SR_ACK + go_replies())
+write("fuzz_nbd_client", "huge_option_reply",
+      b"\3" + greeting() + SR_ACK + struct.pack(">QIII", OPT_REPLY_MAGIC, OPT_GO, REP_INFO, 0xFFFFFFF0) + bytes(64))

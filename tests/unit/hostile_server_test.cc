@@ -8,6 +8,7 @@
 // bounded time (connect_timeout for a handshake, io_timeout for a request); nothing the server
 // says makes the client allocate a size the server chose (option replies, chunk and payload
 // lengths are capped before anything is read; ASan in the sanitize build checks the rest).
+#include <QFile>
 #include <QtTest/QtTest>
 
 #include <chrono>
@@ -191,6 +192,17 @@ bool NbdHonestRead(HostilePeer& p, const nb::Request& r, bool structured) {
 
 std::string Bytes(std::size_t n, char c) { return std::string(n, c); }
 
+// The process's peak resident set (VmHWM) in MiB: a client that allocated and filled a size a
+// server announced (4 GiB lengths below) would raise it by that much.
+long PeakRssMib() {
+  QFile f("/proc/self/status");
+  if (!f.open(QIODevice::ReadOnly)) return 0;
+  for (const QByteArray& line : f.readAll().split('\n'))
+    if (line.startsWith("VmHWM:")) return line.mid(6).trimmed().split(' ').value(0).toLong() / 1024;
+  return 0;
+}
+constexpr long kMaxRssGrowthMib = 128;
+
 // The read ended with EIO in bounded time and handed nothing wrong to the caller.
 #define EXPECT_EIO(r)                                                                          \
   do {                                                                                         \
@@ -211,6 +223,8 @@ enum NbdLie {
 class HostileServerTest : public QObject {
   Q_OBJECT
  private slots:
+  void initTestCase() { QVERIFY2(PeakRssMib() > 0, "no VmHWM in /proc/self/status: the memory bounds are unchecked"); }
+
   // --- DST handshake ---------------------------------------------------------------------------
 
   void dstHandshake_data() {
@@ -233,6 +247,7 @@ class HostileServerTest : public QObject {
     QFETCH(int, kind);
     QFETCH(int, code);
     QFETCH(int, max_ms);
+    const long rss0 = PeakRssMib();
     HostileServer srv([kind](HostilePeer& p, int) {
       HelloReply r = test::DstExport(kSize);
       switch (kind) {
@@ -280,6 +295,7 @@ class HostileServerTest : public QObject {
     QCOMPARE(int(dev.status().code()), code);
     QVERIFY2(ms <= max_ms, qPrintable(QString("took %1 ms: %2").arg(ms).arg(dev.status().ToString().c_str())));
     if (kind >= 2 && kind <= 5) QVERIFY(dev.status().ToString().find("export size") != std::string::npos);
+    QVERIFY(PeakRssMib() - rss0 < kMaxRssGrowthMib);
   }
 
   // The largest sizes that are valid work: no offset arithmetic wraps near the end.
@@ -312,6 +328,7 @@ class HostileServerTest : public QObject {
   }
   void dstLyingReplies() {
     QFETCH(int, lie);
+    const long rss0 = PeakRssMib();
     HostileServer srv([lie](HostilePeer& p, int) {
       ServeDst(p, test::DstExport(kSize), [lie](HostilePeer& p, const Header& h) {
         switch (lie) {
@@ -338,6 +355,7 @@ class HostileServerTest : public QObject {
     IoResult r = Read(*dev.value(), 8192);
     EXPECT_EIO(r);
     if (lie == kShortPayload || lie == kLongPayload) QVERIFY(dev.value()->Stats().bad_replies > 0);
+    QVERIFY(PeakRssMib() - rss0 < kMaxRssGrowthMib);
   }
 
   // Replies for ids never sent, a PING reply nobody asked for and a second reply to a finished
@@ -413,6 +431,7 @@ class HostileServerTest : public QObject {
     QFETCH(int, kind);
     QFETCH(int, code);
     QFETCH(int, max_ms);
+    const long rss0 = PeakRssMib();
     HostileServer srv([kind](HostilePeer& p, int) {
       // Answers STRUCTURED_REPLY with ERR_UNSUP, then GO with `go`.
       auto to_go = [&p]() {
@@ -491,6 +510,7 @@ class HostileServerTest : public QObject {
     QVERIFY2(ms <= max_ms, qPrintable(QString("took %1 ms: %2").arg(ms).arg(dev.status().ToString().c_str())));
     // Before the cap the client read endless replies until connect_timeout (kTimedOut).
     if (kind == 2 || kind == 3) QVERIFY(dev.status().ToString().find("too many") != std::string::npos);
+    QVERIFY(PeakRssMib() - rss0 < kMaxRssGrowthMib);
   }
 
   // Without INFO_BLOCK_SIZE any size is allowed by the spec: the tail below 512 bytes is cut off.
@@ -528,6 +548,7 @@ class HostileServerTest : public QObject {
   }
   void nbdLyingReplies() {
     QFETCH(int, lie);
+    const long rss0 = PeakRssMib();
     const bool structured = lie != kUnnegotiated;
     HostileServer srv([lie, structured](HostilePeer& p, int) {
       auto read = [lie](HostilePeer& p, const nb::Request& r) {
@@ -588,6 +609,7 @@ class HostileServerTest : public QObject {
     EXPECT_EIO(r);
     if (lie == kChunkOutside || lie == kMissingBytes || lie == kOverlap || lie == kHugeHole)
       QVERIFY(dev.value()->Stats().bad_replies > 0);
+    QVERIFY(PeakRssMib() - rss0 < kMaxRssGrowthMib);
   }
 
   // Chunks for cookies never sent (one of them 1 MiB long), a BLOCK_STATUS chunk nobody asked
