@@ -212,10 +212,10 @@ constexpr long kMaxRssGrowthMib = 128;
     QVERIFY2((r).ms <= kIoTimeoutMs + kSlackMs, qPrintable(QString("took %1 ms").arg((r).ms))); \
   } while (0)
 
-enum DstLie { kShortPayload, kLongPayload, kHugeLength, kGarbage, kWrongCommand, kCloseMidPayload, kSilent };
+enum DstLie { kShortPayload, kLongPayload, kHugeLength, kGarbage, kWrongCommand, kCloseMidPayload, kSilent, kFlood };
 enum NbdLie {
   kUnknownCookie, kChunkOutside, kChunkBeforeStart, kHugeChunk, kHugeErrorChunk, kUnnegotiated,
-  kBadMagic, kMissingBytes, kOverlap, kHugeHole, kNbdCloseMidPayload, kNbdSilent, kDataForFlush
+  kBadMagic, kMissingBytes, kOverlap, kHugeHole, kNbdCloseMidPayload, kNbdSilent, kDataForFlush, kNbdFlood
 };
 
 }  // namespace
@@ -325,6 +325,8 @@ class HostileServerTest : public QObject {
     QTest::newRow("WRITE reply for the READ's id") << int(kWrongCommand);
     QTest::newRow("close in the middle of every payload") << int(kCloseMidPayload);
     QTest::newRow("never answers a READ") << int(kSilent);
+    // Chatter is not progress: the READ still ends at io_timeout.
+    QTest::newRow("endless stale replies instead of an answer") << int(kFlood);
   }
   void dstLyingReplies() {
     QFETCH(int, lie);
@@ -343,6 +345,14 @@ class HostileServerTest : public QObject {
           }
           case kCloseMidPayload: {
             p.DstReply(h, 0, Pattern(h.offset, h.length / 2), h.length);
+            return false;
+          }
+          case kFlood: {
+            Header stale = h;
+            stale.cmd = static_cast<std::uint16_t>(Cmd::kPing);
+            stale.id = 0xdeadbeef00000001ull;
+            while (p.DstReply(stale, 0)) {
+            }
             return false;
           }
           default: return true;  // kSilent: nothing (PINGs are still answered)
@@ -545,6 +555,7 @@ class HostileServerTest : public QObject {
     QTest::newRow("close in the middle of every payload") << int(kNbdCloseMidPayload);
     QTest::newRow("never answers a READ") << int(kNbdSilent);
     QTest::newRow("data chunk for a FLUSH") << int(kDataForFlush);
+    QTest::newRow("endless stale chunks instead of an answer") << int(kNbdFlood);
   }
   void nbdLyingReplies() {
     QFETCH(int, lie);
@@ -585,6 +596,10 @@ class HostileServerTest : public QObject {
           }
           case kDataForFlush:  // the READ is fine; the FLUSH below is answered with data
             return NbdHonestRead(p, r, true);
+          case kNbdFlood:
+            while (p.NbdChunk(0xdeadbeef00000001ull, nb::kReplyFlagDone, nb::kChunkNone, {})) {
+            }
+            return false;
           default: return true;  // kNbdSilent
         }
       };
