@@ -579,7 +579,8 @@ class HostileServerTest : public QObject {
           case kBadMagic: return p.Write(Bytes(nb::kSimpleReplySize, '\xee'));
           case kMissingBytes: return p.NbdData(c, nb::kReplyFlagDone, r.offset, junk.substr(0, r.length / 2));
           case kOverlap:
-            return p.NbdData(c, 0, r.offset, junk) && p.NbdData(c, nb::kReplyFlagDone, r.offset + 512, junk.substr(512));
+            return p.NbdData(c, 0, r.offset, junk) &&
+                   p.NbdData(c, nb::kReplyFlagDone, r.offset + 512, junk.substr(512));
           case kHugeHole: {
             std::string hole(12, '\0');
             nb::Put64(reinterpret_cast<std::uint8_t*>(hole.data()), r.offset);
