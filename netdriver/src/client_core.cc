@@ -900,10 +900,13 @@ void ClientCore::TickConnected(Clock::time_point now) {
   // A request never waits forever, even on a connection that answers keepalives.  The whole
   // connection goes first, so nothing more is read into the callers' buffers (and a DST
   // server's session fence orders the old requests before anything sent later).
+  // Once admitted, a request off the wire counts too: a DST server that answered ESHUTDOWN
+  // (Requeue: "re-send it on the next connection") but never closes would otherwise hold it
+  // forever, since neither keepalive silence nor this check looked at it (issue 11 item 5).
   bool stuck = checking_ && now - check_start_ >= opts_.io_timeout;
   for (std::uint32_t i = 0; i < control_index_ && !stuck; ++i) {
     const ClientSlot& s = slots_[i];
-    if (s.req && s.on_wire && now - s.start >= opts_.io_timeout) stuck = true;
+    if (s.req && (s.on_wire || !checking_) && now - s.start >= opts_.io_timeout) stuck = true;
   }
   if (stuck) {
     ConnectionLost("request exceeded io_timeout", now, false);

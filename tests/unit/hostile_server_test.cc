@@ -212,7 +212,9 @@ constexpr long kMaxRssGrowthMib = 128;
     QVERIFY2((r).ms <= kIoTimeoutMs + kSlackMs, qPrintable(QString("took %1 ms").arg((r).ms))); \
   } while (0)
 
-enum DstLie { kShortPayload, kLongPayload, kHugeLength, kGarbage, kWrongCommand, kCloseMidPayload, kSilent, kFlood };
+enum DstLie {
+  kShortPayload, kLongPayload, kHugeLength, kGarbage, kWrongCommand, kCloseMidPayload, kSilent, kFlood, kShutdownNoClose
+};
 enum NbdLie {
   kUnknownCookie, kChunkOutside, kChunkBeforeStart, kHugeChunk, kHugeErrorChunk, kUnnegotiated,
   kBadMagic, kMissingBytes, kOverlap, kHugeHole, kNbdCloseMidPayload, kNbdSilent, kDataForFlush, kNbdFlood
@@ -327,6 +329,10 @@ class HostileServerTest : public QObject {
     QTest::newRow("never answers a READ") << int(kSilent);
     // Chatter is not progress: the READ still ends at io_timeout.
     QTest::newRow("endless stale replies instead of an answer") << int(kFlood);
+    // ESHUTDOWN says "re-send on the next connection"; a server that never closes must not
+    // keep the request waiting forever (it did: a requeued request was not on the wire, so
+    // neither keepalive nor io_timeout looked at it).
+    QTest::newRow("ESHUTDOWN, then the connection stays open") << int(kShutdownNoClose);
   }
   void dstLyingReplies() {
     QFETCH(int, lie);
@@ -347,6 +353,7 @@ class HostileServerTest : public QObject {
             p.DstReply(h, 0, Pattern(h.offset, h.length / 2), h.length);
             return false;
           }
+          case kShutdownNoClose: return p.DstReply(h, static_cast<std::uint32_t>(WireStatus::kShutdown));
           case kFlood: {
             Header stale = h;
             stale.cmd = static_cast<std::uint16_t>(Cmd::kPing);
