@@ -900,13 +900,19 @@ void ClientCore::TickConnected(Clock::time_point now) {
   // A request never waits forever, even on a connection that answers keepalives.  The whole
   // connection goes first, so nothing more is read into the callers' buffers (and a DST
   // server's session fence orders the old requests before anything sent later).
-  // Once admitted, a request off the wire counts too: a DST server that answered ESHUTDOWN
-  // (Requeue: "re-send it on the next connection") but never closes would otherwise hold it
-  // forever, since neither keepalive silence nor this check looked at it (issue 11 item 5).
   bool stuck = checking_ && now - check_start_ >= opts_.io_timeout;
   for (std::uint32_t i = 0; i < control_index_ && !stuck; ++i) {
-    const ClientSlot& s = slots_[i];
-    if (s.req && (s.on_wire || !checking_) && now - s.start >= opts_.io_timeout) stuck = true;
+    ClientSlot& s = slots_[i];
+    if (s.req && s.on_wire && now - s.start >= opts_.io_timeout) stuck = true;
+    // A request the server handed back (DST ESHUTDOWN: Requeue, "re-send it on the next
+    // connection") waits off the wire; if that server never closes, neither keepalive silence
+    // nor the check above looks at it, so it ends alone at io_timeout, as it would offline
+    // (issue 11 item 5: it used to wait forever).
+    if (s.req && !s.on_wire && !s.tx_queued && !s.resend && !checking_ && now - s.start >= opts_.io_timeout) {
+      timeouts_.fetch_add(1, std::memory_order_relaxed);
+      CompleteSlot(s, Status::IoError("request exceeded io_timeout"));  // may re-enter
+      if (state_ != State::kConnected) return;
+    }
   }
   if (stuck) {
     ConnectionLost("request exceeded io_timeout", now, false);
