@@ -49,6 +49,16 @@ bool Overlaps(std::uint64_t a_off, std::uint64_t a_len, std::uint64_t b_off, std
 
 }  // namespace
 
+Status CheckExportSize(std::uint64_t size, std::uint32_t block) {
+  if (size == 0) return Status::ProtocolError("export size is 0");
+  if (size > kMaxExportSize)
+    return Status::ProtocolError("export size " + std::to_string(size) + " above the 2^63 - 64 KiB limit");
+  if (block == 0 || size % block != 0)
+    return Status::ProtocolError("export size " + std::to_string(size) + " not a multiple of the block size " +
+                                 std::to_string(block));
+  return Status::OK();
+}
+
 // --- HandshakeIo ---------------------------------------------------------------------------
 
 void HandshakeIo::Op::await_suspend(std::coroutine_handle<> h) {
@@ -892,8 +902,17 @@ void ClientCore::TickConnected(Clock::time_point now) {
   // server's session fence orders the old requests before anything sent later).
   bool stuck = checking_ && now - check_start_ >= opts_.io_timeout;
   for (std::uint32_t i = 0; i < control_index_ && !stuck; ++i) {
-    const ClientSlot& s = slots_[i];
+    ClientSlot& s = slots_[i];
     if (s.req && s.on_wire && now - s.start >= opts_.io_timeout) stuck = true;
+    // A request the server handed back (DST ESHUTDOWN: Requeue, "re-send it on the next
+    // connection") waits off the wire; if that server never closes, neither keepalive silence
+    // nor the check above looks at it, so it ends alone at io_timeout, as it would offline
+    // (issue 11 item 5: it used to wait forever).
+    if (s.req && !s.on_wire && !s.tx_queued && !s.resend && !checking_ && now - s.start >= opts_.io_timeout) {
+      timeouts_.fetch_add(1, std::memory_order_relaxed);
+      CompleteSlot(s, Status::IoError("request exceeded io_timeout"));  // may re-enter
+      if (state_ != State::kConnected) return;
+    }
   }
   if (stuck) {
     ConnectionLost("request exceeded io_timeout", now, false);

@@ -161,6 +161,12 @@ enum class RxStep {
   kStop,       // the connection was lost
 };
 
+// Export sizes a client accepts from a peer's handshake (issue 11 item 5, a hostile server):
+// above 0, a multiple of `block` (the peer's block size), and at most kMaxExportSize, so every
+// offset fits off_t (FUSE, pread) and offset + length never wraps.  ProtocolError otherwise.
+inline constexpr std::uint64_t kMaxExportSize = (std::uint64_t(1) << 63) - (std::uint64_t(1) << 16);
+Status CheckExportSize(std::uint64_t size, std::uint32_t block);
+
 // The protocol half, called by the core on its strand.
 class ClientProtocol {
  public:

@@ -131,6 +131,8 @@ Task<Status> RemoteDevice::Protocol::Handshake(HandshakeIo& io, Negotiated* n, b
   }
   HelloReply r;
   if (st = DecodeHelloReply(buf, rh.length, &r); !st.ok()) co_return st.WithContext("HELLO reply");
+  // A size of 0, 2^63 or not a whole number of blocks is refused (hard), not served (§6).
+  if (st = CheckExportSize(r.size, r.block_size); !st.ok()) co_return st.WithContext("HELLO reply");
   *hard = false;
   DeviceInfo& ni = n->info;
   ni.size = r.size;

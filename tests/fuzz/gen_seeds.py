@@ -83,3 +83,129 @@ write("fuzz_nbd_server", "structured_meta",
 write("fuzz_nbd_server", "read_only_default",
       CLIENT_FLAGS + opt(OPT_GO, go_data(b"ro", ())) + req(W, 1, 0, 512) + b"c" * 512 + req(R, 2, 0, 512))
 write("fuzz_nbd_server", "default_export", CLIENT_FLAGS + opt(OPT_GO, go_data(b"")) + req(R, 1, 0, 512))
+
+# --- Client targets (fuzz_dst_client, fuzz_nbd_client): one option byte, then what the server
+# sends.  The client submits the requests of client_harness.h (kClientOps) after the handshake;
+# their ids are 1 << 32 | slot, slots 0..6 in this order:
+OPS = [("flush", 0, 0), ("read", 0, 4096), ("write", 4096, 4096), ("read", 8192, 8192),
+       ("trim", 16384, 4096), ("wz", 20480, 4096), ("read", 512, 512)]
+DST_CMD = {"flush": FLUSH, "read": READ, "write": WRITE, "trim": TRIM, "wz": WZ}
+
+
+def rid(slot):
+    return 1 << 32 | slot
+
+
+def dst_reply(cmd, length=0, ident=0, offset=0, status=0, flags=0, digest=0):
+    h = struct.pack(">IHHIIQQ", 0x44535431, cmd | 0x8000, flags, status, length, ident, offset)
+    return h + struct.pack(">Q", digest if flags & 4 else 0) + bytes(8)
+
+
+def dst_hello_reply(size=1 << 20, features=0, flags=0x1E, block=512, perms=3):
+    body = struct.pack(">HHIQIII", 1, flags, features, size, block, 1 << 20, perms)
+    return dst_reply(HELLO, len(body), 1) + body
+
+
+# `order`: which of OPS to answer, in reply order.  Requests refused at submission (a read-only
+# export) take no slot, so `accepted` lists the OPS that went out: slot = position in it.
+def dst_replies(order=range(7), status=0, accepted=range(7)):
+    out = b""
+    for i in order:
+        op, off, length = OPS[i]
+        slot = list(accepted).index(i)
+        if op == "read" and status == 0:
+            out += dst_reply(READ, length, rid(slot), off) + bytes((off + i) & 0xFF for i in range(length))
+        else:
+            out += dst_reply(DST_CMD[op], length if op != "flush" else 0, rid(slot), off if op != "flush" else 0, status)
+    return out
+
+
+write("fuzz_dst_client", "in_order", b"\0" + dst_hello_reply() + dst_replies())
+write("fuzz_dst_client", "reversed", b"\0" + dst_hello_reply() + dst_replies(reversed(range(7))))
+write("fuzz_dst_client", "errors", b"\0" + dst_hello_reply() + dst_replies(status=5))
+write("fuzz_dst_client", "read_only", b"\0" + dst_hello_reply(flags=0x3, perms=1) +
+      dst_replies([0, 1, 3, 6], accepted=[0, 1, 3, 6]))
+write("fuzz_dst_client", "refused", b"\0" + dst_reply(HELLO, 0, 1, status=2))
+# Stale id with a payload, an unsolicited PING reply, ESHUTDOWN, then a DISCONNECT naming a request.
+write("fuzz_dst_client", "odd_frames",
+      b"\0" + dst_hello_reply() + dst_reply(READ, 512, 0xdead00000001) + b"s" * 512 + dst_reply(PING, 0, 77) +
+      dst_replies([0, 1, 2]) + dst_reply(READ, 0, rid(3), 8192, status=108) + dst_reply(DISC, 0, rid(4), status=71))
+# Digests negotiated (option byte 1, feature echoed); the READ digests are wrong, so reads are re-sent.
+write("fuzz_dst_client", "digest",
+      b"\1" + dst_hello_reply(features=1) + dst_reply(READ, 4096, rid(1), 0, flags=4, digest=0x1234) + b"d" * 4096 +
+      dst_reply(WRITE, 4096, rid(2), 4096, status=74) + dst_replies([0, 3, 4, 5, 6]))
+
+NBD_MAGIC, OPT_REPLY_MAGIC = 0x4E42444D41474943, 0x0003E889045565A9
+REP_ACK, REP_SERVER, REP_INFO, REP_ERR_UNSUP = 1, 2, 3, (1 << 31) + 1
+NBD_CMD = {"flush": F, "read": R, "write": W, "trim": T, "wz": WZC}
+TX_FLAGS = 1 | 4 | 8 | 32 | 64  # HAS_FLAGS, SEND_FLUSH, SEND_FUA, SEND_TRIM, SEND_WRITE_ZEROES
+
+
+def greeting(flags=3):
+    return struct.pack(">QQH", NBD_MAGIC, IHAVEOPT, flags)
+
+
+def opt_reply(option, rtype, data=b""):
+    return struct.pack(">QIII", OPT_REPLY_MAGIC, option, rtype, len(data)) + data
+
+
+def go_replies(size=1 << 20, tx=TX_FLAGS, block=True):
+    out = opt_reply(OPT_GO, REP_INFO, struct.pack(">HIII", 3, 512, 4096, 1 << 20)) if block else b""
+    out += opt_reply(OPT_GO, REP_INFO, struct.pack(">HH", 1, 5) + b"disk0")
+    return out + opt_reply(OPT_GO, REP_INFO, struct.pack(">HQH", 0, size, tx)) + opt_reply(OPT_GO, REP_ACK)
+
+
+def simple(cookie, err=0, data=b""):
+    return struct.pack(">IIQ", 0x67446698, err, cookie) + data
+
+
+def chunk(cookie, ctype, payload=b"", flags=1):
+    return struct.pack(">IHHQI", 0x668E33EF, flags, ctype, cookie, len(payload)) + payload
+
+
+def pattern(off, length):
+    return bytes((off + i) & 0xFF for i in range(length))
+
+
+def nbd_replies(structured, order=range(7), accepted=range(7)):
+    out = b""
+    for i in order:
+        op, off, length = OPS[i]
+        slot = list(accepted).index(i)
+        if op != "read":
+            out += chunk(rid(slot), 0) if structured else simple(rid(slot))
+        elif not structured:
+            out += simple(rid(slot), 0, pattern(off, length))
+        elif length > 4096:  # second half as data, first half as a hole, out of order
+            half = length // 2
+            out += chunk(rid(slot), 1, struct.pack(">Q", off + half) + pattern(off + half, half), flags=0)
+            out += chunk(rid(slot), 2, struct.pack(">QI", off, half))
+        else:
+            out += chunk(rid(slot), 1, struct.pack(">Q", off) + pattern(off, length))
+    return out
+
+
+SR_ACK = opt_reply(OPT_SR, REP_ACK)
+write("fuzz_nbd_client", "structured_go", b"\3" + greeting() + SR_ACK + go_replies() + nbd_replies(True))
+write("fuzz_nbd_client", "simple_go", b"\2" + greeting() + go_replies(block=False) + nbd_replies(False, reversed(range(7))))
+write("fuzz_nbd_client", "structured_refused", b"\3" + greeting() + opt_reply(OPT_SR, REP_ERR_UNSUP) + go_replies() +
+      nbd_replies(False))
+write("fuzz_nbd_client", "export_name", b"\0" + greeting(3) + struct.pack(">QH", 1 << 20, TX_FLAGS) + nbd_replies(False))
+write("fuzz_nbd_client", "export_name_zeroes", b"\0" + greeting(1) + struct.pack(">QH", 1 << 20, TX_FLAGS) + bytes(124) +
+      nbd_replies(False))
+write("fuzz_nbd_client", "go_unsupported", b"\2" + greeting() + opt_reply(OPT_GO, REP_ERR_UNSUP) +
+      struct.pack(">QH", 1 << 20, 1 | 2) + nbd_replies(False, [1, 3, 6], accepted=[1, 3, 6]))
+# Error chunks, a stale cookie drained, a BLOCK_STATUS nobody asked for, ESHUTDOWN.
+write("fuzz_nbd_client", "structured_errors",
+      b"\3" + greeting() + SR_ACK + opt_reply(OPT_GO, REP_SERVER, struct.pack(">I", 0)) + go_replies() +
+      chunk(0xdead00000001, 1, struct.pack(">Q", 0) + b"s" * 512) +
+      chunk(rid(1), 0x8001, struct.pack(">IH", 5, 4) + b"oops", flags=0) + chunk(rid(1), 0) +
+      chunk(rid(3), 0x8002, struct.pack(">IHQ", 28, 0, 8192)) +
+      chunk(rid(6), 5, struct.pack(">III", 1, 512, 0)) + nbd_replies(True, [0, 2, 4, 5]) + simple(rid(6), 108))
+# Hostile handshakes the client refuses (hostile_server_test has them too): an absurd size, an
+# endless NBD_REP_SERVER list, a 4 GiB option reply.
+write("fuzz_dst_client", "size_2_63", b"\0" + dst_hello_reply(size=1 << 63) + dst_replies())
+write("fuzz_nbd_client", "endless_rep_server",
+      b"\3" + greeting() + opt_reply(OPT_SR, REP_SERVER, struct.pack(">I", 1) + b"x") * 80 + SR_ACK + go_replies())
+write("fuzz_nbd_client", "huge_option_reply",
+      b"\3" + greeting() + SR_ACK + struct.pack(">QIII", OPT_REPLY_MAGIC, OPT_GO, REP_INFO, 0xFFFFFFF0) + bytes(64))
