@@ -582,6 +582,8 @@ void ServerCore::DoAccept() {
         self->conns_.emplace(conn.get(), conn);
         ++self->per_address_[conn->address()];
       }
+      // The sweep's list (also on ctl_) grows here, where allocating is fine.
+      if (self->sweep_list_.capacity() < self->conns_.size()) self->sweep_list_.reserve(2 * self->conns_.size());
     }
     if (!accept) return;  // conn destroyed: transport closed
     self->connections_total_.fetch_add(1, std::memory_order_relaxed);

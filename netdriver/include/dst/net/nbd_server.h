@@ -111,8 +111,10 @@ struct NbdServerOptions {
   // closed.  An announced WRITE payload must arrive whole within it.  Idle connections in
   // transmission are not affected (limits.idle_timeout is for them).  0 disables.
   std::chrono::milliseconds stall_timeout{30000};
-  // Handshake deadline, idle cap, connection caps (server_limits.h).
-  ServerLimits limits;
+  // Handshake deadline, idle cap, connection caps (server_limits.h).  No idle cap by default:
+  // NBD has no keepalive, and the kernel's nbd-client and qemu keep a quiet connection for the
+  // life of a mount (dst's own NBD client probes every second; it would not need this).
+  ServerLimits limits{.idle_timeout = std::chrono::milliseconds(0)};
   // Handshake caps (docs/nbd.md §4).  Option data longer than max_option_length (at most 16 KiB)
   // is drained, up to 1 MiB, and refused with NBD_REP_ERR_TOO_BIG; longer still closes, as does
   // an EXPORT_NAME over it.  The max_options+1st option of a handshake closes.  A LIST or
