@@ -30,6 +30,8 @@
 #include <thread>
 #include <vector>
 
+#include "loopback.h"
+
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -48,16 +50,7 @@ void PutBe(unsigned char* p, std::uint64_t v, int n) {
   for (int i = n - 1; i >= 0; --i, v >>= 8) p[i] = static_cast<unsigned char>(v);
 }
 
-bool RecvAll(int fd, void* p, std::size_t n) {
-  auto* c = static_cast<char*>(p);
-  while (n) {
-    const ssize_t r = ::recv(fd, c, n, 0);
-    if (r <= 0) return false;
-    c += r;
-    n -= static_cast<std::size_t>(r);
-  }
-  return true;
-}
+using dst::test::RecvFull;  // tests/lib/loopback.h
 bool SendAll(int fd, const void* p, std::size_t n) {
   return ::send(fd, p, n, MSG_NOSIGNAL) == static_cast<ssize_t>(n);
 }
@@ -85,7 +78,7 @@ struct Legit {
     int one = 1;
     ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     unsigned char g[18];
-    if (!RecvAll(fd, g, sizeof g)) return false;
+    if (!RecvFull(fd, g, sizeof g)) return false;
     unsigned char flags[4] = {0, 0, 0, 3};  // FIXED_NEWSTYLE | NO_ZEROES
     if (!SendAll(fd, flags, 4)) return false;
     std::vector<unsigned char> opt(16 + name.size());
@@ -95,7 +88,7 @@ struct Legit {
     std::memcpy(opt.data() + 16, name.data(), name.size());
     if (!SendAll(fd, opt.data(), opt.size())) return false;
     unsigned char r[10];
-    if (!RecvAll(fd, r, sizeof r)) return false;
+    if (!RecvFull(fd, r, sizeof r)) return false;
     size = Be64(r);
     return size >= 4096;
   }
@@ -107,8 +100,8 @@ struct Legit {
     PutBe(q + 16, (rng() % (size / 4096)) * 4096, 8);
     PutBe(q + 24, 4096, 4);
     unsigned char h[16];
-    return SendAll(fd, q, sizeof q) && RecvAll(fd, h, sizeof h) && h[7] == 0 && h[6] == 0 &&
-           RecvAll(fd, buf, sizeof buf);
+    return SendAll(fd, q, sizeof q) && RecvFull(fd, h, sizeof h) && h[7] == 0 && h[6] == 0 &&
+           RecvFull(fd, buf, sizeof buf);
   }
 };
 
