@@ -52,9 +52,11 @@ install_traps
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 (( $(ulimit -n) >= CONNS + 64 )) || die "ulimit -n $(ulimit -n) is below $CONNS + 64"
 
-PORT=$(free_port)
-NBD_PORT=$(free_port)
-cat > "$WORK/dstd.toml" <<TOML
+# free_port only probes: another process may take a port before dstd binds it.  Retry then.
+start_dstd() {
+  PORT=$(free_port)
+  NBD_PORT=$(free_port)
+  cat > "$WORK/dstd.toml" <<TOML
 [daemon]
 listen = "127.0.0.1:$PORT"
 nbd_listen = "127.0.0.1:$NBD_PORT"
@@ -64,15 +66,24 @@ name = "disk"
 path = "$WORK/disk.img"
 size = "64M"
 TOML
-"$BIN/dstd" --config "$WORK/dstd.toml" --state-dir "$WORK/state" --control "$WORK/dstd.sock" \
-  > "$WORK/dstd.log" 2>&1 &
-DSTD_PID=$!
-for _ in $(seq 1 100); do
-  [[ -S $WORK/dstd.sock ]] && break
-  kill -0 "$DSTD_PID" 2>/dev/null || { cat "$WORK/dstd.log" >&2; die "dstd exited"; }
-  sleep 0.1
+  "$BIN/dstd" --config "$WORK/dstd.toml" --state-dir "$WORK/state" --control "$WORK/dstd.sock" \
+    > "$WORK/dstd.log" 2>&1 &
+  DSTD_PID=$!
+  for _ in $(seq 1 100); do
+    [[ -S $WORK/dstd.sock ]] && return 0
+    kill -0 "$DSTD_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  stop_daemon "$DSTD_PID"
+  DSTD_PID=""
+  rm -f "$WORK/dstd.sock"
+  return 1
+}
+for attempt in 1 2 3; do
+  start_dstd && break
+  cat "$WORK/dstd.log" >&2
+  [[ $attempt -lt 3 ]] || die "dstd did not start"
 done
-[[ -S $WORK/dstd.sock ]] || die "dstd did not start"
 sleep 0.5  # the NBD listener
 "$BIN/conn_flood" --port "$NBD_PORT" --export disk --pid "$DSTD_PID" --conns "$CONNS" \
   --seconds "$SECONDS_PER_PHASE" --reconnect-ms "$RECONNECT_MS"
