@@ -1033,6 +1033,8 @@ json Daemon::StatusJson() {
                       {"requests", s.requests},
                       {"errors_replied", s.errors_replied},
                       {"protocol_errors", s.protocol_errors},
+                      {"connections_refused", s.connections_refused},
+                      {"connections_timed_out", s.connections_timed_out},
                       {"digest_errors", s.digest_errors},
                       {"frames_sent", s.frames_sent},
                       {"send_calls", s.send_calls},
