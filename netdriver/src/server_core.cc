@@ -19,6 +19,7 @@ constexpr std::chrono::seconds kCloseGrace{5};   // unsent replies of a closing 
 constexpr std::chrono::seconds kDrainGrace{20};  // Drain(): then connections are forced shut
 constexpr std::chrono::seconds kLogInterval{10};  // LogLimited: one line per key and interval
 constexpr std::size_t kMaxLogWindows = 4096;      // LogLimited keys remembered
+constexpr int kMaxLinesPerInterval = 32;          // LogLimited lines per interval, all keys
 using Clock = std::chrono::steady_clock;
 
 // "192.0.2.7:40312" -> "192.0.2.7", "::1:40312" -> "::1"; anything else as is.
@@ -460,6 +461,15 @@ void ServerCore::LogLimited(const std::string& address, const char* what, const 
     auto [it, fresh] = log_windows_.try_emplace(std::string(what) + '|' + address);
     LogWindow& w = it->second;
     if (!fresh && now - w.last < kLogInterval) {
+      ++w.held_back;
+      return;
+    }
+    // And a budget over all keys, for a flood from many addresses.
+    if (now - budget_start_ >= kLogInterval) {
+      budget_start_ = now;
+      budget_used_ = 0;
+    }
+    if (++budget_used_ > kMaxLinesPerInterval) {
       ++w.held_back;
       return;
     }

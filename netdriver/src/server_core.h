@@ -255,6 +255,8 @@ class ServerCore : public std::enable_shared_from_this<ServerCore> {
   };
   std::mutex log_mu_;
   std::unordered_map<std::string, LogWindow> log_windows_;  // GUARDED_BY(log_mu_)
+  std::chrono::steady_clock::time_point budget_start_;       // GUARDED_BY(log_mu_)
+  int budget_used_ = 0;                                      // GUARDED_BY(log_mu_)
   std::vector<std::shared_ptr<ServerConn>> sweep_list_;  // on ctl_; keeps its capacity
 
   std::mutex pool_mu_;
