@@ -1,5 +1,7 @@
 #include "dst/daemon/config.h"
 
+#include <grp.h>
+#include <pwd.h>
 #include <sys/stat.h>
 
 #include <cerrno>
@@ -190,6 +192,8 @@ Status ParseDaemon(const toml::table& t, const ErrorSink& sink, Config* cfg) {
                           fmt::format("\"{}\" must be an absolute path", cfg->mountpoint));
     } else if (key == "batching") {
       DST_RETURN_IF_ERROR(f.Bool(v, key, &cfg->batching));
+    } else if (key == "fuse_allow_other") {
+      DST_RETURN_IF_ERROR(f.Bool(v, key, &cfg->fuse_allow_other));
     } else if (key == "io_threads") {
       DST_RETURN_IF_ERROR(f.UInt(v, key, 1, 64, &cfg->io_threads));
     } else if (key == "host_name") {
@@ -222,8 +226,8 @@ Status ParseDaemon(const toml::table& t, const ErrorSink& sink, Config* cfg) {
       }
     } else {
       return UnknownKey(sink, k, f.ctx,
-                        "listen, nbd_listen, mountpoint, batching, io_threads, verify_interval, "
-                        "host_name, export_roots");
+                        "listen, nbd_listen, mountpoint, fuse_allow_other, batching, io_threads, "
+                        "verify_interval, host_name, export_roots");
     }
   }
   return Status::OK();
@@ -330,9 +334,21 @@ Status ParseVolume(const toml::table& t, std::size_t index, const ErrorSink& sin
       DST_RETURN_IF_ERROR(f.UInt(v, key, 1, 3600, &vol->keepalive_timeout_s));
     } else if (key == "checksum") {
       DST_RETURN_IF_ERROR(f.Checksum(v, key, &vol->checksum));
+    } else if (key == "mode") {
+      std::string m;
+      DST_RETURN_IF_ERROR(f.String(v, key, &m));
+      auto r = ParseFileMode(m);
+      if (!r.ok()) return sink.Error(v.source(), f.ctx, key, r.status().message());
+      vol->mode = r.value();
+    } else if (key == "owner") {
+      std::string o;
+      DST_RETURN_IF_ERROR(f.String(v, key, &o));
+      if (Status st = ParseOwner(o, &vol->owner_uid, &vol->owner_gid); !st.ok())
+        return sink.Error(v.source(), f.ctx, key, st.message());
     } else {
       return UnknownKey(sink, k, f.ctx,
-                        "name, remote, path, queue_depth, io_timeout, keepalive_timeout, checksum");
+                        "name, remote, path, queue_depth, io_timeout, keepalive_timeout, checksum, "
+                        "mode, owner");
     }
   }
   if (vol->remote.empty() == vol->path.empty())
@@ -342,6 +358,52 @@ Status ParseVolume(const toml::table& t, std::size_t index, const ErrorSink& sin
   if (opts.check_files && !vol->path.empty() && !PathExists(vol->path))
     return sink.Error(t["path"].node()->source(), f.ctx, "path",
                       fmt::format("\"{}\" does not exist", vol->path));
+  return Status::OK();
+}
+
+Status ParseLimits(const toml::table& t, const ErrorSink& sink, LimitsConfig* l) {
+  Fields f{sink, "[limits]"};
+  const std::pair<std::string_view, std::uint64_t*> durations[] = {
+      {"handshake_timeout", &l->handshake_timeout_s},
+      {"idle_timeout", &l->idle_timeout_s},
+      {"nbd_idle_timeout", &l->nbd_idle_timeout_s},
+      {"stall_timeout", &l->stall_timeout_s},
+  };
+  // Counts and byte sizes with their ranges (the servers clamp the NBD ones to the spec's).
+  struct Count {
+    std::string_view key;
+    std::uint32_t* out;
+    std::uint64_t lo, hi;
+  };
+  const Count counts[] = {
+      {"max_connections", &l->max_connections, 0, 1000000},
+      {"max_connections_per_address", &l->max_connections_per_address, 0, 1000000},
+      {"max_connections_per_identity", &l->max_connections_per_identity, 0, 1000000},
+      {"nbd_max_option_length", &l->nbd_max_option_length, 512, 16384},
+      {"nbd_max_options", &l->nbd_max_options, 1, 4096},
+      {"nbd_max_meta_queries", &l->nbd_max_meta_queries, 1, 128},
+      {"nbd_max_meta_query_length", &l->nbd_max_meta_query_length, 1, 4096},
+  };
+  for (auto&& [k, v] : t) {
+    std::string_view key = k.str();
+    bool known = false;
+    for (auto& [name, out] : durations)
+      if (key == name) {
+        DST_RETURN_IF_ERROR(f.Duration(v, key, out));
+        known = true;
+      }
+    for (auto& c : counts)
+      if (key == c.key) {
+        DST_RETURN_IF_ERROR(f.UInt(v, key, c.lo, c.hi, c.out));
+        known = true;
+      }
+    if (!known) {
+      std::string allowed;
+      for (auto& [name, out] : durations) allowed += std::string(allowed.empty() ? "" : ", ") + std::string(name);
+      for (auto& c : counts) allowed += ", " + std::string(c.key);
+      return UnknownKey(sink, k, f.ctx, allowed);
+    }
+  }
   return Status::OK();
 }
 
@@ -553,6 +615,9 @@ Result<Config> ParseConfig(std::string_view text, const std::string& source,
     if (key == "daemon") {
       if (!v.is_table()) return sink.Error(v.source(), "", key, "must be a [daemon] table");
       DST_RETURN_IF_ERROR(ParseDaemon(*v.as_table(), sink, &cfg));
+    } else if (key == "limits") {
+      if (!v.is_table()) return sink.Error(v.source(), "", key, "must be a [limits] table");
+      DST_RETURN_IF_ERROR(ParseLimits(*v.as_table(), sink, &cfg.limits));
     } else if (key == "export") {
       DST_RETURN_IF_ERROR(ParseArray(v, key, sink, &cfg.exports,
                                      [&](const toml::table& t, std::size_t i, ExportConfig* e) {
@@ -571,12 +636,63 @@ Result<Config> ParseConfig(std::string_view text, const std::string& source,
     } else {
       return sink.Error(
           k.source(), "", key,
-          "unknown top-level key (allowed: [daemon], [[export]], [[volume]], [[array]])");
+          "unknown top-level key (allowed: [daemon], [limits], [[export]], [[volume]], [[array]])");
     }
   }
   if (Status st = ValidateTopology(cfg); !st.ok())
     return Status::InvalidArgument(fmt::format("{}: {}", source, st.message()));
   return cfg;
+}
+
+Result<std::uint32_t> ParseFileMode(std::string_view s) {
+  std::string_view d = s;
+  if (d.size() > 2 && d[0] == '0' && (d[1] == 'o' || d[1] == 'O')) d.remove_prefix(2);
+  std::uint32_t m = 0;
+  auto [end, ec] = std::from_chars(d.data(), d.data() + d.size(), m, 8);
+  if (d.empty() || ec != std::errc() || end != d.data() + d.size())
+    return Status::InvalidArgument(fmt::format("bad mode \"{}\" (octal, e.g. \"0640\")", s));
+  if (m > 0777) return Status::InvalidArgument(fmt::format("mode \"{}\" is above 0777", s));
+  return m;
+}
+
+namespace {
+bool AllDigits(std::string_view s) {
+  return !s.empty() && std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
+}
+}  // namespace
+
+Status ParseOwner(std::string_view s, std::int64_t* uid, std::int64_t* gid) {
+  const auto colon = s.find(':');
+  const std::string user(s.substr(0, colon));
+  const std::string group(colon == std::string_view::npos ? std::string_view() : s.substr(colon + 1));
+  if (user.empty() || (colon != std::string_view::npos && group.empty()))
+    return Status::InvalidArgument(fmt::format("bad owner \"{}\" (user, user:group or uid:gid)", s));
+  char buf[16384];
+  std::int64_t primary_gid = -1;
+  if (AllDigits(user)) {
+    *uid = std::stoll(user);
+    if (*uid > 0xfffffffeLL) return Status::InvalidArgument(fmt::format("uid {} out of range", user));
+  } else {
+    struct passwd pw, *res = nullptr;
+    if (::getpwnam_r(user.c_str(), &pw, buf, sizeof buf, &res) != 0 || !res)
+      return Status::InvalidArgument(fmt::format("no such user \"{}\"", user));
+    *uid = pw.pw_uid;
+    primary_gid = pw.pw_gid;
+  }
+  if (group.empty()) {
+    *gid = primary_gid >= 0 ? primary_gid : *uid;  // a numeric uid alone: the same number
+    return Status::OK();
+  }
+  if (AllDigits(group)) {
+    *gid = std::stoll(group);
+    if (*gid > 0xfffffffeLL) return Status::InvalidArgument(fmt::format("gid {} out of range", group));
+    return Status::OK();
+  }
+  struct group gr, *gres = nullptr;
+  if (::getgrnam_r(group.c_str(), &gr, buf, sizeof buf, &gres) != 0 || !gres)
+    return Status::InvalidArgument(fmt::format("no such group \"{}\"", group));
+  *gid = gr.gr_gid;
+  return Status::OK();
 }
 
 Result<std::string> CanonicalPath(const std::string& path) {

@@ -210,6 +210,8 @@ int Daemon::Start() {
   eo.listen_address = cfg_.listen_host;
   eo.port = cfg_.listen_port;
   eo.batching = cfg_.batching;
+  eo.stall_timeout = std::chrono::seconds(cfg_.limits.stall_timeout_s);
+  eo.limits = ServerLimitsOf(cfg_.limits, false);
   exporter_ = std::make_unique<net::Exporter>(io_, eo);
   if (Status st = exporter_->Start(); !st.ok()) {
     std::string m = Message(st);
@@ -548,7 +550,11 @@ void Daemon::AddToMount(const std::shared_ptr<Volume>& vol) {
     dev = vol->dev;
     vol->in_mount = true;
   }
-  if (Status st = m->AddVolume(vol->cfg.name, dev); !st.ok()) {
+  fuse::FileAccess access;
+  access.mode = vol->cfg.mode;
+  access.uid = vol->cfg.owner_uid;
+  access.gid = vol->cfg.owner_gid;
+  if (Status st = m->AddVolume(vol->cfg.name, dev, access); !st.ok()) {
     spdlog::warn("volume \"{}\": cannot add to FUSE mount: {}", vol->cfg.name, Message(st));
     std::lock_guard<std::mutex> l(mu_);
     vol->in_mount = false;
@@ -652,6 +658,7 @@ Status Daemon::DoMount(const std::string& dir) {
   if (ec) return Status::FromErrno(ec.value(), fmt::format("cannot create {}", dir));
   fuse::FuseOptions fo;
   fo.mountpoint = dir;
+  fo.allow_other = cfg_.fuse_allow_other;
   auto r = fuse::FuseMount::Mount(fo);
   if (!r.ok()) return r.status();
   std::shared_ptr<fuse::FuseMount> m(std::move(r.value()));
@@ -1026,6 +1033,8 @@ json Daemon::StatusJson() {
                       {"requests", s.requests},
                       {"errors_replied", s.errors_replied},
                       {"protocol_errors", s.protocol_errors},
+                      {"connections_refused", s.connections_refused},
+                      {"connections_timed_out", s.connections_timed_out},
                       {"digest_errors", s.digest_errors},
                       {"frames_sent", s.frames_sent},
                       {"send_calls", s.send_calls},

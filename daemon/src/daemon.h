@@ -80,6 +80,9 @@ class WorkQueue {
   std::vector<std::thread> threads_;
 };
 
+// The servers' caps from [limits] (the NBD server's idle cap is its own key).
+net::ServerLimits ServerLimitsOf(const LimitsConfig& l, bool nbd);
+
 class Daemon {
  public:
   Daemon(Config cfg, DaemonOptions opts);

@@ -10,6 +10,16 @@ namespace dst::daemon {
 
 using nlohmann::json;
 
+net::ServerLimits ServerLimitsOf(const LimitsConfig& l, bool nbd) {
+  net::ServerLimits s;
+  s.handshake_timeout = std::chrono::seconds(l.handshake_timeout_s);
+  s.idle_timeout = std::chrono::seconds(nbd ? l.nbd_idle_timeout_s : l.idle_timeout_s);
+  s.max_connections = l.max_connections;
+  s.max_connections_per_address = l.max_connections_per_address;
+  s.max_connections_per_identity = l.max_connections_per_identity;
+  return s;
+}
+
 int Daemon::StartNbd() {
   if (!cfg_.nbd_enabled) {
     spdlog::info("NBD server disabled (nbd_listen = \"\")");
@@ -19,6 +29,12 @@ int Daemon::StartNbd() {
   no.listen_address = cfg_.nbd_host;
   no.port = cfg_.nbd_port;
   no.batching = cfg_.batching;
+  no.stall_timeout = std::chrono::seconds(cfg_.limits.stall_timeout_s);
+  no.limits = ServerLimitsOf(cfg_.limits, true);
+  no.max_option_length = cfg_.limits.nbd_max_option_length;
+  no.max_options = cfg_.limits.nbd_max_options;
+  no.max_meta_queries = cfg_.limits.nbd_max_meta_queries;
+  no.max_meta_query_length = cfg_.limits.nbd_max_meta_query_length;
   auto fe = std::make_unique<NbdFrontend>(io_, no);
   if (Status st = fe->Start(); !st.ok()) {
     std::string m = st.message().empty() ? std::string(Status::CodeName(st.code())) : st.message();

@@ -149,6 +149,8 @@ json NbdFrontend::StatusJson() const {
               {"requests", s.requests},
               {"errors_replied", s.errors_replied},
               {"protocol_errors", s.protocol_errors},
+              {"connections_refused", s.connections_refused},
+              {"connections_timed_out", s.connections_timed_out},
               {"frames_sent", s.frames_sent},
               {"send_calls", s.send_calls},
               {"frames_per_call", s.frames_per_call}};

@@ -83,6 +83,9 @@ struct Volume {
   fuse_ino_t ino = 0;
   std::uint32_t chunk = 0;  // largest request we send: min(pool max_io, device max_io), block multiple
   struct timespec created {};
+  mode_t mode = 0600;  // permission bits of its file (FileAccess)
+  uid_t uid = 0;
+  gid_t gid = 0;
   int open_count = 0;                 // GUARDED_BY(Impl::mu_)
   std::atomic<int> inflight{0};       // IoCtx currently working for this volume
   std::atomic<bool> dirty{false};     // a write completed since the last flush
@@ -143,7 +146,7 @@ class FuseMount::Impl {
   Status Start(const FuseOptions& opts);
   void Unmount();
 
-  Status AddVolume(const std::string& name, std::shared_ptr<BlockDevice> dev);
+  Status AddVolume(const std::string& name, std::shared_ptr<BlockDevice> dev, const FileAccess& access);
   Status RemoveVolume(const std::string& name);
   Status RefreshVolume(const std::string& name);
   std::vector<VolumeEntry> ListVolumes() const;
@@ -478,13 +481,18 @@ void FuseMount::Impl::Unmount() {
 // ---------------------------------------------------------------------------------------------
 // Volumes
 
-Status FuseMount::Impl::AddVolume(const std::string& name, std::shared_ptr<BlockDevice> dev) {
+Status FuseMount::Impl::AddVolume(const std::string& name, std::shared_ptr<BlockDevice> dev,
+                                  const FileAccess& access) {
   if (!ValidName(name)) return Status::InvalidArgument("fuse: bad volume name '" + name + "'");
   if (!dev) return Status::InvalidArgument("fuse: null device for volume " + name);
+  if (access.mode > 0777) return Status::InvalidArgument("fuse: volume " + name + ": mode above 0777");
   auto v = std::make_shared<Volume>();
   v->name = name;
   v->dev = std::move(dev);
   v->info = v->dev->Info();
+  v->mode = static_cast<mode_t>(access.mode) & (v->info.read_only ? 0555 : 0777);
+  v->uid = access.uid >= 0 ? static_cast<uid_t>(access.uid) : getuid();
+  v->gid = access.gid >= 0 ? static_cast<gid_t>(access.gid) : getgid();
   const std::uint32_t lbs = v->info.logical_block_size;
   if (lbs == 0 || (lbs & (lbs - 1)) != 0 || lbs > kMaxBlock)
     return Status::InvalidArgument("fuse: volume " + name + ": unsupported logical block size " +
@@ -580,10 +588,10 @@ std::shared_ptr<Volume> FuseMount::Impl::FindByIno(fuse_ino_t ino) const {
 void FuseMount::Impl::FillAttr(const Volume& v, struct stat* st) const {
   std::memset(st, 0, sizeof(*st));
   st->st_ino = v.ino;
-  st->st_mode = S_IFREG | (v.info.read_only ? 0444 : 0644);
+  st->st_mode = S_IFREG | v.mode;
   st->st_nlink = 1;
-  st->st_uid = getuid();
-  st->st_gid = getgid();
+  st->st_uid = v.uid;
+  st->st_gid = v.gid;
   const std::uint64_t size = v.size.load(std::memory_order_relaxed);
   st->st_size = static_cast<off_t>(size);
   st->st_blksize = std::max<std::uint32_t>(v.info.logical_block_size, 4096);
@@ -1139,8 +1147,8 @@ Result<std::unique_ptr<FuseMount>> FuseMount::Mount(const FuseOptions& opts) {
 
 FuseMount::FuseMount(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 FuseMount::~FuseMount() = default;
-Status FuseMount::AddVolume(const std::string& name, std::shared_ptr<BlockDevice> dev) {
-  return impl_->AddVolume(name, std::move(dev));
+Status FuseMount::AddVolume(const std::string& name, std::shared_ptr<BlockDevice> dev, FileAccess access) {
+  return impl_->AddVolume(name, std::move(dev), access);
 }
 Status FuseMount::RemoveVolume(const std::string& name) { return impl_->RemoveVolume(name); }
 Status FuseMount::RefreshVolume(const std::string& name) { return impl_->RefreshVolume(name); }

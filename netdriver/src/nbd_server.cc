@@ -80,6 +80,10 @@ class NbdServer::Impl : public ServerCore {
     if (o.max_payload < 4096) o.max_payload = 4096;
     o.max_payload &= ~4095u;  // the pool wants multiples of 4096
     if (o.preferred_block < 512 || (o.preferred_block & (o.preferred_block - 1))) o.preferred_block = 4096;
+    o.max_option_length = std::clamp<std::uint32_t>(o.max_option_length, 512, kMaxOptionData);
+    o.max_options = std::clamp<std::uint32_t>(o.max_options, 1, kMaxOptionsPerHandshake);
+    o.max_meta_queries = std::clamp<std::uint32_t>(o.max_meta_queries, 1, kMaxMetaQueries);
+    o.max_meta_query_length = std::clamp<std::uint32_t>(o.max_meta_query_length, 1, kMaxStringLen);
     return o;
   }
   std::shared_ptr<ServerConn> NewConn(std::unique_ptr<Transport> t) override;
@@ -108,7 +112,7 @@ class NbdConn : public ServerConn {
       : ServerConn(impl, std::move(t)),
         impl_(impl.get()),
         ctxs_(MakeSlots<NbdReqCtx>()) {
-    opt_data_.reserve(kMaxOptionData);
+    opt_data_.reserve(impl_->opts_.max_option_length);
     out_.reserve(512);
   }
 
@@ -160,7 +164,7 @@ class NbdConn : public ServerConn {
   std::uint8_t small_[kGreetingSize];
   std::uint8_t opt_hdr_[kOptionHeaderSize];
   OptionHeader opt_;
-  std::vector<std::uint8_t> opt_data_;  // capacity kMaxOptionData, reserved up front
+  std::vector<std::uint8_t> opt_data_;  // capacity max_option_length, reserved up front
   std::string out_;                     // option replies being written
   Next next_ = Next::kOption;           // after out_ is written
   int options_seen_ = 0;
@@ -220,12 +224,13 @@ void NbdConn::OnOptionHeader(const boost::system::error_code& ec, ServerReq*) {
   if (ec || phase_ == Phase::kClosing) return BeginClose(true);  // a client may simply hang up
   Status st = DecodeOptionHeader(opt_hdr_, &opt_);
   if (!st.ok()) return HandshakeViolation("handshake", st.message().c_str());
-  if (++options_seen_ > kMaxOptionsPerHandshake) return HandshakeViolation("handshake", "too many options");
+  if (++options_seen_ > static_cast<int>(impl_->opts_.max_options))
+    return HandshakeViolation("handshake", "too many options (max_options)");
   if (!fixed_newstyle_ && opt_.option != kOptExportName) {
     // Without fixed newstyle the client cannot parse option replies: the spec says close.
     return HandshakeViolation("handshake", "option other than EXPORT_NAME from a non-fixed-newstyle client");
   }
-  if (opt_.length > kMaxOptionData) {
+  if (opt_.length > impl_->opts_.max_option_length) {
     if (opt_.length > kMaxOptionDrain || opt_.option == kOptExportName)
       return HandshakeViolation("handshake", "option data too long");
     return Discard(opt_.length, nullptr, &NbdConn::OnOptionDrained);
@@ -238,7 +243,8 @@ void NbdConn::OnOptionHeader(const boost::system::error_code& ec, ServerReq*) {
 void NbdConn::OnOptionDrained(const boost::system::error_code& ec, ServerReq*) {
   if (ec || phase_ == Phase::kClosing) return BeginClose(true);
   out_.clear();
-  Reply(kRepErrTooBig, "option data longer than 16 KiB");
+  Reply(kRepErrTooBig, "option data longer than " + std::to_string(impl_->opts_.max_option_length) +
+                           " bytes (max_option_length)");
   WriteOut(Next::kOption);
 }
 
@@ -395,6 +401,13 @@ void NbdConn::OptMeta(bool set) {
   Status st = ParseMetaRequest(opt_data_.data(), opt_data_.size(), &req);
   if (set) nsel_ = 0;  // a failed SET leaves nothing selected
   if (!st.ok()) return Reply(kRepErrInvalid, st.message());
+  if (req.queries.size() > impl_->opts_.max_meta_queries)
+    return Reply(kRepErrTooBig, "more than " + std::to_string(impl_->opts_.max_meta_queries) +
+                                    " metadata context queries (max_meta_queries)");
+  for (const auto& q : req.queries)
+    if (q.size() > impl_->opts_.max_meta_query_length)
+      return Reply(kRepErrTooBig, "metadata context query longer than " +
+                                      std::to_string(impl_->opts_.max_meta_query_length) + " bytes (max_meta_query_length)");
   if (set && !structured_) return Reply(kRepErrInvalid, "SET_META_CONTEXT needs structured replies first");
   auto e = impl_->Find(req.name);
   if (!e) return Reply(kRepErrUnknown, "no export named '" + req.name + "'");

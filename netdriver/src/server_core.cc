@@ -17,7 +17,26 @@ namespace {
 
 constexpr std::chrono::seconds kCloseGrace{5};   // unsent replies of a closing connection
 constexpr std::chrono::seconds kDrainGrace{20};  // Drain(): then connections are forced shut
-constexpr int kStrikes = 3;                      // sweeps per stall_timeout
+constexpr std::chrono::seconds kLogInterval{10};  // LogLimited: one line per key and interval
+constexpr std::size_t kMaxLogWindows = 4096;      // LogLimited keys remembered
+constexpr int kMaxLinesPerInterval = 32;          // LogLimited lines per interval, all keys
+using Clock = std::chrono::steady_clock;
+
+// "192.0.2.7:40312" -> "192.0.2.7", "::1:40312" -> "::1"; anything else as is.
+std::string AddressOf(const std::string& peer) {
+  const auto colon = peer.rfind(':');
+  if (colon == std::string::npos || colon + 1 == peer.size()) return peer;
+  for (std::size_t i = colon + 1; i < peer.size(); ++i)
+    if (peer[i] < '0' || peer[i] > '9') return peer;
+  return peer.substr(0, colon);
+}
+
+// Drops `key` from a count map when it reaches zero (the map stays as small as the open set).
+void Decrement(std::unordered_map<std::string, std::uint32_t>* m, const std::string& key) {
+  auto it = m->find(key);
+  if (it == m->end()) return;
+  if (--it->second == 0) m->erase(it);
+}
 
 ServerCoreOptions Sanitize(ServerCoreOptions o) {
   if (o.max_inflight_per_connection == 0) o.max_inflight_per_connection = 1;
@@ -35,9 +54,13 @@ ServerConn::ServerConn(std::shared_ptr<ServerCore> core, std::unique_ptr<Transpo
     : core_ref_(std::move(core)),
       core_(core_ref_.get()),
       transport_(std::move(transport)),
+      address_(AddressOf(transport_->peer())),
       strand_(transport_->strand()),
       tx_(*transport_, core_->options().batching, &tx_stats_),
-      close_timer_(strand_) {
+      close_timer_(strand_),
+      accepted_at_(Clock::now()),
+      progress_at_(accepted_at_),
+      active_at_(accepted_at_) {
   tx_.set_error_handler(&ServerConn::OnTxError, this);
   buf_cap_ = std::max<std::size_t>(1, core_->pool_count() / 4);
 }
@@ -56,19 +79,42 @@ void ServerConn::StartDrain(bool force) {
   BeginClose(force);
 }
 
-void ServerConn::Sweep(int limit) {
+void ServerConn::Sweep(Clock::time_point now) {
   Scope s(this);
-  if (finished_) return;
+  if (finished_ || phase_ == Phase::kClosing) return;
+  const ServerCoreOptions& o = core_->options();
+  // Null while the server waits on itself (DST's session fence): no deadline runs then.
   const char* handshake = phase_ == Phase::kHandshake ? HandshakeStall() : nullptr;
   const bool waiting_on_client = in_payload_ || !tx_.idle() || handshake;
   if (!waiting_on_client || progress_ != seen_progress_) {
-    strikes_ = 0;
     seen_progress_ = progress_;
-    return;
+    progress_at_ = now;
   }
-  if (++strikes_ < limit) return;
-  Log("stalled client closed", handshake ? handshake : in_payload_ ? "payload stopped arriving" : "replies not read");
+  if (requests_ != seen_requests_) {
+    seen_requests_ = requests_;
+    active_at_ = now;
+  }
+  const char* why = nullptr;
+  const char* detail = nullptr;
+  if (handshake && o.limits.handshake_timeout.count() > 0 && now - accepted_at_ >= o.limits.handshake_timeout) {
+    why = "handshake deadline passed, closed";
+    detail = handshake;
+  } else if (waiting_on_client && o.stall_timeout.count() > 0 && now - progress_at_ >= o.stall_timeout) {
+    why = "stalled client closed";
+    detail = handshake ? handshake : in_payload_ ? "payload stopped arriving" : "replies not read";
+  } else if (phase_ == Phase::kServing && !waiting_on_client && dev_inflight_ == 0 && !pending_ &&
+             o.limits.idle_timeout.count() > 0 && now - active_at_ >= o.limits.idle_timeout) {
+    why = "idle connection closed";
+    detail = "no request within idle_timeout";
+  }
+  if (!why) return;
+  core_->timed_out_.fetch_add(1, std::memory_order_relaxed);
+  core_->LogLimited(address_, why, detail);
   BeginClose(true);
+}
+
+void ServerConn::PostSweep(Clock::time_point now) {
+  asio::post(strand_, H([self = shared_from_this(), now] { self->Sweep(now); }));
 }
 
 void ServerConn::OnPoolResume() {
@@ -104,6 +150,7 @@ void ServerConn::ReleaseSlot(ServerReq* r) {
 }
 
 void ServerConn::CountRequest() {
+  ++requests_;
   core_->requests_.fetch_add(1, std::memory_order_relaxed);
   if (served_) served_->requests.fetch_add(1, std::memory_order_relaxed);
 }
@@ -389,7 +436,7 @@ ServerCore::ServerCore(asio::io_context& io, ServerCoreOptions opts)
       ctl_(asio::make_strand(io)),
       accept_timer_(ctl_),
       drain_timer_(ctl_),
-      sweep_timer_(ctl_),
+      sweep_timer_(io),
       pool_(opts_.buffer_size, opts_.buffer_count) {}
 
 ServerCore::~ServerCore() = default;
@@ -399,6 +446,56 @@ void ServerCore::Log(const std::string& who, const char* what, const char* detai
   std::string d = detail ? EscapeForLog(detail) : std::string();
   std::fprintf(stderr, "%s: %s: %s%s%s\n", opts_.log_name, who.c_str(), what, d.empty() ? "" : ": ",
                d.c_str());
+}
+
+void ServerCore::LogLimited(const std::string& address, const char* what, const char* detail) {
+  const auto now = Clock::now();
+  std::uint64_t held_back = 0;
+  {
+    std::lock_guard<std::mutex> l(log_mu_);
+    if (log_windows_.size() >= kMaxLogWindows) {
+      // Forget the quiet keys; if all are busy (a flood from many addresses), forget all.
+      std::erase_if(log_windows_, [&](const auto& kv) { return now - kv.second.last >= kLogInterval; });
+      if (log_windows_.size() >= kMaxLogWindows) log_windows_.clear();
+    }
+    auto [it, fresh] = log_windows_.try_emplace(std::string(what) + '|' + address);
+    LogWindow& w = it->second;
+    if (!fresh && now - w.last < kLogInterval) {
+      ++w.held_back;
+      return;
+    }
+    // And a budget over all keys, for a flood from many addresses.
+    if (now - budget_start_ >= kLogInterval) {
+      budget_start_ = now;
+      budget_used_ = 0;
+    }
+    if (++budget_used_ > kMaxLinesPerInterval) {
+      ++w.held_back;
+      return;
+    }
+    held_back = w.held_back;
+    w.last = now;
+    w.held_back = 0;
+  }
+  std::string d = detail ? detail : "";
+  if (held_back) d += (d.empty() ? "" : "; ") + std::to_string(held_back) + " more like it since the last report";
+  Log(address, what, d.c_str());
+}
+
+Status ServerCore::ClaimIdentity(ServerConn* c, const std::string& identity) {
+  std::lock_guard<std::mutex> l(mu_);
+  if (!c->identity_.empty()) return Status::InvalidArgument("identity already claimed");
+  auto& n = per_identity_[identity];
+  const std::uint32_t cap = opts_.limits.max_connections_per_identity;
+  if (cap && n >= cap) {
+    if (n == 0) per_identity_.erase(identity);
+    refused_.fetch_add(1, std::memory_order_relaxed);
+    return Status::Busy("identity " + identity + " has " + std::to_string(n) +
+                        " connections (max_connections_per_identity)");
+  }
+  ++n;
+  c->identity_ = identity;
+  return Status::OK();
 }
 
 Status ServerCore::Start() {
@@ -414,25 +511,36 @@ Status ServerCore::Start() {
   asio::post(ctl_, [self = shared_from_this()] {
     self->listening_ = true;
     self->DoAccept();
-    if (self->opts_.stall_timeout.count() > 0) self->ArmSweep();
+    const ServerLimits& lim = self->opts_.limits;
+    if (self->opts_.stall_timeout.count() > 0 || lim.handshake_timeout.count() > 0 || lim.idle_timeout.count() > 0)
+      self->ArmSweep();
   });
   return Status::OK();
 }
 
-// Every stall_timeout/3 each connection checks whether it made progress (ServerConn::Sweep).
+// Each connection checks its deadlines (ServerConn::Sweep) every quarter of the shortest one,
+// at least every second and at most every 20 ms; a deadline is kept to within that period.
 void ServerCore::ArmSweep() {
-  auto period = opts_.stall_timeout / kStrikes;
-  if (period < std::chrono::milliseconds(50)) period = std::chrono::milliseconds(50);
+  std::chrono::milliseconds shortest{1000 * 4};
+  for (auto t : {opts_.stall_timeout, opts_.limits.handshake_timeout, opts_.limits.idle_timeout})
+    if (t.count() > 0) shortest = std::min(shortest, t);
+  const auto period = std::max(shortest / 4, std::chrono::milliseconds(20));
   sweep_timer_.expires_after(period);
-  sweep_timer_.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
+  sweep_timer_.async_wait(Bind(&sweep_arena_, ctl_, [self = shared_from_this()](const boost::system::error_code& ec) {
     if (ec) return;
     {
       std::lock_guard<std::mutex> l(self->mu_);
       if (self->stopped_ || self->flush_started_) return;
     }
-    self->ForEachConn([](ServerConn* c) { c->Sweep(kStrikes); });
+    const auto now = Clock::now();
+    {
+      std::lock_guard<std::mutex> l(self->mu_);
+      for (auto& [p, c] : self->conns_) self->sweep_list_.push_back(c);
+    }
+    for (auto& c : self->sweep_list_) c->PostSweep(now);
+    self->sweep_list_.clear();
     self->ArmSweep();
-  });
+  }));
 }
 
 template <typename F>
@@ -459,18 +567,50 @@ void ServerCore::DoAccept() {
       });
       return;
     }
+    // Caps first, so a refused connection costs nothing but its socket.  Accepts run one at a
+    // time on ctl_, so the counts cannot grow between this check and the insert below.
+    const std::string address = AddressOf(t->peer());
+    const char* over = nullptr;
+    {
+      std::lock_guard<std::mutex> l(self->mu_);
+      over = self->OverCap(address);
+    }
+    if (over) {
+      self->refused_.fetch_add(1, std::memory_order_relaxed);
+      self->LogLimited(address, "connection refused", over);
+      t->Close();
+      self->DoAccept();
+      return;
+    }
     auto conn = self->NewConn(std::move(t));
     bool accept = true;
     {
       std::lock_guard<std::mutex> l(self->mu_);
-      if (self->draining_ || self->stopped_) accept = false;
-      else self->conns_.emplace(conn.get(), conn);
+      if (self->draining_ || self->stopped_) {
+        accept = false;
+      } else {
+        self->conns_.emplace(conn.get(), conn);
+        ++self->per_address_[conn->address()];
+      }
+      // The sweep's list (also on ctl_) grows here, where allocating is fine.
+      if (self->sweep_list_.capacity() < self->conns_.size()) self->sweep_list_.reserve(2 * self->conns_.size());
     }
     if (!accept) return;  // conn destroyed: transport closed
     self->connections_total_.fetch_add(1, std::memory_order_relaxed);
     conn->Start();
     self->DoAccept();
   });
+}
+
+const char* ServerCore::OverCap(const std::string& address) const {
+  const ServerLimits& lim = opts_.limits;
+  if (lim.max_connections && conns_.size() >= lim.max_connections) return "too many connections (max_connections)";
+  if (lim.max_connections_per_address) {
+    auto it = per_address_.find(address);
+    if (it != per_address_.end() && it->second >= lim.max_connections_per_address)
+      return "too many connections from this address (max_connections_per_address)";
+  }
+  return nullptr;
 }
 
 // Runs on ctl_.
@@ -495,6 +635,8 @@ void ServerCore::FillStats(ServerStats* s) const {
   s->requests = requests_.load();
   s->errors_replied = errors_replied_.load();
   s->protocol_errors = protocol_errors_.load();
+  s->connections_refused = refused_.load();
+  s->connections_timed_out = timed_out_.load();
   s->frames_per_call = s->send_calls ? double(s->frames_sent) / double(s->send_calls) : 0.0;
 }
 
@@ -610,6 +752,8 @@ void ServerCore::RemoveConn(ServerConn* c) {
     if (it == conns_.end()) return;
     hold = std::move(it->second);
     conns_.erase(it);
+    Decrement(&per_address_, c->address());
+    if (!c->identity_.empty()) Decrement(&per_identity_, c->identity_);
     // Fold its counters into the closed totals in the same critical section that takes it out
     // of the live sum, so the statistics never count it twice or lose it.
     const std::uint64_t frames = c->tx_stats().frames.load(std::memory_order_relaxed);

@@ -29,6 +29,12 @@
 //   A request refused before its data: Reply at once (a refused WRITE's payload is discarded
 //   first, DiscardPayload, so the stream stays in sync).
 //
+// Resource caps (ServerLimits, docs/security.md "Bounded resources"): the accept callback closes
+// a connection over the total or per-address cap before NewConn allocates anything for it; the
+// periodic sweep closes a connection past its handshake deadline, one the server waits on without
+// progress (stall_timeout) and an idle one (no request for idle_timeout).  Refusals and closes
+// are logged once per address and interval, not once per connection.
+//
 // Threading: a ServerConn runs on its transport's strand.  Every top-level handler holds a Scope;
 // leaving the outermost one runs Pump(), which resumes a parked request, restarts reading and
 // finishes a closing connection, so no handler has to remember to.  Device completions arrive on
@@ -43,6 +49,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include <boost/asio/io_context.hpp>
@@ -50,6 +57,7 @@
 
 #include "dst/block_device.h"
 #include "dst/buffer_pool.h"
+#include "dst/net/server_limits.h"
 #include "dst/net/server_stats.h"
 #include "dst/net/tcp_transport.h"
 #include "dst/net/transmitter.h"
@@ -70,7 +78,8 @@ struct ServerCoreOptions {
   std::uint32_t max_inflight_per_connection = 128;
   std::size_t buffer_size = 1u << 20;  // multiple of 4096
   std::size_t buffer_count = 64;
-  std::chrono::milliseconds stall_timeout{30000};  // 0 disables the sweep
+  std::chrono::milliseconds stall_timeout{30000};  // 0: no stall check
+  ServerLimits limits;  // the sweep runs while any of its timeouts or stall_timeout is set
   ListenerFactory listener;  // null: TCP on listen_address:port
 };
 
@@ -86,6 +95,7 @@ ServerCoreOptions CoreOptionsOf(const O& o, const char* log_name, const char* ex
                            .buffer_size = o.max_payload,
                            .buffer_count = o.buffer_count,
                            .stall_timeout = o.stall_timeout,
+                           .limits = o.limits,
                            .listener = o.listener};
 }
 
@@ -179,10 +189,20 @@ class ServerCore : public std::enable_shared_from_this<ServerCore> {
   void ConnFinished(ServerConn* c);  // on c's strand, once it is closed
   void RemoveConn(ServerConn* c);
   void Log(const std::string& who, const char* what, const char* detail) const;
+  // Log() at most once per interval for each (what, address); the next line says how many were
+  // held back.  For events an attacker can repeat at will (refusals, timeouts).
+  void LogLimited(const std::string& address, const char* what, const char* detail);
+  // The hook for a protocol that authenticates its peer (TLS): counts c under `identity` until
+  // it leaves the table.  kBusy when the identity already has max_connections_per_identity
+  // connections (the protocol then refuses in its own words, e.g. NBD_REP_ERR_POLICY).  At most
+  // once per connection.
+  Status ClaimIdentity(ServerConn* c, const std::string& identity);
 
   std::atomic<std::uint64_t> requests_{0};
   std::atomic<std::uint64_t> errors_replied_{0};
   std::atomic<std::uint64_t> protocol_errors_{0};
+  std::atomic<std::uint64_t> refused_{0};
+  std::atomic<std::uint64_t> timed_out_{0};
 
  protected:
   // A connection object for a new transport (not started yet).
@@ -194,6 +214,8 @@ class ServerCore : public std::enable_shared_from_this<ServerCore> {
   void DoAccept();
   void StopListening();
   void ArmSweep();
+  // Why a new connection from `address` is over a cap (null: admitted).  REQUIRES: mu_ held.
+  const char* OverCap(const std::string& address) const;
   void MaybeDrainDone();
   void FlushAllAndFinish();
   template <typename F>
@@ -205,7 +227,10 @@ class ServerCore : public std::enable_shared_from_this<ServerCore> {
   bool listening_ = false;  // on ctl_
   boost::asio::steady_timer accept_timer_;
   boost::asio::steady_timer drain_timer_;
+  // On the io_context, its handler bound to ctl_ and sweep_arena_: a sweep every second must not
+  // allocate (through a type-erased strand executor it would).
   boost::asio::steady_timer sweep_timer_;
+  HandlerArena sweep_arena_;
   std::uint16_t port_ = 0;
   BufferPool pool_;
 
@@ -220,6 +245,19 @@ class ServerCore : public std::enable_shared_from_this<ServerCore> {
   // Transmit totals of closed connections.
   std::uint64_t closed_frames_ = 0;      // GUARDED_BY(mu_)
   std::uint64_t closed_send_calls_ = 0;  // GUARDED_BY(mu_)
+  // Open connections per peer address and per claimed identity (zero entries are erased).
+  std::unordered_map<std::string, std::uint32_t> per_address_;   // GUARDED_BY(mu_)
+  std::unordered_map<std::string, std::uint32_t> per_identity_;  // GUARDED_BY(mu_)
+
+  struct LogWindow {
+    std::chrono::steady_clock::time_point last;
+    std::uint64_t held_back = 0;
+  };
+  std::mutex log_mu_;
+  std::unordered_map<std::string, LogWindow> log_windows_;  // GUARDED_BY(log_mu_)
+  std::chrono::steady_clock::time_point budget_start_;       // GUARDED_BY(log_mu_)
+  int budget_used_ = 0;                                      // GUARDED_BY(log_mu_)
+  std::vector<std::shared_ptr<ServerConn>> sweep_list_;  // on ctl_; keeps its capacity
 
   std::mutex pool_mu_;
   ServerConn* wait_head_ = nullptr;  // GUARDED_BY(pool_mu_)
@@ -230,6 +268,8 @@ class ServerCore : public std::enable_shared_from_this<ServerCore> {
 };
 
 class ServerConn : public std::enable_shared_from_this<ServerConn> {
+  friend class ServerCore;  // ClaimIdentity sets identity_
+
  public:
   enum class Phase { kHandshake, kServing, kClosing };
 
@@ -240,16 +280,23 @@ class ServerConn : public std::enable_shared_from_this<ServerConn> {
 
   void Start();                 // runs OnStart on the strand
   void StartDrain(bool force);  // on the strand
-  // Periodic stall check (on the strand): `limit` sweeps without progress while the server waits
-  // on the client close the connection, so a silent client cannot pin buffers or slots forever.
-  // Idle serving connections are not affected.
-  void Sweep(int limit);
+  // Periodic limits check (on the strand), with the sweep's clock: closes the connection past its
+  // handshake deadline, when the server has waited on the client for stall_timeout without
+  // progress (a silent client cannot pin buffers or slots forever), or when it has been idle (no
+  // request, nothing in flight) for idle_timeout.
+  void Sweep(std::chrono::steady_clock::time_point now);
+  // Any thread: runs Sweep(now) on the strand, with the connection's handler memory (the sweep
+  // allocates nothing, so a server with no traffic stays allocation-free).
+  void PostSweep(std::chrono::steady_clock::time_point now);
   void OnPoolResume();  // on the strand: a buffer came back
   // Any thread: a request is done (device, metadata worker); its reply leaves with the burst.
   void PushDone(ServerReq* r);
 
   const Strand& strand() const { return strand_; }
   const std::string& peer() const { return transport_->peer(); }
+  // The peer's address without the port: the key of the per-address cap.
+  const std::string& address() const { return address_; }
+  const std::string& identity() const { return identity_; }  // ClaimIdentity's, or empty
   const TxStats& tx_stats() const { return tx_stats_; }  // atomics: readable from any thread
   const std::shared_ptr<ServedExport>& served() const { return served_; }
   void set_served(std::shared_ptr<ServedExport> e) { served_ = std::move(e); }  // by ServerCore::Attach
@@ -358,6 +405,8 @@ class ServerConn : public std::enable_shared_from_this<ServerConn> {
   static void OnTxError(void* ctx);
 
   std::unique_ptr<Transport> transport_;
+  const std::string address_;
+  std::string identity_;  // set by ServerCore::ClaimIdentity under its mu_
   Strand strand_;
   HandlerArena arena_;  // posts of completed bursts (the transport has its own for I/O)
   TxStats tx_stats_;    // outlives tx_, which counts into it
@@ -380,7 +429,11 @@ class ServerConn : public std::enable_shared_from_this<ServerConn> {
   bool close_timer_armed_ = false;
   std::uint64_t progress_ = 0;  // bumps on every completed read or write and every sent frame
   std::uint64_t seen_progress_ = 0;
-  int strikes_ = 0;
+  std::uint64_t requests_ = 0;  // CountRequest; activity for the idle cap
+  std::uint64_t seen_requests_ = 0;
+  const std::chrono::steady_clock::time_point accepted_at_;
+  std::chrono::steady_clock::time_point progress_at_;  // the sweep first saw progress_ as is
+  std::chrono::steady_clock::time_point active_at_;    // the sweep first saw requests_ as is
   std::size_t discard_left_ = 0;
   // A connection may hold at most a quarter of the shared pool, so one slow reader (READ replies
   // stuck in its socket) cannot starve the others.

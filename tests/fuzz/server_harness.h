@@ -31,6 +31,7 @@ class ServerHarness {
       return l;
     };
     opts.stall_timeout = std::chrono::milliseconds(0);  // no timers: io.run() ends with the input
+    opts.limits = net::ServerLimits::None();
     // Small pools and few slots: backpressure and the out-of-buffers paths are reached quickly.
     opts.max_payload = 64u << 10;
     opts.buffer_count = 4;

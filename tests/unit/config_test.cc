@@ -433,6 +433,62 @@ class ConfigTest : public QObject {
     QVERIFY(Error("[daemon]\nexport_roots = [\"srv\"]\n").find("must be an absolute path") !=
             std::string::npos);
   }
+
+  // [limits] (issue 11 item 3) and the FUSE access keys (item 4): defaults, values, errors.
+  void LimitsAndFuseAccess() {
+    auto def = ParseConfig("", "test.toml", {false});
+    QVERIFY(def.ok());
+    const auto& dl = def.value().limits;
+    QCOMPARE(dl.handshake_timeout_s, 10ull);
+    QCOMPARE(dl.idle_timeout_s, 600ull);
+    QCOMPARE(dl.nbd_idle_timeout_s, 0ull);
+    QCOMPARE(dl.max_connections, 256u);
+    QCOMPARE(dl.max_connections_per_address, 32u);
+    QVERIFY(!def.value().fuse_allow_other);
+
+    auto r = ParseConfig("[daemon]\nfuse_allow_other = true\n"
+                         "[limits]\nhandshake_timeout = 5\nidle_timeout = \"2m\"\nnbd_idle_timeout = \"1h\"\n"
+                         "stall_timeout = 20\nmax_connections = 1000\nmax_connections_per_address = 0\n"
+                         "max_connections_per_identity = 4\nnbd_max_option_length = 4096\nnbd_max_options = 16\n"
+                         "nbd_max_meta_queries = 8\nnbd_max_meta_query_length = 256\n"
+                         "[[volume]]\nname = \"a\"\npath = \"/x\"\nmode = \"0640\"\nowner = \"root:root\"\n"
+                         "[[volume]]\nname = \"b\"\npath = \"/y\"\nowner = \"65534:100\"\n"
+                         "[[volume]]\nname = \"c\"\npath = \"/z\"\n",
+                         "test.toml", {false});
+    QVERIFY2(r.ok(), r.status().message().c_str());
+    const auto& c = r.value();
+    QVERIFY(c.fuse_allow_other);
+    QCOMPARE(c.limits.handshake_timeout_s, 5ull);
+    QCOMPARE(c.limits.idle_timeout_s, 120ull);
+    QCOMPARE(c.limits.nbd_idle_timeout_s, 3600ull);
+    QCOMPARE(c.limits.stall_timeout_s, 20ull);
+    QCOMPARE(c.limits.max_connections, 1000u);
+    QCOMPARE(c.limits.max_connections_per_address, 0u);
+    QCOMPARE(c.limits.max_connections_per_identity, 4u);
+    QCOMPARE(c.limits.nbd_max_option_length, 4096u);
+    QCOMPARE(c.limits.nbd_max_options, 16u);
+    QCOMPARE(c.limits.nbd_max_meta_queries, 8u);
+    QCOMPARE(c.limits.nbd_max_meta_query_length, 256u);
+    QCOMPARE(c.volumes[0].mode, 0640u);
+    QCOMPARE(c.volumes[0].owner_uid, 0ll);
+    QCOMPARE(c.volumes[0].owner_gid, 0ll);
+    QCOMPARE(c.volumes[1].owner_uid, 65534ll);
+    QCOMPARE(c.volumes[1].owner_gid, 100ll);
+    QCOMPARE(c.volumes[2].mode, 0600u);  // the default: the daemon's user only
+    QCOMPARE(c.volumes[2].owner_uid, -1ll);
+
+    QVERIFY(Error("[limits]\nmax_conns = 3\n").find("[limits]: max_conns: unknown key") != std::string::npos);
+    QVERIFY(Error("[limits]\nnbd_max_options = 0\n").find("out of range") != std::string::npos);
+    QVERIFY(Error("[limits]\nidle_timeout = \"soon\"\n").find("[limits]: idle_timeout") != std::string::npos);
+    QVERIFY(Error("[limits]\nmax_connections = -1\n").find("out of range") != std::string::npos);
+    const std::string vol = "[[volume]]\nname = \"v\"\npath = \"/x\"\n";
+    QVERIFY(Error(vol + "mode = \"0x1ff\"\n").find("volume \"v\": mode: bad mode") != std::string::npos);
+    QVERIFY(Error(vol + "mode = \"4755\"\n").find("above 0777") != std::string::npos);
+    QVERIFY(Error(vol + "owner = \"no-such-user-dst\"\n").find("no such user") != std::string::npos);
+    QVERIFY(Error(vol + "owner = \"root:no-such-group-dst\"\n").find("no such group") != std::string::npos);
+    QVERIFY(Error(vol + "owner = \"root:\"\n").find("bad owner") != std::string::npos);
+    QVERIFY(Error("[daemon]\nfuse_allow_other = \"yes\"\n").find("expected true or false") != std::string::npos);
+  }
 };
 
 DST_TEST_MAIN(ConfigTest)

@@ -1058,6 +1058,79 @@ class ExporterTest : public QObject {
     QCOMPARE(h.id, 2ull);
   }
 
+  // HELLO arriving one byte every 100 ms: every byte is progress for the stall check, but the
+  // handshake deadline closes the connection.  Over max_connections_per_address a connection is
+  // closed before its HELLO while the others are served.
+  void handshakeDeadlineAndAddressCap() {
+    Server s;
+    ExporterOptions o;
+    o.limits.handshake_timeout = std::chrono::milliseconds(500);
+    o.limits.max_connections_per_address = 2;
+    QVERIFY(s.Start(o, 1));
+    QVERIFY(s.exporter->AddExport({"disk", disk_, false}).ok());
+    const std::uint16_t port = s.exporter->port();
+    RawClient good, slow, over;
+    QVERIFY(good.Connect(port) && good.Hello("disk") == 0);
+    QVERIFY(slow.Connect(port));
+    QTRY_COMPARE_WITH_TIMEOUT(s.exporter->Stats().connections_open, 2, 5000);
+    QVERIFY(over.Connect(port));
+    QVERIFY(over.ClosedWithin(1000));
+    QCOMPARE(s.exporter->Stats().connections_refused, 1ull);
+    HelloRequest r;
+    r.export_name = "disk";
+    std::uint8_t p[kMaxHelloPayload];
+    const std::size_t n = EncodeHelloRequest(r, p, sizeof p);
+    Header h;
+    h.cmd = static_cast<std::uint16_t>(Cmd::kHello);
+    h.id = 1;
+    h.length = std::uint32_t(n);
+    std::string all(kHeaderSize, '\0');
+    EncodeHeader(h, reinterpret_cast<std::uint8_t*>(all.data()));
+    all.append(reinterpret_cast<const char*>(p), n);
+    const auto t0 = std::chrono::steady_clock::now();
+    std::size_t sent = 0;
+    bool closed = false;
+    while (sent < all.size() && !closed && slow.SendAll(&all[sent], 1)) {
+      ++sent;
+      closed = slow.ClosedWithin(100);
+    }
+    const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0).count();
+    QVERIFY(closed);
+    QVERIFY2(ms >= 400 && ms < 1600, qPrintable(QString("closed after %1 ms").arg(ms)));
+    QCOMPARE(s.exporter->Stats().connections_timed_out, 1ull);
+    Header rh;
+    QVERIFY(good.Send(Cmd::kPing, 2, 0, 0) && good.Recv(&rh) && rh.status == 0);
+  }
+
+  // idle_timeout: a session without requests is closed; PING keepalives are activity.
+  void idleClosedKeepalivesKeep() {
+    Server s;
+    ExporterOptions o;
+    o.limits.idle_timeout = std::chrono::milliseconds(400);
+    QVERIFY(s.Start(o, 1));
+    QVERIFY(s.exporter->AddExport({"disk", disk_, false}).ok());
+    const std::uint16_t port = s.exporter->port();
+    RawClient idle, pinger;
+    QVERIFY(idle.Connect(port) && idle.Hello("disk") == 0);
+    QVERIFY(pinger.Connect(port) && pinger.Hello("disk") == 0);
+    bool ok = true;
+    const auto t0 = std::chrono::steady_clock::now();
+    bool idle_closed = false;
+    long idle_ms = -1;
+    for (int i = 0; i < 15 && ok; ++i) {
+      Header h;
+      ok = pinger.Send(Cmd::kPing, 10 + i, 0, 0) && pinger.Recv(&h) && h.status == 0;
+      if (!idle_closed && idle.ClosedWithin(100)) {
+        idle_closed = true;
+        idle_ms = long(std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0).count());
+      }
+    }
+    QVERIFY(ok);  // 1.5 s of PINGs 100 ms apart: never idle
+    QVERIFY(idle_closed);
+    QVERIFY2(idle_ms >= 300 && idle_ms < 1500, qPrintable(QString("idle closed after %1 ms").arg(idle_ms)));
+    QCOMPARE(s.exporter->Stats().connections_timed_out, 1ull);
+  }
+
   // Steady state: no heap allocation per I/O on the server (nor in Asio on its behalf).
   //
   // Measured on an exporter with one io thread.  With several io threads a connection's strand

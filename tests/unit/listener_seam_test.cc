@@ -35,6 +35,7 @@ std::string DstHeader(Cmd cmd, std::uint32_t length, std::uint64_t id, std::uint
 template <typename Options>
 void UseMemListener(Options* o, fuzz::MemListener** out) {
   o->stall_timeout = std::chrono::milliseconds(0);  // no sweep timer: io.run() ends with the input
+  o->limits = ServerLimits::None();
   o->listener = [out](const Strand& ex) {
     auto l = std::make_unique<fuzz::MemListener>(ex);
     *out = l.get();

@@ -1107,6 +1107,117 @@ class NbdServerTest : public QObject {
     QCOMPARE(err, 0u);
   }
 
+  // ---- resource caps (ServerLimits and the handshake caps, docs/security.md)
+
+  // The NBD handshake is read in whole messages, so a trickle never completes one; the deadline
+  // closes it whatever the stall check says.
+  void handshakeDeadline() {
+    Server s;
+    NbdServerOptions o;
+    o.limits.handshake_timeout = std::chrono::milliseconds(500);
+    o.stall_timeout = std::chrono::milliseconds(60000);
+    QVERIFY(s.Start(o, 1));
+    NbdExportSpec d;
+    d.name = "disk";
+    d.device = disk_;
+    QVERIFY(s.srv->AddExport(d).ok());
+    Raw slow;
+    QVERIFY(slow.Connect(s.srv->port()) && slow.Greeting());
+    const auto t0 = std::chrono::steady_clock::now();
+    // GO for "disk", one byte every 100 ms (2.6 s in all).
+    std::string go = Raw::InfoData("disk", {});
+    std::uint8_t h[kOptionHeaderSize];
+    Put64(h, kOptMagic);
+    Put32(h + 8, kOptGo);
+    Put32(h + 12, std::uint32_t(go.size()));
+    std::string all(reinterpret_cast<char*>(h), sizeof h);
+    all += go;
+    std::size_t sent = 0;
+    bool closed = false;
+    while (sent < all.size() && !closed && slow.SendAll(&all[sent], 1)) {
+      ++sent;
+      closed = slow.ClosedWithin(100);
+    }
+    const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0).count();
+    QVERIFY(closed);
+    QVERIFY2(ms >= 400 && ms < 1600, qPrintable(QString("closed after %1 ms").arg(ms)));
+    QCOMPARE(s.srv->Stats().connections_timed_out, 1ull);
+    Raw good;  // a prompt client is not affected
+    QVERIFY(good.Open(s.srv->port(), "disk"));
+  }
+
+  // Over max_connections a new connection is closed before its greeting while a legitimate
+  // client keeps its I/O going.
+  void connectionCapRefusesKeepsServing() {
+    Server s;
+    NbdServerOptions o;
+    o.limits.max_connections = 3;
+    QVERIFY(s.Start(o, 1));
+    NbdExportSpec d;
+    d.name = "disk";
+    d.device = disk_;
+    QVERIFY(s.srv->AddExport(d).ok());
+    Raw legit, h1, h2;
+    QVERIFY(legit.Open(s.srv->port(), "disk"));
+    QVERIFY(h1.Connect(s.srv->port()) && h2.Connect(s.srv->port()));
+    QTRY_COMPARE_WITH_TIMEOUT(s.srv->Stats().connections_open, 3, 5000);
+    std::uint32_t err;
+    std::uint64_t cookie;
+    char buf[4096];
+    std::memset(buf, 'L', sizeof buf);
+    for (int i = 0; i < 5; ++i) {
+      Raw over;
+      QVERIFY(over.Connect(s.srv->port()));
+      std::uint8_t g[kGreetingSize];
+      QVERIFY(!over.RecvAll(g, sizeof g, 2000));  // no greeting: closed at once
+      QVERIFY(legit.Send(kCmdWrite, i, 4096 * i, 4096, buf) && legit.RecvSimple(&err, &cookie) && err == 0);
+      QVERIFY(legit.Send(kCmdRead, 10 + i, 4096 * i, 4096) && legit.RecvSimple(&err, &cookie, buf, 4096) && err == 0);
+    }
+    QCOMPARE(s.srv->Stats().connections_refused, 5ull);
+  }
+
+  // Option caps: data over max_option_length is drained and refused with ERR_TOO_BIG (the
+  // session goes on); too many or too long metadata queries get ERR_TOO_BIG; the
+  // max_options+1st option closes.
+  void optionCaps() {
+    Server s;
+    NbdServerOptions o;
+    o.max_option_length = 1024;
+    o.max_options = 6;
+    o.max_meta_queries = 2;
+    o.max_meta_query_length = 64;
+    QVERIFY(s.Start(o, 1));
+    NbdExportSpec d;
+    d.name = "disk";
+    d.device = disk_;
+    QVERIFY(s.srv->AddExport(d).ok());
+    Raw c;
+    QVERIFY(c.Connect(s.srv->port()) && c.Greeting());
+    QVERIFY(c.SendOption(kOptInfo, Raw::InfoData(std::string(1100, 'n'), {})));  // 1 (over 1024)
+    auto r = c.RecvUntilFinal();
+    QCOMPARE(r.back().type, kRepErrTooBig);
+    QVERIFY(c.SendOption(kOptStructuredReply, ""));  // 2
+    QCOMPARE(c.RecvUntilFinal().back().type, kRepAck);
+    QVERIFY(c.SendOption(kOptListMetaContext, Raw::MetaData("disk", {"base:", "dst:", "x:"})));  // 3
+    QCOMPARE(c.RecvUntilFinal().back().type, kRepErrTooBig);
+    QVERIFY(c.SendOption(kOptListMetaContext, Raw::MetaData("disk", {"base:" + std::string(64, 'q')})));  // 4
+    QCOMPARE(c.RecvUntilFinal().back().type, kRepErrTooBig);
+    QVERIFY(c.SendOption(kOptListMetaContext, Raw::MetaData("disk", {"base:"})));  // 5: within the caps
+    r = c.RecvUntilFinal();
+    QCOMPARE(r.back().type, kRepAck);
+    QCOMPARE(r.front().type, kRepMetaContext);
+    QVERIFY(c.SendOption(kOptInfo, Raw::InfoData("disk", {})));  // 6
+    QCOMPARE(c.RecvUntilFinal().back().type, kRepAck);
+    QVERIFY(c.SendOption(kOptInfo, Raw::InfoData("disk", {})));  // 7: one too many
+    QVERIFY(c.ClosedWithin(3000));
+    // The server keeps serving.
+    Raw good;
+    QVERIFY(good.Open(s.srv->port(), "disk"));
+    std::uint32_t err;
+    std::uint64_t cookie;
+    QVERIFY(good.Send(kCmdFlush, 1, 0, 0) && good.RecvSimple(&err, &cookie) && err == 0);
+  }
+
   // Steady state: no heap allocation per I/O (simple and structured replies), one io thread.
   void noAllocationPerIo() {
     Server s;

@@ -6,7 +6,8 @@
 // then the data of a read):
 //   'H' + name (len bytes): handshake, attaches the export; reply status 0 or ENOENT.
 //   'W' + len bytes: write at 0.   'R': read len bytes at 0.   'F': flush.
-//   'Y' + len bytes: refused write (payload discarded, EINVAL).   other: EINVAL.
+//   'Y' + len bytes: refused write (payload discarded, EINVAL).
+//   'I': claims the identity "id<id>" (ServerCore::ClaimIdentity): 0 or EBUSY.   other: EINVAL.
 #include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -93,6 +94,9 @@ class ToyConn : public ServerConn {
       case 'Y':
         r->status = EINVAL;
         return DiscardPayload(r, len);
+      case 'I':
+        r->status = core_->ClaimIdentity(this, "id" + std::to_string(r->id)).ok() ? 0 : EBUSY;
+        return Reply(r);
       default:
         r->status = EINVAL;
         return Reply(r);
@@ -193,6 +197,16 @@ struct Client {
     fd = test::DialLoopback(port);
     return fd >= 0;
   }
+  bool ConnectFrom(const char* source, std::uint16_t port) {
+    fd = test::DialLoopbackFrom(source, port);
+    return fd >= 0;
+  }
+  // A write and a read of 4 KiB that come back intact: the connection is served.
+  bool Io(std::uint64_t id) {
+    std::vector<char> w(4096, char('a' + id % 26)), r(4096);
+    return Send('W', id, 4096, w.data()) && Recv() == 0 && Send('R', id + 1, 4096) &&
+           Recv(nullptr, r.data(), r.size()) == 0 && r == w;
+  }
   bool SendRaw(const void* p, std::size_t n) { return ::send(fd, p, n, MSG_NOSIGNAL) == ssize_t(n); }
   bool Send(char op, std::uint64_t id, std::uint32_t len, const void* payload = nullptr, std::size_t send_len = ~0ul) {
     std::uint8_t h[kReq] = {};
@@ -221,6 +235,17 @@ struct Client {
       const ssize_t r = ::recv(fd, b, sizeof b, 0);
       if (r == 0) return true;
       if (r < 0) return false;  // timeout or reset
+    }
+  }
+  // Milliseconds until the server closes the connection (EOF or reset), or -1 after 10 s.
+  long MsUntilClosed() {
+    const auto t0 = std::chrono::steady_clock::now();
+    char b[256];
+    for (;;) {
+      const ssize_t r = ::recv(fd, b, sizeof b, 0);
+      if (r > 0) continue;
+      if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return -1;
+      return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0).count();
     }
   }
   // True when nothing arrives within `ms` (a negative check: it can pass wrongly, never fail wrongly).
@@ -345,6 +370,204 @@ class ServerCoreTest : public QObject {
     QVERIFY(idle.Send('R', 2, 512));
     QCOMPARE(idle.Recv(nullptr, r.data(), r.size()), 0u);
     QVERIFY(WaitFor([&] { return StatsOf(*rig.srv).connections_open == 1; }));
+  }
+
+  // ---- resource caps (ServerLimits, docs/security.md "Bounded resources")
+
+  // One byte every 100 ms keeps a handshake "progressing", but the deadline counts from the
+  // accept: the connection is closed at it.  A client that finished its handshake is not touched.
+  void handshakeDeadlineClosesATrickle() {
+    Rig rig;
+    detail::ServerCoreOptions o;
+    o.limits.handshake_timeout = std::chrono::milliseconds(500);
+    QVERIFY(rig.Start(o));
+    QVERIFY(rig.Add("a", std::make_shared<test::FakeDevice>()).ok());
+    Client good, slow;
+    QVERIFY(good.Connect(rig.srv->port()) && good.Hello("a"));
+    QVERIFY(slow.Connect(rig.srv->port()));
+    const auto t0 = std::chrono::steady_clock::now();
+    std::uint8_t h[kReq] = {'H'};
+    PutU32(h + 4, 1);
+    std::size_t sent = 0;
+    // The whole header would take 1.6 s; the deadline is 0.5 s.
+    while (sent < kReq && slow.SendRaw(h + sent, 1)) {
+      ++sent;
+      if (!slow.Quiet(100)) break;  // EOF arrived
+    }
+    QVERIFY(slow.SeesEof());
+    const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0).count();
+    QVERIFY2(ms >= 450 && ms < 1500, qPrintable(QString("closed after %1 ms").arg(ms)));
+    QVERIFY(sent < kReq);
+    QCOMPARE(StatsOf(*rig.srv).connections_timed_out, 1ull);
+    QVERIFY(good.Io(10));  // 0.5 s after its accept, still served
+  }
+
+  // Over max_connections a new connection is closed at once, before any handshake, while a
+  // legitimate client keeps doing I/O; when one leaves, a new one gets in.
+  void connectionCapRefusesTheNextKeepsServing() {
+    Rig rig;
+    detail::ServerCoreOptions o;
+    o.limits.max_connections = 4;
+    o.limits.max_connections_per_address = 0;
+    QVERIFY(rig.Start(o));
+    QVERIFY(rig.Add("a", std::make_shared<test::FakeDevice>()).ok());
+    Client legit, held[3];
+    QVERIFY(legit.Connect(rig.srv->port()) && legit.Hello("a"));
+    for (auto& c : held) QVERIFY(c.Connect(rig.srv->port()));  // three that never handshake
+    QVERIFY(WaitFor([&] { return StatsOf(*rig.srv).connections_open == 4; }));
+    for (int i = 0; i < 5; ++i) {
+      Client over;
+      QVERIFY(over.Connect(rig.srv->port()));  // the kernel accepts; the server closes it
+      const long ms = over.MsUntilClosed();
+      QVERIFY2(ms >= 0 && ms < 1000, qPrintable(QString("closed after %1 ms").arg(ms)));
+      QVERIFY(legit.Io(100 + 2 * i));
+    }
+    ServerStats st = StatsOf(*rig.srv);
+    QCOMPARE(st.connections_refused, 5ull);
+    QCOMPARE(st.connections_open, 4);
+    ::close(held[0].fd);
+    held[0].fd = -1;
+    QVERIFY(WaitFor([&] { return StatsOf(*rig.srv).connections_open == 3; }));
+    Client next;
+    QVERIFY(next.Connect(rig.srv->port()) && next.Hello("a"));
+    QVERIFY(next.Io(200));
+  }
+
+  // max_connections_per_address counts by address, not port: a third connection from 127.0.0.1
+  // is refused while 127.0.0.2 still gets in.
+  void perAddressCap() {
+    Rig rig;
+    detail::ServerCoreOptions o;
+    o.limits.max_connections = 100;
+    o.limits.max_connections_per_address = 2;
+    QVERIFY(rig.Start(o));
+    QVERIFY(rig.Add("a", std::make_shared<test::FakeDevice>()).ok());
+    Client a1, a2, a3, b1, b2, b3;
+    QVERIFY(a1.ConnectFrom("127.0.0.1", rig.srv->port()) && a1.Hello("a"));
+    QVERIFY(a2.ConnectFrom("127.0.0.1", rig.srv->port()));
+    QVERIFY(WaitFor([&] { return StatsOf(*rig.srv).connections_open == 2; }));
+    QVERIFY(a3.ConnectFrom("127.0.0.1", rig.srv->port()));
+    const long ms = a3.MsUntilClosed();
+    QVERIFY2(ms >= 0 && ms < 1000, qPrintable(QString("closed after %1 ms").arg(ms)));
+    QVERIFY(b1.ConnectFrom("127.0.0.2", rig.srv->port()) && b1.Hello("a") && b1.Io(1));
+    QVERIFY(b2.ConnectFrom("127.0.0.2", rig.srv->port()) && b2.Hello("a"));
+    QVERIFY(b3.ConnectFrom("127.0.0.2", rig.srv->port()));
+    QVERIFY(b3.MsUntilClosed() >= 0);
+    QVERIFY(a1.Io(3));
+    QCOMPARE(StatsOf(*rig.srv).connections_refused, 2ull);
+  }
+
+  // A refusal flood is logged once per address and interval, not once per connection, and at
+  // most 32 lines per interval over all addresses.
+  void refusalsAreLoggedOncePerInterval() {
+    Rig rig;
+    detail::ServerCoreOptions o;
+    o.limits.max_connections = 1;
+    QVERIFY(rig.Start(o));
+    Client held;
+    QVERIFY(held.Connect(rig.srv->port()));
+    QVERIFY(WaitFor([&] { return StatsOf(*rig.srv).connections_open == 1; }));
+    char path[] = "/tmp/dst_limits_log_XXXXXX";
+    const int log = ::mkstemp(path);
+    QVERIFY(log >= 0);
+    ::unlink(path);
+    std::fflush(stderr);
+    const int saved = ::dup(2);
+    ::dup2(log, 2);
+    for (int i = 0; i < 20; ++i) {
+      Client over;
+      if (over.Connect(rig.srv->port())) over.MsUntilClosed();
+    }
+    for (int i = 0; i < 40; ++i) {  // 40 more addresses, one refusal each
+      Client over;
+      const std::string from = "127.0.2." + std::to_string(i + 1);
+      if (over.ConnectFrom(from.c_str(), rig.srv->port())) over.MsUntilClosed();
+    }
+    const bool counted = WaitFor([&] { return StatsOf(*rig.srv).connections_refused == 60; });
+    std::fflush(stderr);
+    ::dup2(saved, 2);
+    ::close(saved);
+    QVERIFY(counted);
+    std::string text(1 << 16, '\0');
+    const ssize_t n = ::pread(log, text.data(), text.size(), 0);
+    ::close(log);
+    QVERIFY(n > 0);
+    text.resize(std::size_t(n));
+    int lines = 0;
+    for (std::size_t p = 0; (p = text.find("connection refused", p)) != std::string::npos; ++p) ++lines;
+    QCOMPARE(lines, 32);
+    QVERIFY(text.find("127.0.0.1: connection refused: too many connections (max_connections)") != std::string::npos);
+  }
+
+  // A serving connection without requests is closed after idle_timeout; one that keeps sending
+  // requests (a keepalive) stays.
+  void idleConnectionClosed() {
+    Rig rig;
+    detail::ServerCoreOptions o;
+    o.limits.idle_timeout = std::chrono::milliseconds(400);
+    QVERIFY(rig.Start(o));
+    QVERIFY(rig.Add("a", std::make_shared<test::FakeDevice>()).ok());
+    Client idle, busy;
+    QVERIFY(idle.Connect(rig.srv->port()) && idle.Hello("a"));
+    QVERIFY(busy.Connect(rig.srv->port()) && busy.Hello("a"));
+    bool busy_ok = true;
+    std::thread keepalive([&] {
+      for (int i = 0; i < 15 && busy_ok; ++i) {
+        busy_ok = busy.Send('F', 1000 + i, 0) && busy.Recv() == 0;
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      }
+    });
+    const long ms = idle.MsUntilClosed();
+    keepalive.join();
+    QVERIFY2(ms >= 350 && ms < 1500, qPrintable(QString("closed after %1 ms").arg(ms)));
+    QVERIFY(busy_ok);  // 1.5 s of requests 100 ms apart: never idle for 400 ms
+    QVERIFY(busy.Io(5));
+    QCOMPARE(StatsOf(*rig.srv).connections_timed_out, 1ull);
+  }
+
+  // An announced payload that trickles in (one byte every 50 ms) is not progress: the request
+  // is closed after stall_timeout.
+  void trickledPayloadTimesOut() {
+    Rig rig;
+    detail::ServerCoreOptions o;
+    o.stall_timeout = std::chrono::milliseconds(400);
+    QVERIFY(rig.Start(o));
+    QVERIFY(rig.Add("a", std::make_shared<test::FakeDevice>()).ok());
+    Client c;
+    QVERIFY(c.Connect(rig.srv->port()) && c.Hello("a"));
+    QVERIFY(c.Send('W', 1, 4096));
+    const auto t0 = std::chrono::steady_clock::now();
+    char byte = 'x';
+    int sent = 0;
+    while (sent < 4096 && c.SendRaw(&byte, 1)) {
+      ++sent;
+      if (!c.Quiet(50)) break;
+    }
+    QVERIFY(c.SeesEof());
+    const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0).count();
+    QVERIFY2(ms >= 300 && ms < 2000, qPrintable(QString("closed after %1 ms").arg(ms)));
+    QVERIFY(sent < 100);
+  }
+
+  // The per-identity hook: an identity over its cap is refused in the protocol's words, another
+  // identity is not, and a closed connection frees its identity.
+  void identityCapHook() {
+    Rig rig;
+    detail::ServerCoreOptions o;
+    o.limits.max_connections_per_identity = 1;
+    QVERIFY(rig.Start(o));
+    QVERIFY(rig.Add("a", std::make_shared<test::FakeDevice>()).ok());
+    Client a, b, c;
+    QVERIFY(a.Connect(rig.srv->port()) && a.Hello("a"));
+    QVERIFY(b.Connect(rig.srv->port()) && b.Hello("a"));
+    QVERIFY(a.Send('I', 7, 0) && a.Recv() == 0);
+    QVERIFY(b.Send('I', 7, 0) && b.Recv() == std::uint32_t(EBUSY));
+    QVERIFY(b.Send('I', 8, 0) && b.Recv() == 0);
+    ::close(a.fd);
+    a.fd = -1;
+    QVERIFY(WaitFor([&] { return StatsOf(*rig.srv).connections_open == 1; }));
+    QVERIFY(c.Connect(rig.srv->port()) && c.Hello("a"));
+    QVERIFY(c.Send('I', 7, 0) && c.Recv() == 0);
   }
 
   // Drain lets the device finish what it holds and answers it, refuses new connections, then

@@ -43,6 +43,12 @@ struct VolumeConfig {
   std::uint32_t keepalive_timeout_s = 5;
   // "xxh3": offer payload digests (docs/protocol.md §4.1); "" / "none": off (the default).
   std::string checksum;
+  // The volume's file on the FUSE mount (docs/security.md): permission bits ("0640"), and its
+  // owner ("user", "user:group", or numeric ids).  Default: 0600, the daemon's user and group
+  // (root).  Other users can reach the file only with [daemon] fuse_allow_other = true.
+  std::uint32_t mode = 0600;
+  std::int64_t owner_uid = -1;  // -1: the daemon's
+  std::int64_t owner_gid = -1;
 };
 
 // One leg of an array: "dst://host[:port]/export", "nbd://host[:port]/name",
@@ -72,6 +78,22 @@ struct ArrayConfig {
   std::map<std::string, std::string> params;
 };
 
+// [limits]: the servers' resource caps (net/server_limits.h, docs/security.md "Bounded
+// resources").  Durations in seconds; 0 disables a timeout or a cap.
+struct LimitsConfig {
+  std::uint64_t handshake_timeout_s = 10;
+  std::uint64_t idle_timeout_s = 600;     // DST (clients send keepalives)
+  std::uint64_t nbd_idle_timeout_s = 0;   // NBD clients have no keepalive: off by default
+  std::uint64_t stall_timeout_s = 30;     // waiting on a client: a withheld payload, unread replies
+  std::uint32_t max_connections = 256;    // per server (DST, NBD)
+  std::uint32_t max_connections_per_address = 32;
+  std::uint32_t max_connections_per_identity = 32;
+  std::uint32_t nbd_max_option_length = 8192;
+  std::uint32_t nbd_max_options = 128;
+  std::uint32_t nbd_max_meta_queries = 32;
+  std::uint32_t nbd_max_meta_query_length = 1024;
+};
+
 struct Config {
   std::string listen_host = "127.0.0.1";
   std::uint16_t listen_port = 7400;
@@ -83,6 +105,9 @@ struct Config {
   std::string nbd_host = "127.0.0.1";
   std::uint16_t nbd_port = 10809;
   std::string mountpoint;  // empty: no FUSE mount at start
+  // FUSE allow_other: users other than dstd's may reach the volume files (then only as each
+  // file's mode and owner allow).  Off by default.
+  bool fuse_allow_other = false;
   bool batching = true;
   // Event-loop threads.  Default 1: file I/O runs on device worker threads, and one loop keeps
   // Asio's per-thread handler memory warm (0 allocations per I/O; two loops on two cores halved
@@ -97,6 +122,7 @@ struct Config {
   // live: directories (everything below them) or single files / block devices.  Empty: the
   // daemon's state directory only.  Paths named in this file are allowed anyway.
   std::vector<std::string> export_roots;
+  LimitsConfig limits;
   std::vector<ExportConfig> exports;
   std::vector<VolumeConfig> volumes;
   std::vector<ArrayConfig> arrays;
@@ -124,6 +150,11 @@ Status ParseVolumeUri(std::string_view uri, std::string* host, std::uint16_t* po
 // A volume's remote: dst:// as above, or nbd:// / nbd+unix:// (net/uri.h).  Sets v->remote and
 // the parsed host, port and export_name.
 Status ParseVolumeRemote(std::string_view uri, VolumeConfig* v);
+// File permission bits in octal: "0600", "640", "0o640"; at most 0777.
+Result<std::uint32_t> ParseFileMode(std::string_view s);
+// A file owner: "user" (and that user's group), "user:group", numeric "uid[:gid]".  Names are
+// looked up in the system's user database.
+Status ParseOwner(std::string_view s, std::int64_t* uid, std::int64_t* gid);
 // A rate: "0" (unlimited), "500K", "10M", "1G" (bytes/s, binary units), or plain bytes.
 Result<std::uint64_t> ParseRate(std::string_view s);
 // A duration: "7d", "12h", "30m", "90s", "2w" or plain seconds ("3600"); "0" = none.

@@ -35,10 +35,20 @@ namespace dst::fuse {
 
 struct FuseOptions {
   std::string mountpoint;
-  bool allow_other = true;       // loop devices and other users may open the files
+  // Users other than the daemon's may reach the files at all (then only as each file's mode and
+  // owner allow: the mount checks permissions in the kernel).  Needs root or user_allow_other in
+  // /etc/fuse.conf.  Loop devices work without it when dstd (root) sets them up.
+  bool allow_other = false;
   unsigned max_threads = 8;      // FUSE worker threads
   std::uint32_t max_io = 1u << 20;  // max_read/max_write, capped by the kernel
   std::size_t buffer_count = 64;    // preallocated max_io buffers
+};
+
+// Who may open a volume's file (with allow_other; without it only the daemon's user).
+struct FileAccess {
+  std::uint32_t mode = 0600;  // permission bits; a read-only volume drops the write bits
+  std::int64_t uid = -1;      // -1: the daemon's user
+  std::int64_t gid = -1;      // -1: the daemon's group
 };
 
 struct VolumeEntry {
@@ -54,7 +64,7 @@ class FuseMount {
   static Result<std::unique_ptr<FuseMount>> Mount(const FuseOptions& opts);
   ~FuseMount();  // unmounts
 
-  Status AddVolume(const std::string& name, std::shared_ptr<BlockDevice> dev);
+  Status AddVolume(const std::string& name, std::shared_ptr<BlockDevice> dev, FileAccess access = {});
   Status RemoveVolume(const std::string& name);  // kBusy while the file is open
   // The volume's device grew: show the new size now (also while the file is open; the kernel's
   // cached attributes are invalidated).  A loop device on the file then takes the new size with

@@ -29,6 +29,7 @@
 #include <boost/asio/io_context.hpp>
 
 #include "dst/block_device.h"
+#include "dst/net/server_limits.h"
 #include "dst/net/server_stats.h"
 #include "dst/net/transmitter.h"
 #include "dst/status.h"
@@ -44,8 +45,11 @@ struct ExporterOptions {
   std::size_t buffer_count = 256;  // shared pool of max_payload-sized buffers
   // A connection that makes no progress for this long while the server waits on it (a WRITE
   // payload or HELLO that stops arriving, replies the client does not read) is closed, so it
-  // cannot pin pool buffers forever.  Idle connections are not affected.  0 disables.
+  // cannot pin pool buffers forever.  An announced WRITE payload must arrive whole within it.
+  // Idle connections are not affected (limits.idle_timeout is for them).  0 disables.
   std::chrono::milliseconds stall_timeout{30000};
+  // Handshake deadline, idle cap, connection caps (server_limits.h).
+  ServerLimits limits;
   // Accept from this listener instead of binding listen_address:port (the fuzz targets feed
   // in-memory transports).  port() is then 0.
   ListenerFactory listener;

@@ -38,6 +38,7 @@
 
 #include "dst/block_device.h"
 #include "dst/net/nbd_format.h"
+#include "dst/net/server_limits.h"
 #include "dst/net/server_stats.h"
 #include "dst/net/transport.h"
 #include "dst/status.h"
@@ -107,8 +108,22 @@ struct NbdServerOptions {
   std::uint32_t sparse_read_min = 64u << 10;
   // A connection that makes no progress for this long while the server waits on it (handshake
   // not finished, a WRITE payload that stops arriving, replies the client does not read) is
-  // closed.  Idle connections in transmission are not affected.  0 disables.
+  // closed.  An announced WRITE payload must arrive whole within it.  Idle connections in
+  // transmission are not affected (limits.idle_timeout is for them).  0 disables.
   std::chrono::milliseconds stall_timeout{30000};
+  // Handshake deadline, idle cap, connection caps (server_limits.h).  No idle cap by default:
+  // NBD has no keepalive, and the kernel's nbd-client and qemu keep a quiet connection for the
+  // life of a mount (dst's own NBD client probes every second; it would not need this).
+  ServerLimits limits{.idle_timeout = std::chrono::milliseconds(0)};
+  // Handshake caps (docs/nbd.md §4).  Option data longer than max_option_length (at most 16 KiB)
+  // is drained, up to 1 MiB, and refused with NBD_REP_ERR_TOO_BIG; longer still closes, as does
+  // an EXPORT_NAME over it.  The max_options+1st option of a handshake closes.  A LIST or
+  // SET_META_CONTEXT with more than max_meta_queries queries (at most 128) or a query longer
+  // than max_meta_query_length bytes (at most 4096) is refused with NBD_REP_ERR_TOO_BIG.
+  std::uint32_t max_option_length = 8192;
+  std::uint32_t max_options = 128;
+  std::uint32_t max_meta_queries = 32;
+  std::uint32_t max_meta_query_length = 1024;
   // Accept from this listener instead of binding listen_address:port (the fuzz targets feed
   // in-memory transports).  port() is then 0.
   ListenerFactory listener;
