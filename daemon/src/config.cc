@@ -185,19 +185,34 @@ Status CheckDaemonTls(const toml::table& t, const ErrorSink& sink, const Config&
     return sink.Error(at("tls_cert"), ctx, "tls_cert", "use either tls_psk_file or tls_cert/tls_key/tls_ca, not both");
   if (x509 && (cfg.tls_cert.empty() || cfg.tls_key.empty() || cfg.tls_ca.empty()))
     return sink.Error(at("tls_cert"), ctx, "tls_cert", "X.509 needs all of tls_cert, tls_key and tls_ca");
-  if (!cfg.insecure && !cfg.tls() && !IsLoopbackHost(cfg.listen_host))
-    return sink.Error(at("listen"), ctx, "listen",
-                      fmt::format("{} is reachable from other hosts and TLS is not configured: set "
-                                  "tls_psk_file (dstctl key generate) or tls_cert/tls_key/tls_ca, or "
-                                  "insecure = true to serve DST in the clear",
-                                  cfg.listen_host));
-  if (!cfg.insecure && cfg.nbd_enabled && !IsLoopbackHost(cfg.nbd_host))
-    return sink.Error(at("nbd_listen"), ctx, "nbd_listen",
-                      fmt::format("{} is reachable from other hosts and NBD has no TLS yet: listen "
-                                  "on 127.0.0.1, or set insecure = true to serve NBD in the clear",
-                                  cfg.nbd_host));
+  std::string key;
+  if (Status st = CheckListenSecurity(cfg, &key); !st.ok())
+    return sink.Error(at(key.c_str()), ctx, key, st.message());
   return Status::OK();
 }
+
+}  // namespace
+
+Status CheckListenSecurity(const Config& cfg, std::string* key) {
+  if (!cfg.insecure && !cfg.tls() && !IsLoopbackHost(cfg.listen_host)) {
+    if (key) *key = "listen";
+    return Status::InvalidArgument(
+        fmt::format("{} is reachable from other hosts and TLS is not configured: set tls_psk_file "
+                    "(dstctl key generate) or tls_cert/tls_key/tls_ca, or insecure = true to serve "
+                    "DST in the clear",
+                    cfg.listen_host));
+  }
+  if (!cfg.insecure && cfg.nbd_enabled && !IsLoopbackHost(cfg.nbd_host)) {
+    if (key) *key = "nbd_listen";
+    return Status::InvalidArgument(
+        fmt::format("{} is reachable from other hosts and NBD has no TLS yet: listen on 127.0.0.1, "
+                    "or set insecure = true to serve NBD in the clear",
+                    cfg.nbd_host));
+  }
+  return Status::OK();
+}
+
+namespace {
 
 Status ParseDaemon(const toml::table& t, const ErrorSink& sink, Config* cfg) {
   Fields f{sink, "[daemon]"};

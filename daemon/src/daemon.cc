@@ -1064,8 +1064,8 @@ json Daemon::StatusJson() {
       {"listen", {{"address", cfg_.listen_host}, {"port", exporter_ ? listen_port_ : 0}}},
       {"tls", tls_server_ ? (cfg_.tls_psk_file.empty() ? "x509" : "psk") : "off"},
       // A clear-text listener others can reach ([daemon] insecure = true): status warns.
-      {"insecure", cfg_.insecure && (!IsLoopbackHost(cfg_.listen_host) && !tls_server_ ||
-                                     cfg_.nbd_enabled && !IsLoopbackHost(cfg_.nbd_host))},
+      {"insecure", cfg_.insecure && ((!IsLoopbackHost(cfg_.listen_host) && !tls_server_) ||
+                                     (cfg_.nbd_enabled && !IsLoopbackHost(cfg_.nbd_host)))},
       {"uptime_s", uptime},
       {"batching", cfg_.batching},
       {"memory_locked", memory_locked_},

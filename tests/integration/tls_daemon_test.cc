@@ -208,6 +208,15 @@ class TlsDaemonTest : public QObject {
     QCOMPARE(r.rc, 78);
     QVERIFY2(r.err.contains("listen") && r.err.contains("insecure = true") && r.err.contains("tls_psk_file"),
              r.err.constData());
+    // The same through --listen over a loopback config.
+    QFile lo(dir.path() + "/lo.toml");
+    QVERIFY(lo.open(QIODevice::WriteOnly));
+    lo.write("[daemon]\nlisten = \"127.0.0.1:0\"\nnbd_listen = \"\"\n");
+    lo.close();
+    r = Run(Dstd(), {"--config", lo.fileName(), "--listen", "0.0.0.0:0", "--state-dir", dir.path() + "/s1",
+                     "--control", dir.path() + "/s1/s.sock"});
+    QCOMPARE(r.rc, 78);
+    QVERIFY2(r.err.contains("insecure = true"), r.err.constData());
 
     // insecure = true: it starts, and status says what that means.
     QDir().mkpath(dir.path() + "/s2");

@@ -165,6 +165,9 @@ Status CheckPathAllowed(const PathPolicy& policy, const std::string& path);
 PathPolicy MakePathPolicy(const Config& cfg, const std::string& state_dir,
                           std::vector<std::string>* skipped = nullptr);
 
+// A listener other hosts can reach (listen, nbd_listen) needs TLS or insecure = true
+// (docs/security.md).  *key names the offending key.
+Status CheckListenSecurity(const Config& cfg, std::string* key = nullptr);
 // True for 127.0.0.0/8, ::1 and "localhost": addresses only this host can reach.
 bool IsLoopbackHost(std::string_view host);
 // dst:// or dsts:// (TLS).
