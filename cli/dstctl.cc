@@ -268,7 +268,7 @@ int main(int argc, char** argv) {
   // volume ...
   auto* vol = app.add_subcommand("volume", "Manage volumes (devices this host uses)");
   vol->require_subcommand(1);
-  auto* vol_imp = vol->add_subcommand("import", "Attach a remote export (dst://HOST:PORT/EXPORT) or a local image");
+  auto* vol_imp = vol->add_subcommand("import", "Attach a remote export (dst://HOST:PORT/EXPORT, dsts:// over TLS, nbd://) or a local image");
   vol_imp->add_option("NAME", name, "Volume name")->required();
   vol_imp->add_option("URI", uri, "dst://HOST[:PORT]/EXPORT, nbd://HOST[:PORT]/EXPORT, or an image path")->required();
   vol_imp->add_option("--queue-depth", queue_depth, "Requests in flight (1-1024, default 64)")

@@ -270,6 +270,8 @@ class ConfigTest : public QObject {
     LegSpec ls;
     QVERIFY(dst::daemon::ParseLegSpec("dst://127.0.0.1:7401/d1", &ls).ok());
     QVERIFY(ls.kind == LegSpec::Kind::kDst);
+    QVERIFY(dst::daemon::ParseLegSpec("dsts://127.0.0.1:7401/d1", &ls).ok());  // DST inside TLS
+    QVERIFY(ls.kind == LegSpec::Kind::kDst);
     QVERIFY(dst::daemon::ParseLegSpec("nbd://h/x", &ls).ok());
     QVERIFY(ls.kind == LegSpec::Kind::kNbd);
     QVERIFY(dst::daemon::ParseLegSpec("/dev/sdb", &ls).ok());
@@ -279,7 +281,7 @@ class ConfigTest : public QObject {
     QCOMPARE(ls.ref, std::string("v1"));
     QVERIFY(dst::daemon::ParseLegSpec("array:m0", &ls).ok());
     QVERIFY(ls.kind == LegSpec::Kind::kArray);
-    for (const char* bad : {"", "rel/path", "volume:", "array:a/b", "dst://h", "dst://h:0/x",
+    for (const char* bad : {"", "rel/path", "volume:", "array:a/b", "dst://h", "dst://h:0/x", "dsts://h",
                             "http://h/x", "nbd:///x"})
       QVERIFY2(!dst::daemon::ParseLegSpec(bad, &ls).ok(), bad);
     QCOMPARE(dst::daemon::ParseRate("0").value(), std::uint64_t(0));
