@@ -24,7 +24,6 @@
 
 #include <chrono>
 #include <cstdint>
-#include <deque>
 #include <functional>
 #include <memory>
 #include <string>
@@ -61,7 +60,7 @@ struct PskEntry {
 // Refuses (PermissionDenied, naming the file and its mode) a file the group or others may read.
 Status CheckPrivateFile(const std::string& path);
 // Reads a PSK file (CheckPrivateFile first).  Blank lines and '#' comments are skipped; keys are
-// 16..64 bytes of hex.
+// 16..48 bytes of hex (TLS 1.3 PSKs longer than 48 bytes do not fit OpenSSL sessions).
 Result<std::vector<PskEntry>> LoadPskFile(const std::string& path);
 // Writes a new PSK file "identity:<64 hex digits>" (32 random bytes) with mode 0600.  Refuses
 // an existing file unless `force`.
