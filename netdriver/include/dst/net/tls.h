@@ -57,7 +57,7 @@ struct PskEntry {
   std::vector<std::uint8_t> key;
 };
 
-// Refuses (PermissionDenied, naming the file and its mode) a file the group or others may read.
+// Refuses (InvalidArgument naming the file and its mode) a file the group or others may access.
 Status CheckPrivateFile(const std::string& path);
 // Reads a PSK file (CheckPrivateFile first).  Blank lines and '#' comments are skipped; keys are
 // 16..48 bytes of hex (TLS 1.3 PSKs longer than 48 bytes do not fit OpenSSL sessions).
