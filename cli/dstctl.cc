@@ -24,10 +24,13 @@
 #include "dst/control/control_protocol.h"
 #include "dst/control/ops.h"
 #include "dst/control/render.h"
+#include "dst/net/tls.h"
 
 namespace {
 
 namespace ctl = dst::control;
+namespace net = dst::net;
+using dst::Status;
 using nlohmann::json;
 
 int Fail(int code, const std::string& msg) {
@@ -265,7 +268,7 @@ int main(int argc, char** argv) {
   // volume ...
   auto* vol = app.add_subcommand("volume", "Manage volumes (devices this host uses)");
   vol->require_subcommand(1);
-  auto* vol_imp = vol->add_subcommand("import", "Attach a remote export (dst://HOST:PORT/EXPORT) or a local image");
+  auto* vol_imp = vol->add_subcommand("import", "Attach a remote export (dst://HOST:PORT/EXPORT, dsts:// over TLS, nbd://) or a local image");
   vol_imp->add_option("NAME", name, "Volume name")->required();
   vol_imp->add_option("URI", uri, "dst://HOST[:PORT]/EXPORT, nbd://HOST[:PORT]/EXPORT, or an image path")->required();
   vol_imp->add_option("--queue-depth", queue_depth, "Requests in flight (1-1024, default 64)")
@@ -375,6 +378,15 @@ int main(int argc, char** argv) {
       "--since", since_seq,
       "Resume after event number N (its \"seq\"): replay what came after it, then stream");
   auto* version = app.add_subcommand("version", "Show dstctl's and dstd's versions and what dstd offers");
+  auto* key = app.add_subcommand("key", "TLS pre-shared keys (docs/security.md)");
+  key->require_subcommand(1);
+  auto* key_gen = key->add_subcommand(
+      "generate", "Write a new PSK file: one identity:hexkey line (32 random bytes), mode 0600");
+  std::string key_identity, key_file;
+  bool key_force = false;
+  key_gen->add_option("--identity", key_identity, "The identity the key is known by (default: this host's name)");
+  key_gen->add_flag("--force", key_force, "Overwrite FILE if it exists");
+  key_gen->add_option("FILE", key_file, "The key file to write")->required();
 
   for (auto* sc : {exp_add, exp_list, exp_rm, vol_imp, vol_list, vol_rm, mnt, umnt, status,
                    arr_create, arr_list, arr_rm, arr_add, arr_grow, arr_fail, arr_rmleg,
@@ -395,6 +407,17 @@ int main(int argc, char** argv) {
   }
 
   g_json = as_json;
+  if (key_gen->parsed()) {  // local only: no daemon involved
+    if (key_identity.empty()) {
+      char host[256] = {};
+      ::gethostname(host, sizeof host - 1);
+      key_identity = host;
+    }
+    if (Status st = net::GeneratePskFile(key_file, key_identity, key_force); !st.ok())
+      return Fail(st.code() == Status::Code::kExists ? ctl::kExUsage : ctl::kExIoErr, st.message());
+    std::printf("wrote %s: identity \"%s\", 256-bit key, mode 0600\n", key_file.c_str(), key_identity.c_str());
+    return 0;
+  }
   json result;
   int rc = 0;
   auto print_array = [&](const char* what) {

@@ -39,6 +39,7 @@ PACKAGES=(
   build-essential cmake pkg-config                  # compiler, build system
   libboost-dev libfuse3-dev libsqlite3-dev          # Asio, FUSE, state database
   libcli11-dev nlohmann-json3-dev libfmt-dev libspdlog-dev libxxhash-dev libtomlplusplus-dev
+  libssl-dev                                        # OpenSSL 3: TLS 1.3 (dsts://), dstctl key generate
   qt6-base-dev                                      # Qt Test (tests) and the GUI
   fuse3 kmod util-linux mount e2fsprogs             # fusermount3, modprobe, losetup, mkfs.ext4
   fio jq                                            # benchmark and its JSON parsing

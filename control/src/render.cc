@@ -119,6 +119,11 @@ std::string RenderStatus(const json& st) {
                      U64(d, "pid"), Str(listen, "address"), U64(listen, "port"),
                      FormatDuration(Dbl(d, "uptime_s")), Bool(d, "batching") ? "on" : "off",
                      Bool(d, "memory_locked") ? "yes" : "no");
+  if (Bool(d, "insecure"))
+    out += "  WARNING: insecure = true: a listener reachable from other hosts serves without TLS "
+           "(anyone on the network can read and write its exports)\n";
+  if (auto tls = d.find("tls"); tls != d.end() && tls->is_string() && *tls != "off")
+    out += fmt::format("  tls:{}\n", tls->get<std::string>());
   auto mount = st.find("mount");
   out += fmt::format("  mount:{}\n", (mount == st.end() || mount->is_null())
                                          ? std::string("none")

@@ -326,6 +326,7 @@ Result<Daemon::ArrayLeg> Daemon::OpenLegDevice(const std::string& spec, const Ar
           std::chrono::milliseconds(1000), ro.keepalive_timeout / 3);
       ro.connect_timeout = std::chrono::seconds(3);
       ro.checksum = cfg.checksum == "xxh3";
+      DST_RETURN_IF_ERROR(UseTls(spec, ro.host, ro.port, &ro));
       auto r = net::RemoteDevice::Connect(io_, ro);
       if (!r.ok()) return r.status().message().find(spec) == std::string::npos
                               ? r.status().WithContext(spec) : r.status();

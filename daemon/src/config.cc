@@ -2,6 +2,8 @@
 
 #include <grp.h>
 #include <pwd.h>
+#include <arpa/inet.h>
+
 #include <sys/stat.h>
 
 #include <cerrno>
@@ -176,6 +178,45 @@ bool PathExists(const std::string& p) {
   return ::stat(p.c_str(), &st) == 0;
 }
 
+// One TLS method, complete; and no clear-text listener on an address others can reach unless
+// `insecure` says so (NBD has no TLS yet, so a non-loopback nbd_listen needs it too).
+Status CheckDaemonTls(const toml::table& t, const ErrorSink& sink, const Config& cfg) {
+  const std::string_view ctx = "[daemon]";
+  const bool x509 = !cfg.tls_cert.empty() || !cfg.tls_key.empty() || !cfg.tls_ca.empty();
+  auto at = [&](const char* key) { return t.get(key) ? t.get(key)->source() : t.source(); };
+  if (x509 && !cfg.tls_psk_file.empty())
+    return sink.Error(at("tls_cert"), ctx, "tls_cert", "use either tls_psk_file or tls_cert/tls_key/tls_ca, not both");
+  if (x509 && (cfg.tls_cert.empty() || cfg.tls_key.empty() || cfg.tls_ca.empty()))
+    return sink.Error(at("tls_cert"), ctx, "tls_cert", "X.509 needs all of tls_cert, tls_key and tls_ca");
+  std::string key;
+  if (Status st = CheckListenSecurity(cfg, &key); !st.ok())
+    return sink.Error(at(key.c_str()), ctx, key, st.message());
+  return Status::OK();
+}
+
+}  // namespace
+
+Status CheckListenSecurity(const Config& cfg, std::string* key) {
+  if (!cfg.insecure && !cfg.tls() && !IsLoopbackHost(cfg.listen_host)) {
+    if (key) *key = "listen";
+    return Status::InvalidArgument(
+        fmt::format("{} is reachable from other hosts and TLS is not configured: set tls_psk_file "
+                    "(dstctl key generate) or tls_cert/tls_key/tls_ca, or insecure = true to serve "
+                    "DST in the clear",
+                    cfg.listen_host));
+  }
+  if (!cfg.insecure && cfg.nbd_enabled && !IsLoopbackHost(cfg.nbd_host)) {
+    if (key) *key = "nbd_listen";
+    return Status::InvalidArgument(
+        fmt::format("{} is reachable from other hosts and NBD has no TLS yet: listen on 127.0.0.1, "
+                    "or set insecure = true to serve NBD in the clear",
+                    cfg.nbd_host));
+  }
+  return Status::OK();
+}
+
+namespace {
+
 Status ParseDaemon(const toml::table& t, const ErrorSink& sink, Config* cfg) {
   Fields f{sink, "[daemon]"};
   for (auto&& [k, v] : t) {
@@ -224,13 +265,28 @@ Status ParseDaemon(const toml::table& t, const ErrorSink& sink, Config* cfg) {
                             fmt::format("\"{}\" must be an absolute path", root));
         cfg->export_roots.push_back(root);
       }
+    } else if (key == "tls_psk_file" || key == "tls_cert" || key == "tls_key" || key == "tls_ca") {
+      std::string* out = key == "tls_psk_file" ? &cfg->tls_psk_file
+                         : key == "tls_cert"   ? &cfg->tls_cert
+                         : key == "tls_key"    ? &cfg->tls_key
+                                               : &cfg->tls_ca;
+      DST_RETURN_IF_ERROR(f.String(v, key, out));
+      if (out->empty() || (*out)[0] != '/')
+        return sink.Error(v.source(), f.ctx, key, fmt::format("\"{}\" must be an absolute path", *out));
+    } else if (key == "tls_identity") {
+      DST_RETURN_IF_ERROR(f.String(v, key, &cfg->tls_identity));
+    } else if (key == "tls_server_name") {
+      DST_RETURN_IF_ERROR(f.String(v, key, &cfg->tls_server_name));
+    } else if (key == "insecure") {
+      DST_RETURN_IF_ERROR(f.Bool(v, key, &cfg->insecure));
     } else {
       return UnknownKey(sink, k, f.ctx,
                         "listen, nbd_listen, mountpoint, fuse_allow_other, batching, io_threads, "
-                        "verify_interval, host_name, export_roots");
+                        "verify_interval, host_name, export_roots, tls_psk_file, tls_identity, "
+                        "tls_cert, tls_key, tls_ca, tls_server_name, insecure");
     }
   }
-  return Status::OK();
+  return CheckDaemonTls(t, sink, *cfg);
 }
 
 Status ParseExport(const toml::table& t, std::size_t index, const ErrorSink& sink,
@@ -577,7 +633,7 @@ Status ParseVolumeUri(std::string_view uri, std::string* host, std::uint16_t* po
   net::BlockUri u;
   DST_RETURN_IF_ERROR(net::ParseBlockUri(uri, &u));
   if (u.scheme != net::UriScheme::kDst)
-    return Status::InvalidArgument(fmt::format("bad URI \"{}\": expected dst://HOST[:PORT]/EXPORT", uri));
+    return Status::InvalidArgument(fmt::format("bad URI \"{}\": expected dst[s]://HOST[:PORT]/EXPORT", uri));
   if (!ValidName(u.export_name))
     return Status::InvalidArgument(fmt::format("bad URI \"{}\": bad export name", uri));
   *host = u.host;
@@ -586,8 +642,18 @@ Status ParseVolumeUri(std::string_view uri, std::string* host, std::uint16_t* po
   return Status::OK();
 }
 
+bool IsLoopbackHost(std::string_view host) {
+  if (host == "localhost" || host == "::1" || host == "[::1]") return true;
+  unsigned char a[4];
+  const std::string h(host);
+  if (::inet_pton(AF_INET, h.c_str(), a) == 1) return a[0] == 127;
+  return false;
+}
+
+bool IsDstUri(std::string_view uri) { return uri.rfind("dst://", 0) == 0 || uri.rfind("dsts://", 0) == 0; }
+
 Status ParseVolumeRemote(std::string_view uri, VolumeConfig* v) {
-  if (uri.rfind("dst://", 0) == 0) {
+  if (IsDstUri(uri)) {
     DST_RETURN_IF_ERROR(ParseVolumeUri(uri, &v->host, &v->port, &v->export_name));
   } else {
     net::BlockUri u;
@@ -807,7 +873,7 @@ Status ParseLegSpec(std::string_view spec, LegSpec* out) {
   };
   LegSpec ls;
   ls.text = std::string(spec);
-  if (spec.rfind("dst://", 0) == 0) {
+  if (IsDstUri(spec)) {
     ls.kind = LegSpec::Kind::kDst;
     std::string h, e;
     std::uint16_t port = 0;

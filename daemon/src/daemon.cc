@@ -18,6 +18,7 @@
 #include <spdlog/spdlog.h>
 
 #include "dst/file_device.h"
+#include "dst/net/tls.h"
 #include "dst/net/uri.h"
 
 namespace dst::daemon {
@@ -206,14 +207,24 @@ int Daemon::Start() {
   for (std::uint32_t i = 0; i < std::max<std::uint32_t>(1, cfg_.io_threads); ++i)
     io_threads_.emplace_back([this] { io_.run(); });
 
+  if (Status st = LoadTls(); !st.ok()) {
+    spdlog::error("tls: {}", Message(st));
+    return ctl::kExConfig;
+  }
   net::ExporterOptions eo;
   eo.listen_address = cfg_.listen_host;
   eo.port = cfg_.listen_port;
   eo.batching = cfg_.batching;
   eo.stall_timeout = std::chrono::seconds(cfg_.limits.stall_timeout_s);
   eo.limits = ServerLimitsOf(cfg_.limits, false);
+  // With TLS the exporter accepts through a TlsListener: DST only after a TLS 1.3 handshake.
+  auto tls_port = std::make_shared<std::uint16_t>(0);
+  auto tls_error = std::make_shared<Status>();
+  if (tls_server_)
+    eo.listener = net::MakeTlsListenerFactory(io_, tls_server_, cfg_.listen_host, cfg_.listen_port, tls_port, tls_error);
   exporter_ = std::make_unique<net::Exporter>(io_, eo);
   if (Status st = exporter_->Start(); !st.ok()) {
+    if (!tls_error->ok()) st = *tls_error;
     std::string m = Message(st);
     if (m.find(cfg_.listen_host) == std::string::npos)
       m = fmt::format("cannot listen on {}:{}: {}", cfg_.listen_host, cfg_.listen_port, m);
@@ -221,8 +232,13 @@ int Daemon::Start() {
     return ctl::kExUnavailable;
   }
   exporter_started_ = true;
-  spdlog::info("exporter listening on {}:{} (batching {})", cfg_.listen_host, exporter_->port(),
-               cfg_.batching ? "on" : "off");
+  listen_port_ = tls_server_ ? *tls_port : exporter_->port();
+  spdlog::info("exporter listening on {}:{} (batching {}, {})", cfg_.listen_host, listen_port_,
+               cfg_.batching ? "on" : "off",
+               tls_server_ ? (cfg_.tls_psk_file.empty() ? "TLS 1.3, X.509" : "TLS 1.3, PSK") : "no TLS");
+  if (!tls_server_ && !IsLoopbackHost(cfg_.listen_host))
+    spdlog::warn("insecure = true: DST on {}:{} is neither encrypted nor authenticated", cfg_.listen_host,
+                 listen_port_);
   if (int rc = StartNbd(); rc != 0) return rc;
 
   if (Status st = OpenTopology(); !st.ok()) {
@@ -444,6 +460,38 @@ Status Daemon::OpenExport(const ExportConfig& e) {
   return Status::OK();
 }
 
+Status Daemon::LoadTls() {
+  if (!cfg_.tls()) return Status::OK();
+  net::TlsConfig tc;
+  tc.psk_file = cfg_.tls_psk_file;
+  tc.psk_identity = cfg_.tls_identity;
+  tc.cert_file = cfg_.tls_cert;
+  tc.key_file = cfg_.tls_key;
+  tc.ca_file = cfg_.tls_ca;
+  tc.server_name = cfg_.tls_server_name;
+  tc.server = true;
+  auto server = net::TlsContext::Create(tc);
+  if (!server.ok()) return server.status();
+  tc.server = false;
+  auto client = net::TlsContext::Create(tc);
+  if (!client.ok()) return client.status();
+  tls_server_ = server.value();
+  tls_client_ = client.value();
+  return Status::OK();
+}
+
+Status Daemon::UseTls(const std::string& uri, const std::string& host, std::uint16_t port, net::ClientOptions* co) {
+  net::BlockUri u;
+  if (!net::ParseBlockUri(uri, &u).ok() || !u.tls) return Status::OK();
+  if (!tls_client_)
+    return Status::InvalidArgument(
+        fmt::format("{}: dsts:// needs TLS keys ([daemon] tls_psk_file, or tls_cert/tls_key/tls_ca)", uri));
+  co->connector = [ctx = tls_client_, host, port](const net::Strand& s) -> std::unique_ptr<net::Connector> {
+    return std::make_unique<net::TlsConnector>(std::make_unique<net::TcpConnector>(s, host, port), ctx, host);
+  };
+  return Status::OK();
+}
+
 Status Daemon::ConnectVolume(const std::shared_ptr<Volume>& vol) {
   const VolumeConfig& c = vol->cfg;
   std::shared_ptr<BlockDevice> dev;
@@ -469,7 +517,7 @@ Status Daemon::ConnectVolume(const std::shared_ptr<Volume>& vol) {
     if (st.ok() || st.message().find(c.remote) != std::string::npos) return st;
     return st.WithContext(c.remote);
   };
-  if (!c.remote.empty() && c.remote.rfind("dst://", 0) != 0) {  // nbd:// or nbd+unix://
+  if (!c.remote.empty() && !IsDstUri(c.remote)) {  // nbd:// or nbd+unix://
     net::NbdClientOptions no;
     static_cast<net::ClientOptions&>(no) = co;
     Status st = net::ParseNbdUri(c.remote, &no);
@@ -484,6 +532,7 @@ Status Daemon::ConnectVolume(const std::shared_ptr<Volume>& vol) {
     ro.port = c.port;
     ro.export_name = c.export_name;
     ro.checksum = c.checksum == "xxh3";
+    if (Status tls = UseTls(c.remote, ro.host, ro.port, &ro); !tls.ok()) return connected(tls);
     auto r = net::RemoteDevice::Connect(io_, ro);
     if (Status done = connected(r.ok() ? Status::OK() : r.status()); !done.ok()) return done;
     remote = r.value();
@@ -1019,7 +1068,11 @@ json Daemon::StatusJson() {
   st["daemon"] = {
       {"pid", ::getpid()},
       {"version", DaemonVersion()},
-      {"listen", {{"address", cfg_.listen_host}, {"port", exporter_ ? exporter_->port() : 0}}},
+      {"listen", {{"address", cfg_.listen_host}, {"port", exporter_ ? listen_port_ : 0}}},
+      {"tls", tls_server_ ? (cfg_.tls_psk_file.empty() ? "x509" : "psk") : "off"},
+      // A clear-text listener others can reach ([daemon] insecure = true): status warns.
+      {"insecure", cfg_.insecure && ((!IsLoopbackHost(cfg_.listen_host) && !tls_server_) ||
+                                     (cfg_.nbd_enabled && !IsLoopbackHost(cfg_.nbd_host)))},
       {"uptime_s", uptime},
       {"batching", cfg_.batching},
       {"memory_locked", memory_locked_},

@@ -47,6 +47,10 @@
 #include "operations.h"
 #include "topology.h"
 
+namespace dst::net {
+class TlsContext;  // net/tls.h
+}
+
 namespace dst::daemon {
 
 class VerifyResultStore;  // verify_store.h
@@ -295,6 +299,11 @@ class Daemon {
   Status OpenExport(const ExportConfig& e);
   // Blocking (worker or main thread): opens/connects the device of `vol`.
   Status ConnectVolume(const std::shared_ptr<Volume>& vol);
+  // TLS from [daemon] (null without it): the exporter's and the dsts:// clients' contexts.
+  Status LoadTls();
+  // For a dsts:// `uri`: a TLS connector to host:port in *co; dst://: nothing.  Refused when the
+  // config has no TLS keys.
+  Status UseTls(const std::string& uri, const std::string& host, std::uint16_t port, net::ClientOptions* co);
   void ScheduleRetry(const std::shared_ptr<Volume>& vol);
   void AddToMount(const std::shared_ptr<Volume>& vol);
   Status PrepareMountpoint(const std::string& dir);  // stale mount cleanup, busy refusal
@@ -318,11 +327,13 @@ class Daemon {
   std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
   bool memory_locked_ = false;
   bool exporter_started_ = false;
+  std::uint16_t listen_port_ = 0;  // the exporter's bound port (TLS or not)
   int lock_fd_ = -1;
 
   boost::asio::io_context io_;
   std::optional<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>> work_;
   std::vector<std::thread> io_threads_;
+  std::shared_ptr<net::TlsContext> tls_server_, tls_client_;
   std::unique_ptr<net::Exporter> exporter_;
   std::unique_ptr<NbdFrontend> nbd_;  // null: NBD disabled or not started
   std::unique_ptr<ControlServer> control_;

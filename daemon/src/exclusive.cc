@@ -47,10 +47,14 @@ bool SameFile(const FileKey& a, const FileKey& b) {
   return a.path == b.path;
 }
 
-// The canonical URI of a dst:// or nbd:// spec, so "dst://h/e" and "dst://h:7400/e" match.
+// The canonical URI of a dst:// or nbd:// spec, so "dst://h/e" and "dst://h:7400/e" match (and
+// dsts://h/e too: the same export, inside TLS).
 std::string RemoteKey(const std::string& spec) {
   net::BlockUri u;
-  if (net::ParseBlockUri(spec, &u).ok()) return u.Canonical();
+  if (net::ParseBlockUri(spec, &u).ok()) {
+    u.tls = false;
+    return u.Canonical();
+  }
   return spec;  // anything else: as written
 }
 

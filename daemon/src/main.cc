@@ -100,6 +100,14 @@ int main(int argc, char** argv) {
       }
     }
   }
+  // Again after --listen / --nbd-listen: they may name an address others can reach.
+  {
+    std::string key;
+    if (auto st = dst::daemon::CheckListenSecurity(cfg, &key); !st.ok()) {
+      std::fprintf(stderr, "dstd: [daemon] %s: %s\n", key.c_str(), st.message().c_str());
+      return ctl::kExConfig;
+    }
+  }
   if (!mount.empty()) {
     if (mount[0] != '/') {
       std::fprintf(stderr, "dstd: --mount: \"%s\" must be an absolute path\n", mount.c_str());

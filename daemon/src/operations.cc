@@ -733,7 +733,7 @@ class OperationImpl<ctl::VolumeImportOp> : public OpBase {
   OperationImpl(Daemon& d, const ctl::VolumeImportOp& r) : OpBase(d) {
     c_.name = r.name;
     std::string uri = r.uri;
-    if (net::HasBlockUriScheme(uri)) {  // dst://, nbd://, nbd+unix:// (net/uri.h)
+    if (net::HasBlockUriScheme(uri)) {  // dst://, dsts://, nbd://, nbd+unix:// (net/uri.h)
       if (Status s = ParseVolumeRemote(uri, &c_); !s.ok())
         bad_.push_back(Refuse("volume:" + r.name, s));
     } else {
@@ -741,7 +741,7 @@ class OperationImpl<ctl::VolumeImportOp> : public OpBase {
       if (uri.empty() || uri[0] != '/')
         bad_.push_back(Refuse(
             RefusalCode::kInvalid, "volume:" + r.name, {},
-            fmt::format("bad URI \"{}\" (expected dst://HOST[:PORT]/EXPORT, "
+            fmt::format("bad URI \"{}\" (expected dst[s]://HOST[:PORT]/EXPORT, "
                         "nbd://HOST[:PORT]/EXPORT or an absolute path)",
                         uri)));
       c_.path = uri;

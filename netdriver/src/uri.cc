@@ -11,6 +11,7 @@ namespace dst::net {
 namespace {
 
 constexpr std::string_view kDst = "dst://";
+constexpr std::string_view kDsts = "dsts://";  // DST inside TLS 1.3 (tls.h)
 constexpr std::string_view kNbd = "nbd://";
 constexpr std::string_view kNbdUnix = "nbd+unix://";
 
@@ -88,7 +89,7 @@ Status ParseAuthority(std::string_view uri, std::string_view authority, std::uin
 }
 
 Status ParseDst(std::string_view uri, BlockUri* u) {
-  std::string_view rest = uri.substr(kDst.size());
+  std::string_view rest = uri.substr(u->tls ? kDsts.size() : kDst.size());
   const std::size_t slash = rest.find('/');
   if (slash == std::string_view::npos) return Bad(uri, "missing export (dst://HOST[:PORT]/EXPORT)");
   DST_RETURN_IF_ERROR(ParseAuthority(uri, rest.substr(0, slash), kDefaultPort, &u->host, &u->port));
@@ -138,7 +139,7 @@ Status ParseNbdUnix(std::string_view uri, BlockUri* u) {
 }  // namespace
 
 bool HasBlockUriScheme(std::string_view s) {
-  return StartsWith(s, kDst) || StartsWith(s, kNbd) || StartsWith(s, kNbdUnix) || StartsWith(s, "nbds://") ||
+  return StartsWith(s, kDst) || StartsWith(s, kDsts) || StartsWith(s, kNbd) || StartsWith(s, kNbdUnix) || StartsWith(s, "nbds://") ||
          StartsWith(s, "nbds+unix://");
 }
 
@@ -147,8 +148,9 @@ Status ParseBlockUri(std::string_view uri, BlockUri* out) {
   Status st;
   if (StartsWith(uri, "nbds://") || StartsWith(uri, "nbds+unix://")) {
     return Status::NotSupported("NBD over TLS is not supported: " + std::string(uri));
-  } else if (StartsWith(uri, kDst)) {
+  } else if (StartsWith(uri, kDst) || StartsWith(uri, kDsts)) {
     u.scheme = UriScheme::kDst;
+    u.tls = StartsWith(uri, kDsts);
     st = ParseDst(uri, &u);
   } else if (StartsWith(uri, kNbd)) {
     u.scheme = UriScheme::kNbd;
@@ -157,7 +159,7 @@ Status ParseBlockUri(std::string_view uri, BlockUri* out) {
     u.scheme = UriScheme::kNbdUnix;
     st = ParseNbdUnix(uri, &u);
   } else {
-    st = Bad(uri, "unknown scheme (expected dst://, nbd:// or nbd+unix://)");
+    st = Bad(uri, "unknown scheme (expected dst://, dsts://, nbd:// or nbd+unix://)");
   }
   if (!st.ok()) return st;
   *out = std::move(u);
@@ -167,7 +169,7 @@ Status ParseBlockUri(std::string_view uri, BlockUri* out) {
 std::string BlockUri::Canonical() const {
   if (scheme == UriScheme::kNbdUnix) return "nbd+unix:///" + export_name + "?socket=" + socket;
   const std::string h = host.find(':') != std::string::npos ? "[" + host + "]" : host;
-  return (scheme == UriScheme::kDst ? "dst://" : "nbd://") + h + ":" + std::to_string(port) + "/" + export_name;
+  return (scheme == UriScheme::kDst ? (tls ? "dsts://" : "dst://") : "nbd://") + h + ":" + std::to_string(port) + "/" + export_name;
 }
 
 }  // namespace dst::net

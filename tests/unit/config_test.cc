@@ -281,6 +281,8 @@ class ConfigTest : public QObject {
     LegSpec ls;
     QVERIFY(dst::daemon::ParseLegSpec("dst://127.0.0.1:7401/d1", &ls).ok());
     QVERIFY(ls.kind == LegSpec::Kind::kDst);
+    QVERIFY(dst::daemon::ParseLegSpec("dsts://127.0.0.1:7401/d1", &ls).ok());  // DST inside TLS
+    QVERIFY(ls.kind == LegSpec::Kind::kDst);
     QVERIFY(dst::daemon::ParseLegSpec("nbd://h/x", &ls).ok());
     QVERIFY(ls.kind == LegSpec::Kind::kNbd);
     QVERIFY(dst::daemon::ParseLegSpec("/dev/sdb", &ls).ok());
@@ -290,7 +292,7 @@ class ConfigTest : public QObject {
     QCOMPARE(ls.ref, std::string("v1"));
     QVERIFY(dst::daemon::ParseLegSpec("array:m0", &ls).ok());
     QVERIFY(ls.kind == LegSpec::Kind::kArray);
-    for (const char* bad : {"", "rel/path", "volume:", "array:a/b", "dst://h", "dst://h:0/x",
+    for (const char* bad : {"", "rel/path", "volume:", "array:a/b", "dst://h", "dst://h:0/x", "dsts://h",
                             "http://h/x", "nbd:///x"})
       QVERIFY2(!dst::daemon::ParseLegSpec(bad, &ls).ok(), bad);
     QCOMPARE(dst::daemon::ParseRate("0").value(), std::uint64_t(0));
@@ -387,6 +389,35 @@ class ConfigTest : public QObject {
   // [daemon] export_roots and the path policy (issue 11): canonical paths, so neither ".." nor a
   // symlink leads out of a root; files named in the config stay allowed; the default root is
   // the state directory.
+  // [daemon] TLS keys, and no clear-text listener on an address other hosts reach unless
+  // insecure = true (issue 11).
+  void TlsAndInsecure() {
+    auto r = ParseConfig("[daemon]\nlisten = \"0.0.0.0:7400\"\ntls_psk_file = \"/etc/dst/lab.psk\"\n"
+                         "tls_identity = \"host-a\"\n[[volume]]\nname = \"v\"\nremote = \"dsts://h:7401/e\"\n",
+                         "t.toml", {false});
+    QVERIFY2(r.ok(), r.status().message().c_str());
+    QVERIFY(r.value().tls());
+    QCOMPARE(r.value().tls_identity, std::string("host-a"));
+    QCOMPARE(r.value().volumes[0].port, std::uint16_t(7401));
+    QVERIFY(ParseConfig("[daemon]\nlisten = \"10.0.0.1:7400\"\ntls_cert = \"/c\"\ntls_key = \"/k\"\n"
+                        "tls_ca = \"/ca\"\n", "t.toml", {false}).ok());
+    QVERIFY(ParseConfig("[daemon]\nlisten = \"0.0.0.0:7400\"\ninsecure = true\n", "t.toml", {false}).ok());
+    QVERIFY(ParseConfig("[daemon]\nlisten = \"127.0.0.2:7400\"\n", "t.toml", {false}).ok());
+
+    std::string e = Error("[daemon]\nlisten = \"0.0.0.0:7400\"\n");
+    QVERIFY2(e.find("test.toml:2") != std::string::npos && e.find("insecure = true") != std::string::npos &&
+                 e.find("tls_psk_file") != std::string::npos,
+             e.c_str());
+    e = Error("[daemon]\nnbd_listen = \"0.0.0.0:10809\"\ntls_psk_file = \"/k\"\n");
+    QVERIFY2(e.find("nbd_listen") != std::string::npos && e.find("no TLS") != std::string::npos, e.c_str());
+    e = Error("[daemon]\ntls_cert = \"/c\"\n");
+    QVERIFY2(e.find("tls_key and tls_ca") != std::string::npos, e.c_str());
+    e = Error("[daemon]\ntls_psk_file = \"/k\"\ntls_cert = \"/c\"\ntls_key = \"/k\"\ntls_ca = \"/ca\"\n");
+    QVERIFY2(e.find("not both") != std::string::npos, e.c_str());
+    e = Error("[daemon]\ntls_psk_file = \"lab.psk\"\n");
+    QVERIFY2(e.find("absolute path") != std::string::npos, e.c_str());
+  }
+
   void ExportRoots() {
     QTemporaryDir tmp;
     const std::string d = std::filesystem::canonical(tmp.path().toStdString()).string();

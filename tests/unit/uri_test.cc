@@ -23,6 +23,15 @@ class UriTest : public QObject {
     QVERIFY(ParseBlockUri("dst://[::1]:7401/x", &u).ok());
     QCOMPARE(u.host, std::string("::1"));
     QCOMPARE(u.Canonical(), std::string("dst://[::1]:7401/x"));
+    QVERIFY(!u.tls);
+    // dsts://: the same DST, inside TLS 1.3.
+    QVERIFY(ParseBlockUri("dsts://h:7500/e", &u).ok());
+    QVERIFY(u.scheme == UriScheme::kDst && u.tls);
+    QCOMPARE(u.host, std::string("h"));
+    QCOMPARE(u.export_name, std::string("e"));
+    QCOMPARE(u.Canonical(), std::string("dsts://h:7500/e"));
+    QVERIFY(HasBlockUriScheme("dsts://h/e"));
+    QVERIFY(!ParseBlockUri("dsts://h", &u).ok());
 
     QVERIFY(ParseBlockUri("nbd://localhost/disk", &u).ok());
     QVERIFY(u.scheme == UriScheme::kNbd);

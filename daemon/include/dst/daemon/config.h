@@ -123,6 +123,16 @@ struct Config {
   // daemon's state directory only.  Paths named in this file are allowed anyway.
   std::vector<std::string> export_roots;
   LimitsConfig limits;
+  // TLS 1.3 (docs/security.md): the DST listener then speaks only TLS, and dsts:// volumes and
+  // legs use it.  A PSK file (identity:hexkey lines; the client offers tls_identity, default the
+  // first line) or X.509 (tls_cert, tls_key, tls_ca; tls_server_name pins the name dsts://
+  // servers must carry, default the host of the URI).
+  std::string tls_psk_file;
+  std::string tls_identity;
+  std::string tls_cert, tls_key, tls_ca, tls_server_name;
+  // Serve DST without TLS, or NBD, on a non-loopback address (refused otherwise).
+  bool insecure = false;
+  bool tls() const { return !tls_psk_file.empty() || !tls_cert.empty(); }
   std::vector<ExportConfig> exports;
   std::vector<VolumeConfig> volumes;
   std::vector<ArrayConfig> arrays;
@@ -184,6 +194,14 @@ Status CheckPathAllowed(const PathPolicy& policy, const std::string& path);
 // left out (and reported in *skipped).
 PathPolicy MakePathPolicy(const Config& cfg, const std::string& state_dir,
                           std::vector<std::string>* skipped = nullptr);
+
+// A listener other hosts can reach (listen, nbd_listen) needs TLS or insecure = true
+// (docs/security.md).  *key names the offending key.
+Status CheckListenSecurity(const Config& cfg, std::string* key = nullptr);
+// True for 127.0.0.0/8, ::1 and "localhost": addresses only this host can reach.
+bool IsLoopbackHost(std::string_view host);
+// dst:// or dsts:// (TLS).
+bool IsDstUri(std::string_view uri);
 
 // Export and volume names: 1..64 chars of [A-Za-z0-9._-], not starting with '.'.
 bool ValidName(std::string_view name);

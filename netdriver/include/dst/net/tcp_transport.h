@@ -51,6 +51,8 @@ class TcpTransport final : public Transport {
 
   // For socket options in tests and tuning (SO_SNDBUF, ...).
   int native_handle() { return socket_.native_handle(); }
+  // The socket itself, for readiness waits of a transport layered on top (TLS).
+  Socket& socket() { return socket_; }
   // Handler-arena fallbacks to the heap (0 in steady state; the allocation tests check it).
   std::uint64_t arena_fallbacks() const;
 

@@ -12,7 +12,7 @@
 //            end:     Shutdown (ends outstanding reads) / Close
 //
 // Implementations: TcpTransport, TcpListener, TcpConnector (tcp_transport.h), over TCP and
-// AF_UNIX stream sockets.  Design notes for the next ones:
+// AF_UNIX stream sockets; TlsTransport, TlsListener, TlsConnector (tls.h) on top of them.  Design notes for the next ones:
 //   * SendFrames takes the frame list, not a file descriptor or iovecs: a TLS transport encrypts
 //     the gathered bytes into records, a raw-Ethernet one sends one datagram per frame (and
 //     reports only whole frames as taken).
@@ -194,6 +194,12 @@ class Transport : public FrameSink {
 
   // The peer for log lines, e.g. "127.0.0.1:40312" (fixed at connect or accept time).
   virtual const std::string& peer() const = 0;
+  // Who the peer authenticated as (TLS: its PSK identity or certificate CN; tls.h).  Empty for
+  // transports without authentication.
+  virtual const std::string& identity() const {
+    static const std::string kNone;
+    return kNone;
+  }
 };
 
 // Produces transports for incoming connections.

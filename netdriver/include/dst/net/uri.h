@@ -2,6 +2,7 @@
 //
 //   dst://HOST[:PORT]/EXPORT             DST (docs/protocol.md), default port 7400; EXPORT is
 //                                        1..255 printable ASCII characters without spaces
+//   dsts://HOST[:PORT]/EXPORT            the same inside TLS 1.3 (net/tls.h)
 //   nbd://HOST[:PORT][/EXPORT]           NBD over TCP, default port 10809; EXPORT may be empty
 //                                        (the server's default export), %XX decoded
 //   nbd+unix:///[EXPORT]?socket=/PATH    NBD over a Unix socket (empty host; %XX decoded)
@@ -27,6 +28,7 @@ struct BlockUri {
   std::uint16_t port = 0;   // the default when the URI has none; 0 for nbd+unix
   std::string export_name;  // decoded
   std::string socket;       // nbd+unix only
+  bool tls = false;         // dsts://
 
   // Canonical form, with the port spelled out ("dst://h:7400/e"), so equal devices compare equal.
   std::string Canonical() const;
