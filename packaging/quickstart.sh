@@ -2,7 +2,7 @@
 # dst quick start: installs the Debian 12 packages dst needs, builds it, then either runs a
 # small end-to-end demo or the whole test suite.
 #
-#   bash packaging/quickstart.sh demo [--keep]   # two exporters, a mirrored volume, FUSE, ext4 on a loop device
+#   bash packaging/quickstart.sh demo [--keep]   # a PSK, two exporters, a mirror over dsts:// (TLS 1.3), FUSE, ext4 on loop
 #   bash packaging/quickstart.sh test            # ctest, every label (what .ci/run does first)
 #   bash packaging/quickstart.sh test --sanitize # clang, ASan + UBSan, in ./build-sanitize: the unit
 #                                                # and integration suites and the fuzz targets' replays
@@ -298,23 +298,30 @@ run_demo() {
   port_b="$(free_port)"
   port_c="$(free_port)"
 
+  # One pre-shared key for the lab (docs/security.md): every daemon speaks DST only inside
+  # TLS 1.3 with it, and the mirror's legs dial dsts://.
+  log "key: dstctl key generate --identity demo $WORK/lab.psk (TLS 1.3 PSK, mode 0600)"
+  "$BIN/dstctl" key generate --identity demo "$WORK/lab.psk"
+  local tls
+  tls="tls_psk_file = \"$WORK/lab.psk\""
+
   # Daemons A and C: two exporters ("hosts" on loopback), one sparse 256 MiB image each.
-  log "daemon A: exporting disk0 on 127.0.0.1:$port_a; daemon C: exporting disk1 on 127.0.0.1:$port_c"
+  log "daemon A: exporting disk0 on 127.0.0.1:$port_a; daemon C: exporting disk1 on 127.0.0.1:$port_c (TLS)"
   truncate -s 256M "$WORK/a/disk0.img" "$WORK/c/disk1.img"
   for d in a c; do
     if [[ $d == a ]]; then name=disk0 port=$port_a; else name=disk1 port=$port_c; fi
-    printf '[daemon]\nlisten = "127.0.0.1:%s"\nnbd_listen = ""\nbatching = true\n\n[[export]]\nname = "%s"\npath = "%s"\n' \
-      "$port" "$name" "$WORK/$d/$name.img" >"$WORK/$d/dstd.toml"
+    printf '[daemon]\nlisten = "127.0.0.1:%s"\nnbd_listen = ""\nbatching = true\n%s\n\n[[export]]\nname = "%s"\npath = "%s"\n' \
+      "$port" "$tls" "$name" "$WORK/$d/$name.img" >"$WORK/$d/dstd.toml"
     start_daemon "$WORK/$d"
   done
 
   # Daemon B: assembles the mirror, configured at run time through dstctl.
-  log "daemon B: mirror 'demo' = dst://127.0.0.1:$port_a/disk0 + dst://127.0.0.1:$port_c/disk1, FUSE at $WORK/mnt"
-  printf '[daemon]\nlisten = "127.0.0.1:%s"\nnbd_listen = ""\nbatching = true\n' "$port_b" >"$WORK/b/dstd.toml"
+  log "daemon B: mirror 'demo' = dsts://127.0.0.1:$port_a/disk0 + dsts://127.0.0.1:$port_c/disk1, FUSE at $WORK/mnt"
+  printf '[daemon]\nlisten = "127.0.0.1:%s"\nnbd_listen = ""\nbatching = true\n%s\n' "$port_b" "$tls" >"$WORK/b/dstd.toml"
   start_daemon "$WORK/b"
   start_watchdog
   ctl "$WORK/b" array create demo --level mirror \
-    "dst://127.0.0.1:$port_a/disk0" "dst://127.0.0.1:$port_c/disk1"
+    "dsts://127.0.0.1:$port_a/disk0" "dsts://127.0.0.1:$port_c/disk1"
   ctl "$WORK/b" mount "$WORK/mnt"
   wait_for_file "$WORK/mnt/demo.img" 10 || die "$WORK/mnt/demo.img did not appear"
   ls -l "$WORK/mnt"
@@ -326,7 +333,7 @@ run_demo() {
   mkfs.ext4 -q -F ${DST_DEMO_MKFS_OPTIONS:-} "$LOOPDEV"
   mount "$LOOPDEV" "$WORK/fs"
 
-  log "writing files through ext4 -> loop -> FUSE -> dstd B (mirror) -> TCP -> dstd A + dstd C"
+  log "writing files through ext4 -> loop -> FUSE -> dstd B (mirror) -> TLS 1.3 -> dstd A + dstd C"
   echo "hello from dst, $(date -u)" >"$WORK/fs/hello.txt"
   dd if=/dev/urandom of="$WORK/fs/random.bin" bs=1M count=16 status=none
   sync -f "$WORK/fs"
