@@ -144,7 +144,9 @@ Status DecodeHelloReply(const std::uint8_t* in, std::size_t len, HelloReply* r) 
   r->max_payload = GetU32(in + 20);
   r->permissions = GetU32(in + 24);
   if (r->version != kProtocolVersion) return Status::ProtocolError("unsupported protocol version");
-  if (r->block_size == 0 || (r->block_size & (r->block_size - 1)) || r->block_size > 65536)
+  // docs/protocol.md §6.2: a power of two, 512..65536 (smaller would let a server make every
+  // request a run of tiny units the client must align to).
+  if (r->block_size < 512 || (r->block_size & (r->block_size - 1)) || r->block_size > 65536)
     return Status::ProtocolError("bad block size");
   if (r->max_payload < r->block_size || r->max_payload > kAbsoluteMaxPayload)
     return Status::ProtocolError("bad max payload");

@@ -122,6 +122,15 @@ class CodecTest : public QObject {
     QCOMPARE(e.max_payload, r.max_payload);
     QCOMPARE(e.permissions, r.permissions);
     QCOMPARE(e.export_flags, r.export_flags);
+    // Block sizes outside 512..65536 or not a power of two are refused (protocol.md §6.2).
+    for (std::uint32_t bad : {0u, 1u, 256u, 768u, 131072u}) {
+      r.block_size = bad;
+      QCOMPARE(EncodeHelloReply(r, b, sizeof b), std::size_t(kHelloReplySize));
+      QVERIFY2(!DecodeHelloReply(b, kHelloReplySize, &e).ok(), qPrintable(QString::number(bad)));
+    }
+    r.block_size = 512;
+    QCOMPARE(EncodeHelloReply(r, b, sizeof b), std::size_t(kHelloReplySize));
+    QVERIFY(DecodeHelloReply(b, kHelloReplySize, &e).ok());
   }
 
   void malformedHeaders() {
