@@ -32,6 +32,7 @@
 #include "dst/mirror_device.h"
 #include "dst/net/nbd_client_device.h"
 #include "remote_workload.h"
+#include "io_thread.h"
 #include "test_env.h"
 
 using namespace dst;
@@ -43,16 +44,7 @@ namespace {
 
 constexpr std::uint64_t kImageSize = 32u << 20;
 
-struct IoThread {
-  boost::asio::io_context io;
-  boost::asio::executor_work_guard<boost::asio::io_context::executor_type> guard{io.get_executor()};
-  std::thread t{[this] { io.run(); }};
-  ~IoThread() {
-    guard.reset();
-    io.stop();
-    t.join();
-  }
-};
+using dst::test::IoThread;  // tests/lib/io_thread.h
 
 bool MakeImage(const QString& path, std::uint64_t size) {
   QFile f(path);

@@ -39,6 +39,7 @@
 #include "dst/net/nbd_format.h"
 #include "connect_check_probe.h"
 #include "fake_peers.h"
+#include "io_thread.h"
 #include "test_env.h"
 
 // --- allocation counter (threads of the fake server opt out) ---------------------------------
@@ -86,16 +87,7 @@ bool AllZero(const char* p, std::size_t n) {
   return true;
 }
 
-struct IoThread {
-  boost::asio::io_context io;
-  boost::asio::executor_work_guard<boost::asio::io_context::executor_type> guard{io.get_executor()};
-  std::thread t{[this] { io.run(); }};
-  ~IoThread() {
-    guard.reset();
-    io.stop();
-    t.join();
-  }
-};
+using dst::test::IoThread;  // tests/lib/io_thread.h
 
 struct Batch {
   std::mutex mu;

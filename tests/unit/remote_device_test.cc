@@ -39,6 +39,7 @@
 #include "connect_check_probe.h"
 #include "fake_peers.h"
 #include "fault_proxy.h"
+#include "io_thread.h"
 #include "test_env.h"
 
 // --- allocation counter ----------------------------------------------------------------------
@@ -95,17 +96,7 @@ using Event = test::FakeDstEvent;
 
 // ---- client-side helpers --------------------------------------------------------------------
 
-// Runs an io_context on one thread for the test's lifetime.
-struct IoThread {
-  boost::asio::io_context io;
-  boost::asio::executor_work_guard<boost::asio::io_context::executor_type> guard{io.get_executor()};
-  std::thread t{[this] { io.run(); }};
-  ~IoThread() {
-    guard.reset();
-    io.stop();
-    t.join();
-  }
-};
+using dst::test::IoThread;  // tests/lib/io_thread.h
 
 // Counts completions of asynchronously submitted requests.
 struct Batch {
