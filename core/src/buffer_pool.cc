@@ -14,10 +14,12 @@ BufferPool::BufferPool(std::size_t buffer_size, std::size_t count, std::size_t a
   void* p = nullptr;
   if (posix_memalign(&p, alignment, bytes_) != 0) throw std::bad_alloc();
   base_ = static_cast<char*>(p);
-  // Touch and pin the pages now: the data path must not fault memory in under writeback
-  // pressure (loop-on-FUSE deadlock).  mlock may be refused (RLIMIT_MEMLOCK); that is not fatal.
-  for (std::size_t i = 0; i < bytes_; i += 4096) base_[i] = 0;
+  // Fault in and pin the pages now: the data path must not fault memory in under writeback
+  // pressure (loop-on-FUSE deadlock).  mlock populates them in the kernel; when it is refused
+  // (RLIMIT_MEMLOCK; not fatal) they are touched one by one instead.
   locked_ = (mlock(base_, bytes_) == 0);
+  if (!locked_)
+    for (std::size_t i = 0; i < bytes_; i += 4096) base_[i] = 0;
   free_.reserve(count);
   for (std::size_t i = count; i-- > 0;) free_.push_back(base_ + i * buffer_size);
 }

@@ -57,6 +57,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <map>
+#include <unordered_set>
 #include <mutex>
 #include <thread>
 
@@ -141,7 +142,11 @@ int ErrnoOf(const Status& st) {
 
 class FuseMount::Impl {
  public:
-  ~Impl() { Unmount(); }
+  ~Impl() {
+    Unmount();
+    // A forced (lazy) unmount with files still open: the kernel never sends their release.
+    for (OpenFile* of : open_files_) delete of;
+  }
 
   Status Start(const FuseOptions& opts);
   void Unmount();
@@ -216,6 +221,7 @@ class FuseMount::Impl {
   std::condition_variable released_cv_;  // a volume's open_count dropped to 0
   std::map<std::string, std::shared_ptr<Volume>> by_name_;  // GUARDED_BY(mu_)
   std::map<fuse_ino_t, std::shared_ptr<Volume>> by_ino_;    // GUARDED_BY(mu_)
+  std::unordered_set<OpenFile*> open_files_;                 // GUARDED_BY(mu_); owned
   fuse_ino_t next_ino_ = 2;                                 // GUARDED_BY(mu_)
 };
 
@@ -711,6 +717,7 @@ void FuseMount::Impl::OnOpen(fuse_req_t req, fuse_ino_t ino, struct fuse_file_in
   }
   const bool writable = (fi->flags & O_ACCMODE) != O_RDONLY;
   Volume* vol = nullptr;
+  OpenFile* of = nullptr;
   {
     std::lock_guard<std::mutex> l(mu_);
     auto it = by_ino_.find(ino);
@@ -724,8 +731,9 @@ void FuseMount::Impl::OnOpen(fuse_req_t req, fuse_ino_t ino, struct fuse_file_in
     }
     vol = it->second.get();
     ++vol->open_count;
+    of = new OpenFile{vol, writable, (fi->flags & O_DSYNC) != 0};
+    open_files_.insert(of);
   }
-  auto* of = new OpenFile{vol, writable, (fi->flags & O_DSYNC) != 0};
   fi->fh = reinterpret_cast<std::uint64_t>(of);
   fi->keep_cache = 0;
   fi->direct_io = 0;  // O_DIRECT users get the kernel's direct path anyway; see OnInit
@@ -733,6 +741,7 @@ void FuseMount::Impl::OnOpen(fuse_req_t req, fuse_ino_t ino, struct fuse_file_in
     // The opener went away (interrupted): the kernel will not send release for this handle.
     std::lock_guard<std::mutex> l(mu_);
     --vol->open_count;
+    open_files_.erase(of);
     delete of;
   }
 }
@@ -742,6 +751,7 @@ void FuseMount::Impl::OnRelease(fuse_req_t req, struct fuse_file_info* fi) {
   {
     std::lock_guard<std::mutex> l(mu_);
     if (--of->vol->open_count == 0) released_cv_.notify_all();
+    open_files_.erase(of);
   }
   delete of;
   fuse_reply_err(req, 0);
