@@ -2,13 +2,14 @@
 # Flood and fairness benchmark (issue 11 item 3): a legitimate NBD client's IOPS alone and under
 # each attack from other loopback addresses (conn_flood --attack), with dstd's RSS and fd count:
 #   held       2,000 connections that send one byte and hold
-#   slowdrain  8 connections that keep 4 MiB READs queued and read the replies at ~200 KB/s
+#   slowdrain  8 connections that keep 32 READs of 4 MiB queued and read the replies at ~200 KB/s
 #   trickle    2,000 connections that send a handshake byte every 8 s
 # dstd runs with its default [limits] (plus --min-drain-rate when given).
 #
 #   bash bench/flood_bench.sh [--quick] [--build-dir DIR] [--conns N] [--seconds S]
 #                             [--reconnect-ms MS] [--attacks held,slowdrain,trickle]
 #                             [--slow-conns 8] [--drain-kbps 200] [--min-drain-rate BYTES]
+#                             [--dstd PATH]   (another dstd, e.g. an older build, to compare)
 #
 # An attack connection dstd closes (over a cap, a deadline, too slow a reader) is opened again
 # after --reconnect-ms (default 1000; 0 adds a connect flood on top).
@@ -42,6 +43,7 @@ while [[ $# -gt 0 ]]; do
     --slow-conns) [[ $# -ge 2 ]] || usage; SLOW_CONNS="$2"; shift ;;
     --drain-kbps) [[ $# -ge 2 ]] || usage; DRAIN_KBPS="$2"; shift ;;
     --min-drain-rate) [[ $# -ge 2 ]] || usage; MIN_DRAIN_RATE="$2"; shift ;;
+    --dstd) [[ $# -ge 2 ]] || usage; DSTD="$2"; shift ;;
     -h|--help) usage ;;
     *) echo "flood-bench: unknown option $1" >&2; usage ;;
   esac
@@ -49,7 +51,8 @@ while [[ $# -gt 0 ]]; do
 done
 
 BIN="$BUILD/bin"
-[[ -x $BIN/dstd && -x $BIN/conn_flood ]] || die "dstd/conn_flood not found in $BIN (build first, or pass --build-dir)"
+DSTD="${DSTD:-$BIN/dstd}"
+[[ -x $DSTD && -x $BIN/conn_flood ]] || die "dstd/conn_flood not found in $BIN (build first, or pass --build-dir)"
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
 
@@ -80,7 +83,7 @@ path = "$WORK/disk.img"
 size = "64M"
 TOML
   [[ -z $MIN_DRAIN_RATE ]] || printf '[limits]\nmin_drain_rate = %s\n' "$MIN_DRAIN_RATE" >> "$WORK/dstd.toml"
-  "$BIN/dstd" --config "$WORK/dstd.toml" --state-dir "$WORK/state" --control "$WORK/dstd.sock" \
+  "$DSTD" --config "$WORK/dstd.toml" --state-dir "$WORK/state" --control "$WORK/dstd.sock" \
     > "$WORK/dstd.log" 2>&1 &
   DSTD_PID=$!
   for _ in $(seq 1 100); do
