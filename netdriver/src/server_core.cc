@@ -17,6 +17,11 @@ namespace {
 
 constexpr std::chrono::seconds kCloseGrace{5};   // unsent replies of a closing connection
 constexpr std::chrono::seconds kDrainGrace{20};  // Drain(): then connections are forced shut
+// At max_connections, after kRefusalBurst refusals in a kFullPause window, the accept loop rests
+// until the window ends (or a connection leaves): a connect flood then waits in the kernel's
+// backlog instead of costing an accept and a close each.
+constexpr std::chrono::milliseconds kFullPause{500};
+constexpr int kRefusalBurst = 128;
 constexpr std::chrono::seconds kLogInterval{10};  // LogLimited: one line per key and interval
 constexpr std::size_t kMaxLogWindows = 4096;      // LogLimited keys remembered
 constexpr int kMaxLinesPerInterval = 32;          // LogLimited lines per interval, all keys
@@ -632,7 +637,26 @@ void ServerCore::DoAccept() {
       self->refused_.fetch_add(1, std::memory_order_relaxed);
       self->LogLimited(address, "connection refused", over);
       t->Close();
-      self->DoAccept();
+      bool full;
+      {
+        std::lock_guard<std::mutex> l(self->mu_);
+        full = self->opts_.limits.max_connections && self->conns_.size() >= self->opts_.limits.max_connections;
+      }
+      const auto now = Clock::now();
+      if (now - self->refusal_window_ >= kFullPause) {
+        self->refusal_window_ = now;
+        self->refusals_ = 0;
+      }
+      if (!full || ++self->refusals_ <= kRefusalBurst) {
+        self->DoAccept();
+        return;
+      }
+      self->accept_paused_ = true;  // resumed by the timer or RemoveConn
+      self->accept_timer_.expires_at(self->refusal_window_ + kFullPause);
+      self->accept_timer_.async_wait([self](const boost::system::error_code&) {
+        self->accept_paused_ = false;
+        self->DoAccept();  // nothing when the listener closed meanwhile
+      });
       return;
     }
     auto conn = self->NewConn(std::move(t));
@@ -807,6 +831,10 @@ void ServerCore::RemoveConn(ServerConn* c) {
     conns_.erase(it);
     Decrement(&per_address_, c->address());
     if (!c->identity_.empty()) Decrement(&per_identity_, c->identity_);
+    if (opts_.limits.max_connections && conns_.size() + 1 == opts_.limits.max_connections)
+      asio::post(ctl_, [self = shared_from_this()] {  // a slot is free: stop resting
+        if (self->accept_paused_) self->accept_timer_.cancel();
+      });
     // Fold its counters into the closed totals in the same critical section that takes it out
     // of the live sum, so the statistics never count it twice or lose it.
     const std::uint64_t frames = c->tx_stats().frames.load(std::memory_order_relaxed);

@@ -243,6 +243,9 @@ class ServerCore : public std::enable_shared_from_this<ServerCore> {
   Strand ctl_;  // serializes the listener and the timers below
   std::unique_ptr<Listener> listener_;
   bool listening_ = false;  // on ctl_
+  bool accept_paused_ = false;  // on ctl_: resting at max_connections
+  std::chrono::steady_clock::time_point refusal_window_;  // on ctl_
+  int refusals_ = 0;                                      // on ctl_, in that window
   boost::asio::steady_timer accept_timer_;
   boost::asio::steady_timer drain_timer_;
   // On the io_context, its handler bound to ctl_ and sweep_arena_: a sweep every second must not
