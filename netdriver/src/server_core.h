@@ -32,7 +32,8 @@
 //   first, DiscardPayload, so the stream stays in sync).
 //
 // Resource caps (ServerLimits, docs/security.md "Bounded resources"): the accept callback closes
-// a connection over the total or per-address cap before NewConn allocates anything for it; the
+// a connection over the total or per-address cap before NewConn allocates anything for it (at
+// the total cap, past a burst of refusals, it rests for the rest of a half second); the
 // periodic sweep closes a connection past its handshake deadline, one the server waits on without
 // progress (stall_timeout), one that reads its queued replies slower than min_drain_rate, and an
 // idle one (no request for idle_timeout).
