@@ -1,14 +1,19 @@
-// conn_flood: a legitimate NBD client's IOPS alone and under a connection flood (issue 11 item
-// 3).  Driven by bench/flood_bench.sh against a running dstd:
+// conn_flood: a legitimate NBD client's IOPS alone and under an attack (issue 11 item 3).
+// Driven by bench/flood_bench.sh against a running dstd:
 //
-//   conn_flood --port NBD_PORT --export NAME --pid DSTD_PID [--conns 2000] [--seconds 5]
-//              [--reconnect-ms 1000]
+//   conn_flood --port NBD_PORT --export NAME --pid DSTD_PID [--attack held|trickle|slowdrain]
+//              [--conns 2000] [--seconds 5] [--reconnect-ms 1000] [--drain-kbps 200]
 //
 // The legitimate client connects first from 127.0.0.1 and reads 4 KiB blocks at random offsets,
-// one at a time.  The flood is `--conns` connections from 127.0.0.2, 127.0.0.3, ... (30 per
-// address) that each send one byte and hold; one the server closes is opened again after
-// `--reconnect-ms` (0: at once, which makes it a connect flood as well).  Printed: IOPS and the longest request of each phase,
-// their ratio, and dstd's RSS and open fds (sampled every 100 ms, maximum) before and during.
+// one at a time.  The attack is `--conns` connections from 127.0.0.2, 127.0.0.3, ... (30 per
+// address); one the server closes is opened again after `--reconnect-ms` (0: at once, which
+// makes it a connect flood as well):
+//   held       each sends one byte and holds;
+//   trickle    each sends a byte of its handshake every 8 s;
+//   slowdrain  each finishes the handshake, keeps 32 READs of 4 MiB queued and reads the replies
+//              at --drain-kbps KB/s (one thread per connection).
+// Printed: IOPS and the longest request of each phase, their ratio, and dstd's RSS and open fds
+// (sampled every 100 ms, maximum) before and during.
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -71,12 +76,21 @@ struct Legit {
   std::mt19937_64 rng{42};
   char buf[4096];
 
-  bool Open(std::uint16_t port, const std::string& name) {
+  ~Legit() {
+    if (fd >= 0) ::close(fd);
+  }
+  // From `source`, with a receive buffer of `rcvbuf` bytes (0: the default).
+  bool Open(std::uint16_t port, const std::string& name, const char* source = "127.0.0.1", int rcvbuf = 0) {
     fd = ::socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in a = Addr("127.0.0.1", port);
-    if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) return false;
+    sockaddr_in s = Addr(source, 0), a = Addr("127.0.0.1", port);
+    if (rcvbuf) ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
+    if (::bind(fd, reinterpret_cast<sockaddr*>(&s), sizeof s) != 0 ||
+        ::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0)
+      return false;
     int one = 1;
     ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    timeval tv{5, 0};  // a request stalled this long fails the phase (ok=0) instead of hanging it
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     unsigned char g[18];
     if (!RecvFull(fd, g, sizeof g)) return false;
     unsigned char flags[4] = {0, 0, 0, 3};  // FIXED_NEWSTYLE | NO_ZEROES
@@ -92,16 +106,19 @@ struct Legit {
     size = Be64(r);
     return size >= 4096;
   }
-  // One READ; false when the connection failed.
-  bool Read() {
+  // Sends one READ of `len` bytes at a random aligned offset.
+  bool SendRead(std::uint32_t len) {
     unsigned char q[28] = {};
     PutBe(q, 0x25609513, 4);
     PutBe(q + 8, ++cookie, 8);
-    PutBe(q + 16, (rng() % (size / 4096)) * 4096, 8);
-    PutBe(q + 24, 4096, 4);
+    PutBe(q + 16, (rng() % (size / len)) * len, 8);
+    PutBe(q + 24, len, 4);
+    return SendAll(fd, q, sizeof q);
+  }
+  // One READ; false when the connection failed.
+  bool Read() {
     unsigned char h[16];
-    return SendAll(fd, q, sizeof q) && RecvFull(fd, h, sizeof h) && h[7] == 0 && h[6] == 0 &&
-           RecvFull(fd, buf, sizeof buf);
+    return SendRead(4096) && RecvFull(fd, h, sizeof h) && h[7] == 0 && h[6] == 0 && RecvFull(fd, buf, sizeof buf);
   }
 };
 
@@ -118,11 +135,12 @@ Phase Measure(Legit& c, double seconds) {
   const auto end = t0 + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
   while (Clock::now() < end) {
     const auto s = Clock::now();
-    if (!c.Read()) {
-      p.ok = false;
+    const bool ok = c.Read();
+    p.max_ms = std::max(p.max_ms, std::chrono::duration<double, std::milli>(Clock::now() - s).count());
+    if (!ok) {
+      p.ok = false;  // a failed request's time counts too: a stall ends in the 5 s timeout
       break;
     }
-    p.max_ms = std::max(p.max_ms, std::chrono::duration<double, std::milli>(Clock::now() - s).count());
     ++n;
   }
   p.iops = double(n) / std::chrono::duration<double>(Clock::now() - t0).count();
@@ -148,11 +166,85 @@ void Sample(int pid, long* rss_kib, int* fds) {
   *fds = std::max(*fds, n - 2);
 }
 
-// Keeps `n` connections open, each after sending one byte; reopens those the server closes.
+// The source address of attack connection i: 30 per address from 127.0.0.2.
+std::string SourceOf(int i) {
+  char src[32];
+  std::snprintf(src, sizeof src, "127.0.%d.%d", 1 + i / 30 / 250, 2 + (i / 30) % 250);
+  return src;
+}
+
+// Slow readers: each connection keeps kQueued READs of kReadBytes outstanding and reads the
+// replies at `kbps` KB/s; reconnects (after reconnect_ms) when the server closes it.
+class SlowDrain {
+ public:
+  static constexpr std::uint32_t kReadBytes = 4u << 20;
+  static constexpr int kQueued = 32;
+  SlowDrain(std::uint16_t port, std::string name, int n, int reconnect_ms, int kbps)
+      : port_(port), name_(std::move(name)), n_(n), reconnect_(reconnect_ms), kbps_(kbps) {}
+  void Start() {
+    for (int i = 0; i < n_; ++i) threads_.emplace_back([this, i] { Run(i); });
+  }
+  void Stop() {
+    stop_ = true;
+    for (auto& t : threads_) t.join();
+  }
+  std::uint64_t opened() const { return opened_; }
+  std::uint64_t closed_by_server() const { return closed_; }
+  std::uint64_t bytes() const { return bytes_; }
+
+ private:
+  void Run(int i) {
+    const std::string src = SourceOf(i);
+    const std::size_t chunk = std::size_t(kbps_) * 1000 / 10;  // every 100 ms
+    std::vector<char> buf(chunk);
+    while (!stop_) {
+      Legit c;
+      if (!c.Open(port_, name_, src.c_str(), 64 << 10)) {
+        std::this_thread::sleep_for(reconnect_);
+        continue;
+      }
+      ++opened_;
+      timeval tv{0, 200000};
+      ::setsockopt(c.fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+      const std::uint64_t reply = 16 + kReadBytes;
+      std::uint64_t got = 0, sent = 0;
+      bool alive = true;
+      auto next = Clock::now();
+      while (!stop_ && alive) {
+        for (; alive && sent < got / reply + kQueued; ++sent) alive = c.SendRead(kReadBytes);
+        next += std::chrono::milliseconds(100);
+        std::size_t want = chunk;
+        while (alive && want > 0 && !stop_) {
+          const ssize_t r = ::recv(c.fd, buf.data(), want, 0);
+          if (r > 0) got += std::size_t(r), want -= std::size_t(r), bytes_ += std::size_t(r);
+          else if (r == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) alive = false;
+          else break;
+        }
+        std::this_thread::sleep_until(next);
+      }
+      if (!alive && !stop_) {
+        ++closed_;
+        std::this_thread::sleep_for(reconnect_);
+      }
+    }
+  }
+
+  std::uint16_t port_;
+  std::string name_;
+  int n_;
+  std::chrono::milliseconds reconnect_;
+  int kbps_;
+  std::vector<std::thread> threads_;
+  std::atomic<bool> stop_{false};
+  std::atomic<std::uint64_t> opened_{0}, closed_{0}, bytes_{0};
+};
+
+// Keeps `n` connections open, each after sending one byte (every `trickle_ms` again when set);
+// reopens those the server closes.
 class Flood {
  public:
-  Flood(std::uint16_t port, int n, int reconnect_ms)
-      : port_(port), n_(n), reconnect_(reconnect_ms), fds_(static_cast<std::size_t>(n), -1) {}
+  Flood(std::uint16_t port, int n, int reconnect_ms, int trickle_ms = 0)
+      : port_(port), n_(n), reconnect_(reconnect_ms), trickle_(trickle_ms), fds_(static_cast<std::size_t>(n), -1) {}
   void Start() { thread_ = std::thread([this] { Run(); }); }
   void Stop() {
     stop_ = true;
@@ -165,9 +257,7 @@ class Flood {
   void Open(int i) {
     const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
     if (fd < 0) return;
-    char src[32];
-    std::snprintf(src, sizeof src, "127.0.%d.%d", 1 + i / 30 / 250, 2 + (i / 30) % 250);
-    sockaddr_in s = Addr(src, 0), a = Addr("127.0.0.1", port_);
+    sockaddr_in s = Addr(SourceOf(i).c_str(), 0), a = Addr("127.0.0.1", port_);
     if (::bind(fd, reinterpret_cast<sockaddr*>(&s), sizeof s) != 0 ||
         (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 && errno != EINPROGRESS)) {
       ::close(fd);
@@ -187,10 +277,16 @@ class Flood {
     std::vector<char> sent(static_cast<std::size_t>(n_), 0);
     std::vector<std::pair<Clock::time_point, int>> later;  // closed slots to reopen, in order
     std::size_t next = 0;
+    auto trickle_at = Clock::now() + trickle_;
     while (!stop_) {
       const auto now = Clock::now();
       while (next < later.size() && later[next].first <= now) Open(later[next++].second);
       if (next == later.size()) later.clear(), next = 0;
+      if (trickle_.count() > 0 && now >= trickle_at) {  // the next byte of every handshake
+        trickle_at = now + trickle_;
+        for (int fd : fds_)
+          if (fd >= 0) (void)!::send(fd, "x", 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+      }
       const int k = ::epoll_wait(ep_, evs.data(), int(evs.size()), 10);
       for (int j = 0; j < k; ++j) {
         const int i = static_cast<int>(evs[j].data.u64);
@@ -226,6 +322,7 @@ class Flood {
   std::uint16_t port_;
   int n_;
   std::chrono::milliseconds reconnect_;
+  std::chrono::milliseconds trickle_;
   std::vector<int> fds_;
   int ep_ = -1;
   std::atomic<bool> stop_{false};
@@ -238,8 +335,9 @@ class Flood {
 int main(int argc, char** argv) {
   std::uint16_t port = 0;
   std::string name = "disk";
-  int pid = 0, conns = 2000, reconnect_ms = 1000;
+  int pid = 0, conns = 2000, reconnect_ms = 1000, drain_kbps = 200;
   double seconds = 5;
+  std::string attack = "held";
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i];
     if (k == "--port") port = static_cast<std::uint16_t>(std::atoi(argv[i + 1]));
@@ -248,6 +346,12 @@ int main(int argc, char** argv) {
     else if (k == "--conns") conns = std::atoi(argv[i + 1]);
     else if (k == "--seconds") seconds = std::atof(argv[i + 1]);
     else if (k == "--reconnect-ms") reconnect_ms = std::atoi(argv[i + 1]);
+    else if (k == "--attack") attack = argv[i + 1];
+    else if (k == "--drain-kbps") drain_kbps = std::atoi(argv[i + 1]);
+  }
+  if (attack != "held" && attack != "trickle" && attack != "slowdrain") {
+    std::fprintf(stderr, "conn_flood: --attack is held, trickle or slowdrain\n");
+    return 2;
   }
   if (!port || !pid) {
     std::fprintf(stderr, "usage: conn_flood --port NBD_PORT --pid DSTD_PID [--export NAME] [--conns N] [--seconds S]\n");
@@ -271,8 +375,9 @@ int main(int argc, char** argv) {
   const Phase alone = Measure(c, seconds);
   Sample(pid, &rss0, &fds0);
 
-  Flood flood(port, conns, reconnect_ms);
-  flood.Start();
+  Flood flood(port, conns, reconnect_ms, attack == "trickle" ? 8000 : 0);
+  SlowDrain slow(port, name, conns, reconnect_ms, drain_kbps);
+  if (attack == "slowdrain") slow.Start(); else flood.Start();
   std::atomic<bool> sampling{true};
   std::thread sampler([&] {
     while (sampling) {
@@ -280,21 +385,27 @@ int main(int argc, char** argv) {
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
   });
-  std::this_thread::sleep_for(std::chrono::seconds(1));  // the flood is up
+  std::this_thread::sleep_for(std::chrono::seconds(attack == "slowdrain" ? 2 : 1));  // the attack is up
   const Phase loaded = Measure(c, seconds);
   sampling = false;
   sampler.join();
-  flood.Stop();
+  const bool slowdrain = attack == "slowdrain";
+  slowdrain ? slow.Stop() : flood.Stop();
 
   std::printf("legit client alone:        %.0f IOPS, longest request %.1f ms\n", alone.iops, alone.max_ms);
-  std::printf("under %d held connections: %.0f IOPS, longest request %.1f ms%s\n", conns, loaded.iops,
+  std::printf("under %d %s connections: %.0f IOPS, longest request %.1f ms%s\n", conns, attack.c_str(), loaded.iops,
               loaded.max_ms, loaded.ok ? "" : " (connection LOST)");
   std::printf("flood: %llu connections opened, %llu closed by dstd (reopened after %d ms)\n",
-              (unsigned long long)flood.opened(), (unsigned long long)flood.closed_by_server(), reconnect_ms);
+              (unsigned long long)(slowdrain ? slow.opened() : flood.opened()),
+              (unsigned long long)(slowdrain ? slow.closed_by_server() : flood.closed_by_server()), reconnect_ms);
+  if (slowdrain)
+    std::printf("slow readers drained %.1f MB in all (%.0f KB/s each)\n", double(slow.bytes()) / 1e6,
+                double(slow.bytes()) / 1e3 / conns / (seconds + 2));
   std::printf("dstd: RSS %.1f MiB alone, %.1f MiB max under flood; fds %d alone, %d max under flood\n",
               double(rss0) / 1024, double(rss1) / 1024, fds0, fds1);
   const double ratio = alone.iops > 0 ? loaded.iops / alone.iops : 0;
-  std::printf("RESULT ratio=%.3f alone_iops=%.0f loaded_iops=%.0f max_stall_ms=%.1f rss_mib=%.1f fds=%d ok=%d\n",
-              ratio, alone.iops, loaded.iops, loaded.max_ms, double(rss1) / 1024, fds1, loaded.ok ? 1 : 0);
+  std::printf("RESULT ratio=%.3f alone_iops=%.0f loaded_iops=%.0f max_stall_ms=%.1f rss_mib=%.1f fds=%d ok=%d attack=%s\n",
+              ratio, alone.iops, loaded.iops, loaded.max_ms, double(rss1) / 1024, fds1, loaded.ok ? 1 : 0,
+              attack.c_str());
   return loaded.ok ? 0 : 1;
 }

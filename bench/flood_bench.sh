@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# Connection-flood benchmark (issue 11 item 3): a legitimate NBD client's IOPS alone and while
-# 2,000 connections from other loopback addresses send one byte and hold (reconnecting when dstd
-# closes them), with dstd's RSS and fd count.  dstd runs with its default [limits].
+# Flood and fairness benchmark (issue 11 item 3): a legitimate NBD client's IOPS alone and under
+# each attack from other loopback addresses (conn_flood --attack), with dstd's RSS and fd count:
+#   held       2,000 connections that send one byte and hold
+#   slowdrain  8 connections that keep 32 READs of 4 MiB queued and read the replies at ~200 KB/s
+#   trickle    2,000 connections that send a handshake byte every 8 s
+# dstd runs with its default [limits] (plus --min-drain-rate when given).
 #
 #   bash bench/flood_bench.sh [--quick] [--build-dir DIR] [--conns N] [--seconds S]
-#                             [--reconnect-ms MS]
+#                             [--reconnect-ms MS] [--attacks held,slowdrain,trickle]
+#                             [--slow-conns 8] [--drain-kbps 200] [--min-drain-rate BYTES]
+#                             [--dstd PATH]   (another dstd, e.g. an older build, to compare)
 #
-# A flood connection dstd closes (over a cap, handshake deadline) is opened again after
-# --reconnect-ms (default 1000; 0 adds a connect flood on top).
-# The last line is machine-readable: RESULT ratio=... alone_iops=... loaded_iops=...
-# max_stall_ms=... rss_mib=... fds=... ok=...   --quick (the `bench` CTest smoke): 300
-# connections, 1 s per phase.  Connects only to 127.0.0.1 (from 127.0.0.1 and 127.0.1.x).
+# An attack connection dstd closes (over a cap, a deadline, too slow a reader) is opened again
+# after --reconnect-ms (default 1000; 0 adds a connect flood on top).
+# One machine-readable line per attack: RESULT ratio=... alone_iops=... loaded_iops=...
+# max_stall_ms=... rss_mib=... fds=... ok=... attack=...   Target: ratio >= 0.8 and no request
+# over 1 s.  --quick (the `bench` CTest smoke): 300 connections, 1 s per phase.  Connects only
+# to 127.0.0.1 (from 127.0.0.1 and 127.0.x.y).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -18,6 +24,10 @@ BUILD="${DST_BUILD_DIR:-$ROOT/build}"
 CONNS=2000
 SECONDS_PER_PHASE=5
 RECONNECT_MS=1000
+ATTACKS=held,slowdrain,trickle
+SLOW_CONNS=8
+DRAIN_KBPS=200
+MIN_DRAIN_RATE=""
 
 die() { printf 'flood-bench: %s\n' "$*" >&2; exit 1; }
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit 64; }
@@ -29,6 +39,11 @@ while [[ $# -gt 0 ]]; do
     --conns) [[ $# -ge 2 ]] || usage; CONNS="$2"; shift ;;
     --seconds) [[ $# -ge 2 ]] || usage; SECONDS_PER_PHASE="$2"; shift ;;
     --reconnect-ms) [[ $# -ge 2 ]] || usage; RECONNECT_MS="$2"; shift ;;
+    --attacks) [[ $# -ge 2 ]] || usage; ATTACKS="$2"; shift ;;
+    --slow-conns) [[ $# -ge 2 ]] || usage; SLOW_CONNS="$2"; shift ;;
+    --drain-kbps) [[ $# -ge 2 ]] || usage; DRAIN_KBPS="$2"; shift ;;
+    --min-drain-rate) [[ $# -ge 2 ]] || usage; MIN_DRAIN_RATE="$2"; shift ;;
+    --dstd) [[ $# -ge 2 ]] || usage; DSTD="$2"; shift ;;
     -h|--help) usage ;;
     *) echo "flood-bench: unknown option $1" >&2; usage ;;
   esac
@@ -36,7 +51,8 @@ while [[ $# -gt 0 ]]; do
 done
 
 BIN="$BUILD/bin"
-[[ -x $BIN/dstd && -x $BIN/conn_flood ]] || die "dstd/conn_flood not found in $BIN (build first, or pass --build-dir)"
+DSTD="${DSTD:-$BIN/dstd}"
+[[ -x $DSTD && -x $BIN/conn_flood ]] || die "dstd/conn_flood not found in $BIN (build first, or pass --build-dir)"
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
 
@@ -66,7 +82,8 @@ name = "disk"
 path = "$WORK/disk.img"
 size = "64M"
 TOML
-  "$BIN/dstd" --config "$WORK/dstd.toml" --state-dir "$WORK/state" --control "$WORK/dstd.sock" \
+  [[ -z $MIN_DRAIN_RATE ]] || printf '[limits]\nmin_drain_rate = %s\n' "$MIN_DRAIN_RATE" >> "$WORK/dstd.toml"
+  "$DSTD" --config "$WORK/dstd.toml" --state-dir "$WORK/state" --control "$WORK/dstd.sock" \
     > "$WORK/dstd.log" 2>&1 &
   DSTD_PID=$!
   for _ in $(seq 1 100); do
@@ -85,6 +102,15 @@ for attempt in 1 2 3; do
   [[ $attempt -lt 3 ]] || die "dstd did not start"
 done
 sleep 0.5  # the NBD listener
-"$BIN/conn_flood" --port "$NBD_PORT" --export disk --pid "$DSTD_PID" --conns "$CONNS" \
-  --seconds "$SECONDS_PER_PHASE" --reconnect-ms "$RECONNECT_MS"
+rc=0
+IFS=, read -ra attack_list <<< "$ATTACKS"
+for attack in "${attack_list[@]}"; do
+  n=$CONNS
+  [[ $attack != slowdrain ]] || n=$SLOW_CONNS
+  printf '\n== attack %s (%s connections)\n' "$attack" "$n"
+  "$BIN/conn_flood" --port "$NBD_PORT" --export disk --pid "$DSTD_PID" --conns "$n" --attack "$attack" \
+    --seconds "$SECONDS_PER_PHASE" --reconnect-ms "$RECONNECT_MS" --drain-kbps "$DRAIN_KBPS" || rc=1
+  sleep 1  # the attack's connections close
+done
 printf 'flood-bench: dstd log lines during the run: %s\n' "$(wc -l < "$WORK/dstd.log")" >&2
+exit "$rc"

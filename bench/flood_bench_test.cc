@@ -1,8 +1,10 @@
-// Smoke run of the connection-flood benchmark (label `bench`): `bench/flood_bench.sh --quick`
-// against a real dstd.  Speeds are not judged (a busy CI machine is slow), but the legitimate
-// client must keep its connection and do I/O in both phases, the flood must have been refused
-// or closed by dstd's caps (300 connections from one /24 against max_connections = 256), and
-// dstd's fd count must stay within its cap plus its own descriptors.
+// Smoke run of the flood and fairness benchmark (label `bench`): `bench/flood_bench.sh --quick`
+// against a real dstd, all three attacks (held, slowdrain, trickle).  Speeds are not judged (a
+// busy CI machine is slow), but under each attack the legitimate client must keep its connection
+// and do I/O with no request stalled for 5 s (conn_flood's receive timeout: the slow readers used
+// to freeze it for good), the held flood must have been refused or closed by dstd's caps (300
+// connections from one /24 against max_connections = 256), and dstd's fd count must stay within
+// its cap plus its own descriptors.
 #include <QProcess>
 #include <QRegularExpression>
 
@@ -26,15 +28,21 @@ class FloodBenchTest : public QObject {
     const QString err = QString::fromUtf8(p.readAllStandardError());
     qInfo().noquote() << "\n" << out << err;
     QCOMPARE(p.exitCode(), 0);
-    const auto m = QRegularExpression(
-                       "RESULT ratio=([0-9.]+) alone_iops=([0-9]+) loaded_iops=([0-9]+) max_stall_ms=([0-9.]+) "
-                       "rss_mib=([0-9.]+) fds=([0-9]+) ok=1")
-                       .match(out);
-    QVERIFY2(m.hasMatch(), "no RESULT line with ok=1");
-    QVERIFY(m.captured(2).toDouble() > 0);
-    QVERIFY(m.captured(3).toDouble() > 0);
-    // max_connections = 256 (DST and NBD servers) plus dstd's own descriptors.
-    QVERIFY2(m.captured(6).toInt() < 256 + 100, qPrintable("dstd fds " + m.captured(6)));
+    QStringList attacks;
+    auto it = QRegularExpression(
+                  "RESULT ratio=([0-9.]+) alone_iops=([0-9]+) loaded_iops=([0-9]+) max_stall_ms=([0-9.]+) "
+                  "rss_mib=([0-9.]+) fds=([0-9]+) ok=([01]) attack=([a-z]+)")
+                  .globalMatch(out);
+    while (it.hasNext()) {
+      const auto m = it.next();
+      attacks << m.captured(8);
+      QVERIFY2(m.captured(7) == "1", qPrintable("legitimate client lost under " + m.captured(8)));
+      QVERIFY(m.captured(2).toDouble() > 0);
+      QVERIFY(m.captured(3).toDouble() > 0);
+      // max_connections = 256 (DST and NBD servers) plus dstd's own descriptors.
+      QVERIFY2(m.captured(6).toInt() < 256 + 100, qPrintable("dstd fds " + m.captured(6)));
+    }
+    QCOMPARE(attacks, QStringList({"held", "slowdrain", "trickle"}));
     const auto f = QRegularExpression("flood: ([0-9]+) connections opened, ([0-9]+) closed by dstd").match(out);
     QVERIFY(f.hasMatch());
     QVERIFY2(f.captured(2).toULongLong() >= 300 - 256, "dstd closed none of the flood");

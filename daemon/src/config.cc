@@ -424,6 +424,7 @@ Status ParseLimits(const toml::table& t, const ErrorSink& sink, LimitsConfig* l)
       {"idle_timeout", &l->idle_timeout_s},
       {"nbd_idle_timeout", &l->nbd_idle_timeout_s},
       {"stall_timeout", &l->stall_timeout_s},
+      {"drain_window", &l->drain_window_s},
   };
   // Counts and byte sizes with their ranges (the servers clamp the NBD ones to the spec's).
   struct Count {
@@ -435,6 +436,7 @@ Status ParseLimits(const toml::table& t, const ErrorSink& sink, LimitsConfig* l)
       {"max_connections", &l->max_connections, 0, 1000000},
       {"max_connections_per_address", &l->max_connections_per_address, 0, 1000000},
       {"max_connections_per_identity", &l->max_connections_per_identity, 0, 1000000},
+      {"min_drain_rate", &l->min_drain_rate, 0, 1u << 30},
       {"nbd_max_option_length", &l->nbd_max_option_length, 512, 16384},
       {"nbd_max_options", &l->nbd_max_options, 1, 4096},
       {"nbd_max_meta_queries", &l->nbd_max_meta_queries, 1, 128},

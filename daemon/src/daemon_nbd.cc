@@ -17,6 +17,8 @@ net::ServerLimits ServerLimitsOf(const LimitsConfig& l, bool nbd) {
   s.max_connections = l.max_connections;
   s.max_connections_per_address = l.max_connections_per_address;
   s.max_connections_per_identity = l.max_connections_per_identity;
+  s.min_drain_rate = l.min_drain_rate;
+  s.drain_window = std::chrono::seconds(l.drain_window_s);
   return s;
 }
 

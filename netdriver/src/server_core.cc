@@ -17,6 +17,11 @@ namespace {
 
 constexpr std::chrono::seconds kCloseGrace{5};   // unsent replies of a closing connection
 constexpr std::chrono::seconds kDrainGrace{20};  // Drain(): then connections are forced shut
+// At max_connections, after kRefusalBurst refusals in a kFullPause window, the accept loop rests
+// until the window ends (or a connection leaves): a connect flood then waits in the kernel's
+// backlog instead of costing an accept and a close each.
+constexpr std::chrono::milliseconds kFullPause{500};
+constexpr int kRefusalBurst = 128;
 constexpr std::chrono::seconds kLogInterval{10};  // LogLimited: one line per key and interval
 constexpr std::size_t kMaxLogWindows = 4096;      // LogLimited keys remembered
 constexpr int kMaxLinesPerInterval = 32;          // LogLimited lines per interval, all keys
@@ -62,10 +67,25 @@ ServerConn::ServerConn(std::shared_ptr<ServerCore> core, std::unique_ptr<Transpo
       progress_at_(accepted_at_),
       active_at_(accepted_at_) {
   tx_.set_error_handler(&ServerConn::OnTxError, this);
-  buf_cap_ = std::max<std::size_t>(1, core_->pool_count() / 4);
 }
 
-ServerConn::~ServerConn() { core_->CancelWait(this); }
+ServerConn::~ServerConn() {
+  core_->CancelWait(this);
+  if (counted_active_) core_->SetActive(false);
+}
+
+bool ServerConn::MayGrow() const {
+  // A connection whose replies already wait on it gains nothing from more buffers: they would
+  // only queue behind the others.  Its first buffer it always may take.
+  return bufs_held_ == 0 || (tx_.idle() && core_->MayTake(bufs_held_));
+}
+
+void ServerConn::SyncActive() {
+  const bool active = bufs_held_ > 0 || pending_ != nullptr;
+  if (active == counted_active_) return;
+  counted_active_ = active;
+  core_->SetActive(active);
+}
 
 void ServerConn::Start() {
   asio::post(strand_, [self = shared_from_this()] {
@@ -94,6 +114,24 @@ void ServerConn::Sweep(Clock::time_point now) {
     seen_requests_ = requests_;
     active_at_ = now;
   }
+  // Bytes drained, not frames, while replies wait on the client.  A window closes only while
+  // they keep waiting; a reader that empties its queue starts a new one.
+  bool slow_reader = false;
+  if (o.limits.min_drain_rate > 0 && o.limits.drain_window.count() > 0 && !tx_.idle()) {
+    const std::uint64_t sent = tx_stats_.bytes.load(std::memory_order_relaxed);
+    if (!drain_window_open_) {
+      drain_window_open_ = true;
+      drain_from_ = now;
+      drain_bytes_at_ = sent;
+    } else if (now - drain_from_ >= o.limits.drain_window) {
+      const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(now - drain_from_).count();
+      slow_reader = sent - drain_bytes_at_ < o.limits.min_drain_rate * std::uint64_t(ms) / 1000;
+      drain_from_ = now;
+      drain_bytes_at_ = sent;
+    }
+  } else {
+    drain_window_open_ = false;
+  }
   const char* why = nullptr;
   const char* detail = nullptr;
   if (handshake && o.limits.handshake_timeout.count() > 0 && now - accepted_at_ >= o.limits.handshake_timeout) {
@@ -102,6 +140,9 @@ void ServerConn::Sweep(Clock::time_point now) {
   } else if (waiting_on_client && o.stall_timeout.count() > 0 && now - progress_at_ >= o.stall_timeout) {
     why = "stalled client closed";
     detail = handshake ? handshake : in_payload_ ? "payload stopped arriving" : "replies not read";
+  } else if (slow_reader) {
+    why = "slow reader closed";
+    detail = "replies read slower than min_drain_rate";
   } else if (phase_ == Phase::kServing && !waiting_on_client && dev_inflight_ == 0 && !pending_ &&
              o.limits.idle_timeout.count() > 0 && now - active_at_ >= o.limits.idle_timeout) {
     why = "idle connection closed";
@@ -164,13 +205,15 @@ void ServerConn::ProtocolViolation(const char* what, const char* detail) {
 // Read side
 
 void ServerConn::Pump() {
+  SyncActive();
   if (finished_) return;
-  if (pending_ && !parked_pool_ && bufs_held_ < buf_cap_ && phase_ != Phase::kClosing) {
-    ResumeAfterBuffer();  // nested Scope: Pump runs again at its end
+  if (pending_ && !parked_pool_ && phase_ != Phase::kClosing && MayGrow()) {
+    ResumeAfterBuffer(true);  // nested Scope: Pump runs again at its end
     return;
   }
   MaybeRead();
   MaybeFinish();
+  SyncActive();
 }
 
 // Parses every whole request already buffered, then receives more.  Runs from Pump (depth 0),
@@ -211,8 +254,8 @@ void ServerConn::OnRx(const boost::system::error_code& ec, std::size_t n) {
 }
 
 void ServerConn::AcquireBuffer(ServerReq* r) {
-  if (bufs_held_ >= buf_cap_) {
-    pending_ = r;  // over this connection's share: resumed by Pump when one comes back
+  if (!MayGrow()) {
+    pending_ = r;  // over this connection's share: resumed by Pump when one of ours comes back
     return;
   }
   r->buf = core_->TryGetOrWait(this);
@@ -225,7 +268,7 @@ void ServerConn::AcquireBuffer(ServerReq* r) {
   StartData(r);
 }
 
-void ServerConn::ResumeAfterBuffer() {
+void ServerConn::ResumeAfterBuffer(bool share_checked) {
   Scope s(this);
   if (finished_ || !pending_) return;
   ServerReq* r = pending_;
@@ -236,7 +279,9 @@ void ServerConn::ResumeAfterBuffer() {
     ReleaseSlot(r);
     return;
   }
-  if (bufs_held_ >= buf_cap_) return;  // Pump retries when one of ours comes back
+  // Over the share: Pump retries when one of ours comes back.  Not rechecked when Pump just
+  // checked: another thread may flip it, and Pump -> here -> Pump must change state each time.
+  if (!share_checked && !MayGrow()) return;
   char* b = core_->TryGetOrWait(this);
   if (!b) {
     parked_pool_ = true;  // still parked
@@ -419,6 +464,7 @@ void ServerConn::MaybeFinish() {
 void ServerConn::Finish() {
   finished_ = true;
   tx_.Abort();  // unsent replies (forced close) are dropped; their slots come back
+  SyncActive();
   close_timer_.cancel();
   transport_->Close();
   core_->ConnFinished(this);
@@ -437,7 +483,17 @@ ServerCore::ServerCore(asio::io_context& io, ServerCoreOptions opts)
       accept_timer_(ctl_),
       drain_timer_(ctl_),
       sweep_timer_(io),
-      pool_(opts_.buffer_size, opts_.buffer_count) {}
+      pool_(opts_.buffer_size, opts_.buffer_count) {
+  reserve_ = pool_.count() / 8;
+  min_share_ = pool_.count() >= 16 ? 2 : 1;
+}
+
+bool ServerCore::MayTake(std::size_t held) const {
+  if (held == 0) return true;
+  const std::size_t active = std::max<std::size_t>(1, active_.load(std::memory_order_relaxed));
+  const std::size_t share = std::max(min_share_, (pool_.count() - reserve_) / active);
+  return held < share && pool_.available() > reserve_;
+}
 
 ServerCore::~ServerCore() = default;
 
@@ -512,7 +568,8 @@ Status ServerCore::Start() {
     self->listening_ = true;
     self->DoAccept();
     const ServerLimits& lim = self->opts_.limits;
-    if (self->opts_.stall_timeout.count() > 0 || lim.handshake_timeout.count() > 0 || lim.idle_timeout.count() > 0)
+    if (self->opts_.stall_timeout.count() > 0 || lim.handshake_timeout.count() > 0 || lim.idle_timeout.count() > 0 ||
+        (lim.min_drain_rate > 0 && lim.drain_window.count() > 0))
       self->ArmSweep();
   });
   return Status::OK();
@@ -522,7 +579,8 @@ Status ServerCore::Start() {
 // at least every second and at most every 20 ms; a deadline is kept to within that period.
 void ServerCore::ArmSweep() {
   std::chrono::milliseconds shortest{1000 * 4};
-  for (auto t : {opts_.stall_timeout, opts_.limits.handshake_timeout, opts_.limits.idle_timeout})
+  const auto drain = opts_.limits.min_drain_rate > 0 ? opts_.limits.drain_window : std::chrono::milliseconds(0);
+  for (auto t : {opts_.stall_timeout, opts_.limits.handshake_timeout, opts_.limits.idle_timeout, drain})
     if (t.count() > 0) shortest = std::min(shortest, t);
   const auto period = std::max(shortest / 4, std::chrono::milliseconds(20));
   sweep_timer_.expires_after(period);
@@ -579,7 +637,26 @@ void ServerCore::DoAccept() {
       self->refused_.fetch_add(1, std::memory_order_relaxed);
       self->LogLimited(address, "connection refused", over);
       t->Close();
-      self->DoAccept();
+      bool full;
+      {
+        std::lock_guard<std::mutex> l(self->mu_);
+        full = self->opts_.limits.max_connections && self->conns_.size() >= self->opts_.limits.max_connections;
+      }
+      const auto now = Clock::now();
+      if (now - self->refusal_window_ >= kFullPause) {
+        self->refusal_window_ = now;
+        self->refusals_ = 0;
+      }
+      if (!full || ++self->refusals_ <= kRefusalBurst) {
+        self->DoAccept();
+        return;
+      }
+      self->accept_paused_ = true;  // resumed by the timer or RemoveConn
+      self->accept_timer_.expires_at(self->refusal_window_ + kFullPause);
+      self->accept_timer_.async_wait([self](const boost::system::error_code&) {
+        self->accept_paused_ = false;
+        self->DoAccept();  // nothing when the listener closed meanwhile
+      });
       return;
     }
     auto conn = self->NewConn(std::move(t));
@@ -754,6 +831,10 @@ void ServerCore::RemoveConn(ServerConn* c) {
     conns_.erase(it);
     Decrement(&per_address_, c->address());
     if (!c->identity_.empty()) Decrement(&per_identity_, c->identity_);
+    if (opts_.limits.max_connections && conns_.size() + 1 == opts_.limits.max_connections)
+      asio::post(ctl_, [self = shared_from_this()] {  // a slot is free: stop resting
+        if (self->accept_paused_) self->accept_timer_.cancel();
+      });
     // Fold its counters into the closed totals in the same critical section that takes it out
     // of the live sum, so the statistics never count it twice or lose it.
     const std::uint64_t frames = c->tx_stats().frames.load(std::memory_order_relaxed);

@@ -21,8 +21,10 @@
 //
 // Serving, per request slot (preallocated, max_inflight_per_connection per connection):
 //
-//   free --HandleFrame: TakeSlot--> [AcquireBuffer: pool empty or over the connection's quarter
-//   of the pool: park; the next returned buffer resumes it] --> StartData --> ReceivePayload
+//   free --HandleFrame: TakeSlot--> [AcquireBuffer: over the connection's fair share of the pool
+//   or its replies wait on it (MayGrow): park and stop reading until one of its own buffers
+//   comes back; pool
+//   empty: park on the waiter list, the next returned buffer resumes it] --> StartData --> ReceivePayload
 //   (WRITE data: what the receive buffer holds, then straight from the transport) --> Submit
 //   --> device thread: OnDeviceDone, PushDone --> strand: one drain per burst, PrepareReply,
 //   every reply of the burst in one SendFrames --> sent: ReleaseSlot --> free
@@ -30,9 +32,19 @@
 //   first, DiscardPayload, so the stream stays in sync).
 //
 // Resource caps (ServerLimits, docs/security.md "Bounded resources"): the accept callback closes
-// a connection over the total or per-address cap before NewConn allocates anything for it; the
+// a connection over the total or per-address cap before NewConn allocates anything for it (at
+// the total cap, past a burst of refusals, it rests for the rest of a half second); the
 // periodic sweep closes a connection past its handshake deadline, one the server waits on without
-// progress (stall_timeout) and an idle one (no request for idle_timeout).  Refusals and closes
+// progress (stall_timeout), one that reads its queued replies slower than min_drain_rate, and an
+// idle one (no request for idle_timeout).
+//
+// Buffer shares: the pool is shared by all connections of all exports.  A connection holding
+// (or waiting for) buffers is "active"; each may hold at most max(2, (pool - reserve) / active)
+// buffers (1 in a pool under 16), and takes another only while more than the reserve (an
+// eighth of the pool) is free and none of its replies waits on its socket.  Its first buffer it
+// may take from the reserve, so a new client finds one at once while the slow readers are fewer
+// than the reserve; past that it waits in FIFO order for the next buffer that comes back, which
+// min_drain_rate bounds.  Refusals and closes
 // are logged once per address and interval, not once per connection.
 //
 // Threading: a ServerConn runs on its transport's strand.  Every top-level handler holds a Scope;
@@ -180,11 +192,18 @@ class ServerCore : public std::enable_shared_from_this<ServerCore> {
   const ServerCoreOptions& options() const { return opts_; }
   std::size_t pool_count() const { return pool_.count(); }
   std::size_t pool_buffer_size() const { return pool_.buffer_size(); }
+  std::size_t pool_available() const { return pool_.available(); }
 
   // For connections.
   bool Attach(ServerConn* c, const std::shared_ptr<ServedExport>& e);  // false while draining
   char* TryGetOrWait(ServerConn* c);  // nullptr: c is on the waiter list
   void PutBuffer(char* b);
+  // Whether a connection holding `held` buffers may take another now, as far as the pool goes
+  // (see "Buffer shares").
+  bool MayTake(std::size_t held) const;
+  // A connection starts (true) or stops holding or waiting for buffers.
+  void SetActive(bool on) { on ? active_.fetch_add(1, std::memory_order_relaxed) : active_.fetch_sub(1, std::memory_order_relaxed); }
+  std::size_t active_connections() const { return active_.load(std::memory_order_relaxed); }
   void CancelWait(ServerConn* c);
   void ConnFinished(ServerConn* c);  // on c's strand, once it is closed
   void RemoveConn(ServerConn* c);
@@ -225,6 +244,9 @@ class ServerCore : public std::enable_shared_from_this<ServerCore> {
   Strand ctl_;  // serializes the listener and the timers below
   std::unique_ptr<Listener> listener_;
   bool listening_ = false;  // on ctl_
+  bool accept_paused_ = false;  // on ctl_: resting at max_connections
+  std::chrono::steady_clock::time_point refusal_window_;  // on ctl_
+  int refusals_ = 0;                                      // on ctl_, in that window
   boost::asio::steady_timer accept_timer_;
   boost::asio::steady_timer drain_timer_;
   // On the io_context, its handler bound to ctl_ and sweep_arena_: a sweep every second must not
@@ -263,6 +285,9 @@ class ServerCore : public std::enable_shared_from_this<ServerCore> {
   ServerConn* wait_head_ = nullptr;  // GUARDED_BY(pool_mu_)
   ServerConn* wait_tail_ = nullptr;  // GUARDED_BY(pool_mu_)
   std::atomic<int> waiters_{0};
+  std::size_t reserve_ = 0;    // buffers only a connection's first may come from
+  std::size_t min_share_ = 1;  // the share however many connections are active
+  std::atomic<std::size_t> active_{0};
 
   std::atomic<std::uint64_t> connections_total_{0};
 };
@@ -282,7 +307,8 @@ class ServerConn : public std::enable_shared_from_this<ServerConn> {
   void StartDrain(bool force);  // on the strand
   // Periodic limits check (on the strand), with the sweep's clock: closes the connection past its
   // handshake deadline, when the server has waited on the client for stall_timeout without
-  // progress (a silent client cannot pin buffers or slots forever), or when it has been idle (no
+  // progress (a silent client cannot pin buffers or slots forever), when it reads its queued
+  // replies slower than min_drain_rate over a drain_window, or when it has been idle (no
   // request, nothing in flight) for idle_timeout.
   void Sweep(std::chrono::steady_clock::time_point now);
   // Any thread: runs Sweep(now) on the strand, with the connection's handler memory (the sweep
@@ -390,7 +416,10 @@ class ServerConn : public std::enable_shared_from_this<ServerConn> {
   void MaybeRead();
   bool CanRead() const;
   void OnRx(const boost::system::error_code& ec, std::size_t n);
-  void ResumeAfterBuffer();
+  bool MayGrow() const;  // may take one more pool buffer now (see "Buffer shares")
+  // share_checked: the caller (Pump) just saw MayGrow true.
+  void ResumeAfterBuffer(bool share_checked = false);
+  void SyncActive();  // tells the core whether this connection holds or waits for buffers
   void AfterPayload(const boost::system::error_code& ec, ServerReq* r);
   void AfterDiscard(const boost::system::error_code& ec, ServerReq* r);
   void Emit(ServerReq* r);
@@ -435,10 +464,14 @@ class ServerConn : public std::enable_shared_from_this<ServerConn> {
   std::chrono::steady_clock::time_point progress_at_;  // the sweep first saw progress_ as is
   std::chrono::steady_clock::time_point active_at_;    // the sweep first saw requests_ as is
   std::size_t discard_left_ = 0;
-  // A connection may hold at most a quarter of the shared pool, so one slow reader (READ replies
-  // stuck in its socket) cannot starve the others.
+  // Pool buffers this connection holds; at most its share (ServerCore::MayTake), so slow readers
+  // (READ replies stuck in their sockets) cannot starve the others.
   std::size_t bufs_held_ = 0;
-  std::size_t buf_cap_ = 1;
+  bool counted_active_ = false;  // in ServerCore::active_
+  // min_drain_rate: the current window of queued replies, opened by the sweep that first saw them.
+  bool drain_window_open_ = false;
+  std::uint64_t drain_bytes_at_ = 0;  // tx_stats_.bytes at its start
+  std::chrono::steady_clock::time_point drain_from_;
 
   std::mutex done_mu_;
   ServerReq* done_head_ = nullptr;  // GUARDED_BY(done_mu_)

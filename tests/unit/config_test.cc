@@ -475,13 +475,14 @@ class ConfigTest : public QObject {
     QCOMPARE(dl.nbd_idle_timeout_s, 0ull);
     QCOMPARE(dl.max_connections, 256u);
     QCOMPARE(dl.max_connections_per_address, 32u);
+    QCOMPARE(dl.min_drain_rate, 262144u);
     QVERIFY(!def.value().fuse_allow_other);
 
     auto r = ParseConfig("[daemon]\nfuse_allow_other = true\n"
                          "[limits]\nhandshake_timeout = 5\nidle_timeout = \"2m\"\nnbd_idle_timeout = \"1h\"\n"
                          "stall_timeout = 20\nmax_connections = 1000\nmax_connections_per_address = 0\n"
                          "max_connections_per_identity = 4\nnbd_max_option_length = 4096\nnbd_max_options = 16\n"
-                         "nbd_max_meta_queries = 8\nnbd_max_meta_query_length = 256\n"
+                         "nbd_max_meta_queries = 8\nnbd_max_meta_query_length = 256\nmin_drain_rate = 65536\ndrain_window = 5\n"
                          "[[volume]]\nname = \"a\"\npath = \"/x\"\nmode = \"0640\"\nowner = \"root:root\"\n"
                          "[[volume]]\nname = \"b\"\npath = \"/y\"\nowner = \"65534:100\"\n"
                          "[[volume]]\nname = \"c\"\npath = \"/z\"\n",
@@ -496,6 +497,8 @@ class ConfigTest : public QObject {
     QCOMPARE(c.limits.max_connections, 1000u);
     QCOMPARE(c.limits.max_connections_per_address, 0u);
     QCOMPARE(c.limits.max_connections_per_identity, 4u);
+    QCOMPARE(c.limits.min_drain_rate, 65536u);
+    QCOMPARE(c.limits.drain_window_s, 5ull);
     QCOMPARE(c.limits.nbd_max_option_length, 4096u);
     QCOMPARE(c.limits.nbd_max_options, 16u);
     QCOMPARE(c.limits.nbd_max_meta_queries, 8u);

@@ -26,6 +26,7 @@
 #include "dst/file_device.h"
 #include "dst/net/codec.h"
 #include "dst/net/exporter.h"
+#include "slow_reader.h"
 #include "test_env.h"
 
 // ---- allocation counter ------------------------------------------------------------------------
@@ -1056,6 +1057,34 @@ class ExporterTest : public QObject {
     QVERIFY(idle.Send(Cmd::kPing, 2, 0, 0));
     QVERIFY(idle.Recv(&h));
     QCOMPARE(h.id, 2ull);
+  }
+
+  // A client that queues 1 MiB READs and takes the replies at ~10 bytes/s is closed by bytes
+  // drained within about drain_window (the stall check, which counts frames, is off here), while
+  // another client's requests keep completing within 1 s.
+  void slowReaderEvictedByBytes() {
+    Server s;
+    QVERIFY(s.Start(dst::test::DrainTestOptions<ExporterOptions>(256u << 10), 2));
+    QVERIFY(s.exporter->AddExport({"disk", disk_, false}).ok());
+    RawClient slow, good;
+    QVERIFY(slow.Connect(s.exporter->port()) && slow.Hello("disk") == 0);
+    QVERIFY(good.Connect(s.exporter->port()) && good.Hello("disk") == 0);
+    for (int i = 0; i < 64; ++i) QVERIFY(slow.Send(Cmd::kRead, 100 + i, 0, kDefaultMaxPayload));
+    long evicted_ms = -1, worst_ms;
+    {
+      dst::test::Trickle trickle(slow.fd());
+      std::uint64_t id = 1000;
+      Header h;
+      char buf[4096];
+      worst_ms = dst::test::WorstLatency(
+          3000, [&] { return good.Send(Cmd::kRead, ++id, 4096, 4096) && good.Recv(&h, buf) && h.status == 0; },
+          [&](long t) {
+            if (evicted_ms < 0 && s.exporter->Stats().connections_timed_out > 0) evicted_ms = t;
+          });
+    }
+    QVERIFY2(worst_ms >= 0 && worst_ms < 1000, qPrintable(QString("worst request %1 ms").arg(worst_ms)));
+    QVERIFY2(evicted_ms >= 0 && evicted_ms < 2000, qPrintable(QString("evicted after %1 ms").arg(evicted_ms)));
+    QTRY_COMPARE_WITH_TIMEOUT(s.exporter->Stats().connections_open, 1, 5000);
   }
 
   // HELLO arriving one byte every 100 ms: every byte is progress for the stall check, but the

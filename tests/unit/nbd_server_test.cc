@@ -26,6 +26,7 @@
 
 #include "dst/file_device.h"
 #include "dst/net/nbd_server.h"
+#include "slow_reader.h"
 #include "test_env.h"
 
 // ---- allocation counter (same technique as exporter_test) ------------------------------------
@@ -272,6 +273,8 @@ class Raw {
     }
     return out;
   }
+
+  int fd() const { return fd_; }
 
   int fd_ = -1;
   std::uint16_t hflags_ = 0;
@@ -1105,6 +1108,36 @@ class NbdServerTest : public QObject {
     QVERIFY(idle.Send(kCmdFlush, 2, 0, 0));
     QVERIFY(idle.RecvSimple(&err, &cookie));
     QCOMPARE(err, 0u);
+  }
+
+  // A client that queues 1 MiB READs and takes the replies at ~10 bytes/s is closed by bytes
+  // drained within about drain_window (the stall check, which counts frames, is off here) and its
+  // buffers come back, while another client's requests keep completing within 1 s.
+  void slowReaderEvictedByBytes() {
+    Server s;
+    QVERIFY(s.Start(dst::test::DrainTestOptions<NbdServerOptions>(256u << 10), 2));
+    NbdExportSpec d;
+    d.name = "disk";
+    d.device = disk_;
+    QVERIFY(s.srv->AddExport(d).ok());
+    Raw slow, good;
+    QVERIFY(slow.Open(s.srv->port(), "disk") && good.Open(s.srv->port(), "disk"));
+    for (int i = 0; i < 64; ++i) QVERIFY(slow.Send(kCmdRead, 100 + i, 0, kMaxPayload));
+    long evicted_ms = -1, worst_ms;
+    {
+      dst::test::Trickle trickle(slow.fd());
+      std::uint64_t cookie = 1000, got;
+      std::uint32_t err = 0;
+      char buf[4096];
+      worst_ms = dst::test::WorstLatency(
+          3000, [&] { return good.Send(kCmdRead, ++cookie, 4096, 4096) && good.RecvSimple(&err, &got, buf, 4096) && err == 0; },
+          [&](long t) {
+            if (evicted_ms < 0 && s.srv->Stats().connections_timed_out > 0) evicted_ms = t;
+          });
+    }
+    QVERIFY2(worst_ms >= 0 && worst_ms < 1000, qPrintable(QString("worst request %1 ms").arg(worst_ms)));
+    QVERIFY2(evicted_ms >= 0 && evicted_ms < 2000, qPrintable(QString("evicted after %1 ms").arg(evicted_ms)));
+    QTRY_COMPARE_WITH_TIMEOUT(s.srv->Stats().connections_open, 1, 5000);
   }
 
   // ---- resource caps (ServerLimits and the handshake caps, docs/security.md)

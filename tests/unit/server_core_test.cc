@@ -24,6 +24,7 @@
 #include "fake_device.h"
 #include "server_core.h"
 #include "loopback.h"
+#include "slow_reader.h"
 #include "test_env.h"
 
 using namespace dst;
@@ -197,6 +198,11 @@ struct Client {
     fd = test::DialLoopback(port);
     return fd >= 0;
   }
+  // With a 4 KiB receive buffer: replies the client does not read wait in the server.
+  bool ConnectSmallWindow(std::uint16_t port) {
+    fd = test::DialLoopback(port, 4096);
+    return fd >= 0;
+  }
   bool ConnectFrom(const char* source, std::uint16_t port) {
     fd = test::DialLoopbackFrom(source, port);
     return fd >= 0;
@@ -216,6 +222,16 @@ struct Client {
     if (!SendRaw(h, kReq)) return false;
     if (!payload) return true;
     return SendRaw(payload, send_len == ~0ul ? len : send_len);
+  }
+  // n READs of len bytes in one send: the server parses them as one burst.
+  bool SendReads(int n, std::uint32_t len) {
+    std::vector<std::uint8_t> b(kReq * std::size_t(n));
+    for (int i = 0; i < n; ++i) {
+      b[kReq * i] = 'R';
+      PutU32(&b[kReq * i + 4], len);
+      PutU64(&b[kReq * i + 8], 100 + i);
+    }
+    return SendRaw(b.data(), b.size());
   }
   bool RecvAll(void* p, std::size_t n) { return test::RecvFull(fd, p, n); }
   // Returns the reply status (or ~0u when the connection ended); *id gets its id.
@@ -263,6 +279,14 @@ bool WaitFor(F pred, int seconds = 20) {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
   return pred();
+}
+
+// The fairness tests' server: 16 buffers of 64 KiB (reserve 2), the stall check out of the way,
+// a drain window of 0.5 s.
+detail::ServerCoreOptions SmallPool(std::uint64_t min_drain_rate) {
+  auto o = test::DrainTestOptions<detail::ServerCoreOptions>(min_drain_rate);
+  o.buffer_size = 65536;
+  return o;
 }
 
 ServerStats StatsOf(const ServerCore& s) {
@@ -431,6 +455,29 @@ class ServerCoreTest : public QObject {
     Client next;
     QVERIFY(next.Connect(rig.srv->port()) && next.Hello("a"));
     QVERIFY(next.Io(200));
+  }
+
+  // At max_connections a connect flood is refused 128 at a time per 0.5 s: the rest wait in the
+  // kernel's backlog instead of costing an accept and a close each, and a served client is not
+  // slowed.  (Sequential refusals below the burst stay immediate: the tests above.)
+  void connectFloodAtTheCapIsPaced() {
+    Rig rig;
+    detail::ServerCoreOptions o;
+    o.limits.max_connections = 1;
+    o.limits.max_connections_per_address = 0;
+    o.limits.handshake_timeout = std::chrono::milliseconds(0);
+    QVERIFY(rig.Start(o));
+    QVERIFY(rig.Add("a", std::make_shared<test::FakeDevice>()).ok());
+    Client legit;
+    QVERIFY(legit.Connect(rig.srv->port()) && legit.Hello("a"));
+    std::vector<Client> flood(400);
+    for (auto& c : flood) QVERIFY(c.Connect(rig.srv->port()));  // the kernel completes them all
+    QVERIFY(WaitFor([&] { return StatsOf(*rig.srv).connections_refused >= 128; }));
+    QVERIFY(legit.Io(1));
+    std::this_thread::sleep_for(std::chrono::milliseconds(150));
+    const std::uint64_t first = StatsOf(*rig.srv).connections_refused;
+    QVERIFY2(first <= 129, qPrintable(QString("%1 refused in the first window").arg(first)));
+    QVERIFY(WaitFor([&] { return StatsOf(*rig.srv).connections_refused == 400; }, 5));  // the next windows
   }
 
   // max_connections_per_address counts by address, not port: a third connection from 127.0.0.1
@@ -620,6 +667,107 @@ class ServerCoreTest : public QObject {
     QVERIFY(!rig.srv->accepting());
     Client late;  // the listener is closed: refused, or closed at once
     QVERIFY(!late.Connect(rig.srv->port()) || late.SeesEof());
+  }
+
+  // ---- fairness (docs/security.md "Bounded resources")
+
+  // A reader that takes its replies at ~10 bytes/s while 64 KiB replies wait for it is closed
+  // about drain_window after they start waiting, by bytes drained (frames would not tell: the
+  // stall check is off here), and its buffers come back; a normal client meanwhile completes
+  // every request within 1 s.  With min_drain_rate 0 the same reader stays.
+  void slowReaderEvictedByBytes() {
+    for (const bool check : {true, false}) {
+      Rig rig;
+      QVERIFY(rig.Start(SmallPool(check ? 256u << 10 : 0)));
+      QVERIFY(rig.Add("a", std::make_shared<test::FakeDevice>()).ok());
+      Client slow, good;
+      QVERIFY(slow.ConnectSmallWindow(rig.srv->port()) && slow.Hello("a"));
+      QVERIFY(good.Connect(rig.srv->port()) && good.Hello("a"));
+      QVERIFY(slow.SendReads(120, 65536));
+      QVERIFY(WaitFor([&] { return rig.srv->pool_available() <= 2; }));  // its share is pinned
+      long evicted_ms = -1, worst_ms;
+      {
+        test::Trickle trickle(slow.fd);
+        std::uint64_t id = 1000;
+        worst_ms = test::WorstLatency(2500, [&] { return good.Io(id += 2); }, [&](long t) {
+          if (evicted_ms < 0 && StatsOf(*rig.srv).connections_timed_out > 0) evicted_ms = t;
+        });
+      }
+      QVERIFY2(worst_ms >= 0 && worst_ms < 1000, qPrintable(QString("worst request %1 ms").arg(worst_ms)));
+      if (check) {
+        QVERIFY2(evicted_ms >= 0 && evicted_ms < 1500, qPrintable(QString("evicted after %1 ms").arg(evicted_ms)));
+        QVERIFY(WaitFor([&] { return StatsOf(*rig.srv).connections_open == 1; }));
+        QVERIFY(WaitFor([&] { return rig.srv->pool_available() == 16; }));  // its buffers came back
+      } else {
+        QCOMPARE(StatsOf(*rig.srv).connections_timed_out, 0ull);
+        QCOMPARE(StatsOf(*rig.srv).connections_open, 2);
+      }
+    }
+  }
+
+  // One connection that never reads its replies holds at most its share of the pool (here all
+  // but the reserve: 14 of 16) and stops reading requests beyond it; another client still gets
+  // buffers at once.
+  void connectionShareIsBounded() {
+    Rig rig;
+    QVERIFY(rig.Start(SmallPool(0)));
+    auto dev = std::make_shared<test::FakeDevice>();
+    QVERIFY(rig.Add("a", dev).ok());
+    Client hog, good;
+    QVERIFY(hog.ConnectSmallWindow(rig.srv->port()) && hog.Hello("a"));
+    QVERIFY(good.Connect(rig.srv->port()) && good.Hello("a"));
+    QVERIFY(hog.SendReads(120, 65536));
+    QVERIFY(WaitFor([&] { return rig.srv->pool_available() == 2; }));
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    QCOMPARE(rig.srv->pool_available(), std::size_t(2));  // no more: the rest wait unread
+    QCOMPARE(rig.srv->active_connections(), std::size_t(1));
+    for (int i = 0; i < 20; ++i) {
+      const auto a = std::chrono::steady_clock::now();
+      QVERIFY(good.Io(1000 + 2 * i));
+      QVERIFY(std::chrono::steady_clock::now() - a < std::chrono::seconds(1));
+    }
+    QVERIFY(WaitFor([&] { return rig.srv->pool_available() == 2; }));  // the good one's came back
+  }
+
+  // More slow readers than the reserve has buffers: a new client waits for the next buffer that
+  // comes back, and min_drain_rate bounds that wait (here to about drain_window).
+  void slowReadersBeyondTheReserve() {
+    Rig rig;
+    QVERIFY(rig.Start(SmallPool(256u << 10)));
+    QVERIFY(rig.Add("a", std::make_shared<test::FakeDevice>()).ok());
+    Client hogs[3], good;
+    for (auto& h : hogs) {
+      QVERIFY(h.ConnectSmallWindow(rig.srv->port()) && h.Hello("a"));
+      QVERIFY(h.SendReads(120, 65536));
+      QVERIFY(WaitFor([&] { return rig.srv->active_connections() == std::size_t(&h - hogs + 1); }));
+    }
+    QCOMPARE(rig.srv->pool_available(), std::size_t(0));  // 14 + 1 + 1
+    QVERIFY(good.Connect(rig.srv->port()) && good.Hello("a"));
+    const auto a = std::chrono::steady_clock::now();
+    QVERIFY(good.Io(1000));
+    const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - a).count();
+    QVERIFY2(ms < 2000, qPrintable(QString("first request took %1 ms").arg(ms)));
+    QVERIFY(StatsOf(*rig.srv).connections_timed_out >= 1);
+  }
+
+  // The share formula: max(2, (pool - reserve) / active).  64 buffers: reserve 8.
+  void shareShrinksWithActiveConnections() {
+    Rig rig;
+    detail::ServerCoreOptions o = SmallPool(0);
+    o.buffer_count = 64;
+    QVERIFY(rig.Start(o));
+    ServerCore& c = *rig.srv;
+    QVERIFY(c.MayTake(55));
+    QVERIFY(!c.MayTake(56));
+    for (int i = 0; i < 8; ++i) c.SetActive(true);
+    QVERIFY(c.MayTake(6));
+    QVERIFY(!c.MayTake(7));
+    for (int i = 0; i < 92; ++i) c.SetActive(true);
+    QVERIFY(c.MayTake(0));  // a first buffer, whatever the load
+    QVERIFY(c.MayTake(1));  // the minimum share
+    QVERIFY(!c.MayTake(2));
+    for (int i = 0; i < 100; ++i) c.SetActive(false);
+    QCOMPARE(c.active_connections(), std::size_t(0));
   }
 
   // With the pool empty a request parks (no reply, no heap fallback) and resumes when a buffer

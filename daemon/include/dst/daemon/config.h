@@ -88,6 +88,8 @@ struct LimitsConfig {
   std::uint32_t max_connections = 256;    // per server (DST, NBD)
   std::uint32_t max_connections_per_address = 32;
   std::uint32_t max_connections_per_identity = 32;
+  std::uint32_t min_drain_rate = 256u << 10;  // bytes/s a client must read while replies wait on it
+  std::uint64_t drain_window_s = 10;          // ... measured over this
   std::uint32_t nbd_max_option_length = 8192;
   std::uint32_t nbd_max_options = 128;
   std::uint32_t nbd_max_meta_queries = 32;

@@ -25,12 +25,19 @@ struct ServerLimits {
   // Connections of one authenticated identity; counted where a protocol learns the identity
   // (ServerCore::ClaimIdentity, for TLS).  0: no cap.
   std::uint32_t max_connections_per_identity = 32;
+  // While a connection's replies wait on it (its socket buffer is full), it must read at least
+  // min_drain_rate bytes per second, measured over each drain_window of waiting; a slower reader
+  // is closed and its pool buffers freed.  A large reply read at 1 byte/s is not progress.
+  // 0: no check.
+  std::uint64_t min_drain_rate = 256u << 10;
+  std::chrono::milliseconds drain_window{10000};
 
   // No deadlines and no caps (in-memory fuzz harnesses: no timers).
   static ServerLimits None() {
     ServerLimits l;
     l.handshake_timeout = l.idle_timeout = std::chrono::milliseconds(0);
     l.max_connections = l.max_connections_per_address = l.max_connections_per_identity = 0;
+    l.min_drain_rate = 0;
     return l;
   }
 };
