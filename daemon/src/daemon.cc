@@ -1072,7 +1072,8 @@ json Daemon::StatusJson() {
       {"tls", tls_server_ ? (cfg_.tls_psk_file.empty() ? "x509" : "psk") : "off"},
       // A clear-text listener others can reach ([daemon] insecure = true): status warns.
       {"insecure", cfg_.insecure && ((!IsLoopbackHost(cfg_.listen_host) && !tls_server_) ||
-                                     (cfg_.nbd_enabled && !IsLoopbackHost(cfg_.nbd_host)))},
+                                     (cfg_.nbd_enabled && !IsLoopbackHost(cfg_.nbd_host) &&
+                                      cfg_.nbd_tls_mode() != "require"))},
       {"uptime_s", uptime},
       {"batching", cfg_.batching},
       {"memory_locked", memory_locked_},
