@@ -890,7 +890,7 @@ Status ParseLegSpec(std::string_view spec, LegSpec* out) {
     std::uint16_t port = 0;
     if (Status st = ParseVolumeUri(spec, &h, &port, &e); !st.ok()) return bad(st.message());
     ls.ref = ls.text;
-  } else if (spec.rfind("nbd://", 0) == 0 || spec.rfind("nbd+unix://", 0) == 0) {
+  } else if (spec.rfind("nbd://", 0) == 0 || spec.rfind("nbds://", 0) == 0 || spec.rfind("nbd+unix://", 0) == 0) {
     ls.kind = LegSpec::Kind::kNbd;
     net::BlockUri u;
     if (Status st = net::ParseBlockUri(spec, &u); !st.ok()) return bad(st.message());

@@ -521,6 +521,7 @@ Status Daemon::ConnectVolume(const std::shared_ptr<Volume>& vol) {
     net::NbdClientOptions no;
     static_cast<net::ClientOptions&>(no) = co;
     Status st = net::ParseNbdUri(c.remote, &no);
+    if (st.ok()) st = UseNbdTls(c.remote, &no);
     auto r = st.ok() ? net::NbdClientDevice::Connect(io_, no) : Result<std::shared_ptr<net::NbdClientDevice>>(st);
     if (Status done = connected(r.ok() ? Status::OK() : r.status()); !done.ok()) return done;
     nbd = r.value();

@@ -20,6 +20,15 @@ net::ServerLimits ServerLimitsOf(const LimitsConfig& l, bool nbd) {
   return s;
 }
 
+Status Daemon::UseNbdTls(const std::string& uri, net::NbdClientOptions* no) {
+  if (!no->tls) return Status::OK();
+  if (!tls_client_)
+    return Status::InvalidArgument(
+        fmt::format("{}: nbds:// needs TLS keys ([daemon] tls_psk_file, or tls_cert/tls_key/tls_ca)", uri));
+  no->tls_context = tls_client_;
+  return Status::OK();
+}
+
 int Daemon::StartNbd() {
   if (!cfg_.nbd_enabled) {
     spdlog::info("NBD server disabled (nbd_listen = \"\")");

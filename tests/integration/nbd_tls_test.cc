@@ -8,6 +8,7 @@
 // * qemu-img with --object tls-creds-psk (dir/keys.psk) and --image-opts driver=nbd,tls-creds=:
 //   convert onto the export and compare;
 // * fio's nbd engine (uri=nbds://...) with crc32c verify;
+// * dst's own NBD client (NbdClientDevice, nbds://) in this process and as a dstd volume;
 // * refused: plain nbd:// (TLS required), the right identity with a wrong key, an unknown
 //   identity, and a second STARTTLS (a raw client with OpenSSL);
 // * nbd_listen on 0.0.0.0 starts without insecure when TLS is required, and exits 78 when NBD
@@ -31,16 +32,20 @@
 #include <QtTest/QtTest>
 
 #include <filesystem>
+#include <future>
 #include <memory>
 
 #include <nlohmann/json.hpp>
 #include <openssl/ssl.h>
 
 #include "daemon_process.h"
+#include "dst/net/nbd_client_device.h"
 #include "dst/net/nbd_format.h"
 #include "dst/net/tls.h"
+#include "io_thread.h"
 #include "loopback.h"
 #include "run_tool.h"
+#include "sync_io.h"
 #include "test_env.h"
 
 using namespace dst;
@@ -93,6 +98,15 @@ bool WriteRandomFile(const QString& path, qint64 size) {
     if (f.write(chunk) != chunk.size()) return false;
   }
   return true;
+}
+
+using dst::test::Sync;
+
+std::shared_ptr<TlsContext> ClientTls(const QString& psk_file) {
+  TlsConfig c;
+  c.psk_file = psk_file.toStdString();
+  auto r = TlsContext::Create(c);
+  return r.ok() ? r.value() : nullptr;
 }
 
 // A blocking NBD handshake client on a raw socket, with OpenSSL after STARTTLS: for what no
@@ -325,16 +339,58 @@ class NbdTlsTest : public QObject {
     QTRY_VERIFY_WITH_TIMEOUT(d_->Log().contains("connection upgrade failed"), 5000);
   }
 
+  // dst's own NBD client (NbdClientDevice) speaks STARTTLS for nbds://: in this process, and as
+  // a dstd volume with the daemon's key file.
+  void dstClientOverNbds() {
+    NbdClientOptions o;
+    QVERIFY(ParseNbdUri(QString("nbds://127.0.0.1:%1/disk").arg(d_->nbd_port()).toStdString(), &o).ok());
+    QVERIFY(o.tls);
+    o.connect_timeout = std::chrono::seconds(3);
+    dst::test::IoThread io;
+    QCOMPARE(NbdClientDevice::Connect(io.io, o).status().code(), Status::Code::kInvalidArgument);  // no keys
+    o.tls_context = ClientTls(key_);
+    auto dev = NbdClientDevice::Connect(io.io, o);
+    QVERIFY2(dev.ok(), dev.status().ToString().c_str());
+    std::vector<char> w(256u << 10), r(w.size());
+    for (std::size_t i = 0; i < w.size(); ++i) w[i] = char(i * 13 + 1);
+    QVERIFY(Sync(*dev.value(), IoOp::kWrite, 3u << 20, w.data(), std::uint32_t(w.size())).ok());
+    QVERIFY(Sync(*dev.value(), IoOp::kRead, 3u << 20, r.data(), std::uint32_t(r.size())).ok());
+    QVERIFY(w == r);
+    QFile img(image_);
+    QVERIFY(img.open(QIODevice::ReadOnly) && img.seek(3u << 20));
+    QVERIFY(img.read(qint64(w.size())) == QByteArray(w.data(), qsizetype(w.size())));
+    dev.value()->Close();
+    o.tls_context = ClientTls(wrong_key_);
+    auto bad = NbdClientDevice::Connect(io.io, o);
+    QVERIFY(!bad.ok());
+    QVERIFY2(bad.status().message().find("TLS handshake") != std::string::npos, bad.status().ToString().c_str());
+
+    DaemonProcess v(P("v"));
+    v.config() = QString("tls_psk_file = \"%1\"\n[[volume]]\nname = \"vol\"\nremote = \"nbds://127.0.0.1:%2/disk\"\n")
+                     .arg(key_).arg(d_->nbd_port());
+    QVERIFY2(v.Start(), v.Log().constData());
+    auto vol = [&] {
+      QByteArray out;
+      v.Ctl({"volume", "list", "--json"}, &out);
+      return json::parse(out.toStdString(), nullptr, false)["volumes"][0];
+    };
+    QTRY_COMPARE_WITH_TIMEOUT(vol()["state"], json("connected"), 10000);
+    QCOMPARE(v.Terminate(), 0);
+    DaemonProcess n(P("n"));  // no keys: refused with the reason
+    QVERIFY(n.Start());
+    QByteArray out, err;
+    QVERIFY(n.Ctl({"volume", "import", "v2", QString("nbds://127.0.0.1:%1/disk").arg(d_->nbd_port())}, &out, &err) != 0);
+    QVERIFY2(err.contains("nbds:// needs TLS keys"), err.constData());
+  }
+
   void startTlsTwice() {
-    TlsConfig c;
-    c.psk_file = key_.toStdString();
-    auto ctx = TlsContext::Create(c);
-    QVERIFY(ctx.ok());
+    auto ctx = ClientTls(key_);
+    QVERIFY(ctx);
     RawNbd n;
     QVERIFY(n.Connect(d_->nbd_port()));
     QCOMPARE(n.Option(nbd::kOptList), nbd::kRepErrTlsReqd);
     QCOMPARE(n.Option(nbd::kOptStartTls), nbd::kRepAck);
-    QVERIFY(n.Handshake(ctx.value()));
+    QVERIFY(n.Handshake(ctx));
     QCOMPARE(n.Option(nbd::kOptStartTls), nbd::kRepErrInvalid);
     QCOMPARE(n.Option(nbd::kOptStructuredReply), nbd::kRepAck);  // still negotiating, inside TLS
     QCOMPARE(n.Option(nbd::kOptAbort), nbd::kRepAck);
