@@ -11,6 +11,10 @@
 //      |       bad flags / bad magic / ABORT / unknown EXPORT_NAME / EOF          |
 //      +---------------------------> CLOSED <---- DRAINING <--DISC / EOF / bad request magic
 //
+// STARTTLS (options.tls): its ACK, then the TLS handshake on the same socket (AsyncTlsUpgrade),
+// then OPTIONS again inside TLS with the plain-text state forgotten.  kRequire refuses every other
+// option before it (EXPORT_NAME closes).
+//
 // Transmission runs on the server-connection core it shares with the DST exporter
 // (netdriver/src/server_core.h): preallocated request contexts per connection,
 // payloads read from the socket straight into pool buffers and replied from them (zero copy),
