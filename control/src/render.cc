@@ -124,6 +124,8 @@ std::string RenderStatus(const json& st) {
            "(anyone on the network can read and write its exports)\n";
   if (auto tls = d.find("tls"); tls != d.end() && tls->is_string() && *tls != "off")
     out += fmt::format("  tls:{}\n", tls->get<std::string>());
+  if (auto nbd = st.find("nbd"); nbd != st.end() && nbd->is_object() && Bool(*nbd, "enabled"))
+    out += fmt::format("  nbd:{} tls:{}\n", Str(*nbd, "listen"), nbd->value("tls", std::string("off")));
   auto mount = st.find("mount");
   out += fmt::format("  mount:{}\n", (mount == st.end() || mount->is_null())
                                          ? std::string("none")

@@ -338,6 +338,7 @@ Result<Daemon::ArrayLeg> Daemon::OpenLegDevice(const std::string& spec, const Ar
     case LegSpec::Kind::kNbd: {
       net::NbdClientOptions no;
       DST_RETURN_IF_ERROR(net::ParseNbdUri(spec, &no));
+      DST_RETURN_IF_ERROR(UseNbdTls(spec, &no));
       no.batching = cfg_.batching;
       no.io_timeout = std::chrono::seconds(cfg.leg_timeout_s);
       no.keepalive_timeout = std::chrono::seconds(std::min<std::uint32_t>(cfg.leg_timeout_s, 5));

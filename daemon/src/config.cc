@@ -179,7 +179,7 @@ bool PathExists(const std::string& p) {
 }
 
 // One TLS method, complete; and no clear-text listener on an address others can reach unless
-// `insecure` says so (NBD has no TLS yet, so a non-loopback nbd_listen needs it too).
+// `insecure` says so (NBD counts as clear text unless nbd_tls is "require").
 Status CheckDaemonTls(const toml::table& t, const ErrorSink& sink, const Config& cfg) {
   const std::string_view ctx = "[daemon]";
   const bool x509 = !cfg.tls_cert.empty() || !cfg.tls_key.empty() || !cfg.tls_ca.empty();
@@ -188,6 +188,11 @@ Status CheckDaemonTls(const toml::table& t, const ErrorSink& sink, const Config&
     return sink.Error(at("tls_cert"), ctx, "tls_cert", "use either tls_psk_file or tls_cert/tls_key/tls_ca, not both");
   if (x509 && (cfg.tls_cert.empty() || cfg.tls_key.empty() || cfg.tls_ca.empty()))
     return sink.Error(at("tls_cert"), ctx, "tls_cert", "X.509 needs all of tls_cert, tls_key and tls_ca");
+  if (cfg.nbd_tls_mode() != "off" && !cfg.tls())
+    return sink.Error(at("nbd_tls"), ctx, "nbd_tls",
+                      fmt::format("nbd_tls = \"{}\" needs TLS keys: set tls_psk_file (dstctl key generate) "
+                                  "or tls_cert/tls_key/tls_ca",
+                                  cfg.nbd_tls));
   std::string key;
   if (Status st = CheckListenSecurity(cfg, &key); !st.ok())
     return sink.Error(at(key.c_str()), ctx, key, st.message());
@@ -205,12 +210,13 @@ Status CheckListenSecurity(const Config& cfg, std::string* key) {
                     "DST in the clear",
                     cfg.listen_host));
   }
-  if (!cfg.insecure && cfg.nbd_enabled && !IsLoopbackHost(cfg.nbd_host)) {
+  if (!cfg.insecure && cfg.nbd_enabled && !IsLoopbackHost(cfg.nbd_host) && cfg.nbd_tls_mode() != "require") {
     if (key) *key = "nbd_listen";
-    return Status::InvalidArgument(
-        fmt::format("{} is reachable from other hosts and NBD has no TLS yet: listen on 127.0.0.1, "
-                    "or set insecure = true to serve NBD in the clear",
-                    cfg.nbd_host));
+    return Status::InvalidArgument(fmt::format(
+        "{} is reachable from other hosts and NBD would serve clients without TLS (nbd_tls = \"{}\"): "
+        "set tls_psk_file or tls_cert/tls_key/tls_ca with nbd_tls = \"require\" (the default with "
+        "keys), listen on 127.0.0.1, or set insecure = true to serve NBD in the clear",
+        cfg.nbd_host, cfg.nbd_tls_mode()));
   }
   return Status::OK();
 }
@@ -277,13 +283,18 @@ Status ParseDaemon(const toml::table& t, const ErrorSink& sink, Config* cfg) {
       DST_RETURN_IF_ERROR(f.String(v, key, &cfg->tls_identity));
     } else if (key == "tls_server_name") {
       DST_RETURN_IF_ERROR(f.String(v, key, &cfg->tls_server_name));
+    } else if (key == "nbd_tls") {
+      DST_RETURN_IF_ERROR(f.String(v, key, &cfg->nbd_tls));
+      if (cfg->nbd_tls != "require" && cfg->nbd_tls != "allow" && cfg->nbd_tls != "off")
+        return sink.Error(v.source(), f.ctx, key,
+                          fmt::format("\"{}\": expected \"require\", \"allow\" or \"off\"", cfg->nbd_tls));
     } else if (key == "insecure") {
       DST_RETURN_IF_ERROR(f.Bool(v, key, &cfg->insecure));
     } else {
       return UnknownKey(sink, k, f.ctx,
                         "listen, nbd_listen, mountpoint, fuse_allow_other, batching, io_threads, "
                         "verify_interval, host_name, export_roots, tls_psk_file, tls_identity, "
-                        "tls_cert, tls_key, tls_ca, tls_server_name, insecure");
+                        "tls_cert, tls_key, tls_ca, tls_server_name, nbd_tls, insecure");
     }
   }
   return CheckDaemonTls(t, sink, *cfg);
@@ -881,7 +892,7 @@ Status ParseLegSpec(std::string_view spec, LegSpec* out) {
     std::uint16_t port = 0;
     if (Status st = ParseVolumeUri(spec, &h, &port, &e); !st.ok()) return bad(st.message());
     ls.ref = ls.text;
-  } else if (spec.rfind("nbd://", 0) == 0 || spec.rfind("nbd+unix://", 0) == 0) {
+  } else if (spec.rfind("nbd://", 0) == 0 || spec.rfind("nbds://", 0) == 0 || spec.rfind("nbd+unix://", 0) == 0) {
     ls.kind = LegSpec::Kind::kNbd;
     net::BlockUri u;
     if (Status st = net::ParseBlockUri(spec, &u); !st.ok()) return bad(st.message());

@@ -539,6 +539,7 @@ Status Daemon::ConnectVolume(const std::shared_ptr<Volume>& vol) {
     net::NbdClientOptions no;
     static_cast<net::ClientOptions&>(no) = co;
     Status st = net::ParseNbdUri(c.remote, &no);
+    if (st.ok()) st = UseNbdTls(c.remote, &no);
     auto r = st.ok() ? net::NbdClientDevice::Connect(io_, no) : Result<std::shared_ptr<net::NbdClientDevice>>(st);
     if (Status done = connected(r.ok() ? Status::OK() : r.status()); !done.ok()) return done;
     nbd = r.value();
@@ -1090,7 +1091,8 @@ json Daemon::StatusJson() {
       {"tls", tls_server_ ? (cfg_.tls_psk_file.empty() ? "x509" : "psk") : "off"},
       // A clear-text listener others can reach ([daemon] insecure = true): status warns.
       {"insecure", cfg_.insecure && ((!IsLoopbackHost(cfg_.listen_host) && !tls_server_) ||
-                                     (cfg_.nbd_enabled && !IsLoopbackHost(cfg_.nbd_host)))},
+                                     (cfg_.nbd_enabled && !IsLoopbackHost(cfg_.nbd_host) &&
+                                      cfg_.nbd_tls_mode() != "require"))},
       {"uptime_s", uptime},
       {"batching", cfg_.batching},
       {"memory_locked", memory_locked_},

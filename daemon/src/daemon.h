@@ -304,6 +304,8 @@ class Daemon {
   // For a dsts:// `uri`: a TLS connector to host:port in *co; dst://: nothing.  Refused when the
   // config has no TLS keys.
   Status UseTls(const std::string& uri, const std::string& host, std::uint16_t port, net::ClientOptions* co);
+  // For an nbds:// client: the TLS client context (STARTTLS); refused without keys.
+  Status UseNbdTls(const std::string& uri, net::NbdClientOptions* no);
   void ScheduleRetry(const std::shared_ptr<Volume>& vol);
   void AddToMount(const std::shared_ptr<Volume>& vol);
   Status PrepareMountpoint(const std::string& dir);  // stale mount cleanup, busy refusal

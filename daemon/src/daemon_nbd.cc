@@ -22,6 +22,15 @@ net::ServerLimits ServerLimitsOf(const LimitsConfig& l, bool nbd) {
   return s;
 }
 
+Status Daemon::UseNbdTls(const std::string& uri, net::NbdClientOptions* no) {
+  if (!no->tls) return Status::OK();
+  if (!tls_client_)
+    return Status::InvalidArgument(
+        fmt::format("{}: nbds:// needs TLS keys ([daemon] tls_psk_file, or tls_cert/tls_key/tls_ca)", uri));
+  no->tls_context = tls_client_;
+  return Status::OK();
+}
+
 int Daemon::StartNbd() {
   if (!cfg_.nbd_enabled) {
     spdlog::info("NBD server disabled (nbd_listen = \"\")");
@@ -37,6 +46,12 @@ int Daemon::StartNbd() {
   no.max_options = cfg_.limits.nbd_max_options;
   no.max_meta_queries = cfg_.limits.nbd_max_meta_queries;
   no.max_meta_query_length = cfg_.limits.nbd_max_meta_query_length;
+  // STARTTLS with the DST listener's context (the same PSK file or certificates).
+  const std::string tls_mode = cfg_.nbd_tls_mode();
+  if (tls_mode != "off" && tls_server_) {
+    no.tls = tls_server_;
+    no.tls_mode = tls_mode == "allow" ? net::NbdTls::kAllow : net::NbdTls::kRequire;
+  }
   auto fe = std::make_unique<NbdFrontend>(io_, no);
   if (Status st = fe->Start(); !st.ok()) {
     std::string m = st.message().empty() ? std::string(Status::CodeName(st.code())) : st.message();
@@ -50,7 +65,10 @@ int Daemon::StartNbd() {
     spdlog::error("NBD server: {}", m);
     return control::kExUnavailable;
   }
-  spdlog::info("NBD server listening on {}:{}", cfg_.nbd_host, fe->port());
+  spdlog::info("NBD server listening on {}:{} ({})", cfg_.nbd_host, fe->port(),
+               !no.tls ? "no TLS" : tls_mode == "allow" ? "STARTTLS allowed" : "STARTTLS required");
+  if (!IsLoopbackHost(cfg_.nbd_host) && tls_mode != "require")
+    spdlog::warn("insecure = true: NBD on {}:{} serves clients without TLS", cfg_.nbd_host, fe->port());
   std::lock_guard<std::mutex> l(mu_);
   nbd_ = std::move(fe);
   return 0;

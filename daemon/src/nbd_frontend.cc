@@ -151,6 +151,11 @@ json NbdFrontend::StatusJson() const {
               {"protocol_errors", s.protocol_errors},
               {"connections_refused", s.connections_refused},
               {"connections_timed_out", s.connections_timed_out},
+              {"tls", !opts_.tls                               ? "off"
+                      : opts_.tls_mode == net::NbdTls::kRequire ? "require"
+                      : opts_.tls_mode == net::NbdTls::kAllow   ? "allow"
+                                                                : "off"},
+              {"tls_handshakes", s.tls_handshakes},
               {"frames_sent", s.frames_sent},
               {"send_calls", s.send_calls},
               {"frames_per_call", s.frames_per_call}};

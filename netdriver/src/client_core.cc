@@ -73,6 +73,27 @@ void HandshakeIo::Op::await_suspend(std::coroutine_handle<> h) {
   }
 }
 
+bool HandshakeIo::UpgradeOp::await_suspend(std::coroutine_handle<> h) {
+  HandshakeIo* hio = io;
+  if (!*hio->slot_) {
+    *st = Status::Unavailable("handshake abandoned");
+    return false;
+  }
+  std::unique_ptr<Transport> t = std::move(*hio->slot_);
+  hio->t_ = nullptr;
+  (*upgrade)(std::move(t), [out = st, h, hio, keep = hio->owner_.lock()](Status s, std::unique_ptr<Transport> nt) {
+    *out = std::move(s);
+    if (out->ok() && nt) {
+      *hio->slot_ = std::move(nt);
+      hio->t_ = hio->slot_->get();
+    } else if (out->ok()) {
+      *out = Status::Unavailable("transport upgrade produced no transport");
+    }
+    h.resume();
+  });
+  return true;
+}
+
 Status HandshakeIo::Op::await_resume() const {
   if (!ec) return Status::OK();
   if (ec == asio::error::eof) return Status::Unavailable("server closed the connection during the handshake");
@@ -228,7 +249,7 @@ void ClientCore::OnConnected(std::uint64_t ep, Status st, std::unique_ptr<Transp
   hs_neg_ = Negotiated{};
   hs_hard_ = false;
   hs_epoch_ = ep;
-  hs_io_ = HandshakeIo(hs_transport_.get(), weak_from_this());
+  hs_io_ = HandshakeIo(&hs_transport_, weak_from_this());
   hs_task_ = proto_->Handshake(hs_io_, &hs_neg_, &hs_hard_);
   hs_task_.Start(&ClientCore::OnHandshakeDone, this);
 }

@@ -104,7 +104,9 @@ struct ClientCoreOptions : ClientOptions {
 class HandshakeIo {
  public:
   HandshakeIo() = default;
-  HandshakeIo(Transport* t, std::weak_ptr<void> owner) : t_(t), owner_(std::move(owner)) {}
+  // `slot` owns the transport (the core's); Upgrade swaps what it holds.
+  HandshakeIo(std::unique_ptr<Transport>* slot, std::weak_ptr<void> owner)
+      : t_(slot->get()), slot_(slot), owner_(std::move(owner)) {}
 
   struct [[nodiscard]] Op {
     HandshakeIo* io;
@@ -119,8 +121,26 @@ class HandshakeIo {
   Op Read(void* buf, std::size_t n) { return Op{this, buf, n, false}; }
   Op Write(const void* buf, std::size_t n) { return Op{this, const_cast<void*>(buf), n, true}; }
 
+  // Mid-stream transport swap (NBD STARTTLS): `upgrade` gets the transport and calls back on the
+  // strand with its successor or an error (the old one is then gone).  The upgrade needs its own
+  // deadline: an abandoned attempt cannot close a transport the upgrade holds.
+  using UpgradeDone = std::function<void(Status, std::unique_ptr<Transport>)>;
+  using Upgrader = std::function<void(std::unique_ptr<Transport>, UpgradeDone)>;
+  // `upgrade` and `st` live in the caller's frame: g++ 12 mishandles awaiters and operands with
+  // non-trivial destructors in a co_await expression (a double free).
+  struct UpgradeOp {
+    HandshakeIo* io;
+    const Upgrader* upgrade;
+    Status* st;
+    bool await_ready() const noexcept { return false; }
+    bool await_suspend(std::coroutine_handle<> h);  // false: resume at once (no transport)
+    void await_resume() const noexcept {}
+  };
+  UpgradeOp Upgrade(const Upgrader* upgrade, Status* st) { return UpgradeOp{this, upgrade, st}; }
+
  private:
   Transport* t_ = nullptr;
+  std::unique_ptr<Transport>* slot_ = nullptr;
   std::weak_ptr<void> owner_;  // a pending completion holds it (weak here: no cycle)
 };
 

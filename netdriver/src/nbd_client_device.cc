@@ -33,6 +33,7 @@
 
 #include "client_core.h"
 #include "dst/net/nbd_format.h"
+#include "dst/net/tls.h"
 #include "dst/net/uri.h"
 
 namespace dst::net {
@@ -171,10 +172,28 @@ Task<Status> Negotiate(HandshakeIo& io, const NbdClientOptions& o, NbdNegotiatio
   std::uint8_t cf[4];
   Put32(cf, (fixed ? kClientFlagFixedNewstyle : 0u) | (no_zeroes ? kClientFlagNoZeroes : 0u));
   DST_CO_RETURN_IF_ERROR(co_await io.Write(cf, 4));
+  if (o.tls && !fixed) co_return Status::ProtocolError("nbds://: the server cannot negotiate TLS (not fixed newstyle)");
   if (!fixed) co_return co_await ExportNameFallback(io, o, no_zeroes, n);
 
   std::uint32_t type = 0;
   std::string data;
+  if (o.tls) {
+    // Nothing else is said in plain text: no downgrade, nothing to inject into.
+    DST_CO_RETURN_IF_ERROR(co_await SendOption(io, kOptStartTls, {}));
+    int replies = 0;
+    DST_CO_RETURN_IF_ERROR(co_await ReadOptReply(io, kOptStartTls, &type, &data, &replies));
+    if (type != kRepAck)
+      co_return Status::ProtocolError("nbds://: the server refused STARTTLS: " + OptErrorText(type, data));
+    const HandshakeIo::Upgrader up = [&o](std::unique_ptr<Transport> plain, HandshakeIo::UpgradeDone done) {
+      AsyncTlsUpgrade(o.tls_context, std::move(plain), o.host, o.connect_timeout,
+                      [done = std::move(done)](Status st, std::unique_ptr<TlsTransport> tls) {
+                        done(std::move(st), std::move(tls));
+                      });
+    };
+    Status upgraded;
+    co_await io.Upgrade(&up, &upgraded);
+    DST_CO_RETURN_IF_ERROR(upgraded);
+  }
   if (o.try_structured_replies) {
     DST_CO_RETURN_IF_ERROR(co_await SendOption(io, kOptStructuredReply, {}));
     for (int replies = 0;;) {
@@ -229,6 +248,7 @@ Status ParseNbdUri(const std::string& uri, NbdClientOptions* opts) {
   }
   opts->unix_socket = u.socket;
   opts->export_name = u.export_name;
+  opts->tls = u.tls;
   return Status::OK();
 }
 
@@ -542,6 +562,7 @@ RxStep NbdClientDevice::Protocol::FailLying(ClientSlot& s, const char* why) {
 Result<std::shared_ptr<NbdClientDevice>> NbdClientDevice::Connect(boost::asio::io_context& io,
                                                                   const NbdClientOptions& opts) {
   if (opts.export_name.size() > kMaxStringLen) return Status::InvalidArgument("export name too long");
+  if (opts.tls && !opts.tls_context) return Status::InvalidArgument("nbds:// needs a TLS context (keys)");
   ClientCoreOptions co(opts, opts.port, "nbd");
   co.unix_socket = opts.unix_socket;
   return ConnectClient<NbdClientDevice, Protocol>(io, opts, co, "NbdClientDevice");

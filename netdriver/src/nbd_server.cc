@@ -21,6 +21,7 @@
 #include <cstring>
 #include <thread>
 
+#include "dst/net/tls.h"
 #include "server_core.h"
 
 namespace dst::net {
@@ -95,7 +96,10 @@ class NbdServer::Impl : public ServerCore {
   void QueueMeta(NbdReqCtx* c);
   void MetaLoop();
 
+  bool tls_required() const { return opts_.tls && opts_.tls_mode == NbdTls::kRequire; }
+
   const NbdServerOptions opts_;
+  std::atomic<std::uint64_t> tls_handshakes_{0};
 
  private:
   std::mutex meta_mu_;
@@ -119,7 +123,7 @@ class NbdConn : public ServerConn {
   void RunBlockStatus(NbdReqCtx* c);  // metadata worker thread
 
  private:
-  enum class Next { kOption, kServe, kClose };
+  enum class Next { kOption, kServe, kClose, kStartTls };
   NbdExportEntry* entry() const { return static_cast<NbdExportEntry*>(served().get()); }
 
   // Handshake (its own reads and writes; the request loop starts with kServing).
@@ -134,6 +138,10 @@ class NbdConn : public ServerConn {
   void OnOptionData(const boost::system::error_code& ec, ServerReq*);
   void OnOptionDrained(const boost::system::error_code& ec, ServerReq*);
   void HandleOption();
+  bool RefuseBeforeTls();
+  void OptStartTls();
+  void StartTls();
+  void AfterStartTls(const boost::system::error_code& ec, ServerReq*);
   void OptExportName();
   void OptInfoGo(bool go);
   void OptList();
@@ -171,6 +179,8 @@ class NbdConn : public ServerConn {
   bool fixed_newstyle_ = false;
   bool no_zeroes_ = false;
   bool structured_ = false;  // fixed before transmission starts; read by device threads after
+  bool tls_ = false;         // STARTTLS done: the transport is a TlsTransport
+  std::string policy_;       // non-empty: every option but ABORT is refused with this (identity cap)
   std::string meta_export_;
   std::uint32_t sel_[kMaxContexts];
   int nsel_ = 0;
@@ -253,9 +263,36 @@ void NbdConn::OnOptionData(const boost::system::error_code& ec, ServerReq*) {
   HandleOption();
 }
 
+// Before STARTTLS in require mode, and after a refused identity: true when the option was
+// answered (or the connection closed) here.
+bool NbdConn::RefuseBeforeTls() {
+  const std::uint32_t o = opt_.option;
+  if (o == kOptAbort) return false;
+  if (!policy_.empty()) {
+    if (o == kOptExportName) {
+      BeginClose(true);
+      return true;
+    }
+    Reply(kRepErrPolicy, policy_);
+    WriteOut(Next::kOption);
+    return true;
+  }
+  if (tls_ || !impl_->tls_required() || o == kOptStartTls) return false;
+  if (o == kOptExportName) {
+    // EXPORT_NAME cannot carry an error: the spec says close (FORCEDTLS).
+    core_->LogLimited(address(), "EXPORT_NAME before STARTTLS, closed", "TLS is required");
+    BeginClose(true);
+    return true;
+  }
+  Reply(kRepErrTlsReqd, "TLS is required: send NBD_OPT_STARTTLS first (nbds:// URI)");
+  WriteOut(Next::kOption);
+  return true;
+}
+
 void NbdConn::HandleOption() {
   out_.clear();
   const bool empty = opt_.length == 0;
+  if (RefuseBeforeTls()) return;
   switch (opt_.option) {
     case kOptExportName:
       return OptExportName();
@@ -267,8 +304,7 @@ void NbdConn::HandleOption() {
       else OptList();
       return WriteOut(Next::kOption);
     case kOptStartTls:
-      Reply(kRepErrUnsup, "TLS is not supported by this server");
-      return WriteOut(Next::kOption);
+      return OptStartTls();
     case kOptInfo:
     case kOptGo:
       return OptInfoGo(opt_.option == kOptGo);
@@ -433,6 +469,48 @@ void NbdConn::OptMeta(bool set) {
   Reply(kRepAck);
 }
 
+void NbdConn::OptStartTls() {
+  if (!impl_->opts_.tls || impl_->opts_.tls_mode == NbdTls::kOff) {
+    Reply(kRepErrUnsup, "TLS is not configured on this server");
+  } else if (tls_) {
+    Reply(kRepErrInvalid, "TLS is already negotiated");
+  } else if (opt_.length != 0) {
+    Reply(kRepErrInvalid, "STARTTLS takes no data");
+  } else {
+    Reply(kRepAck);
+    return WriteOut(Next::kStartTls);
+  }
+  WriteOut(Next::kOption);
+}
+
+// After the ACK of STARTTLS.  Whatever was negotiated in the clear is forgotten (the spec; a
+// man in the middle could have injected it), then the TLS handshake runs on the same socket.
+void NbdConn::StartTls() {
+  structured_ = false;
+  nsel_ = 0;
+  meta_export_.clear();
+  auto ctx = impl_->opts_.tls;
+  const auto timeout = HandshakeLeft(ctx->config().handshake_timeout);
+  UpgradeTransport(
+      [ctx, timeout](std::unique_ptr<Transport> plain, UpgradeDone done) {
+        AsyncTlsUpgrade(ctx, std::move(plain), std::string(), timeout, std::move(done));
+      },
+      &NbdConn::AfterStartTls);
+}
+
+void NbdConn::AfterStartTls(const boost::system::error_code& ec, ServerReq*) {
+  if (ec || phase_ == Phase::kClosing) return BeginClose(true);
+  tls_ = true;
+  impl_->tls_handshakes_.fetch_add(1, std::memory_order_relaxed);
+  const std::string& who = transport().identity();
+  Status st = who.empty() ? Status::OK() : core_->ClaimIdentity(this, who);
+  if (!st.ok()) {
+    core_->LogLimited(address(), "identity refused", st.message().c_str());
+    policy_ = st.message();
+  }
+  ReadOption();
+}
+
 void NbdConn::WriteOut(Next next) {
   next_ = next;
   WriteAll(out_.data(), out_.size(), &NbdConn::AfterWriteOut);
@@ -443,6 +521,7 @@ void NbdConn::AfterWriteOut(const boost::system::error_code& ec, ServerReq*) {
   switch (next_) {
     case Next::kOption: return ReadOption();
     case Next::kClose: return BeginClose(false);
+    case Next::kStartTls: return StartTls();
     case Next::kServe:
       out_.clear();
       out_.shrink_to_fit();
@@ -822,6 +901,7 @@ std::vector<NbdExportStatus> NbdServer::ListExports() const {
 NbdServerStats NbdServer::Stats() const {
   NbdServerStats s;
   impl_->FillStats(&s);
+  s.tls_handshakes = impl_->tls_handshakes_.load(std::memory_order_relaxed);
   return s;
 }
 

@@ -59,7 +59,8 @@ ServerConn::ServerConn(std::shared_ptr<ServerCore> core, std::unique_ptr<Transpo
     : core_ref_(std::move(core)),
       core_(core_ref_.get()),
       transport_(std::move(transport)),
-      address_(AddressOf(transport_->peer())),
+      peer_(transport_->peer()),
+      address_(AddressOf(peer_)),
       strand_(transport_->strand()),
       tx_(*transport_, core_->options().batching, &tx_stats_),
       close_timer_(strand_),
@@ -236,7 +237,7 @@ void ServerConn::MaybeRead() {
 }
 
 bool ServerConn::CanRead() const {
-  if (reading_ || writing_ || pending_ || phase_ == Phase::kClosing) return false;
+  if (reading_ || writing_ || upgrading_ || pending_ || phase_ == Phase::kClosing) return false;
   if (phase_ == Phase::kHandshake) return FramesInHandshake();
   return free_ != nullptr;  // every slot busy: backpressure
 }
@@ -420,6 +421,36 @@ void ServerConn::OnTxError(void* ctx) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// Transport upgrade (STARTTLS)
+
+void ServerConn::StartUpgrade(TransportUpgrade upgrade,
+                              std::function<void(ServerConn*, const boost::system::error_code&)> next) {
+  upgrading_ = true;
+  upgrade(std::move(transport_), [self = shared_from_this(), next = std::move(next)](Status st, std::unique_ptr<Transport> t) {
+    Scope s(self.get());
+    self->upgrading_ = false;
+    ++self->progress_;
+    boost::system::error_code ec;
+    if (st.ok() && t) {
+      self->transport_ = std::move(t);
+      self->tx_.Rebind(*self->transport_);
+    } else {
+      self->core_->LogLimited(self->address_, "connection upgrade failed", st.message().c_str());
+      ec = asio::error::connection_aborted;
+    }
+    next(self.get(), ec);
+  });
+}
+
+std::chrono::milliseconds ServerConn::HandshakeLeft(std::chrono::milliseconds fallback) const {
+  using std::chrono::milliseconds;
+  const milliseconds limit = core_->options().limits.handshake_timeout;
+  if (limit.count() <= 0) return fallback;
+  const auto left = std::chrono::duration_cast<milliseconds>(accepted_at_ + limit - Clock::now());
+  return std::max(std::min(left, fallback), milliseconds(1));
+}
+
+// ------------------------------------------------------------------------------------------------
 // Closing
 
 void ServerConn::BeginClose(bool force) {
@@ -436,6 +467,7 @@ void ServerConn::MaybeFinish() {
     pending_ = nullptr;
     ReleaseSlot(r);
   }
+  if (upgrading_) return;  // the upgrade's own deadline ends it; its completion pumps again
   if (reading_ || writing_) {
     // End the outstanding receive (or a handshake write the client does not read): nothing new
     // is started.
@@ -466,7 +498,7 @@ void ServerConn::Finish() {
   tx_.Abort();  // unsent replies (forced close) are dropped; their slots come back
   SyncActive();
   close_timer_.cancel();
-  transport_->Close();
+  if (transport_) transport_->Close();
   core_->ConnFinished(this);
   OnFinished();
   // Leave the connection table later, outside any Transmitter frame.

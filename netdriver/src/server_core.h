@@ -319,7 +319,7 @@ class ServerConn : public std::enable_shared_from_this<ServerConn> {
   void PushDone(ServerReq* r);
 
   const Strand& strand() const { return strand_; }
-  const std::string& peer() const { return transport_->peer(); }
+  const std::string& peer() const { return peer_; }
   // The peer's address without the port: the key of the per-address cap.
   const std::string& address() const { return address_; }
   const std::string& identity() const { return identity_; }  // ClaimIdentity's, or empty
@@ -402,6 +402,19 @@ class ServerConn : public std::enable_shared_from_this<ServerConn> {
   template <typename D>
   void WriteAll(const void* p, std::size_t n, Next<D> next);
 
+  // Swaps the transport mid-stream (NBD STARTTLS): `upgrade` gets it and calls `done` on the
+  // strand with its successor, or an error (then the old one is closed and gone).  Then next
+  // runs in a Scope, ec set on failure (logged here).  A close that begins meanwhile waits for
+  // the upgrade, which must have a deadline of its own (HandshakeLeft()).  REQUIRES: handshake
+  // phase, no read or write outstanding, no buffered input, nothing queued to send.
+  using UpgradeDone = std::function<void(Status, std::unique_ptr<Transport>)>;
+  using TransportUpgrade = std::function<void(std::unique_ptr<Transport>, UpgradeDone)>;
+  template <typename D>
+  void UpgradeTransport(TransportUpgrade upgrade, Next<D> next);
+  // What is left of the handshake deadline (`fallback` without one), at least 1 ms.
+  std::chrono::milliseconds HandshakeLeft(std::chrono::milliseconds fallback) const;
+  const Transport& transport() const { return *transport_; }  // not during an upgrade
+
   std::shared_ptr<ServerCore> core_ref_;
   ServerCore* core_;
   Phase phase_ = Phase::kHandshake;
@@ -424,6 +437,7 @@ class ServerConn : public std::enable_shared_from_this<ServerConn> {
   void AfterDiscard(const boost::system::error_code& ec, ServerReq* r);
   void Emit(ServerReq* r);
   void DrainDone();
+  void StartUpgrade(TransportUpgrade upgrade, std::function<void(ServerConn*, const boost::system::error_code&)> next);
   void MaybeFinish();
   void Finish();
   template <typename D>
@@ -433,7 +447,8 @@ class ServerConn : public std::enable_shared_from_this<ServerConn> {
   static void OnReqSent(TxFrame* f, bool ok);
   static void OnTxError(void* ctx);
 
-  std::unique_ptr<Transport> transport_;
+  std::unique_ptr<Transport> transport_;  // null only while UpgradeTransport runs
+  const std::string peer_;
   const std::string address_;
   std::string identity_;  // set by ServerCore::ClaimIdentity under its mu_
   Strand strand_;
@@ -449,6 +464,7 @@ class ServerConn : public std::enable_shared_from_this<ServerConn> {
   int depth_ = 0;
   bool reading_ = false;      // a receive is outstanding
   bool writing_ = false;      // a WriteAll is outstanding
+  bool upgrading_ = false;    // UpgradeTransport holds the transport
   bool read_shut_ = false;    // Shutdown issued to end them
   bool parked_pool_ = false;  // on the pool's waiter list (strand-local view)
   bool in_payload_ = false;   // reading request data the server waits for
@@ -540,6 +556,13 @@ void ServerConn::ReadBody(void* p, std::size_t n, ServerReq* r, Next<D> next) {
                           ++self->progress_;
                           (static_cast<D*>(self.get())->*next)(ec, r);
                         });
+}
+
+template <typename D>
+void ServerConn::UpgradeTransport(TransportUpgrade upgrade, Next<D> next) {
+  StartUpgrade(std::move(upgrade), [next](ServerConn* c, const boost::system::error_code& ec) {
+    (static_cast<D*>(c)->*next)(ec, nullptr);
+  });
 }
 
 template <typename D>

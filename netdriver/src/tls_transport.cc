@@ -595,6 +595,21 @@ void AsyncTlsHandshake(std::shared_ptr<TlsContext> ctx, std::unique_ptr<TcpTrans
   asio::post(c->strand, [hs] { hs->Step(); });
 }
 
+void AsyncTlsUpgrade(std::shared_ptr<TlsContext> ctx, std::unique_ptr<Transport> plain, const std::string& host,
+                     std::chrono::milliseconds timeout, HandshakeCallback done) {
+  auto* tcp = dynamic_cast<TcpTransport*>(plain.get());
+  if (!tcp) {
+    const Strand strand = plain->strand();
+    plain->Close();
+    asio::post(strand, [done = std::move(done)] {
+      done(Status::InvalidArgument("TLS needs a TCP connection underneath"), nullptr);
+    });
+    return;
+  }
+  plain.release();
+  AsyncTlsHandshake(std::move(ctx), std::unique_ptr<TcpTransport>(tcp), host, timeout, std::move(done));
+}
+
 // ------------------------------------------------------------------------------------------------
 // TlsListener
 

@@ -104,7 +104,7 @@ Status ParseDst(std::string_view uri, BlockUri* u) {
 }
 
 Status ParseNbd(std::string_view uri, BlockUri* u) {
-  std::string_view rest = uri.substr(kNbd.size());
+  std::string_view rest = uri.substr(u->tls ? kNbd.size() + 1 : kNbd.size());  // nbds://
   if (rest.find('?') != std::string_view::npos) return Bad(uri, "query parameters are not supported in nbd://");
   const std::size_t slash = rest.find('/');
   DST_RETURN_IF_ERROR(ParseAuthority(uri, rest.substr(0, slash), nbd::kDefaultPort, &u->host, &u->port));
@@ -146,8 +146,12 @@ bool HasBlockUriScheme(std::string_view s) {
 Status ParseBlockUri(std::string_view uri, BlockUri* out) {
   BlockUri u;
   Status st;
-  if (StartsWith(uri, "nbds://") || StartsWith(uri, "nbds+unix://")) {
-    return Status::NotSupported("NBD over TLS is not supported: " + std::string(uri));
+  if (StartsWith(uri, "nbds+unix://")) {
+    return Status::NotSupported("NBD over TLS on a Unix socket is not supported: " + std::string(uri));
+  } else if (StartsWith(uri, "nbds://")) {  // NBD with STARTTLS (nbd_client_device.h)
+    u.scheme = UriScheme::kNbd;
+    u.tls = true;
+    st = ParseNbd(uri, &u);
   } else if (StartsWith(uri, kDst) || StartsWith(uri, kDsts)) {
     u.scheme = UriScheme::kDst;
     u.tls = StartsWith(uri, kDsts);
@@ -169,7 +173,7 @@ Status ParseBlockUri(std::string_view uri, BlockUri* out) {
 std::string BlockUri::Canonical() const {
   if (scheme == UriScheme::kNbdUnix) return "nbd+unix:///" + export_name + "?socket=" + socket;
   const std::string h = host.find(':') != std::string::npos ? "[" + host + "]" : host;
-  return (scheme == UriScheme::kDst ? (tls ? "dsts://" : "dst://") : "nbd://") + h + ":" + std::to_string(port) + "/" + export_name;
+  return (scheme == UriScheme::kDst ? (tls ? "dsts://" : "dst://") : (tls ? "nbds://" : "nbd://")) + h + ":" + std::to_string(port) + "/" + export_name;
 }
 
 }  // namespace dst::net

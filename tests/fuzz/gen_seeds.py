@@ -83,6 +83,19 @@ write("fuzz_nbd_server", "structured_meta",
 write("fuzz_nbd_server", "read_only_default",
       CLIENT_FLAGS + opt(OPT_GO, go_data(b"ro", ())) + req(W, 1, 0, 512) + b"c" * 512 + req(R, 2, 0, 512))
 write("fuzz_nbd_server", "default_export", CLIENT_FLAGS + opt(OPT_GO, go_data(b"")) + req(R, 1, 0, 512))
+# STARTTLS (5): unsupported without TLS (with data too), negotiation goes on.
+OPT_STARTTLS = 5
+write("fuzz_nbd_server", "starttls_unsup", CLIENT_FLAGS + opt(OPT_STARTTLS) + opt(OPT_STARTTLS, b"x") +
+      opt(OPT_GO, go_data(b"disk0")) + req(R, 1, 0, 512))
+# Require mode (fuzz_nbd_server_tls): every option refused before TLS, EXPORT_NAME closes, an
+# acknowledged STARTTLS hands the (in-memory) transport to the TLS upgrade, which refuses it.
+write("fuzz_nbd_server_tls", "refused_then_abort",
+      CLIENT_FLAGS + opt(OPT_LIST) + opt(OPT_INFO, go_data(b"disk0", (0, 1))) + opt(OPT_GO, go_data(b"disk0")) +
+      opt(OPT_SR) + opt(OPT_LIST_META, meta_data(b"disk0", [])) + opt(99, b"zz") + opt(OPT_STARTTLS, b"x") +
+      opt(OPT_ABORT))
+write("fuzz_nbd_server_tls", "export_name_closes", CLIENT_FLAGS + opt(OPT_EXPORT_NAME, b"disk0") + req(R, 1, 0, 512))
+write("fuzz_nbd_server_tls", "starttls_pipelined",
+      CLIENT_FLAGS + opt(OPT_STARTTLS) + opt(OPT_GO, go_data(b"disk0")) + req(R, 1, 0, 512))
 
 # --- Client targets (fuzz_dst_client, fuzz_nbd_client): one option byte, then what the server
 # sends.  The client submits the requests of client_harness.h (kClientOps) after the handshake;

@@ -25,6 +25,7 @@
 #include "daemon_process.h"
 #include "io_thread.h"
 #include "run_tool.h"
+#include "sync_io.h"
 #include "dst/net/remote_device.h"
 #include "dst/net/tcp_transport.h"
 #include "dst/net/tls.h"
@@ -70,19 +71,7 @@ RemoteOptions Options(std::uint16_t port, const std::string& name, std::shared_p
 
 constexpr std::uint64_t kSize = 16ull << 20;
 
-// One request, waited for.
-Status Sync(BlockDevice& dev, IoOp op, std::uint64_t offset, char* data, std::uint32_t length) {
-  std::promise<Status> p;
-  IoRequest r;
-  r.op = op;
-  r.offset = offset;
-  r.length = length;
-  r.data = data;
-  r.ctx = &p;
-  r.done = [](IoRequest* q, Status s) { static_cast<std::promise<Status>*>(q->ctx)->set_value(s); };
-  dev.Submit(&r);
-  return p.get_future().get();
-}
+using dst::test::Sync;  // one request, waited for
 
 }  // namespace
 

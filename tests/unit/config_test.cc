@@ -408,8 +408,23 @@ class ConfigTest : public QObject {
     QVERIFY2(e.find("test.toml:2") != std::string::npos && e.find("insecure = true") != std::string::npos &&
                  e.find("tls_psk_file") != std::string::npos,
              e.c_str());
-    e = Error("[daemon]\nnbd_listen = \"0.0.0.0:10809\"\ntls_psk_file = \"/k\"\n");
-    QVERIFY2(e.find("nbd_listen") != std::string::npos && e.find("no TLS") != std::string::npos, e.c_str());
+    // NBD on a non-loopback address: fine when it requires TLS (the default with keys), refused
+    // when it would also serve clear text.
+    auto nbd = ParseConfig("[daemon]\nnbd_listen = \"0.0.0.0:10809\"\ntls_psk_file = \"/k\"\n", "t.toml", {false});
+    QVERIFY2(nbd.ok(), nbd.status().message().c_str());
+    QCOMPARE(nbd.value().nbd_tls_mode(), std::string("require"));
+    QVERIFY(ParseConfig("[daemon]\nnbd_listen = \"0.0.0.0:10809\"\ntls_psk_file = \"/k\"\nnbd_tls = \"require\"\n",
+                        "t.toml", {false}).ok());
+    QCOMPARE(ParseConfig("[daemon]\n", "t.toml", {false}).value().nbd_tls_mode(), std::string("off"));
+    e = Error("[daemon]\nnbd_listen = \"0.0.0.0:10809\"\ntls_psk_file = \"/k\"\nnbd_tls = \"allow\"\n");
+    QVERIFY2(e.find("nbd_listen") != std::string::npos && e.find("without TLS") != std::string::npos, e.c_str());
+    e = Error("[daemon]\nnbd_listen = \"0.0.0.0:10809\"\n");
+    QVERIFY2(e.find("nbd_listen") != std::string::npos && e.find("insecure = true") != std::string::npos, e.c_str());
+    QVERIFY(ParseConfig("[daemon]\nnbd_listen = \"0.0.0.0:10809\"\ninsecure = true\n", "t.toml", {false}).ok());
+    e = Error("[daemon]\nnbd_tls = \"require\"\n");
+    QVERIFY2(e.find("nbd_tls") != std::string::npos && e.find("needs TLS keys") != std::string::npos, e.c_str());
+    e = Error("[daemon]\ntls_psk_file = \"/k\"\nnbd_tls = \"yes\"\n");
+    QVERIFY2(e.find("expected \"require\", \"allow\" or \"off\"") != std::string::npos, e.c_str());
     e = Error("[daemon]\ntls_cert = \"/c\"\n");
     QVERIFY2(e.find("tls_key and tls_ca") != std::string::npos, e.c_str());
     e = Error("[daemon]\ntls_psk_file = \"/k\"\ntls_cert = \"/c\"\ntls_key = \"/k\"\ntls_ca = \"/ca\"\n");

@@ -93,7 +93,10 @@ class UriTest : public QObject {
       QCOMPARE(u.host, std::string("unchanged"));
     }
     BlockUri u;
-    QCOMPARE(ParseBlockUri("nbds://h/x", &u).code(), Status::Code::kNotSupported);
+    QCOMPARE(ParseBlockUri("nbds+unix:///x?socket=/s", &u).code(), Status::Code::kNotSupported);
+    QVERIFY(ParseBlockUri("nbds://h:10900/x", &u).ok());
+    QVERIFY(u.tls && u.scheme == UriScheme::kNbd && u.host == "h" && u.port == 10900 && u.export_name == "x");
+    QCOMPARE(u.Canonical(), std::string("nbds://h:10900/x"));
     QVERIFY(!ParseBlockUri("dst://h/" + std::string(256, 'a'), &u).ok());
   }
 };

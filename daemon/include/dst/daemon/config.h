@@ -132,9 +132,14 @@ struct Config {
   std::string tls_psk_file;
   std::string tls_identity;
   std::string tls_cert, tls_key, tls_ca, tls_server_name;
-  // Serve DST without TLS, or NBD, on a non-loopback address (refused otherwise).
+  // NBD STARTTLS ([daemon] nbd_tls, docs/nbd.md "TLS"): "require" (the default with TLS keys),
+  // "allow" (plain-text clients too) or "off" (the default without keys).  "" = the default.
+  std::string nbd_tls;
+  // Serve DST without TLS, or NBD without nbd_tls = "require", on a non-loopback address
+  // (refused otherwise).
   bool insecure = false;
   bool tls() const { return !tls_psk_file.empty() || !tls_cert.empty(); }
+  std::string nbd_tls_mode() const { return !nbd_tls.empty() ? nbd_tls : tls() ? "require" : "off"; }
   std::vector<ExportConfig> exports;
   std::vector<VolumeConfig> volumes;
   std::vector<ArrayConfig> arrays;

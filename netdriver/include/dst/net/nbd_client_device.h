@@ -19,6 +19,7 @@
 // the connection's Transport, bounded by connect_timeout; nothing blocks an event-loop thread):
 //
 //   greeting (NBDMAGIC IHAVEOPT flags) -> client flags (FIXED_NEWSTYLE [+NO_ZEROES])
+//     [nbds://: -> OPT_STARTTLS --ACK--> TLS handshake; anything else fails the attempt]
 //     -> OPT_STRUCTURED_REPLY --ACK--> structured replies | --ERR_*--> simple replies
 //     -> OPT_GO(name, [INFO_BLOCK_SIZE]) --INFO*, ACK--> transmission
 //                                         --ERR_UNSUP--> OPT_EXPORT_NAME -> size+flags -> transmission
@@ -62,12 +63,18 @@
 
 namespace dst::net {
 
+class TlsContext;  // tls.h
+
 struct NbdClientOptions : ClientOptions {
   std::uint16_t port = 10809;
   std::string unix_socket;  // non-empty: connect to this Unix socket instead of host:port
   std::string export_name;  // may be empty (the server's default export)
   bool try_structured_replies = true;  // false: never ask (tests; old-client behaviour)
   bool try_opt_go = true;              // false: use OPT_EXPORT_NAME directly (tests)
+  // nbds://: STARTTLS right after the greeting, with this client context (PSK or X.509; the
+  // server name checked is `host`); a server that refuses it is not used.  Required when tls.
+  bool tls = false;
+  std::shared_ptr<TlsContext> tls_context;
 };
 
 struct NbdClientStats : ClientStats {
@@ -75,8 +82,9 @@ struct NbdClientStats : ClientStats {
   std::uint64_t probes = 0;  // keepalive reads sent
 };
 
-// Parses "nbd://host[:port][/name]" (default port 10809, name may be empty, %XX decoded) and
-// "nbd+unix:///name?socket=/path" into opts.  TLS schemes (nbds://) are refused.
+// Parses "nbd://host[:port][/name]" (default port 10809, name may be empty, %XX decoded),
+// "nbds://..." (the same with tls = true; the caller supplies tls_context) and
+// "nbd+unix:///name?socket=/path" into opts.  nbds+unix:// is refused.
 Status ParseNbdUri(const std::string& uri, NbdClientOptions* opts);
 
 class NbdClientDevice : public ClientDevice {

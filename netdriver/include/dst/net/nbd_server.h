@@ -11,6 +11,10 @@
 //      |       bad flags / bad magic / ABORT / unknown EXPORT_NAME / EOF          |
 //      +---------------------------> CLOSED <---- DRAINING <--DISC / EOF / bad request magic
 //
+// STARTTLS (options.tls): its ACK, then the TLS handshake on the same socket (AsyncTlsUpgrade),
+// then OPTIONS again inside TLS with the plain-text state forgotten.  kRequire refuses every other
+// option before it (EXPORT_NAME closes).
+//
 // Transmission runs on the server-connection core it shares with the DST exporter
 // (netdriver/src/server_core.h): preallocated request contexts per connection,
 // payloads read from the socket straight into pool buffers and replied from them (zero copy),
@@ -44,6 +48,13 @@
 #include "dst/status.h"
 
 namespace dst::net {
+
+class TlsContext;  // tls.h
+
+// NBD_OPT_STARTTLS (docs/nbd.md "TLS").  kRequire is the spec's FORCEDTLS: before STARTTLS every
+// option but STARTTLS and ABORT gets NBD_REP_ERR_TLS_REQD and EXPORT_NAME closes, so nothing,
+// not even the export list, is served in the clear.  kAllow also serves plain-text clients.
+enum class NbdTls { kOff, kAllow, kRequire };
 
 // Receives the extents of a metadata query in order, starting at the queried offset.  Return
 // false to stop early (the receiver is full).  Lengths must be > 0.
@@ -127,6 +138,13 @@ struct NbdServerOptions {
   // Accept from this listener instead of binding listen_address:port (the fuzz targets feed
   // in-memory transports).  port() is then 0.
   ListenerFactory listener;
+  // STARTTLS: a server TlsContext (PSK or X.509) and the mode; without a context, kOff.  The
+  // TLS handshake must finish within what is left of limits.handshake_timeout (and the
+  // context's handshake_timeout).  Afterwards the connection's Transport::identity() is the
+  // authenticated peer, counted against limits.max_connections_per_identity (over it, options
+  // get NBD_REP_ERR_POLICY).
+  std::shared_ptr<TlsContext> tls;
+  NbdTls tls_mode = NbdTls::kRequire;
 };
 
 struct NbdExportSpec {
@@ -151,7 +169,9 @@ struct NbdExportStatus {
   int connections = 0;
 };
 
-struct NbdServerStats : ServerStats {};
+struct NbdServerStats : ServerStats {
+  std::uint64_t tls_handshakes = 0;  // STARTTLS upgrades that completed
+};
 
 class NbdServer {
  public:

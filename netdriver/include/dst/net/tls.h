@@ -1,7 +1,7 @@
 // TLS 1.3 for the Transport seam (transport.h), with OpenSSL 3.
 //
-// The DST protocol runs inside TLS from the connection's first byte: no plaintext negotiation
-// (unlike NBD's STARTTLS), nothing to downgrade.  TLS 1.3 only, no 0-RTT, no session tickets.
+// The DST protocol runs inside TLS from the connection's first byte: no plaintext negotiation,
+// nothing to downgrade.  NBD upgrades after its plain-text greeting (STARTTLS, AsyncTlsUpgrade).  TLS 1.3 only, no 0-RTT, no session tickets.
 // Peers authenticate with either
 //   * a pre-shared key: a key file of `identity:hexkey` lines, the format nbdkit and libnbd
 //     (GnuTLS psktool) use.  A server accepts every identity in its file, a client offers one; or
@@ -122,6 +122,14 @@ using HandshakeCallback = std::function<void(Status, std::unique_ptr<TlsTranspor
 void AsyncTlsHandshake(std::shared_ptr<TlsContext> ctx, std::unique_ptr<TcpTransport> tcp,
                        const std::string& host, std::chrono::milliseconds timeout,
                        HandshakeCallback done);
+
+// The same on a connection that has spoken plain text first (NBD's STARTTLS): `plain` must be a
+// TcpTransport (else InvalidArgument) with no operation outstanding and nothing it has read but
+// not delivered.  Bytes the peer sent after its last plain-text message are fed to the
+// handshake, so plain text pipelined behind STARTTLS fails it instead of being read as
+// protected data.  The role (server or client) is the context's.
+void AsyncTlsUpgrade(std::shared_ptr<TlsContext> ctx, std::unique_ptr<Transport> plain, const std::string& host,
+                     std::chrono::milliseconds timeout, HandshakeCallback done);
 
 class TlsListener final : public Listener {
  public:

@@ -61,6 +61,9 @@ class Transmitter {
   void Abort();
 
   bool idle() const { return head_ == nullptr; }
+  // Sends through `sink` from now on (a connection upgraded to TLS mid-stream, NBD STARTTLS).
+  // REQUIRES: idle, no writable-wait armed, the new sink on the same strand.
+  void Rebind(FrameSink& sink) { sink_ = &sink; }
   bool batching() const { return batching_; }
   // `fn` runs (on the strand) when the transport fails; the Transmitter then aborts its queue.
   void set_error_handler(void (*fn)(void* ctx), void* ctx) { on_error_ = fn; on_error_ctx_ = ctx; }

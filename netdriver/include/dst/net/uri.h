@@ -5,11 +5,12 @@
 //   dsts://HOST[:PORT]/EXPORT            the same inside TLS 1.3 (net/tls.h)
 //   nbd://HOST[:PORT][/EXPORT]           NBD over TCP, default port 10809; EXPORT may be empty
 //                                        (the server's default export), %XX decoded
+//   nbds://HOST[:PORT][/EXPORT]          NBD with STARTTLS (TLS 1.3, nbd_client_device.h)
 //   nbd+unix:///[EXPORT]?socket=/PATH    NBD over a Unix socket (empty host; %XX decoded)
 //
 // HOST may be an IPv6 address in brackets ([::1]).  Errors are InvalidArgument, worded
 // 'bad URI "URI": REASON' (REASON: "empty host", "bad port", "missing export", "unknown scheme"...);
-// nbds:// and nbds+unix:// (TLS) are NotSupported.  Pure functions: no I/O, any thread.
+// nbds+unix:// is NotSupported.  Pure functions: no I/O, any thread.
 #pragma once
 
 #include <cstdint>
@@ -28,7 +29,7 @@ struct BlockUri {
   std::uint16_t port = 0;   // the default when the URI has none; 0 for nbd+unix
   std::string export_name;  // decoded
   std::string socket;       // nbd+unix only
-  bool tls = false;         // dsts://
+  bool tls = false;         // dsts://, nbds://
 
   // Canonical form, with the port spelled out ("dst://h:7400/e"), so equal devices compare equal.
   std::string Canonical() const;
