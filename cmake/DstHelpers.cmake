@@ -13,9 +13,12 @@ function(dst_add_test)
   foreach(l IN LISTS T_LABELS)
     set_property(GLOBAL APPEND PROPERTY DST_TESTS_${l} ${T_NAME})
   endforeach()
+  # Qt Test's own watchdog (QTEST_FUNCTION_TIMEOUT, default 300 s per test function) must not
+  # fire before CTest's: a long test function (fault_campaign_test) gets the test's budget.
+  math(EXPR qt_timeout_ms "(${T_TIMEOUT} - 5) * 1000")
   set_tests_properties(${T_NAME} PROPERTIES
     LABELS "${T_LABELS}"
     TIMEOUT ${T_TIMEOUT}
     SKIP_RETURN_CODE 77
-    ENVIRONMENT "DST_BUILD_DIR=${CMAKE_BINARY_DIR};DST_SOURCE_DIR=${CMAKE_SOURCE_DIR};QT_QPA_PLATFORM=offscreen")
+    ENVIRONMENT "DST_BUILD_DIR=${CMAKE_BINARY_DIR};DST_SOURCE_DIR=${CMAKE_SOURCE_DIR};QT_QPA_PLATFORM=offscreen;QTEST_FUNCTION_TIMEOUT=${qt_timeout_ms}")
 endfunction()

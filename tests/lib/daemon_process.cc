@@ -138,7 +138,10 @@ int DaemonProcess::Terminate(int timeout_ms) {
     int st;
     if (waitpid(pid_, &st, WNOHANG) == pid_) {
       pid_ = -1;
-      return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+      const int rc = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+      // A sanitizer report or a shutdown error is only in the log: show it with the failure.
+      if (rc != 0) qWarning("dstd exited with %d; its log ends:\n%s", rc, Log().right(6000).constData());
+      return rc;
     }
     QThread::msleep(20);
   }
