@@ -93,11 +93,15 @@ std::string RenderTable(const std::vector<std::string>& header,
 std::string RenderExportList(const json& exports) {
   std::vector<std::vector<std::string>> rows;
   for (auto& e : exports) {
+    std::string allow;
+    for (auto& r : e.value("allow", json::array()))
+      if (r.is_string()) allow += (allow.empty() ? "" : ",") + r.get<std::string>();
     rows.push_back({Str(e, "name"), FormatSize(U64(e, "size")), Bool(e, "read_only") ? "ro" : "rw",
-                    std::to_string(U64(e, "connections")), Str(e, "device")});
+                    std::to_string(U64(e, "connections")), allow.empty() ? "nobody" : allow,
+                    Str(e, "device")});
   }
   if (rows.empty()) return "no exports\n";
-  return RenderTable({"NAME", "SIZE", "MODE", "CONNS", "DEVICE"}, rows);
+  return RenderTable({"NAME", "SIZE", "MODE", "CONNS", "ALLOW", "DEVICE"}, rows);
 }
 
 std::string RenderVolumeList(const json& volumes) {

@@ -8,8 +8,12 @@
 //   naming the TLS handshake; A logs the failed handshake and serves nothing to it.
 // * listen = "0.0.0.0:..." without TLS is refused (exit 78, the message names insecure); with
 //   insecure = true dstd starts and `status` warns (`--json`: daemon.insecure).
+// * Default deny (issue 11): two PSK identities against per-export access lists (rw, ro, denied,
+//   the per-identity cap, dstctl export allow and its persistence); plaintext peers are
+//   "anonymous" and must be listed.
 #include <sys/stat.h>
 
+#include <QFile>
 #include <QProcess>
 #include <QTemporaryDir>
 #include <QtTest/QtTest>
@@ -270,6 +274,134 @@ class TlsDaemonTest : public QObject {
     d.terminate();
     QVERIFY(d.waitForFinished(30000));
     QVERIFY2(d.readAllStandardError().contains("neither encrypted nor authenticated"), "no warning in the log");
+  }
+
+  // Default deny with two PSK identities (issue 11 items 2-4, docs/security.md "Default deny"):
+  // one key file with two lines on the server; hostc may read and write "rw", backup only read
+  // it; nobody may use "none" (no allow list: dstd warns); the per-identity cap refuses the
+  // third connection of hostc; dstctl export add without --allow warns, export allow edits a
+  // runtime export's list, which survives a restart; a config file export is edited in the file.
+  void accessByPskIdentity() {
+    QTemporaryDir dir;
+    const QString kc = dir.path() + "/c.psk", kb = dir.path() + "/b.psk", both = dir.path() + "/both.psk";
+    QCOMPARE(Run(Dstctl(), {"key", "generate", "--identity", "hostc", kc}).rc, 0);
+    QCOMPARE(Run(Dstctl(), {"key", "generate", "--identity", "backup", kb}).rc, 0);
+    {
+      QFile c(kc), b(kb), out(both);
+      QVERIFY(c.open(QIODevice::ReadOnly) && b.open(QIODevice::ReadOnly) && out.open(QIODevice::WriteOnly));
+      out.write(c.readAll() + b.readAll());
+      QVERIFY(out.setPermissions(QFileDevice::ReadOwner | QFileDevice::WriteOwner));
+    }
+    DaemonProcess a(dir.path() + "/a");
+    a.default_allow().clear();  // the daemon's own default: nobody
+    a.config() = QString("tls_psk_file = \"%1\"\n[limits]\nmax_connections_per_identity = 2\n"
+                         "[[export]]\nname = \"rw\"\npath = \"%2/rw.img\"\nsize = \"16M\"\n"
+                         "allow = [\"hostc:rw\", \"backup:ro\"]\n"
+                         "[[export]]\nname = \"none\"\npath = \"%2/none.img\"\nsize = \"16M\"\n")
+                     .arg(both, dir.path());
+    QVERIFY2(a.Start(), a.Log().constData());
+    QVERIFY(a.Log().contains("export \"none\" has no allow list: nobody can connect"));
+    auto ctx_of = [&](const QString& file, const char* id) {
+      TlsConfig tc;
+      tc.psk_file = file.toStdString();
+      tc.psk_identity = id;
+      return TlsContext::Create(tc).value();
+    };
+    auto hostc = ctx_of(kc, "hostc"), backup = ctx_of(kb, "backup");
+    IoThread io;
+    std::vector<char> w(4096, 'W'), r(4096);
+
+    auto c1 = RemoteDevice::Connect(io.io, Options(a.port(), "rw", hostc));
+    QVERIFY2(c1.ok(), c1.status().ToString().c_str());
+    QVERIFY(!c1.value()->Info().read_only);
+    QVERIFY(Sync(*c1.value(), IoOp::kWrite, 0, w.data(), 4096).ok());
+    QVERIFY(a.Log().contains("accepted: identity hostc"));
+
+    auto b1 = RemoteDevice::Connect(io.io, Options(a.port(), "rw", backup));
+    QVERIFY2(b1.ok(), b1.status().ToString().c_str());
+    QVERIFY(b1.value()->Info().read_only);
+    QVERIFY(Sync(*b1.value(), IoOp::kRead, 0, r.data(), 4096).ok());
+    QVERIFY(r == w);
+    QCOMPARE(Sync(*b1.value(), IoOp::kWrite, 0, w.data(), 4096).code(), Status::Code::kReadOnly);
+
+    auto denied = RemoteDevice::Connect(io.io, Options(a.port(), "none", hostc));
+    QVERIFY(!denied.ok());
+    QCOMPARE(denied.status().ToErrno(), EACCES);
+    QVERIFY2(denied.status().message().find("none") != std::string::npos, denied.status().ToString().c_str());
+    QTRY_VERIFY(a.Log().contains("access denied: identity hostc may not use export none"));
+
+    // max_connections_per_identity = 2: c1 is one, c2 the second, the third is refused.
+    auto c2 = RemoteDevice::Connect(io.io, Options(a.port(), "rw", hostc));
+    QVERIFY2(c2.ok(), c2.status().ToString().c_str());
+    auto c3 = RemoteDevice::Connect(io.io, Options(a.port(), "rw", hostc));
+    QVERIFY(!c3.ok());
+    QCOMPARE(c3.status().code(), Status::Code::kBusy);
+    auto b2 = RemoteDevice::Connect(io.io, Options(a.port(), "rw", backup));  // another identity
+    QVERIFY2(b2.ok(), b2.status().ToString().c_str());
+    c2.value()->Close();
+    QTRY_VERIFY_WITH_TIMEOUT(RemoteDevice::Connect(io.io, Options(a.port(), "rw", hostc)).ok(), 10000);
+
+    json list = CtlJson(a, {"export", "list"});
+    for (auto& e : list["exports"]) {
+      if (e["name"] == "rw") QCOMPARE(e["allow"], json::array({"hostc:rw", "backup:ro"}));
+      else QCOMPARE(e["allow"], json::array());
+    }
+    QByteArray out, err;
+    QCOMPARE(a.Ctl({"export", "list"}, &out), 0);
+    QVERIFY2(out.contains("ALLOW") && out.contains("hostc:rw,backup:ro") && out.contains("nobody"), out.constData());
+
+    // Runtime exports: default deny with a warning, then export allow.
+    QCOMPARE(a.Ctl({"export", "add", "e2", dir.path() + "/e2.img", "--size", "1M"}, &out, &err), 0);
+    QVERIFY2(err.contains("allows nobody"), err.constData());
+    QCOMPARE(RemoteDevice::Connect(io.io, Options(a.port(), "e2", hostc)).status().ToErrno(), EACCES);
+    QCOMPARE(a.Ctl({"export", "allow", "e2", "--allow", "hostc:ro"}, &out, &err), 0);
+    auto e2 = RemoteDevice::Connect(io.io, Options(a.port(), "e2", hostc));
+    QVERIFY2(e2.ok(), e2.status().ToString().c_str());
+    QVERIFY(e2.value()->Info().read_only);
+    e2.value()->Close();
+    QVERIFY(a.Ctl({"export", "allow", "e2", "--allow", "bad"}, &out, &err) != 0);
+    QVERIFY(a.Ctl({"export", "allow", "rw", "--allow", "hostc:ro"}, &out, &err) != 0);
+    QVERIFY2(err.contains("config file"), err.constData());
+
+    for (auto* d : {&c1, &b1, &b2}) d->value()->Close();
+    QCOMPARE(a.Terminate(), 0);
+    QVERIFY2(a.Start(), a.Log().constData());
+    list = CtlJson(a, {"export", "list"});
+    bool seen = false;
+    for (auto& e : list["exports"])
+      if (e["name"] == "e2") {
+        seen = true;
+        QCOMPARE(e["allow"], json::array({"hostc:ro"}));
+      }
+    QVERIFY(seen);
+    auto e2b = RemoteDevice::Connect(io.io, Options(a.port(), "e2", hostc));
+    QVERIFY2(e2b.ok(), e2b.status().ToString().c_str());
+    QVERIFY(e2b.value()->Info().read_only);
+    QCOMPARE(RemoteDevice::Connect(io.io, Options(a.port(), "e2", backup)).status().ToErrno(), EACCES);
+    e2b.value()->Close();
+    QCOMPARE(a.Terminate(), 0);
+  }
+
+  // Plaintext peers are "anonymous": "*" (any authenticated identity) does not admit them, an
+  // "anonymous:ro" rule admits them read-only.
+  void anonymousMustBeListed() {
+    QTemporaryDir dir;
+    DaemonProcess p(dir.path() + "/p");
+    p.default_allow().clear();
+    p.config() = QString("[[export]]\nname = \"star\"\npath = \"%1/s.img\"\nsize = \"1M\"\nallow = [\"*:rw\"]\n"
+                         "[[export]]\nname = \"anon\"\npath = \"%1/a.img\"\nsize = \"1M\"\nallow = [\"anonymous:ro\"]\n")
+                     .arg(dir.path());
+    QVERIFY2(p.Start(), p.Log().constData());
+    IoThread io;
+    auto star = RemoteDevice::Connect(io.io, Options(p.port(), "star", nullptr));
+    QVERIFY(!star.ok());
+    QCOMPARE(star.status().ToErrno(), EACCES);
+    QTRY_VERIFY(p.Log().contains("access denied: identity anonymous may not use export star"));
+    auto anon = RemoteDevice::Connect(io.io, Options(p.port(), "anon", nullptr));
+    QVERIFY2(anon.ok(), anon.status().ToString().c_str());
+    QVERIFY(anon.value()->Info().read_only);
+    anon.value()->Close();
+    QCOMPARE(p.Terminate(), 0);
   }
 };
 
