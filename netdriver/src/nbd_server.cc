@@ -307,7 +307,8 @@ std::uint16_t NbdConn::TxFlags(const NbdExportEntry& e) const {
   return f;
 }
 
-// Enters transmission on `e` (GO, EXPORT_NAME).  False when the server is draining.
+// Enters transmission on `e` (GO, EXPORT_NAME).  False when the server is draining or the
+// identity is over max_connections_per_identity.
 bool NbdConn::Attach(const std::shared_ptr<NbdExportEntry>& e) {
   if (!ClaimPeerIdentity().ok() || !core_->Attach(this, e)) return false;
   read_only_ = AccessTo(*e) != Access::kReadWrite;

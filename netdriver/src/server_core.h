@@ -123,7 +123,7 @@ struct ServedExport {
 
   // Sets name, device, info, read_only (the spec's flag or the device's) and allow.
   void Init(const std::string& export_name, std::shared_ptr<BlockDevice> dev, bool spec_read_only,
-            const std::optional<AccessList>& access) {
+            const std::optional<AccessList>& access = std::nullopt) {
     if (access) allow.store(std::make_shared<const AccessList>(*access));
     name = export_name;
     device = std::move(dev);

@@ -10,7 +10,7 @@
 //   insecure = true dstd starts and `status` warns (`--json`: daemon.insecure).
 // * Default deny (issue 11): two PSK identities against per-export access lists (rw, ro, denied,
 //   the per-identity cap, dstctl export allow and its persistence); plaintext peers are
-//   "anonymous" and must be listed.
+//   "anonymous" and must be listed; with X.509 the identity is the certificate's CN.
 #include <sys/stat.h>
 
 #include <QFile>
@@ -86,6 +86,17 @@ Status Sync(BlockDevice& dev, IoOp op, std::uint64_t offset, char* data, std::ui
   r.done = [](IoRequest* q, Status s) { static_cast<std::promise<Status>*>(q->ctx)->set_value(s); };
   dev.Submit(&r);
   return p.get_future().get();
+}
+
+// True when a HELLO of `identity` (its TLS context; null: plaintext, "anonymous") for export
+// `name` of d is refused with EACCES and d logs the identity and the export.
+bool Denied(DaemonProcess& d, IoThread& io, const std::string& name, std::shared_ptr<TlsContext> ctx,
+            const std::string& identity) {
+  auto r = RemoteDevice::Connect(io.io, Options(d.port(), name, std::move(ctx)));
+  if (r.ok() || r.status().ToErrno() != EACCES) return false;
+  const QByteArray line = QByteArray::fromStdString("access denied: identity " + identity + " may not use export " + name);
+  for (int i = 0; i < 50 && !d.Log().contains(line); ++i) QTest::qWait(100);
+  return d.Log().contains(line);
 }
 
 }  // namespace
@@ -325,10 +336,8 @@ class TlsDaemonTest : public QObject {
     QCOMPARE(Sync(*b1.value(), IoOp::kWrite, 0, w.data(), 4096).code(), Status::Code::kReadOnly);
 
     auto denied = RemoteDevice::Connect(io.io, Options(a.port(), "none", hostc));
-    QVERIFY(!denied.ok());
-    QCOMPARE(denied.status().ToErrno(), EACCES);
-    QVERIFY2(denied.status().message().find("none") != std::string::npos, denied.status().ToString().c_str());
-    QTRY_VERIFY(a.Log().contains("access denied: identity hostc may not use export none"));
+    QVERIFY2(denied.status().message().find("allow list") != std::string::npos, denied.status().ToString().c_str());
+    QVERIFY(Denied(a, io, "none", hostc, "hostc"));
 
     // max_connections_per_identity = 2: c1 is one, c2 the second, the third is refused.
     auto c2 = RemoteDevice::Connect(io.io, Options(a.port(), "rw", hostc));
@@ -393,15 +402,97 @@ class TlsDaemonTest : public QObject {
                      .arg(dir.path());
     QVERIFY2(p.Start(), p.Log().constData());
     IoThread io;
-    auto star = RemoteDevice::Connect(io.io, Options(p.port(), "star", nullptr));
-    QVERIFY(!star.ok());
-    QCOMPARE(star.status().ToErrno(), EACCES);
-    QTRY_VERIFY(p.Log().contains("access denied: identity anonymous may not use export star"));
+    QVERIFY(Denied(p, io, "star", nullptr, "anonymous"));
     auto anon = RemoteDevice::Connect(io.io, Options(p.port(), "anon", nullptr));
     QVERIFY2(anon.ok(), anon.status().ToString().c_str());
     QVERIFY(anon.value()->Info().read_only);
     anon.value()->Close();
+
+    // `dstctl apply`: a runtime export whose file entry differs only in allow is changed in
+    // place (export allow), not removed and re-added.
+    const QString desired = dir.path() + "/desired.toml";
+    auto apply = [&](const char* rule, QByteArray* out) {
+      QFile f(desired);
+      if (!f.open(QIODevice::WriteOnly | QIODevice::Truncate)) return -1;
+      f.write(QString("[[export]]\nname = \"ap\"\npath = \"%1/ap.img\"\nsize = \"1M\"\nallow = [\"%2\"]\n")
+                  .arg(dir.path(), rule).toUtf8());
+      f.close();
+      return p.Ctl({"apply", desired}, out);
+    };
+    QByteArray out;
+    QCOMPARE(apply("anonymous:ro", &out), 0);
+    auto ap = RemoteDevice::Connect(io.io, Options(p.port(), "ap", nullptr));
+    QVERIFY2(ap.ok() && ap.value()->Info().read_only, ap.status().ToString().c_str());
+    ap.value()->Close();
+    QCOMPARE(apply("anonymous:rw", &out), 0);
+    QVERIFY2(out.contains("export allow ap --allow anonymous:rw") && !out.contains("export remove"), out.constData());
+    ap = RemoteDevice::Connect(io.io, Options(p.port(), "ap", nullptr));
+    QVERIFY2(ap.ok() && !ap.value()->Info().read_only, ap.status().ToString().c_str());
+    ap.value()->Close();
     QCOMPARE(p.Terminate(), 0);
+  }
+
+  // Default deny with X.509 (certificates made with the openssl CLI at test time): the identity
+  // is the client certificate's subject CN, and the access list names CNs.
+  void accessByCertificateCn() {
+    DST_REQUIRE(std::filesystem::exists("/usr/bin/openssl"), "openssl CLI not installed");
+    QTemporaryDir dir;
+    const QString d = dir.path();
+    auto openssl = [&](const QStringList& args) {
+      ToolResult t = Run("/usr/bin/openssl", args);
+      if (t.rc != 0) qWarning("openssl %s: %s", qPrintable(args.join(' ')), t.err.constData());
+      return t.rc == 0;
+    };
+    const QStringList ec{"-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"};
+    QVERIFY(openssl(QStringList{"req", "-x509"} + ec + QStringList{"-keyout", d + "/ca.key", "-out", d + "/ca.pem",
+                                                          "-subj", "/CN=lab-ca", "-days", "2"}));
+    {
+      QFile ext(d + "/server.ext");
+      QVERIFY(ext.open(QIODevice::WriteOnly));
+      ext.write("subjectAltName=DNS:server\n");
+    }
+    for (QString n : {"server", "hostc", "reader"}) {
+      QVERIFY(openssl(QStringList{"req"} + ec + QStringList{"-keyout", d + "/" + n + ".key", "-out", d + "/" + n + ".csr",
+                                                            "-subj", "/CN=" + n}));
+      QStringList sign{"x509", "-req", "-in", d + "/" + n + ".csr", "-CA", d + "/ca.pem", "-CAkey", d + "/ca.key",
+                       "-CAcreateserial", "-out", d + "/" + n + ".pem", "-days", "2"};
+      if (n == "server") sign << "-extfile" << d + "/server.ext";
+      QVERIFY(openssl(sign));
+      QVERIFY(QFile::setPermissions(d + "/" + n + ".key", QFileDevice::ReadOwner | QFileDevice::WriteOwner));
+    }
+    DaemonProcess a(d + "/a");
+    a.default_allow().clear();
+    a.config() = QString("tls_cert = \"%1/server.pem\"\ntls_key = \"%1/server.key\"\ntls_ca = \"%1/ca.pem\"\n"
+                         "[[export]]\nname = \"x\"\npath = \"%1/x.img\"\nsize = \"1M\"\nallow = [\"hostc:rw\", \"reader:ro\"]\n"
+                         "[[export]]\nname = \"y\"\npath = \"%1/y.img\"\nsize = \"1M\"\nallow = [\"reader:rw\"]\n")
+                     .arg(d);
+    QVERIFY2(a.Start(), a.Log().constData());
+    auto ctx_of = [&](const QString& n) {
+      TlsConfig tc;
+      tc.cert_file = (d + "/" + n + ".pem").toStdString();
+      tc.key_file = (d + "/" + n + ".key").toStdString();
+      tc.ca_file = (d + "/ca.pem").toStdString();
+      tc.server_name = "server";
+      auto c = TlsContext::Create(tc);
+      if (!c.ok()) qWarning("%s", c.status().ToString().c_str());
+      return c.ok() ? c.value() : nullptr;
+    };
+    auto hostc = ctx_of("hostc"), reader = ctx_of("reader");
+    QVERIFY(hostc && reader);
+    IoThread io;
+    auto x = RemoteDevice::Connect(io.io, Options(a.port(), "x", hostc));
+    QVERIFY2(x.ok(), (x.status().ToString() + "\n" + a.Log().toStdString()).c_str());
+    QVERIFY(!x.value()->Info().read_only);
+    QVERIFY(a.Log().contains("accepted: identity hostc"));
+    QVERIFY(Denied(a, io, "y", hostc, "hostc"));
+    auto rx = RemoteDevice::Connect(io.io, Options(a.port(), "x", reader));
+    QVERIFY2(rx.ok(), rx.status().ToString().c_str());
+    QVERIFY(rx.value()->Info().read_only);
+    auto ry = RemoteDevice::Connect(io.io, Options(a.port(), "y", reader));
+    QVERIFY2(ry.ok(), ry.status().ToString().c_str());
+    QVERIFY(!ry.value()->Info().read_only);
+    for (auto* r : {&x, &rx, &ry}) r->value()->Close();
+    QCOMPARE(a.Terminate(), 0);
   }
 };
 
