@@ -142,7 +142,7 @@ for f in s0 d0 n0; do dd if=/dev/urandom of="$IMG/$f.img" bs=1M count="$SIZE_MIB
 for f in d1 n1 fresh c1; do truncate -s "${SIZE_MIB}M" "$IMG/$f.img"; done
 
 P0=$(free_port); P1=$(free_port); PA=$(free_port)
-export_toml() { printf '[[export]]\nname = "%s"\npath = "%s"\n\n' "$1" "$IMG/$1.img"; }
+export_toml() { printf '[[export]]\nname = "%s"\npath = "%s"\nallow = ["anonymous:rw"]\n\n' "$1" "$IMG/$1.img"; }
 { printf '[daemon]\nlisten = "127.0.0.1:%s"\n\n' "$P0"; export_toml s0; export_toml d0; export_toml n0; } >"$WORK/e0/dstd.toml"
 { printf '[daemon]\nlisten = "127.0.0.1:%s"\n\n' "$P1"; export_toml d1; export_toml n1; export_toml fresh; export_toml c1; } >"$WORK/e1/dstd.toml"
 cat >"$A/dstd.toml" <<EOF

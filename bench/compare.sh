@@ -145,7 +145,7 @@ start_side() {
   local side="$1" bin="$2/bin" a="$WORK/$1/a" b="$WORK/$1/b" port_a port_b i
   mkdir -p "$a" "$b" "$b/mnt"
   port_a="$(free_port)"; port_b="$(free_port)"
-  printf '[daemon]\nlisten = "127.0.0.1:%s"\nnbd_listen = "127.0.0.1:0"\n\n[[export]]\nname = "vol"\npath = "%s"\n' \
+  printf '[daemon]\nlisten = "127.0.0.1:%s"\nnbd_listen = "127.0.0.1:0"\n\n[[export]]\nname = "vol"\npath = "%s"\nallow = ["anonymous:rw"]\n' \
     "$port_a" "$WORK/tmpfs/$side.img" >"$a/dstd.toml"
   start_dstd "$bin" "$a"
   NBD_PORT[$side]="$("$bin/dstctl" --socket "$a/dstd.sock" status --json | jq -r '.nbd.port // empty')"

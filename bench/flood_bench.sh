@@ -78,6 +78,7 @@ listen = "127.0.0.1:$PORT"
 nbd_listen = "127.0.0.1:$NBD_PORT"
 
 [[export]]
+allow = ["anonymous:rw"]  # plaintext loopback clients (docs/security.md "Default deny")
 name = "disk"
 path = "$WORK/disk.img"
 size = "64M"

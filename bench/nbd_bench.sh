@@ -212,10 +212,12 @@ listen = "127.0.0.1:$PORT_A"
 $1
 
 [[export]]
+allow = ["anonymous:rw"]  # plaintext loopback clients (docs/security.md "Default deny")
 name = "vol"
 path = "$BACKING"
 
 [[export]]
+allow = ["anonymous:rw"]  # plaintext loopback clients (docs/security.md "Default deny")
 name = "e2e"
 path = "$WORK/tmpfs/e2e.img"
 EOF

@@ -165,6 +165,7 @@ listen = "127.0.0.1:$port_a"
 batching = $batching
 
 [[export]]
+allow = ["anonymous:rw"]  # plaintext loopback clients (docs/security.md "Default deny")
 name = "vol"
 path = "$BACKING"
 direct_io = false

@@ -40,6 +40,13 @@ int Fail(int code, const std::string& msg) {
 
 bool g_json = false;  // --json: errors are also printed as JSON on stdout
 
+// Exports are default deny (docs/security.md): say so when nobody may connect.
+void WarnNobody(const std::string& name, const std::vector<std::string>& allow) {
+  if (allow.empty())
+    std::fprintf(stderr, "dstctl: warning: export %s allows nobody: no client can connect "
+                         "(give --allow IDENTITY:rw, or anonymous:rw for plaintext clients)\n", name.c_str());
+}
+
 // An error reply: one line on stderr; a refused operation with several reasons lists each (code,
 // object, owner) below it.  --json prints the whole error object, reasons included.
 int FailReply(const ctl::Reply& reply) {
@@ -261,6 +268,13 @@ int main(int argc, char** argv) {
                       "Create a new image of this size (e.g. 1G, 512M); an existing image must "
                       "already have it (never shrunk)");
   exp_add->add_flag("--grow", grow_image, "Let --size grow an existing image (never shrinks)");
+  std::vector<std::string> allow;
+  exp_add->add_option("--allow", allow,
+                      "IDENTITY:rw or IDENTITY:ro, repeatable: who may connect (a TLS identity, "
+                      "'*' for any authenticated one, 'anonymous' for plaintext peers); none: nobody");
+  auto* exp_allow = exp->add_subcommand("allow", "Replace an export's access list (who may connect)");
+  exp_allow->add_option("NAME", name, "Export name")->required();
+  exp_allow->add_option("--allow", allow, "IDENTITY:rw or IDENTITY:ro, repeatable; none: nobody");
   auto* exp_list = exp->add_subcommand("list", "List exports");
   auto* exp_rm = exp->add_subcommand("remove", "Stop exporting (fails while clients are connected)");
   exp_rm->add_option("NAME", name, "Export name")->required();
@@ -429,12 +443,19 @@ int main(int argc, char** argv) {
     if (int(!path.empty()) + int(!exp_array.empty()) + int(!exp_volume.empty()) != 1)
       return Fail(ctl::kExUsage, "export add: give exactly one of PATH, --array, --volume");
     ctl::ExportAddOp op{name, path.empty() ? "" : Absolute(path), exp_array, exp_volume, size,
-                        read_only, direct_io, grow_image};
+                        read_only, direct_io, grow_image, allow};
     if ((rc = Call(socket, op, &result)) != 0) return rc;
     if (as_json) PrintJson(result);
     else std::printf("export %s added: %s, %s\n", name.c_str(),
                      ctl::FormatSize(result.value("size", std::uint64_t{0})).c_str(),
                      result.value("device", std::string("?")).c_str());
+    WarnNobody(name, allow);
+  } else if (exp_allow->parsed()) {
+    if ((rc = Call(socket, ctl::ExportAllowOp{name, allow}, &result)) != 0) return rc;
+    if (as_json) PrintJson(result);
+    else std::printf("export %s allows %s\n", name.c_str(),
+                     allow.empty() ? "nobody" : fmt::format("{}", fmt::join(allow, ", ")).c_str());
+    WarnNobody(name, allow);
   } else if (exp_list->parsed()) {
     if ((rc = Call(socket, "export.list", json::object(), &result)) != 0) return rc;
     if (as_json) PrintJson(result);

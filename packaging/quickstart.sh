@@ -306,11 +306,11 @@ run_demo() {
   tls="tls_psk_file = \"$WORK/lab.psk\""
 
   # Daemons A and C: two exporters ("hosts" on loopback), one sparse 256 MiB image each.
-  log "daemon A: exporting disk0 on 127.0.0.1:$port_a; daemon C: exporting disk1 on 127.0.0.1:$port_c (TLS)"
+  log "daemon A: exporting disk0 on 127.0.0.1:$port_a; daemon C: exporting disk1 on 127.0.0.1:$port_c (TLS, allow = [\"demo:rw\"]: only the lab key may use them)"
   truncate -s 256M "$WORK/a/disk0.img" "$WORK/c/disk1.img"
   for d in a c; do
     if [[ $d == a ]]; then name=disk0 port=$port_a; else name=disk1 port=$port_c; fi
-    printf '[daemon]\nlisten = "127.0.0.1:%s"\nnbd_listen = ""\nbatching = true\n%s\n\n[[export]]\nname = "%s"\npath = "%s"\n' \
+    printf '[daemon]\nlisten = "127.0.0.1:%s"\nnbd_listen = ""\nbatching = true\n%s\n\n[[export]]\nname = "%s"\npath = "%s"\nallow = ["demo:rw"]\n' \
       "$port" "$tls" "$name" "$WORK/$d/$name.img" >"$WORK/$d/dstd.toml"
     start_daemon "$WORK/$d"
   done

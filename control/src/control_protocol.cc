@@ -20,6 +20,8 @@ const std::vector<std::string>& Methods() {
       "array.layers",
       // issue 10: capabilities
       "hello",
+      // issue 11: per-export access lists
+      "export.allow",
   };
   return kMethods;
 }

@@ -85,6 +85,20 @@ bool Legs(const json& p, std::vector<std::string>* out, std::string* why) {
   return true;
 }
 
+// "allow": a list of "identity:rw" / "identity:ro" strings (checked by dstd); missing: empty.
+bool Allow(const json& p, std::vector<std::string>* out, std::string* why) {
+  auto it = p.find("allow");
+  if (it == p.end() || it->is_null()) return true;
+  bool ok = it->is_array();
+  for (std::size_t i = 0; ok && i < it->size(); ++i) ok = (*it)[i].is_string();
+  if (!ok) {
+    *why = "parameter \"allow\" must be an array of \"identity:rw\" / \"identity:ro\" strings";
+    return false;
+  }
+  for (auto& r : *it) out->push_back(r.get<std::string>());
+  return true;
+}
+
 bool Slot(const json& p, int* slot, std::string* why) {
   auto it = p.find("slot");
   if (it == p.end() || !it->is_number_integer() || it->get<std::int64_t>() < 0 ||
@@ -128,6 +142,7 @@ std::string MethodOf(const OpRequest& op) {
             return "array.fail_leg";
           },
           [](const ExportAddOp&) -> std::string { return "export.add"; },
+          [](const ExportAllowOp&) -> std::string { return "export.allow"; },
           [](const ExportRemoveOp&) -> std::string { return "export.remove"; },
           [](const VolumeImportOp&) -> std::string { return "volume.import"; },
           [](const VolumeRemoveOp&) -> std::string { return "volume.remove"; },
@@ -170,8 +185,10 @@ json ToParams(const OpRequest& op) {
             put(p, "volume", o.volume);
             put(p, "size", o.size);
             if (o.grow) p["grow"] = true;
+            p["allow"] = o.allow;
             return p;
           },
+          [](const ExportAllowOp& o) { return json{{"name", o.name}, {"allow", o.allow}}; },
           [](const ExportRemoveOp& o) { return json{{"name", o.name}}; },
           [](const VolumeImportOp& o) {
             json p{{"name", o.name}, {"uri", o.uri}};
@@ -202,7 +219,7 @@ bool IsOperationMethod(std::string_view m) {
   for (auto& [a, name] : kLegMethods)
     if (m == name) return true;
   return m == "array.create" || m == "array.remove" || m == "array.add_leg" ||
-         m == "array.grow" || m == "export.add" || m == "export.remove" ||
+         m == "array.grow" || m == "export.add" || m == "export.allow" || m == "export.remove" ||
          m == "volume.import" || m == "volume.remove" || m == "mount" ||
          m == "array.set_resync_rate" || m == "array.verify";
 }
@@ -268,13 +285,24 @@ bool FromParams(std::string_view m, const json& p, OpRequest* op, std::string* w
       return false;
     }
     if (!Bool(p, "read_only", &o.read_only, why) || !Bool(p, "direct_io", &o.direct_io, why) ||
-        !Bool(p, "grow", &o.grow, why) ||
+        !Bool(p, "grow", &o.grow, why) || !Allow(p, &o.allow, why) ||
         !Amount(p, "size", &o.size, why, "parameter \"size\" must be a string or an integer"))
       return false;
     if (o.grow && o.size.empty()) {
       *why = "grow needs a size to grow the image to";
       return false;
     }
+    *op = std::move(o);
+    return true;
+  }
+  if (m == "export.allow") {
+    ExportAllowOp o;
+    if (!Str(p, "name", true, &o.name, why)) return false;
+    if (!p.contains("allow")) {
+      *why = "missing parameter \"allow\" (an empty list admits nobody)";
+      return false;
+    }
+    if (!Allow(p, &o.allow, why)) return false;
     *op = std::move(o);
     return true;
   }
@@ -365,7 +393,7 @@ constexpr std::pair<StepKind, const char*> kStepKinds[] = {
     {StepKind::kAddExport, "add_export"},       {StepKind::kRemoveExport, "remove_export"},
     {StepKind::kImportVolume, "import_volume"}, {StepKind::kRemoveVolume, "remove_volume"},
     {StepKind::kMount, "mount"},                {StepKind::kSetResyncRate, "set_resync_rate"},
-    {StepKind::kVerify, "verify"},
+    {StepKind::kVerify, "verify"},              {StepKind::kAllowExport, "allow_export"},
 };
 
 constexpr std::pair<StepStatus, const char*> kStepStatuses[] = {

@@ -90,14 +90,26 @@ std::string RenderTable(const std::vector<std::string>& header,
   return out;
 }
 
+namespace {
+// An export's access list, "a:rw,b:ro", or "nobody" (default deny).
+std::string AllowText(const json& e) {
+  std::string allow;
+  auto it = e.find("allow");
+  if (it != e.end() && it->is_array())
+    for (auto& r : *it)
+      if (r.is_string()) allow += (allow.empty() ? "" : ",") + r.get<std::string>();
+  return allow.empty() ? "nobody" : allow;
+}
+}  // namespace
+
 std::string RenderExportList(const json& exports) {
   std::vector<std::vector<std::string>> rows;
   for (auto& e : exports) {
     rows.push_back({Str(e, "name"), FormatSize(U64(e, "size")), Bool(e, "read_only") ? "ro" : "rw",
-                    std::to_string(U64(e, "connections")), Str(e, "device")});
+                    std::to_string(U64(e, "connections")), AllowText(e), Str(e, "device")});
   }
   if (rows.empty()) return "no exports\n";
-  return RenderTable({"NAME", "SIZE", "MODE", "CONNS", "DEVICE"}, rows);
+  return RenderTable({"NAME", "SIZE", "MODE", "CONNS", "ALLOW", "DEVICE"}, rows);
 }
 
 std::string RenderVolumeList(const json& volumes) {
@@ -139,6 +151,7 @@ std::string RenderStatus(const json& st) {
     out += fmt::format("\nexport {} size:{} {}\n", Str(e, "name"), FormatSize(U64(e, "size")),
                        Bool(e, "read_only") ? "read-only" : "read-write");
     out += fmt::format("  device:{}\n", Str(e, "device"));
+    if (e.contains("allow")) out += fmt::format("  allow:{}\n", AllowText(e));
     std::string line = fmt::format("  connections:{}", U64(e, "connections"));
     if (e.contains("requests"))
       line += fmt::format(" requests:{} frames/call:{}", U64(e, "requests"), Fpc(e));

@@ -594,12 +594,7 @@ void Daemon::TryPendingExports() {
       if (it != volumes_.end()) dev = it->second->dev;
     }
     if (!dev) continue;
-    net::ExportSpec spec;
-    spec.name = e.name;
-    spec.device = dev;
-    spec.read_only = e.read_only;
-    Status s = exporter_->AddExport(std::move(spec));
-    if (s.ok()) NbdExportAdded(e.name, dev, e.read_only, {}, e.array);  // NBD too (daemon_nbd.cc)
+    Status s = ServeExport(e, dev, {});  // DST and NBD
     if (s.ok())
       spdlog::info("export \"{}\": {} \"{}\" ({} bytes)", e.name,
                    e.array.empty() ? "volume" : "array", e.array.empty() ? e.volume : e.array,
@@ -1798,7 +1793,11 @@ Status Daemon::PlanApply(const Config& want, bool prune, std::vector<std::string
   for (auto& e : want.exports) {
     want_exports.insert(e.name);
     auto it = live_exports.find(e.name);
-    if (it != live_exports.end() && same_export(it->second, e)) continue;
+    if (it != live_exports.end() && same_export(it->second, e)) {
+      if (it->second.allow != e.allow)  // only the access list differs: changed in place
+        add_exports.push_back(MakeOperation(*this, ctl::ExportAllowOp{e.name, net::FormatAccessList(e.allow)}));
+      continue;
+    }
     if (it != live_exports.end()) removal(remove_exports, "export", e.name);
     add_exports.push_back(MakeAddExport(*this, e));
   }

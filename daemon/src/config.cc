@@ -334,9 +334,20 @@ Status ParseExport(const toml::table& t, std::size_t index, const ErrorSink& sin
       DST_RETURN_IF_ERROR(f.Bool(v, key, &e->direct_io));
     } else if (key == "grow") {
       DST_RETURN_IF_ERROR(f.Bool(v, key, &e->grow));
+    } else if (key == "allow") {
+      const toml::array* arr = v.as_array();
+      std::vector<std::string> rules;
+      for (std::size_t i = 0; arr && i < arr->size(); ++i)
+        if (auto r = (*arr)[i].value<std::string>()) rules.push_back(*r);
+      if (!arr || rules.size() != arr->size())
+        return sink.Error(v.source(), f.ctx, key,
+                          "expected a list of \"identity:rw\" / \"identity:ro\" strings");
+      auto l = net::ParseAccessList(rules);
+      if (!l.ok()) return sink.Error(v.source(), f.ctx, key, l.status().message());
+      e->allow = std::move(l.value());
     } else {
       return UnknownKey(sink, k, f.ctx,
-                        "name, path, array, volume, size, grow, read_only, direct_io");
+                        "name, path, array, volume, size, grow, read_only, direct_io, allow");
     }
   }
   int sources = int(have_path) + int(!e->array.empty()) + int(!e->volume.empty());

@@ -445,12 +445,7 @@ Status Daemon::OpenExport(const ExportConfig& e) {
     if (!dev)
       return Status::Unavailable(fmt::format("{} \"{}\" is not connected yet",
                                              e.array.empty() ? "volume" : "array", ref));
-    net::ExportSpec spec;
-    spec.name = e.name;
-    spec.device = dev;
-    spec.read_only = e.read_only;
-    DST_RETURN_IF_ERROR(exporter_->AddExport(std::move(spec)));
-    NbdExportAdded(e.name, dev, e.read_only, {}, e.array);
+    DST_RETURN_IF_ERROR(ServeExport(e, dev, {}));
     spdlog::info("export \"{}\": {} \"{}\" ({} bytes)", e.name,
                  e.array.empty() ? "volume" : "array", ref, dev->Info().size);
     Emit(json{{"type", "export_added"}, {"export", e.name}, {"size", dev->Info().size}});
@@ -466,12 +461,7 @@ Status Daemon::OpenExport(const ExportConfig& e) {
   if (!dev.ok())  // the size refusals name the path already
     return dev.status().message().rfind(e.path, 0) == 0 ? dev.status()
                                                         : dev.status().WithContext(e.path);
-  net::ExportSpec spec;
-  spec.name = e.name;
-  spec.device = dev.value();
-  spec.read_only = e.read_only;
-  DST_RETURN_IF_ERROR(exporter_->AddExport(std::move(spec)));
-  NbdExportAdded(e.name, dev.value(), e.read_only, e.path, {});
+  DST_RETURN_IF_ERROR(ServeExport(e, dev.value(), e.path));
   spdlog::info("export \"{}\": {} ({} bytes{})", e.name, e.path, dev.value()->Info().size,
                e.read_only ? ", read-only" : "");
   Emit(json{{"type", "export_added"}, {"export", e.name}, {"size", dev.value()->Info().size}});
@@ -784,6 +774,21 @@ void Daemon::Handle(ctl::Request req, Reply reply) {
   }
 }
 
+Status Daemon::ServeExport(const ExportConfig& e, const std::shared_ptr<BlockDevice>& dev, const std::string& path) {
+  net::ExportSpec spec;
+  spec.name = e.name;
+  spec.device = dev;
+  spec.read_only = e.read_only;
+  spec.allow = e.allow;
+  DST_RETURN_IF_ERROR(exporter_->AddExport(std::move(spec)));
+  NbdExportAdded(e, dev, path);
+  if (e.allow.empty())
+    spdlog::warn("export \"{}\" has no allow list: nobody can connect (add allow = [\"identity:rw\"])", e.name);
+  else
+    spdlog::info("export \"{}\" allows {}", e.name, fmt::join(net::FormatAccessList(e.allow), ", "));
+  return Status::OK();
+}
+
 // Operation steps (operations.cc validates first; these re-check only what must be atomic).
 
 Status Daemon::AddExport(const ExportConfig& e) {
@@ -830,6 +835,27 @@ Status Daemon::RemoveExport(const std::string& name) {
   if (st.code() == Status::Code::kBusy && st.message().empty())
     st = Status::Busy(fmt::format("export \"{}\" has connected clients", name));
   return st;
+}
+
+Status Daemon::SetExportAccess(const std::string& name, const net::AccessList& allow) {
+  ExportConfig e;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = exports_.find(name);
+    if (it == exports_.end()) return Status::NotFound(fmt::format("no export \"{}\"", name));
+    it->second.allow = allow;
+    e = it->second;
+  }
+  DST_RETURN_IF_ERROR(exporter_->SetAccess(name, allow));
+  if (nbd_) {
+    Status st = nbd_->SetAccess(name, allow);
+    if (!st.ok() && !st.IsNotFound()) return st;
+  }
+  RecordExport(e);
+  spdlog::info("export \"{}\" now allows {}", name,
+               allow.empty() ? std::string("nobody") : fmt::format("{}", fmt::join(net::FormatAccessList(allow), ", ")));
+  Emit(json{{"type", "export_access_changed"}, {"export", name}, {"allow", net::FormatAccessList(allow)}});
+  return Status::OK();
 }
 
 Status Daemon::ImportVolume(const VolumeConfig& c) {
@@ -989,6 +1015,7 @@ json Daemon::ExportsJson() {
     j["array"] = c != cfgs.end() && !c->second.array.empty() ? json(c->second.array) : json();
     j["volume"] = c != cfgs.end() && !c->second.volume.empty() ? json(c->second.volume) : json();
     j["direct_io"] = c != cfgs.end() && c->second.direct_io;
+    j["allow"] = c != cfgs.end() ? net::FormatAccessList(c->second.allow) : std::vector<std::string>();
     AddExportCounters(j, s);
     if (nbd_) j["nbd"] = nbd_->ExportJson(s.name);
     arr.push_back(std::move(j));

@@ -175,6 +175,8 @@ class Daemon {
   void OperationRpc(const control::Request& req, Reply reply);
   Status AddExport(const ExportConfig& e);  // reserves the name, opens, records
   Status RemoveExport(const std::string& name);
+  // Replaces an export's access list over DST and NBD and records it.
+  Status SetExportAccess(const std::string& name, const net::AccessList& allow);
   Status ImportVolume(const VolumeConfig& c);
   Status RemoveVolume(const std::string& name);
   Status Mount(const std::string& dir);
@@ -318,8 +320,10 @@ class Daemon {
   // side, then NbdExportRemoveDone(name, removed).
   int StartNbd();  // 0 or a sysexits code
   void StopNbd();
-  void NbdExportAdded(const std::string& name, const std::shared_ptr<BlockDevice>& dev,
-                      bool read_only, const std::string& path, const std::string& array);
+  void NbdExportAdded(const ExportConfig& e, const std::shared_ptr<BlockDevice>& dev, const std::string& path);
+  // Serves e on dev over DST and NBD with its access list (path: a file-backed export); warns
+  // when the list is empty (nobody can connect).
+  Status ServeExport(const ExportConfig& e, const std::shared_ptr<BlockDevice>& dev, const std::string& path);
   Status NbdExportRemove(const std::string& name);
   void NbdExportRemoveDone(const std::string& name, bool removed);
   nlohmann::json NbdJson();

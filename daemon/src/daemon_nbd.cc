@@ -74,15 +74,14 @@ int Daemon::StartNbd() {
   return 0;
 }
 
-void Daemon::NbdExportAdded(const std::string& name, const std::shared_ptr<BlockDevice>& dev,
-                            bool read_only, const std::string& path, const std::string& array) {
+void Daemon::NbdExportAdded(const ExportConfig& e, const std::shared_ptr<BlockDevice>& dev, const std::string& path) {
   if (!nbd_ || !dev) return;
   std::shared_ptr<MirrorDevice> mirror;
-  if (!array.empty())
-    if (auto a = FindArray(array)) mirror = a->mirror;
-  Status st = nbd_->AddExport(name, dev, read_only, path, mirror);
+  if (!e.array.empty())
+    if (auto a = FindArray(e.array)) mirror = a->mirror;
+  Status st = nbd_->AddExport(e.name, dev, e.read_only, e.allow, path, mirror);
   if (!st.ok() && st.code() != Status::Code::kExists)
-    spdlog::warn("export \"{}\": not served over NBD: {}", name, st.message());
+    spdlog::warn("export \"{}\": not served over NBD: {}", e.name, st.message());
 }
 
 Status Daemon::NbdExportRemove(const std::string& name) {

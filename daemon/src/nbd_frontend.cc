@@ -55,11 +55,12 @@ Status NbdFrontend::Start() { return server_->Start(); }
 std::uint16_t NbdFrontend::port() const { return server_->port(); }
 
 Status NbdFrontend::AddExport(const std::string& name, std::shared_ptr<BlockDevice> device,
-                              bool read_only, const std::string& path,
+                              bool read_only, const net::AccessList& allow, const std::string& path,
                               std::shared_ptr<MirrorDevice> mirror) {
   net::NbdExportSpec spec;
   spec.name = name;
   spec.read_only = read_only;
+  spec.allow = allow;
   // LIST and INFO go to unauthenticated peers: no host paths (a device's Describe() names its
   // file or legs), only what the client already knows.
   spec.description = fmt::format("dst export {}{}", name, read_only ? " (read-only)" : "");
@@ -117,6 +118,13 @@ Status NbdFrontend::Restore(const std::string& name) {
   DST_RETURN_IF_ERROR(server_->AddExport(std::move(spec)));
   std::lock_guard<std::mutex> l(mu_);
   specs_[name] = std::move(copy);
+  return Status::OK();
+}
+
+Status NbdFrontend::SetAccess(const std::string& name, const net::AccessList& allow) {
+  DST_RETURN_IF_ERROR(server_->SetAccess(name, allow));
+  std::lock_guard<std::mutex> l(mu_);
+  if (auto it = specs_.find(name); it != specs_.end()) it->second.allow = allow;
   return Status::OK();
 }
 

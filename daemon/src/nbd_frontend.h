@@ -64,13 +64,16 @@ class NbdFrontend {
   // `path` non-empty: a regular file (or block device) backs the export.  If `device` is a
   // MirrorDevice, or `mirror` is given, its dirty maps are published.
   Status AddExport(const std::string& name, std::shared_ptr<BlockDevice> device, bool read_only,
-                   const std::string& path = {}, std::shared_ptr<MirrorDevice> mirror = nullptr);
+                   const net::AccessList& allow, const std::string& path = {},
+                   std::shared_ptr<MirrorDevice> mirror = nullptr);
   // NotFound is not an error for the daemon (the export may never have reached NBD).
   Status RemoveExport(const std::string& name);
   // Undoes the last RemoveExport of `name` (the DST side refused to remove it), or forgets it
   // (the DST side removed it too: the device reference is dropped).
   Status Restore(const std::string& name);
   void Forget(const std::string& name);
+  // Replaces the access list of a served export (NotFound when it is not on NBD).
+  Status SetAccess(const std::string& name, const net::AccessList& allow);
 
   // Blocking (main thread): stop accepting, answer in-flight requests, flush, close.
   Status Drain(std::chrono::milliseconds timeout);

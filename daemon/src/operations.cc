@@ -42,6 +42,13 @@ ctl::Refusal Refuse(RefusalCode code, std::string object, std::string owner, std
   return ctl::Refusal{code, std::move(object), std::move(owner), std::move(message)};
 }
 
+// " --allow a:rw --allow b:ro" for step descriptions (dstctl's words).
+std::string AllowArgs(const net::AccessList& l) {
+  std::string out;
+  for (const auto& r : net::FormatAccessList(l)) out += " --allow " + r;
+  return out;
+}
+
 // The refusal for a failed check whose Status code says enough.
 ctl::Refusal Refuse(const std::string& object, const Status& s, std::string owner = {}) {
   RefusalCode code = RefusalCode::kInvalid;
@@ -640,6 +647,8 @@ class OperationImpl<ctl::ExportAddOp> : public OpBase {
     e_.read_only = r.read_only;
     e_.direct_io = r.direct_io;
     e_.grow = r.grow;
+    if (auto l = net::ParseAccessList(r.allow); l.ok()) e_.allow = std::move(l.value());
+    else bad_.push_back(Refuse("export:" + r.name, l.status()));
     if (!r.size.empty()) {
       auto sz = ParseSize(r.size);
       if (sz.ok()) e_.size = sz.value();
@@ -684,9 +693,9 @@ class OperationImpl<ctl::ExportAddOp> : public OpBase {
                       : !e_.array.empty() ? "--array " + e_.array
                                           : "--volume " + e_.volume;
     return {MakeStep(ctl::StepKind::kAddExport, "export:" + e_.name,
-                     fmt::format("export add {} {}{}{}", e_.name, src,
+                     fmt::format("export add {} {}{}{}{}", e_.name, src,
                                  e_.read_only ? " --read-only" : "",
-                                 e_.direct_io ? " --direct-io" : ""),
+                                 e_.direct_io ? " --direct-io" : "", AllowArgs(e_.allow)),
                      [this] { return d_.AddExport(e_); })};
   }
 
@@ -694,6 +703,44 @@ class OperationImpl<ctl::ExportAddOp> : public OpBase {
 
  private:
   ExportConfig e_;
+};
+
+// export.allow: replaces the access list of a live export (later handshakes see it; connected
+// clients keep theirs).  An export of the config file is changed there, not here: the file wins
+// at the next start.
+template <>
+class OperationImpl<ctl::ExportAllowOp> : public OpOf<ctl::ExportAllowOp> {
+ public:
+  using OpOf::OpOf;
+
+  std::vector<ctl::Refusal> Validate(const PlanContext& ctx) override {
+    const std::string obj = "export:" + r_.name;
+    auto l = net::ParseAccessList(r_.allow);
+    if (!l.ok()) return {Refuse(obj, l.status())};
+    allow_ = std::move(l.value());
+    {
+      std::lock_guard<std::mutex> lk(d_.mu_);
+      if (!d_.exports_.count(r_.name) && !ctx.created.count(obj))
+        return {Refuse(RefusalCode::kUnknownName, obj, {}, fmt::format("no export \"{}\"", r_.name))};
+    }
+    for (const auto& c : d_.cfg_.exports)
+      if (c.name == r_.name)
+        return {Refuse(RefusalCode::kInvalid, obj, "config",
+                       fmt::format("export \"{}\" is defined in the config file; change its allow there",
+                                   r_.name))};
+    return {};
+  }
+
+  std::vector<Step> Plan() override {
+    return {MakeStep(ctl::StepKind::kAllowExport, "export:" + r_.name,
+                     fmt::format("export allow {}{}", r_.name, AllowArgs(allow_)),
+                     [this] { return d_.SetExportAccess(r_.name, allow_); })};
+  }
+
+  json Result() override { return d_.ExportJsonOf(r_.name); }
+
+ private:
+  net::AccessList allow_;
 };
 
 template <>

@@ -26,7 +26,7 @@ using nlohmann::json;
 namespace {
 
 json ExportSpec(const ExportConfig& e) {
-  json j{{"read_only", e.read_only}, {"direct_io", e.direct_io}};
+  json j{{"read_only", e.read_only}, {"direct_io", e.direct_io}, {"allow", net::FormatAccessList(e.allow)}};
   if (!e.path.empty()) j["path"] = e.path;
   if (!e.array.empty()) j["array"] = e.array;
   if (!e.volume.empty()) j["volume"] = e.volume;
@@ -88,6 +88,14 @@ Daemon::RuntimeObjects Daemon::LoadRuntimeObjects() {
       e.volume = Str(j, "volume");
       e.read_only = Bool(j, "read_only");
       e.direct_io = Bool(j, "direct_io");
+      if (auto it = j.find("allow"); it != j.end() && it->is_array()) {
+        std::vector<std::string> rules;
+        for (auto& r : *it)
+          if (r.is_string()) rules.push_back(r.get<std::string>());
+        auto l = net::ParseAccessList(rules);
+        if (l.ok()) e.allow = std::move(l.value());
+        else spdlog::error("export \"{}\": recorded access list: {}; it admits nobody", e.name, l.status().message());
+      }
       bool in_config = false;
       for (auto& c : cfg_.exports) {
         if (c.name != e.name) continue;

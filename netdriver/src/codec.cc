@@ -1,5 +1,6 @@
 #include "dst/net/codec.h"
 
+#include <cerrno>
 #include <cstring>
 
 #include <xxhash.h>
@@ -177,6 +178,7 @@ Status FromWireStatus(std::uint32_t wire, std::string_view context) {
     case WireStatus::kPerm:
     case WireStatus::kRofs: return Status::ReadOnly(context);
     case WireStatus::kNoEnt: return Status::NotFound(context);
+    case WireStatus::kAcces: return Status::FromErrno(EACCES, context);
     case WireStatus::kInval:
     case WireStatus::kMsgSize: return Status::InvalidArgument(context);
     case WireStatus::kRange: return Status::OutOfRange(context);

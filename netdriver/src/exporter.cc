@@ -40,16 +40,18 @@ class Exporter::Impl : public ServerCore {
 
   std::shared_ptr<ServerConn> NewConn(std::unique_ptr<Transport> t) override;
 
-  // Session fence (docs/protocol.md §6.3): the live connection of each session id.
-  std::shared_ptr<Conn> ClaimSession(std::uint64_t id, const std::shared_ptr<Conn>& c);
-  void ReleaseSession(std::uint64_t id, const Conn* c);
+  // Session fence (docs/protocol.md §6.3): the live connection of each session, keyed by the
+  // session id, the export and the identity (SessionKey), so an id learned on one export or by
+  // one identity cannot fence a connection to another export or of another identity.
+  std::shared_ptr<Conn> ClaimSession(const std::string& key, const std::shared_ptr<Conn>& c);
+  void ReleaseSession(const std::string& key, const Conn* c);
 
   const ExporterOptions opts_;
   std::atomic<std::uint64_t> digest_errors_{0};
 
  private:
   std::mutex session_mu_;
-  std::unordered_map<std::uint64_t, std::weak_ptr<Conn>> sessions_;  // GUARDED_BY(session_mu_)
+  std::unordered_map<std::string, std::weak_ptr<Conn>> sessions_;  // GUARDED_BY(session_mu_)
 };
 
 // A request slot.
@@ -98,7 +100,7 @@ class Conn : public ServerConn {
   ExportLimits lim_;
   bool read_only_ = false;
   bool digest_ = false;  // payload digests negotiated (docs/protocol.md §4.1)
-  std::uint64_t session_ = 0;
+  std::string session_;  // SessionKey, or empty without a session id
   bool awaiting_fence_ = false;
   std::shared_ptr<Conn> fence_target_;  // the older connection we wait for
   std::shared_ptr<Conn> fence_waiter_;  // the newer connection waiting for us
@@ -114,17 +116,30 @@ std::shared_ptr<ServerConn> Exporter::Impl::NewConn(std::unique_ptr<Transport> t
   return std::make_shared<Conn>(std::static_pointer_cast<Impl>(shared_from_this()), std::move(t));
 }
 
-std::shared_ptr<Conn> Exporter::Impl::ClaimSession(std::uint64_t id, const std::shared_ptr<Conn>& c) {
+namespace {
+// Identity and export name are at most 255 bytes; the id comes last, so the three cannot run
+// into each other.
+std::string SessionKey(std::uint64_t id, const std::string& export_name, const std::string& identity) {
+  std::string k;
+  k.reserve(export_name.size() + identity.size() + 4 + 8);
+  k.append(std::to_string(export_name.size())).append(":").append(export_name);
+  k.append(identity).append(1, '\0');
+  k.append(reinterpret_cast<const char*>(&id), sizeof id);
+  return k;
+}
+}  // namespace
+
+std::shared_ptr<Conn> Exporter::Impl::ClaimSession(const std::string& key, const std::shared_ptr<Conn>& c) {
   std::lock_guard<std::mutex> l(session_mu_);
-  auto& slot = sessions_[id];
+  auto& slot = sessions_[key];
   std::shared_ptr<Conn> old = slot.lock();
   slot = c;
   return old;
 }
 
-void Exporter::Impl::ReleaseSession(std::uint64_t id, const Conn* c) {
+void Exporter::Impl::ReleaseSession(const std::string& key, const Conn* c) {
   std::lock_guard<std::mutex> l(session_mu_);
-  auto it = sessions_.find(id);
+  auto it = sessions_.find(key);
   if (it == sessions_.end()) return;
   auto cur = it->second.lock();
   if (!cur || cur.get() == c) sessions_.erase(it);
@@ -268,12 +283,19 @@ void Conn::OnHelloPayload(const boost::system::error_code& ec, ServerReq*) {
     Log("HELLO for unknown export", req.export_name.c_str());
     return SendHelloError(WireStatus::kNoEnt);
   }
+  const Access access = AccessTo(*e);
+  if (access == Access::kNone) {
+    LogDenied(req.export_name);
+    return SendHelloError(WireStatus::kAcces);
+  }
+  if (!ClaimPeerIdentity().ok()) return SendHelloError(WireStatus::kBusy);
   if (!core_->Attach(this, e)) return SendHelloError(WireStatus::kShutdown);
   lim_ = entry()->limits;
-  read_only_ = e->read_only;
+  read_only_ = access == Access::kReadOnly;  // includes a read-only export
+  lim_.read_only = read_only_;
   std::shared_ptr<Conn> old;
   if (req.session_id != 0) {
-    session_ = req.session_id;
+    session_ = SessionKey(req.session_id, e->name, peer_identity());
     old = impl_->ClaimSession(session_, Self());
   }
   if (old && old.get() != this) {
@@ -366,7 +388,7 @@ void Conn::ProtocolError(const char* what, const char* detail, bool id_known, st
 
 // Closed: hand the fence on and leave the session table.
 void Conn::OnFinished() {
-  if (session_) impl_->ReleaseSession(session_, this);
+  if (!session_.empty()) impl_->ReleaseSession(session_, this);
   std::shared_ptr<Conn> waiter = std::move(fence_waiter_);
   if (waiter) {
     if (awaiting_fence_ && fence_target_) {
@@ -398,7 +420,7 @@ Status Exporter::AddExport(ExportSpec spec) {
     if (ch < 0x21 || ch > 0x7e) return Status::InvalidArgument("export name must be printable ASCII");
   if (!spec.device) return Status::InvalidArgument("export " + spec.name + " has no device");
   auto e = std::make_shared<ExportEntry>();
-  e->Init(spec.name, spec.device, spec.read_only);
+  e->Init(spec.name, spec.device, spec.read_only, spec.allow);
   e->limits.size = e->info.size;
   e->limits.block_size = e->info.logical_block_size ? e->info.logical_block_size : 512;
   std::uint32_t maxp = impl_->opts_.max_payload;
@@ -413,6 +435,10 @@ Status Exporter::AddExport(ExportSpec spec) {
 }
 
 Status Exporter::RemoveExport(const std::string& name) { return impl_->RemoveExport(name); }
+
+Status Exporter::SetAccess(const std::string& name, std::optional<AccessList> allow) {
+  return impl_->SetAccess(name, std::move(allow));
+}
 
 std::vector<ExportStatus> Exporter::ListExports() const {
   return impl_->ListExportsAs<ExportStatus, ExportEntry>(

@@ -333,7 +333,7 @@ std::uint16_t NbdConn::TxFlags(const NbdExportEntry& e) const {
   // FLUSH on one makes writes acknowledged on any connection durable.
   if (e.info.can_flush) f |= kTxSendFlush;
   if (e.info.can_fua) f |= kTxSendFua;
-  if (e.read_only) {
+  if (AccessTo(e) != Access::kReadWrite) {  // a read-only export or a read-only identity
     f |= kTxReadOnly;
   } else {
     if (e.info.can_trim) f |= kTxSendTrim;
@@ -343,10 +343,11 @@ std::uint16_t NbdConn::TxFlags(const NbdExportEntry& e) const {
   return f;
 }
 
-// Enters transmission on `e` (GO, EXPORT_NAME).  False when the server is draining.
+// Enters transmission on `e` (GO, EXPORT_NAME).  False when the server is draining or the
+// identity is over max_connections_per_identity.
 bool NbdConn::Attach(const std::shared_ptr<NbdExportEntry>& e) {
-  if (!core_->Attach(this, e)) return false;
-  read_only_ = e->read_only;
+  if (!ClaimPeerIdentity().ok() || !core_->Attach(this, e)) return false;
+  read_only_ = AccessTo(*e) != Access::kReadWrite;
   lim_.size = e->info.size;
   lim_.min_block = e->min_block;
   lim_.max_payload = e->max_payload;
@@ -363,6 +364,10 @@ void NbdConn::OptExportName() {
   if (!e) {
     // EXPORT_NAME cannot report an error: the spec says close.
     Log("EXPORT_NAME for unknown export", name.c_str());
+    return BeginClose(true);
+  }
+  if (AccessTo(*e) == Access::kNone) {
+    LogDenied(name);
     return BeginClose(true);
   }
   meta_export_.clear();
@@ -388,6 +393,10 @@ void NbdConn::OptInfoGo(bool go) {
     Reply(kRepErrUnknown, "no export named '" + req.name + "'");
     return WriteOut(Next::kOption);
   }
+  if (AccessTo(*e) == Access::kNone) {
+    Reply(kRepErrPolicy, LogDenied(req.name));
+    return WriteOut(Next::kOption);
+  }
   if (!core_->accepting()) {
     Reply(kRepErrShutdown, "server is shutting down");
     return WriteOut(Next::kOption);
@@ -408,7 +417,8 @@ void NbdConn::OptInfoGo(bool go) {
   if (go) {
     if (!Attach(e)) {  // also drops contexts chosen for another export
       out_.clear();
-      Reply(kRepErrShutdown, "server is shutting down");
+      if (!core_->accepting()) Reply(kRepErrShutdown, "server is shutting down");
+      else Reply(kRepErrPolicy, "too many connections of identity " + peer_identity() + " (max_connections_per_identity)");
       return WriteOut(Next::kOption);
     }
   }
@@ -419,6 +429,7 @@ void NbdConn::OptInfoGo(bool go) {
 void NbdConn::OptList() {
   impl_->VisitExports([this](const ServedExport& se, const ExportCounters&) {
     const auto& e = static_cast<const NbdExportEntry&>(se);
+    if (AccessTo(e) == Access::kNone) return;  // only what this identity may use
     Reply(kRepServer, ServerPayload(e.spec.name, e.spec.description));
   });
   Reply(kRepAck);
@@ -447,6 +458,7 @@ void NbdConn::OptMeta(bool set) {
   if (set && !structured_) return Reply(kRepErrInvalid, "SET_META_CONTEXT needs structured replies first");
   auto e = impl_->Find(req.name);
   if (!e) return Reply(kRepErrUnknown, "no export named '" + req.name + "'");
+  if (AccessTo(*e) == Access::kNone) return Reply(kRepErrPolicy, LogDenied(req.name));
   // The contexts this export offers, with their ids.
   std::vector<std::pair<std::uint32_t, std::string>> all;
   all.emplace_back(kBaseAllocationId, kBaseAllocation);
@@ -875,7 +887,7 @@ Status NbdServer::AddExport(NbdExportSpec spec) {
       return Status::InvalidArgument("bad metadata context name '" + n + "'");
   }
   auto e = std::make_shared<NbdExportEntry>();
-  e->Init(spec.name, spec.device, spec.read_only);
+  e->Init(spec.name, spec.device, spec.read_only, spec.allow);
   std::uint32_t min = e->info.logical_block_size ? e->info.logical_block_size : 1;
   if (min > 65536 || (min & (min - 1))) return Status::InvalidArgument("device block size not a power of two <= 64 KiB");
   e->min_block = min;
@@ -890,6 +902,10 @@ Status NbdServer::AddExport(NbdExportSpec spec) {
 }
 
 Status NbdServer::RemoveExport(const std::string& name) { return impl_->RemoveExport(name); }
+
+Status NbdServer::SetAccess(const std::string& name, std::optional<AccessList> allow) {
+  return impl_->SetAccess(name, std::move(allow));
+}
 
 std::vector<NbdExportStatus> NbdServer::ListExports() const {
   return impl_->ListExportsAs<NbdExportStatus, NbdExportEntry>(

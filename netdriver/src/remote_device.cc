@@ -121,6 +121,9 @@ Task<Status> RemoteDevice::Protocol::Handshake(HandshakeIo& io, Negotiated* n, b
   st = DecodeHeader(buf, &rh);
   if (!st.ok()) co_return st.WithContext("HELLO reply");
   if (!rh.is_reply() || rh.command() != Cmd::kHello) co_return Status::ProtocolError("expected a HELLO reply");
+  if (rh.status == static_cast<std::uint32_t>(WireStatus::kAcces))  // EACCES: the access list
+    co_return FromWireStatus(rh.status, "export " + opts_.export_name +
+                                            ": this client's identity is not in its allow list (access denied by the server)");
   if (rh.status != 0) co_return FromWireStatus(rh.status, "export " + opts_.export_name + " refused by server");
   if (rh.length < kHelloReplySize || rh.length > kMaxHelloPayload)
     co_return Status::ProtocolError("bad HELLO reply length");

@@ -453,6 +453,21 @@ std::chrono::milliseconds ServerConn::HandshakeLeft(std::chrono::milliseconds fa
 // ------------------------------------------------------------------------------------------------
 // Closing
 
+Status ServerConn::ClaimPeerIdentity() {
+  const std::string& id = peer_identity();
+  if (id.empty() || !identity_.empty()) return Status::OK();
+  Status st = core_->ClaimIdentity(this, id);
+  if (!st.ok()) core_->LogLimited(address(), "connection refused", st.message().c_str());
+  return st;
+}
+
+std::string ServerConn::LogDenied(const std::string& name) {
+  std::string why = "identity " + std::string(IdentityName(peer_identity())) + " may not use " +
+                    core_->options().export_kind + " " + name + " (not in its access list)";
+  core_->LogLimited(address(), "access denied", why.c_str());
+  return why;
+}
+
 void ServerConn::BeginClose(bool force) {
   if (force) force_ = true;
   phase_ = Phase::kClosing;
@@ -568,6 +583,13 @@ void ServerCore::LogLimited(const std::string& address, const char* what, const 
   std::string d = detail ? detail : "";
   if (held_back) d += (d.empty() ? "" : "; ") + std::to_string(held_back) + " more like it since the last report";
   Log(address, what, d.c_str());
+}
+
+Status ServerCore::SetAccess(const std::string& name, std::optional<AccessList> allow) {
+  auto e = FindExport(name);
+  if (!e) return Status::NotFound(std::string(opts_.export_kind) + " " + name + " does not exist");
+  e->allow.store(allow ? std::make_shared<const AccessList>(std::move(*allow)) : nullptr);
+  return Status::OK();
 }
 
 Status ServerCore::ClaimIdentity(ServerConn* c, const std::string& identity) {
@@ -706,6 +728,8 @@ void ServerCore::DoAccept() {
     }
     if (!accept) return;  // conn destroyed: transport closed
     self->connections_total_.fetch_add(1, std::memory_order_relaxed);
+    if (!conn->peer_identity().empty())  // escaped by Log
+      self->Log(conn->peer(), "accepted", ("identity " + conn->peer_identity()).c_str());
     conn->Start();
     self->DoAccept();
   });

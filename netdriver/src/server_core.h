@@ -60,7 +60,9 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -69,6 +71,7 @@
 
 #include "dst/block_device.h"
 #include "dst/buffer_pool.h"
+#include "dst/net/export_access.h"
 #include "dst/net/server_limits.h"
 #include "dst/net/server_stats.h"
 #include "dst/net/tcp_transport.h"
@@ -119,6 +122,9 @@ struct ServedExport {
   std::shared_ptr<BlockDevice> device;
   DeviceInfo info;
   bool read_only = false;  // the spec's flag or the device's
+  // Who may use it (export_access.h); null: everyone, read-write (the library default).
+  // Replaced whole by SetAccess; a connection keeps what its handshake found.
+  std::atomic<std::shared_ptr<const AccessList>> allow;
   std::uint64_t order = 0;  // in adding order (NBD's default export is the first)
   std::atomic<std::uint64_t> requests{0};  // every request received on a connection to it
   int connections = 0;                     // GUARDED_BY(ServerCore::mu_)
@@ -127,12 +133,20 @@ struct ServedExport {
   std::uint64_t closed_frames = 0;      // GUARDED_BY(ServerCore::mu_)
   std::uint64_t closed_send_calls = 0;  // GUARDED_BY(ServerCore::mu_)
 
-  // Sets name, device, info and read_only (the spec's flag or the device's).
-  void Init(const std::string& export_name, std::shared_ptr<BlockDevice> dev, bool spec_read_only) {
+  // Sets name, device, info, read_only (the spec's flag or the device's) and allow.
+  void Init(const std::string& export_name, std::shared_ptr<BlockDevice> dev, bool spec_read_only,
+            const std::optional<AccessList>& access = std::nullopt) {
+    if (access) allow.store(std::make_shared<const AccessList>(*access));
     name = export_name;
     device = std::move(dev);
     info = device->Info();
     read_only = spec_read_only || info.read_only;
+  }
+  // What `identity` ("" = unauthenticated) may do here; a read-only export caps it at kReadOnly.
+  Access AccessOf(std::string_view identity) const {
+    const std::shared_ptr<const AccessList> l = allow.load();
+    const Access a = l ? AccessFor(*l, identity) : Access::kReadWrite;
+    return a == Access::kReadWrite && read_only ? Access::kReadOnly : a;
   }
 };
 
@@ -176,6 +190,8 @@ class ServerCore : public std::enable_shared_from_this<ServerCore> {
   Status RemoveExport(const std::string& name);
   std::shared_ptr<ServedExport> FindExport(const std::string& name) const;
   std::shared_ptr<ServedExport> FirstExport() const;  // the earliest added (or null)
+  // Replaces the access list of export `name` (nullopt: everyone); later handshakes see it.
+  Status SetAccess(const std::string& name, std::optional<AccessList> allow);
   // Calls f(entry, counters) for every export, in name order, under the table lock.
   template <typename F>
   void VisitExports(F&& f) const;
@@ -323,6 +339,11 @@ class ServerConn : public std::enable_shared_from_this<ServerConn> {
   // The peer's address without the port: the key of the per-address cap.
   const std::string& address() const { return address_; }
   const std::string& identity() const { return identity_; }  // ClaimIdentity's, or empty
+  // Who the transport authenticated (Transport::identity(); "" = nobody).  For NBD it is set
+  // after STARTTLS.
+  const std::string& peer_identity() const { return transport_->identity(); }
+  // The peer's access to e (peer_identity() against e's access list).
+  Access AccessTo(const ServedExport& e) const { return e.AccessOf(peer_identity()); }
   const TxStats& tx_stats() const { return tx_stats_; }  // atomics: readable from any thread
   const std::shared_ptr<ServedExport>& served() const { return served_; }
   void set_served(std::shared_ptr<ServedExport> e) { served_ = std::move(e); }  // by ServerCore::Attach
@@ -387,6 +408,11 @@ class ServerConn : public std::enable_shared_from_this<ServerConn> {
   void ProtocolViolation(const char* what, const char* detail);  // counts and logs
   void Log(const char* what, const char* detail) const { core_->Log(peer(), what, detail); }
   void BeginClose(bool force);
+  // Counts an authenticated peer under its identity (max_connections_per_identity) once; OK for
+  // an unauthenticated one.  kBusy over the cap (logged, rate-limited); the protocol refuses.
+  Status ClaimPeerIdentity();
+  // Logs (rate-limited) that the peer's identity may not use export `name`; returns the message.
+  std::string LogDenied(const std::string& name);
   // A frame outside the slots (e.g. a handshake reply) was sent: progress, and Pump if idle.
   void FrameSent();
   void Send(TxFrame* f);  // enqueues and flushes one frame

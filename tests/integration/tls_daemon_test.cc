@@ -8,8 +8,12 @@
 //   naming the TLS handshake; A logs the failed handshake and serves nothing to it.
 // * listen = "0.0.0.0:..." without TLS is refused (exit 78, the message names insecure); with
 //   insecure = true dstd starts and `status` warns (`--json`: daemon.insecure).
+// * Default deny (issue 11): two PSK identities against per-export access lists (rw, ro, denied,
+//   the per-identity cap, dstctl export allow and its persistence); plaintext peers are
+//   "anonymous" and must be listed; with X.509 the identity is the certificate's CN.
 #include <sys/stat.h>
 
+#include <QFile>
 #include <QProcess>
 #include <QTemporaryDir>
 #include <QtTest/QtTest>
@@ -72,6 +76,17 @@ RemoteOptions Options(std::uint16_t port, const std::string& name, std::shared_p
 constexpr std::uint64_t kSize = 16ull << 20;
 
 using dst::test::Sync;  // one request, waited for
+
+// True when a HELLO of `identity` (its TLS context; null: plaintext, "anonymous") for export
+// `name` of d is refused with EACCES and d logs the identity and the export.
+bool Denied(DaemonProcess& d, IoThread& io, const std::string& name, std::shared_ptr<TlsContext> ctx,
+            const std::string& identity) {
+  auto r = RemoteDevice::Connect(io.io, Options(d.port(), name, std::move(ctx)));
+  if (r.ok() || r.status().ToErrno() != EACCES) return false;
+  const QByteArray line = QByteArray::fromStdString("access denied: identity " + identity + " may not use export " + name);
+  for (int i = 0; i < 50 && !d.Log().contains(line); ++i) QTest::qWait(100);
+  return d.Log().contains(line);
+}
 
 }  // namespace
 
@@ -259,6 +274,214 @@ class TlsDaemonTest : public QObject {
     d.terminate();
     QVERIFY(d.waitForFinished(30000));
     QVERIFY2(d.readAllStandardError().contains("neither encrypted nor authenticated"), "no warning in the log");
+  }
+
+  // Default deny with two PSK identities (issue 11 items 2-4, docs/security.md "Default deny"):
+  // one key file with two lines on the server; hostc may read and write "rw", backup only read
+  // it; nobody may use "none" (no allow list: dstd warns); the per-identity cap refuses the
+  // third connection of hostc; dstctl export add without --allow warns, export allow edits a
+  // runtime export's list, which survives a restart; a config file export is edited in the file.
+  void accessByPskIdentity() {
+    QTemporaryDir dir;
+    const QString kc = dir.path() + "/c.psk", kb = dir.path() + "/b.psk", both = dir.path() + "/both.psk";
+    QCOMPARE(Run(Dstctl(), {"key", "generate", "--identity", "hostc", kc}).rc, 0);
+    QCOMPARE(Run(Dstctl(), {"key", "generate", "--identity", "backup", kb}).rc, 0);
+    {
+      QFile c(kc), b(kb), out(both);
+      QVERIFY(c.open(QIODevice::ReadOnly) && b.open(QIODevice::ReadOnly) && out.open(QIODevice::WriteOnly));
+      out.write(c.readAll() + b.readAll());
+      QVERIFY(out.setPermissions(QFileDevice::ReadOwner | QFileDevice::WriteOwner));
+    }
+    DaemonProcess a(dir.path() + "/a");
+    a.default_allow().clear();  // the daemon's own default: nobody
+    a.config() = QString("tls_psk_file = \"%1\"\n[limits]\nmax_connections_per_identity = 2\n"
+                         "[[export]]\nname = \"rw\"\npath = \"%2/rw.img\"\nsize = \"16M\"\n"
+                         "allow = [\"hostc:rw\", \"backup:ro\"]\n"
+                         "[[export]]\nname = \"none\"\npath = \"%2/none.img\"\nsize = \"16M\"\n")
+                     .arg(both, dir.path());
+    QVERIFY2(a.Start(), a.Log().constData());
+    QVERIFY(a.Log().contains("export \"none\" has no allow list: nobody can connect"));
+    auto ctx_of = [&](const QString& file, const char* id) {
+      TlsConfig tc;
+      tc.psk_file = file.toStdString();
+      tc.psk_identity = id;
+      return TlsContext::Create(tc).value();
+    };
+    auto hostc = ctx_of(kc, "hostc"), backup = ctx_of(kb, "backup");
+    IoThread io;
+    std::vector<char> w(4096, 'W'), r(4096);
+
+    auto c1 = RemoteDevice::Connect(io.io, Options(a.port(), "rw", hostc));
+    QVERIFY2(c1.ok(), c1.status().ToString().c_str());
+    QVERIFY(!c1.value()->Info().read_only);
+    QVERIFY(Sync(*c1.value(), IoOp::kWrite, 0, w.data(), 4096).ok());
+    QVERIFY(a.Log().contains("accepted: identity hostc"));
+
+    auto b1 = RemoteDevice::Connect(io.io, Options(a.port(), "rw", backup));
+    QVERIFY2(b1.ok(), b1.status().ToString().c_str());
+    QVERIFY(b1.value()->Info().read_only);
+    QVERIFY(Sync(*b1.value(), IoOp::kRead, 0, r.data(), 4096).ok());
+    QVERIFY(r == w);
+    QCOMPARE(Sync(*b1.value(), IoOp::kWrite, 0, w.data(), 4096).code(), Status::Code::kReadOnly);
+
+    auto denied = RemoteDevice::Connect(io.io, Options(a.port(), "none", hostc));
+    QVERIFY2(denied.status().message().find("allow list") != std::string::npos, denied.status().ToString().c_str());
+    QVERIFY(Denied(a, io, "none", hostc, "hostc"));
+
+    // max_connections_per_identity = 2: c1 is one, c2 the second, the third is refused.
+    auto c2 = RemoteDevice::Connect(io.io, Options(a.port(), "rw", hostc));
+    QVERIFY2(c2.ok(), c2.status().ToString().c_str());
+    auto c3 = RemoteDevice::Connect(io.io, Options(a.port(), "rw", hostc));
+    QVERIFY(!c3.ok());
+    QCOMPARE(c3.status().code(), Status::Code::kBusy);
+    auto b2 = RemoteDevice::Connect(io.io, Options(a.port(), "rw", backup));  // another identity
+    QVERIFY2(b2.ok(), b2.status().ToString().c_str());
+    c2.value()->Close();
+    QTRY_VERIFY_WITH_TIMEOUT(RemoteDevice::Connect(io.io, Options(a.port(), "rw", hostc)).ok(), 10000);
+
+    json list = CtlJson(a, {"export", "list"});
+    for (auto& e : list["exports"]) {
+      if (e["name"] == "rw") QCOMPARE(e["allow"], json::array({"hostc:rw", "backup:ro"}));
+      else QCOMPARE(e["allow"], json::array());
+    }
+    QByteArray out, err;
+    QCOMPARE(a.Ctl({"export", "list"}, &out), 0);
+    QVERIFY2(out.contains("ALLOW") && out.contains("hostc:rw,backup:ro") && out.contains("nobody"), out.constData());
+
+    // Runtime exports: default deny with a warning, then export allow.
+    QCOMPARE(a.Ctl({"export", "add", "e2", dir.path() + "/e2.img", "--size", "1M"}, &out, &err), 0);
+    QVERIFY2(err.contains("allows nobody"), err.constData());
+    QCOMPARE(RemoteDevice::Connect(io.io, Options(a.port(), "e2", hostc)).status().ToErrno(), EACCES);
+    QCOMPARE(a.Ctl({"export", "allow", "e2", "--allow", "hostc:ro"}, &out, &err), 0);
+    auto e2 = RemoteDevice::Connect(io.io, Options(a.port(), "e2", hostc));
+    QVERIFY2(e2.ok(), e2.status().ToString().c_str());
+    QVERIFY(e2.value()->Info().read_only);
+    e2.value()->Close();
+    QVERIFY(a.Ctl({"export", "allow", "e2", "--allow", "bad"}, &out, &err) != 0);
+    QVERIFY(a.Ctl({"export", "allow", "rw", "--allow", "hostc:ro"}, &out, &err) != 0);
+    QVERIFY2(err.contains("config file"), err.constData());
+
+    for (auto* d : {&c1, &b1, &b2}) d->value()->Close();
+    QCOMPARE(a.Terminate(), 0);
+    QVERIFY2(a.Start(), a.Log().constData());
+    list = CtlJson(a, {"export", "list"});
+    bool seen = false;
+    for (auto& e : list["exports"])
+      if (e["name"] == "e2") {
+        seen = true;
+        QCOMPARE(e["allow"], json::array({"hostc:ro"}));
+      }
+    QVERIFY(seen);
+    auto e2b = RemoteDevice::Connect(io.io, Options(a.port(), "e2", hostc));
+    QVERIFY2(e2b.ok(), e2b.status().ToString().c_str());
+    QVERIFY(e2b.value()->Info().read_only);
+    QCOMPARE(RemoteDevice::Connect(io.io, Options(a.port(), "e2", backup)).status().ToErrno(), EACCES);
+    e2b.value()->Close();
+    QCOMPARE(a.Terminate(), 0);
+  }
+
+  // Plaintext peers are "anonymous": "*" (any authenticated identity) does not admit them, an
+  // "anonymous:ro" rule admits them read-only.
+  void anonymousMustBeListed() {
+    QTemporaryDir dir;
+    DaemonProcess p(dir.path() + "/p");
+    p.default_allow().clear();
+    p.config() = QString("[[export]]\nname = \"star\"\npath = \"%1/s.img\"\nsize = \"1M\"\nallow = [\"*:rw\"]\n"
+                         "[[export]]\nname = \"anon\"\npath = \"%1/a.img\"\nsize = \"1M\"\nallow = [\"anonymous:ro\"]\n")
+                     .arg(dir.path());
+    QVERIFY2(p.Start(), p.Log().constData());
+    IoThread io;
+    QVERIFY(Denied(p, io, "star", nullptr, "anonymous"));
+    auto anon = RemoteDevice::Connect(io.io, Options(p.port(), "anon", nullptr));
+    QVERIFY2(anon.ok(), anon.status().ToString().c_str());
+    QVERIFY(anon.value()->Info().read_only);
+    anon.value()->Close();
+
+    // `dstctl apply`: a runtime export whose file entry differs only in allow is changed in
+    // place (export allow), not removed and re-added.
+    const QString desired = dir.path() + "/desired.toml";
+    auto apply = [&](const char* rule, QByteArray* out) {
+      QFile f(desired);
+      if (!f.open(QIODevice::WriteOnly | QIODevice::Truncate)) return -1;
+      f.write(QString("[[export]]\nname = \"ap\"\npath = \"%1/ap.img\"\nsize = \"1M\"\nallow = [\"%2\"]\n")
+                  .arg(dir.path(), rule).toUtf8());
+      f.close();
+      return p.Ctl({"apply", desired}, out);
+    };
+    QByteArray out;
+    QCOMPARE(apply("anonymous:ro", &out), 0);
+    auto ap = RemoteDevice::Connect(io.io, Options(p.port(), "ap", nullptr));
+    QVERIFY2(ap.ok() && ap.value()->Info().read_only, ap.status().ToString().c_str());
+    ap.value()->Close();
+    QCOMPARE(apply("anonymous:rw", &out), 0);
+    QVERIFY2(out.contains("export allow ap --allow anonymous:rw") && !out.contains("export remove"), out.constData());
+    ap = RemoteDevice::Connect(io.io, Options(p.port(), "ap", nullptr));
+    QVERIFY2(ap.ok() && !ap.value()->Info().read_only, ap.status().ToString().c_str());
+    ap.value()->Close();
+    QCOMPARE(p.Terminate(), 0);
+  }
+
+  // Default deny with X.509 (certificates made with the openssl CLI at test time): the identity
+  // is the client certificate's subject CN, and the access list names CNs.
+  void accessByCertificateCn() {
+    DST_REQUIRE(std::filesystem::exists("/usr/bin/openssl"), "openssl CLI not installed");
+    QTemporaryDir dir;
+    const QString d = dir.path();
+    auto openssl = [&](const QStringList& args) {
+      ToolResult t = Run("/usr/bin/openssl", args);
+      if (t.rc != 0) qWarning("openssl %s: %s", qPrintable(args.join(' ')), t.err.constData());
+      return t.rc == 0;
+    };
+    const QStringList ec{"-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"};
+    QVERIFY(openssl(QStringList{"req", "-x509"} + ec + QStringList{"-keyout", d + "/ca.key", "-out", d + "/ca.pem",
+                                                          "-subj", "/CN=lab-ca", "-days", "2"}));
+    {
+      QFile ext(d + "/server.ext");
+      QVERIFY(ext.open(QIODevice::WriteOnly));
+      ext.write("subjectAltName=DNS:server\n");
+    }
+    for (QString n : {"server", "hostc", "reader"}) {
+      QVERIFY(openssl(QStringList{"req"} + ec + QStringList{"-keyout", d + "/" + n + ".key", "-out", d + "/" + n + ".csr",
+                                                            "-subj", "/CN=" + n}));
+      QStringList sign{"x509", "-req", "-in", d + "/" + n + ".csr", "-CA", d + "/ca.pem", "-CAkey", d + "/ca.key",
+                       "-CAcreateserial", "-out", d + "/" + n + ".pem", "-days", "2"};
+      if (n == "server") sign << "-extfile" << d + "/server.ext";
+      QVERIFY(openssl(sign));
+      QVERIFY(QFile::setPermissions(d + "/" + n + ".key", QFileDevice::ReadOwner | QFileDevice::WriteOwner));
+    }
+    DaemonProcess a(d + "/a");
+    a.default_allow().clear();
+    a.config() = QString("tls_cert = \"%1/server.pem\"\ntls_key = \"%1/server.key\"\ntls_ca = \"%1/ca.pem\"\n"
+                         "[[export]]\nname = \"x\"\npath = \"%1/x.img\"\nsize = \"1M\"\nallow = [\"hostc:rw\", \"reader:ro\"]\n"
+                         "[[export]]\nname = \"y\"\npath = \"%1/y.img\"\nsize = \"1M\"\nallow = [\"reader:rw\"]\n")
+                     .arg(d);
+    QVERIFY2(a.Start(), a.Log().constData());
+    auto ctx_of = [&](const QString& n) {
+      TlsConfig tc;
+      tc.cert_file = (d + "/" + n + ".pem").toStdString();
+      tc.key_file = (d + "/" + n + ".key").toStdString();
+      tc.ca_file = (d + "/ca.pem").toStdString();
+      tc.server_name = "server";
+      auto c = TlsContext::Create(tc);
+      if (!c.ok()) qWarning("%s", c.status().ToString().c_str());
+      return c.ok() ? c.value() : nullptr;
+    };
+    auto hostc = ctx_of("hostc"), reader = ctx_of("reader");
+    QVERIFY(hostc && reader);
+    IoThread io;
+    auto x = RemoteDevice::Connect(io.io, Options(a.port(), "x", hostc));
+    QVERIFY2(x.ok(), (x.status().ToString() + "\n" + a.Log().toStdString()).c_str());
+    QVERIFY(!x.value()->Info().read_only);
+    QVERIFY(a.Log().contains("accepted: identity hostc"));
+    QVERIFY(Denied(a, io, "y", hostc, "hostc"));
+    auto rx = RemoteDevice::Connect(io.io, Options(a.port(), "x", reader));
+    QVERIFY2(rx.ok(), rx.status().ToString().c_str());
+    QVERIFY(rx.value()->Info().read_only);
+    auto ry = RemoteDevice::Connect(io.io, Options(a.port(), "y", reader));
+    QVERIFY2(ry.ok(), ry.status().ToString().c_str());
+    QVERIFY(!ry.value()->Info().read_only);
+    for (auto* r : {&x, &rx, &ry}) r->value()->Close();
+    QCOMPARE(a.Terminate(), 0);
   }
 };
 

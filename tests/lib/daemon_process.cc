@@ -65,6 +65,20 @@ static bool ControlAnswers(const QString& path) {
   return ok;
 }
 
+QString WithDefaultAllow(const QString& toml, const QStringList& rules) {
+  if (rules.isEmpty()) return toml;
+  const QString allow = "allow = [\"" + rules.join("\", \"") + "\"]";
+  QStringList lines = toml.split('\n');
+  for (int i = 0; i < lines.size(); ++i) {
+    if (lines[i].trimmed() != "[[export]]") continue;
+    bool has = false;
+    for (int j = i + 1; j < lines.size() && !lines[j].trimmed().startsWith('['); ++j)
+      has = has || lines[j].trimmed().startsWith("allow");
+    if (!has) lines.insert(i + 1, allow);
+  }
+  return lines.join('\n');
+}
+
 bool DaemonProcess::Start(int timeout_ms) {
   QString roots;
   for (const auto& r : export_roots_) roots += (roots.isEmpty() ? "\"" : ", \"") + r + "\"";
@@ -72,7 +86,7 @@ bool DaemonProcess::Start(int timeout_ms) {
                     .arg(port_)
                     .arg(nbd_port_) +
                 (roots.isEmpty() ? QString() : "export_roots = [" + roots + "]\n") + "\n" +
-                extra_config_;
+                WithDefaultAllow(extra_config_, default_allow_);
   QFile f(state_dir_ + "/dstd.toml");
   if (!f.open(QIODevice::WriteOnly | QIODevice::Truncate)) return false;
   f.write(cfg.toUtf8());
@@ -149,8 +163,11 @@ int DaemonProcess::Terminate(int timeout_ms) {
 }
 
 int DaemonProcess::Ctl(const QStringList& args, QByteArray* out, QByteArray* err) {
+  QStringList a = args;
+  if (a.size() >= 2 && a[0] == "export" && a[1] == "add" && !a.contains("--allow"))
+    for (const auto& r : default_allow_) a << "--allow" << r;
   QProcess p;
-  p.start(QString::fromStdString(BinPath("dstctl")), QStringList{"--socket", control_socket()} + args);
+  p.start(QString::fromStdString(BinPath("dstctl")), QStringList{"--socket", control_socket()} + a);
   if (!p.waitForFinished(60000)) {
     p.kill();
     return -1;

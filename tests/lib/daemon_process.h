@@ -19,6 +19,9 @@ namespace dst::test {
 // A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
 quint16 FreePort();
 
+// `toml` with `allow = [rules]` added to every [[export]] table that has no allow key.
+QString WithDefaultAllow(const QString& toml, const QStringList& rules);
+
 class DaemonProcess {
  public:
   explicit DaemonProcess(const QString& state_dir, quint16 port = 0);
@@ -31,6 +34,11 @@ class DaemonProcess {
   // (the test's temporary directory) and the system temp directory, so tests may name their
   // images in control requests.  Empty: the key is left out (dstd's default, the state dir).
   QStringList& export_roots() { return export_roots_; }
+  // Exports are default deny (docs/security.md): every [[export]] in config() without an allow
+  // key, and every `Ctl({"export", "add", ...})` without --allow, gets these rules, so tests that
+  // are not about access control can connect.  By default plaintext loopback peers (anonymous)
+  // and any TLS identity, read-write.  Clear it to test the daemon's own default.
+  QStringList& default_allow() { return default_allow_; }
   quint16 port() const { return port_; }
   // dstd's NBD server port ([daemon] nbd_listen, a free port chosen like port()).
   quint16 nbd_port() const { return nbd_port_; }
@@ -57,6 +65,7 @@ class DaemonProcess {
   QString extra_config_;
   QStringList extra_args_;
   QStringList export_roots_;
+  QStringList default_allow_{"anonymous:rw", "*:rw"};
   pid_t pid_ = -1;
 };
 

@@ -481,6 +481,25 @@ class ConfigTest : public QObject {
   }
 
   // [limits] (issue 11 item 3) and the FUSE access keys (item 4): defaults, values, errors.
+  // [[export]] allow: access rules (default deny: none given, none allowed).
+  void ExportAllow() {
+    auto r = ParseConfig("[[export]]\nname = \"e\"\npath = \"/x.img\"\nsize = \"1M\"\n"
+                         "allow = [\"hostc:rw\", \"backup:ro\", \"anonymous:ro\"]\n"
+                         "[[export]]\nname = \"f\"\npath = \"/y.img\"\nsize = \"1M\"\n",
+                         "c.toml", {false});
+    QVERIFY2(r.ok(), r.status().ToString().c_str());
+    QCOMPARE(r.value().exports[0].allow.size(), std::size_t(3));
+    QCOMPARE(r.value().exports[0].allow[1].identity, std::string("backup"));
+    QVERIFY(r.value().exports[0].allow[1].read_only);
+    QVERIFY(r.value().exports[1].allow.empty());
+    for (const char* bad : {"allow = \"hostc:rw\"", "allow = [\"hostc\"]", "allow = [\"hostc:rx\"]", "allow = [1]"}) {
+      auto b = ParseConfig(std::string("[[export]]\nname = \"e\"\npath = \"/x.img\"\nsize = \"1M\"\n") + bad + "\n",
+                           "c.toml", {false});
+      QVERIFY2(!b.ok(), bad);
+      QVERIFY2(b.status().message().find("allow") != std::string::npos, b.status().ToString().c_str());
+    }
+  }
+
   void LimitsAndFuseAccess() {
     auto def = ParseConfig("", "test.toml", {false});
     QVERIFY(def.ok());

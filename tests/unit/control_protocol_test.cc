@@ -256,7 +256,7 @@ class ControlProtocolTest : public QObject {
         "                 \"batching\": true, \"memory_locked\": false},\n"
         "      \"exporter\": {\"connections_open\": 1, \"requests\": 10, \"errors_replied\": 0, \"frames_per_call\": 2.5},\n"
         "      \"exports\": [{\"name\": \"disk1\", \"device\": \"file /x.img\", \"size\": 1073741824, \"read_only\": false,\n"
-        "                   \"connections\": 1}],\n"
+        "                   \"connections\": 1, \"allow\": [\"hostc:rw\", \"backup:ro\"]}],\n"
         "      \"volumes\": [{\"name\": \"vol\", \"uri\": \"dst://h:7400/disk1\", \"path\": null, \"size\": 1048576,\n"
         "                   \"state\": \"reconnecting\", \"reconnects\": 3, \"resent\": 2, \"timeouts\": 0,\n"
         "                   \"inflight\": 4, \"requests\": 9, \"frames_per_call\": 1.75,\n"
@@ -269,13 +269,17 @@ class ControlProtocolTest : public QObject {
                              "volume vol state:reconnecting size:1 MiB",
                              "  remote:dst://h:7400/disk1",
                              "    connection:reconnecting reconnects:3 resent:2 timeouts:0 inflight:4",
-                             "frames/call:1.75", "  file:/mnt/vol.img open:1"}) {
+                             "frames/call:1.75", "  file:/mnt/vol.img open:1", "  allow:hostc:rw,backup:ro"}) {
       QVERIFY2(out.find(want) != std::string::npos, (std::string(want) + "\n---\n" + out).c_str());
     }
     std::string vols = ctl::RenderVolumeList(st["volumes"]);
     QVERIFY2(vols.rfind("NAME  SIZE   STATE         RECONNECTS  INFLIGHT  SOURCE\n", 0) == 0,
              vols.c_str());
     QCOMPARE(ctl::RenderExportList(json::array()), std::string("no exports\n"));
+    std::string exps = ctl::RenderExportList(st["exports"]);
+    QVERIFY2(exps.find("ALLOW") != std::string::npos && exps.find("hostc:rw,backup:ro") != std::string::npos, exps.c_str());
+    exps = ctl::RenderExportList(json::array({json{{"name", "e"}, {"allow", json::array()}}}));
+    QVERIFY2(exps.find("nobody") != std::string::npos, exps.c_str());
     // Missing members never throw.
     QVERIFY(!ctl::RenderStatus(json::object()).empty());
   }

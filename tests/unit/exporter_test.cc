@@ -26,6 +26,7 @@
 #include "dst/file_device.h"
 #include "dst/net/codec.h"
 #include "dst/net/exporter.h"
+#include "fake_identity.h"
 #include "slow_reader.h"
 #include "test_env.h"
 
@@ -80,9 +81,16 @@ constexpr std::uint64_t kDiskSize = 8u << 20;
 class RawClient {
  public:
   ~RawClient() { Close(); }
-  bool Connect(std::uint16_t port) {
+  // from: a local address to bind first (127.0.0.x: a fake identity, fake_identity.h).
+  bool Connect(std::uint16_t port, const char* from = nullptr) {
     fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd_ < 0) return false;
+    if (from) {
+      sockaddr_in src{};
+      src.sin_family = AF_INET;
+      ::inet_pton(AF_INET, from, &src.sin_addr);
+      if (::bind(fd_, reinterpret_cast<sockaddr*>(&src), sizeof src) != 0) return false;
+    }
     sockaddr_in a{};
     a.sin_family = AF_INET;
     a.sin_port = htons(port);
@@ -393,10 +401,10 @@ class ExporterTest : public QObject {
     QVERIFY(srv_->Start(o, 2));
     port_ = srv_->exporter->port();
     QVERIFY(port_ != 0);
-    QVERIFY(srv_->exporter->AddExport({"disk", disk_, false}).ok());
-    QVERIFY(srv_->exporter->AddExport({"ro", ro_, false}).ok());
-    QCOMPARE(srv_->exporter->AddExport({"disk", disk_, false}).code(), Status::Code::kExists);
-    QCOMPARE(srv_->exporter->AddExport({"bad name", disk_, false}).code(), Status::Code::kInvalidArgument);
+    QVERIFY(srv_->exporter->AddExport({"disk", disk_, false, {}}).ok());
+    QVERIFY(srv_->exporter->AddExport({"ro", ro_, false, {}}).ok());
+    QCOMPARE(srv_->exporter->AddExport({"disk", disk_, false, {}}).code(), Status::Code::kExists);
+    QCOMPARE(srv_->exporter->AddExport({"bad name", disk_, false, {}}).code(), Status::Code::kInvalidArgument);
   }
   void cleanupTestCase() { srv_.reset(); }
 
@@ -882,6 +890,164 @@ class ExporterTest : public QObject {
     QVERIFY(Healthy());
   }
 
+  // Default deny (docs/security.md): parsing and matching of access rules; "anonymous" is the
+  // unauthenticated peer only, "*" any authenticated identity, a named rule beats "*".
+  void accessRules() {
+    auto r = ParseAccessRule("alice:ro");
+    QVERIFY(r.ok() && r->identity == "alice" && r->read_only);
+    r = ParseAccessRule("CN=x:y:rw");  // the mode is after the last ':'
+    QVERIFY(r.ok() && r->identity == "CN=x:y" && !r->read_only);
+    for (const char* bad : {"alice", "alice:rx", ":rw", "al\nice:rw", ""}) QVERIFY2(!ParseAccessRule(bad).ok(), bad);
+    auto l = ParseAccessList({"alice:rw", "bob:ro", "alice:ro"});  // a later rule replaces
+    QVERIFY(l.ok());
+    QCOMPARE(l->size(), std::size_t(2));
+    QCOMPARE(AccessFor(*l, "alice"), Access::kReadOnly);
+    QCOMPARE(AccessFor(*l, "bob"), Access::kReadOnly);
+    QCOMPARE(AccessFor(*l, "carol"), Access::kNone);
+    QCOMPARE(AccessFor(*l, ""), Access::kNone);
+    QCOMPARE(AccessFor({}, "alice"), Access::kNone);
+    l = ParseAccessList({"*:ro", "alice:rw", "anonymous:rw"});
+    QCOMPARE(AccessFor(*l, "alice"), Access::kReadWrite);
+    QCOMPARE(AccessFor(*l, "carol"), Access::kReadOnly);
+    QCOMPARE(AccessFor(*l, ""), Access::kReadWrite);
+    l = ParseAccessList({"*:rw"});
+    QCOMPARE(AccessFor(*l, ""), Access::kNone);  // "*" is not the anonymous peer
+    l = ParseAccessList({"anonymous:rw"});
+    QCOMPARE(AccessFor(*l, "anonymous"), Access::kNone);  // an identity named so is not one
+    QCOMPARE(AccessFor(*l, ""), Access::kReadWrite);
+    QCOMPARE(FormatAccessList(*l), std::vector<std::string>{"anonymous:rw"});
+  }
+
+  // HELLO against the access list by identity (fake TLS identities by source address): rw, ro
+  // (EPERM on writes, read-only flags), denied (EACCES, then closed), anonymous denied, the
+  // library default (no list: everyone), an empty list (nobody), and SetAccess for later HELLOs.
+  void accessByIdentity() {
+    Server s;
+    ExporterOptions o;
+    std::atomic<std::uint16_t> port{0};
+    o.listener = dst::test::IdentityListenerFactory(
+        s.io, {{"127.0.0.2", "alice"}, {"127.0.0.3", "bob"}, {"127.0.0.4", "carol"}}, &port);
+    QVERIFY(s.Start(o, 2));
+    QVERIFY(port != 0);
+    QVERIFY(s.exporter->AddExport({"acl", disk_, false, AccessList{{"alice", false}, {"bob", true}}}).ok());
+    QVERIFY(s.exporter->AddExport({"open", disk_, false, {}}).ok());
+    QVERIFY(s.exporter->AddExport({"none", disk_, false, AccessList{}}).ok());
+    std::vector<char> w(4096, 'a');
+    Header h;
+    {
+      RawClient alice;
+      HelloReply rep;
+      QVERIFY(alice.Connect(port, "127.0.0.2"));
+      QCOMPARE(alice.Hello("acl", 0, &rep), 0L);
+      QVERIFY(!(rep.export_flags & kExportReadOnly));
+      QVERIFY(alice.Send(Cmd::kWrite, 2, 0, 4096, w.data()) && alice.Recv(&h));
+      QCOMPARE(h.status, 0u);
+    }
+    {
+      RawClient bob;
+      HelloReply rep;
+      QVERIFY(bob.Connect(port, "127.0.0.3"));
+      QCOMPARE(bob.Hello("acl", 0, &rep), 0L);
+      QVERIFY(rep.export_flags & kExportReadOnly);
+      QVERIFY(!(rep.export_flags & kExportCanTrim));
+      QCOMPARE(rep.permissions, kPermRead);
+      QVERIFY(bob.Send(Cmd::kWrite, 2, 0, 4096, w.data()) && bob.Recv(&h));
+      QCOMPARE(h.status, std::uint32_t(WireStatus::kPerm));
+      QVERIFY(bob.Send(Cmd::kTrim, 3, 0, 4096) && bob.Recv(&h));
+      QCOMPARE(h.status, std::uint32_t(WireStatus::kPerm));
+      std::vector<char> r(4096);
+      QVERIFY(bob.Send(Cmd::kRead, 4, 0, 4096) && bob.Recv(&h, r.data()));
+      QCOMPARE(h.status, 0u);
+      QVERIFY(r == w);
+    }
+    for (const char* from : {"127.0.0.4", "127.0.0.1"}) {  // carol, then an anonymous peer
+      RawClient c;
+      QVERIFY(c.Connect(port, from));
+      QCOMPARE(c.Hello("acl"), long(WireStatus::kAcces));
+      QVERIFY(c.ClosedWithin(2000));
+    }
+    {
+      RawClient anon, alice;
+      QVERIFY(anon.Connect(port, "127.0.0.1") && anon.Hello("open") == 0);  // no list: everyone
+      QVERIFY(alice.Connect(port, "127.0.0.2"));
+      QCOMPARE(alice.Hello("none"), long(WireStatus::kAcces));  // empty list: nobody
+    }
+    QVERIFY(s.exporter->SetAccess("acl", AccessList{{"anonymous", true}}).ok());
+    QVERIFY(s.exporter->SetAccess("nope", AccessList{}).IsNotFound());
+    {
+      RawClient anon, alice;
+      HelloReply rep;
+      QVERIFY(anon.Connect(port, "127.0.0.1"));
+      QCOMPARE(anon.Hello("acl", 0, &rep), 0L);
+      QVERIFY(rep.export_flags & kExportReadOnly);
+      QVERIFY(alice.Connect(port, "127.0.0.2"));
+      QCOMPARE(alice.Hello("acl"), long(WireStatus::kAcces));
+    }
+    // A read-only export stays read-only for a read-write identity.
+    QVERIFY(s.exporter->AddExport({"rox", ro_, false, AccessList{{"alice", false}}}).ok());
+    RawClient alice;
+    HelloReply rep;
+    QVERIFY(alice.Connect(port, "127.0.0.2"));
+    QCOMPARE(alice.Hello("rox", 0, &rep), 0L);
+    QVERIFY(rep.export_flags & kExportReadOnly);
+  }
+
+  // max_connections_per_identity: the third HELLO of alice gets EBUSY; anonymous peers are not
+  // counted; a closed connection frees its place.
+  void perIdentityCap() {
+    Server s;
+    ExporterOptions o;
+    o.limits.max_connections_per_identity = 2;
+    std::atomic<std::uint16_t> port{0};
+    o.listener = dst::test::IdentityListenerFactory(s.io, {{"127.0.0.2", "alice"}}, &port);
+    QVERIFY(s.Start(o, 2));
+    QVERIFY(s.exporter->AddExport({"disk", disk_, false, AccessList{{"alice", false}, {"anonymous", false}}}).ok());
+    auto a1 = std::make_unique<RawClient>();
+    RawClient a2, a3, n1, n2, n3;
+    QVERIFY(a1->Connect(port, "127.0.0.2") && a1->Hello("disk") == 0);
+    QVERIFY(a2.Connect(port, "127.0.0.2") && a2.Hello("disk") == 0);
+    QVERIFY(a3.Connect(port, "127.0.0.2"));
+    QCOMPARE(a3.Hello("disk"), long(WireStatus::kBusy));
+    for (RawClient* n : {&n1, &n2, &n3}) QVERIFY(n->Connect(port, "127.0.0.1") && n->Hello("disk") == 0);
+    a1.reset();  // its place comes back once the server has seen the close
+    bool ok = false;
+    for (int i = 0; i < 100 && !ok; ++i) {
+      RawClient a4;
+      ok = a4.Connect(port, "127.0.0.2") && a4.Hello("disk") == 0;
+      if (!ok) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    QVERIFY(ok);
+  }
+
+  // A session id fences only a connection to the same export by the same identity: bob reusing
+  // alice's id, or alice reusing it on another export, leaves her connection alone; alice
+  // reconnecting to the same export fences it.
+  void sessionBoundToExportAndIdentity() {
+    Server s;
+    ExporterOptions o;
+    std::atomic<std::uint16_t> port{0};
+    o.listener = dst::test::IdentityListenerFactory(s.io, {{"127.0.0.2", "alice"}, {"127.0.0.3", "bob"}}, &port);
+    QVERIFY(s.Start(o, 2));
+    const AccessList both{{"alice", false}, {"bob", false}};
+    QVERIFY(s.exporter->AddExport({"s1", disk_, false, both}).ok());
+    QVERIFY(s.exporter->AddExport({"s2", disk_, false, both}).ok());
+    constexpr std::uint64_t kSession = 0x5eed;
+    RawClient a1, b, a2, a3;
+    QVERIFY(a1.Connect(port, "127.0.0.2") && a1.Hello("s1", kSession) == 0);
+    QVERIFY(b.Connect(port, "127.0.0.3") && b.Hello("s1", kSession) == 0);
+    QVERIFY(a2.Connect(port, "127.0.0.2") && a2.Hello("s2", kSession) == 0);
+    Header h;
+    QVERIFY(!a1.ClosedWithin(300));
+    QVERIFY(a1.Send(Cmd::kPing, 9, 0, 0) && a1.Recv(&h));
+    QCOMPARE(h.status, 0u);
+    QVERIFY(a3.Connect(port, "127.0.0.2") && a3.Hello("s1", kSession) == 0);
+    QVERIFY(a1.ClosedWithin(2000));  // fenced by its own identity on its own export
+    for (RawClient* c : {&b, &a2, &a3}) {
+      QVERIFY(c->Send(Cmd::kPing, 10, 0, 0) && c->Recv(&h));
+      QCOMPARE(h.status, 0u);
+    }
+  }
+
   void sessionFence() {
     constexpr std::uint64_t kSession = 0x5e55105e55ull;
     constexpr std::uint64_t kBase = 4u << 20;
@@ -923,7 +1089,7 @@ class ExporterTest : public QObject {
   void removeExportBusy() {
     auto extra = MakeDisk("extra.img", false);
     QVERIFY(extra);
-    QVERIFY(srv_->exporter->AddExport({"extra", extra, false}).ok());
+    QVERIFY(srv_->exporter->AddExport({"extra", extra, false, {}}).ok());
     {
       RawClient c;
       QVERIFY(Open(c, "extra"));
@@ -946,7 +1112,7 @@ class ExporterTest : public QObject {
     o.max_inflight_per_connection = 4;
     o.max_payload = 65536;
     QVERIFY(s.Start(o, 2));
-    QVERIFY(s.exporter->AddExport({"disk", disk_, false}).ok());
+    QVERIFY(s.exporter->AddExport({"disk", disk_, false, {}}).ok());
     RawClient c1, c2;
     QVERIFY(c1.Connect(s.exporter->port()) && c1.Hello("disk") == 0);
     QVERIFY(c2.Connect(s.exporter->port()) && c2.Hello("disk") == 0);
@@ -974,7 +1140,7 @@ class ExporterTest : public QObject {
     Server s;
     ExporterOptions o;
     QVERIFY(s.Start(o, 2));
-    QVERIFY(s.exporter->AddExport({"disk", slow, false}).ok());
+    QVERIFY(s.exporter->AddExport({"disk", slow, false, {}}).ok());
     RawClient c;
     QVERIFY(c.Connect(s.exporter->port()) && c.Hello("disk") == 0);
     constexpr int kN = 48;
@@ -1017,7 +1183,7 @@ class ExporterTest : public QObject {
     QVERIFY(s.Start(ExporterOptions{}, 2));
     auto dev = std::make_shared<GatedDevice>();
     GatedDevice* raw = dev.get();
-    QVERIFY(s.exporter->AddExport({"gated", dev, false}).ok());
+    QVERIFY(s.exporter->AddExport({"gated", dev, false, {}}).ok());
     std::atomic<bool> done{false};
     std::atomic<bool> ok{false};
     s.exporter->Drain([&](Status st) {
@@ -1041,7 +1207,7 @@ class ExporterTest : public QObject {
     ExporterOptions o;
     o.stall_timeout = std::chrono::milliseconds(600);
     QVERIFY(s.Start(o, 1));
-    QVERIFY(s.exporter->AddExport({"disk", disk_, false}).ok());
+    QVERIFY(s.exporter->AddExport({"disk", disk_, false, {}}).ok());
     const std::uint16_t port = s.exporter->port();
     RawClient payload_stalled, silent, idle;
     QVERIFY(payload_stalled.Connect(port) && payload_stalled.Hello("disk") == 0);
@@ -1096,7 +1262,7 @@ class ExporterTest : public QObject {
     o.limits.handshake_timeout = std::chrono::milliseconds(500);
     o.limits.max_connections_per_address = 2;
     QVERIFY(s.Start(o, 1));
-    QVERIFY(s.exporter->AddExport({"disk", disk_, false}).ok());
+    QVERIFY(s.exporter->AddExport({"disk", disk_, false, {}}).ok());
     const std::uint16_t port = s.exporter->port();
     RawClient good, slow, over;
     QVERIFY(good.Connect(port) && good.Hello("disk") == 0);
@@ -1137,7 +1303,7 @@ class ExporterTest : public QObject {
     ExporterOptions o;
     o.limits.idle_timeout = std::chrono::milliseconds(400);
     QVERIFY(s.Start(o, 1));
-    QVERIFY(s.exporter->AddExport({"disk", disk_, false}).ok());
+    QVERIFY(s.exporter->AddExport({"disk", disk_, false, {}}).ok());
     const std::uint16_t port = s.exporter->port();
     RawClient idle, pinger;
     QVERIFY(idle.Connect(port) && idle.Hello("disk") == 0);
@@ -1183,7 +1349,7 @@ class ExporterTest : public QObject {
       own = std::make_unique<Server>();
       ExporterOptions o;
       o.buffer_count = 32;
-      if (!own->Start(o, 1) || !own->exporter->AddExport({"disk", disk_, false}).ok()) return ~0ull;
+      if (!own->Start(o, 1) || !own->exporter->AddExport({"disk", disk_, false, {}}).ok()) return ~0ull;
       port = own->exporter->port();
     }
     RawClient c;

@@ -2,6 +2,7 @@
 // files, driven by a raw-socket NBD client so every byte of the handshake and of transmission is
 // under test control.  Covers every option path, every command, malformed input, isolation of a
 // healthy client, Drain(), and heap allocations per I/O in steady state.
+#include <arpa/inet.h>
 #include <execinfo.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -29,6 +30,7 @@
 #include "dst/file_device.h"
 #include "dst/net/nbd_server.h"
 #include "dst/net/tls.h"
+#include "fake_identity.h"
 #include "slow_reader.h"
 #include "test_env.h"
 
@@ -108,8 +110,16 @@ class Raw {
     return SSL_connect(ssl_) == 1;
   }
   bool tls() const { return ssl_ != nullptr; }
+  // The local address to bind before connecting (127.0.0.x: a fake identity, fake_identity.h).
+  void set_from(const char* from) { from_ = from; }
   bool Connect(std::uint16_t port) {
     fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    if (from_) {
+      sockaddr_in src{};
+      src.sin_family = AF_INET;
+      ::inet_pton(AF_INET, from_, &src.sin_addr);
+      if (::bind(fd_, reinterpret_cast<sockaddr*>(&src), sizeof src) != 0) return false;
+    }
     sockaddr_in a{};
     a.sin_family = AF_INET;
     a.sin_port = htons(port);
@@ -315,6 +325,7 @@ class Raw {
   bool structured_ = false;
   std::uint64_t size_ = 0;
   std::uint16_t tx_flags_ = 0;
+  const char* from_ = nullptr;
   std::map<std::string, std::uint32_t> ctx_ids_;
 };
 
@@ -1298,6 +1309,76 @@ class NbdServerTest : public QObject {
     r.device = ro_;
     r.read_only = true;
     QVERIFY(srv_->srv->AddExport(r).ok());
+  }
+
+  // Default deny over NBD (fake TLS identities by source address): LIST shows only what the
+  // identity may use, INFO/GO of another export get NBD_REP_ERR_POLICY, EXPORT_NAME closes, a
+  // read-only identity gets NBD_FLAG_READ_ONLY and an error on writes, and
+  // max_connections_per_identity refuses the next GO with POLICY.
+  void accessByIdentity() {
+    Server s;
+    NbdServerOptions o;
+    o.limits.max_connections_per_identity = 2;
+    std::atomic<std::uint16_t> port{0};
+    o.listener = dst::test::IdentityListenerFactory(s.io, {{"127.0.0.2", "alice"}, {"127.0.0.3", "bob"}}, &port);
+    QVERIFY(s.Start(o, 2));
+    NbdExportSpec a;
+    a.name = "a";
+    a.device = disk_;
+    a.allow = AccessList{{"alice", false}, {"bob", true}};
+    QVERIFY(s.srv->AddExport(a).ok());
+    a.name = "b";
+    a.allow = AccessList{{"bob", false}};
+    QVERIFY(s.srv->AddExport(a).ok());
+    auto list = [&](const char* from) {
+      Raw c;
+      c.set_from(from);
+      std::vector<std::string> names;
+      if (!c.Connect(port) || !c.Greeting() || !c.SendOption(kOptList, "")) return names;
+      for (auto& r : c.RecvUntilFinal())
+        if (r.type == kRepServer)
+          names.push_back(r.data.substr(4, Get32(reinterpret_cast<const std::uint8_t*>(r.data.data()))));
+      return names;
+    };
+    QCOMPARE(list("127.0.0.2"), std::vector<std::string>{"a"});
+    QCOMPARE(list("127.0.0.3"), (std::vector<std::string>{"a", "b"}));
+    QCOMPARE(list("127.0.0.1"), std::vector<std::string>{});  // anonymous: nothing
+    {
+      Raw c;
+      c.set_from("127.0.0.2");
+      QVERIFY(c.Connect(port) && c.Greeting());
+      for (std::uint32_t opt : {kOptInfo, kOptGo}) {
+        QVERIFY(c.SendOption(opt, Raw::InfoData("b", {})));
+        auto r = c.RecvUntilFinal();
+        QVERIFY(!r.empty());
+        QCOMPARE(r.back().type, kRepErrPolicy);
+        QVERIFY(r.back().data.find("alice") != std::string::npos);
+      }
+      QVERIFY(c.SendOption(kOptExportName, "b"));
+      QVERIFY(c.ClosedWithin(3000));
+    }
+    Raw bob;  // read-only on "a"
+    bob.set_from("127.0.0.3");
+    QVERIFY(bob.Open(port, "a"));
+    QVERIFY(bob.tx_flags_ & kTxReadOnly);
+    std::vector<char> buf(4096, 'x');
+    std::uint32_t err = 0;
+    std::uint64_t cookie = 0;
+    QVERIFY(bob.Send(kCmdWrite, 1, 0, 4096, buf.data()) && bob.RecvSimple(&err, &cookie));
+    QVERIFY(err != 0);
+    Raw alice, alice2, alice3;
+    alice.set_from("127.0.0.2");
+    QVERIFY(alice.Open(port, "a"));
+    QVERIFY(!(alice.tx_flags_ & kTxReadOnly));
+    QVERIFY(alice.Send(kCmdWrite, 2, 0, 4096, buf.data()) && alice.RecvSimple(&err, &cookie));
+    QCOMPARE(err, 0u);
+    alice2.set_from("127.0.0.2");
+    alice3.set_from("127.0.0.2");
+    QVERIFY(alice2.Open(port, "a"));
+    QVERIFY(alice3.Connect(port) && alice3.Greeting() && alice3.SendOption(kOptGo, Raw::InfoData("a", {})));
+    auto r = alice3.RecvUntilFinal();
+    QVERIFY(!r.empty());
+    QCOMPARE(r.back().type, kRepErrPolicy);
   }
 
   void drainClosesAndFlushes() {

@@ -34,7 +34,9 @@ std::vector<ctl::OpRequest> Samples() {
           ctl::LegChangeOp{"m", ctl::LegAction::kReAdd, 2, "/d", false},
           ctl::LegChangeOp{"m", ctl::LegAction::kDetach, 3, "", false},
           ctl::ExportAddOp{"e", "/img", "", "", "1M", true, false, true},
-          ctl::ExportAddOp{"e2", "", "m", "", "", false, false, false},
+          ctl::ExportAddOp{"e2", "", "m", "", "", false, false, false, {"hostc:rw", "backup:ro"}},
+          ctl::ExportAllowOp{"e2", {"anonymous:ro"}},
+          ctl::ExportAllowOp{"e2", {}},
           ctl::ExportRemoveOp{"e"},
           vol,
           ctl::VolumeRemoveOp{"v"},
@@ -76,6 +78,10 @@ class OpsTest : public QObject {
     QCOMPARE(why, std::string("missing parameter \"path\""));
     QVERIFY(!ctl::FromParams("export.add", json{{"name", "e"}, {"path", "rel"}}, &op, &why));
     QCOMPARE(why, std::string("path \"rel\" must be absolute"));
+    QVERIFY(!ctl::FromParams("export.allow", json{{"name", "e"}}, &op, &why));  // [] is explicit
+    QVERIFY(why.find("allow") != std::string::npos);
+    QVERIFY(!ctl::FromParams("export.add", json{{"name", "e"}, {"path", "/x"}, {"allow", "a:rw"}}, &op, &why));
+    QVERIFY(why.find("allow") != std::string::npos);
     QVERIFY(!ctl::FromParams("array.fail_leg", json{{"name", "m"}, {"slot", -1}}, &op, &why));
     QVERIFY(why.find("slot") != std::string::npos);
     QVERIFY(!ctl::FromParams("volume.import", json{{"name", "v"}, {"uri", "/x"}, {"queue_depth", 0}},

@@ -822,7 +822,7 @@ class RemoteDeviceTest : public QObject {
     eo.port = 0;
     Exporter exp(io.io, eo);
     QVERIFY(exp.Start().ok());
-    QVERIFY(exp.AddExport({"disk", fd.value(), false}).ok());
+    QVERIFY(exp.AddExport({"disk", fd.value(), false, {}}).ok());
     RemoteOptions o = Opts(exp.port());
     o.io_timeout = milliseconds(60000);  // a failure must come from the check below, not a timeout
     auto r = RemoteDevice::Connect(io.io, o);
@@ -1243,7 +1243,7 @@ class RemoteDeviceTest : public QObject {
       eo.port = 0;
       Exporter exp(io.io, eo);
       QVERIFY(exp.Start().ok());
-      QVERIFY(exp.AddExport({"disk", fd.value(), false}).ok());
+      QVERIFY(exp.AddExport({"disk", fd.value(), false, {}}).ok());
       test::FaultProxy proxy(exp.port());
       RemoteOptions o = Opts(proxy.port());
       o.checksum = checksum;

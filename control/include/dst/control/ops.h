@@ -51,6 +51,11 @@ struct LegChangeOp {  // array.fail_leg / remove_leg / readd_leg / detach_leg
 struct ExportAddOp {  // export.add: exactly one of path, array, volume
   std::string name, path, array, volume, size;
   bool read_only = false, direct_io = false, grow = false;
+  std::vector<std::string> allow;  // "identity:rw" / "identity:ro"; empty: nobody may connect
+};
+struct ExportAllowOp {  // export.allow: replaces the access list of an export
+  std::string name;
+  std::vector<std::string> allow;
 };
 struct ExportRemoveOp {  // export.remove
   std::string name;
@@ -74,7 +79,7 @@ struct VerifyOp {  // array.verify
 };
 
 using OpRequest = std::variant<ArrayCreateOp, ArrayRemoveOp, LegAddOp, LegChangeOp, ExportAddOp,
-                               ExportRemoveOp, VolumeImportOp, VolumeRemoveOp, MountOp,
+                               ExportAllowOp, ExportRemoveOp, VolumeImportOp, VolumeRemoveOp, MountOp,
                                SetResyncRateOp, VerifyOp>;
 
 // The control method of a request, and its params.
@@ -120,6 +125,7 @@ bool FromJson(const nlohmann::json& j, Refusal* r);
 enum class StepKind {
   kCreateArray, kRemoveArray, kAddLeg, kGrow, kFailLeg, kRemoveLeg, kReAddLeg, kDetachLeg,
   kAddExport, kRemoveExport, kImportVolume, kRemoveVolume, kMount, kSetResyncRate, kVerify,
+  kAllowExport,
 };
 const char* StepKindName(StepKind k);  // "create_array", ...
 bool ParseStepKind(std::string_view s, StepKind* k);

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "dst/layer.h"
+#include "dst/net/export_access.h"
 #include "dst/status.h"
 
 namespace dst::daemon {
@@ -29,6 +30,9 @@ struct ExportConfig {
   bool grow = false;       // size may grow an existing image (else a larger size is refused)
   bool read_only = false;
   bool direct_io = false;
+  // Who may connect, over DST and NBD (allow = ["alice:rw", "bob:ro"]; docs/security.md
+  // "Default deny").  Empty: nobody.
+  net::AccessList allow;
 };
 
 struct VolumeConfig {

@@ -40,6 +40,7 @@ enum class WireStatus : std::uint32_t {
   kPerm = 1,          // EPERM: write to a read-only export
   kNoEnt = 2,         // ENOENT: unknown export (HELLO)
   kIo = 5,            // EIO
+  kAcces = 13,        // EACCES: the peer's identity may not use the export (HELLO)
   kNoMem = 12,        // ENOMEM: server out of buffers
   kBusy = 16,         // EBUSY
   kInval = 22,        // EINVAL: malformed or misaligned request

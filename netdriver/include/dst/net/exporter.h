@@ -8,8 +8,11 @@
 // error reply and the connection stays up; a framing error gets a logged close.  Other
 // connections never notice.
 //
+// Access (export_access.h): the HELLO is checked against the export's access list with the
+// transport's identity; an authenticated peer is counted under its identity (per-identity cap).
+//
 // Session fence (docs/protocol.md §6.3): a HELLO carrying the session id of a live connection
-// stops reading on the old connection and waits for its in-flight requests to finish before
+// to the same export by the same identity stops reading on the old connection and waits for its in-flight requests to finish before
 // the new one is answered, so a stale write can never land after a newer one.
 //
 // Accept loop, pools, backpressure, stall sweep, drain and counters are the server-connection
@@ -23,12 +26,14 @@
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include <boost/asio/io_context.hpp>
 
 #include "dst/block_device.h"
+#include "dst/net/export_access.h"
 #include "dst/net/server_limits.h"
 #include "dst/net/server_stats.h"
 #include "dst/net/transmitter.h"
@@ -59,6 +64,10 @@ struct ExportSpec {
   std::string name;
   std::shared_ptr<BlockDevice> device;
   bool read_only = false;
+  // Who may connect (export_access.h): a HELLO from an identity the list does not admit gets
+  // EACCES, a read-only one gets the export read-only.  Unset: everyone, read-write (an
+  // in-process server trusts its caller; dstd always sets a list and defaults to an empty one).
+  std::optional<AccessList> allow;
 };
 
 struct ExportStatus {
@@ -89,6 +98,9 @@ class Exporter {
 
   Status AddExport(ExportSpec spec);       // kExists if the name is taken
   Status RemoveExport(const std::string& name);  // kBusy while clients are connected
+  // Replaces the access list of an export (nullopt: everyone).  Connections already past their
+  // HELLO keep the access they had; kNotFound for an unknown name.
+  Status SetAccess(const std::string& name, std::optional<AccessList> allow);
   std::vector<ExportStatus> ListExports() const;
   ExporterStats Stats() const;
 

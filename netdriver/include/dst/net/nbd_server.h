@@ -35,12 +35,14 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include <boost/asio/io_context.hpp>
 
 #include "dst/block_device.h"
+#include "dst/net/export_access.h"
 #include "dst/net/nbd_format.h"
 #include "dst/net/server_limits.h"
 #include "dst/net/server_stats.h"
@@ -151,6 +153,10 @@ struct NbdExportSpec {
   std::string name;  // may be anything the spec allows (<= 4096 bytes, non-empty)
   std::shared_ptr<BlockDevice> device;
   bool read_only = false;
+  // Who may use it (export_access.h; the identity is the transport's, set after STARTTLS):
+  // others get NBD_REP_ERR_POLICY and do not see it in LIST; a read-only identity gets
+  // NBD_FLAG_READ_ONLY.  Unset: everyone, read-write (dstd always sets a list).
+  std::optional<AccessList> allow;
   std::string description;
   // Optional: base:allocation source (e.g. FileAllocationMap on the device's file).
   std::shared_ptr<AllocationMap> allocation;
@@ -186,6 +192,8 @@ class NbdServer {
   // The first export added is the default export (NBD name "").
   Status AddExport(NbdExportSpec spec);           // kExists if the name is taken
   Status RemoveExport(const std::string& name);   // kBusy while clients use it
+  // Replaces the access list of an export (nullopt: everyone); later handshakes see it.
+  Status SetAccess(const std::string& name, std::optional<AccessList> allow);
   std::vector<NbdExportStatus> ListExports() const;
   NbdServerStats Stats() const;
 
