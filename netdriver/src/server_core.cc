@@ -589,6 +589,13 @@ Status ServerCore::SetAccess(const std::string& name, std::optional<AccessList> 
   auto e = FindExport(name);
   if (!e) return Status::NotFound(std::string(opts_.export_kind) + " " + name + " does not exist");
   e->allow.store(allow ? std::make_shared<const AccessList>(std::move(*allow)) : nullptr);
+  ForEachConn([e](ServerConn* c) {
+    if (c->served() != e || c->granted_ == Access::kNone) return;
+    const Access now = c->AccessTo(*e);
+    if (now == c->granted_ || (now == Access::kReadWrite && c->granted_ == Access::kReadOnly)) return;
+    c->Log("access revoked, closing", (std::string(IdentityName(c->peer_identity())) + " on " + e->name).c_str());
+    c->BeginClose(true);
+  });
   return Status::OK();
 }
 

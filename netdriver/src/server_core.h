@@ -190,7 +190,9 @@ class ServerCore : public std::enable_shared_from_this<ServerCore> {
   Status RemoveExport(const std::string& name);
   std::shared_ptr<ServedExport> FindExport(const std::string& name) const;
   std::shared_ptr<ServedExport> FirstExport() const;  // the earliest added (or null)
-  // Replaces the access list of export `name` (nullopt: everyone); later handshakes see it.
+  // Replaces the access list of export `name` (nullopt: everyone); later handshakes see it, and
+  // open connections to it that the new list gives less access (none, or read-only where they
+  // could write) are closed: a revoked identity keeps nothing (the client may reconnect).
   Status SetAccess(const std::string& name, std::optional<AccessList> allow);
   // Calls f(entry, counters) for every export, in name order, under the table lock.
   template <typename F>
@@ -346,7 +348,10 @@ class ServerConn : public std::enable_shared_from_this<ServerConn> {
   Access AccessTo(const ServedExport& e) const { return e.AccessOf(peer_identity()); }
   const TxStats& tx_stats() const { return tx_stats_; }  // atomics: readable from any thread
   const std::shared_ptr<ServedExport>& served() const { return served_; }
-  void set_served(std::shared_ptr<ServedExport> e) { served_ = std::move(e); }  // by ServerCore::Attach
+  void set_served(std::shared_ptr<ServedExport> e) {  // by ServerCore::Attach
+    granted_ = e->AccessOf(peer_identity());
+    served_ = std::move(e);
+  }
 
   // Intrusive pool-waiter link (ServerCore::pool_mu_).
   ServerConn* wait_next_ = nullptr;
@@ -483,6 +488,7 @@ class ServerConn : public std::enable_shared_from_this<ServerConn> {
   Transmitter tx_;
   boost::asio::steady_timer close_timer_;
   std::shared_ptr<ServedExport> served_;
+  Access granted_ = Access::kNone;  // what Attach found; SetAccess closes the connection on less
   ServerReq* free_ = nullptr;
   ServerReq* pending_ = nullptr;  // waiting for a pool buffer
   std::uint8_t hdr_[kHeaderSize];

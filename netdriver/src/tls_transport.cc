@@ -22,6 +22,7 @@
 #include <fmt/format.h>
 
 #include "dst/log_escape.h"
+#include "dst/net/export_access.h"
 #include "server_alloc.h"
 
 namespace dst::net {
@@ -103,6 +104,8 @@ Result<std::vector<PskEntry>> LoadPskFile(const std::string& path) {
     if (colon == std::string::npos || colon == 0) return bad("no identity");
     PskEntry e;
     e.identity = line.substr(0, colon);
+    if (e.identity == kAnonymousIdentity || e.identity == kAnyIdentity)
+      return bad("\"anonymous\" and \"*\" are access-list words, not identities");
     const std::string hex = line.substr(colon + 1);
     if (hex.size() % 2 || hex.size() < 32 || hex.size() > 2 * SSL_MAX_MASTER_KEY_LENGTH)
       return bad("the key must be 16 to 48 bytes of hex");
@@ -120,6 +123,9 @@ Result<std::vector<PskEntry>> LoadPskFile(const std::string& path) {
 Status GeneratePskFile(const std::string& path, const std::string& identity, bool force) {
   if (identity.empty() || identity.find_first_of(":\n\r") != std::string::npos)
     return Status::InvalidArgument(fmt::format("bad identity \"{}\" (no ':' or line breaks)", identity));
+  // They name unauthenticated peers and every identity in access lists (export_access.h).
+  if (identity == kAnonymousIdentity || identity == kAnyIdentity)
+    return Status::InvalidArgument(fmt::format("bad identity \"{}\" (a word of access lists)", identity));
   unsigned char key[32];
   if (RAND_bytes(key, sizeof key) != 1) return Status::IoError("RAND_bytes failed: " + SslErrorText());
   std::string text = identity + ":";

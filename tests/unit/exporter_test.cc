@@ -992,6 +992,41 @@ class ExporterTest : public QObject {
     QVERIFY(rep.export_flags & kExportReadOnly);
   }
 
+  // Changing an export's access list closes the open connections it gives less access: a
+  // removed identity, and a writer made read-only; a connection that keeps its access stays.
+  void accessChangeClosesRevokedConnections() {
+    Server s;
+    ExporterOptions o;
+    std::atomic<std::uint16_t> port{0};
+    o.listener = dst::test::IdentityListenerFactory(
+        s.io, {{"127.0.0.2", "alice"}, {"127.0.0.3", "bob"}, {"127.0.0.4", "carol"}}, &port);
+    QVERIFY(s.Start(o, 2));
+    QVERIFY(s.exporter->AddExport(
+        {"acl", disk_, false, AccessList{{"alice", false}, {"bob", false}, {"carol", true}}}).ok());
+    RawClient alice, bob, carol;
+    QVERIFY(alice.Connect(port, "127.0.0.2") && alice.Hello("acl") == 0);
+    QVERIFY(bob.Connect(port, "127.0.0.3") && bob.Hello("acl") == 0);
+    QVERIFY(carol.Connect(port, "127.0.0.4") && carol.Hello("acl") == 0);
+    // alice keeps rw, bob drops to ro, carol (ro) is removed.
+    QVERIFY(s.exporter->SetAccess("acl", AccessList{{"alice", false}, {"bob", true}}).ok());
+    QVERIFY(bob.ClosedWithin(2000));
+    QVERIFY(carol.ClosedWithin(2000));
+    Header h;
+    std::vector<char> w(4096, 'k');
+    QVERIFY(alice.Send(Cmd::kWrite, 7, 0, 4096, w.data()) && alice.Recv(&h));
+    QCOMPARE(h.status, 0u);
+    // bob comes back read-only.
+    RawClient bob2;
+    HelloReply rep;
+    QVERIFY(bob2.Connect(port, "127.0.0.3"));
+    QCOMPARE(bob2.Hello("acl", 0, &rep), 0L);
+    QVERIFY(rep.export_flags & kExportReadOnly);
+    // Widening (bob ro -> rw) closes nothing.
+    QVERIFY(s.exporter->SetAccess("acl", AccessList{{"alice", false}, {"bob", false}}).ok());
+    QVERIFY(!bob2.ClosedWithin(300));
+    QVERIFY(!alice.ClosedWithin(100));
+  }
+
   // max_connections_per_identity: the third HELLO of alice gets EBUSY; anonymous peers are not
   // counted; a closed connection frees its place.
   void perIdentityCap() {

@@ -441,6 +441,19 @@ class TlsTransportTest : public QObject {
     QVERIFY(GeneratePskFile(f, "host-b", true).ok());
     auto r2 = LoadPskFile(f);
     QVERIFY(r2.ok() && r2.value()[0].identity == "host-b" && r2.value()[0].key != r.value()[0].key);
+    // The access-list words are not identities: neither written nor loaded.
+    for (const char* word : {"anonymous", "*"}) {
+      QVERIFY(!GeneratePskFile(dir.path().toStdString() + "/w.psk", word, false).ok());
+      const std::string w = dir.path().toStdString() + "/w2.psk";
+      {
+        std::ofstream o(w);
+        o << word << ":" << std::string(64, 'a') << "\n";
+      }
+      ::chmod(w.c_str(), 0600);
+      auto bad = LoadPskFile(w);
+      QVERIFY(!bad.ok());
+      QVERIFY2(bad.status().message().find("access-list words") != std::string::npos, bad.status().ToString().c_str());
+    }
   }
 
   // Sends `ch` from `t` to accepted[0]; returns MiB/s (0: failed), *partial the calls that
