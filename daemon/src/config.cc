@@ -356,9 +356,11 @@ Status ParseExport(const toml::table& t, std::size_t index, const ErrorSink& sin
   if (sources > 1)
     return sink.Error(t.source(), f.ctx, "path/array/volume", "give only one of them");
   if (!have_path) {
-    if (e->size != 0 || e->grow)
-      return sink.Error(t["size"].node()->source(), f.ctx, "size",
-                        "only valid with path (an array or volume has its own size)");
+    // Name the key that is there: `grow = true` alone has no size node (fuzz_config found it).
+    for (const char* key : {"size", "grow"})
+      if (const toml::node* n = t[key].node(); n && (e->size != 0 || e->grow))
+        return sink.Error(n->source(), f.ctx, key,
+                          "only valid with path (an array or volume has its own size)");
     return Status::OK();
   }
   if (opts.check_files && e->size == 0 && !PathExists(e->path))

@@ -361,6 +361,10 @@ class ConfigTest : public QObject {
     QTest::newRow("export array with size") << "[[array]]\nname = \"a\"\nlegs = [\"/x\", \"/y\"]\n"
                                                "[[export]]\nname = \"e\"\narray = \"a\"\nsize = \"1M\"\n"
                                             << "export \"e\": size: only valid with path";
+    // fuzz_config: grow without size dereferenced the missing size node (UBSan, null member call).
+    QTest::newRow("export array with grow") << "[[array]]\nname = \"a\"\nlegs = [\"/x\", \"/y\"]\n"
+                                               "[[export]]\nname = \"e\"\ngrow = true\narray = \"a\"\n"
+                                            << "export \"e\": grow: only valid with path";
   }
 
   void ArrayInvalid() {
