@@ -591,8 +591,7 @@ Status ServerCore::SetAccess(const std::string& name, std::optional<AccessList> 
   e->allow.store(allow ? std::make_shared<const AccessList>(std::move(*allow)) : nullptr);
   ForEachConn([e](ServerConn* c) {
     if (c->served() != e || c->granted_ == Access::kNone) return;
-    const Access now = c->AccessTo(*e);
-    if (now == c->granted_ || (now == Access::kReadWrite && c->granted_ == Access::kReadOnly)) return;
+    if (c->AccessTo(*e) >= c->granted_) return;  // kNone < kReadOnly < kReadWrite
     c->Log("access revoked, closing", (std::string(IdentityName(c->peer_identity())) + " on " + e->name).c_str());
     c->BeginClose(true);
   });

@@ -20,6 +20,7 @@ namespace dst::net {
 inline constexpr std::string_view kAnonymousIdentity = "anonymous";
 inline constexpr std::string_view kAnyIdentity = "*";
 
+// Ordered: more access compares greater (ServerCore::SetAccess relies on it).
 enum class Access { kNone, kReadOnly, kReadWrite };
 
 struct AccessRule {
