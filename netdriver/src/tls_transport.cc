@@ -490,6 +490,20 @@ void TlsTransport::Close() {
   Conn& c = *c_;
   if (c.closed) return;
   c.closed = true;
+  // The receive and write in flight end like a socket's: operation_aborted, posted.  Their
+  // callbacks move into the posted handler instead of staying in the Conn: a callback usually
+  // owns (through its owner) this transport, so if the loop stops before the handler runs,
+  // destroying the handler must free them, or owner -> transport -> Conn -> callback -> owner
+  // is a cycle nothing frees (a client dstd leaked its whole TLS volume at exit that way).  The
+  // cancelled socket wait still runs, finds no callback and does nothing.
+  if (c.rd_cb || c.wr_cb) {
+    asio::post(c.strand, [rd = std::move(c.rd_cb), got = c.rd_got, wr = std::move(c.wr_cb), done = c.wr_done]() mutable {
+      if (rd) rd(asio::error::operation_aborted, got);
+      if (wr) wr(asio::error::operation_aborted, done);
+    });
+    c.rd_cb.Reset();
+    c.wr_cb.Reset();
+  }
   // close_notify if the socket takes it now; the peer treats a bare EOF the same anyway.
   if (c.tcp->is_open() && SSL_is_init_finished(c.ssl)) {
     ERR_clear_error();

@@ -160,7 +160,11 @@ int DaemonProcess::Terminate(int timeout_ms) {
       pid_ = -1;
       const int rc = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
       // A sanitizer report or a shutdown error is only in the log: show it with the failure.
-      if (rc != 0) qWarning("dstd exited with %d; its log ends:\n%s", rc, Log().right(6000).constData());
+      // DST_TEST_LOG_TAIL (bytes, default 6000) shows more of it, e.g. a whole leak report.
+      if (rc != 0) {
+        const int tail = qEnvironmentVariableIsSet("DST_TEST_LOG_TAIL") ? qEnvironmentVariableIntValue("DST_TEST_LOG_TAIL") : 6000;
+        qWarning("dstd exited with %d; its log ends:\n%s", rc, Log().right(tail).constData());
+      }
       return rc;
     }
     QThread::msleep(20);
