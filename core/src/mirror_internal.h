@@ -108,7 +108,13 @@ class MirrorDevice::Impl {
     IoRequest* parent = nullptr;
     std::uint64_t r0 = 0, r1 = 0;  // covering regions [r0, r1)
     std::atomic<int> outstanding{0};
+    // Successful children that count for the caller: only those on legs that were up to date
+    // when the request was admitted (up_mask).  A resyncing leg holds no whole image, so a write
+    // or flush that reached only resyncing legs is not durable anywhere a read could use.
     std::atomic<int> ok_count{0};
+    std::uint32_t up_mask = 0;              // write/flush: slots up to date at admission
+    std::atomic<std::uint32_t> ok_mask{0};    // slots whose child succeeded
+    std::atomic<std::uint32_t> done_mask{0};  // slots whose child completed (set after ok_mask)
     int nchild = 0;
     std::uint32_t tried = 0;  // read: legs already tried
     bool in_flight = false;
@@ -214,6 +220,34 @@ class MirrorDevice::Impl {
   void Complete(Ctx* c, Status st);
   void ReleaseCtx(Ctx* c);
   void FailLegLocked(int slot, LegReason why = LegReason::kIoError, std::string text = {});
+  // True when `slot` is the only up-to-date leg.  Its failure leaves no source to rewrite
+  // anything from, so it is not marked out of sync for I/O that failed on it (a failed read,
+  // a resync source read, a write or flush the caller is not acknowledged): marks would make
+  // it wait for a resync that has no source when it comes back, and the array would stay
+  // failed.  Unmarked, it returns up to date: it holds every acknowledged write.
+  bool LastUpLocked(int slot) const {
+    if (legs_[slot].state != LegState::kUpToDate) return false;
+    for (int s = 0; s < nslots_; ++s)
+      if (s != slot && legs_[s].state == LegState::kUpToDate) return false;
+    return true;
+  }
+  // A write or flush child failed on `slot`: may the request still be acknowledged through
+  // another leg that was up to date at admission (it succeeded, or has not answered yet)?
+  static bool OthersMayAck(const Ctx* c, int slot) {
+    const std::uint32_t others = c->up_mask & ~(1u << slot);
+    const std::uint32_t done = c->done_mask.load(std::memory_order_acquire);
+    return (others & ~done) != 0 || (others & c->ok_mask.load(std::memory_order_acquire)) != 0;
+  }
+  // The child on `slot` finished: counts it (ok: toward the acknowledgement if its leg was up
+  // to date at admission).  Call before the failure handling of the same child.
+  static void NoteChild(Ctx* c, int slot, bool ok) {
+    const std::uint32_t bit = 1u << slot;
+    if (ok) {
+      if (c->up_mask & bit) c->ok_count.fetch_add(1, std::memory_order_relaxed);
+      c->ok_mask.fetch_or(bit, std::memory_order_release);
+    }
+    c->done_mask.fetch_or(bit, std::memory_order_release);
+  }
   void MarkLegDownLocked(int slot) {
     legs_[slot].record_dirty = true;
     legs_[slot].down_seq = commits_started_ + 1;

@@ -38,6 +38,9 @@ void MirrorDevice::Impl::Start(IoRequest* req, Ctx* c) {
   c->parent = req;
   c->outstanding.store(0, std::memory_order_relaxed);
   c->ok_count.store(0, std::memory_order_relaxed);
+  c->up_mask = 0;
+  c->ok_mask.store(0, std::memory_order_relaxed);
+  c->done_mask.store(0, std::memory_order_relaxed);
   c->nchild = 0;
   c->tried = 0;
   c->in_flight = false;
@@ -154,6 +157,7 @@ MirrorDevice::Impl::Admit MirrorDevice::Impl::AdmitWriteLocked(Ctx* c) {
   for (int s = 0; s < nslots_; ++s) {
     Leg& L = legs_[s];
     if (L.state == LegState::kUpToDate || L.state == LegState::kResyncing) {
+      if (L.state == LegState::kUpToDate) c->up_mask |= 1u << s;
       IoRequest& ch = c->child[n++];
       IoRequest* p = c->parent;
       ch.op = p->op;
@@ -223,12 +227,14 @@ void MirrorDevice::Impl::WriteChildDone(IoRequest* child, Status st) {
   Impl* self = c->self;
   int slot = c->SlotOf(child);
   Leg& L = self->legs_[slot];
+  NoteChild(c, slot, st.ok());
   if (st.ok()) {
-    c->ok_count.fetch_add(1, std::memory_order_relaxed);
     L.last_pos.store(child->offset + child->length, std::memory_order_relaxed);
   } else {
     std::lock_guard<std::mutex> l(self->mu_);
-    self->MarkOosLocked(slot, c->r0, c->r1);
+    // The leg missed this write, unless it is the last up-to-date leg and the write fails for
+    // the caller too: then its content there (old or new) is a valid outcome.
+    if (!self->LastUpLocked(slot) || OthersMayAck(c, slot)) self->MarkOosLocked(slot, c->r0, c->r1);
     self->FailLegLocked(slot);
   }
   L.pending.fetch_sub(1, std::memory_order_acq_rel);
@@ -247,6 +253,22 @@ void MirrorDevice::Impl::FinishWrite(Ctx* c) {
       c->in_flight = false;
     }
     if (window_active_) resync_cv_.notify_all();
+    // No leg that was up to date at admission took the write.  A leg that took it and is up
+    // to date now (its resync ended meanwhile, while the failing legs were still up and so got
+    // marked) holds it: acknowledge.  Otherwise it fails for the caller, and the resyncing legs
+    // that took it now differ from the source there: the resync rewrites those regions, so
+    // that a read does not depend on the leg it hits.
+    if (c->ok_count.load() == 0) {
+      const std::uint32_t took = c->ok_mask.load(std::memory_order_acquire);
+      bool held = false;
+      for (int s = 0; s < nslots_; ++s) held = held || ((took & (1u << s)) && legs_[s].state == LegState::kUpToDate);
+      if (held) {
+        c->ok_count.fetch_add(1);
+      } else {
+        for (int s = 0; s < nslots_; ++s)
+          if ((took & (1u << s)) && legs_[s].state != LegState::kEmpty) MarkOosLocked(s, c->r0, c->r1);
+      }
+    }
     if (crashed_) c->ok_count.store(0);
     if (!crashed_ && MustWaitDownLocked()) {
       down_waiters_.Push(c);
@@ -319,9 +341,10 @@ void MirrorDevice::Impl::ReadChildDone(IoRequest* child, Status st) {
     return;
   }
   {
-    // A read error fails the leg; the region is rewritten by the resync when it comes back.
+    // A read error fails the leg; the region is rewritten by the resync when it comes back
+    // (unless no other leg is up to date to rewrite it from: LastUpLocked).
     std::lock_guard<std::mutex> l(self->mu_);
-    self->MarkOosLocked(slot, c->r0, c->r1);
+    if (!self->LastUpLocked(slot)) self->MarkOosLocked(slot, c->r0, c->r1);
     self->FailLegLocked(slot);
   }
   self->st_read_retries_.fetch_add(1, std::memory_order_relaxed);
@@ -338,7 +361,10 @@ void MirrorDevice::Impl::StartFlush(Ctx* c) {
     for (int s = 0; s < nslots_; ++s) {
       Leg& L = legs_[s];
       if (L.state != LegState::kUpToDate && L.state != LegState::kResyncing) continue;
-      if (L.state == LegState::kUpToDate) any_up = true;
+      if (L.state == LegState::kUpToDate) {
+        any_up = true;
+        c->up_mask |= 1u << s;
+      }
       IoRequest& ch = c->child[n++];
       ch = IoRequest();
       ch.op = IoOp::kFlush;
@@ -364,20 +390,21 @@ void MirrorDevice::Impl::FlushChildDone(IoRequest* child, Status st) {
   Impl* self = c->self;
   int slot = c->SlotOf(child);
   Leg& L = self->legs_[slot];
-  if (st.ok()) {
-    c->ok_count.fetch_add(1, std::memory_order_relaxed);
-  } else if (st.code() != Status::Code::kNotSupported) {
+  const bool ok = st.ok() || st.code() == Status::Code::kNotSupported;
+  NoteChild(c, slot, ok);
+  if (!ok) {
     // Acknowledged writes on this leg may not be durable: every region written since the last
-    // successful lazy clear (the intent map) may differ.
+    // successful lazy clear (the intent map) may differ.  The last up-to-date leg is the best
+    // copy there is when the flush fails for the caller too: it stays unmarked (LastUpLocked).
     std::lock_guard<std::mutex> l(self->mu_);
-    if (self->opts_.write_intent) {
-      self->intent_.ForEachRun([&](std::uint64_t a, std::uint64_t b) { self->MarkOosLocked(slot, a, b); });
-    } else {
-      self->MarkOosLocked(slot, 0, self->regions_);
+    if (!self->LastUpLocked(slot) || OthersMayAck(c, slot)) {
+      if (self->opts_.write_intent) {
+        self->intent_.ForEachRun([&](std::uint64_t a, std::uint64_t b) { self->MarkOosLocked(slot, a, b); });
+      } else {
+        self->MarkOosLocked(slot, 0, self->regions_);
+      }
     }
     self->FailLegLocked(slot);
-  } else {
-    c->ok_count.fetch_add(1, std::memory_order_relaxed);
   }
   L.pending.fetch_sub(1, std::memory_order_acq_rel);
   if (c->outstanding.fetch_sub(1, std::memory_order_acq_rel) == 1) {

@@ -97,7 +97,10 @@ bool MirrorDevice::Impl::ResyncLeg(int slot) {
           std::uint64_t seq = commits_started_ + 1;
           writer_cv_.notify_one();
           WaitCommittedLocked(l2, seq);
-          if (T.state == LegState::kResyncing && T.oos.Empty()) {
+          // Only while a source is still up: if the last one failed during the pass, a write
+          // it failed may have reached this leg alone (FinishWrite marks it here); the leg
+          // waits for the source to return instead of becoming a second truth.
+          if (T.state == LegState::kResyncing && T.oos.Empty() && SourceLegLocked() >= 0) {
             SetLegStateLocked(slot, LegState::kUpToDate);
             T.prog.leg_state = T.state;
             T.prog.state = ResyncState::kDone;
@@ -180,7 +183,10 @@ bool MirrorDevice::Impl::ResyncLeg(int slot) {
       T.pending.fetch_sub(1);
       if (!err.ok()) {
         if (src_failed) {
-          MarkOosLocked(src, w0, w1);
+          // A read error on the source: its window is rewritten when it comes back, from
+          // another up-to-date leg.  The last one has no such leg: marking it would leave the
+          // array with no leg to resync from (both "resyncing", the array failed for good).
+          if (!LastUpLocked(src)) MarkOosLocked(src, w0, w1);
           FailLegLocked(src);
         } else {
           FailLegLocked(slot);
@@ -417,9 +423,10 @@ void MirrorDevice::Impl::VerifyRun() {
       for (int i = 0; i < n; ++i) legs_[slots[i]].pending.fetch_sub(1);
       for (int i = 0; i < n; ++i) {
         if (!(read_failed & (1u << i))) continue;
-        // As a failed application read: the leg is failed; its window is resynced on re-add.
+        // As a failed application read: the leg is failed; its window is resynced on re-add
+        // (the last up-to-date leg stays unmarked: nothing to resync it from).
         ++verify_.read_errors;
-        MarkOosLocked(slots[i], w0, w1);
+        if (!LastUpLocked(slots[i])) MarkOosLocked(slots[i], w0, w1);
         FailLegLocked(slots[i]);
       }
       if (n < 2) {

@@ -971,9 +971,31 @@ bool ClientCore::TickOffline(Clock::time_point now) {
   return true;
 }
 
+// Our own loop did not run for `stall` (this process was SIGSTOPped, the host suspended, or the
+// machine swapped hard).  Every deadline that ran meanwhile measured our absence, not the
+// peer's: a peer that answered while we were stopped would otherwise be declared silent and every
+// leg of a mirror would fail at once on resume.  The clocks move forward by the stall, and the
+// peer gets a keepalive probe and its full timeouts from now.
+void ClientCore::ForgiveStall(Clock::duration stall) {
+  Log("event loop stalled for " + std::to_string(std::chrono::duration_cast<milliseconds>(stall).count()) +
+      " ms (process stopped or host suspended?): the peer's deadlines restart");
+  last_rx_ += stall;
+  last_keepalive_ += stall;
+  check_start_ += stall;
+  outage_start_ += stall;
+  attempt_deadline_ += stall;
+  initial_deadline_ += stall;
+  for (std::uint32_t i = 0; i < control_index_; ++i)
+    if (slots_[i].req) slots_[i].start += stall;
+}
+
 void ClientCore::OnTick(const boost::system::error_code& ec) {
   if (ec == asio::error::operation_aborted || state_ == State::kClosed) return;
   const auto now = Clock::now();
+  // A tick more than a second late: the loop itself was not running (see ForgiveStall).
+  const auto late = last_tick_ == Clock::time_point{} ? Clock::duration::zero() : now - last_tick_ - tick_;
+  last_tick_ = now;
+  if (late > std::chrono::seconds(1)) ForgiveStall(late);
   if (state_ == State::kConnected) {
     TickConnected(now);
   } else if (!TickOffline(now)) {

@@ -327,6 +327,7 @@ class ClientCore : public std::enable_shared_from_this<ClientCore> {
   void OnTick(const boost::system::error_code& ec);
   void TickConnected(ClientClock::time_point now);
   bool TickOffline(ClientClock::time_point now);
+  void ForgiveStall(ClientClock::duration stall);
   void DoClose();
   bool Outstanding() const { return on_wire_ > 0 || control_use_ != ControlUse::kNone; }
   static void OnFrameSent(TxFrame* f, bool ok);
@@ -402,6 +403,7 @@ class ClientCore : public std::enable_shared_from_this<ClientCore> {
   int suspect_losses_ = 0;
   ClientClock::time_point last_rx_;  // last byte received (or start of the current wait)
   ClientClock::time_point last_keepalive_;
+  ClientClock::time_point last_tick_{};  // when the tick last ran (stall detection, OnTick)
   ControlUse control_use_ = ControlUse::kNone;
   IoRequest control_req_;
   std::unique_ptr<char[]> probe_buf_;

@@ -109,6 +109,13 @@ QByteArray Sha256File(const QString& path);
 // assembling daemon with a FUSE mount at <tmp>/mnt.  Members are destroyed in reverse order:
 // assembler, exporters, then the FUSE guard (lazy unmount of a mount a killed dstd left).
 struct MirrorRig {
+  // DST_TEST_KEEP=1 keeps the directory (daemon logs, state databases, images) for a post-mortem.
+  MirrorRig() {
+    if (qEnvironmentVariableIsSet("DST_TEST_KEEP")) {
+      dir.setAutoRemove(false);
+      qInfo("DST_TEST_KEEP: keeping %s", qPrintable(dir.path()));
+    }
+  }
   QTemporaryDir dir;
   FuseGuard fuse_guard;
   std::vector<std::unique_ptr<DaemonProcess>> ex;

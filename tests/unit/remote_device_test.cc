@@ -29,6 +29,7 @@
 
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
 
 #include "dst/block_device.h"
 #include "dst/file_device.h"
@@ -592,6 +593,38 @@ class RemoteDeviceTest : public QObject {
     QCOMPARE(b.errors, 0);
     QVERIFY(rd == pattern);
     QVERIFY(dev->Stats().reconnects >= 1);
+  }
+
+  // Our own loop stalls (the assembling process SIGSTOPped, or the laptop suspended) while a
+  // request is in flight at a live server.  On resume the silence clock must not blame the peer:
+  // the request completes on the same connection.  It used to be declared a keepalive timeout at
+  // once, so every leg of a mirror failed together on resume (fault campaign, SIGSTOP assembler).
+  void ownLoopStallIsNotPeerSilence() {
+    FakeServer srv(8u << 20);
+    srv.write_delay_ms = 4000;  // the reply comes after the stall; pings are answered meanwhile
+    IoThread io;
+    RemoteOptions o = Opts(srv.port());
+    o.keepalive_interval = milliseconds(200);
+    o.keepalive_timeout = milliseconds(800);
+    auto r = RemoteDevice::Connect(io.io, o);
+    QVERIFY(r.ok());
+    auto dev = r.value();
+    std::vector<char> wr(4096, 'w');
+    IoRequest q{};
+    q.op = IoOp::kWrite;
+    q.offset = 0;
+    q.length = wr.size();
+    q.data = wr.data();
+    Batch b;
+    q.done = &Batch::Done;
+    q.ctx = &b;
+    dev->Submit(&q);
+    std::this_thread::sleep_for(milliseconds(300));  // on the wire, a ping or so answered
+    boost::asio::post(io.io, [] { std::this_thread::sleep_for(milliseconds(2500)); });  // the stall
+    QVERIFY(b.Wait(1, milliseconds(10000)));
+    QCOMPARE(b.errors, 0);
+    QCOMPARE(dev->Stats().reconnects, std::uint64_t(0));
+    QCOMPARE(srv.connections.load(), 1);
   }
 
   void ioTimeoutFailsWithEio() {

@@ -80,6 +80,90 @@ class ResyncTest : public QObject {
     QCOMPARE(m->Legs()[1].state, LegState::kUpToDate);
   }
 
+  // The only up-to-date leg fails a resync source read (a timeout after the assembling host was
+  // suspended, say).  It must come back up to date: it holds every acknowledged write, and no
+  // other leg could rewrite a marked window.  It used to get the window marked out of sync, so
+  // both legs ended "resyncing" with no source and the array stayed failed (fault campaign,
+  // SIGSTOP assembler during a resync).
+  void lastLegReturnsAfterSourceReadError() {
+    auto a = Leg(4 * kMiB, true, "a"), b = Leg(4 * kMiB, true, "b");
+    auto store = std::make_shared<MemoryDirtyMapStore>();
+    auto m = MirrorDevice::Create(AsDevs({a, b}), store, Opts()).value();
+    QVERIFY(m->FailLeg(1).ok());
+    std::vector<char> d(4096, 'x');
+    for (int r = 0; r < 8; ++r) QVERIFY(WriteSync(*m, std::uint64_t(r) * kRegion, d.data(), 4096).ok());
+    a->SetFailReads(true);
+    QVERIFY(m->ReAddLeg(1, b).ok());  // resyncing from a, whose reads fail
+    for (int i = 0; i < 1000 && m->Legs()[0].state != LegState::kFailed; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    QCOMPARE(m->Legs()[0].state, LegState::kFailed);
+    QCOMPARE(m->Legs()[0].out_of_sync_bytes, std::uint64_t(0));
+    QCOMPARE(m->Legs()[1].state, LegState::kResyncing);
+    a->SetFailReads(false);
+    QVERIFY(m->ReAddLeg(0, a).ok());
+    QCOMPARE(m->Legs()[0].state, LegState::kUpToDate);
+    QVERIFY(m->WaitResyncIdle(std::chrono::seconds(10)));
+    QCOMPARE(m->Legs()[1].state, LegState::kUpToDate);
+    QVERIFY(SameData(*a, *b, m->Info().size));
+    std::vector<char> back(4096);
+    QVERIFY(ReadSync(*m, 7 * kRegion, back.data(), 4096).ok());
+    QCOMPARE(back, d);
+  }
+
+  // A read error on the only up-to-date leg fails it, unmarked: re-added, it is up to date.
+  void lastLegReturnsAfterReadError() {
+    auto a = Leg(4 * kMiB, false, "a"), b = Leg(4 * kMiB, false, "b");
+    auto store = std::make_shared<MemoryDirtyMapStore>();
+    auto m = MirrorDevice::Create(AsDevs({a, b}), store, Opts()).value();
+    QVERIFY(m->FailLeg(1).ok());
+    std::vector<char> d(4096, 'y');
+    QVERIFY(WriteSync(*m, 3 * kRegion, d.data(), 4096).ok());
+    a->SetFailReads(true);
+    std::vector<char> back(4096);
+    QVERIFY(!ReadSync(*m, 3 * kRegion, back.data(), 4096).ok());
+    QCOMPARE(m->Legs()[0].state, LegState::kFailed);
+    QCOMPARE(m->Legs()[0].out_of_sync_bytes, std::uint64_t(0));
+    a->SetFailReads(false);
+    QVERIFY(m->ReAddLeg(0, a).ok());
+    QCOMPARE(m->Legs()[0].state, LegState::kUpToDate);
+    QVERIFY(ReadSync(*m, 3 * kRegion, back.data(), 4096).ok());
+    QCOMPARE(back, d);
+    // And the other leg catches up from it.
+    QVERIFY(m->ReAddLeg(1, b).ok());
+    QVERIFY(m->WaitResyncIdle(std::chrono::seconds(10)));
+    QVERIFY(SameData(*a, *b, m->Info().size));
+  }
+
+  // A write that reached only a resyncing leg (the up-to-date leg failed it) is not
+  // acknowledged: that leg holds no whole image, so an acknowledged write there could be read
+  // back by nobody.  The up-to-date leg stays unmarked (the write failed for the caller) and
+  // returns up to date.
+  void writeOnResyncingLegOnlyFails() {
+    auto a = Leg(4 * kMiB, false, "a"), b = Leg(4 * kMiB, false, "b");
+    auto store = std::make_shared<MemoryDirtyMapStore>();
+    auto m = MirrorDevice::Create(AsDevs({a, b}), store, Opts()).value();
+    QVERIFY(m->FailLeg(1).ok());
+    std::vector<char> x(4096, 'x'), y(4096, 'y');
+    QVERIFY(WriteSync(*m, 3 * kRegion, x.data(), 4096).ok());
+    m->PauseResync(true);
+    QVERIFY(m->ReAddLeg(1, b).ok());
+    QCOMPARE(m->Legs()[1].state, LegState::kResyncing);
+    a->SetFailWrites(true);
+    QVERIFY2(!WriteSync(*m, 5 * kRegion, y.data(), 4096).ok(), "acknowledged a write only a resyncing leg took");
+    QCOMPARE(m->Legs()[0].state, LegState::kFailed);
+    QCOMPARE(m->Legs()[0].out_of_sync_bytes, std::uint64_t(0));
+    a->SetFailWrites(false);
+    QVERIFY(m->ReAddLeg(0, a).ok());
+    QCOMPARE(m->Legs()[0].state, LegState::kUpToDate);
+    m->PauseResync(false);
+    QVERIFY(m->WaitResyncIdle(std::chrono::seconds(10)));
+    QCOMPARE(m->Legs()[1].state, LegState::kUpToDate);
+    QVERIFY(SameData(*a, *b, m->Info().size));
+    std::vector<char> back(4096);
+    QVERIFY(ReadSync(*m, 3 * kRegion, back.data(), 4096).ok());
+    QCOMPARE(back, x);
+  }
+
   void reAddWithoutWritesIsZero() {
     auto a = Leg(4 * kMiB, false, "a"), b = Leg(4 * kMiB, false, "b");
     auto store = std::make_shared<MemoryDirtyMapStore>();
