@@ -47,6 +47,7 @@ PACKAGES=(
   iproute2 iptables procps                          # ss, fault injection, pgrep/ps in tests
   file                                              # CPack's dpkg-shlibdeps step (cpack -G DEB)
   clang-14 libclang-rt-14-dev                       # libFuzzer, ASan, UBSan (test --sanitize, tests/fuzz)
+  git python3                                       # tools/get-maintainer and its test
 )
 
 if [[ -t 1 ]]; then
