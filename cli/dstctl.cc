@@ -16,6 +16,7 @@
 #include <filesystem>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
@@ -25,6 +26,7 @@
 #include "dst/control/ops.h"
 #include "dst/control/render.h"
 #include "dst/net/tls.h"
+#include "complete.h"
 
 namespace {
 
@@ -407,6 +409,10 @@ int main(int argc, char** argv) {
                    arr_readd, arr_detach, arr_rate, arr_verify, arr_resolve, arr_release, arr_import, detail,
                    apply, events, version})
     sc->add_flag("-j,--json", as_json, "Print the raw JSON result");
+
+  // Shell completion (packaging/completion/): before parsing, since the words are incomplete.
+  if (argc >= 2 && std::strcmp(argv[1], "__complete") == 0)
+    return dst::cli::Complete(app, std::vector<std::string>(argv + 2, argv + argc), socket);
 
   try {
     app.parse(argc, argv);
