@@ -13,6 +13,7 @@
 #include <future>
 #include <sstream>
 
+#include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -340,6 +341,13 @@ int Daemon::Start() {
   spdlog::info("control socket {}", opts_.control_path);
   spdlog::info("dstd {} ready (pid {})", "0.1.0", ::getpid());
   return 0;
+}
+
+bool Daemon::LoopAlive(std::chrono::milliseconds timeout) {
+  auto done = std::make_shared<std::promise<void>>();
+  auto f = done->get_future();
+  boost::asio::post(io_, [done] { done->set_value(); });
+  return f.wait_for(timeout) == std::future_status::ready;
 }
 
 void Daemon::Shutdown() {

@@ -95,6 +95,9 @@ class Daemon {
   // Returns 0, or a sysexits code after logging one line saying why.
   int Start();
   void Shutdown();
+  // True when the io_context ran a posted no-op within `timeout`: the event loop is not hung
+  // (the systemd watchdog pings only then, main.cc).
+  bool LoopAlive(std::chrono::milliseconds timeout);
 
  private:
   struct Volume {

@@ -10,9 +10,13 @@
 #include <cstdio>
 #include <string>
 
+#include <cerrno>
+#include <chrono>
+
 #include <CLI/CLI.hpp>
 #include <spdlog/sinks/stdout_sinks.h>
 #include <spdlog/spdlog.h>
+#include <systemd/sd-daemon.h>
 
 #include "daemon.h"
 #include "dst/daemon/config.h"
@@ -127,9 +131,30 @@ int main(int argc, char** argv) {
     return rc;
   }
 
+  // systemd (Type=notify): ready once the control socket answers; under WatchdogSec= a ping
+  // every half period, but only while the event loop still runs a posted no-op, so a hung loop
+  // gets the service restarted.  Without NOTIFY_SOCKET these calls do nothing.
+  sd_notifyf(0, "READY=1\nSTATUS=serving\nMAINPID=%lu", static_cast<unsigned long>(::getpid()));
+  std::uint64_t wd_usec = 0;
+  const bool watchdog = sd_watchdog_enabled(0, &wd_usec) > 0 && wd_usec > 0;
+  if (watchdog) spdlog::info("systemd watchdog: {} ms", wd_usec / 1000);
   for (;;) {
     int sig = 0;
-    if (sigwait(&sigs, &sig) != 0) continue;
+    if (watchdog) {
+      const std::uint64_t half = wd_usec / 2;
+      timespec ts{static_cast<time_t>(half / 1000000), static_cast<long>(half % 1000000) * 1000};
+      sig = sigtimedwait(&sigs, nullptr, &ts);
+      if (sig < 0) {
+        if (errno != EAGAIN) continue;
+        if (daemon.LoopAlive(std::chrono::milliseconds(wd_usec / 4000 + 1)))
+          sd_notify(0, "WATCHDOG=1");
+        else
+          spdlog::warn("watchdog: the event loop did not answer within {} ms; no ping", wd_usec / 4000 + 1);
+        continue;
+      }
+    } else if (sigwait(&sigs, &sig) != 0) {
+      continue;
+    }
     if (sig == SIGHUP) {
       spdlog::info("SIGHUP ignored (configuration reload is not supported; use dstctl)");
       continue;
@@ -137,6 +162,7 @@ int main(int argc, char** argv) {
     spdlog::info("received {}, draining", sig == SIGTERM ? "SIGTERM" : "SIGINT");
     break;
   }
+  sd_notify(0, "STOPPING=1\nSTATUS=draining");
   daemon.Shutdown();
   return 0;
 }

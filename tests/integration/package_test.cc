@@ -1,0 +1,84 @@
+// The Debian packages (issue 14 item 3): `cpack -G DEB` from this build tree, then lintian
+// must report no error, and the packages must carry what Debian policy and users expect:
+// copyright and changelog in each doc directory, gzipped man pages, the example config under
+// /usr/share/doc, the shell completions, and the Type=notify unit with a watchdog.
+#include <QDir>
+#include <QRegularExpression>
+#include <QStandardPaths>
+#include <QTemporaryDir>
+#include <QtTest/QtTest>
+
+#include "run_tool.h"
+#include "test_env.h"
+
+using namespace dst::test;
+
+namespace {
+
+QString CpackBuildDir() { return qEnvironmentVariable("DST_BUILD_DIR"); }
+
+}  // namespace
+
+class PackageTest : public QObject {
+  Q_OBJECT
+
+ private slots:
+  void initTestCase() {
+    for (const char* tool : {"cpack", "dpkg-deb", "lintian"})
+      DST_REQUIRE(!QStandardPaths::findExecutable(tool).isEmpty(), "needs cpack, dpkg-deb and lintian");
+    DST_REQUIRE(QFile::exists(CpackBuildDir() + "/CPackConfig.cmake"), "no CPackConfig.cmake in DST_BUILD_DIR");
+    QVERIFY(out_.isValid());
+    const ToolResult r = RunTool("cpack", {"-G", "DEB", "--config", CpackBuildDir() + "/CPackConfig.cmake", "-B", out_.path()},
+                                 240000);
+    QVERIFY2(r.rc == 0, (r.out + r.err).right(3000).constData());
+    for (const QString& f : QDir(out_.path()).entryList({"*.deb"})) debs_ << out_.path() + "/" + f;
+    QCOMPARE(debs_.size(), 2);
+  }
+
+  // lintian: no E: tag (warnings are printed for the record).
+  void lintianClean() {
+    const ToolResult r = RunTool("lintian", QStringList{"--tag-display-limit", "0"} + debs_, 180000);
+    const QString text = QString::fromUtf8(r.out + r.err);
+    qInfo("lintian:\n%s", qPrintable(text));
+    const QRegularExpression error("^E: ", QRegularExpression::MultilineOption);
+    QVERIFY2(!text.contains(error), qPrintable(text));
+    QVERIFY2(r.rc == 0, qPrintable(text));
+  }
+
+  void contents() {
+    QString all;
+    for (const QString& d : debs_) {
+      const ToolResult r = RunTool("dpkg-deb", {"-c", d});
+      QCOMPARE(r.rc, 0);
+      all += QString::fromUtf8(r.out);
+    }
+    for (const char* f : {"./usr/sbin/dstd", "./usr/bin/dstctl", "./usr/share/man/man8/dstd.8.gz",
+                          "./usr/share/man/man8/dstctl.8.gz", "./usr/share/doc/dst-daemon/copyright",
+                          "./usr/share/doc/dst-cli/copyright", "./usr/share/doc/dst-daemon/changelog.Debian.gz",
+                          "./usr/share/doc/dst-cli/changelog.Debian.gz", "./usr/share/doc/dst-daemon/examples/dstd.toml",
+                          "./usr/share/dst/dstd.toml.example", "./usr/share/bash-completion/completions/dstctl",
+                          "./usr/share/zsh/vendor-completions/_dstctl", "./usr/lib/systemd/system/dstd.service"})
+      QVERIFY2(all.contains(QString(f) + "\n"), qPrintable(QString("%1 missing from the packages:\n%2").arg(f, all)));
+
+    QTemporaryDir x;
+    const QString daemon = debs_.filter("dst-daemon").value(0);
+    QVERIFY(!daemon.isEmpty());
+    QCOMPARE(RunTool("dpkg-deb", {"-x", daemon, x.path()}).rc, 0);
+    QFile unit(x.path() + "/usr/lib/systemd/system/dstd.service");
+    QVERIFY(unit.open(QIODevice::ReadOnly));
+    const QByteArray u = unit.readAll();
+    QVERIFY(u.contains("\nType=notify\n") && u.contains("\nWatchdogSec=") && u.contains("\nNotifyAccess=main\n"));
+    const ToolResult dep = RunTool("dpkg-deb", {"-f", daemon, "Depends"});
+    QVERIFY2(dep.out.contains("libsystemd0") && dep.out.contains("fuse3") && dep.out.contains("adduser"), dep.out.constData());
+    // The binary in the package is the one this tree built, and it runs.
+    const ToolResult v = RunTool(x.path() + "/usr/sbin/dstd", {"--version"});
+    QVERIFY2(v.rc == 0 && !v.out.trimmed().isEmpty(), (v.out + v.err).constData());
+  }
+
+ private:
+  QTemporaryDir out_;
+  QStringList debs_;
+};
+
+DST_TEST_MAIN(PackageTest)
+#include "package_test.moc"
