@@ -11,14 +11,18 @@
 #include "daemon_process.h"
 #include "device_tree_model.h"
 #include "host_session.h"
+#include "progress_model.h"
 #include "test_env.h"
 
 using dst::gui::DeviceTreeModel;
 using dst::gui::HostSession;
+using dst::gui::ProgressModel;
 using namespace dst::test;
 using nlohmann::json;
 
 namespace {
+
+constexpr int kLegMiB = 12;  // 3 s or more at the 4M/s resync ceiling
 
 QModelIndex Export(const DeviceTreeModel& m, const QString& name) {
   if (m.rowCount() != 1) return {};
@@ -71,6 +75,38 @@ class HostSessionTest : public QObject {
       saw_added |= args[0].value<json>().value("type", "") == "export_added";
     QVERIFY(saw_added);
     QVERIFY(session.lastSeq() > 0);
+
+    // A mirror whose second leg resyncs slowly: its pass shows in the ProgressModel (percent,
+    // rate history) from pushed progress events, then goes; the tree shows the leg up to date.
+    ProgressModel progress;
+    QAbstractItemModelTester ptester(&progress, QAbstractItemModelTester::FailureReportingMode::QtTest);
+    progress.attach(&session);
+    for (const char* leg : {"/l0.img", "/l1.img"}) {
+      QFile f(dir.path() + leg);
+      QVERIFY(f.open(QIODevice::WriteOnly) && f.resize(qint64(kLegMiB) << 20));
+    }
+    QVERIFY2(d.Ctl({"array", "create", "m0", "--level", "mirror", "--resync-rate-min", "2M",
+                    "--resync-rate-max", "4M", dir.path() + "/l0.img", dir.path() + "/l1.img"},
+                   &out, &err) == 0,
+             err.constData());
+    QTRY_VERIFY_WITH_TIMEOUT(progress.rowCount() == 1 &&
+                                 progress.index(0, 0).data(ProgressModel::PercentRole).toDouble() > 0,
+                             10000);
+    QCOMPARE(progress.index(0, ProgressModel::kArray).data().toString(), QStringLiteral("m0"));
+    QCOMPARE(progress.index(0, ProgressModel::kLeg).data().toString(), QStringLiteral("1"));
+    QTRY_VERIFY_WITH_TIMEOUT(progress.rowCount() == 1 &&
+                                 progress.index(0, 0).data(ProgressModel::RateHistoryRole).toList().size() >= 3,
+                             10000);
+    QTRY_COMPARE_WITH_TIMEOUT(progress.rowCount(), 0, 30000);
+    QModelIndex host = tree.index(0, 0);
+    QModelIndex m0;
+    for (int r = 0; r < tree.rowCount(host); ++r)
+      if (tree.index(r, 0, host).data().toString() == "m0") m0 = tree.index(r, 0, host);
+    QVERIFY(m0.isValid());
+    QCOMPARE(tree.rowCount(m0), 2);
+    QTRY_COMPARE_WITH_TIMEOUT(tree.index(1, DeviceTreeModel::kState, m0).data().toString(),
+                              QStringLiteral("up to date"), 5000);
+    QCOMPARE(tree.index(1, 0, m0).data(DeviceTreeModel::DirtyBytesRole).toLongLong(), qint64(0));
 
     // call() goes through the session's connection.
     json listed;
