@@ -130,6 +130,9 @@ void HostSession::requestSnapshot(quint64 gen) {
   }
   refresh_in_flight_ = true;
   if (state_ == State::kConnecting) setState(State::kSnapshot);
+  QTimer::singleShot(reply_timeout_ms_, this, [this, gen, req = ++status_req_] {
+    if (gen == gen_ && refresh_in_flight_ && req == status_req_) connectionLost(gen, "status timed out");
+  });
   auto b = io_->bridge;
   io_->client->Call("status", json::object(), [b, gen](control::AsyncControlClient::CallResult r) {
     PostToQt(b, [gen, r = std::move(r)](HostSession* s) {

@@ -12,6 +12,7 @@
 //   flight, one more queued at most); resync/verify progress events patch the snapshot in
 //   place (they come 4 a second per leg); a `gap` event takes a fresh `status`.
 //   Reconnecting subscribes with `since` = the newest seq seen, so nothing is missed silently.
+//   A `status` left unanswered for the reply timeout (10 s) also counts as a lost connection.
 //
 // online() is true from SNAPSHOT's reply on: the snapshot is current from then on.  Signals
 // fire on the Qt thread that owns the session.
@@ -41,6 +42,8 @@ class HostSession : public QObject {
   void start();
   // Reconnect delays: the first after a loss, doubling up to the second (milliseconds).
   void setBackoff(int min_ms, int max_ms);
+  // A `status` unanswered this long counts as a lost connection (a hung or stopped dstd).
+  void setReplyTimeout(int ms) { reply_timeout_ms_ = ms; }
 
   QString path() const { return path_; }
   bool online() const { return state_ == State::kOnline || state_ == State::kSubscribing; }
@@ -82,6 +85,8 @@ class HostSession : public QObject {
   bool started_ = false;
   int backoff_min_ms_ = 200, backoff_max_ms_ = 5000, backoff_ms_ = 200;
   int reconnects_ = 0;
+  int reply_timeout_ms_ = 10000;
+  quint64 status_req_ = 0;  // which status call the reply timer belongs to
 };
 
 }  // namespace dst::gui

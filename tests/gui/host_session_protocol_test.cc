@@ -1,7 +1,8 @@
 // HostSession's protocol steps against a scripted dstd (a QLocalServer on a socket in a temp
 // dir, driven from the test's event loop): connect -> status -> events; a change event takes a
 // fresh status, a progress event patches the snapshot without one; after a lost connection it
-// reconnects and subscribes with since = the last seq it saw; a gap takes a fresh status.
+// reconnects and subscribes with since = the last seq it saw; a gap takes a fresh status; an
+// unanswered status counts as a lost connection.
 #include <QtTest/QtTest>
 
 #include <QLocalServer>
@@ -47,6 +48,7 @@ class ScriptedDaemon : public QObject {
   }
 
   bool ok = false;
+  bool mute_status = false;
   int connections = 0;
   json snapshot = {{"exports", json::array()}, {"volumes", json::array()}, {"arrays", json::array()}};
   std::vector<json> requests;
@@ -57,6 +59,7 @@ class ScriptedDaemon : public QObject {
       json req = json::parse(s->readLine().toStdString());
       requests.push_back(req);
       json result = json::object();
+      if (req["method"] == "status" && mute_status) continue;  // a hung dstd
       if (req["method"] == "status") result = snapshot;
       if (req["method"] == "events")
         result = {{"subscribed", true}, {"first_seq", 1}, {"last_seq", 8}, {"capacity", 4096}};
@@ -132,6 +135,23 @@ class HostSessionProtocolTest : public QObject {
     d.Send({{"type", "gap"}, {"ts", 3.0}, {"since", 8}, {"first_seq", 1}, {"last_seq", 2},
             {"missed", nullptr}, {"reason", "restarted"}});
     QTRY_COMPARE(d.Requests("status").size(), statuses + 1);
+  }
+
+  // A dstd that accepts but never answers `status` (stopped, hung) is given up and retried.
+  void unansweredStatusIsALostConnection() {
+    QTemporaryDir dir;
+    ScriptedDaemon d(dir.path() + "/dstd.sock");
+    QVERIFY(d.ok);
+    d.mute_status = true;
+    HostSession s(dir.path() + "/dstd.sock");
+    s.setBackoff(20, 40);
+    s.setReplyTimeout(100);
+    QSignalSpy online(&s, &HostSession::onlineChanged);
+    s.start();
+    QTRY_VERIFY_WITH_TIMEOUT(d.connections >= 3, 5000);
+    QCOMPARE(online.count(), 0);
+    d.mute_status = false;  // it answers again: the next attempt gets through
+    QTRY_VERIFY_WITH_TIMEOUT(s.state() == HostSession::State::kOnline, 5000);
   }
 };
 
