@@ -32,9 +32,10 @@ class DeviceTreeModel : public QAbstractItemModel {
   enum Column { kName, kSize, kState, kDirty, kInfo, kColumnCount };
   enum Role {
     KindRole = Qt::UserRole + 1,  // "host", "export", "volume", "array", "leg"
-    KeyRole,                      // stable key within the parent ("array:m0/<id>", "slot:1")
+    KeyRole,                      // stable key among siblings, their sort order ("0export:e1",
+                                  // "2array:m0/<id>", "slot:00001")
     SizeBytesRole,                // qint64
-    DirtyBytesRole,               // qint64, legs
+    DirtyBytesRole,               // qint64: a leg's out-of-sync bytes, an array's total
     EngineStateRole,              // the daemon's word ("clean", "split-brain", ...)
     OfflineRole,                  // bool: the row's host is offline
   };

@@ -32,6 +32,7 @@ class HostSession : public QObject {
   Q_OBJECT
  public:
   enum class State { kOffline, kConnecting, kSnapshot, kSubscribing, kOnline };
+  Q_ENUM(State)
   // ok: the reply was a result; else `error` says why (dstd's code and message, or the link).
   using CallDone = std::function<void(bool ok, const nlohmann::json& result, const QString& error)>;
 
