@@ -24,7 +24,7 @@ using RowTuple = std::tuple<QString, QString, QString, int, qint64, qint64, doub
 std::set<RowTuple> Expected(SnapshotGen& gen) {
   std::set<RowTuple> rows;
   for (auto& h : gen.hosts()) {
-    if (!h.online) continue;
+    if (!h.online || !h.present) continue;
     QString host = QString::fromStdString(h.path);
     for (const json& a : h.status["arrays"]) {
       QString name = QString::fromStdString(a["name"]);
@@ -82,7 +82,7 @@ class ProgressModelTest : public QObject {
     for (int step = 0; step < 800; ++step) {
       auto& h = gen.hosts()[std::size_t(gen.Step())];
       QString host = QString::fromStdString(h.path);
-      if (h.online)
+      if (h.online && h.present)
         model.setHost(host, h.status);
       else
         model.setHostOnline(host, false);
@@ -96,7 +96,7 @@ class ProgressModelTest : public QObject {
     QCOMPARE(Actual(model), Expected(gen));
     ProgressModel fresh;
     for (auto& h : gen.hosts())
-      if (h.online) fresh.setHost(QString::fromStdString(h.path), h.status);
+      if (h.online && h.present) fresh.setHost(QString::fromStdString(h.path), h.status);
     const QList<int> roles = {ProgressModel::PercentRole, ProgressModel::RateRole, ProgressModel::EtaSecondsRole};
     QCOMPARE(dst::test::Dump(model, roles), dst::test::Dump(fresh, roles));
   }

@@ -2,7 +2,7 @@
 // shape of docs/control.md) change one step at a time: exports, volumes, arrays and legs added
 // and removed, leg and array states, out-of-sync bytes, resync and verify passes starting,
 // advancing and ending, stacked legs (`array:NAME`, `volume:NAME`, cycles included) and hosts
-// going offline.  The model tests feed every step to a model and check the end result.
+// going offline or being removed from the GUI and added again.  The model tests feed every step to a model and check the end result.
 #pragma once
 
 #include <random>
@@ -18,6 +18,7 @@ class SnapshotGen {
   struct Host {
     std::string path;
     bool online = true;
+    bool present = true;  // false: taken out of the GUI's host list (removeHost)
     nlohmann::json status;
   };
 
@@ -96,8 +97,10 @@ class SnapshotGen {
         }
         break;
       case 15:
-        if (Pick(3) == 0) {
+        if (int r = Pick(6); r < 2) {
           h.online = !h.online;
+        } else if (r == 2) {
+          h.present = !h.present;
         } else if (auto* v = Any(vol)) {
           (*v)["file"] = (*v)["file"].is_null() ? nlohmann::json("/mnt/" + (*v)["name"].get<std::string>() + ".img")
                                                 : nlohmann::json(nullptr);
