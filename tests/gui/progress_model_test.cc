@@ -8,6 +8,7 @@
 #include <set>
 #include <tuple>
 
+#include "format.h"
 #include "model_dump.h"
 #include "progress_model.h"
 #include "snapshot_gen.h"
@@ -99,6 +100,24 @@ class ProgressModelTest : public QObject {
       if (h.online && h.present) fresh.setHost(QString::fromStdString(h.path), h.status);
     const QList<int> roles = {ProgressModel::PercentRole, ProgressModel::RateRole, ProgressModel::EtaSecondsRole};
     QCOMPARE(dst::test::Dump(model, roles), dst::test::Dump(fresh, roles));
+  }
+
+  // The human texts both models show (gui/models/format.h).
+  void humanTexts() {
+    using namespace dst::gui;
+    QCOMPARE(HumanSize(0), QStringLiteral("0 B"));
+    QCOMPARE(HumanSize(1023), QStringLiteral("1023 B"));
+    QCOMPARE(HumanSize(1024), QStringLiteral("1.0 KiB"));
+    QCOMPARE(HumanSize(qint64(3) << 29), QStringLiteral("1.5 GiB"));
+    QCOMPARE(HumanRate(-5), QStringLiteral("0 B/s"));
+    QCOMPARE(HumanDuration(-1), QStringLiteral("unknown"));
+    QCOMPARE(HumanDuration(59.4), QStringLiteral("59 s"));
+    QCOMPARE(HumanDuration(59.6), QStringLiteral("1 min 00 s"));
+    QCOMPARE(HumanDuration(3725), QStringLiteral("1 h 02 min"));
+    QCOMPARE(HumanState("clean"), QStringLiteral("up to date"));
+    QCOMPARE(HumanState("up-to-date"), QStringLiteral("up to date"));
+    QCOMPARE(HumanState("split-brain"), QStringLiteral("split brain"));
+    QCOMPARE(HumanState("degraded"), QStringLiteral("degraded"));
   }
 
   void etaPercentRateHistory() {
