@@ -1,0 +1,12 @@
+// dst-gui: see gui/README.md.  `dst-gui [--host SOCKET]...`
+#include <QApplication>
+
+#include "main_window.h"
+
+int main(int argc, char** argv) {
+  QApplication app(argc, argv);
+  QApplication::setApplicationName("dst-gui");
+  dst::gui::MainWindow w(dst::gui::HostsFromArgs(app.arguments(), qEnvironmentVariable("DST_SOCKET")));
+  w.show();
+  return app.exec();
+}
