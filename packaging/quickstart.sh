@@ -48,7 +48,7 @@ PACKAGES=(
   file                                              # CPack's dpkg-shlibdeps step (cpack -G DEB)
   clang-14 libclang-rt-14-dev                       # libFuzzer, ASan, UBSan (test --sanitize, tests/fuzz)
   git python3                                       # tools/get-maintainer and its test
-  libsystemd-dev lintian                            # sd_notify (Type=notify, watchdog); package checks
+  libsystemd-dev lintian mmdebstrap                 # sd_notify (Type=notify, watchdog); package checks
 )
 
 if [[ -t 1 ]]; then

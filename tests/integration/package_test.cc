@@ -1,7 +1,9 @@
 // The Debian packages (issue 14 item 3): `cpack -G DEB` from this build tree, then lintian
 // must report no error, and the packages must carry what Debian policy and users expect:
 // copyright and changelog in each doc directory, gzipped man pages, the example config under
-// /usr/share/doc, the shell completions, and the Type=notify unit with a watchdog.
+// /usr/share/doc, the shell completions, and the Type=notify unit with a watchdog.  Then they
+// are installed into a clean Debian root made by mmdebstrap (it downloads from the host's apt
+// sources, as `quickstart.sh` does) and run there.
 #include <QDir>
 #include <QRegularExpression>
 #include <QStandardPaths>
@@ -73,6 +75,31 @@ class PackageTest : public QObject {
     // The binary in the package is the one this tree built, and it runs.
     const ToolResult v = RunTool(x.path() + "/usr/sbin/dstd", {"--version"});
     QVERIFY2(v.rc == 0 && !v.out.trimmed().isEmpty(), (v.out + v.err).constData());
+  }
+
+  // Installed into a clean Debian 12 root (mmdebstrap, essential variant, from the host's apt
+  // sources): the dependencies resolve, the maintainer scripts run there (group dst, the
+  // default config), the binaries start, and a purge removes the config.
+  void installIntoCleanRoot() {
+    DST_REQUIRE(!QStandardPaths::findExecutable("mmdebstrap").isEmpty(), "needs mmdebstrap");
+    QTemporaryDir root;
+    const QString dir = root.path() + "/rootfs";
+    QStringList args{"--quiet", "--variant=essential", "--hook-dir=/usr/share/mmdebstrap/hooks/file-mirror-automount"};
+    for (const QString& d : debs_) args << "--include=" + d;
+    args << "bookworm" << dir;
+    ToolResult r = RunTool("mmdebstrap", args, 300000);
+    QVERIFY2(r.rc == 0, (r.out + r.err).right(3000).constData());
+    r = RunTool("chroot", {dir, "/usr/sbin/dstd", "--version"});
+    QVERIFY2(r.rc == 0 && r.out.trimmed() == "0.1.0", (r.out + r.err).constData());
+    r = RunTool("chroot", {dir, "/usr/bin/dstctl", "--help"});
+    QVERIFY2(r.rc == 0 && r.out.contains("dstctl"), (r.out + r.err).constData());
+    r = RunTool("chroot", {dir, "getent", "group", "dst"});
+    QVERIFY2(r.rc == 0, "postinst did not create the group dst");
+    QVERIFY(QFile::exists(dir + "/etc/dst/dstd.toml"));
+    r = RunTool("chroot", {dir, "dpkg", "--purge", "dst-daemon"}, 120000);
+    QVERIFY2(r.rc == 0, (r.out + r.err).constData());
+    QVERIFY(!QFile::exists(dir + "/etc/dst/dstd.toml"));
+    QVERIFY(!QFile::exists(dir + "/usr/sbin/dstd"));
   }
 
  private:
