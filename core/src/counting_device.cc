@@ -1,13 +1,21 @@
 #include "dst/counting_device.h"
 
+#include <chrono>
+
 namespace dst {
 
 namespace {
 constexpr auto kRelaxed = std::memory_order_relaxed;
+std::uint64_t NowNs() {
+  return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                        std::chrono::steady_clock::now().time_since_epoch())
+                                        .count());
+}
+int ClassOf(IoOp op) { return op == IoOp::kRead ? 0 : op == IoOp::kWrite ? 1 : 2; }
 }
 
 CountingDevice::CountingDevice(std::shared_ptr<BlockDevice> inner, std::size_t shadows)
-    : inner_(std::move(inner)), shadows_(shadows) {
+    : inner_(std::move(inner)), shadows_(shadows), start_ns_(shadows) {
   for (auto& s : shadows_) {
     s.link = free_;
     free_ = &s;
@@ -55,6 +63,7 @@ void CountingDevice::Submit(IoRequest* req) {
   // The shadow's link/scratch belong to the inner device now; the caller's request is ours
   // until it completes, so it carries the way back to this device.
   req->scratch = reinterpret_cast<std::uint64_t>(this);
+  start_ns_[static_cast<std::size_t>(s - shadows_.data())] = NowNs();
   inner_->Submit(s);
 }
 
@@ -62,6 +71,8 @@ void CountingDevice::ShadowDone(IoRequest* s, Status st) {
   IoRequest* req = static_cast<IoRequest*>(s->ctx);
   auto* self = reinterpret_cast<CountingDevice*>(req->scratch);
   if (!st.ok()) self->errors_.fetch_add(1, kRelaxed);
+  const std::uint64_t start = self->start_ns_[static_cast<std::size_t>(s - self->shadows_.data())];
+  self->latency_[ClassOf(s->op)].Observe(NowNs() - start);
   {
     std::lock_guard<std::mutex> l(self->free_mu_);
     s->link = self->free_;

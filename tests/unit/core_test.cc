@@ -16,6 +16,7 @@
 #include "dst/buffer_pool.h"
 #include "dst/counting_device.h"
 #include "dst/file_device.h"
+#include "dst/latency_histogram.h"
 #include "dst/log_escape.h"
 #include "dst/status.h"
 #include "test_env.h"
@@ -329,6 +330,40 @@ class CoreTest : public QObject {
     QCOMPARE(c.errors, std::uint64_t(1));
     QCOMPARE(c.other, std::uint64_t(1));
     QCOMPARE(c.uncounted, std::uint64_t(0));
+    // Latency per class: every watched completion is in exactly one histogram.
+    using C = CountingDevice::OpClass;
+    QCOMPARE(dev.Latency(C::kRead).Get().count, std::uint64_t(3));
+    QCOMPARE(dev.Latency(C::kWrite).Get().count, std::uint64_t(1));
+    QCOMPARE(dev.Latency(C::kOther).Get().count, std::uint64_t(1));
+    QVERIFY(dev.Latency(C::kRead).Get().sum_ns > 0);
+  }
+
+  // Bucket i holds latencies in (16 us << (i-1), 16 us << i]; past the last bound only +Inf.
+  void latencyHistogramBuckets() {
+    using H = LatencyHistogram;
+    QCOMPARE(H::BucketOf(0), 0);
+    QCOMPARE(H::BucketOf(16'000), 0);
+    QCOMPARE(H::BucketOf(16'001), 1);
+    QCOMPARE(H::BucketOf(32'000), 1);
+    QCOMPARE(H::BucketOf(32'001), 2);
+    QCOMPARE(H::BucketOf(1'000'000), 6);  // 1 ms: (512 us, 1.024 ms]
+    QCOMPARE(H::BucketOf(H::BoundNs(H::kBuckets - 1)), H::kBuckets - 1);
+    QCOMPARE(H::BucketOf(H::BoundNs(H::kBuckets - 1) + 1), H::kBuckets);
+    QCOMPARE(H::BucketOf(~0ull / 2), H::kBuckets);
+    for (int i = 0; i < H::kBuckets; ++i) {
+      QCOMPARE(H::BucketOf(H::BoundNs(i)), i);
+      if (i > 0) QCOMPARE(H::BucketOf(H::BoundNs(i - 1) + 1), i);
+    }
+    H h;
+    h.Observe(10'000);
+    h.Observe(20'000);
+    h.Observe(20'000'000'000ull);  // 20 s: only +Inf
+    const H::Snapshot s = h.Get();
+    QCOMPARE(s.count, std::uint64_t(3));
+    QCOMPARE(s.sum_ns, std::uint64_t(20'000'030'000ull));
+    QCOMPARE(s.Cumulative(0), std::uint64_t(1));
+    QCOMPARE(s.Cumulative(1), std::uint64_t(2));
+    QCOMPARE(s.Cumulative(H::kBuckets - 1), std::uint64_t(2));
   }
 };
 

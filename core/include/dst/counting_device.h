@@ -6,7 +6,8 @@
 // No heap allocation per I/O: the request handed down is a shadow taken from a pool allocated
 // once (`shadows` of them); its completion counts, returns the shadow and completes the
 // caller's request.  When every shadow is busy a request goes down as it is: counted at submit
-// (ops, bytes) but its error, if any, is not (`uncounted` says how many went that way).
+// (ops, bytes) but its error and latency, if any, are not (`uncounted` says how many went that
+// way).  Latency: submit to completion, per class (read, write, other), in a LatencyHistogram.
 #pragma once
 
 #include <atomic>
@@ -16,6 +17,7 @@
 #include <vector>
 
 #include "dst/block_device.h"
+#include "dst/latency_histogram.h"
 
 namespace dst {
 
@@ -38,6 +40,8 @@ class CountingDevice : public BlockDevice {
   DeviceHealth Health() const override { return inner_->Health(); }
 
   DeviceCounters Counters() const;
+  enum class OpClass { kRead, kWrite, kOther };
+  const LatencyHistogram& Latency(OpClass c) const { return latency_[static_cast<int>(c)]; }
   const std::shared_ptr<BlockDevice>& inner() const { return inner_; }
 
  private:
@@ -45,6 +49,8 @@ class CountingDevice : public BlockDevice {
 
   std::shared_ptr<BlockDevice> inner_;
   std::vector<IoRequest> shadows_;
+  std::vector<std::uint64_t> start_ns_;  // per shadow: when its request was submitted
+  LatencyHistogram latency_[3];
   std::mutex free_mu_;
   IoRequest* free_ = nullptr;  // GUARDED_BY(free_mu_), linked through `link`
   std::atomic<std::uint64_t> reads_{0}, writes_{0}, other_{0}, bytes_read_{0}, bytes_written_{0},
