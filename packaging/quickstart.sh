@@ -47,7 +47,7 @@ PACKAGES=(
   iproute2 iptables procps                          # ss, fault injection, pgrep/ps in tests
   file                                              # CPack's dpkg-shlibdeps step (cpack -G DEB)
   clang-14 libclang-rt-14-dev                       # libFuzzer, ASan, UBSan (test --sanitize, tests/fuzz)
-  git python3                                       # tools/get-maintainer and its test
+  git python3 python3-prometheus-client             # tools/get-maintainer; metrics format test
   libsystemd-dev lintian mmdebstrap                 # sd_notify (Type=notify, watchdog); package checks
 )
 
