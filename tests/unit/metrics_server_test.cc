@@ -11,6 +11,7 @@
 
 #include <string>
 
+#include "loopback.h"
 #include "metrics_server.h"
 #include "test_env.h"
 
@@ -19,20 +20,7 @@ using dst::daemon::MetricsServerOptions;
 
 namespace {
 
-int Dial(std::uint16_t port) {
-  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(port);
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
-    ::close(fd);
-    return -1;
-  }
-  timeval tv{5, 0};
-  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  return fd;
-}
+int Dial(std::uint16_t port) { return dst::test::DialLoopback(port); }
 
 // Everything the server sends until it closes (or 5 s pass).
 std::string ReadAll(int fd) {
