@@ -218,6 +218,15 @@ Status CheckListenSecurity(const Config& cfg, std::string* key) {
         "keys), listen on 127.0.0.1, or set insecure = true to serve NBD in the clear",
         cfg.nbd_host, cfg.nbd_tls_mode()));
   }
+  // The metrics endpoint is plain HTTP: it names exports, arrays and peers, so others may
+  // read it only when the operator says so.
+  if (!cfg.insecure && cfg.metrics_enabled && !IsLoopbackHost(cfg.metrics_host)) {
+    if (key) *key = "metrics_listen";
+    return Status::InvalidArgument(fmt::format(
+        "{} is reachable from other hosts and the metrics endpoint is plain HTTP (it names exports, "
+        "arrays and peers): listen on 127.0.0.1 and scrape through a tunnel, or set insecure = true",
+        cfg.metrics_host));
+  }
   return Status::OK();
 }
 
@@ -257,6 +266,16 @@ Status ParseDaemon(const toml::table& t, const ErrorSink& sink, Config* cfg) {
         if (!st.ok()) return sink.Error(v.source(), f.ctx, key, st.message());
         cfg->nbd_enabled = true;
       }
+    } else if (key == "metrics_listen") {
+      std::string s;
+      DST_RETURN_IF_ERROR(f.String(v, key, &s));
+      if (s.empty()) {
+        cfg->metrics_enabled = false;
+      } else {
+        Status st = ParseListen(s, &cfg->metrics_host, &cfg->metrics_port);
+        if (!st.ok()) return sink.Error(v.source(), f.ctx, key, st.message());
+        cfg->metrics_enabled = true;
+      }
     } else if (key == "verify_interval") {
       DST_RETURN_IF_ERROR(f.Duration(v, key, &cfg->verify_interval_s));
     } else if (key == "export_roots") {
@@ -292,7 +311,7 @@ Status ParseDaemon(const toml::table& t, const ErrorSink& sink, Config* cfg) {
       DST_RETURN_IF_ERROR(f.Bool(v, key, &cfg->insecure));
     } else {
       return UnknownKey(sink, k, f.ctx,
-                        "listen, nbd_listen, mountpoint, fuse_allow_other, batching, io_threads, "
+                        "listen, nbd_listen, metrics_listen, mountpoint, fuse_allow_other, batching, io_threads, "
                         "verify_interval, host_name, export_roots, tls_psk_file, tls_identity, "
                         "tls_cert, tls_key, tls_ca, tls_server_name, nbd_tls, insecure");
     }

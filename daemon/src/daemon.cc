@@ -1,4 +1,5 @@
 #include "daemon.h"
+#include "metrics.h"
 
 #include <algorithm>
 #include <fcntl.h>
@@ -339,6 +340,19 @@ int Daemon::Start() {
     return st.code() == Status::Code::kBusy ? ctl::kExTempFail : ctl::kExUnavailable;
   }
   spdlog::info("control socket {}", opts_.control_path);
+  if (cfg_.metrics_enabled) {
+    MetricsServerOptions mo;
+    mo.host = cfg_.metrics_host;
+    mo.port = cfg_.metrics_port;
+    // Rendered on the metrics thread from the same snapshot `status` returns.
+    auto m = MetricsServer::Start(mo, [this] { return StatusToMetrics(StatusJson()); });
+    if (!m.ok()) {
+      spdlog::error("{}", Message(m.status()));
+      return ctl::kExUnavailable;
+    }
+    metrics_ = std::move(m).value();
+    spdlog::info("metrics on http://{}:{}/metrics", cfg_.metrics_host, metrics_->port());
+  }
   spdlog::info("dstd {} ready (pid {})", "0.1.0", ::getpid());
   return 0;
 }
@@ -353,6 +367,7 @@ bool Daemon::LoopAlive(std::chrono::milliseconds timeout) {
 void Daemon::Shutdown() {
   if (stopping_.exchange(true)) return;
   spdlog::info("shutting down");
+  metrics_.reset();  // its thread renders from the objects torn down below
   if (control_) control_->Stop();
   StopArrayThreads();
   workers_.Stop();

@@ -43,6 +43,7 @@
 #include "dst/mirror_device.h"
 #include "dst/net/nbd_client_device.h"
 #include "dst/net/remote_device.h"
+#include "metrics_server.h"
 #include "nbd_frontend.h"
 #include "operations.h"
 #include "topology.h"
@@ -345,6 +346,7 @@ class Daemon {
   std::shared_ptr<net::TlsContext> tls_server_, tls_client_;
   std::unique_ptr<net::Exporter> exporter_;
   std::unique_ptr<NbdFrontend> nbd_;  // null: NBD disabled or not started
+  std::unique_ptr<MetricsServer> metrics_;  // null: [daemon] metrics_listen not set
   std::unique_ptr<ControlServer> control_;
   PathPolicy path_policy_;  // set by Start before the control socket opens
   WorkQueue workers_{3};

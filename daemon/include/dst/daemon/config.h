@@ -110,6 +110,12 @@ struct Config {
   bool nbd_listen_set = false;
   std::string nbd_host = "127.0.0.1";
   std::uint16_t nbd_port = 10809;
+  // Prometheus endpoint ([daemon] metrics_listen = "HOST:PORT", docs/metrics.md): off unless
+  // set.  It serves counters only (no data), but a non-loopback address still needs insecure
+  // = true or it is refused like any listener others can reach without TLS.
+  bool metrics_enabled = false;
+  std::string metrics_host = "127.0.0.1";
+  std::uint16_t metrics_port = 0;
   std::string mountpoint;  // empty: no FUSE mount at start
   // FUSE allow_other: users other than dstd's may reach the volume files (then only as each
   // file's mode and owner allow).  Off by default.
