@@ -131,7 +131,7 @@ class SnapshotGen {
   }
   nlohmann::json Volume() {
     return {{"name", Name("v")}, {"size", (1 + Pick(64)) << 20}, {"state", "connected"},
-            {"file", nullptr}, {"source", "dst://10.0.0.9/x"}};
+            {"file", nullptr}, {"source", "dst://127.0.0.1/x"}};
   }
   nlohmann::json Leg(const nlohmann::json& status, const nlohmann::json& array) {
     int slot = 0;
