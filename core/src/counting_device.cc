@@ -64,6 +64,7 @@ void CountingDevice::Submit(IoRequest* req) {
   // until it completes, so it carries the way back to this device.
   req->scratch = reinterpret_cast<std::uint64_t>(this);
   start_ns_[static_cast<std::size_t>(s - shadows_.data())] = NowNs();
+  inflight_.fetch_add(1, kRelaxed);
   inner_->Submit(s);
 }
 
@@ -73,6 +74,7 @@ void CountingDevice::ShadowDone(IoRequest* s, Status st) {
   if (!st.ok()) self->errors_.fetch_add(1, kRelaxed);
   const std::uint64_t start = self->start_ns_[static_cast<std::size_t>(s - self->shadows_.data())];
   self->latency_[ClassOf(s->op)].Observe(NowNs() - start);
+  self->inflight_.fetch_sub(1, kRelaxed);
   {
     std::lock_guard<std::mutex> l(self->free_mu_);
     s->link = self->free_;
@@ -90,6 +92,7 @@ DeviceCounters CountingDevice::Counters() const {
   c.bytes_written = bytes_written_.load(kRelaxed);
   c.errors = errors_.load(kRelaxed);
   c.uncounted = uncounted_.load(kRelaxed);
+  c.inflight = inflight_.load(kRelaxed);
   return c;
 }
 

@@ -558,7 +558,8 @@ void Daemon::RegisterArrayVolume(const std::shared_ptr<Array>& a) {
   vol->cfg.name = a->cfg.name;
   vol->cfg.path = "array:" + a->cfg.name;
   vol->state = "ready";
-  vol->dev = a->dev;
+  vol->counter = std::make_shared<CountingDevice>(a->dev);
+  vol->dev = vol->counter;
   vol->is_array = true;
   {
     std::lock_guard<std::mutex> l(mu_);

@@ -345,7 +345,7 @@ int Daemon::Start() {
     mo.host = cfg_.metrics_host;
     mo.port = cfg_.metrics_port;
     // Rendered on the metrics thread from the same snapshot `status` returns.
-    auto m = MetricsServer::Start(mo, [this] { return StatusToMetrics(StatusJson()); });
+    auto m = MetricsServer::Start(mo, [this] { return StatusToMetrics(MetricsJson()); });
     if (!m.ok()) {
       spdlog::error("{}", Message(m.status()));
       return ctl::kExUnavailable;
@@ -411,6 +411,7 @@ void Daemon::Shutdown() {
       v->remote.reset();
       v->nbd.reset();
       v->dev.reset();
+      v->counter.reset();
     }
   }
   if (mount) {
@@ -585,7 +586,8 @@ Status Daemon::ConnectVolume(const std::shared_ptr<Volume>& vol) {
       if (nbd) nbd->Close();
       return Status::NotFound(fmt::format("volume \"{}\" was removed while connecting", c.name));
     }
-    vol->dev = dev;
+    vol->counter = std::make_shared<CountingDevice>(dev);
+    vol->dev = vol->counter;
     vol->remote = remote;
     vol->nbd = nbd;
     vol->state = remote || nbd ? "connected" : "ready";
@@ -798,13 +800,18 @@ void Daemon::Handle(ctl::Request req, Reply reply) {
 }
 
 Status Daemon::ServeExport(const ExportConfig& e, const std::shared_ptr<BlockDevice>& dev, const std::string& path) {
+  auto served = std::make_shared<CountingDevice>(dev);
   net::ExportSpec spec;
   spec.name = e.name;
-  spec.device = dev;
+  spec.device = served;
   spec.read_only = e.read_only;
   spec.allow = e.allow;
   DST_RETURN_IF_ERROR(exporter_->AddExport(std::move(spec)));
-  NbdExportAdded(e, dev, path);
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    export_io_[e.name] = served;
+  }
+  NbdExportAdded(e, dev, served, path);
   if (e.allow.empty())
     spdlog::warn("export \"{}\" has no allow list: nobody can connect (add allow = [\"identity:rw\"])", e.name);
   else
@@ -847,6 +854,7 @@ Status Daemon::RemoveExport(const std::string& name) {
     {
       std::lock_guard<std::mutex> l(mu_);
       exports_.erase(name);
+      export_io_.erase(name);
     }
     ForgetObject("export", name);
     if (st.IsNotFound()) st = Status::OK();  // reserved but never opened (see persist.cc)

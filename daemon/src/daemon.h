@@ -113,6 +113,9 @@ class Daemon {
     bool removed = false;
     int attempts = 0;
     bool is_array = false;  // the device of an array (arrays.cc owns it)
+    // dev == counter once open: every consumer (FUSE file, exports, array legs) goes through
+    // it, so the volume's traffic and latency (the metrics endpoint) count them all.
+    std::shared_ptr<CountingDevice> counter;
   };
 
   // Arrays (arrays.cc).  An array is also a Volume (same name, is_array) so it gets a FUSE file
@@ -164,6 +167,10 @@ class Daemon {
 
   void Handle(control::Request req, Reply reply);
   nlohmann::json StatusJson();
+  // StatusJson() plus, per export, volume, array and leg, a "metrics" member (I/O counts,
+  // in-flight, latency histograms) for the metrics endpoint only; not part of the control
+  // protocol.
+  nlohmann::json MetricsJson();
   nlohmann::json HelloJson();  // hello.cc
   nlohmann::json ExportsJson();
   nlohmann::json VolumesJson();
@@ -324,7 +331,9 @@ class Daemon {
   // side, then NbdExportRemoveDone(name, removed).
   int StartNbd();  // 0 or a sysexits code
   void StopNbd();
-  void NbdExportAdded(const ExportConfig& e, const std::shared_ptr<BlockDevice>& dev, const std::string& path);
+  // `dev` is the export's own device (a mirror is found through it), `served` what clients use.
+  void NbdExportAdded(const ExportConfig& e, const std::shared_ptr<BlockDevice>& dev,
+                      const std::shared_ptr<BlockDevice>& served, const std::string& path);
   // Serves e on dev over DST and NBD with its access list (path: a file-backed export); warns
   // when the list is empty (nobody can connect).
   Status ServeExport(const ExportConfig& e, const std::shared_ptr<BlockDevice>& dev, const std::string& path);
@@ -362,6 +371,8 @@ class Daemon {
 
   // Arrays (arrays.cc).
   std::map<std::string, std::shared_ptr<Array>> arrays_;     // GUARDED_BY(mu_)
+  // What each export's clients (DST and NBD) go through: per-export traffic and latency.
+  std::map<std::string, std::shared_ptr<CountingDevice>> export_io_;  // GUARDED_BY(mu_)
   std::shared_ptr<DirtyMapStore> store_;
   std::unique_ptr<TopologyStore> topo_;
   std::mutex topo_mu_;

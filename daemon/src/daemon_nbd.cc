@@ -74,12 +74,14 @@ int Daemon::StartNbd() {
   return 0;
 }
 
-void Daemon::NbdExportAdded(const ExportConfig& e, const std::shared_ptr<BlockDevice>& dev, const std::string& path) {
+void Daemon::NbdExportAdded(const ExportConfig& e, const std::shared_ptr<BlockDevice>& dev,
+                            const std::shared_ptr<BlockDevice>& served, const std::string& path) {
   if (!nbd_ || !dev) return;
   std::shared_ptr<MirrorDevice> mirror;
   if (!e.array.empty())
     if (auto a = FindArray(e.array)) mirror = a->mirror;
-  Status st = nbd_->AddExport(e.name, dev, e.read_only, e.allow, path, mirror);
+  if (!mirror) mirror = std::dynamic_pointer_cast<MirrorDevice>(dev);
+  Status st = nbd_->AddExport(e.name, served, e.read_only, e.allow, path, mirror);
   if (!st.ok() && st.code() != Status::Code::kExists)
     spdlog::warn("export \"{}\": not served over NBD: {}", e.name, st.message());
 }

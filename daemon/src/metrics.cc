@@ -45,6 +45,67 @@ void Each(MetricsText& m, bool counter, const std::string& name, const char* hel
   }
 }
 
+// An object whose traffic a CountingDevice sees: its labels and its "metrics" member
+// (Daemon::MetricsJson; absent in a plain status snapshot).
+struct Counted {
+  Labels labels;
+  const json* metrics;
+};
+
+double Io(const Counted& c, const char* key) { return c.metrics->contains("io") ? Num((*c.metrics)["io"], key) : 0; }
+
+LatencyHistogram::Snapshot HistogramOf(const json& h) {
+  LatencyHistogram::Snapshot s;
+  if (!h.is_object()) return s;
+  s.count = static_cast<std::uint64_t>(Num(h, "count"));
+  s.sum_ns = static_cast<std::uint64_t>(Num(h, "sum_ns"));
+  if (h.contains("buckets") && h["buckets"].is_array())
+    for (int i = 0; i < LatencyHistogram::kBuckets && i < static_cast<int>(h["buckets"].size()); ++i)
+      if (h["buckets"][i].is_number()) s.buckets[i] = h["buckets"][i].get<std::uint64_t>();
+  return s;
+}
+
+// The same families for exports, volumes, arrays and legs: dst_<kind>_reads_total, ...,
+// dst_<kind>_request_duration_seconds{op="read"|"write"|"other"}.
+void IoFamilies(MetricsText& m, const std::string& kind, const std::vector<Counted>& objs) {
+  const std::string p = "dst_" + kind + "_";
+  struct Count {
+    const char* suffix;
+    const char* key;
+    const char* help;
+  };
+  static const Count kCounts[] = {
+      {"reads_total", "reads", "Reads completed or in flight."},
+      {"writes_total", "writes", "Writes completed or in flight."},
+      {"other_requests_total", "other", "Flushes, trims and write-zeroes."},
+      {"read_bytes_total", "bytes_read", "Bytes of those reads."},
+      {"written_bytes_total", "bytes_written", "Bytes of those writes."},
+      {"errors_total", "errors", "Requests that completed with an error."},
+  };
+  for (const Count& c : kCounts)
+    for (const Counted& o : objs) m.Counter(p + c.suffix, c.help, o.labels, Io(o, c.key));
+  for (const Counted& o : objs)
+    m.Gauge(p + "inflight_requests", "Requests submitted and not yet completed.", o.labels, Io(o, "inflight"));
+  static const char* kOps[] = {"read", "write", "other"};
+  for (const Counted& o : objs) {
+    const json& lat = o.metrics->contains("latency") ? (*o.metrics)["latency"] : json();
+    for (const char* op : kOps) {
+      Labels l = o.labels;
+      l.emplace_back("op", op);
+      m.Histogram(p + "request_duration_seconds", "Time from submission to completion.", l,
+                  HistogramOf(lat.is_object() && lat.contains(op) ? lat[op] : json()));
+    }
+  }
+}
+
+// The objects of `list` that carry a "metrics" member.
+std::vector<Counted> CountedOf(const json& list, const std::function<Labels(const json&)>& labels) {
+  std::vector<Counted> out;
+  for (const json& o : list)
+    if (o.is_object() && o.contains("metrics") && o["metrics"].is_object()) out.push_back({labels(o), &o["metrics"]});
+  return out;
+}
+
 }  // namespace
 
 std::string StatusToMetrics(const json& st) {
@@ -78,13 +139,13 @@ std::string StatusToMetrics(const json& st) {
        [](const json& o) { return Num(o, "send_calls"); });
   Each(m, true, "dst_export_digest_errors_total", "Payloads whose digest did not match.", ex, exl,
        [](const json& o) { return Num(o, "digest_errors"); });
+  IoFamilies(m, "export", CountedOf(ex, exl));
 
   const json& vo = List(st, "volumes");
   auto vl = [](const json& o) { return Labels{{"volume", Str(o, "name")}}; };
   Each(m, false, "dst_volume_size_bytes", "Size of the volume.", vo, vl, [](const json& o) { return Num(o, "size"); });
   Each(m, false, "dst_volume_up", "1 while the volume's peer is reachable.", vo, vl, [](const json& o) { return Num(o, "reachable"); });
   Each(m, true, "dst_volume_requests_total", "Requests sent to the volume's peer.", vo, vl, [](const json& o) { return Num(o, "requests"); });
-  Each(m, false, "dst_volume_inflight_requests", "Requests waiting for the peer.", vo, vl, [](const json& o) { return Num(o, "inflight"); });
   Each(m, true, "dst_volume_reconnects_total", "Reconnections to the peer.", vo, vl, [](const json& o) { return Num(o, "reconnects"); });
   Each(m, true, "dst_volume_timeouts_total", "Requests failed by io_timeout.", vo, vl, [](const json& o) { return Num(o, "timeouts"); });
   Each(m, true, "dst_volume_resent_total", "Requests re-sent after a reconnect.", vo, vl, [](const json& o) { return Num(o, "resent"); });
@@ -96,6 +157,7 @@ std::string StatusToMetrics(const json& st) {
   Each(m, true, "dst_volume_send_calls_total", "System calls that sent them.", vo, vl, [](const json& o) { return Num(o, "send_calls"); });
   Each(m, false, "dst_volume_outage_seconds", "Length of the current outage (0: connected).", vo, vl,
        [](const json& o) { return Num(o, "outage_ms") / 1000.0; });
+  IoFamilies(m, "volume", CountedOf(vo, vl));
 
   const json& ar = List(st, "arrays");
   auto al = [](const json& o) { return Labels{{"array", Str(o, "name")}, {"level", Str(o, "level")}}; };
@@ -107,6 +169,7 @@ std::string StatusToMetrics(const json& st) {
             {{"array", Str(a, "name")}, {"state", State(a, "state")}}, 1);
   Each(m, true, "dst_array_resynced_bytes_total", "Bytes copied by resyncs of the array.", ar, al,
        [](const json& o) { return Num(o, "bytes_resynced_total"); });
+  IoFamilies(m, "array", CountedOf(ar, al));
 
   // Legs: one series per (array, slot).
   struct Leg {
@@ -134,12 +197,10 @@ std::string StatusToMetrics(const json& st) {
   }
   each_leg(false, "dst_leg_out_of_sync_bytes", "Bytes the leg misses (its dirty map).",
            [](const json& l) { return Num(l, "out_of_sync_bytes"); });
-  auto io = [](const json& l, const char* k) { return l.contains("io") ? Num(l["io"], k) : 0.0; };
-  each_leg(true, "dst_leg_reads_total", "Reads sent to the leg.", [&](const json& l) { return io(l, "reads"); });
-  each_leg(true, "dst_leg_writes_total", "Writes sent to the leg.", [&](const json& l) { return io(l, "writes"); });
-  each_leg(true, "dst_leg_read_bytes_total", "Bytes read from the leg.", [&](const json& l) { return io(l, "bytes_read"); });
-  each_leg(true, "dst_leg_written_bytes_total", "Bytes written to the leg.", [&](const json& l) { return io(l, "bytes_written"); });
-  each_leg(true, "dst_leg_errors_total", "I/O errors of the leg.", [&](const json& l) { return io(l, "errors"); });
+  std::vector<Counted> counted_legs;
+  for (const Leg& x : legs)
+    if (x.leg->contains("metrics") && (*x.leg)["metrics"].is_object()) counted_legs.push_back({ll(x), &(*x.leg)["metrics"]});
+  IoFamilies(m, "leg", counted_legs);
   each_leg(true, "dst_leg_digest_errors_total", "Payload digest mismatches on the leg's connection.",
            [](const json& l) { return Num(l, "digest_errors"); });
 

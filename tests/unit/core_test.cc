@@ -19,6 +19,7 @@
 #include "dst/latency_histogram.h"
 #include "dst/log_escape.h"
 #include "dst/status.h"
+#include "fake_device.h"
 #include "test_env.h"
 
 using namespace dst;
@@ -336,6 +337,31 @@ class CoreTest : public QObject {
     QCOMPARE(dev.Latency(C::kWrite).Get().count, std::uint64_t(1));
     QCOMPARE(dev.Latency(C::kOther).Get().count, std::uint64_t(1));
     QVERIFY(dev.Latency(C::kRead).Get().sum_ns > 0);
+  }
+
+  // In-flight (issue 14 item 1): watched requests between Submit and completion.
+  void countingDeviceInflight() {
+    test::FakeDeviceOptions fo;
+    fo.async = true;
+    auto fake = std::make_shared<test::FakeDevice>(fo);
+    fake->Hold(true);
+    CountingDevice dev(fake, 4);
+    std::atomic<int> done{0};
+    std::vector<char> b(4096 * 3);
+    IoRequest r[3];
+    for (int i = 0; i < 3; ++i) {
+      r[i].op = i == 0 ? IoOp::kWrite : IoOp::kRead;
+      r[i].offset = 4096u * i;
+      r[i].length = 4096;
+      r[i].data = b.data() + 4096 * i;
+      r[i].ctx = &done;
+      r[i].done = [](IoRequest* q, Status) { static_cast<std::atomic<int>*>(q->ctx)->fetch_add(1); };
+      dev.Submit(&r[i]);
+    }
+    QCOMPARE(dev.Counters().inflight, std::uint64_t(3));
+    fake->Hold(false);
+    QTRY_COMPARE_WITH_TIMEOUT(done.load(), 3, 5000);
+    QCOMPARE(dev.Counters().inflight, std::uint64_t(0));
   }
 
   // Bucket i holds latencies in (16 us << (i-1), 16 us << i]; past the last bound only +Inf.

@@ -26,6 +26,7 @@ struct DeviceCounters {
   std::uint64_t bytes_read = 0, bytes_written = 0;
   std::uint64_t errors = 0;     // completions with an error
   std::uint64_t uncounted = 0;  // requests whose completion was not watched (pool exhausted)
+  std::uint64_t inflight = 0;   // watched requests submitted and not yet completed
 };
 
 class CountingDevice : public BlockDevice {
@@ -54,7 +55,7 @@ class CountingDevice : public BlockDevice {
   std::mutex free_mu_;
   IoRequest* free_ = nullptr;  // GUARDED_BY(free_mu_), linked through `link`
   std::atomic<std::uint64_t> reads_{0}, writes_{0}, other_{0}, bytes_read_{0}, bytes_written_{0},
-      errors_{0}, uncounted_{0};
+      errors_{0}, uncounted_{0}, inflight_{0};
 };
 
 }  // namespace dst
