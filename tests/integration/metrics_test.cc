@@ -10,6 +10,7 @@
 #include <QtTest/QtTest>
 
 #include <filesystem>
+#include <limits>
 
 #include "array_helpers.h"
 #include "daemon_process.h"
@@ -59,6 +60,48 @@ print(json.dumps(out))
   const QJsonObject o = QJsonDocument::fromJson(p.readAllStandardOutput()).object();
   for (auto it = o.begin(); it != o.end(); ++it) m[it.key()] = it.value().toDouble();
   return m;
+}
+
+
+// Sum of the samples named `name` whose labels include every "k=v" of `want`.
+double SumOf(const QMap<QString, double>& m, const QString& name, const QStringList& want) {
+  double sum = 0;
+  for (auto it = m.begin(); it != m.end(); ++it) {
+    if (!it.key().startsWith(name + "{")) continue;
+    const QStringList labels = it.key().mid(name.size() + 1).chopped(1).split(',', Qt::SkipEmptyParts);
+    bool all = true;
+    for (const QString& w : want) all = all && labels.contains(w);
+    if (all) sum += it.value();
+  }
+  return sum;
+}
+
+// The histogram `family` (labels `want`) is well formed: cumulative buckets that never fall,
+// a +Inf bucket equal to _count, and a positive _sum when anything was counted.  "" when so.
+QString HistogramProblem(const QMap<QString, double>& m, const QString& family, const QStringList& want) {
+  QMap<double, double> buckets;  // le -> cumulative count
+  for (auto it = m.begin(); it != m.end(); ++it) {
+    const QString name = family + "_bucket";
+    if (!it.key().startsWith(name + "{")) continue;
+    const QStringList labels = it.key().mid(name.size() + 1).chopped(1).split(',', Qt::SkipEmptyParts);
+    bool all = true;
+    QString le;
+    for (const QString& w : want) all = all && labels.contains(w);
+    for (const QString& l : labels)
+      if (l.startsWith("le=")) le = l.mid(3);
+    if (!all || le.isEmpty()) continue;
+    buckets[le == "+Inf" ? std::numeric_limits<double>::infinity() : le.toDouble()] = it.value();
+  }
+  if (buckets.size() < 2) return family + ": no buckets";
+  double prev = 0;
+  for (double v : buckets) {
+    if (v < prev) return family + ": a bucket falls";
+    prev = v;
+  }
+  const double count = SumOf(m, family + "_count", want);
+  if (buckets.last() != count) return QString("%1: +Inf bucket %2 != _count %3").arg(family).arg(buckets.last()).arg(count);
+  if (count > 0 && !(SumOf(m, family + "_sum", want) > 0)) return family + ": _sum not positive";
+  return {};
 }
 
 }  // namespace
@@ -112,6 +155,94 @@ class MetricsTest : public QObject {
     QCOMPARE(m.value("dst_array_active_devices{array=m0,level=mirror}"), 1.0);
     QCOMPARE(leg_state(1), QString("failed"));
     QCOMPARE(leg_state(0), QString("up_to_date"));
+  }
+
+  // Traffic: every exported device, volume, array and leg counts its requests, bytes and
+  // latency where the I/O passes (a CountingDevice each), so a write through the FUSE file
+  // shows on the array, on both legs, and on the exporting daemon's export.
+  void ioCountersAndLatency() {
+    MirrorRig rig;
+    QString why;
+    QVERIFY2(rig.StartExporters(3, 16, &why), qPrintable(why));
+    const quint16 eport = FreePort();
+    QCOMPARE(rig.ex[0]->Terminate(), 0);
+    rig.ex[0]->config().prepend(QString("metrics_listen = \"127.0.0.1:%1\"\n").arg(eport));
+    QVERIFY2(rig.ex[0]->Start(), rig.ex[0]->Log().right(2000).constData());
+    const quint16 aport = FreePort();
+    const QString toml = QString("metrics_listen = \"127.0.0.1:%1\"\n").arg(aport) +
+                         ArrayToml("m0", "mirror", {rig.Uri(0), rig.Uri(1)}, "64K", "200M", "400M") +
+                         VolumeToml("v2", rig.Uri(2), 5, 5);
+    QVERIFY2(rig.StartAssembler(&toml, &why), qPrintable(why));
+    nlohmann::json a;
+    QVERIFY2(WaitArrayClean(*rig.as, "m0", 60000, &a), a.dump().c_str());
+    QVERIFY(WaitFileExists(rig.File("m0"), 10000));
+    QVERIFY(WaitFileExists(rig.File("v2"), 10000));
+
+    QString err;
+    const QMap<QString, double> a0 = Parse(Scrape(aport), &err);
+    QVERIFY2(!a0.isEmpty(), qPrintable(err));
+    const QMap<QString, double> e0 = Parse(Scrape(eport), &err);
+    QVERIFY2(!e0.isEmpty(), qPrintable(err));
+
+    constexpr int kIos = 32;
+    constexpr std::uint32_t kLen = 64 * 1024;
+    for (int i = 0; i < kIos; ++i) QVERIFY(PwriteDirect(rig.File("m0"), std::uint64_t(i) * kLen, Pattern(7, std::uint64_t(i) * kLen, kLen)));
+    for (int i = 0; i < kIos; ++i) {
+      QByteArray back;
+      QVERIFY(PreadDirect(rig.File("m0"), std::uint64_t(i) * kLen, kLen, &back));
+      QCOMPARE(back, Pattern(7, std::uint64_t(i) * kLen, kLen));
+    }
+    for (int i = 0; i < kIos; ++i) QVERIFY(PwriteDirect(rig.File("v2"), std::uint64_t(i) * kLen, Pattern(9, std::uint64_t(i) * kLen, kLen)));
+
+    const QMap<QString, double> a1 = Parse(Scrape(aport), &err);
+    QVERIFY2(!a1.isEmpty(), qPrintable(err));
+    const QMap<QString, double> e1 = Parse(Scrape(eport), &err);
+    QVERIFY2(!e1.isEmpty(), qPrintable(err));
+    auto delta = [](const QMap<QString, double>& after, const QMap<QString, double>& before, const QString& n,
+                    const QStringList& want) { return SumOf(after, n, want) - SumOf(before, n, want); };
+
+    const QStringList arr{"array=m0"};
+    QVERIFY2(delta(a1, a0, "dst_array_writes_total", arr) >= kIos, "array writes not counted");
+    QVERIFY2(delta(a1, a0, "dst_array_written_bytes_total", arr) >= double(kIos) * kLen, "array bytes not counted");
+    QVERIFY2(delta(a1, a0, "dst_array_reads_total", arr) >= kIos, "array reads not counted");
+    QVERIFY2(delta(a1, a0, "dst_array_read_bytes_total", arr) >= double(kIos) * kLen, "array read bytes not counted");
+    QCOMPARE(SumOf(a1, "dst_array_errors_total", arr), 0.0);
+    QCOMPARE(SumOf(a1, "dst_array_inflight_requests", arr), 0.0);
+    QCOMPARE(delta(a1, a0, "dst_volume_writes_total", {"volume=v2"}), double(kIos));
+    QCOMPARE(delta(a1, a0, "dst_volume_written_bytes_total", {"volume=v2"}), double(kIos) * kLen);
+    QCOMPARE(SumOf(a1, "dst_volume_inflight_requests", {"volume=v2"}), 0.0);
+    // A mirror writes every leg and spreads reads over them.
+    for (const char* leg : {"leg=0", "leg=1"}) {
+      QVERIFY2(delta(a1, a0, "dst_leg_writes_total", {"array=m0", leg}) >= kIos, leg);
+      QVERIFY2(delta(a1, a0, "dst_leg_written_bytes_total", {"array=m0", leg}) >= double(kIos) * kLen, leg);
+      QCOMPARE(SumOf(a1, "dst_leg_inflight_requests", {"array=m0", leg}), 0.0);
+    }
+    QVERIFY2(delta(a1, a0, "dst_leg_reads_total", arr) >= kIos, "leg reads not counted");
+    // The exporting daemon served leg 0's share.
+    QVERIFY2(delta(e1, e0, "dst_export_writes_total", {"export=d0"}) >= kIos, "export writes not counted");
+    QVERIFY2(delta(e1, e0, "dst_export_written_bytes_total", {"export=d0"}) >= double(kIos) * kLen, "export bytes");
+    QCOMPARE(SumOf(e1, "dst_export_inflight_requests", {"export=d0"}), 0.0);
+
+    // Latency histograms: well formed, and at rest they counted every completed request.
+    for (const char* op : {"op=read", "op=write"}) {
+      QString p = HistogramProblem(a1, "dst_array_request_duration_seconds", {"array=m0", op});
+      QVERIFY2(p.isEmpty(), qPrintable(p));
+      for (const char* leg : {"leg=0", "leg=1"}) {
+        p = HistogramProblem(a1, "dst_leg_request_duration_seconds", {"array=m0", leg, op});
+        QVERIFY2(p.isEmpty(), qPrintable(p));
+      }
+      p = HistogramProblem(e1, "dst_export_request_duration_seconds", {"export=d0", op});
+      QVERIFY2(p.isEmpty(), qPrintable(p));
+    }
+    const QString p = HistogramProblem(a1, "dst_volume_request_duration_seconds", {"volume=v2", "op=write"});
+    QVERIFY2(p.isEmpty(), qPrintable(p));
+    QCOMPARE(SumOf(a1, "dst_array_request_duration_seconds_count", {"array=m0", "op=write"}),
+             SumOf(a1, "dst_array_writes_total", arr));
+    QCOMPARE(SumOf(a1, "dst_array_request_duration_seconds_count", {"array=m0", "op=read"}),
+             SumOf(a1, "dst_array_reads_total", arr));
+    QCOMPARE(SumOf(e1, "dst_export_request_duration_seconds_count", {"export=d0", "op=write"}),
+             SumOf(e1, "dst_export_writes_total", {"export=d0"}));
+    QVERIFY(delta(a1, a0, "dst_array_request_duration_seconds_count", {"array=m0", "op=write"}) >= kIos);
   }
 
   void nonLoopbackNeedsInsecure() {
