@@ -1292,10 +1292,19 @@ json Daemon::ArrayJson(const std::shared_ptr<Array>& a) {
                     {"bytes_read", c.bytes_read}, {"bytes_written", c.bytes_written},
                     {"errors", c.errors},         {"other", c.other}};
       }
+      // The leg's connection: reconnects, requests failed by io_timeout, batching.
+      auto link = [&hj](const net::ClientStats& cs) {
+        hj["link"] = {{"state", cs.state},         {"reconnects", cs.reconnects},
+                      {"timeouts", cs.timeouts},   {"resent", cs.resent},
+                      {"frames_sent", cs.frames_sent}, {"send_calls", cs.send_calls}};
+      };
       if (leg.remote) {  // DST payload digests on this leg's connection (docs/protocol.md §4.1)
         net::RemoteStats rs = leg.remote->Stats();
         hj["checksum"] = rs.checksum ? "xxh3" : "none";
         hj["digest_errors"] = rs.digest_errors;
+        link(rs);
+      } else if (leg.nbd) {
+        link(leg.nbd->Stats());
       }
       health.push_back(std::move(hj));
     }

@@ -203,6 +203,20 @@ std::string StatusToMetrics(const json& st) {
   IoFamilies(m, "leg", counted_legs);
   each_leg(true, "dst_leg_digest_errors_total", "Payload digest mismatches on the leg's connection.",
            [](const json& l) { return Num(l, "digest_errors"); });
+  // Remote legs (dst://, dsts://, nbd://): their connection, like a volume's.
+  std::vector<Leg> linked;
+  for (const Leg& x : legs)
+    if (x.leg->contains("link") && (*x.leg)["link"].is_object()) linked.push_back(x);
+  auto each_link = [&](const char* name, const char* help, const char* key) {
+    for (const Leg& x : linked) m.Counter(name, help, ll(x), Num((*x.leg)["link"], key));
+  };
+  for (const Leg& x : legs)
+    m.Gauge("dst_leg_up", "1 while the leg's device answers (a remote leg's peer is reachable).", ll(x),
+            x.leg->value("present", false) && x.leg->value("reachable", false) && !x.leg->value("unreachable", false) ? 1 : 0);
+  each_link("dst_leg_reconnects_total", "Reconnections of the leg's connection.", "reconnects");
+  each_link("dst_leg_timeouts_total", "Requests to the leg failed by io_timeout.", "timeouts");
+  each_link("dst_leg_frames_sent_total", "Request frames the batched transmitter sent to the leg.", "frames_sent");
+  each_link("dst_leg_send_calls_total", "System calls that sent them.", "send_calls");
 
   // Resync and verify progress, per running pass.
   for (const json& a : ar) {
@@ -226,6 +240,18 @@ std::string StatusToMetrics(const json& st) {
     if (!v.is_object()) continue;
     m.Gauge("dst_verify_progress_ratio", "Done fraction of the array's online verify (0..1).",
             {{"array", Str(a, "name")}, {"state", State(v, "state")}}, Num(v, "percent") / 100.0);
+  }
+  for (const json& a : ar) {
+    const json& v = a.contains("verify") ? a["verify"] : json();
+    if (!v.is_object()) continue;
+    m.Gauge("dst_verify_rate_bytes_per_second", "Current rate of the array's online verify.",
+            {{"array", Str(a, "name")}}, Num(v, "rate"));
+  }
+  for (const json& a : ar) {
+    const json& v = a.contains("verify") ? a["verify"] : json();
+    if (!v.is_object()) continue;
+    m.Gauge("dst_verify_mismatched_bytes", "Bytes the array's last or running verify found to differ between legs.",
+            {{"array", Str(a, "name")}}, Num(v, "mismatch_bytes"));
   }
   return m.text();
 }

@@ -243,6 +243,31 @@ class MetricsTest : public QObject {
     QCOMPARE(SumOf(e1, "dst_export_request_duration_seconds_count", {"export=d0", "op=write"}),
              SumOf(e1, "dst_export_writes_total", {"export=d0"}));
     QVERIFY(delta(a1, a0, "dst_array_request_duration_seconds_count", {"array=m0", "op=write"}) >= kIos);
+
+    // Remote legs: their connection's batching and reconnects, and whether they are up now.
+    for (const char* leg : {"leg=0", "leg=1"}) {
+      QCOMPARE(SumOf(a1, "dst_leg_up", {"array=m0", leg}), 1.0);
+      QCOMPARE(SumOf(a1, "dst_leg_reconnects_total", {"array=m0", leg}), 0.0);
+      QVERIFY2(delta(a1, a0, "dst_leg_frames_sent_total", {"array=m0", leg}) >= kIos, leg);
+      QVERIFY2(delta(a1, a0, "dst_leg_send_calls_total", {"array=m0", leg}) >= 1, leg);
+    }
+    // A leg whose exporter is gone is down at a scrape soon after, and counts its reconnect
+    // when the exporter is back.
+    rig.ex[1]->Kill9();
+    QMap<QString, double> m;
+    QVERIFY2(WaitUntil([&] {
+               m = Parse(Scrape(aport), &err);
+               return m.contains("dst_up{}") && SumOf(m, "dst_leg_up", {"array=m0", "leg=1"}) == 0.0;
+             }, 30000, 200),
+             "leg 1 still up after its exporter was killed");
+    QCOMPARE(SumOf(m, "dst_leg_up", {"array=m0", "leg=0"}), 1.0);
+    QVERIFY2(rig.ex[1]->Start(), rig.ex[1]->Log().right(2000).constData());
+    QVERIFY2(WaitUntil([&] {
+               m = Parse(Scrape(aport), &err);
+               return SumOf(m, "dst_leg_up", {"array=m0", "leg=1"}) == 1.0 &&
+                      SumOf(m, "dst_leg_reconnects_total", {"array=m0", "leg=1"}) >= 1.0;
+             }, 60000, 200),
+             "leg 1 not back up with a reconnect counted");
   }
 
   void nonLoopbackNeedsInsecure() {

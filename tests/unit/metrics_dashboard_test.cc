@@ -31,7 +31,8 @@ json FullStatus() {
   st["exports"] = json::array({{{"name", "e"}, {"size", 1}, {"metrics", metrics}}});
   st["volumes"] = json::array({{{"name", "v"}, {"size", 1}, {"metrics", metrics}}});
   json legs = json::array({{{"slot", 0}, {"device", "a"}, {"state", "up-to-date"}, {"metrics", metrics}},
-                           {{"slot", 1}, {"device", "b"}, {"state", "resyncing"}, {"metrics", metrics}}});
+                           {{"slot", 1}, {"device", "b"}, {"state", "resyncing"}, {"metrics", metrics},
+                            {"link", {{"reconnects", 1}, {"timeouts", 0}, {"frames_sent", 9}, {"send_calls", 3}}}}});
   st["arrays"] = json::array({{{"name", "m"},
                                {"level", "mirror"},
                                {"state", "resyncing"},
