@@ -142,6 +142,7 @@ class EthLink {
   Status OpenRx(const EthLinkOptions& opt);
   Status SetupTxRing(int fd, const EthLinkOptions& opt);
   Status SetupRxRing(int fd, const EthLinkOptions& opt);
+  std::uint8_t* TxSlot(std::uint32_t i) const;  // the tpacket2_hdr of ring slot i
   void ReclaimTxRing();
   std::size_t FlushRing(boost::system::error_code& ec);
   std::size_t FlushBatch(boost::system::error_code& ec);
@@ -161,11 +162,13 @@ class EthLink {
   std::uint8_t mac_[kMacLen] = {};
   EthLinkStats stats_;
 
-  // PACKET_TX_RING (TPACKET_V2): slot i at tx_ring_ + i * tx_frame_size_.
+  // PACKET_TX_RING (TPACKET_V2): slot i is frame i % tx_per_block_ of block i / tx_per_block_.
   std::uint8_t* tx_ring_ = nullptr;
   std::size_t tx_ring_len_ = 0;
   std::uint32_t tx_frame_size_ = 0;
   std::uint32_t tx_slots_ = 0;
+  std::uint32_t tx_per_block_ = 1;  // slots never straddle the ring's blocks
+  std::uint32_t tx_block_size_ = 0;
   std::uint32_t tx_head_ = 0;   // next slot to fill
   std::uint32_t tx_flush_ = 0;  // first committed slot not yet taken by the kernel
   std::uint32_t tx_tail_ = 0;   // oldest slot not yet released by the kernel
