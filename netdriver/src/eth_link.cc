@@ -113,7 +113,7 @@ const char* EthLink::RxModeName(EthLinkOptions::Rx m) {
 }
 
 EthLink::EthLink(const Strand& strand, const EthLinkOptions& opt)
-    : strand_(strand), tx_sd_(strand), rx_sd_(strand), ifname_(opt.ifname), ethertype_(opt.ethertype) {}
+    : strand_(strand), tx_sd_(strand), rx_sd_(strand), ifname_(opt.ifname) {}
 
 EthLink::~EthLink() { Close(); }
 
@@ -223,7 +223,7 @@ Status EthLink::OpenRx(const EthLinkOptions& opt) {
   }
   sockaddr_ll sll{};
   sll.sll_family = AF_PACKET;
-  sll.sll_protocol = htons(ethertype_);
+  sll.sll_protocol = htons(kEtherType);
   sll.sll_ifindex = ifindex_;
   if (::bind(fd, reinterpret_cast<sockaddr*>(&sll), sizeof sll) < 0) return SocketError(errno, "bind", ifname_);
   return Status::OK();

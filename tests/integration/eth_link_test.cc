@@ -61,9 +61,9 @@ struct Pair {
   dst::test::VethNetns veth;
   std::unique_ptr<EthLink> a, b;
 
-  Status Open(Tx tx, Rx rx) {
+  Status Open(Tx tx, Rx rx, unsigned mtu = 1500) {
     std::string err;
-    if (!veth.Create(&err)) return Status::Unavailable(err);
+    if (!veth.Create(&err, mtu)) return Status::Unavailable(err);
     EthLinkOptions oa;
     oa.ifname = veth.ifname(0);
     oa.tx = tx;
@@ -96,6 +96,9 @@ struct Pair {
     while (!*fired && Clock::now() < end) io.run_one_for(std::chrono::milliseconds(5));
   }
 
+  // Waits for b until every frame in `seen` arrived (false on a bad frame; got says how many).
+  bool ReceiveAll(std::vector<bool>& seen, std::size_t* got);
+
   // Flushes everything a has queued (waiting for room when the kernel pushes back).
   bool FlushAll() {
     const auto end = Clock::now() + std::chrono::seconds(10);
@@ -113,6 +116,19 @@ struct Pair {
     return a->tx_queued() == 0;
   }
 };
+
+// Writes frame `seq` (the test pattern) straight into a's next slot and commits it.
+bool QueueSeq(EthLink& a, const EthLink& b, std::uint32_t seq, std::vector<std::uint8_t>& scratch) {
+  const std::size_t len = PayloadLen(seq, a.max_fragment());
+  scratch.resize(a.max_fragment());
+  for (std::size_t k = 0; k < len; ++k) scratch[k] = PayloadByte(seq, k);
+  std::uint8_t* buf = a.NextTxBuffer();
+  if (!buf) return false;
+  const std::size_t n = EncodeEthFrame(DataFrame(a, b.mac(), seq, len), scratch.data(), len, buf, a.max_frame());
+  if (n != kEthOverhead + len) return false;
+  a.CommitTx(n);
+  return true;
+}
 
 // Drains b, checking each frame against the pattern; returns false on a bad or repeated frame.
 bool Drain(EthLink& b, std::vector<bool>& seen, std::size_t* got) {
@@ -135,6 +151,16 @@ bool Drain(EthLink& b, std::vector<bool>& seen, std::size_t* got) {
       }
     seen[h.seq] = true;
     ++*got;
+  }
+  return true;
+}
+
+bool Pair::ReceiveAll(std::vector<bool>& seen, std::size_t* got) {
+  const auto end = Clock::now() + std::chrono::seconds(10);
+  if (!Drain(*b, seen, got)) return false;
+  while (*got < seen.size() && Clock::now() < end) {
+    WaitReadable(20);
+    if (!Drain(*b, seen, got)) return false;
   }
   return true;
 }
@@ -191,27 +217,15 @@ class EthLinkTest : public QObject {
     constexpr std::uint32_t kFrames = 3000, kBatch = 64;
     std::vector<bool> seen(kFrames);
     std::size_t got = 0;
-    std::vector<std::uint8_t> payload(a.max_fragment());
+    std::vector<std::uint8_t> scratch;
     std::uint32_t seq = 0;
     while (seq < kFrames) {
       // One batch: written straight into the link's slots, then one Flush.
-      for (std::uint32_t i = 0; i < kBatch && seq < kFrames; ++i, ++seq) {
-        const std::size_t len = PayloadLen(seq, a.max_fragment());
-        for (std::size_t k = 0; k < len; ++k) payload[k] = PayloadByte(seq, k);
-        std::uint8_t* buf = a.NextTxBuffer();
-        QVERIFY(buf);
-        const std::size_t n = EncodeEthFrame(DataFrame(a, b.mac(), seq, len), payload.data(), len, buf, a.max_frame());
-        QCOMPARE(n, kEthOverhead + len);
-        a.CommitTx(n);
-      }
+      for (std::uint32_t i = 0; i < kBatch && seq < kFrames; ++i, ++seq) QVERIFY(QueueSeq(a, b, seq, scratch));
       QVERIFY(pr.FlushAll());
       QVERIFY(Drain(b, seen, &got));
     }
-    const auto end = Clock::now() + std::chrono::seconds(10);
-    while (got < kFrames && Clock::now() < end) {
-      pr.WaitReadable(20);
-      QVERIFY(Drain(b, seen, &got));
-    }
+    QVERIFY(pr.ReceiveAll(seen, &got));
     b.UpdateKernelDrops();
     const EthLinkStats& st = a.stats();
     const EthLinkStats& rs = b.stats();
@@ -311,7 +325,7 @@ class EthLinkTest : public QObject {
     QVERIFY(pr.FlushAll());
     std::vector<bool> seen(kGood);
     std::size_t got = 0;
-    const auto end = Clock::now() + std::chrono::seconds(10);
+    const auto end = Clock::now() + std::chrono::seconds(10);  // the malformed ones may come last
     while ((got < kGood || b.stats().rx_malformed.load() < bad.size()) && Clock::now() < end) {
       QVERIFY(Drain(b, seen, &got));
       if (got < kGood) pr.WaitReadable(20);
@@ -321,6 +335,74 @@ class EthLinkTest : public QObject {
     QCOMPARE(b.stats().rx_malformed.load(), std::uint64_t(bad.size()));
     QCOMPARE(b.stats().rx_not_for_us.load(), std::uint64_t(1));
     QCOMPARE(b.stats().rx_frames.load(), std::uint64_t(kGood));
+  }
+
+  // Every slot filled before one Flush: NextTxBuffer says when the ring (or the sendmmsg batch)
+  // is full, and one call hands the kernel all of it.
+  void fullRingInOneCall_data() {
+    QTest::addColumn<Tx>("tx");
+    QTest::newRow("tx_ring") << Tx::kRing;
+    QTest::newRow("sendmmsg") << Tx::kSendmmsg;
+  }
+  void fullRingInOneCall() {
+    QFETCH(Tx, tx);
+    RequireNetns();
+    Pair pr;
+    const Status s = pr.Open(tx, Rx::kRing);
+    QVERIFY2(s.ok(), s.ToString().c_str());
+    EthLink& a = *pr.a;
+    std::vector<std::uint8_t> scratch;
+    std::uint32_t n = 0;
+    while (QueueSeq(a, *pr.b, n, scratch)) ++n;
+    // Defaults: 512 ring slots (rounded up to whole 64 KiB blocks of 1552-byte slots), batch 64.
+    if (tx == Tx::kRing) {
+      QVERIFY2(n >= 512 && n < 512 + 42, qPrintable(QString::number(n)));
+      QCOMPARE(a.stats().tx_ring_occupancy.load(), std::uint64_t(n));
+    } else {
+      QCOMPARE(n, 64u);
+    }
+    QCOMPARE(a.tx_queued(), std::size_t(n));
+    boost::system::error_code ec;
+    QCOMPARE(a.Flush(ec), std::size_t(n));
+    QVERIFY(!ec);
+    QCOMPARE(a.stats().tx.syscalls.load(), std::uint64_t(1));
+    QCOMPARE(a.tx_queued(), std::size_t(0));
+    std::vector<bool> seen(n);
+    std::size_t got = 0;
+    QVERIFY(pr.ReceiveAll(seen, &got));
+    QCOMPARE(got, std::size_t(n));
+    // The kernel released the slots: the ring takes a full load again.
+    std::uint32_t again = 0;
+    const auto end = Clock::now() + std::chrono::seconds(5);
+    while (again < n && Clock::now() < end) {
+      if (QueueSeq(a, *pr.b, again, scratch)) ++again;
+      else QTest::qWait(1);
+    }
+    QCOMPARE(again, n);
+  }
+
+  // Jumbo frames: on a 9000-byte link the link offers 8936-byte fragments and they arrive whole.
+  void jumboFrames() {
+    RequireNetns();
+    Pair pr;
+    const Status s = pr.Open(Tx::kRing, Rx::kRing, 9000);
+    QVERIFY2(s.ok(), s.ToString().c_str());
+    EthLink& a = *pr.a;
+    QCOMPARE(a.mtu(), 9000u);
+    QCOMPARE(a.max_frame(), std::size_t(9014));
+    QCOMPARE(pr.b->max_fragment(), std::size_t(8936));
+    constexpr std::uint32_t kFrames = 500;
+    std::vector<bool> seen(kFrames);
+    std::size_t got = 0;
+    std::vector<std::uint8_t> scratch;
+    for (std::uint32_t seq = 0; seq < kFrames;) {
+      for (int i = 0; i < 32 && seq < kFrames; ++i, ++seq) QVERIFY(QueueSeq(a, *pr.b, seq, scratch));
+      QVERIFY(pr.FlushAll());
+      QVERIFY(Drain(*pr.b, seen, &got));
+    }
+    QVERIFY(pr.ReceiveAll(seen, &got));
+    QCOMPARE(got, std::size_t(kFrames));
+    QVERIFY(pr.b->stats().rx_bytes.load() > std::uint64_t(kFrames / 7) * 9014);
   }
 
   // Without CAP_NET_RAW (dropped from this thread's effective set) Open names the capability.

@@ -4,14 +4,18 @@
 //   VethNetns v;  if (!v.Create(&err)) skip;   // netns <p>a / <p>b, veth <p>0 (in a) <-> <p>1 (in b)
 //   { InNetns in(v.ns(0)); open sockets... }   // sockets keep the namespace they were made in
 //
-// Deleting a namespace deletes the veth end in it (and with it the peer).  Needs CAP_SYS_ADMIN
+// Deleting a namespace deletes the veth end in it (and with it the peer); Create first removes
+// namespaces of this naming scheme whose process is gone (a run that crashed).  Needs CAP_SYS_ADMIN
 // and the `ip` tool.  Header-only: shared by tests/integration and bench/.
 #pragma once
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <sched.h>
+#include <signal.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdlib>
 #include <string>
 
@@ -21,7 +25,7 @@ class VethNetns {
  public:
   VethNetns() {
     static int counter = 0;
-    prefix_ = "dste" + std::to_string(::getpid() % 100000) + char('a' + counter++ % 26);
+    prefix_ = "dste" + std::to_string(::getpid()) + char('a' + counter++ % 26);  // ifnames <= 13 chars
   }
   ~VethNetns() { Destroy(); }
   VethNetns(const VethNetns&) = delete;
@@ -29,6 +33,7 @@ class VethNetns {
 
   // Creates both namespaces and the pair, links up.  On failure, removes what it made.
   bool Create(std::string* err, unsigned mtu = 1500) {
+    RemoveStale();
     created_ = true;
     const std::string a = ns(0), b = ns(1);
     const std::string cmds[] = {
@@ -53,6 +58,22 @@ class VethNetns {
     created_ = false;
     std::system(("ip netns del " + ns(0) + " 2>/dev/null").c_str());
     std::system(("ip netns del " + ns(1) + " 2>/dev/null").c_str());
+  }
+
+  // Namespaces of this naming scheme left by a run that crashed (its pid is gone).
+  static void RemoveStale() {
+    DIR* d = ::opendir("/var/run/netns");
+    if (!d) return;
+    while (const dirent* e = ::readdir(d)) {
+      const std::string n = e->d_name;
+      if (n.rfind("dste", 0) != 0 || n.size() < 7) continue;
+      const std::string digits = n.substr(4, n.size() - 6);
+      if (digits.empty() || digits.find_first_not_of("0123456789") != std::string::npos) continue;
+      const long pid = std::atol(digits.c_str());
+      if (pid > 0 && ::kill(pid_t(pid), 0) != 0 && errno == ESRCH)
+        std::system(("ip netns del " + n + " 2>/dev/null").c_str());
+    }
+    ::closedir(d);
   }
 
   std::string ns(int i) const { return prefix_ + (i ? "b" : "a"); }

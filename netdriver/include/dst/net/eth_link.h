@@ -1,4 +1,4 @@
-// EthLink: batched raw-Ethernet I/O on one interface and EtherType (AF_PACKET, SOCK_RAW).
+// EthLink: batched raw-Ethernet I/O on one interface and dst's EtherType (AF_PACKET, SOCK_RAW).
 //
 // The foundation of the raw-Ethernet transport (docs/protocol.md §12): it moves whole frames,
 // many per system call, and knows nothing of sessions, acknowledgements or retransmits.
@@ -51,7 +51,6 @@ struct EthLinkOptions {
   enum class Rx { kAuto, kRing, kRecvmmsg, kNone };    // kAuto: ring, else recvmmsg; kNone: send only
 
   std::string ifname;                 // the interface, e.g. "eth0"
-  std::uint16_t ethertype = kEtherType;
   Tx tx = Tx::kAuto;
   Rx rx = Rx::kAuto;
   std::uint32_t tx_ring_frames = 512;      // kRing: slots (rounded up to whole ring blocks)
@@ -156,7 +155,6 @@ class EthLink {
   EthLinkOptions::Tx tx_mode_ = EthLinkOptions::Tx::kSendto;
   EthLinkOptions::Rx rx_mode_ = EthLinkOptions::Rx::kNone;
   std::string ifname_;
-  std::uint16_t ethertype_ = kEtherType;
   int ifindex_ = 0;
   std::uint32_t mtu_ = 1500;
   std::uint8_t mac_[kMacLen] = {};
