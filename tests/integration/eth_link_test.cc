@@ -429,6 +429,32 @@ class EthLinkTest : public QObject {
     QVERIFY2(st.ToString().find("CAP_NET_RAW") != std::string::npos, st.ToString().c_str());
   }
 
+  // Close ends a pending wait with operation_aborted; the closed link takes no frames.
+  void closeEndsWaits() {
+    RequireNetns();
+    Pair pr;
+    const Status s = pr.Open(Tx::kAuto, Rx::kAuto);
+    QVERIFY2(s.ok(), s.ToString().c_str());
+    QCOMPARE(pr.a->tx_mode(), Tx::kRing);
+    QCOMPARE(pr.b->rx_mode(), Rx::kRing);
+    auto result = std::make_shared<boost::system::error_code>(boost::asio::error::would_block);
+    pr.b->AsyncWaitReadable([result](const boost::system::error_code& ec, std::size_t) { *result = ec; });
+    pr.b->Close();
+    pr.b->Close();  // idempotent
+    pr.io.restart();
+    pr.io.run_for(std::chrono::seconds(2));
+    QCOMPARE(*result, boost::system::error_code(boost::asio::error::operation_aborted));
+    pr.a->Close();
+    QVERIFY(!pr.a->is_open());
+    QVERIFY(pr.a->NextTxBuffer() == nullptr);
+    boost::system::error_code ec;
+    QCOMPARE(pr.a->Flush(ec), std::size_t(0));
+    QVERIFY(ec);
+    EthHeader h;
+    const std::uint8_t* p;
+    QVERIFY(!pr.b->NextRx(&h, &p));
+  }
+
   void unknownInterfaceIsNotFound() {
     boost::asio::io_context io;
     EthLinkOptions o;
