@@ -187,7 +187,13 @@ Status EthLink::SetupTxRing(int fd, const EthLinkOptions& opt) {
     return SocketError(errno, "PACKET_TX_RING", ifname_);
   const std::size_t len = std::size_t(block) * blocks;
   void* p = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  if (p == MAP_FAILED) return SocketError(errno, "mmap PACKET_TX_RING", ifname_);
+  if (p == MAP_FAILED) {
+    const int err = errno;
+    // Free the unmapped ring, or the sendmmsg fallback's sends would go to it.
+    tpacket_req none{};
+    ::setsockopt(fd, SOL_PACKET, PACKET_TX_RING, &none, sizeof none);
+    return SocketError(err, "mmap PACKET_TX_RING", ifname_);
+  }
   tx_ring_ = static_cast<std::uint8_t*>(p);
   tx_ring_len_ = len;
   // Slots never straddle blocks: per_block frames, then the block's tail is unused.  Index them
@@ -245,7 +251,13 @@ Status EthLink::SetupRxRing(int fd, const EthLinkOptions& opt) {
     return SocketError(errno, "PACKET_RX_RING", ifname_);
   const std::size_t len = std::size_t(block) * req.tp_block_nr;
   void* p = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  if (p == MAP_FAILED) return SocketError(errno, "mmap PACKET_RX_RING", ifname_);
+  if (p == MAP_FAILED) {
+    const int err = errno;
+    // Free the unmapped ring, or received frames would land there instead of recvmmsg's queue.
+    tpacket_req3 none{};
+    ::setsockopt(fd, SOL_PACKET, PACKET_RX_RING, &none, sizeof none);
+    return SocketError(err, "mmap PACKET_RX_RING", ifname_);
+  }
   rx_ring_ = static_cast<std::uint8_t*>(p);
   rx_ring_len_ = len;
   rx_block_size_ = block;
