@@ -226,6 +226,12 @@ Status EthLink::OpenRx(const EthLinkOptions& opt) {
     rx_mode_ = Rx::kRecvmmsg;
     // One byte more than the largest legal frame, so an oversized one shows up as such.
     batch_->InitRx(std::max<std::uint32_t>(opt.rx_batch, 1), max_frame() + 1);
+    // The default receive buffer (rmem_default, ~208 KiB) holds fewer than 100 full frames:
+    // less than one TX ring flush of the peer.  Ask for what the ring would have had; FORCE
+    // passes rmem_max with CAP_NET_ADMIN, else the kernel caps the plain request at rmem_max.
+    const int want = static_cast<int>(std::min<std::uint64_t>(std::uint64_t(opt.rx_block_size) * opt.rx_blocks, 1u << 30));
+    if (::setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &want, sizeof want) < 0)
+      (void)::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &want, sizeof want);
   }
   sockaddr_ll sll{};
   sll.sll_family = AF_PACKET;
