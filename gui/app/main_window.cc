@@ -2,11 +2,14 @@
 
 #include <QCommandLineParser>
 #include <QHeaderView>
+#include <QSplitter>
 #include <QTreeView>
 
 #include "device_tree_model.h"
 #include "host_session.h"
 #include "offline_tint.h"
+#include "topology_canvas.h"
+#include "topology_graph.h"
 
 namespace dst::gui {
 
@@ -22,14 +25,24 @@ QStringList HostsFromArgs(const QStringList& arguments, const QString& env_socke
 }
 
 MainWindow::MainWindow(const QStringList& hosts, QWidget* parent)
-    : QMainWindow(parent), model_(new DeviceTreeModel(this)), tree_(new QTreeView(this)) {
+    : QMainWindow(parent),
+      model_(new DeviceTreeModel(this)),
+      tree_(new QTreeView),
+      graph_(new TopologyGraph(this)),
+      canvas_(nullptr),
+      top_split_(new QSplitter(Qt::Horizontal)) {
   setWindowTitle(tr("dst"));
   auto* tint = new OfflineTint(this);
   tint->setSourceModel(model_);
   tree_->setModel(tint);
   tree_->setUniformRowHeights(true);
   tree_->header()->setSectionResizeMode(QHeaderView::ResizeToContents);
-  setCentralWidget(tree_);
+  graph_->setModel(model_);
+  canvas_ = new TopologyCanvas(graph_);
+  top_split_->addWidget(tree_);
+  top_split_->addWidget(canvas_);
+  top_split_->setStretchFactor(1, 1);
+  setCentralWidget(top_split_);
   // Hosts start expanded.
   connect(tint, &QAbstractItemModel::rowsInserted, tree_,
           [this](const QModelIndex& parent, int first, int last) {
@@ -42,7 +55,7 @@ MainWindow::MainWindow(const QStringList& hosts, QWidget* parent)
     s->start();
     sessions_ << s;
   }
-  resize(900, 500);
+  resize(1300, 700);
 }
 
 }  // namespace dst::gui

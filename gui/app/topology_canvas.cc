@@ -20,12 +20,20 @@ namespace {
 constexpr int kKeyData = 0;  // QGraphicsItem::data slot holding the node key
 constexpr qreal kHostPad = 12, kHostTitle = 30, kHostGap = 70, kSectionGap = 8;
 
-QString Title(const TopologyNode& n) {
+}  // namespace
+
+QString NodeTitle(const TopologyNode& n) {
   if (n.kind == QLatin1String("leg")) return QStringLiteral("leg %1").arg(n.name);
   return n.kind + ' ' + n.name;
 }
 
-}  // namespace
+QString NodeDetail(const TopologyNode& n) {
+  // An offline host's rows keep their last snapshot: say so rather than show stale states.
+  QString line = n.offline ? StateCategoryName(StateCategory::kOffline) : n.state;
+  if (n.size >= 0) line += QStringLiteral(" · ") + HumanSize(n.size);
+  if (n.dirty > 0) line += QStringLiteral(" · ") + HumanSize(n.dirty) + QStringLiteral(" out of sync");
+  return line;
+}
 
 QColor StateColor(StateCategory c) {
   switch (c) {
@@ -72,12 +80,6 @@ class CanvasNodeItem : public QGraphicsItem {
     if (node_.offline) b << QStringLiteral("offline");
     return b;
   }
-  QString detailLine() const {
-    QString line = node_.state;
-    if (node_.size >= 0) line += QStringLiteral(" · ") + HumanSize(node_.size);
-    if (node_.dirty > 0) line += QStringLiteral(" · ") + HumanSize(node_.dirty) + QStringLiteral(" out of sync");
-    return line;
-  }
   void paint(QPainter* p, const QStyleOptionGraphicsItem*, QWidget*) override {
     const QColor c = StateColor(node_.category);
     QRectF r = boundingRect().adjusted(1, 1, -1, -1);
@@ -114,13 +116,13 @@ class CanvasNodeItem : public QGraphicsItem {
     p->setFont(f);
     p->setPen(node_.offline ? QColor(Qt::gray) : QColor(Qt::black));
     p->drawText(QRectF(text.left(), text.top(), right - text.left(), fm.height()), Qt::AlignLeft,
-                fm.elidedText(Title(node_), Qt::ElideRight, right - text.left()));
+                fm.elidedText(NodeTitle(node_), Qt::ElideRight, right - text.left()));
     QFont sf = f;
     sf.setBold(false);
     p->setFont(sf);
     QFontMetricsF sfm(sf);
     p->drawText(QRectF(text.left(), text.top() + fm.height() + 2, text.width(), sfm.height()),
-                Qt::AlignLeft, sfm.elidedText(detailLine(), Qt::ElideRight, text.width()));
+                Qt::AlignLeft, sfm.elidedText(NodeDetail(node_), Qt::ElideRight, text.width()));
     QString third = node_.kind == QLatin1String("leg") || node_.kind == QLatin1String("volume")
                         ? node_.spec
                         : node_.file.isEmpty() ? node_.info : node_.file;
@@ -131,7 +133,7 @@ class CanvasNodeItem : public QGraphicsItem {
 
  protected:
   void hoverEnterEvent(QGraphicsSceneHoverEvent*) override {
-    setToolTip(Title(node_) + '\n' + detailLine() + '\n' + node_.info);
+    setToolTip(NodeTitle(node_) + '\n' + NodeDetail(node_) + '\n' + node_.info);
   }
 
  private:

@@ -29,6 +29,9 @@ class CanvasNodeItem;
 class CanvasHostItem;
 
 QColor StateColor(StateCategory c);
+// A node's first two label lines: "array m0", "degraded · 64.0 MiB · 128 KiB out of sync".
+QString NodeTitle(const TopologyNode& n);
+QString NodeDetail(const TopologyNode& n);
 
 class TopologyCanvas : public QGraphicsView {
   Q_OBJECT

@@ -16,7 +16,8 @@ StateCategory StateCategoryOf(const QString& engine, const QString& shown, bool 
   if (engine == QLatin1String("degraded") || engine == QLatin1String("reconnecting") ||
       engine == QLatin1String("connecting"))
     return StateCategory::kDegraded;
-  if (engine == QLatin1String("failed")) return StateCategory::kFailed;
+  if (engine == QLatin1String("failed") || engine == QLatin1String("missing"))
+    return StateCategory::kFailed;
   if (engine == QLatin1String("out-of-date") || engine == QLatin1String("detached") ||
       engine == QLatin1String("outdated") || engine == QLatin1String("stale"))
     return StateCategory::kOutOfDate;
@@ -121,7 +122,8 @@ QString HostOfUri(const QUrl& url, const std::vector<std::pair<QString, QString>
     if (colon < 0) continue;
     QString addr = listen.left(colon);
     if (addr.startsWith('[') && addr.endsWith(']')) addr = addr.mid(1, addr.size() - 2);
-    if (listen.mid(colon + 1).toInt() != url.port()) continue;
+    // dst:// without a port means 7400 (netdriver/include/dst/net/uri.h).
+    if (listen.mid(colon + 1).toInt() != url.port(7400)) continue;
     int score = addr == url.host()                         ? 3
                 : IsWildcard(addr)                         ? 2
                 : IsLoopback(addr) && IsLoopback(url.host()) ? 1
@@ -153,7 +155,7 @@ void TopologyGraph::rebuild() {
       QModelIndex oi = m->index(r, 0, hi);
       TopologyNode on = FromIndex(oi, host);
       on.key = ObjectKey(host, on.kind, on.name);
-      if (on.kind == QLatin1String("volume") && on.spec.startsWith(QLatin1String("dst://")))
+      if (on.kind == QLatin1String("volume") && on.spec.contains(QLatin1String("://")))
         uses.push_back({on.key, host, on.spec});
       nodes.push_back(on);
       if (on.kind != QLatin1String("array")) continue;
@@ -180,7 +182,7 @@ void TopologyGraph::rebuild() {
       to = ObjectKey(u.host, QStringLiteral("array"), u.spec.mid(6));
     else if (u.spec.startsWith(QLatin1String("volume:")))
       to = ObjectKey(u.host, QStringLiteral("volume"), u.spec.mid(7));
-    else if (u.spec.startsWith(QLatin1String("dst://"))) {
+    else if (u.spec.startsWith(QLatin1String("dst://")) || u.spec.startsWith(QLatin1String("dsts://"))) {
       QUrl url(u.spec);
       QString exporter = HostOfUri(url, listens);
       if (!exporter.isEmpty())
