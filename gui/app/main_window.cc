@@ -2,12 +2,19 @@
 
 #include <QCommandLineParser>
 #include <QHeaderView>
+#include <QMessageBox>
 #include <QSplitter>
+#include <QTabWidget>
+#include <QTableView>
 #include <QTreeView>
 
 #include "device_tree_model.h"
+#include "host_calls.h"
 #include "host_session.h"
+#include "log_model.h"
 #include "offline_tint.h"
+#include "progress_model.h"
+#include "progress_pane.h"
 #include "topology_canvas.h"
 #include "topology_graph.h"
 
@@ -30,7 +37,14 @@ MainWindow::MainWindow(const QStringList& hosts, QWidget* parent)
       tree_(new QTreeView),
       graph_(new TopologyGraph(this)),
       canvas_(nullptr),
-      top_split_(new QSplitter(Qt::Horizontal)) {
+      top_split_(new QSplitter(Qt::Horizontal)),
+      main_split_(new QSplitter(Qt::Vertical)),
+      progress_(new ProgressModel(this)),
+      log_(new LogModel(this)),
+      calls_(new HostCalls(log_, this)),
+      progress_pane_(new ProgressPane(progress_, calls_)),
+      log_view_(new QTableView),
+      tabs_(new QTabWidget) {
   setWindowTitle(tr("dst"));
   auto* tint = new OfflineTint(this);
   tint->setSourceModel(model_);
@@ -42,7 +56,27 @@ MainWindow::MainWindow(const QStringList& hosts, QWidget* parent)
   top_split_->addWidget(tree_);
   top_split_->addWidget(canvas_);
   top_split_->setStretchFactor(1, 1);
-  setCentralWidget(top_split_);
+  log_view_->setModel(log_);
+  log_view_->horizontalHeader()->setStretchLastSection(true);
+  log_view_->verticalHeader()->hide();
+  // Newest last, kept in view.
+  connect(log_, &QAbstractItemModel::rowsInserted, log_view_, [this] { log_view_->scrollToBottom(); });
+  tabs_->addTab(progress_pane_, tr("Progress"));
+  tabs_->addTab(log_view_, tr("Log"));
+  main_split_->addWidget(top_split_);
+  main_split_->addWidget(tabs_);
+  main_split_->setStretchFactor(0, 3);
+  main_split_->setStretchFactor(1, 1);
+  setCentralWidget(main_split_);
+  // A failed action: in the log already; a dialog says so too (not modal to the event loop).
+  connect(calls_, &HostCalls::failed, this,
+          [this](const QString& host, const QString& method, const QString& error) {
+            auto* box = new QMessageBox(QMessageBox::Warning, tr("dst: %1 failed").arg(method),
+                                        tr("%1 on %2 failed:\n%3").arg(method, host, error),
+                                        QMessageBox::Ok, this);
+            box->setAttribute(Qt::WA_DeleteOnClose);
+            box->open();
+          });
   // Hosts start expanded.
   connect(tint, &QAbstractItemModel::rowsInserted, tree_,
           [this](const QModelIndex& parent, int first, int last) {
@@ -52,6 +86,8 @@ MainWindow::MainWindow(const QStringList& hosts, QWidget* parent)
   for (const QString& h : hosts) {
     auto* s = new HostSession(h, this);
     model_->attach(s);
+    progress_->attach(s);
+    calls_->addSession(s);
     s->start();
     sessions_ << s;
   }

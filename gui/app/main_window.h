@@ -6,12 +6,18 @@
 #include <QStringList>
 
 class QSplitter;
+class QTabWidget;
+class QTableView;
 class QTreeView;
 
 namespace dst::gui {
 
 class DeviceTreeModel;
+class HostCalls;
 class HostSession;
+class LogModel;
+class ProgressModel;
+class ProgressPane;
 class TopologyCanvas;
 class TopologyGraph;
 
@@ -28,6 +34,14 @@ class MainWindow : public QMainWindow {
   TopologyCanvas* canvas() const { return canvas_; }
   // The tree and the canvas, side by side.
   QSplitter* topSplitter() const { return top_split_; }
+  // The top (tree, canvas) over the tabs (progress, log).
+  QSplitter* mainSplitter() const { return main_split_; }
+  QTabWidget* tabs() const { return tabs_; }
+  ProgressModel* progressModel() const { return progress_; }
+  ProgressPane* progressPane() const { return progress_pane_; }
+  LogModel* logModel() const { return log_; }
+  QTableView* logView() const { return log_view_; }
+  HostCalls* calls() const { return calls_; }
   const QList<HostSession*>& sessions() const { return sessions_; }
 
  private:
@@ -36,6 +50,13 @@ class MainWindow : public QMainWindow {
   TopologyGraph* graph_;
   TopologyCanvas* canvas_;
   QSplitter* top_split_;
+  QSplitter* main_split_;
+  ProgressModel* progress_;
+  LogModel* log_;
+  HostCalls* calls_;
+  ProgressPane* progress_pane_;
+  QTableView* log_view_;
+  QTabWidget* tabs_;
   QList<HostSession*> sessions_;
 };
 
