@@ -2,6 +2,8 @@
 
 #include <QCommandLineParser>
 #include <QHeaderView>
+#include <QInputDialog>
+#include <QMenu>
 #include <QMessageBox>
 #include <QSplitter>
 #include <QTabWidget>
@@ -15,6 +17,7 @@
 #include "offline_tint.h"
 #include "progress_model.h"
 #include "progress_pane.h"
+#include "row_actions.h"
 #include "topology_canvas.h"
 #include "topology_graph.h"
 
@@ -44,7 +47,8 @@ MainWindow::MainWindow(const QStringList& hosts, QWidget* parent)
       calls_(new HostCalls(log_, this)),
       progress_pane_(new ProgressPane(progress_, calls_)),
       log_view_(new QTableView),
-      tabs_(new QTabWidget) {
+      tabs_(new QTabWidget),
+      runner_(nullptr) {
   setWindowTitle(tr("dst"));
   auto* tint = new OfflineTint(this);
   tint->setSourceModel(model_);
@@ -83,6 +87,30 @@ MainWindow::MainWindow(const QStringList& hosts, QWidget* parent)
             if (parent.isValid()) return;
             for (int r = first; r <= last; ++r) tree_->expand(tree_->model()->index(r, 0));
           });
+  // Actions: their questions as dialogs.
+  ActionRunner::Ui ui;
+  ui.askMountPath = [this](const QString& suggested) -> std::optional<QString> {
+    bool ok = false;
+    QString path = QInputDialog::getText(this, tr("Mount FUSE file system"), tr("Mount point:"),
+                                         QLineEdit::Normal, suggested, &ok);
+    return ok ? std::optional<QString>(path) : std::nullopt;
+  };
+  ui.confirm = [this](const QString& title, const QString& question) {
+    return QMessageBox::question(this, title, question) == QMessageBox::Yes;
+  };
+  ui.inform = [this](const QString& title, const QString& text) {
+    QMessageBox box(QMessageBox::Information, title, title, QMessageBox::Ok, this);
+    box.setDetailedText(text);
+    box.setInformativeText(text.section('\n', 0, 3));
+    box.exec();
+  };
+  runner_ = new ActionRunner(calls_, std::move(ui), this);
+  tree_->setContextMenuPolicy(Qt::CustomContextMenu);
+  connect(tree_, &QWidget::customContextMenuRequested, this, [this](const QPoint& pos) {
+    showRowMenu(tree_->indexAt(pos), tree_->viewport()->mapToGlobal(pos));
+  });
+  connect(canvas_, &TopologyCanvas::contextMenuRequested, this,
+          [this](const QString& key, const QPoint& global_pos) { showRowMenu(indexOfNode(key), global_pos); });
   for (const QString& h : hosts) {
     auto* s = new HostSession(h, this);
     model_->attach(s);
@@ -92,6 +120,38 @@ MainWindow::MainWindow(const QStringList& hosts, QWidget* parent)
     sessions_ << s;
   }
   resize(1300, 700);
+}
+
+void MainWindow::showRowMenu(const QModelIndex& index, const QPoint& global_pos) {
+  const std::vector<RowAction> actions = ActionsFor(index);
+  if (actions.empty()) return;
+  QMenu menu(this);
+  for (const RowAction& a : actions)
+    connect(menu.addAction(a.label), &QAction::triggered, this, [this, a] { runner_->run(a); });
+  menu.exec(global_pos);
+}
+
+QModelIndex MainWindow::indexOfNode(const QString& key) const {
+  QString host, object;
+  TopologyGraph::SplitKey(key, &host, &object);
+  const QString kind = object.section(':', 0, 0), name = object.section(':', 1);
+  auto child = [this](const QModelIndex& parent, auto match) -> QModelIndex {
+    for (int r = 0; r < model_->rowCount(parent); ++r)
+      if (match(model_->index(r, 0, parent))) return model_->index(r, 0, parent);
+    return {};
+  };
+  QModelIndex h = child({}, [&](const QModelIndex& i) { return i.data(DeviceTreeModel::KeyRole).toString() == host; });
+  if (!h.isValid() || object.isEmpty()) return h;
+  // A leg "leg:ARRAY/SLOT" is a row of its array.
+  const bool leg = kind == QLatin1String("leg");
+  const QString top = leg ? name.section('/', 0, -2) : name;
+  QModelIndex o = child(h, [&](const QModelIndex& i) {
+    return i.data(DeviceTreeModel::KindRole).toString() == (leg ? QStringLiteral("array") : kind) &&
+           i.data().toString() == top;
+  });
+  if (!leg || !o.isValid()) return o;
+  const QString slot = name.section('/', -1);
+  return child(o, [&](const QModelIndex& i) { return i.data().toString().section(':', 0, 0) == slot; });
 }
 
 }  // namespace dst::gui

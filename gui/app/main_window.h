@@ -13,6 +13,7 @@ class QTreeView;
 namespace dst::gui {
 
 class DeviceTreeModel;
+class ActionRunner;
 class HostCalls;
 class HostSession;
 class LogModel;
@@ -42,6 +43,10 @@ class MainWindow : public QMainWindow {
   LogModel* logModel() const { return log_; }
   QTableView* logView() const { return log_view_; }
   HostCalls* calls() const { return calls_; }
+  // The context menu of a tree row (a DeviceTreeModel index or the view's proxy index); the
+  // canvas's nodes map to their tree rows.  Not shown when the row offers nothing.
+  void showRowMenu(const QModelIndex& index, const QPoint& global_pos);
+  QModelIndex indexOfNode(const QString& key) const;
   const QList<HostSession*>& sessions() const { return sessions_; }
 
  private:
@@ -57,6 +62,7 @@ class MainWindow : public QMainWindow {
   ProgressPane* progress_pane_;
   QTableView* log_view_;
   QTabWidget* tabs_;
+  ActionRunner* runner_;
   QList<HostSession*> sessions_;
 };
 

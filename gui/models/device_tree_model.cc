@@ -201,6 +201,7 @@ std::vector<NodePtr> BuildHostChildren(const json& status) {
 void SetHostValues(Node* h, const json& status) {
   h->col[DeviceTreeModel::kState] = h->offline ? QStringLiteral("offline") : QStringLiteral("online");
   h->engine_state = h->offline ? "offline" : "online";
+  h->file = Str(status, "mount");
   auto d = status.find("daemon");
   if (d != status.end() && d->is_object()) {
     QString info = "dstd " + Str(*d, "version") + QStringLiteral(", pid %1").arg(Int(*d, "pid", 0));
@@ -277,9 +278,10 @@ void DeviceTreeModel::setHost(const QString& host, const json& status) {
   } else {
     h = it->get();
     QVariant before = h->col[kInfo];
-    QString before_spec = h->spec;
+    QString before_spec = h->spec, before_file = h->file;
     SetHostValues(h, status);
-    if (before != h->col[kInfo] || before_spec != h->spec) emit dataChanged(indexOf(h, 0), indexOf(h, kColumnCount - 1));
+    if (before != h->col[kInfo] || before_spec != h->spec || before_file != h->file)
+      emit dataChanged(indexOf(h, 0), indexOf(h, kColumnCount - 1));
   }
   mergeChildren(h, BuildHostChildren(status));
 }

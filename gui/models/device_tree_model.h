@@ -40,7 +40,8 @@ class DeviceTreeModel : public QAbstractItemModel {
     OfflineRole,                  // bool: the row's host is offline
     SpecRole,                     // what the row is built on: a leg's spec, a volume's source
                                   // URI, an export's path, a host's listen address "addr:port"
-    FileRole,                     // a volume's or array's FUSE file when mounted, else empty
+    FileRole,                     // a volume's or array's FUSE file when mounted, a host's FUSE
+                                  // mount point, else empty
   };
 
   explicit DeviceTreeModel(QObject* parent = nullptr);

@@ -9,6 +9,7 @@
 #include <QImage>
 #include <QPainter>
 #include <QSplitter>
+#include <QTabWidget>
 
 #include "device_tree_model.h"
 #include "main_window.h"
@@ -138,6 +139,16 @@ class TopologyCanvasTest : public QObject {
     QVERIFY(w.canvas()->itemOf(dir.path() + "/a.sock"));
     w.deviceModel()->setHost("/other.sock", StatusA());
     QVERIFY(w.canvas()->itemOf(TopologyGraph::ObjectKey("/other.sock", "export", "e1")));
+    // A canvas node's context menu is its tree row's: every node maps back to its row.
+    for (const auto& n : w.canvas()->graph()->nodes()) {
+      QModelIndex i = w.indexOfNode(n.key);
+      QVERIFY2(i.isValid(), qPrintable(n.key));
+      QCOMPARE(i.data(DeviceTreeModel::KindRole).toString(), n.kind);
+      QCOMPARE(i.siblingAtColumn(DeviceTreeModel::kName).data().toString(), n.name);
+    }
+    QVERIFY(!w.indexOfNode(TopologyGraph::ObjectKey("/other.sock", "export", "nope")).isValid());
+    QCOMPARE(w.tabs()->count(), 2);
+    QCOMPARE(w.mainSplitter()->indexOf(w.topSplitter()), 0);
   }
 };
 
