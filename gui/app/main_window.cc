@@ -4,6 +4,7 @@
 #include <QHeaderView>
 #include <QInputDialog>
 #include <QMenu>
+#include <QSettings>
 #include <QMessageBox>
 #include <QSplitter>
 #include <QTabWidget>
@@ -120,6 +121,29 @@ MainWindow::MainWindow(const QStringList& hosts, QWidget* parent)
     sessions_ << s;
   }
   resize(1300, 700);
+  restoreLayout();
+}
+
+void MainWindow::saveLayout() const {
+  QSettings s(QStringLiteral("dst"), QStringLiteral("dst-gui"));
+  s.setValue(QStringLiteral("window/geometry"), saveGeometry());
+  s.setValue(QStringLiteral("window/top_splitter"), top_split_->saveState());
+  s.setValue(QStringLiteral("window/main_splitter"), main_split_->saveState());
+  s.setValue(QStringLiteral("window/tab"), tabs_->currentIndex());
+}
+
+void MainWindow::restoreLayout() {
+  QSettings s(QStringLiteral("dst"), QStringLiteral("dst-gui"));
+  // Each part on its own: a missing or damaged value leaves that part at its default.
+  restoreGeometry(s.value(QStringLiteral("window/geometry")).toByteArray());
+  top_split_->restoreState(s.value(QStringLiteral("window/top_splitter")).toByteArray());
+  main_split_->restoreState(s.value(QStringLiteral("window/main_splitter")).toByteArray());
+  tabs_->setCurrentIndex(s.value(QStringLiteral("window/tab"), 0).toInt());
+}
+
+void MainWindow::closeEvent(QCloseEvent* e) {
+  saveLayout();
+  QMainWindow::closeEvent(e);
 }
 
 void MainWindow::showRowMenu(const QModelIndex& index, const QPoint& global_pos) {

@@ -43,11 +43,19 @@ class MainWindow : public QMainWindow {
   LogModel* logModel() const { return log_; }
   QTableView* logView() const { return log_view_; }
   HostCalls* calls() const { return calls_; }
+  const QList<HostSession*>& sessions() const { return sessions_; }
   // The context menu of a tree row (a DeviceTreeModel index or the view's proxy index); the
   // canvas's nodes map to their tree rows.  Not shown when the row offers nothing.
   void showRowMenu(const QModelIndex& index, const QPoint& global_pos);
   QModelIndex indexOfNode(const QString& key) const;
-  const QList<HostSession*>& sessions() const { return sessions_; }
+
+  // Geometry and splitter state in QSettings("dst", "dst-gui") (~/.config/dst/dst-gui.conf):
+  // restored on construction, saved on close.
+  void saveLayout() const;
+  void restoreLayout();
+
+ protected:
+  void closeEvent(QCloseEvent* e) override;
 
  private:
   DeviceTreeModel* model_;
