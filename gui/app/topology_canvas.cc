@@ -31,8 +31,17 @@ QString NodeDetail(const TopologyNode& n) {
   // An offline host's rows keep their last snapshot: say so rather than show stale states.
   QString line = n.offline ? StateCategoryName(StateCategory::kOffline) : n.state;
   if (n.size >= 0) line += QStringLiteral(" · ") + HumanSize(n.size);
-  if (n.dirty > 0) line += QStringLiteral(" · ") + HumanSize(n.dirty) + QStringLiteral(" out of sync");
   return line;
+}
+
+QString NodeNote(const TopologyNode& n) {
+  // A leg's title already names its spec: its device instead; a volume its source.
+  QString note = n.kind == QLatin1String("leg")      ? n.info
+                 : n.kind == QLatin1String("volume") ? n.spec
+                 : n.file.isEmpty()                  ? n.info
+                                                     : n.file;
+  if (n.dirty > 0) note = HumanSize(n.dirty) + QStringLiteral(" dirty") + (note.isEmpty() ? QString() : " · " + note);
+  return note;
 }
 
 QColor StateColor(StateCategory c) {
@@ -123,17 +132,15 @@ class CanvasNodeItem : public QGraphicsItem {
     QFontMetricsF sfm(sf);
     p->drawText(QRectF(text.left(), text.top() + fm.height() + 2, text.width(), sfm.height()),
                 Qt::AlignLeft, sfm.elidedText(NodeDetail(node_), Qt::ElideRight, text.width()));
-    QString third = node_.kind == QLatin1String("leg") || node_.kind == QLatin1String("volume")
-                        ? node_.spec
-                        : node_.file.isEmpty() ? node_.info : node_.file;
+    const QString third = NodeNote(node_);
     p->setPen(QColor(0x55, 0x55, 0x55));
     p->drawText(QRectF(text.left(), text.top() + fm.height() + sfm.height() + 3, text.width(), sfm.height()),
-                Qt::AlignLeft, sfm.elidedText(third, Qt::ElideMiddle, text.width()));
+                Qt::AlignLeft, sfm.elidedText(third, node_.dirty > 0 ? Qt::ElideRight : Qt::ElideMiddle, text.width()));
   }
 
  protected:
   void hoverEnterEvent(QGraphicsSceneHoverEvent*) override {
-    setToolTip(NodeTitle(node_) + '\n' + NodeDetail(node_) + '\n' + node_.info);
+    setToolTip(NodeTitle(node_) + '\n' + NodeDetail(node_) + '\n' + NodeNote(node_));
   }
 
  private:

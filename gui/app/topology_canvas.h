@@ -29,14 +29,16 @@ class CanvasNodeItem;
 class CanvasHostItem;
 
 QColor StateColor(StateCategory c);
-// A node's first two label lines: "array m0", "degraded · 64.0 MiB · 128 KiB out of sync".
+// A node's three label lines: "array m0"; "degraded · 64.0 MiB"; "128.0 KiB dirty · mirror"
+// (out-of-sync bytes first when there are any, then the device, source, FUSE file or info).
 QString NodeTitle(const TopologyNode& n);
 QString NodeDetail(const TopologyNode& n);
+QString NodeNote(const TopologyNode& n);
 
 class TopologyCanvas : public QGraphicsView {
   Q_OBJECT
  public:
-  static constexpr qreal kNodeWidth = 220, kNodeHeight = 54, kGap = 10, kLegIndent = 26;
+  static constexpr qreal kNodeWidth = 240, kNodeHeight = 54, kGap = 10, kLegIndent = 26;
 
   explicit TopologyCanvas(TopologyGraph* graph, QWidget* parent = nullptr);
 

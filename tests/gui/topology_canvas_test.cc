@@ -86,8 +86,11 @@ class TopologyCanvasTest : public QObject {
     tree.setHost(kC, c);
     QCOMPARE(PixelAt(canvas.scene(), Stripe(canvas, leg1)), StateColor(StateCategory::kFailed));
     QCOMPARE(PixelAt(canvas.scene(), Stripe(canvas, m0)), StateColor(StateCategory::kDegraded));
-    QCOMPARE(NodeDetail(*g.node(TopologyGraph::LegKey(kC, "m0", 0))),
-             QStringLiteral("up to date · 16.0 MiB · 128.0 KiB out of sync"));
+    QCOMPARE(NodeDetail(*g.node(TopologyGraph::LegKey(kC, "m0", 0))), QStringLiteral("up to date · 16.0 MiB"));
+    QCOMPARE(NodeNote(*g.node(TopologyGraph::LegKey(kC, "m0", 0))),
+             QStringLiteral("128.0 KiB dirty · file /srv/c0.img"));
+    QCOMPARE(NodeNote(*g.node(m0)), QStringLiteral("128.0 KiB dirty · mirror"));
+    QCOMPARE(NodeNote(*g.node(leg1)), QStringLiteral("file dst://127.0.0.1:7401/e1"));
     QVERIFY(NodeDetail(*g.node(leg1)).startsWith(QStringLiteral("failed")));
     QCOMPARE(NodeTitle(*g.node(m0)), QStringLiteral("array m0"));
 
