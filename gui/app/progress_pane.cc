@@ -143,6 +143,13 @@ bool ProgressPane::selected(QString* host, QString* array, QString* kind) const 
 void ProgressPane::updateButtons() {
   QString host, array, kind;
   const bool any = selected(&host, &array, &kind);
+  // Start from the array's current limit (MiB/s, rounded up so a small limit is not shown as
+  // unlimited).
+  if (any) {
+    const qint64 limit =
+        view_->selectionModel()->selectedRows().first().data(ProgressModel::RateLimitRole).toLongLong();
+    if (limit >= 0) rate_->setValue(int(std::min<qint64>((limit + (1 << 20) - 1) >> 20, rate_->maximum())));
+  }
   set_rate_->setEnabled(any);
   cancel_verify_->setEnabled(any && kind == QLatin1String("verifying"));
 }

@@ -1,7 +1,8 @@
 // ProgressPane: the running resync passes and verifies (ProgressModel) in a table: a bar for
 // the percentage, the rate with a small graph of its recent history (ProgressDelegate paints
 // RateHistoryRole), ETA and bytes.  Controls act on the selected row through HostCalls:
-//   * "Limit" + "Set": array.set_resync_rate {name, max} (MiB/s; 0 = unlimited), live;
+//   * "Limit" + "Set": array.set_resync_rate {name, max} (MiB/s; 0 = unlimited), live; selecting
+//     a row shows its array's current limit;
 //   * "Cancel verify": array.verify {name, cancel: true} on a verify row.
 // dstd has no resync pause method (docs/control.md), so there is no pause button.
 #pragma once

@@ -77,7 +77,7 @@ json Snapshot() {
           {"volumes", json::array()},
           {"arrays",
            {{{"name", "m0"}, {"state", "resyncing"}, {"legs", json::array()}, {"progress", {resync}},
-             {"verify", nullptr}},
+             {"verify", nullptr}, {"resync_rate", {{"min", 0}, {"max", 100 << 20}}}},
             {{"name", "m1"}, {"state", "clean"}, {"legs", json::array()}, {"progress", json::array()},
              {"verify", verify}}}}};
 }
@@ -179,6 +179,8 @@ class ProgressPaneTest : public QObject {
     QVERIFY(!pane.setRateButton()->isEnabled());  // nothing selected
     SelectArray(pane, "m0");
     QVERIFY(pane.setRateButton()->isEnabled());
+    QCOMPARE(pane.rateLimit()->value(), 100);  // the array's current limit
+    QCOMPARE(model.index(0, 0).data(ProgressModel::RateLimitRole).toLongLong(), qint64(100) << 20);
     QVERIFY(!pane.cancelVerifyButton()->isEnabled());  // a resync row
     pane.rateLimit()->setValue(50);
     QTest::mouseClick(pane.setRateButton(), Qt::LeftButton);
@@ -198,6 +200,8 @@ class ProgressPaneTest : public QObject {
     QCOMPARE(d.Requests("array.set_resync_rate")[1]["params"]["max"], json(0));
 
     SelectArray(pane, "m1");
+    QCOMPARE(pane.rateLimit()->value(), 0);  // m1 says nothing: the spin box keeps its value
+    QCOMPARE(model.index(1, 0).data(ProgressModel::RateLimitRole).toLongLong(), qint64(-1));
     QVERIFY(pane.cancelVerifyButton()->isEnabled());
     QTest::mouseClick(pane.cancelVerifyButton(), Qt::LeftButton);
     QTRY_COMPARE(d.Requests("array.verify").size(), std::size_t(1));
