@@ -49,6 +49,7 @@ PACKAGES=(
   clang-14 libclang-rt-14-dev                       # libFuzzer, ASan, UBSan (test --sanitize, tests/fuzz)
   git python3 python3-prometheus-client             # tools/get-maintainer; metrics format test
   libsystemd-dev lintian mmdebstrap                 # sd_notify (Type=notify, watchdog); package checks
+  desktop-file-utils                                # desktop-file-validate (dst-gui.desktop test)
 )
 
 if [[ -t 1 ]]; then

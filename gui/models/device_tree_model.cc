@@ -18,6 +18,7 @@ struct DeviceTreeModel::Node {
   qint64 size = -1;
   qint64 dirty = -1;
   QString engine_state;
+  QString spec, file;    // SpecRole, FileRole
   bool offline = false;  // hosts only
   Node* parent = nullptr;
   std::vector<std::unique_ptr<Node>> children;
@@ -31,13 +32,16 @@ struct DeviceTreeModel::Node {
   bool sameValues(const Node& o) const {
     for (int c = 0; c < kColumnCount; ++c)
       if (col[c] != o.col[c]) return false;
-    return size == o.size && dirty == o.dirty && engine_state == o.engine_state;
+    return size == o.size && dirty == o.dirty && engine_state == o.engine_state &&
+           spec == o.spec && file == o.file;
   }
   void copyValues(const Node& o) {
     for (int c = 0; c < kColumnCount; ++c) col[c] = o.col[c];
     size = o.size;
     dirty = o.dirty;
     engine_state = o.engine_state;
+    spec = o.spec;
+    file = o.file;
   }
 };
 
@@ -90,6 +94,7 @@ NodePtr BuildExport(const json& e) {
       e.value("read_only", false) ? QStringLiteral("exported read-only") : QStringLiteral("exported");
   n->col[DeviceTreeModel::kInfo] =
       QStringLiteral("%1, %2 client(s)").arg(Str(e, "device")).arg(Int(e, "connections", 0));
+  n->spec = Str(e, "path");
   return n;
 }
 
@@ -99,6 +104,8 @@ NodePtr BuildVolume(const json& v) {
   n->col[DeviceTreeModel::kState] = HumanState(n->engine_state);
   QString file = Str(v, "file");
   QString src = Str(v, "source");
+  n->spec = src;
+  n->file = file;
   n->col[DeviceTreeModel::kInfo] =
       (file.isEmpty() ? QStringLiteral("not mounted") : "mounted at " + file) +
       (src.isEmpty() ? QString() : ", from " + src);
@@ -119,6 +126,7 @@ NodePtr BuildLeg(const json& status, const json& leg, std::set<QString>* stack) 
   qint64 slot = Int(leg, "slot", 0);
   n->key = QStringLiteral("slot:%1").arg(slot, 5, 10, QChar('0'));
   QString spec = Str(leg, "spec");
+  n->spec = spec;
   n->col[DeviceTreeModel::kName] = QStringLiteral("%1: %2").arg(slot).arg(spec);
   SetSize(n.get(), Int(leg, "length"));
   n->engine_state = Str(leg, "state");
@@ -165,6 +173,7 @@ NodePtr BuildArray(const json& status, const json& a, std::set<QString>* stack) 
   n->dirty = dirty;
   n->col[DeviceTreeModel::kDirty] = HumanSize(dirty);
   QString file = Str(a, "file");
+  n->file = file;
   n->col[DeviceTreeModel::kInfo] =
       Str(a, "level") + (file.isEmpty() ? QString() : ", mounted at " + file);
   SortChildren(n.get());
@@ -192,12 +201,19 @@ std::vector<NodePtr> BuildHostChildren(const json& status) {
 void SetHostValues(Node* h, const json& status) {
   h->col[DeviceTreeModel::kState] = h->offline ? QStringLiteral("offline") : QStringLiteral("online");
   h->engine_state = h->offline ? "offline" : "online";
+  h->file = Str(status, "mount");
   auto d = status.find("daemon");
   if (d != status.end() && d->is_object()) {
     QString info = "dstd " + Str(*d, "version") + QStringLiteral(", pid %1").arg(Int(*d, "pid", 0));
     QString mount = Str(status, "mount");
     if (!mount.isEmpty()) info += ", mount " + mount;
     h->col[DeviceTreeModel::kInfo] = info;
+    // The address other hosts' dst:// URIs name (docs/control.md `status`: daemon.listen).
+    auto l = d->find("listen");
+    if (l != d->end() && l->is_object())
+      h->spec = Str(*l, "address") + QStringLiteral(":%1").arg(Int(*l, "port", 0));
+    else if (l != d->end() && l->is_string())
+      h->spec = QString::fromStdString(l->get<std::string>());
   }
 }
 
@@ -262,8 +278,10 @@ void DeviceTreeModel::setHost(const QString& host, const json& status) {
   } else {
     h = it->get();
     QVariant before = h->col[kInfo];
+    QString before_spec = h->spec, before_file = h->file;
     SetHostValues(h, status);
-    if (before != h->col[kInfo]) emit dataChanged(indexOf(h, 0), indexOf(h, kColumnCount - 1));
+    if (before != h->col[kInfo] || before_spec != h->spec || before_file != h->file)
+      emit dataChanged(indexOf(h, 0), indexOf(h, kColumnCount - 1));
   }
   mergeChildren(h, BuildHostChildren(status));
 }
@@ -347,6 +365,10 @@ QVariant DeviceTreeModel::data(const QModelIndex& index, int role) const {
       return n->dirty >= 0 ? QVariant(n->dirty) : QVariant();
     case EngineStateRole:
       return n->engine_state;
+    case SpecRole:
+      return n->spec;
+    case FileRole:
+      return n->file;
     case OfflineRole: {
       const Node* h = n;
       while (h->parent != root_.get()) h = h->parent;

@@ -38,6 +38,10 @@ class DeviceTreeModel : public QAbstractItemModel {
     DirtyBytesRole,               // qint64: a leg's out-of-sync bytes, an array's total
     EngineStateRole,              // the daemon's word ("clean", "split-brain", ...)
     OfflineRole,                  // bool: the row's host is offline
+    SpecRole,                     // what the row is built on: a leg's spec, a volume's source
+                                  // URI, an export's path, a host's listen address "addr:port"
+    FileRole,                     // a volume's or array's FUSE file when mounted, a host's FUSE
+                                  // mount point, else empty
   };
 
   explicit DeviceTreeModel(QObject* parent = nullptr);

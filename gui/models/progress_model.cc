@@ -43,6 +43,7 @@ std::vector<ProgressModel::Row> RowsOf(const QString& host, const json& status) 
   for (const json& a : *arrays) {
     if (!a.is_object()) continue;
     QString name = QString::fromStdString(a.value("name", ""));
+    const std::size_t first = rows.size();
     auto progress = a.find("progress");
     if (progress != a.end() && progress->is_array())
       for (const json& p : *progress)
@@ -51,6 +52,9 @@ std::vector<ProgressModel::Row> RowsOf(const QString& host, const json& status) 
     auto v = a.find("verify");
     if (v != a.end() && v->is_object() && v->value("state", "") == "running")
       rows.push_back(MakeRow(host, name, "verify", -1, *v));
+    auto rate = a.find("resync_rate");
+    const qint64 limit = rate != a.end() && rate->is_object() ? qint64(Num(*rate, "max", -1)) : -1;
+    for (std::size_t i = first; i < rows.size(); ++i) rows[i].limit = limit;
   }
   std::sort(rows.begin(), rows.end(), [](const auto& x, const auto& y) { return x.key < y.key; });
   rows.erase(std::unique(rows.begin(), rows.end(),
@@ -91,12 +95,16 @@ void ProgressModel::mergeHost(const QString& host, std::vector<Row> want) {
       [&](std::size_t i, std::size_t j) {
         Row& r = rows_[base + i];
         const Row& w = want[j];
-        if (r.done == w.done && r.total == w.total && r.percent == w.percent && r.rate == w.rate &&
-            r.eta == w.eta)
+        const bool same = r.done == w.done && r.total == w.total && r.percent == w.percent &&
+                          r.rate == w.rate && r.eta == w.eta;
+        if (same && r.limit == w.limit)
           return;  // the same snapshot again (another object changed): no new sample
-        r.done = w.done, r.total = w.total, r.percent = w.percent, r.rate = w.rate, r.eta = w.eta;
-        r.history.push_back(w.rate);
-        while (r.history.size() > std::size_t(kHistory)) r.history.pop_front();
+        if (!same) {  // a limit change alone is no new sample either
+          r.done = w.done, r.total = w.total, r.percent = w.percent, r.rate = w.rate, r.eta = w.eta;
+          r.history.push_back(w.rate);
+          while (r.history.size() > std::size_t(kHistory)) r.history.pop_front();
+        }
+        r.limit = w.limit;
         emit dataChanged(index(int(base + i), 0), index(int(base + i), kColumnCount - 1));
       });
 }
@@ -160,6 +168,7 @@ QVariant ProgressModel::data(const QModelIndex& index, int role) const {
     case EtaSecondsRole: return r.eta;
     case BytesDoneRole: return r.done;
     case BytesTotalRole: return r.total;
+    case RateLimitRole: return r.limit;
     default: return {};
   }
 }

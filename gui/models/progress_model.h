@@ -31,6 +31,7 @@ class ProgressModel : public QAbstractTableModel {
     EtaSecondsRole,                      // double, -1 unknown
     BytesDoneRole,                       // qint64
     BytesTotalRole,                      // qint64
+    RateLimitRole,                       // qint64: the array's resync_rate.max (0 unlimited), -1 unknown
   };
 
   explicit ProgressModel(QObject* parent = nullptr);
@@ -51,6 +52,7 @@ class ProgressModel : public QAbstractTableModel {
     int leg = -1;               // -1: a verify compares every leg
     double percent = 0, rate = 0, eta = -1;
     qint64 done = 0, total = 0;
+    qint64 limit = -1;  // RateLimitRole
     std::deque<double> history;
   };
 

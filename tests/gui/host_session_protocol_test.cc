@@ -5,70 +5,17 @@
 // unanswered status counts as a lost connection.
 #include <QtTest/QtTest>
 
-#include <QLocalServer>
-#include <QLocalSocket>
 #include <QTemporaryDir>
 
 #include "host_session.h"
+#include "scripted_daemon.h"
 #include "test_env.h"
 
 using dst::gui::HostSession;
+using dst::test::ScriptedDaemon;
 using nlohmann::json;
 
 namespace {
-
-// Answers status with `snapshot`, events with a subscription, anything else with {}; keeps
-// every request it got, per connection.
-class ScriptedDaemon : public QObject {
- public:
-  explicit ScriptedDaemon(const QString& path) {
-    QObject::connect(&server_, &QLocalServer::newConnection, this, [this] {
-      while (QLocalSocket* s = server_.nextPendingConnection()) {
-        conn_ = s;
-        ++connections;
-        QObject::connect(s, &QLocalSocket::readyRead, this, [this, s] { Read(s); });
-      }
-    });
-    ok = server_.listen(path);
-  }
-  void Send(const json& line) {
-    conn_->write(QByteArray::fromStdString(line.dump() + "\n"));
-    conn_->flush();
-  }
-  void Drop() {
-    conn_->disconnectFromServer();
-    conn_ = nullptr;
-  }
-  // The requests of method `m` so far.
-  std::vector<json> Requests(const std::string& m) const {
-    std::vector<json> v;
-    for (const json& r : requests)
-      if (r["method"] == m) v.push_back(r);
-    return v;
-  }
-
-  bool ok = false;
-  bool mute_status = false;
-  int connections = 0;
-  json snapshot = {{"exports", json::array()}, {"volumes", json::array()}, {"arrays", json::array()}};
-  std::vector<json> requests;
-
- private:
-  void Read(QLocalSocket* s) {
-    while (s->canReadLine()) {
-      json req = json::parse(s->readLine().toStdString());
-      requests.push_back(req);
-      json result = json::object();
-      if (req["method"] == "status" && mute_status) continue;  // a hung dstd
-      if (req["method"] == "status") result = snapshot;
-      if (req["method"] == "events")
-        result = {{"subscribed", true}, {"first_seq", 1}, {"last_seq", 8}, {"capacity", 4096}};
-      s->write(QByteArray::fromStdString(json({{"id", req["id"]}, {"result", result}}).dump() + "\n"));
-    }
-  }
-  QLocalServer server_;
-  QLocalSocket* conn_ = nullptr;
-};
 
 json Mirror(double percent) {
   return {{"name", "m0"},
