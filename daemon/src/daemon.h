@@ -215,6 +215,8 @@ class Daemon {
   void BatchRpc(const control::Request& req, Reply reply);
   // Runs `steps` as apply and batch do: each finished step logged and pushed as an `apply_step`
   // event, with `extra(i)`'s members added for step i when given.
+  // `reply` that first clears apply_busy_ (apply and batch reply once, on every path).
+  Reply ReleasingBusy(Reply reply);
   ApplyOutcome RunPlan(std::vector<Step>& steps,
                        const std::function<nlohmann::json(std::size_t)>& extra = {});
   Status StartArrays();              // main thread, after volumes

@@ -1140,10 +1140,12 @@ void Daemon::OperationRpc(const ctl::Request& req, Reply reply) {
 
 void Daemon::ApplyRpc(const ctl::Request& req, Reply reply) {
   const json& p = req.params;
-  auto fail = [id = req.id, reply](const char* code, const std::string& message,
-                                   const json& reasons = json()) {
+  // Replaced once this apply owns apply_busy_ (ReleasingBusy).
+  auto send = std::make_shared<Reply>(std::move(reply));
+  auto fail = [id = req.id, send](const char* code, const std::string& message,
+                                  const json& reasons = json()) {
     spdlog::info("control: apply failed: {}", message);
-    reply(reasons.is_array() ? ctl::EncodeError(id, code, message, reasons)
+    (*send)(reasons.is_array() ? ctl::EncodeError(id, code, message, reasons)
                              : ctl::EncodeError(id, code, message));
   };
   auto str = [&](const char* k) {
@@ -1155,11 +1157,8 @@ void Daemon::ApplyRpc(const ctl::Request& req, Reply reply) {
   if (source.empty()) source = "apply";
   bool dry_run = flag("dry_run"), prune = flag("prune");
   if (apply_busy_.exchange(true)) return fail(ctl::kBusy, "another apply is running");
-  workers_.Post([this, text, source, dry_run, prune, fail, reply, id = req.id] {
-    struct Release {
-      std::atomic<bool>& b;
-      ~Release() { b = false; }
-    } release{apply_busy_};
+  *send = ReleasingBusy(std::move(*send));
+  workers_.Post([this, text, source, dry_run, prune, fail, send, id = req.id] {
     auto cfg = ParseConfig(text, source);
     if (!cfg.ok()) return fail(ControlErrorCode(cfg.status()), Msg(cfg.status()));
     std::vector<std::string> kept;
@@ -1193,7 +1192,7 @@ void Daemon::ApplyRpc(const ctl::Request& req, Reply reply) {
     json res{{"plan", plan_text}, {"dry_run", dry_run}, {"prune", prune}, {"kept", kept},
              {"done", json::array()}, {"steps", reports}, {"failed", false}};
     if (dry_run) {
-      reply(ctl::EncodeResult(id, res));
+      (*send)(ctl::EncodeResult(id, res));
       return;
     }
     ApplyOutcome out = RunPlan(steps);
@@ -1212,8 +1211,16 @@ void Daemon::ApplyRpc(const ctl::Request& req, Reply reply) {
       res["error_code"] = failed.error_code;
       spdlog::warn("apply: {}", res["error"].get<std::string>());
     }
-    reply(ctl::EncodeResult(id, res));
+    (*send)(ctl::EncodeResult(id, res));
   });
+}
+
+// Frees apply_busy_ before the reply goes out: a client may send the next apply right after it.
+Daemon::Reply Daemon::ReleasingBusy(Reply reply) {
+  return [this, reply = std::move(reply)](std::string line) {
+    apply_busy_ = false;
+    return reply(std::move(line));
+  };
 }
 
 ApplyOutcome Daemon::RunPlan(std::vector<Step>& steps,
@@ -1268,16 +1275,13 @@ void Daemon::BatchRpc(const ctl::Request& req, Reply reply) {
     reply(ctl::EncodeError(req.id, ctl::kBusy, "another apply or batch is running"));
     return;
   }
+  reply = ReleasingBusy(std::move(reply));
   workers_.Post([this, reqs = std::move(reqs), dry_run, reply, id = req.id]() mutable {
-    struct Release {
-      std::atomic<bool>& b;
-      ~Release() { b = false; }
-    } release{apply_busy_};
     PlanContext ctx;
     std::vector<std::unique_ptr<Operation>> ops;
     std::vector<Step> steps;
     std::vector<std::size_t> step_op;  // step -> its operation's index
-    json res_ops = json::array();
+    json res_ops = json::array(), refusals = json::array();  // refusals: each with its "op"
     bool valid = true;
     for (std::size_t i = 0; i < reqs.size(); ++i) {
       auto op = MakeOperation(*this, std::move(reqs[i].second));
@@ -1296,7 +1300,11 @@ void Daemon::BatchRpc(const ctl::Request& req, Reply reply) {
       json o{{"method", reqs[i].first}, {"reasons", json::array()}, {"steps", json::array()}};
       if (!refused.empty()) {
         valid = false;
-        for (auto& r : refused) o["reasons"].push_back(ctl::ToJson(r));
+        for (auto& r : refused) {
+          o["reasons"].push_back(ctl::ToJson(r));
+          refusals.push_back(ctl::ToJson(r));
+          refusals.back()["op"] = i;
+        }
         o["status"] = "refused";
       } else {
         op->Planned(&ctx);
@@ -1333,8 +1341,8 @@ void Daemon::BatchRpc(const ctl::Request& req, Reply reply) {
                       : n_failed || n_done               ? "failed"
                                                           : "not run";
       }
-      return json{{"dry_run", dry_run}, {"valid", valid}, {"ops", res_ops}, {"plan", plan},
-                  {"steps", all}, {"done", done}, {"failed", false}};
+      return json{{"dry_run", dry_run}, {"valid", valid}, {"refusals", refusals}, {"ops", res_ops},
+                  {"plan", plan}, {"steps", all}, {"done", done}, {"failed", false}};
     };
     std::vector<ctl::StepReport> planned;
     for (auto& s : steps) planned.push_back(ctl::StepReport{s.info, ctl::StepStatus::kNotRun, {}, {}});
@@ -1354,6 +1362,8 @@ void Daemon::BatchRpc(const ctl::Request& req, Reply reply) {
                                  step_op[out.done], reqs[step_op[out.done]].first,
                                  failed.step.description, failed.error, out.done, steps.size());
       res["error_code"] = failed.error_code;
+      res["failed_op"] = step_op[out.done];
+      res["failed_step"] = res["steps"][out.done];
       spdlog::warn("batch: {}", res["error"].get<std::string>());
     }
     reply(ctl::EncodeResult(id, res));
