@@ -12,6 +12,7 @@
 #include <filesystem>
 
 #include "array_helpers.h"
+#include "event_tap.h"
 #include "test_env.h"
 
 using namespace dst::test;
@@ -139,6 +140,7 @@ class BatchTest : public QObject {
 
     EventTap tap;
     QVERIFY(tap.Start(d));
+    QThread::msleep(1000);  // subscribed (the subscription's reply is not printed)
     json run = Batch(d, dir.path(), ops, false, &rc, &err);
     QVERIFY2(rc == 0 && run["failed"] == false, (err + QByteArray::fromStdString(run.dump())).constData());
     QCOMPARE(run["done"].size(), std::size_t(3));

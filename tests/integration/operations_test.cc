@@ -15,6 +15,7 @@
 #include <filesystem>
 
 #include "array_helpers.h"
+#include "event_tap.h"
 #include "test_env.h"
 
 using namespace dst::test;
@@ -181,6 +182,7 @@ class OperationsTest : public QObject {
     // Applied: every step done, each reported as it finished (apply_step events).
     EventTap tap;
     QVERIFY(tap.Start(d));
+    QThread::msleep(1000);  // subscribed (the subscription's reply is not printed)
     json done = CtlJson(d, {"apply", file, "--json"}, &why);
     QVERIFY2(done["steps"].size() == 2 && done["steps"][0]["status"] == "done" &&
                  done["steps"][1]["status"] == "done" && done["failed"] == false,

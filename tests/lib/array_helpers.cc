@@ -1,5 +1,4 @@
 #include "array_helpers.h"
-#include "test_env.h"
 
 #include <fcntl.h>
 #include <stdlib.h>
@@ -271,37 +270,6 @@ bool WaitUntil(const std::function<bool()>& pred, int timeout_ms, int poll_ms) {
     if (t.elapsed() >= timeout_ms) return false;
     QThread::msleep(poll_ms);
   }
-}
-
-EventTap::~EventTap() {
-  if (p_.state() == QProcess::NotRunning) return;
-  p_.kill();
-  p_.waitForFinished(5000);
-}
-
-bool EventTap::Start(DaemonProcess& d) {
-  p_.start(QString::fromStdString(BinPath("dstctl")), {"--socket", d.control_socket(), "events", "--json"});
-  if (!p_.waitForStarted()) return false;
-  QThread::msleep(1000);  // subscribed (the subscription's reply is not printed)
-  return p_.state() == QProcess::Running;
-}
-
-bool EventTap::Wait(const std::string& type, std::size_t n, int timeout_ms, std::vector<json>* out,
-                    QByteArray* raw) {
-  bool ok = WaitUntil(
-      [&] {
-        p_.waitForReadyRead(100);
-        buf_ += p_.readAllStandardOutput();
-        out->clear();
-        for (auto& line : buf_.split('\n')) {
-          json j = json::parse(line.toStdString(), nullptr, false);
-          if (j.is_object() && j.value("type", "") == type) out->push_back(j);
-        }
-        return out->size() >= n;
-      },
-      timeout_ms);
-  if (raw) *raw = buf_;
-  return ok;
 }
 
 bool WaitArrayClean(DaemonProcess& d, const QString& name, int timeout_ms, json* last) {

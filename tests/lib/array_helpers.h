@@ -13,7 +13,6 @@
 #include <vector>
 
 #include <QByteArray>
-#include <QProcess>
 #include <QString>
 #include <QStringList>
 #include <QTemporaryDir>
@@ -84,21 +83,6 @@ std::uint64_t ResyncWindowBytes(const nlohmann::json& arr, std::uint64_t region_
 
 // Polls pred every poll_ms until it returns true or timeout_ms passes.
 bool WaitUntil(const std::function<bool()>& pred, int timeout_ms, int poll_ms = 50);
-// `dstctl events --json` for the test's duration (killed when destroyed).  Start() waits until
-// it is subscribed; Wait() collects the events of `type` seen so far, in order, until there are
-// at least n (false on timeout; *raw gets everything read, for messages).
-class EventTap {
- public:
-  ~EventTap();
-  bool Start(DaemonProcess& d);
-  bool Wait(const std::string& type, std::size_t n, int timeout_ms, std::vector<nlohmann::json>* out,
-            QByteArray* raw = nullptr);
-
- private:
-  QProcess p_;
-  QByteArray buf_;
-};
-
 // Clean = state "clean", no resync running, every leg up_to_date (mirror).  *last gets the
 // last detail seen (for diagnostics).
 bool WaitArrayClean(DaemonProcess& d, const QString& name, int timeout_ms,
