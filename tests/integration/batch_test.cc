@@ -2,7 +2,8 @@
 //
 //   * Sequenced: an add-leg on an array an earlier operation creates validates; a leg a second
 //     operation also wants is refused leg_in_use with that operation's index; stacking planned
-//     arrays in a cycle is refused cycle; a refused batch changes nothing.
+//     arrays in a cycle is refused cycle, a leg too small for a planned array does_not_fit,
+//     failing every leg of a mirror last_good_leg; a refused batch changes nothing.
 //   * DryRun: the plan comes back typed, per operation, and `status` is unchanged.
 //   * Run: every step runs, each pushed as an apply_step event (source batch, op index).
 //   * FailingStep: a step that fails (an unreachable remote) stops the run; later steps are
@@ -115,6 +116,28 @@ class BatchTest : public QObject {
     QCOMPARE(twice["refusals"].size(), std::size_t(1));
     QCOMPARE(twice["refusals"][0]["code"], json("exists"));
     QCOMPARE(twice["refusals"][0]["op"], json(1));
+
+    // does_not_fit against the planned array's size: a 64 KiB leg for a 16 MiB mirror.
+    const QString small = dir.path() + "/small.img";
+    QVERIFY(MakeSparse(small, 64 << 10));
+    json fit = Batch(d, dir.path(), {Mirror("m1", {l[0], l[1]}), Op("array.add_leg", {{"name", "m1"}, {"leg", P(small)}})},
+                     true, &rc);
+    QCOMPARE(fit["refusals"].size(), std::size_t(1));
+    QCOMPARE(fit["refusals"][0]["code"], json("does_not_fit"));
+    QCOMPARE(fit["refusals"][0]["op"], json(1));
+
+    // last_good_leg counts the legs earlier operations fail.
+    QVERIFY2(d.Ctl({"array", "create", "live", "--level", "mirror", "--assume-clean",
+                    QString::fromStdString(l[3]), QString::fromStdString(l[4])}, nullptr, &err) == 0,
+             err.constData());
+    json last = Batch(d, dir.path(),
+                      {Op("array.fail_leg", {{"name", "live"}, {"slot", 0}}),
+                       Op("array.fail_leg", {{"name", "live"}, {"slot", 1}})}, false, &rc);
+    QCOMPARE(last["refusals"].size(), std::size_t(1));
+    QCOMPARE(last["refusals"][0]["code"], json("last_good_leg"));
+    QCOMPARE(last["refusals"][0]["op"], json(1));
+    json live = ArrayDetail(d, "live");
+    QCOMPARE(LegStateOf(live, 0), std::string("up_to_date"));
   }
 
   void DryRunAndRun() {
