@@ -237,6 +237,47 @@ int Verify(const std::string& socket, const std::string& name, bool repair, bool
   return ctl::VerifyExitCode(v);
 }
 
+// `batch` (docs/control.md): the ops file as is; refusals name the operation (its index) they
+// belong to, a failed step stops the run (exit code of its error), as apply.
+int Batch(const std::string& socket, const std::string& file, bool dry_run, bool as_json) {
+  std::string text;
+  std::FILE* f = file == "-" ? stdin : std::fopen(file.c_str(), "rb");
+  if (!f) return Fail(ctl::kExNoInput, fmt::format("{}: {}", file, std::strerror(errno)));
+  char buf[65536];
+  std::size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) text.append(buf, n);
+  if (f != stdin) std::fclose(f);
+  json ops = json::parse(text, nullptr, false);
+  if (ops.is_object() && ops.contains("ops")) ops = ops["ops"];
+  if (ops.is_discarded() || !ops.is_array())
+    return Fail(ctl::kExDataErr, fmt::format("{}: not a JSON list of operations", file));
+  json result;
+  if (int rc = Call(socket, "batch", json{{"ops", ops}, {"dry_run", dry_run}}, &result); rc != 0)
+    return rc;
+  if (as_json) PrintJson(result);
+  if (!result.value("valid", true)) {
+    std::string first;
+    const json& res_ops = result["ops"];
+    for (std::size_t i = 0; i < res_ops.size(); ++i)
+      for (auto& j : res_ops[i].value("reasons", json::array())) {
+        ctl::Refusal r;
+        if (!ctl::FromJson(j, &r)) continue;
+        if (first.empty()) first = ctl::ErrorCodeForRefusal(r.code);
+        std::fprintf(stderr, "dstctl: batch: operation %zu (%s) refused: %s: %s%s\n", i,
+                     res_ops[i].value("method", std::string()).c_str(), ctl::RefusalCodeName(r.code),
+                     r.message.c_str(), r.owner.empty() ? "" : fmt::format(" (held by {})", r.owner).c_str());
+      }
+    std::fprintf(stderr, "dstctl: batch refused, nothing changed\n");
+    return ctl::ExitCodeForError(first);
+  }
+  if (!as_json) std::fputs(ctl::RenderApply(result).c_str(), stdout);
+  if (result.value("failed", false)) {
+    std::fprintf(stderr, "dstctl: batch: %s\n", result.value("error", std::string("a step failed")).c_str());
+    return ctl::ExitCodeForError(result.value("error_code", std::string("io_error")));
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -387,6 +428,14 @@ int main(int argc, char** argv) {
   bool prune = false;
   apply->add_flag("--prune", prune,
                   "Also remove exports, volumes and arrays that are not in the file");
+
+  std::string batch_file;
+  auto* batch = app.add_subcommand(
+      "batch", "Validate a list of typed operations in order, then run them as one plan");
+  batch->add_option("FILE", batch_file,
+                    "JSON list of {\"method\", \"params\"} operations (or {\"ops\": [...]}); - reads stdin")
+      ->required();
+  batch->add_flag("-n,--dry-run", dry_run, "Validate and print the plan without changing anything");
 
   auto* events = app.add_subcommand("events", "Stream state changes and resync progress (NDJSON with --json)");
   std::uint64_t since_seq = 0;
@@ -603,6 +652,8 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "dstctl: apply: %s\n", result.value("error", std::string("a step failed")).c_str());
       return ctl::ExitCodeForError(result.value("error_code", std::string("io_error")));
     }
+  } else if (batch->parsed()) {
+    return Batch(socket, batch_file, dry_run, as_json);
   } else if (events->parsed()) {
     return Events(socket, as_json,
                   since_opt->count() ? std::optional<std::uint64_t>(since_seq) : std::nullopt);

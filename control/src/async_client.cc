@@ -118,8 +118,11 @@ class AsyncControlClient::Impl : public std::enable_shared_from_this<Impl> {
       Shut("dstd sent a line that is not a JSON object");
       return false;
     }
-    if (!j.contains("result") && !j.contains("error")) {
-      if (!j.contains("type")) {
+    // An event has a "type" and no "id" (an apply_step event of a failed step has an "error"
+    // member too: it is no reply).
+    const bool event = j.contains("type") && !j.contains("id");
+    if (event || (!j.contains("result") && !j.contains("error"))) {
+      if (!event) {
         Shut("dstd sent a line that is neither a reply nor an event");
         return false;
       }

@@ -22,6 +22,8 @@ const std::vector<std::string>& Methods() {
       "hello",
       // issue 11: per-export access lists
       "export.allow",
+      // issue 12: staged operations (the GUI's pending list), validated and run as one plan
+      "batch",
   };
   return kMethods;
 }

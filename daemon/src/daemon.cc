@@ -791,6 +791,8 @@ void Daemon::Handle(ctl::Request req, Reply reply) {
     ArrayRpc(m, p, std::move(finish));
   } else if (m == "apply") {
     ApplyRpc(req, std::move(reply_copy));
+  } else if (m == "batch") {
+    BatchRpc(req, std::move(reply_copy));
   } else if (m == "events") {
     EventsRpc(p, std::move(reply_copy), req.id);
   } else {

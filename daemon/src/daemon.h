@@ -218,6 +218,15 @@ class Daemon {
   void WatchLegs(const std::shared_ptr<Array>& a);
   void WatchVolume(const std::string& name, net::ClientDevice& dev);
   void ApplyRpc(const control::Request& req, Reply reply);  // operations.cc
+  // `batch`: typed operations validated in sequence (each against the plan of those before it),
+  // then run as one plan (operations.cc).
+  void BatchRpc(const control::Request& req, Reply reply);
+  // Runs `steps` as apply and batch do: each finished step logged and pushed as an `apply_step`
+  // event, with `extra(i)`'s members added for step i when given.
+  // `reply` that first clears apply_busy_ (apply and batch reply once, on every path).
+  Reply ReleasingBusy(Reply reply);
+  ApplyOutcome RunPlan(std::vector<Step>& steps,
+                       const std::function<nlohmann::json(std::size_t)>& extra = {});
   Status StartArrays();              // main thread, after volumes
   void StopArrayThreads();
   void CloseArrays();                // Shutdown: after the exporter drained and FUSE is gone

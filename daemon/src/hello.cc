@@ -16,7 +16,7 @@ const char* DaemonVersion() { return DST_VERSION; }
 json Daemon::HelloJson() {
   json layers = json::array();
   for (const LayerInfo* l : Layers()) layers.push_back(l->name);  // the registry (dst/layer.h)
-  json features = json::array({"events", "events_since", "fuse", "apply", "verify", "resolve",
+  json features = json::array({"events", "events_since", "fuse", "apply", "batch", "verify", "resolve",
                                "operations", "nbd_volumes"});
   if (nbd_) features.push_back("nbd");
   return json{{"protocol", ctl::kProtocolVersion},

@@ -163,7 +163,7 @@ class OperationImpl<void> : public Operation {
                                   fmt::format("leg \"{}\": no {} \"{}\"", spec, kind, ls.ref)));
             continue;
           }
-          if (is_array && Below(ls.ref, array)) {
+          if (is_array && Below(ctx, ls.ref, array)) {
             out->push_back(Refuse(RefusalCode::kCycle, obj, "array:" + ls.ref,
                                   "that would stack arrays in a cycle"));
             continue;
@@ -177,6 +177,11 @@ class OperationImpl<void> : public Operation {
       Use holder;
       if (Status s = d_.CheckLegFree(spec, array, -1, ctx.gone, &holder); !s.ok()) {
         out->push_back(Refuse(RefusalCode::kLegInUse, obj, OwnerOf(holder), Msg(s)));
+        continue;
+      }
+      if (auto t = ctx.taken.find(spec); t != ctx.taken.end()) {
+        out->push_back(Refuse(RefusalCode::kLegInUse, obj, t->second,
+                              fmt::format("leg \"{}\" is already {} (planned)", spec, t->second)));
         continue;
       }
       if (!layer || !info) continue;
@@ -199,19 +204,62 @@ class OperationImpl<void> : public Operation {
 
   // True when array `name` is (transitively) a leg of array `of`... i.e. stacking `of` below
   // `name` would close a cycle.
-  bool Below(const std::string& name, const std::string& of) {
-    auto b = d_.FindArray(name);
-    if (!b) return false;
+  // Arrays a plan creates (ctx.arrays) count with their planned legs.
+  bool Below(const PlanContext& ctx, const std::string& name, const std::string& of) {
     std::vector<std::string> legs;
-    {
+    if (auto p = ctx.arrays.find(name); p != ctx.arrays.end()) {
+      legs = p->second.legs;
+    } else if (auto b = d_.FindArray(name)) {
       std::lock_guard<std::mutex> l(d_.mu_);
       legs = b->cfg.legs;
+    } else {
+      return false;
     }
     for (auto& l : legs) {
       if (l == "array:" + of) return true;
-      if (l.rfind("array:", 0) == 0 && Below(l.substr(6), of)) return true;
+      if (l.rfind("array:", 0) == 0 && Below(ctx, l.substr(6), of)) return true;
     }
     return false;
+  }
+
+  // The data size a planned array `cfg` will have, from what its legs give now; 0 when a leg's
+  // size shows only at the step (a remote leg, a block device, another planned array).
+  std::uint64_t PlannedSize(const ArrayConfig& cfg) {
+    const LayerInfo* layer = FindLayer(cfg.level);
+    std::vector<DeviceInfo> infos;
+    for (auto& spec : cfg.legs) {
+      LegSpec ls;
+      if (!ParseLegSpec(spec, &ls).ok()) return 0;
+      std::optional<DeviceInfo> info;
+      if (ls.kind == LegSpec::Kind::kPath) info = PathLegInfo(ls.ref);
+      else if (ls.kind == LegSpec::Kind::kVolume || ls.kind == LegSpec::Kind::kArray)
+        info = LiveDeviceInfo(ls.ref, ls.kind == LegSpec::Kind::kArray);
+      if (!info) return 0;
+      infos.push_back(*info);
+    }
+    if (!layer || infos.empty()) return 0;
+    return layer->usable_size ? layer->usable_size(infos, cfg.params) : 0;
+  }
+
+  // Records that `owner` takes `key` (a leg spec, path or "array:N" / "volume:N").
+  static void Take(PlanContext* ctx, const std::string& key, const std::string& owner) {
+    if (!key.empty()) ctx->taken[key] = owner;
+  }
+  // Forgets every planned use by `owner` or its slots ("array:m" also drops "array:m/slot:1").
+  static void Release(PlanContext* ctx, const std::string& owner) {
+    std::erase_if(ctx->taken, [&](const auto& kv) {
+      return kv.second == owner || kv.second.rfind(owner + "/", 0) == 0;
+    });
+  }
+  static void Remove(PlanContext* ctx, const std::string& obj) {
+    ctx->created.erase(obj);
+    ctx->gone.insert(obj);
+    Release(ctx, obj);
+  }
+  // The refusal for a source an earlier operation of the plan already uses.
+  static ctl::Refusal PlannedUse(const std::string& obj, const std::string& owner) {
+    return Refuse(owner.rfind("array:", 0) == 0 ? RefusalCode::kLegInUse : RefusalCode::kBusy, obj,
+                  owner, fmt::format("{} would already be used by {} (planned)", obj, owner));
   }
 
   std::optional<DeviceInfo> LiveDeviceInfo(const std::string& name, bool is_array) {
@@ -347,6 +395,16 @@ class OperationImpl<ctl::ArrayCreateOp> : public OpBase {
 
   json Result() override { return ArrayResult(cfg_.name); }
 
+  std::string Creates() const override { return "array:" + cfg_.name; }
+  void Planned(PlanContext* ctx) const override {
+    const std::string obj = "array:" + cfg_.name;
+    ctx->gone.erase(obj);
+    ctx->created.insert(obj);
+    ctx->arrays[cfg_.name] = cfg_;
+    for (std::size_t i = 0; i < cfg_.legs.size(); ++i)
+      Take(ctx, cfg_.legs[i], fmt::format("{}/slot:{}", obj, i));
+  }
+
  private:
   ArrayConfig cfg_;
   bool assume_clean_ = false, force_ = false;
@@ -369,6 +427,11 @@ class OperationImpl<ctl::ArrayRemoveOp> : public OpOf<ctl::ArrayRemoveOp> {
                      [this] { return d_.RemoveArray(r_.name); })};
   }
 
+  void Planned(PlanContext* ctx) const override {
+    Remove(ctx, "array:" + r_.name);
+    ctx->arrays.erase(r_.name);
+  }
+
 };
 
 template <>
@@ -378,6 +441,7 @@ class OperationImpl<ctl::LegAddOp> : public OpOf<ctl::LegAddOp> {
 
   std::vector<ctl::Refusal> Validate(const PlanContext& ctx) override {
     std::vector<ctl::Refusal> out;
+    if (auto p = ctx.arrays.find(r_.array); p != ctx.arrays.end()) return ValidatePlanned(ctx, p->second);
     auto a = LiveArray(r_.array, &out);
     if (!a) return out;
     const std::string obj = "array:" + r_.array;
@@ -411,6 +475,32 @@ class OperationImpl<ctl::LegAddOp> : public OpOf<ctl::LegAddOp> {
 
   json Result() override { return ArrayResult(r_.array); }
 
+  void Planned(PlanContext* ctx) const override {
+    std::size_t slot = 0;
+    if (auto p = ctx->arrays.find(r_.array); p != ctx->arrays.end()) {
+      p->second.legs.push_back(r_.leg);
+      slot = p->second.legs.size() - 1;
+    } else if (auto a = d_.FindArray(r_.array)) {
+      std::lock_guard<std::mutex> l(d_.mu_);
+      slot = a->legs.size();  // a free slot may be reused; only the owner's name is shown
+    }
+    Take(ctx, r_.leg, fmt::format("array:{}/slot:{}", r_.array, slot));
+  }
+
+ private:
+  // An array that an earlier operation of the batch creates: checked against its planned config.
+  std::vector<ctl::Refusal> ValidatePlanned(const PlanContext& ctx, const ArrayConfig& cfg) {
+    std::vector<ctl::Refusal> out;
+    const std::string obj = "array:" + r_.array;
+    if (Status s = Daemon::CheckLegChange(cfg, r_.grow); !s.ok()) out.push_back(Refuse(obj, s));
+    if (std::find(cfg.legs.begin(), cfg.legs.end(), r_.leg) != cfg.legs.end())
+      out.push_back(Refuse(RefusalCode::kExists, "leg:" + r_.leg, obj,
+                           fmt::format("\"{}\" is already a leg of \"{}\"", r_.leg, r_.array)));
+    if (!out.empty()) return out;
+    CheckLegs(ctx, r_.array, {r_.leg}, false, FindLayer(cfg.level), cfg.params,
+              r_.grow ? 0 : PlannedSize(cfg), &out);
+    return out;
+  }
 };
 
 Status Daemon::CheckRetire(const std::shared_ptr<Array>& a, int slot, const std::string& op,
@@ -538,6 +628,16 @@ class OperationImpl<ctl::LegChangeOp> : public OpOf<ctl::LegChangeOp> {
   }
 
   json Result() override { return ArrayResult(r_.array); }
+
+  void Planned(PlanContext* ctx) const override {
+    if (r_.action == ctl::LegAction::kReAdd) ctx->legs_gone[r_.array].erase(r_.slot);
+    else ctx->legs_gone[r_.array].insert(r_.slot);
+    const std::string slot = fmt::format("array:{}/slot:{}", r_.array, r_.slot);
+    if (r_.action == ctl::LegAction::kRemove || r_.action == ctl::LegAction::kDetach)
+      Release(ctx, slot);  // a detached leg is a snapshot then: free to be used again
+    else if (r_.action == ctl::LegAction::kReAdd && !r_.leg.empty())
+      Take(ctx, r_.leg, slot);
+  }
 
  private:
   std::string Verb() const {
@@ -685,7 +785,16 @@ class OperationImpl<ctl::ExportAddOp> : public OpBase {
     if (Status s = d_.CheckExportFree(e_, ctx.gone, &holder); !s.ok())
       out.push_back(Refuse(holder.array.empty() ? RefusalCode::kBusy : RefusalCode::kLegInUse,
                            obj, OwnerOf(holder), Msg(s)));
+    else if (auto t = ctx.taken.find(Source()); t != ctx.taken.end())
+      out.push_back(PlannedUse(obj, t->second));
     return out;
+  }
+
+  std::string Creates() const override { return "export:" + e_.name; }
+  void Planned(PlanContext* ctx) const override {
+    ctx->gone.erase(Creates());
+    ctx->created.insert(Creates());
+    Take(ctx, Source(), Creates());
   }
 
   std::vector<Step> Plan() override {
@@ -702,6 +811,10 @@ class OperationImpl<ctl::ExportAddOp> : public OpBase {
   json Result() override { return d_.ExportJsonOf(e_.name); }
 
  private:
+  std::string Source() const {
+    return !e_.path.empty() ? e_.path : !e_.array.empty() ? "array:" + e_.array : "volume:" + e_.volume;
+  }
+
   ExportConfig e_;
 };
 
@@ -771,6 +884,8 @@ class OperationImpl<ctl::ExportRemoveOp> : public OpOf<ctl::ExportRemoveOp> {
                      [this] { return d_.RemoveExport(r_.name); })};
   }
 
+  void Planned(PlanContext* ctx) const override { Remove(ctx, "export:" + r_.name); }
+
 };
 
 template <>
@@ -824,7 +939,16 @@ class OperationImpl<ctl::VolumeImportOp> : public OpBase {
     if (Status s = d_.CheckVolumeFree(c_, ctx.gone, &holder); !s.ok())
       out.push_back(Refuse(holder.array.empty() ? RefusalCode::kBusy : RefusalCode::kLegInUse,
                            obj, OwnerOf(holder), Msg(s)));
+    else if (auto t = ctx.taken.find(Source()); t != ctx.taken.end())
+      out.push_back(PlannedUse(obj, t->second));
     return out;
+  }
+
+  std::string Creates() const override { return "volume:" + c_.name; }
+  void Planned(PlanContext* ctx) const override {
+    ctx->gone.erase(Creates());
+    ctx->created.insert(Creates());
+    Take(ctx, Source(), Creates());
   }
 
   std::vector<Step> Plan() override {
@@ -837,6 +961,8 @@ class OperationImpl<ctl::VolumeImportOp> : public OpBase {
   json Result() override { return d_.VolumeJsonOf(c_.name); }
 
  private:
+  std::string Source() const { return c_.remote.empty() ? c_.path : c_.remote; }
+
   VolumeConfig c_;
 };
 
@@ -870,6 +996,8 @@ class OperationImpl<ctl::VolumeRemoveOp> : public OpOf<ctl::VolumeRemoveOp> {
     return {MakeStep(ctl::StepKind::kRemoveVolume, "volume:" + r_.name, "volume remove " + r_.name,
                      [this] { return d_.RemoveVolume(r_.name); })};
   }
+
+  void Planned(PlanContext* ctx) const override { Remove(ctx, "volume:" + r_.name); }
 
 };
 
@@ -1012,10 +1140,12 @@ void Daemon::OperationRpc(const ctl::Request& req, Reply reply) {
 
 void Daemon::ApplyRpc(const ctl::Request& req, Reply reply) {
   const json& p = req.params;
-  auto fail = [id = req.id, reply](const char* code, const std::string& message,
-                                   const json& reasons = json()) {
+  // Replaced once this apply owns apply_busy_ (ReleasingBusy).
+  auto send = std::make_shared<Reply>(std::move(reply));
+  auto fail = [id = req.id, send](const char* code, const std::string& message,
+                                  const json& reasons = json()) {
     spdlog::info("control: apply failed: {}", message);
-    reply(reasons.is_array() ? ctl::EncodeError(id, code, message, reasons)
+    (*send)(reasons.is_array() ? ctl::EncodeError(id, code, message, reasons)
                              : ctl::EncodeError(id, code, message));
   };
   auto str = [&](const char* k) {
@@ -1027,11 +1157,8 @@ void Daemon::ApplyRpc(const ctl::Request& req, Reply reply) {
   if (source.empty()) source = "apply";
   bool dry_run = flag("dry_run"), prune = flag("prune");
   if (apply_busy_.exchange(true)) return fail(ctl::kBusy, "another apply is running");
-  workers_.Post([this, text, source, dry_run, prune, fail, reply, id = req.id] {
-    struct Release {
-      std::atomic<bool>& b;
-      ~Release() { b = false; }
-    } release{apply_busy_};
+  *send = ReleasingBusy(std::move(*send));
+  workers_.Post([this, text, source, dry_run, prune, fail, send, id = req.id] {
     auto cfg = ParseConfig(text, source);
     if (!cfg.ok()) return fail(ControlErrorCode(cfg.status()), Msg(cfg.status()));
     std::vector<std::string> kept;
@@ -1065,17 +1192,10 @@ void Daemon::ApplyRpc(const ctl::Request& req, Reply reply) {
     json res{{"plan", plan_text}, {"dry_run", dry_run}, {"prune", prune}, {"kept", kept},
              {"done", json::array()}, {"steps", reports}, {"failed", false}};
     if (dry_run) {
-      reply(ctl::EncodeResult(id, res));
+      (*send)(ctl::EncodeResult(id, res));
       return;
     }
-    // Per-step progress: the log, and an `apply_step` event for watchers (the GUI's log pane).
-    ApplyOutcome out = Apply(steps, [this](const ctl::StepReport& r) {
-      spdlog::info("apply: {}: {}{}", r.step.description, ctl::StepStatusName(r.status),
-                   r.error.empty() ? "" : ": " + r.error);
-      json ev = ctl::ToJson(r);
-      ev["type"] = "apply_step";
-      Emit(std::move(ev));
-    });
+    ApplyOutcome out = RunPlan(steps);
     res["steps"] = json::array();
     for (auto& r : out.steps) {
       res["steps"].push_back(ctl::ToJson(r));
@@ -1090,6 +1210,161 @@ void Daemon::ApplyRpc(const ctl::Request& req, Reply reply) {
                                  failed.step.description, failed.error, out.done, steps.size());
       res["error_code"] = failed.error_code;
       spdlog::warn("apply: {}", res["error"].get<std::string>());
+    }
+    (*send)(ctl::EncodeResult(id, res));
+  });
+}
+
+// Frees apply_busy_ before the reply goes out: a client may send the next apply right after it.
+Daemon::Reply Daemon::ReleasingBusy(Reply reply) {
+  return [this, reply = std::move(reply)](std::string line) {
+    apply_busy_ = false;
+    return reply(std::move(line));
+  };
+}
+
+ApplyOutcome Daemon::RunPlan(std::vector<Step>& steps,
+                             const std::function<json(std::size_t)>& extra) {
+  // Per-step progress: the log, and an `apply_step` event for watchers (the GUI's log pane and
+  // apply dialog).
+  std::size_t i = 0;
+  return Apply(steps, [&](const ctl::StepReport& r) {
+    spdlog::info("apply: {}: {}{}", r.step.description, ctl::StepStatusName(r.status),
+                 r.error.empty() ? "" : ": " + r.error);
+    json ev = ctl::ToJson(r);
+    ev["type"] = "apply_step";
+    if (extra) ev.update(extra(i));
+    ++i;
+    Emit(std::move(ev));
+  });
+}
+
+// `batch` (docs/control.md): the typed operations of `ops` in order, each validated against the
+// live state as the ones before it will have left it (PlanContext, as apply), every one checked
+// before the first step runs.  The refusals are reported per operation, as data; with dry_run, or
+// when one is refused, nothing runs.
+void Daemon::BatchRpc(const ctl::Request& req, Reply reply) {
+  static constexpr std::size_t kMaxOps = 256;
+  const json& p = req.params;
+  auto fail = [id = req.id, reply](const std::string& message) {
+    spdlog::info("control: batch failed: {}", message);
+    reply(ctl::EncodeError(id, ctl::kInvalidParams, message));
+  };
+  if (!p.contains("ops") || !p["ops"].is_array())
+    return fail("parameter \"ops\" must be a list of {\"method\", \"params\"} objects");
+  if (p["ops"].size() > kMaxOps) return fail(fmt::format("at most {} operations in a batch", kMaxOps));
+  if (p.contains("dry_run") && !p["dry_run"].is_boolean())
+    return fail("parameter \"dry_run\" must be a boolean");
+  const bool dry_run = p.value("dry_run", false);
+  std::vector<std::pair<std::string, ctl::OpRequest>> reqs;
+  for (std::size_t i = 0; i < p["ops"].size(); ++i) {
+    const json& o = p["ops"][i];
+    const json method = o.is_object() ? o.value("method", json()) : json();
+    if (!method.is_string() || !ctl::IsOperationMethod(method.get<std::string>()))
+      return fail(fmt::format("ops[{}]: \"method\" must name a changing operation "
+                              "(array.create, array.add_leg, export.add, ...)", i));
+    const json params = o.value("params", json::object());
+    ctl::OpRequest op;
+    std::string why;
+    if (!params.is_object() || !ctl::FromParams(method.get<std::string>(), params, &op, &why))
+      return fail(fmt::format("ops[{}] ({}): {}", i, method.get<std::string>(),
+                              params.is_object() ? why : "\"params\" must be an object"));
+    reqs.emplace_back(method.get<std::string>(), std::move(op));
+  }
+  if (apply_busy_.exchange(true)) {
+    reply(ctl::EncodeError(req.id, ctl::kBusy, "another apply or batch is running"));
+    return;
+  }
+  reply = ReleasingBusy(std::move(reply));
+  workers_.Post([this, reqs = std::move(reqs), dry_run, reply, id = req.id]() mutable {
+    PlanContext ctx;
+    std::vector<std::unique_ptr<Operation>> ops;
+    std::vector<Step> steps;
+    std::vector<std::size_t> step_op;  // step -> its operation's index
+    json res_ops = json::array(), refusals = json::array();  // refusals: each with its "op"
+    bool valid = true;
+    for (std::size_t i = 0; i < reqs.size(); ++i) {
+      auto op = MakeOperation(*this, std::move(reqs[i].second));
+      std::vector<ctl::Refusal> refused;
+      // Names clash within the batch too (arrays and volumes share theirs).
+      if (std::string made = op->Creates(); !made.empty()) {
+        std::string name = made.substr(made.find(':') + 1), kind = made.substr(0, made.find(':'));
+        bool clash = ctx.created.count(made) ||
+                     (kind != "export" && ctx.created.count((kind == "array" ? "volume:" : "array:") + name));
+        if (clash)
+          refused.push_back(ctl::Refusal{RefusalCode::kExists, made, {},
+                                         fmt::format("\"{}\" is created by an earlier operation of "
+                                                     "this batch", name)});
+      }
+      if (refused.empty()) refused = op->Validate(ctx);
+      json o{{"method", reqs[i].first}, {"reasons", json::array()}, {"steps", json::array()}};
+      if (!refused.empty()) {
+        valid = false;
+        for (auto& r : refused) {
+          o["reasons"].push_back(ctl::ToJson(r));
+          refusals.push_back(ctl::ToJson(r));
+          refusals.back()["op"] = i;
+        }
+        o["status"] = "refused";
+      } else {
+        op->Planned(&ctx);
+        for (auto& s : op->Plan()) {
+          step_op.push_back(i);
+          steps.push_back(std::move(s));
+        }
+        o["status"] = "not run";
+      }
+      res_ops.push_back(std::move(o));
+      ops.push_back(std::move(op));
+    }
+    auto report = [&](const std::vector<ctl::StepReport>& reports) {
+      json all = json::array(), plan = json::array(), done = json::array();
+      for (auto& o : res_ops) o["steps"] = json::array();
+      for (std::size_t k = 0; k < reports.size(); ++k) {
+        json r = ctl::ToJson(reports[k]);
+        res_ops[step_op[k]]["steps"].push_back(r);
+        r["op"] = step_op[k];
+        all.push_back(std::move(r));
+        plan.push_back(reports[k].step.description);
+        if (reports[k].status == ctl::StepStatus::kDone) done.push_back(reports[k].step.description);
+      }
+      // An operation is done when all its steps are, failed when one failed (or one ran and a
+      // later one did not), else not run.
+      for (auto& o : res_ops) {
+        if (o["status"] == "refused") continue;
+        std::size_t n_done = 0, n_failed = 0;
+        for (auto& st : o["steps"]) {
+          n_done += st["status"] == "done";
+          n_failed += st["status"] == "failed";
+        }
+        o["status"] = n_done == o["steps"].size() && n_done ? "done"
+                      : n_failed || n_done               ? "failed"
+                                                          : "not run";
+      }
+      return json{{"dry_run", dry_run}, {"valid", valid}, {"refusals", refusals}, {"ops", res_ops},
+                  {"plan", plan}, {"steps", all}, {"done", done}, {"failed", false}};
+    };
+    std::vector<ctl::StepReport> planned;
+    for (auto& s : steps) planned.push_back(ctl::StepReport{s.info, ctl::StepStatus::kNotRun, {}, {}});
+    if (dry_run || !valid) {
+      if (!valid) spdlog::info("control: batch refused, nothing changed");
+      reply(ctl::EncodeResult(id, report(planned)));
+      return;
+    }
+    ApplyOutcome out = RunPlan(steps, [&](std::size_t k) {
+      return json{{"source", "batch"}, {"op", step_op[k]}};
+    });
+    json res = report(out.steps);
+    if (!out.error.ok()) {
+      const auto& failed = out.steps[out.done];
+      res["failed"] = true;
+      res["error"] = fmt::format("operation {} ({}): \"{}\" failed: {} ({} of {} steps done)",
+                                 step_op[out.done], reqs[step_op[out.done]].first,
+                                 failed.step.description, failed.error, out.done, steps.size());
+      res["error_code"] = failed.error_code;
+      res["failed_op"] = step_op[out.done];
+      res["failed_step"] = res["steps"][out.done];
+      spdlog::warn("batch: {}", res["error"].get<std::string>());
     }
     reply(ctl::EncodeResult(id, res));
   });

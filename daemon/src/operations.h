@@ -42,6 +42,11 @@ class Daemon;
 struct PlanContext {
   std::set<std::string> gone, created;
   std::map<std::string, std::set<int>> legs_gone;  // array name -> slots
+  // A batch (docs/control.md `batch`) also records, for the operations after each one: the
+  // arrays it creates (their config as planned so far, so a later add-leg can be checked), and
+  // the leg specs, paths and "array:N" / "volume:N" sources it gives an owner (-> that owner).
+  std::map<std::string, ArrayConfig> arrays;
+  std::map<std::string, std::string> taken;
 };
 
 struct Step {
@@ -58,6 +63,10 @@ class Operation {
   virtual std::vector<Step> Plan() = 0;
   // The single-object RPC's result once every step is done (the object's JSON).
   virtual nlohmann::json Result() { return nlohmann::json::object(); }
+  // "array:N", "export:N" or "volume:N" when it creates that object, else "".
+  virtual std::string Creates() const { return {}; }
+  // Records in *ctx what it will have changed, for the operations after it in a batch.
+  virtual void Planned(PlanContext* ctx) const { (void)ctx; }
 };
 
 // REQUIRES: `d` outlives the operation.

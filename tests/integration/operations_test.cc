@@ -15,6 +15,7 @@
 #include <filesystem>
 
 #include "array_helpers.h"
+#include "event_tap.h"
 #include "test_env.h"
 
 using namespace dst::test;
@@ -179,18 +180,8 @@ class OperationsTest : public QObject {
     QVERIFY(!QFile::exists(e1));
 
     // Applied: every step done, each reported as it finished (apply_step events).
-    QProcess ev;
-    ev.start(QString::fromStdString(BinPath("dstctl")),
-             {"--socket", d.control_socket(), "events", "--json"});
-    QVERIFY(ev.waitForStarted());
-    struct Killer {
-      QProcess& p;
-      ~Killer() {
-        if (p.state() == QProcess::NotRunning) return;
-        p.kill();
-        p.waitForFinished(5000);
-      }
-    } killer{ev};
+    EventTap tap;
+    QVERIFY(tap.Start(d));
     QThread::msleep(1000);  // subscribed (the subscription's reply is not printed)
     json done = CtlJson(d, {"apply", file, "--json"}, &why);
     QVERIFY2(done["steps"].size() == 2 && done["steps"][0]["status"] == "done" &&
@@ -199,19 +190,7 @@ class OperationsTest : public QObject {
     QCOMPARE(ExportNames(d), QStringList{"e1"});
     QByteArray events;
     std::vector<json> steps;
-    QVERIFY2(WaitUntil(
-                 [&] {
-                   ev.waitForReadyRead(100);
-                   events += ev.readAllStandardOutput();
-                   steps.clear();
-                   for (auto& line : events.split('\n')) {
-                     json j = json::parse(line.toStdString(), nullptr, false);
-                     if (j.is_object() && j.value("type", "") == "apply_step") steps.push_back(j);
-                   }
-                   return steps.size() >= 2;
-                 },
-                 10000),
-             events.constData());
+    QVERIFY2(tap.Wait("apply_step", 2, 10000, &steps, &events), events.constData());
     QCOMPARE(steps[0]["kind"], json("create_array"));
     QCOMPARE(steps[0]["status"], json("done"));
     QCOMPARE(steps[1]["kind"], json("add_export"));

@@ -1,5 +1,7 @@
 #include "event_tap.h"
 
+#include <QElapsedTimer>
+
 #include "test_env.h"
 
 namespace dst::test {
@@ -20,6 +22,20 @@ std::vector<nlohmann::json> EventTap::Lines() {
     if (j.is_object()) out.push_back(std::move(j));
   }
   return out;
+}
+
+bool EventTap::Wait(const std::string& type, std::size_t n, int timeout_ms,
+                    std::vector<nlohmann::json>* out, QByteArray* raw) {
+  QElapsedTimer t;
+  t.start();
+  for (;;) {
+    out->clear();
+    for (auto& j : Lines())
+      if (j.value("type", "") == type) out->push_back(std::move(j));
+    if (raw) *raw = buf;
+    if (out->size() >= n) return true;
+    if (t.elapsed() >= timeout_ms) return false;
+  }
 }
 
 void EventTap::Kill() {

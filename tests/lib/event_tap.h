@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include <QByteArray>
@@ -20,6 +21,10 @@ struct EventTap {
   // since < 0: a plain subscription (snapshot, then live).
   bool Start(DaemonProcess& d, qint64 since = -1);
   std::vector<nlohmann::json> Lines();
+  // Polls Lines() until at least n events of `type` arrived (*out: those, in order); false on
+  // timeout.  *raw (if given) gets all that was read, for messages.
+  bool Wait(const std::string& type, std::size_t n, int timeout_ms, std::vector<nlohmann::json>* out,
+            QByteArray* raw = nullptr);
   void Kill();
   ~EventTap() { Kill(); }
 };

@@ -173,7 +173,9 @@ class AsyncClientTest : public QObject {
     json sreq = srv.ReadRequest();
     srv.SendJson(json{{"type", "leg_state"}, {"seq", 43}, {"ts", 1.1}, {"state", "resyncing"}});
     srv.Send(ctl::EncodeResult(sreq["id"], json{{"version", 1}}));
-    srv.SendJson(json{{"type", "resync_progress"}, {"seq", 44}, {"ts", 1.2}, {"bytes_done", 5}});
+    // An event may carry an "error" member (a failed apply_step): still an event, no reply.
+    srv.SendJson(json{{"type", "apply_step"}, {"seq", 44}, {"ts", 1.2}, {"status", "failed"},
+                      {"error", "connection refused"}});
     auto fs = sub.get_future(), fst = st.get_future();
     auto f3 = got3.get_future();
     QVERIFY(Ready(fs) && Ready(fst) && Ready(f3));
@@ -183,7 +185,7 @@ class AsyncClientTest : public QObject {
     QCOMPARE(events.size(), std::size_t{3});
     QCOMPARE(events[0]["seq"], json(42));
     QCOMPARE(events[1]["state"], json("resyncing"));
-    QCOMPARE(events[2]["type"], json("resync_progress"));
+    QCOMPARE(events[2]["type"], json("apply_step"));
     QCOMPARE(c->last_seq(), std::uint64_t{44});
   }
 
