@@ -387,7 +387,6 @@ class OperationImpl<ctl::ArrayCreateOp> : public OpBase {
   std::vector<Step> Plan() override {
     std::string text = fmt::format("array create {} --level {} {}", cfg_.name, cfg_.level,
                                    fmt::join(cfg_.legs, " "));
-    const LayerInfo* layer = FindLayer(cfg_.level);
     for (const auto& [k, v] : cfg_.params) text += fmt::format(" --set {}={}", k, v);
     return {MakeStep(ctl::StepKind::kCreateArray, "array:" + cfg_.name, text,
                      [this] { return d_.CreateArray(cfg_, assume_clean_, force_); })};
