@@ -1,6 +1,7 @@
 #include "main_window.h"
 
 #include <QCommandLineParser>
+#include <QDockWidget>
 #include <QHeaderView>
 #include <QInputDialog>
 #include <QMenu>
@@ -12,10 +13,12 @@
 #include <QTreeView>
 
 #include "device_tree_model.h"
+#include "drop_controller.h"
 #include "host_calls.h"
 #include "host_session.h"
 #include "log_model.h"
 #include "offline_tint.h"
+#include "pending_ops_pane.h"
 #include "progress_model.h"
 #include "progress_pane.h"
 #include "row_actions.h"
@@ -49,7 +52,9 @@ MainWindow::MainWindow(const QStringList& hosts, QWidget* parent)
       progress_pane_(new ProgressPane(progress_, calls_)),
       log_view_(new QTableView),
       tabs_(new QTabWidget),
-      runner_(nullptr) {
+      runner_(nullptr),
+      pending_(new PendingOpsPane(log_)),
+      drops_(nullptr) {
   setWindowTitle(tr("dst"));
   auto* tint = new OfflineTint(this);
   tint->setSourceModel(model_);
@@ -112,11 +117,17 @@ MainWindow::MainWindow(const QStringList& hosts, QWidget* parent)
   });
   connect(canvas_, &TopologyCanvas::contextMenuRequested, this,
           [this](const QString& key, const QPoint& global_pos) { showRowMenu(indexOfNode(key), global_pos); });
+  auto* dock = new QDockWidget(tr("Pending operations"), this);
+  dock->setObjectName(QStringLiteral("pending"));
+  dock->setWidget(pending_);
+  addDockWidget(Qt::RightDockWidgetArea, dock);
+  drops_ = new DropController(canvas_, pending_, log_, DropController::DialogUi(this), this);
   for (const QString& h : hosts) {
     auto* s = new HostSession(h, this);
     model_->attach(s);
     progress_->attach(s);
     calls_->addSession(s);
+    pending_->addHost(s);
     s->start();
     sessions_ << s;
   }

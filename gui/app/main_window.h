@@ -13,6 +13,8 @@ class QTreeView;
 namespace dst::gui {
 
 class DeviceTreeModel;
+class DropController;
+class PendingOpsPane;
 class ActionRunner;
 class HostCalls;
 class HostSession;
@@ -43,6 +45,9 @@ class MainWindow : public QMainWindow {
   LogModel* logModel() const { return log_; }
   QTableView* logView() const { return log_view_; }
   HostCalls* calls() const { return calls_; }
+  // Staged drag and drop: the pending-operations dock and the drop handling.
+  PendingOpsPane* pendingPane() const { return pending_; }
+  DropController* drops() const { return drops_; }
   const QList<HostSession*>& sessions() const { return sessions_; }
   // The context menu of a tree row (a DeviceTreeModel index or the view's proxy index); the
   // canvas's nodes map to their tree rows.  Not shown when the row offers nothing.
@@ -71,6 +76,8 @@ class MainWindow : public QMainWindow {
   QTableView* log_view_;
   QTabWidget* tabs_;
   ActionRunner* runner_;
+  PendingOpsPane* pending_;
+  DropController* drops_;
   QList<HostSession*> sessions_;
 };
 

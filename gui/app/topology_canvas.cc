@@ -5,11 +5,13 @@
 
 #include <QApplication>
 #include <QContextMenuEvent>
+#include <QGraphicsItem>
 #include <QGraphicsLineItem>
 #include <QGraphicsPathItem>
 #include <QGraphicsScene>
 #include <QMouseEvent>
 #include <QPainter>
+#include <QTimer>
 
 #include "format.h"
 
@@ -219,7 +221,7 @@ QStringList TopologyCanvas::edgeTexts() const {
 
 bool TopologyCanvas::IsDragSource(const TopologyNode& n) {
   return n.kind == QLatin1String("export") || n.kind == QLatin1String("volume") ||
-         n.kind == QLatin1String("leg");
+         n.kind == QLatin1String("array") || n.kind == QLatin1String("leg");
 }
 
 void TopologyCanvas::sync() {
@@ -399,6 +401,30 @@ void TopologyCanvas::mouseReleaseEvent(QMouseEvent* e) {
   if (moved && graph_->node(source) && dropTargetAt(at, &target) && target != source)
     emit dropRequested(source, target, at);
 }
+
+void TopologyCanvas::showDropRefusal(const QPointF& scene_pos, const QString& reason, int ms) {
+  if (!refusal_timer_) {
+    refusal_box_ = scene_->addRect(QRectF(), QPen(QColor(0xb0, 0x20, 0x20)), QColor(0xff, 0xf0, 0xf0));
+    refusal_ = new QGraphicsSimpleTextItem(refusal_box_);
+    refusal_box_->setZValue(20);
+    refusal_timer_ = new QTimer(this);
+    refusal_timer_->setSingleShot(true);
+    connect(refusal_timer_, &QTimer::timeout, this, [this] { refusal_box_->hide(); });
+  }
+  refusal_->setText(tr("Refused: %1").arg(reason));
+  refusal_->setPos(6, 4);
+  refusal_box_->setRect(QRectF(QPointF(0, 0), refusal_->boundingRect().size() + QSizeF(12, 8)));
+  refusal_box_->setPos(scene_pos + QPointF(8, 8));
+  refusal_box_->show();
+  refusal_box_->setToolTip(reason);
+  refusal_timer_->start(ms);
+}
+
+QString TopologyCanvas::refusalText() const {
+  return refusal_box_ && refusal_box_->isVisible() ? refusal_->text() : QString();
+}
+
+QPointF TopologyCanvas::refusalPos() const { return refusal_box_ ? refusal_box_->pos() : QPointF(); }
 
 void TopologyCanvas::endDrag() {
   drag_source_.clear();

@@ -7,8 +7,8 @@
 // Items are kept by node key and updated in place when the graph changes (live, from the
 // DeviceTreeModel's signals); the layout is recomputed, so nodes do not move by hand.
 //
-// Drag and drop is the hook for the staged operations: pressing on an export, volume or leg
-// and releasing over an array, a host box's empty space or the bare canvas emits
+// Drag and drop is the hook for the staged operations: pressing on an export, volume, array or
+// leg and releasing over an array, a host box's empty space or the bare canvas emits
 // dropRequested(source key, target key, scene point): target is the array's key, the host's
 // key (its socket path) or "" for the bare canvas.  Nothing is checked or staged here.
 #pragma once
@@ -22,6 +22,9 @@
 
 class QGraphicsLineItem;
 class QGraphicsPathItem;
+class QGraphicsRectItem;
+class QGraphicsSimpleTextItem;
+class QTimer;
 
 namespace dst::gui {
 
@@ -54,6 +57,11 @@ class TopologyCanvas : public QGraphicsView {
   // over a node that takes no drops.
   bool dropTargetAt(const QPointF& scene_pos, QString* target) const;
   static bool IsDragSource(const TopologyNode& n);
+  // A refused drop's reason, shown at the drop point for `ms` (a boxed text item); one at a
+  // time.  refusalText() is what shows now ("" when none).
+  void showDropRefusal(const QPointF& scene_pos, const QString& reason, int ms = 6000);
+  QString refusalText() const;
+  QPointF refusalPos() const;
 
  signals:
   void dropRequested(const QString& source_key, const QString& target_key, const QPointF& scene_pos);
@@ -85,6 +93,9 @@ class TopologyCanvas : public QGraphicsView {
   QPoint press_pos_;
   QGraphicsLineItem* drag_line_ = nullptr;
   QString highlight_;
+  QGraphicsSimpleTextItem* refusal_ = nullptr;
+  QGraphicsRectItem* refusal_box_ = nullptr;
+  QTimer* refusal_timer_ = nullptr;
 };
 
 }  // namespace dst::gui

@@ -125,11 +125,17 @@ class TopologyCanvasTest : public QObject {
     QCOMPARE(drops.count(), 1);
     QCOMPARE(drops[0][0].toString(), e4);
     QCOMPARE(drops[0][1].toString(), m1);
-    // An array is no drag source: pressing on it and releasing elsewhere drops nothing.
+    // An export takes no drops: an array released on one drops nothing.
     QTest::mousePress(canvas.viewport(), Qt::LeftButton, {}, to);
+    QTest::mouseMove(canvas.viewport(), (from + to) / 2);
     QTest::mouseMove(canvas.viewport(), from);
     QTest::mouseRelease(canvas.viewport(), Qt::LeftButton, {}, from);
     QCOMPARE(drops.count(), 1);
+    // A refusal shows at the drop point, then goes.
+    canvas.showDropRefusal(QPointF(50, 60), "does not fit", 50);
+    QCOMPARE(canvas.refusalText(), QStringLiteral("Refused: does not fit"));
+    QCOMPARE(canvas.refusalPos(), QPointF(58, 68));
+    QTRY_VERIFY(canvas.refusalText().isEmpty());
   }
 
   void windowShowsCanvasNextToTree() {

@@ -1,0 +1,232 @@
+// Staged drag and drop in dst-gui's window (offscreen) against a real dstd (label gui): QTest
+// mouse drags on the canvas stage typed operations through the engine's dry run (an export onto
+// a mirror -> array.add_leg with the export's dst:// URI; an export onto the empty canvas ->
+// array.create with a level from hello's layers; an array onto another -> a stacked leg);
+// invalid drops (the same leg twice, stacked arrays that do not fit, a leg onto an array) are refused with the reason shown at the drop point and logged,
+// and nothing is staged; the dock's Undo/Redo buttons and Ctrl+Z / Ctrl+Shift+Z; nothing changes
+// on the host before Apply; Apply through the dialog shows the plan, runs it step by step and
+// the new leg and array appear in the window.
+#include <QtTest/QtTest>
+
+#include <QLabel>
+#include <QListView>
+#include <QListWidget>
+#include <QPushButton>
+#include <filesystem>
+
+#include "daemon_process.h"
+#include "drop_controller.h"
+#include "log_model.h"
+#include "main_window.h"
+#include "pending_ops_model.h"
+#include "pending_ops_pane.h"
+#include "test_env.h"
+#include "topology_canvas.h"
+#include "topology_graph.h"
+
+using namespace dst::gui;
+using namespace dst::test;
+using nlohmann::json;
+
+namespace {
+
+bool MakeImage(const QString& path, qint64 size) {
+  QFile f(path);
+  return f.open(QIODevice::WriteOnly) && f.resize(size);
+}
+
+// Press on `from`'s node, move, release at viewport point `to`.
+void Drag(TopologyCanvas* c, const QString& from, QPoint to) {
+  QPoint p = c->mapFromScene(c->nodeRect(from).center());
+  QVERIFY2(c->viewport()->rect().contains(p) && c->viewport()->rect().contains(to), qPrintable(from));
+  QTest::mousePress(c->viewport(), Qt::LeftButton, {}, p);
+  QTest::mouseMove(c->viewport(), (p + to) / 2);
+  QTest::mouseMove(c->viewport(), to);
+  QTest::mouseRelease(c->viewport(), Qt::LeftButton, {}, to);
+}
+
+QPoint Center(TopologyCanvas* c, const QString& key) { return c->mapFromScene(c->nodeRect(key).center()); }
+
+int LegCount(DaemonProcess& d, const std::string& array) {
+  QByteArray out;
+  if (d.Ctl({"array", "list", "--json"}, &out) != 0) return -1;
+  json j = json::parse(out.toStdString(), nullptr, false);
+  if (!j.is_object()) return -1;
+  for (const json& a : j.value("arrays", json::array()))
+    if (a.value("name", "") == array) return static_cast<int>(a.value("legs", json::array()).size());
+  return 0;
+}
+
+bool LogHas(LogModel* log, const QString& text) {
+  for (int r = 0; r < log->rowCount(); ++r)
+    for (int c = 0; c < log->columnCount(); ++c)
+      if (log->index(r, c).data().toString().contains(text)) return true;
+  return false;
+}
+
+}  // namespace
+
+class StagedDropTest : public QObject {
+  Q_OBJECT
+ private slots:
+  void dropStageUndoApply() {
+    DST_REQUIRE(std::filesystem::exists(BinPath("dstd")) && std::filesystem::exists(BinPath("dstctl")),
+                "dstd and dstctl not built");
+    QTemporaryDir dir;
+    QVERIFY(dir.isValid());
+    for (const char* n : {"l0", "l1", "l2", "l3", "l4", "l5"})
+      QVERIFY(MakeImage(dir.path() + "/" + n + ".img", qint64(n[1] >= '4' ? 20 : 16) << 20));
+    DaemonProcess d(dir.path() + "/a");
+    QVERIFY2(d.Start(), d.Log().right(2000).constData());
+    QByteArray out, err;
+    QVERIFY2(d.Ctl({"export", "add", "e1", dir.path() + "/e1.img", "--size", "16M"}, &out, &err) == 0, err.constData());
+    QVERIFY2(d.Ctl({"export", "add", "tiny", dir.path() + "/tiny.img", "--size", "1M"}, &out, &err) == 0, err.constData());
+    QVERIFY2(d.Ctl({"array", "create", "m0", "--level", "mirror", "--assume-clean", dir.path() + "/l0.img",
+                    dir.path() + "/l1.img"}, &out, &err) == 0, err.constData());
+    QVERIFY2(d.Ctl({"array", "create", "s1", "--level", "mirror", "--assume-clean", dir.path() + "/l2.img",
+                    dir.path() + "/l3.img"}, &out, &err) == 0, err.constData());
+    QVERIFY2(d.Ctl({"array", "create", "b1", "--level", "mirror", "--assume-clean", dir.path() + "/l4.img",
+                    dir.path() + "/l5.img"}, &out, &err) == 0, err.constData());
+
+    const QString host = d.control_socket();
+    MainWindow w({host});
+    // The questions a drop asks, scripted: the levels offered are recorded.
+    QStringList levels_offered;
+    DropController::Ui ui;
+    ui.askCreate = [&](const QStringList& levels, const QStringList& hosts, const QStringList&,
+                       const DropChoices& defaults) -> std::optional<DropChoices> {
+      levels_offered = levels;
+      if (hosts != QStringList{host} || defaults.host != host) return std::nullopt;
+      DropChoices c = defaults;
+      c.level = "linear";
+      c.name = "lin";
+      return c;
+    };
+    ui.askRemoveLeg = [](const QString&) { return std::optional<bool>(); };
+    w.drops()->setUi(ui);
+    w.resize(1600, 1600);
+    w.show();
+    QVERIFY(QTest::qWaitForWindowExposed(&w));
+    TopologyCanvas* canvas = w.canvas();
+    const QString e1 = TopologyGraph::ObjectKey(host, "export", "e1");
+    const QString tiny = TopologyGraph::ObjectKey(host, "export", "tiny");
+    const QString m0 = TopologyGraph::ObjectKey(host, "array", "m0");
+    QTRY_VERIFY_WITH_TIMEOUT(canvas->itemOf(e1) && canvas->itemOf(tiny) && canvas->itemOf(m0) &&
+                                 canvas->itemOf(TopologyGraph::ObjectKey(host, "array", "b1")), 10000);
+    PendingOpsPane* pane = w.pendingPane();
+    PendingOpsModel* model = pane->model(host);
+    QVERIFY(model);
+    QSignalSpy refused(w.drops(), &DropController::refused);
+
+    // An export onto the mirror: the add-leg is staged, as its dst:// URI.
+    Drag(canvas, e1, Center(canvas, m0));
+    QTRY_COMPARE_WITH_TIMEOUT(model->rowCount(), 1, 5000);
+    const std::string uri = "dst://127.0.0.1:" + std::to_string(d.port()) + "/e1";
+    QCOMPARE(model->ops()[0], (json{{"method", "array.add_leg"}, {"params", {{"name", "m0"}, {"leg", uri}}}}));
+    QCOMPARE(refused.count(), 0);
+    QCOMPARE(pane->currentHost(), host);
+    QCOMPARE(pane->view()->model(), model);
+
+    // The same leg again: the engine refuses; the reason shows at the drop point; nothing staged.
+    const QPoint at = Center(canvas, m0) + QPoint(5, 3);
+    Drag(canvas, e1, at);
+    QTRY_COMPARE_WITH_TIMEOUT(refused.count(), 1, 5000);
+    QCOMPARE(model->rowCount(), 1);
+    const QString reason = refused[0][0].toString();
+    QVERIFY2(reason.contains("leg_in_use") || reason.contains("in use"), qPrintable(reason));
+    QCOMPARE(canvas->refusalText(), "Refused: " + reason);
+    QCOMPARE(canvas->refusalPos(), canvas->mapToScene(at) + QPointF(8, 8));
+    QVERIFY(LogHas(w.logModel(), "drop refused: " + reason));
+
+    // Stacking: s1 (over 16 MiB files, less data than m0 needs) does not fit; b1 (20 MiB legs)
+    // is staged, and m0 onto b1 then is refused too (the engine says does_not_fit before it
+    // gets to the cycle).  Refusals show their reason; nothing is staged.
+    const QString s1 = TopologyGraph::ObjectKey(host, "array", "s1");
+    const QString b1 = TopologyGraph::ObjectKey(host, "array", "b1");
+    Drag(canvas, s1, Center(canvas, m0));
+    QTRY_COMPARE_WITH_TIMEOUT(refused.count(), 2, 5000);
+    QVERIFY2(canvas->refusalText().contains("does_not_fit"), qPrintable(canvas->refusalText()));
+    QCOMPARE(model->rowCount(), 1);
+    Drag(canvas, b1, Center(canvas, m0));
+    QTRY_VERIFY_WITH_TIMEOUT(model->rowCount() == 2 || refused.count() == 3, 5000);
+    QVERIFY2(model->rowCount() == 2, qPrintable(canvas->refusalText()));
+    QCOMPARE(model->ops()[1], (json{{"method", "array.add_leg"}, {"params", {{"name", "m0"}, {"leg", "array:b1"}}}}));
+    Drag(canvas, m0, Center(canvas, b1));
+    QTRY_COMPARE_WITH_TIMEOUT(refused.count(), 3, 5000);
+    QVERIFY2(canvas->refusalText().contains("array:m0"), qPrintable(canvas->refusalText()));
+    QCOMPARE(model->rowCount(), 2);
+
+    // A leg onto an array: refused by the mapper, with its reason.
+    Drag(canvas, TopologyGraph::LegKey(host, "m0", 0), Center(canvas, m0));
+    QCOMPARE(refused.count(), 4);
+    QVERIFY(canvas->refusalText().contains("detaching"));
+    QVERIFY(LogHas(w.logModel(), "detaching"));
+    QCOMPARE(model->rowCount(), 2);
+
+    // Undo and redo: the buttons, then the shortcuts.
+    QVERIFY(pane->undoButton()->isEnabled());
+    QVERIFY(!pane->redoButton()->isEnabled());
+    QTest::mouseClick(pane->undoButton(), Qt::LeftButton);
+    QTest::mouseClick(pane->undoButton(), Qt::LeftButton);
+    QCOMPARE(model->rowCount(), 0);
+    QVERIFY(!pane->undoButton()->isEnabled());
+    QVERIFY(pane->redoButton()->isEnabled());
+    QVERIFY(!pane->applyButton()->isEnabled());
+    QTest::mouseClick(pane->redoButton(), Qt::LeftButton);
+    QCOMPARE(model->rowCount(), 1);
+    w.activateWindow();
+    QVERIFY(QTest::qWaitForWindowActive(&w));
+    QTest::keyClick(&w, Qt::Key_Z, Qt::ControlModifier);
+    QCOMPARE(model->rowCount(), 0);
+    QTest::keyClick(&w, Qt::Key_Z, Qt::ControlModifier | Qt::ShiftModifier);
+    QTest::keyClick(&w, Qt::Key_Z, Qt::ControlModifier | Qt::ShiftModifier);
+    QCOMPARE(model->rowCount(), 2);
+    QCOMPARE(model->ops()[1]["params"]["leg"], json("array:b1"));
+    // Remove drops the selected row; undo brings it back.
+    pane->view()->setCurrentIndex(model->index(1));
+    QTest::mouseClick(pane->removeButton(), Qt::LeftButton);
+    QCOMPARE(model->rowCount(), 1);
+    QTest::mouseClick(pane->undoButton(), Qt::LeftButton);
+    QCOMPARE(model->rowCount(), 2);
+
+    // An export onto the empty canvas: a new array, its level from hello's layer registry.
+    const QPoint empty(canvas->viewport()->width() - 10, canvas->viewport()->height() - 10);
+    QString target;
+    QVERIFY(canvas->dropTargetAt(canvas->mapToScene(empty), &target));
+    Drag(canvas, tiny, empty);
+    QTRY_COMPARE_WITH_TIMEOUT(model->rowCount(), 3, 5000);
+    QVERIFY(levels_offered.contains("mirror") && levels_offered.contains("linear") && levels_offered.contains("raid0"));
+    QCOMPARE(model->ops()[2]["method"], json("array.create"));
+    QCOMPARE(model->ops()[2]["params"]["level"], json("linear"));
+    QCOMPARE(model->ops()[2]["params"]["legs"],
+             json::array({"dst://127.0.0.1:" + std::to_string(d.port()) + "/tiny"}));
+
+    // Nothing on the host has changed.
+    QCOMPARE(LegCount(d, "m0"), 2);
+    QCOMPARE(LegCount(d, "lin"), 0);
+
+    // Apply: the dialog shows the plan, runs it step by step, reports.
+    QTest::mouseClick(pane->applyButton(), Qt::LeftButton);
+    QTRY_VERIFY_WITH_TIMEOUT(pane->applyDialog() && pane->applyDialog()->planLoaded(), 5000);
+    ApplyDialog* dlg = pane->applyDialog();
+    QVERIFY(dlg->steps()->count() >= 3);
+    QVERIFY2(dlg->steps()->item(0)->text().contains(QString::fromStdString(uri)),
+             qPrintable(dlg->steps()->item(0)->text()));
+    QCOMPARE(LegCount(d, "m0"), 2);
+    QTest::mouseClick(dlg->runButton(), Qt::LeftButton);
+    QTRY_VERIFY_WITH_TIMEOUT(dlg->finished(), 30000);
+    QVERIFY2(dlg->summary()->text().startsWith("Applied"), qPrintable(dlg->summary()->text()));
+    for (int r = 0; r < dlg->steps()->count(); ++r)
+      QVERIFY2(dlg->steps()->item(r)->text().startsWith("✓ "), qPrintable(dlg->steps()->item(r)->text()));
+    QCOMPARE(model->rowCount(), 0);
+    QCOMPARE(LegCount(d, "m0"), 4);
+    QCOMPARE(LegCount(d, "lin"), 1);
+    // The window follows: the new leg and array are on the canvas.
+    QTRY_VERIFY_WITH_TIMEOUT(canvas->itemOf(TopologyGraph::LegKey(host, "m0", 2)) &&
+                                 canvas->itemOf(TopologyGraph::ObjectKey(host, "array", "lin")),
+                             10000);
+  }
+};
+
+QTEST_MAIN(StagedDropTest)
+#include "staged_drop_test.moc"
