@@ -5,7 +5,8 @@
 // invalid drops (the same leg twice, stacked arrays that do not fit, a leg onto an array) are refused with the reason shown at the drop point and logged,
 // and nothing is staged; the dock's Undo/Redo buttons and Ctrl+Z / Ctrl+Shift+Z; nothing changes
 // on the host before Apply; Apply through the dialog shows the plan, runs it step by step and
-// the new leg and array appear in the window.
+// the new leg and array appear in the window.  A leg dragged out stages a detach; a failing
+// step stops the run with its error in the dialog and the log.
 #include <QtTest/QtTest>
 
 #include <QLabel>
@@ -225,6 +226,67 @@ class StagedDropTest : public QObject {
     QTRY_VERIFY_WITH_TIMEOUT(canvas->itemOf(TopologyGraph::LegKey(host, "m0", 2)) &&
                                  canvas->itemOf(TopologyGraph::ObjectKey(host, "array", "lin")),
                              10000);
+  }
+
+  // A leg dragged out asks detach or remove and stages that; Apply stops at the first failed
+  // step with its error, the steps after it not run.
+  void legOutAndFailedApply() {
+    DST_REQUIRE(std::filesystem::exists(BinPath("dstd")) && std::filesystem::exists(BinPath("dstctl")),
+                "dstd and dstctl not built");
+    QTemporaryDir dir;
+    QVERIFY(dir.isValid());
+    for (const char* n : {"l0", "l1"}) QVERIFY(MakeImage(dir.path() + "/" + n + ".img", qint64(16) << 20));
+    DaemonProcess d(dir.path() + "/a");
+    QVERIFY2(d.Start(), d.Log().right(2000).constData());
+    QByteArray out, err;
+    QVERIFY2(d.Ctl({"array", "create", "m0", "--level", "mirror", "--assume-clean", dir.path() + "/l0.img",
+                    dir.path() + "/l1.img"}, &out, &err) == 0, err.constData());
+    const QString host = d.control_socket();
+    MainWindow w({host});
+    QStringList asked;
+    DropController::Ui ui;
+    ui.askRemoveLeg = [&](const QString& leg) {
+      asked << leg;
+      return std::optional<bool>(false);  // detach
+    };
+    w.drops()->setUi(ui);
+    w.resize(1600, 1200);
+    w.show();
+    QVERIFY(QTest::qWaitForWindowExposed(&w));
+    TopologyCanvas* canvas = w.canvas();
+    const QString leg1 = TopologyGraph::LegKey(host, "m0", 1);
+    QTRY_VERIFY_WITH_TIMEOUT(canvas->itemOf(leg1), 10000);
+    PendingOpsModel* model = w.pendingPane()->model(host);
+    Drag(canvas, leg1, QPoint(canvas->viewport()->width() - 10, canvas->viewport()->height() - 10));
+    QTRY_COMPARE_WITH_TIMEOUT(model->rowCount(), 1, 5000);
+    QCOMPARE(asked, QStringList{"leg 1 of m0"});
+    QCOMPARE(model->ops()[0], (json{{"method", "array.detach_leg"}, {"params", {{"name", "m0"}, {"slot", 1}}}}));
+
+    // Then an import of a remote nobody serves (staged directly: no drop makes one) and an
+    // export after it: the run stops at the import.
+    const std::string uri = "dst://127.0.0.1:" + std::to_string(FreePort()) + "/x";
+    model->stage(json{{"method", "volume.import"}, {"params", {{"name", "rv"}, {"uri", uri}}}});
+    model->stage(json{{"method", "export.add"},
+                      {"params", {{"name", "e2"}, {"path", (dir.path() + "/e2.img").toStdString()},
+                                  {"size", "1M"}, {"allow", {"anonymous:rw"}}}}});
+    QTRY_COMPARE_WITH_TIMEOUT(model->rowCount(), 3, 5000);
+    QTest::mouseClick(w.pendingPane()->applyButton(), Qt::LeftButton);
+    QTRY_VERIFY_WITH_TIMEOUT(w.pendingPane()->applyDialog() && w.pendingPane()->applyDialog()->planLoaded(), 5000);
+    ApplyDialog* dlg = w.pendingPane()->applyDialog();
+    QCOMPARE(dlg->steps()->count(), 3);
+    QTest::mouseClick(dlg->runButton(), Qt::LeftButton);
+    QTRY_VERIFY_WITH_TIMEOUT(dlg->finished(), 30000);
+    const QString summary = dlg->summary()->text();
+    QVERIFY2(summary.startsWith("Stopped at the first error") && summary.contains("volume.import") &&
+                 summary.contains("1 step(s) done"),
+             qPrintable(summary));
+    QVERIFY2(dlg->steps()->item(0)->text().startsWith("✓ "), qPrintable(dlg->steps()->item(0)->text()));
+    QVERIFY2(dlg->steps()->item(1)->text().startsWith("✗ "), qPrintable(dlg->steps()->item(1)->text()));
+    QVERIFY(!dlg->steps()->item(2)->text().startsWith("✓ ") && !dlg->steps()->item(2)->text().startsWith("… "));
+    QVERIFY(LogHas(w.logModel(), "Stopped at the first error"));
+    QCOMPARE(model->rowCount(), 2);  // the failed import and the export after it stay
+    QCOMPARE(d.Ctl({"export", "list", "--json"}, &out), 0);
+    QVERIFY2(!out.contains("\"e2\""), out.constData());
   }
 };
 
