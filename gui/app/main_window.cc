@@ -19,6 +19,7 @@
 #include "progress_model.h"
 #include "progress_pane.h"
 #include "row_actions.h"
+#include "ssh_forward.h"
 #include "topology_canvas.h"
 #include "topology_graph.h"
 
@@ -28,8 +29,12 @@ QStringList HostsFromArgs(const QStringList& arguments, const QString& env_socke
   QCommandLineParser p;
   p.setApplicationDescription("dst management GUI");
   p.addHelpOption();
-  p.addOption({"host", "A dstd control socket to show (repeatable).", "socket"});
+  p.addOption({"host", "A dstd control socket, or user@host[:socket] reached with ssh (repeatable).",
+               "host"});
+  p.addOption({"ssh-command", "The ssh forward's command ({local}, {remote}, {target}); remembered.",
+               "template"});
   p.process(arguments);
+  if (p.isSet("ssh-command")) SshForward::SaveTemplate(p.value("ssh-command"));
   QStringList hosts = p.values("host");
   if (hosts.isEmpty()) hosts << (env_socket.isEmpty() ? QStringLiteral("/run/dst/dstd.sock") : env_socket);
   return hosts;
@@ -113,7 +118,7 @@ MainWindow::MainWindow(const QStringList& hosts, QWidget* parent)
   connect(canvas_, &TopologyCanvas::contextMenuRequested, this,
           [this](const QString& key, const QPoint& global_pos) { showRowMenu(indexOfNode(key), global_pos); });
   for (const QString& h : hosts) {
-    auto* s = new HostSession(h, this);
+    auto* s = new HostSession(h, HostSocket(h, this, log_), this);
     model_->attach(s);
     progress_->attach(s);
     calls_->addSession(s);
