@@ -1,11 +1,13 @@
 #include "ssh_forward.h"
 
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <csignal>
 #include <cstring>
 
 #include <QDir>
@@ -130,6 +132,8 @@ SshForward::SshForward(const QString& spec, const QString& command_template, QOb
   }
   command_ = BuildCommand(command_template, local_, remote_, target_);
 
+  // A GUI that crashes or is killed must not leave its forwards running.
+  proc_.setChildProcessModifier([] { ::prctl(PR_SET_PDEATHSIG, SIGTERM); });
   probe_timer_.setSingleShot(true);
   restart_timer_.setSingleShot(true);
   connect(&probe_timer_, &QTimer::timeout, this, &SshForward::probe);

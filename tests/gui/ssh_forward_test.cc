@@ -8,6 +8,9 @@
 #include <csignal>
 #include <filesystem>
 
+#include <QDir>
+#include <QProcess>
+#include <QScopeGuard>
 #include <QSettings>
 
 #include "daemon_process.h"
@@ -38,6 +41,27 @@ bool HasExport(const DeviceTreeModel& m, const QString& name) {
   for (int r = 0; r < m.rowCount(host); ++r)
     if (m.index(r, 0, host).data().toString() == name) return true;
   return false;
+}
+
+// The processes whose parent is `pid` (from /proc/*/stat: "pid (comm) state ppid ...").
+QList<pid_t> ChildrenOf(qint64 pid) {
+  QList<pid_t> kids;
+  for (const QString& e : QDir("/proc").entryList(QDir::Dirs)) {
+    QFile f("/proc/" + e + "/stat");
+    if (!f.open(QIODevice::ReadOnly)) continue;
+    QByteArray stat = f.readAll();
+    QList<QByteArray> rest = stat.mid(stat.lastIndexOf(')') + 2).split(' ');
+    if (rest.size() > 1 && rest[1].toLongLong() == pid) kids << pid_t(e.toInt());
+  }
+  return kids;
+}
+
+// Running: not gone and not a zombie waiting for a reaper.
+bool Alive(pid_t pid) {
+  QFile f(QString("/proc/%1/stat").arg(pid));
+  if (!f.open(QIODevice::ReadOnly)) return false;
+  QByteArray stat = f.readAll();
+  return stat.mid(stat.lastIndexOf(')') + 2, 1) != "Z";
 }
 
 bool LogHas(const LogModel& log, const QString& text) {
@@ -174,6 +198,49 @@ class SshForwardTest : public QObject {
     QCOMPARE(f->state(), SshForward::State::kUp);
     QVERIFY2(d.Start(), d.Log().right(2000).constData());
     QTRY_VERIFY_WITH_TIMEOUT(session.state() == HostSession::State::kOnline, 10000);
+  }
+
+  // dst-gui itself: --host user@host with --ssh-command runs the forward against the real dstd,
+  // and killing the GUI (no destructor runs) takes its forward with it.
+  void dstGuiForwardsAndDiesWithIt() {
+    DST_REQUIRE(std::filesystem::exists(BinPath("dstd")) && std::filesystem::exists(BinPath("dst-gui")),
+                "dstd and dst-gui not built");
+    DST_REQUIRE(!QStandardPaths::findExecutable("python3").isEmpty(), "python3 (the fake ssh) not installed");
+    QTemporaryDir dir;
+    QVERIFY(dir.isValid());
+    DaemonProcess d(dir.path() + "/a");
+    QVERIFY2(d.Start(), d.Log().right(2000).constData());
+    QProcess gui;
+    QProcessEnvironment env = QProcessEnvironment::systemEnvironment();
+    env.insert("XDG_CONFIG_HOME", dir.path() + "/config");
+    env.insert("QT_QPA_PLATFORM", "offscreen");
+    env.remove("XDG_RUNTIME_DIR");  // the private directory goes under TMPDIR, removed with `dir`
+    env.insert("TMPDIR", dir.path());
+    gui.setProcessEnvironment(env);
+    gui.setProcessChannelMode(QProcess::ForwardedErrorChannel);
+    gui.start(QString::fromStdString(BinPath("dst-gui")),
+              {"--host", "tester@fakehost:" + d.control_socket(), "--ssh-command", FakeTemplate()});
+    QVERIFY(gui.waitForStarted(5000));
+    QList<pid_t> kids;
+    auto reap = qScopeGuard([&] {  // a failed check leaves no forward behind
+      for (pid_t k : kids)
+        if (Alive(k)) ::kill(k, SIGKILL);
+    });
+    QTRY_VERIFY_WITH_TIMEOUT((kids = ChildrenOf(gui.processId())).size() == 1, 10000);
+    QFile cmdline(QString("/proc/%1/cmdline").arg(kids[0]));
+    QVERIFY(cmdline.open(QIODevice::ReadOnly));
+    QList<QByteArray> argv = cmdline.readAll().split('\0');
+    QVERIFY(argv.contains("tester@fakehost"));
+    QByteArray forward;
+    for (qsizetype i = 0; i + 1 < argv.size(); ++i)
+      if (argv[i] == "-L") forward = argv[i + 1];
+    QVERIFY2(forward.endsWith(":" + QFile::encodeName(d.control_socket())), forward.constData());
+    QVERIFY2(forward.startsWith(QFile::encodeName(dir.path() + "/dst-gui-")), forward.constData());
+    QSettings saved(dir.path() + "/config/dst/dst-gui.conf", QSettings::IniFormat);
+    QCOMPARE(saved.value("ssh/command").toString(), FakeTemplate());
+    ::kill(pid_t(gui.processId()), SIGKILL);
+    QVERIFY(gui.waitForFinished(5000));
+    QTRY_VERIFY_WITH_TIMEOUT(!Alive(kids[0]), 5000);
   }
 
   void failingCommandShowsError() {
