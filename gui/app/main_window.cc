@@ -22,6 +22,7 @@
 #include "progress_model.h"
 #include "progress_pane.h"
 #include "row_actions.h"
+#include "ssh_forward.h"
 #include "topology_canvas.h"
 #include "topology_graph.h"
 
@@ -31,8 +32,12 @@ QStringList HostsFromArgs(const QStringList& arguments, const QString& env_socke
   QCommandLineParser p;
   p.setApplicationDescription("dst management GUI");
   p.addHelpOption();
-  p.addOption({"host", "A dstd control socket to show (repeatable).", "socket"});
+  p.addOption({"host", "A dstd control socket, or user@host[:socket] reached with ssh (repeatable).",
+               "host"});
+  p.addOption({"ssh-command", "The ssh forward's command ({local}, {remote}, {target}); remembered.",
+               "template"});
   p.process(arguments);
+  if (p.isSet("ssh-command")) SshForward::SaveTemplate(p.value("ssh-command"));
   QStringList hosts = p.values("host");
   if (hosts.isEmpty()) hosts << (env_socket.isEmpty() ? QStringLiteral("/run/dst/dstd.sock") : env_socket);
   return hosts;
@@ -123,7 +128,7 @@ MainWindow::MainWindow(const QStringList& hosts, QWidget* parent)
   addDockWidget(Qt::RightDockWidgetArea, dock);
   drops_ = new DropController(canvas_, pending_, log_, DropController::DialogUi(this), this);
   for (const QString& h : hosts) {
-    auto* s = new HostSession(h, this);
+    auto* s = new HostSession(h, HostSocket(h, this, log_), this);
     model_->attach(s);
     progress_->attach(s);
     calls_->addSession(s);

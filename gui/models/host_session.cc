@@ -50,7 +50,10 @@ struct HostSession::Io {
 };
 
 HostSession::HostSession(QString socket_path, QObject* parent)
-    : QObject(parent), path_(std::move(socket_path)), io_(std::make_unique<Io>()) {
+    : HostSession(socket_path, socket_path, parent) {}
+
+HostSession::HostSession(QString name, QString socket_path, QObject* parent)
+    : QObject(parent), path_(std::move(name)), socket_(std::move(socket_path)), io_(std::make_unique<Io>()) {
   io_->bridge->target = this;
   io_->thread = std::thread([io = io_.get()] { io->ctx.run(); });
 }
@@ -96,7 +99,7 @@ void HostSession::connectNow() {
   io_->client->OnClose([b, gen](const std::string& why) {
     PostToQt(b, [gen, why](HostSession* s) { s->connectionLost(gen, QString::fromStdString(why)); });
   });
-  io_->client->Connect(path_.toStdString(), [b, gen](std::error_code ec) {
+  io_->client->Connect(socket_.toStdString(), [b, gen](std::error_code ec) {
     PostToQt(b, [gen, ec](HostSession* s) {
       if (gen != s->gen_) return;
       if (ec)

@@ -37,6 +37,9 @@ class HostSession : public QObject {
   using CallDone = std::function<void(bool ok, const nlohmann::json& result, const QString& error)>;
 
   explicit HostSession(QString socket_path, QObject* parent = nullptr);
+  // A host known as `name` (its key in the models, e.g. `user@host`) reached through another
+  // socket (an SshForward's local end).
+  HostSession(QString name, QString socket_path, QObject* parent = nullptr);
   ~HostSession() override;
 
   // Starts connecting (and reconnecting after every loss until destroyed).
@@ -46,7 +49,10 @@ class HostSession : public QObject {
   // A `status` unanswered this long counts as a lost connection (a hung or stopped dstd).
   void setReplyTimeout(int ms) { reply_timeout_ms_ = ms; }
 
+  // The host's name in the models: the --host spec.
   QString path() const { return path_; }
+  // Where it connects (the same unless forwarded).
+  QString socketPath() const { return socket_; }
   bool online() const { return state_ == State::kOnline || state_ == State::kSubscribing; }
   State state() const { return state_; }
   // The latest `status` result (docs/control.md), patched by progress events; {} before one.
@@ -74,7 +80,7 @@ class HostSession : public QObject {
   void setState(State s);
   bool patchProgress(const nlohmann::json& e);
 
-  QString path_;
+  QString path_, socket_;
   std::unique_ptr<Io> io_;
   State state_ = State::kOffline;
   nlohmann::json snapshot_ = nlohmann::json::object();
