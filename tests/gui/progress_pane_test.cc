@@ -225,6 +225,54 @@ class ProgressPaneTest : public QObject {
     QCOMPARE(d.requests.size(), sent);
     QCOMPARE(pw.resets.count(), 0);
   }
+
+  // Pause on a running resync row, Resume on a paused one: the exact calls dstd receives.
+  void pauseAndResumeCallTheDaemon() {
+    QTemporaryDir dir;
+    const QString sock = dir.path() + "/dstd.sock";
+    ScriptedDaemon d(sock);
+    QVERIFY(d.ok);
+    d.snapshot = Snapshot();
+    json held = d.snapshot["arrays"][0];
+    held["name"] = "m2";
+    held["progress"][0]["state"] = "paused";
+    held["resync_paused"] = true;
+    d.snapshot["arrays"].push_back(held);
+    HostSession session(sock);
+    session.setBackoff(20, 100);
+    ProgressModel model;
+    LogModel log;
+    HostCalls calls(&log);
+    calls.addSession(&session);
+    model.attach(&session);
+    ProgressPane pane(&model, &calls);
+    pane.show();
+    session.start();
+    QTRY_COMPARE(model.rowCount(), 3);  // m0 resync, m1 verify, m2 paused resync
+    QVERIFY(!pane.pauseButton()->isEnabled() && !pane.resumeButton()->isEnabled());
+
+    SelectArray(pane, "m0");
+    QVERIFY(pane.pauseButton()->isEnabled());
+    QVERIFY(!pane.resumeButton()->isEnabled());
+    QTest::mouseClick(pane.pauseButton(), Qt::LeftButton);
+    QTRY_COMPARE(d.Requests("array.pause_resync").size(), std::size_t(1));
+    QCOMPARE(d.Requests("array.pause_resync")[0]["params"], json({{"name", "m0"}}));
+    pane.pauseResync(false);  // not paused: nothing sent
+    SelectArray(pane, "m1");  // a verify row: neither
+    QVERIFY(!pane.pauseButton()->isEnabled() && !pane.resumeButton()->isEnabled());
+
+    SelectArray(pane, "m2");
+    QCOMPARE(pane.view()->selectionModel()->selectedRows().first().siblingAtColumn(ProgressModel::kKind)
+                 .data().toString(), QStringLiteral("paused"));
+    QVERIFY(!pane.pauseButton()->isEnabled());
+    QVERIFY(pane.resumeButton()->isEnabled());
+    QTest::mouseClick(pane.resumeButton(), Qt::LeftButton);
+    QTRY_COMPARE(d.Requests("array.resume_resync").size(), std::size_t(1));
+    QCOMPARE(d.Requests("array.resume_resync")[0]["params"], json({{"name", "m2"}}));
+    QCOMPARE(d.Requests("array.pause_resync").size(), std::size_t(1));
+    QTRY_COMPARE(log.rowCount(), 2);
+    QVERIFY(log.index(1, LogModel::kMessage).data().toString().startsWith("array.resume_resync m2"));
+  }
 };
 
 QTEST_MAIN(ProgressPaneTest)
