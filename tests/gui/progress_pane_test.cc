@@ -82,6 +82,27 @@ json Snapshot() {
              {"verify", verify}}}}};
 }
 
+// A scripted dstd serving `snapshot`, a session to it, the models and the pane under test.
+struct PaneRig {
+  PaneRig(const QString& sock, json snapshot)
+      : d(sock), session(sock), calls(&log), pane(&model, &calls) {
+    d.snapshot = std::move(snapshot);
+    session.setBackoff(20, 100);
+    calls.addSession(&session);
+    model.attach(&session);
+  }
+  void Start() {
+    pane.show();
+    session.start();
+  }
+  ScriptedDaemon d;
+  HostSession session;
+  ProgressModel model;
+  LogModel log;
+  HostCalls calls;
+  ProgressPane pane;
+};
+
 void SelectArray(ProgressPane& pane, const QString& array) {
   QAbstractItemModel* m = pane.view()->model();
   for (int r = 0; r < m->rowCount(); ++r)
@@ -159,21 +180,12 @@ class ProgressPaneTest : public QObject {
   void controlsCallTheDaemon() {
     QTemporaryDir dir;
     const QString sock = dir.path() + "/dstd.sock";
-    ScriptedDaemon d(sock);
+    PaneRig rig(sock, Snapshot());
+    auto& [d, session, model, log, calls, pane] = rig;
     QVERIFY(d.ok);
-    d.snapshot = Snapshot();
-    HostSession session(sock);
-    session.setBackoff(20, 100);
-    ProgressModel model;
     Watched pw(&model);
-    LogModel log;
     Watched lw(&log);
-    HostCalls calls(&log);
-    calls.addSession(&session);
-    model.attach(&session);
-    ProgressPane pane(&model, &calls);
-    pane.show();
-    session.start();
+    rig.Start();
     QTRY_COMPARE(model.rowCount(), 2);
 
     QVERIFY(!pane.setRateButton()->isEnabled());  // nothing selected
@@ -230,24 +242,16 @@ class ProgressPaneTest : public QObject {
   void pauseAndResumeCallTheDaemon() {
     QTemporaryDir dir;
     const QString sock = dir.path() + "/dstd.sock";
-    ScriptedDaemon d(sock);
-    QVERIFY(d.ok);
-    d.snapshot = Snapshot();
-    json held = d.snapshot["arrays"][0];
+    json snap = Snapshot();
+    json held = snap["arrays"][0];
     held["name"] = "m2";
     held["progress"][0]["state"] = "paused";
     held["resync_paused"] = true;
-    d.snapshot["arrays"].push_back(held);
-    HostSession session(sock);
-    session.setBackoff(20, 100);
-    ProgressModel model;
-    LogModel log;
-    HostCalls calls(&log);
-    calls.addSession(&session);
-    model.attach(&session);
-    ProgressPane pane(&model, &calls);
-    pane.show();
-    session.start();
+    snap["arrays"].push_back(held);
+    PaneRig rig(sock, snap);
+    auto& [d, session, model, log, calls, pane] = rig;
+    QVERIFY(d.ok);
+    rig.Start();
     QTRY_COMPARE(model.rowCount(), 3);  // m0 resync, m1 verify, m2 paused resync
     QVERIFY(!pane.pauseButton()->isEnabled() && !pane.resumeButton()->isEnabled());
 
