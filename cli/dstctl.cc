@@ -407,6 +407,12 @@ int main(int argc, char** argv) {
   arr_rate->add_option("--min", rate_min, "Floor while application I/O is active (e.g. 10M)");
   arr_rate->add_option("--max", rate_max, "Ceiling when idle (e.g. 200M; 0 = unlimited)");
 
+  auto* arr_pause = arr->add_subcommand(
+      "pause-resync", "Pause a mirror's resync (until resume-resync or dstd restarts)");
+  arr_pause->add_option("NAME", name, "Array name")->required();
+  auto* arr_resume = arr->add_subcommand("resume-resync", "Resume a paused resync");
+  arr_resume->add_option("NAME", name, "Array name")->required();
+
   bool repair = false, cancel = false, no_wait = false;
   auto* arr_verify = arr->add_subcommand(
       "verify", "Compare the legs of a mirror region by region at the resync rate");
@@ -455,7 +461,7 @@ int main(int argc, char** argv) {
 
   for (auto* sc : {exp_add, exp_list, exp_rm, vol_imp, vol_list, vol_rm, mnt, umnt, status,
                    arr_create, arr_list, arr_rm, arr_add, arr_grow, arr_fail, arr_rmleg,
-                   arr_readd, arr_detach, arr_rate, arr_verify, arr_resolve, arr_release, arr_import, detail,
+                   arr_readd, arr_detach, arr_rate, arr_pause, arr_resume, arr_verify, arr_resolve, arr_release, arr_import, detail,
                    apply, events, version})
     sc->add_flag("-j,--json", as_json, "Print the raw JSON result");
 
@@ -626,6 +632,10 @@ int main(int argc, char** argv) {
       return Fail(ctl::kExUsage, "array resync-rate: give --min and/or --max");
     if ((rc = Call(socket, ctl::SetResyncRateOp{name, rate_min, rate_max}, &result)) != 0) return rc;
     print_array("resync rate set");
+  } else if (arr_pause->parsed() || arr_resume->parsed()) {
+    const bool pause = arr_pause->parsed();
+    if ((rc = Call(socket, ctl::PauseResyncOp{name, pause}, &result)) != 0) return rc;
+    print_array(pause ? "resync paused" : "resync resumed");
   } else if (arr_verify->parsed()) {
     if (repair && cancel) return Fail(ctl::kExUsage, "array verify: --repair and --cancel exclude each other");
     return Verify(socket, name, repair, cancel, no_wait, as_json);

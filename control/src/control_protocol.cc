@@ -24,6 +24,8 @@ const std::vector<std::string>& Methods() {
       "export.allow",
       // issue 12: staged operations (the GUI's pending list), validated and run as one plan
       "batch",
+      // issue 12: pause / resume a mirror's resync (runtime only)
+      "array.pause_resync", "array.resume_resync",
   };
   return kMethods;
 }

@@ -149,6 +149,9 @@ std::string MethodOf(const OpRequest& op) {
           [](const MountOp&) -> std::string { return "mount"; },
           [](const SetResyncRateOp&) -> std::string { return "array.set_resync_rate"; },
           [](const VerifyOp&) -> std::string { return "array.verify"; },
+          [](const PauseResyncOp& o) -> std::string {
+            return o.pause ? "array.pause_resync" : "array.resume_resync";
+          },
       },
       op);
 }
@@ -211,6 +214,7 @@ json ToParams(const OpRequest& op) {
             if (o.cancel) p["cancel"] = true;
             return p;
           },
+          [](const PauseResyncOp& o) { return json{{"name", o.array}}; },
       },
       op);
 }
@@ -221,7 +225,8 @@ bool IsOperationMethod(std::string_view m) {
   return m == "array.create" || m == "array.remove" || m == "array.add_leg" ||
          m == "array.grow" || m == "export.add" || m == "export.allow" || m == "export.remove" ||
          m == "volume.import" || m == "volume.remove" || m == "mount" ||
-         m == "array.set_resync_rate" || m == "array.verify";
+         m == "array.set_resync_rate" || m == "array.verify" || m == "array.pause_resync" ||
+         m == "array.resume_resync";
 }
 
 bool FromParams(std::string_view m, const json& p, OpRequest* op, std::string* why) {
@@ -358,6 +363,13 @@ bool FromParams(std::string_view m, const json& p, OpRequest* op, std::string* w
     *op = std::move(o);
     return true;
   }
+  if (m == "array.pause_resync" || m == "array.resume_resync") {
+    PauseResyncOp o;
+    o.pause = m == "array.pause_resync";
+    if (!Str(p, "name", true, &o.array, why)) return false;
+    *op = std::move(o);
+    return true;
+  }
   *why = fmt::format("method \"{}\" is not an operation", m);
   return false;
 }
@@ -394,6 +406,7 @@ constexpr std::pair<StepKind, const char*> kStepKinds[] = {
     {StepKind::kImportVolume, "import_volume"}, {StepKind::kRemoveVolume, "remove_volume"},
     {StepKind::kMount, "mount"},                {StepKind::kSetResyncRate, "set_resync_rate"},
     {StepKind::kVerify, "verify"},              {StepKind::kAllowExport, "allow_export"},
+    {StepKind::kPauseResync, "pause_resync"},   {StepKind::kResumeResync, "resume_resync"},
 };
 
 constexpr std::pair<StepStatus, const char*> kStepStatuses[] = {

@@ -377,7 +377,8 @@ std::string RenderDetail(const json& a) {
   LayerParamLines(a, &kv);
   if (r.is_object())
     kv.push_back({Str(r, "state") == "pending" ? "Rebuild Status" : "Rebuild Status",
-                  fmt::format("{}% complete", int(ResyncPercent(r)))});
+                  fmt::format("{}% complete{}", int(ResyncPercent(r)),
+                              Str(r, "state") == "paused" ? " (paused)" : "")});
   if (auto rr = a.find("resync_rate"); rr != a.end() && rr->is_object() && redundant) {
     auto rate = [](std::uint64_t v) {
       return v == 0 ? std::string("unlimited") : FormatSize(v) + "/s";
@@ -520,6 +521,9 @@ std::string RenderEvent(const json& e) {
   if (type == "resync_done")
     return fmt::format("{} {} leg {} resync done ({} resynced)\n", head, Str(e, "array"),
                        U64(e, "leg"), FormatSize(U64(e, "bytes_resynced_total")));
+  if (type == "resync_paused" || type == "resync_resumed")
+    return fmt::format("{} {} resync {}\n", head, Str(e, "array"),
+                       type == "resync_paused" ? "paused" : "resumed");
   if (type.rfind("verify_", 0) == 0) return VerifyEventLine(head, e);
   if (type == "volume_state")
     return fmt::format("{} volume {} {}{}\n", head, Str(e, "volume"), Str(e, "state"), prev);

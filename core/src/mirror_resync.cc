@@ -510,6 +510,10 @@ std::vector<ResyncProgress> MirrorDevice::Progress() const {
     ResyncProgress p = L.prog;
     p.leg = s;
     p.leg_state = L.state;
+    // A pass waiting out a pause reads as paused, also before the thread noticed it.
+    if (impl_->paused_ && L.state == LegState::kResyncing &&
+        (p.state == ResyncState::kRunning || p.state == ResyncState::kPending))
+      p.state = ResyncState::kPaused;
     v.push_back(p);
   }
   return v;
@@ -530,6 +534,11 @@ void MirrorDevice::PauseResync(bool paused) {
   std::lock_guard<std::mutex> l(impl_->mu_);
   impl_->paused_ = paused;
   impl_->resync_cv_.notify_all();
+}
+
+bool MirrorDevice::resync_paused() const {
+  std::lock_guard<std::mutex> l(impl_->mu_);
+  return impl_->paused_;
 }
 
 bool MirrorDevice::WaitResyncIdle(std::chrono::milliseconds timeout) {

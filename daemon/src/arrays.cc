@@ -889,6 +889,40 @@ Status Daemon::ArraySetRate(const std::string& name, std::uint64_t min, std::uin
   return PersistArray(a);
 }
 
+// array.pause_resync / array.resume_resync.  Runtime only (docs/control.md): the pause lives in
+// the MirrorDevice, so a restart of dstd or a re-assembly of the array resumes the resync.
+// check_only: the operation's Validate (same refusals, nothing changed).
+Status Daemon::PauseResync(const std::string& name, bool pause, bool check_only) {
+  auto a = FindArray(name);
+  if (!a) return Status::NotFound(fmt::format("no array \"{}\"", name));
+  std::shared_ptr<MirrorDevice> m;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    m = a->mirror;
+    if (!m && a->dev)
+      return Status::InvalidArgument(fmt::format(
+          "array \"{}\" is {}: only a mirror resyncs", name, a->cfg.level));
+    if (!m)
+      return Status::Unavailable(fmt::format("array \"{}\" is not assembled: {}", name, a->error));
+  }
+  const bool paused = m->resync_paused();
+  if (!pause && !paused)
+    return Status::InvalidArgument(fmt::format("the resync of array \"{}\" is not paused", name));
+  if (pause && paused)
+    return Status::InvalidArgument(fmt::format("the resync of array \"{}\" is already paused", name));
+  json legs = json::array();
+  for (auto& p : m->Progress())
+    if (p.leg_state == LegState::kResyncing) legs.push_back(p.leg);
+  if (pause && legs.empty())
+    return Status::InvalidArgument(
+        fmt::format("array \"{}\" has no resync to pause: no leg is resyncing", name));
+  if (check_only) return Status::OK();
+  m->PauseResync(pause);
+  spdlog::info("array \"{}\": resync {}", name, pause ? "paused" : "resumed");
+  Emit(json{{"type", pause ? "resync_paused" : "resync_resumed"}, {"array", name}, {"legs", legs}});
+  return Status::OK();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Identity: split-brain resolution and clean hand-over (release) to another host.
 
@@ -1458,6 +1492,7 @@ json Daemon::ArrayJson(const std::shared_ptr<Array>& a) {
   j["raid_devices"] = n;
   j["active_devices"] = up;
   j["resync"] = std::move(resync);
+  j["resync_paused"] = mirror && mirror->resync_paused();  // runtime only (array.pause_resync)
   j["progress"] = std::move(progress);
   j["stats"] = std::move(stats);
   json exported = json::array();

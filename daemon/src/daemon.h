@@ -251,6 +251,7 @@ class Daemon {
   Status LoadHostIdentity(const std::string& db);  // host_id_ (stable, in the state DB), host_name_
   std::string host_id_, host_name_;
   Status ArraySetRate(const std::string& name, std::uint64_t min, std::uint64_t max);
+  Status PauseResync(const std::string& name, bool pause, bool check_only);
   Status PersistArray(const std::shared_ptr<Array>& a);
   std::uint64_t SampleResync(const std::shared_ptr<Array>& a);  // running bytes resynced
   // Before an engine call that restarts leg `slot`'s pass counter (ReAddLeg, RemoveLeg): moves

@@ -731,6 +731,27 @@ class OperationImpl<ctl::VerifyOp> : public OpOf<ctl::VerifyOp> {
   json result_ = json::object();
 };
 
+template <>
+class OperationImpl<ctl::PauseResyncOp> : public OpOf<ctl::PauseResyncOp> {
+ public:
+  using OpOf::OpOf;
+
+  std::vector<ctl::Refusal> Validate(const PlanContext&) override {
+    Status s = d_.PauseResync(r_.array, r_.pause, true);
+    if (s.ok()) return {};
+    return {Refuse("array:" + r_.array, s)};
+  }
+
+  std::vector<Step> Plan() override {
+    return {MakeStep(r_.pause ? ctl::StepKind::kPauseResync : ctl::StepKind::kResumeResync,
+                     "array:" + r_.array,
+                     fmt::format("array {}-resync {}", r_.pause ? "pause" : "resume", r_.array),
+                     [this] { return d_.PauseResync(r_.array, r_.pause, false); })};
+  }
+
+  json Result() override { return ArrayResult(r_.array); }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Exports, volumes, mount
 

@@ -98,7 +98,9 @@ ProgressPane::ProgressPane(ProgressModel* model, HostCalls* calls, QWidget* pare
       view_(new QTableView),
       rate_(new QSpinBox),
       set_rate_(new QPushButton(tr("Set"))),
-      cancel_verify_(new QPushButton(tr("Cancel verify"))) {
+      cancel_verify_(new QPushButton(tr("Cancel verify"))),
+      pause_(new QPushButton(tr("Pause"))),
+      resume_(new QPushButton(tr("Resume"))) {
   view_->setModel(model_);
   view_->setItemDelegate(new ProgressDelegate(view_));
   view_->setSelectionBehavior(QAbstractItemView::SelectRows);
@@ -117,6 +119,10 @@ ProgressPane::ProgressPane(ProgressModel* model, HostCalls* calls, QWidget* pare
   controls->addWidget(set_rate_);
   controls->addSpacing(20);
   controls->addWidget(cancel_verify_);
+  controls->addWidget(pause_);
+  controls->addWidget(resume_);
+  pause_->setToolTip(tr("Pause the selected array's resync (array.pause_resync; until resumed or dstd restarts)"));
+  resume_->setToolTip(tr("Resume the selected array's paused resync (array.resume_resync)"));
   controls->addStretch(1);
   auto* layout = new QVBoxLayout(this);
   layout->setContentsMargins(0, 0, 0, 0);
@@ -124,6 +130,9 @@ ProgressPane::ProgressPane(ProgressModel* model, HostCalls* calls, QWidget* pare
   layout->addWidget(view_);
   connect(set_rate_, &QPushButton::clicked, this, &ProgressPane::setRateLimit);
   connect(cancel_verify_, &QPushButton::clicked, this, &ProgressPane::cancelVerify);
+  connect(pause_, &QPushButton::clicked, this, [this] { pauseResync(true); });
+  connect(resume_, &QPushButton::clicked, this, [this] { pauseResync(false); });
+  connect(model_, &QAbstractItemModel::dataChanged, this, &ProgressPane::updateButtons);
   connect(view_->selectionModel(), &QItemSelectionModel::selectionChanged, this,
           &ProgressPane::updateButtons);
   connect(model_, &QAbstractItemModel::rowsRemoved, this, &ProgressPane::updateButtons);
@@ -152,6 +161,8 @@ void ProgressPane::updateButtons() {
   }
   set_rate_->setEnabled(any);
   cancel_verify_->setEnabled(any && kind == QLatin1String("verifying"));
+  pause_->setEnabled(any && kind == QLatin1String("resyncing"));
+  resume_->setEnabled(any && kind == QLatin1String("paused"));
 }
 
 void ProgressPane::setRateLimit() {
@@ -165,6 +176,13 @@ void ProgressPane::cancelVerify() {
   QString host, array, kind;
   if (!selected(&host, &array, &kind) || kind != QLatin1String("verifying")) return;
   calls_->call(host, QStringLiteral("array.verify"), {{"name", array.toStdString()}, {"cancel", true}});
+}
+
+void ProgressPane::pauseResync(bool pause) {
+  QString host, array, kind;
+  if (!selected(&host, &array, &kind) || kind != QLatin1String(pause ? "resyncing" : "paused")) return;
+  calls_->call(host, pause ? QStringLiteral("array.pause_resync") : QStringLiteral("array.resume_resync"),
+               {{"name", array.toStdString()}});
 }
 
 }  // namespace dst::gui

@@ -3,8 +3,9 @@
 // RateHistoryRole), ETA and bytes.  Controls act on the selected row through HostCalls:
 //   * "Limit" + "Set": array.set_resync_rate {name, max} (MiB/s; 0 = unlimited), live; selecting
 //     a row shows its array's current limit;
-//   * "Cancel verify": array.verify {name, cancel: true} on a verify row.
-// dstd has no resync pause method (docs/control.md), so there is no pause button.
+//   * "Cancel verify": array.verify {name, cancel: true} on a verify row;
+//   * "Pause" / "Resume": array.pause_resync / array.resume_resync {name} on a resync row
+//     (running / paused).
 #pragma once
 
 #include <QStyledItemDelegate>
@@ -42,10 +43,13 @@ class ProgressPane : public QWidget {
   QSpinBox* rateLimit() const { return rate_; }
   QPushButton* setRateButton() const { return set_rate_; }
   QPushButton* cancelVerifyButton() const { return cancel_verify_; }
+  QPushButton* pauseButton() const { return pause_; }
+  QPushButton* resumeButton() const { return resume_; }
 
   // The actions on the selected row (the buttons call these).
   void setRateLimit();
   void cancelVerify();
+  void pauseResync(bool pause);
 
  private:
   void updateButtons();
@@ -57,6 +61,8 @@ class ProgressPane : public QWidget {
   QSpinBox* rate_;
   QPushButton* set_rate_;
   QPushButton* cancel_verify_;
+  QPushButton* pause_;
+  QPushButton* resume_;
 };
 
 }  // namespace dst::gui

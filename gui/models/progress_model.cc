@@ -47,8 +47,10 @@ std::vector<ProgressModel::Row> RowsOf(const QString& host, const json& status) 
     auto progress = a.find("progress");
     if (progress != a.end() && progress->is_array())
       for (const json& p : *progress)
-        if (p.is_object() && p.value("state", "") == "running")
+        if (p.is_object() && (p.value("state", "") == "running" || p.value("state", "") == "paused")) {
           rows.push_back(MakeRow(host, name, "resync", p.value("leg", -1), p));
+          rows.back().paused = p.value("state", "") == "paused";  // array.pause_resync
+        }
     auto v = a.find("verify");
     if (v != a.end() && v->is_object() && v->value("state", "") == "running")
       rows.push_back(MakeRow(host, name, "verify", -1, *v));
@@ -97,7 +99,7 @@ void ProgressModel::mergeHost(const QString& host, std::vector<Row> want) {
         const Row& w = want[j];
         const bool same = r.done == w.done && r.total == w.total && r.percent == w.percent &&
                           r.rate == w.rate && r.eta == w.eta;
-        if (same && r.limit == w.limit)
+        if (same && r.limit == w.limit && r.paused == w.paused)
           return;  // the same snapshot again (another object changed): no new sample
         if (!same) {  // a limit change alone is no new sample either
           r.done = w.done, r.total = w.total, r.percent = w.percent, r.rate = w.rate, r.eta = w.eta;
@@ -105,6 +107,7 @@ void ProgressModel::mergeHost(const QString& host, std::vector<Row> want) {
           while (r.history.size() > std::size_t(kHistory)) r.history.pop_front();
         }
         r.limit = w.limit;
+        r.paused = w.paused;
         emit dataChanged(index(int(base + i), 0), index(int(base + i), kColumnCount - 1));
       });
 }
@@ -150,6 +153,7 @@ QVariant ProgressModel::data(const QModelIndex& index, int role) const {
         case kArray: return r.array;
         case kLeg: return r.leg < 0 ? QStringLiteral("all") : QString::number(r.leg);
         case kKind: return r.kind == QLatin1String("verify") ? QStringLiteral("verifying")
+                           : r.paused                        ? QStringLiteral("paused")
                                                              : QStringLiteral("resyncing");
         case kPercent: return QStringLiteral("%1 %").arg(r.percent, 0, 'f', 1);
         case kRate: return HumanRate(r.rate);

@@ -53,6 +53,7 @@ class ProgressModel : public QAbstractTableModel {
     double percent = 0, rate = 0, eta = -1;
     qint64 done = 0, total = 0;
     qint64 limit = -1;  // RateLimitRole
+    bool paused = false;  // a resync pass held by array.pause_resync (kKind "paused")
     std::deque<double> history;
   };
 

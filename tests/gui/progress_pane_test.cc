@@ -82,6 +82,27 @@ json Snapshot() {
              {"verify", verify}}}}};
 }
 
+// A scripted dstd serving `snapshot`, a session to it, the models and the pane under test.
+struct PaneRig {
+  PaneRig(const QString& sock, json snapshot)
+      : d(sock), session(sock), calls(&log), pane(&model, &calls) {
+    d.snapshot = std::move(snapshot);
+    session.setBackoff(20, 100);
+    calls.addSession(&session);
+    model.attach(&session);
+  }
+  void Start() {
+    pane.show();
+    session.start();
+  }
+  ScriptedDaemon d;
+  HostSession session;
+  ProgressModel model;
+  LogModel log;
+  HostCalls calls;
+  ProgressPane pane;
+};
+
 void SelectArray(ProgressPane& pane, const QString& array) {
   QAbstractItemModel* m = pane.view()->model();
   for (int r = 0; r < m->rowCount(); ++r)
@@ -159,21 +180,12 @@ class ProgressPaneTest : public QObject {
   void controlsCallTheDaemon() {
     QTemporaryDir dir;
     const QString sock = dir.path() + "/dstd.sock";
-    ScriptedDaemon d(sock);
+    PaneRig rig(sock, Snapshot());
+    auto& [d, session, model, log, calls, pane] = rig;
     QVERIFY(d.ok);
-    d.snapshot = Snapshot();
-    HostSession session(sock);
-    session.setBackoff(20, 100);
-    ProgressModel model;
     Watched pw(&model);
-    LogModel log;
     Watched lw(&log);
-    HostCalls calls(&log);
-    calls.addSession(&session);
-    model.attach(&session);
-    ProgressPane pane(&model, &calls);
-    pane.show();
-    session.start();
+    rig.Start();
     QTRY_COMPARE(model.rowCount(), 2);
 
     QVERIFY(!pane.setRateButton()->isEnabled());  // nothing selected
@@ -224,6 +236,46 @@ class ProgressPaneTest : public QObject {
     QCOMPARE(failed.count(), 2);
     QCOMPARE(d.requests.size(), sent);
     QCOMPARE(pw.resets.count(), 0);
+  }
+
+  // Pause on a running resync row, Resume on a paused one: the exact calls dstd receives.
+  void pauseAndResumeCallTheDaemon() {
+    QTemporaryDir dir;
+    const QString sock = dir.path() + "/dstd.sock";
+    json snap = Snapshot();
+    json held = snap["arrays"][0];
+    held["name"] = "m2";
+    held["progress"][0]["state"] = "paused";
+    held["resync_paused"] = true;
+    snap["arrays"].push_back(held);
+    PaneRig rig(sock, snap);
+    auto& [d, session, model, log, calls, pane] = rig;
+    QVERIFY(d.ok);
+    rig.Start();
+    QTRY_COMPARE(model.rowCount(), 3);  // m0 resync, m1 verify, m2 paused resync
+    QVERIFY(!pane.pauseButton()->isEnabled() && !pane.resumeButton()->isEnabled());
+
+    SelectArray(pane, "m0");
+    QVERIFY(pane.pauseButton()->isEnabled());
+    QVERIFY(!pane.resumeButton()->isEnabled());
+    QTest::mouseClick(pane.pauseButton(), Qt::LeftButton);
+    QTRY_COMPARE(d.Requests("array.pause_resync").size(), std::size_t(1));
+    QCOMPARE(d.Requests("array.pause_resync")[0]["params"], json({{"name", "m0"}}));
+    pane.pauseResync(false);  // not paused: nothing sent
+    SelectArray(pane, "m1");  // a verify row: neither
+    QVERIFY(!pane.pauseButton()->isEnabled() && !pane.resumeButton()->isEnabled());
+
+    SelectArray(pane, "m2");
+    QCOMPARE(pane.view()->selectionModel()->selectedRows().first().siblingAtColumn(ProgressModel::kKind)
+                 .data().toString(), QStringLiteral("paused"));
+    QVERIFY(!pane.pauseButton()->isEnabled());
+    QVERIFY(pane.resumeButton()->isEnabled());
+    QTest::mouseClick(pane.resumeButton(), Qt::LeftButton);
+    QTRY_COMPARE(d.Requests("array.resume_resync").size(), std::size_t(1));
+    QCOMPARE(d.Requests("array.resume_resync")[0]["params"], json({{"name", "m2"}}));
+    QCOMPARE(d.Requests("array.pause_resync").size(), std::size_t(1));
+    QTRY_COMPARE(log.rowCount(), 2);
+    QVERIFY(log.index(1, LogModel::kMessage).data().toString().startsWith("array.resume_resync m2"));
   }
 };
 

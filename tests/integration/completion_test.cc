@@ -66,7 +66,8 @@ class CompletionTest : public QObject {
     QCOMPARE(Complete("ar"), QStringList{"array"});
     QCOMPARE(Complete("e"), (QStringList{"events", "export"}));
     const QStringList array = Complete("array ");
-    for (const char* v : {"create", "add-leg", "fail-leg", "re-add-leg", "detach-leg", "verify", "resync-rate"})
+    for (const char* v : {"create", "add-leg", "fail-leg", "re-add-leg", "detach-leg", "verify",
+                          "resync-rate", "pause-resync", "resume-resync"})
       QVERIFY2(array.contains(v), qPrintable(array.join(' ')));
     QVERIFY(!array.contains("export"));
     QCOMPARE(Complete("array create m --le"), QStringList{"--level"});

@@ -42,7 +42,9 @@ std::vector<ctl::OpRequest> Samples() {
           ctl::VolumeRemoveOp{"v"},
           ctl::MountOp{"/mnt/dst"},
           ctl::SetResyncRateOp{"m", "10M", ""},
-          ctl::VerifyOp{"m", true, false}};
+          ctl::VerifyOp{"m", true, false},
+          ctl::PauseResyncOp{"m", true},
+          ctl::PauseResyncOp{"m", false}};
 }
 
 }  // namespace

@@ -148,6 +148,8 @@ class ResyncTest : public QObject {
     m->PauseResync(true);
     QVERIFY(m->ReAddLeg(1, b).ok());
     QCOMPARE(m->Legs()[1].state, LegState::kResyncing);
+    QVERIFY(m->resync_paused());
+    QCOMPARE(m->Progress()[1].state, ResyncState::kPaused);  // held, not "pending"
     a->SetFailWrites(true);
     QVERIFY2(!WriteSync(*m, 5 * kRegion, y.data(), 4096).ok(), "acknowledged a write only a resyncing leg took");
     QCOMPARE(m->Legs()[0].state, LegState::kFailed);

@@ -235,7 +235,10 @@ class MirrorDevice : public BlockDevice {
   std::vector<ResyncProgress> Progress() const;
   void SetResyncRate(const ResyncRate& rate);  // live
   ResyncRate resync_rate() const;
+  // Paused: no pass starts or continues (a running one stops after its window; resuming starts
+  // a new pass over what is still out of sync).  Runtime only: not in the metadata.
   void PauseResync(bool paused);
+  bool resync_paused() const;
   // Waits until no leg is resyncing (or timeout).  Returns true when idle.
   bool WaitResyncIdle(std::chrono::milliseconds timeout);
 

@@ -77,10 +77,14 @@ struct VerifyOp {  // array.verify
   std::string array;
   bool repair = false, cancel = false;
 };
+struct PauseResyncOp {  // array.pause_resync (pause) / array.resume_resync (!pause)
+  std::string array;
+  bool pause = true;
+};
 
 using OpRequest = std::variant<ArrayCreateOp, ArrayRemoveOp, LegAddOp, LegChangeOp, ExportAddOp,
                                ExportAllowOp, ExportRemoveOp, VolumeImportOp, VolumeRemoveOp, MountOp,
-                               SetResyncRateOp, VerifyOp>;
+                               SetResyncRateOp, VerifyOp, PauseResyncOp>;
 
 // The control method of a request, and its params.
 std::string MethodOf(const OpRequest& op);
@@ -125,7 +129,7 @@ bool FromJson(const nlohmann::json& j, Refusal* r);
 enum class StepKind {
   kCreateArray, kRemoveArray, kAddLeg, kGrow, kFailLeg, kRemoveLeg, kReAddLeg, kDetachLeg,
   kAddExport, kRemoveExport, kImportVolume, kRemoveVolume, kMount, kSetResyncRate, kVerify,
-  kAllowExport,
+  kAllowExport, kPauseResync, kResumeResync,
 };
 const char* StepKindName(StepKind k);  // "create_array", ...
 bool ParseStepKind(std::string_view s, StepKind* k);
