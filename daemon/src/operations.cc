@@ -215,6 +215,11 @@ class OperationImpl<void> : public Operation {
     } else {
       return false;
     }
+    // Legs an earlier operation of the same batch adds (array.add_leg takes the spec for
+    // "array:NAME/slot:N"): a staged stack counts, or a second drop could close a cycle.
+    const std::string planned_owner = "array:" + name + "/slot:";
+    for (const auto& [key, owner] : ctx.taken)
+      if (owner.rfind(planned_owner, 0) == 0 && key.rfind("array:", 0) == 0) legs.push_back(key);
     for (auto& l : legs) {
       if (l == "array:" + of) return true;
       if (l.rfind("array:", 0) == 0 && Below(ctx, l.substr(6), of)) return true;
@@ -291,7 +296,7 @@ class OperationImpl<void> : public Operation {
     }
     if (m)
       for (auto& f : m->ListVolumes())
-        if (f.name == name && f.open_count > 0)
+        if (f.name == name && f.open_count > 0 && !m->WaitUnused(name))  // a close just now: its release
           out->push_back(Refuse(RefusalCode::kBusy, obj, "file:" + m->mountpoint() + "/" + name + ".img",
                                 fmt::format("{} \"{}\" is in use ({}/{}.img is open)", kind, name,
                                             m->mountpoint(), name)));

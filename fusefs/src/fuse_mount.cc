@@ -73,7 +73,10 @@ constexpr fuse_ino_t kRootIno = FUSE_ROOT_ID;
 constexpr std::uint32_t kMaxBlock = 4096;  // largest logical block size we can RMW in the slack
 constexpr double kAttrTimeout = 1.0;
 constexpr std::chrono::milliseconds kUnmountGrace{2000};
-constexpr std::chrono::milliseconds kReleaseGrace{500};
+// FUSE_RELEASE is queued as a background request after close() returns; on a loaded 2-core CI
+// machine it once took longer than 500 ms to arrive, and `volume remove` right after closing the
+// file was refused as busy.  The same grace as an unmount: a refusal costs at most 2 s.
+constexpr std::chrono::milliseconds kReleaseGrace{2000};
 constexpr std::string_view kSuffix = ".img";
 
 struct Volume {
@@ -96,7 +99,8 @@ struct Volume {
 struct OpenFile {
   Volume* vol;
   bool writable;
-  bool fua;  // opened O_SYNC / O_DSYNC
+  bool fua;              // opened O_SYNC / O_DSYNC
+  bool closing = false;  // FLUSH seen: a close() ran on it, FUSE_RELEASE may be on its way
 };
 
 struct DirSnapshot {
@@ -153,6 +157,8 @@ class FuseMount::Impl {
 
   Status AddVolume(const std::string& name, std::shared_ptr<BlockDevice> dev, const FileAccess& access);
   Status RemoveVolume(const std::string& name);
+  bool WaitUnused(const std::string& name);
+  bool WaitReleasedLocked(std::unique_lock<std::mutex>& l, const Volume* v);  // REQUIRES: mu_
   Status RefreshVolume(const std::string& name);
   std::vector<VolumeEntry> ListVolumes() const;
 
@@ -520,6 +526,27 @@ Status FuseMount::Impl::AddVolume(const std::string& name, std::shared_ptr<Block
   return Status::OK();
 }
 
+// Waits (up to kReleaseGrace) for the FUSE_RELEASEs of handles already closed; false at once
+// while a handle has not been closed at all (no FLUSH yet: a process or loop device holds it).
+bool FuseMount::Impl::WaitReleasedLocked(std::unique_lock<std::mutex>& l, const Volume* v) {
+  auto settled = [&] {
+    if (v->open_count == 0) return true;
+    for (const OpenFile* of : open_files_)
+      if (of->vol == v && !of->closing) return true;  // really open: no point waiting
+    return false;
+  };
+  released_cv_.wait_for(l, kReleaseGrace, settled);
+  return v->open_count == 0;
+}
+
+bool FuseMount::Impl::WaitUnused(const std::string& name) {
+  std::unique_lock<std::mutex> l(mu_);
+  auto it = by_name_.find(name);
+  if (it == by_name_.end()) return true;
+  const std::shared_ptr<Volume> v = it->second;
+  return WaitReleasedLocked(l, v.get());
+}
+
 Status FuseMount::Impl::RemoveVolume(const std::string& name) {
   std::shared_ptr<Volume> v;
   {
@@ -529,7 +556,7 @@ Status FuseMount::Impl::RemoveVolume(const std::string& name) {
     v = it->second;
     // close() does not wait for FUSE_RELEASE, so a file closed just now may still count as
     // open for a moment: give the kernel a short grace before calling the volume busy.
-    if (!released_cv_.wait_for(l, kReleaseGrace, [&] { return v->open_count == 0; }))
+    if (!WaitReleasedLocked(l, v.get()))
       return Status::Busy("fuse: volume " + name + " is open");
     if (by_name_.find(name) == by_name_.end() || by_name_[name] != v)
       return Status::NotFound("fuse: no volume " + name);
@@ -1050,7 +1077,12 @@ void FuseMount::Impl::OnWrite(fuse_req_t req, const char* data, size_t size, off
 }
 
 void FuseMount::Impl::OnFlush(fuse_req_t req, struct fuse_file_info* fi, bool always) {
-  Volume* v = reinterpret_cast<OpenFile*>(fi->fh)->vol;
+  OpenFile* of = reinterpret_cast<OpenFile*>(fi->fh);
+  Volume* v = of->vol;
+  if (!always) {  // FLUSH comes from close() (fsync asks with always): release may follow
+    std::lock_guard<std::mutex> l(mu_);
+    of->closing = true;
+  }
   // close() flushes only after writes; fsync always asks the device.
   bool was_dirty = v->dirty.exchange(false);
   if (!v->info.can_flush || (!always && !was_dirty)) {
@@ -1161,6 +1193,7 @@ Status FuseMount::AddVolume(const std::string& name, std::shared_ptr<BlockDevice
   return impl_->AddVolume(name, std::move(dev), access);
 }
 Status FuseMount::RemoveVolume(const std::string& name) { return impl_->RemoveVolume(name); }
+bool FuseMount::WaitUnused(const std::string& name) { return impl_->WaitUnused(name); }
 Status FuseMount::RefreshVolume(const std::string& name) { return impl_->RefreshVolume(name); }
 std::vector<VolumeEntry> FuseMount::ListVolumes() const { return impl_->ListVolumes(); }
 const std::string& FuseMount::mountpoint() const { return impl_->mountpoint_; }

@@ -126,6 +126,22 @@ class BatchTest : public QObject {
     QCOMPARE(fit["refusals"][0]["code"], json("does_not_fit"));
     QCOMPARE(fit["refusals"][0]["op"], json(1));
 
+    // A cycle through a stack an earlier operation plans onto existing arrays (the GUI's second
+    // drop): x takes array:y (y's 20 MiB legs fit x), then y takes array:x -> cycle, op 1.
+    for (const char* n : {"x0", "x1", "y0", "y1"})
+      QVERIFY(MakeSparse(dir.path() + "/" + n + ".img", n[0] == 'y' ? 20 << 20 : 16 << 20));
+    QVERIFY2(d.Ctl({"array", "create", "x", "--level", "mirror", "--assume-clean", dir.path() + "/x0.img",
+                    dir.path() + "/x1.img"}, nullptr, &err) == 0, err.constData());
+    QVERIFY2(d.Ctl({"array", "create", "y", "--level", "mirror", "--assume-clean", dir.path() + "/y0.img",
+                    dir.path() + "/y1.img"}, nullptr, &err) == 0, err.constData());
+    json stack = Batch(d, dir.path(),
+                       {Op("array.add_leg", {{"name", "x"}, {"leg", "array:y"}}),
+                        Op("array.add_leg", {{"name", "y"}, {"leg", "array:x"}})}, true, &rc);
+    QVERIFY2(stack["refusals"].size() == 1, stack.dump().c_str());
+    QCOMPARE(stack["refusals"][0]["code"], json("cycle"));
+    QCOMPARE(stack["refusals"][0]["op"], json(1));
+    QVERIFY(d.Ctl({"array", "remove", "x"}) == 0 && d.Ctl({"array", "remove", "y"}) == 0);
+
     // last_good_leg counts the legs earlier operations fail.
     QVERIFY2(d.Ctl({"array", "create", "live", "--level", "mirror", "--assume-clean",
                     QString::fromStdString(l[3]), QString::fromStdString(l[4])}, nullptr, &err) == 0,

@@ -448,7 +448,12 @@ class FuseTest : public QObject {
     QVERIFY(ListDir(env.mnt).count("c.img"));
     int fd = ::open(env.File("c").c_str(), O_RDWR);
     QVERIFY(fd >= 0);
+    // Really open (no close yet): refused at once, without the grace a just-closed file gets.
+    QElapsedTimer busy_timer;
+    busy_timer.start();
     QCOMPARE(env.fm->RemoveVolume("c").code(), Status::Code::kBusy);
+    QVERIFY(!env.fm->WaitUnused("c"));
+    QVERIFY2(busy_timer.elapsed() < 1000, qPrintable(QString::number(busy_timer.elapsed())));
     QCOMPARE(env.fm->ListVolumes().at(0).open_count, 1);
     QCOMPARE(::pwrite(fd, "hello", 5, 0), ssize_t(5));
     ::close(fd);
@@ -464,6 +469,20 @@ class FuseTest : public QObject {
     QCOMPARE(::stat(env.File("c").c_str(), &st), 0);
     QCOMPARE(st.st_size, off_t(2 << 20));
     QVERIFY(env.fm->RemoveVolume("c").ok());
+    // Regression (CI, stop 21): remove right after close() must wait for the asynchronous
+    // FUSE_RELEASE instead of calling the volume busy.  Each round closes and removes at once.
+    for (int round = 0; round < 20; ++round) {
+      auto h = env.MakeFile("h" + std::to_string(round), 1 << 20);
+      QVERIFY(h && env.fm->AddVolume("h", h).ok());
+      int hfd = ::open(env.File("h").c_str(), O_RDONLY);
+      QVERIFY(hfd >= 0);
+      char b[512];
+      QCOMPARE(::pread(hfd, b, sizeof b, 0), ssize_t(sizeof b));
+      ::close(hfd);
+      QVERIFY2(env.fm->WaitUnused("h"), qPrintable(QString("round %1").arg(round)));  // the daemon's check
+      const Status rs = env.fm->RemoveVolume("h");
+      QVERIFY2(rs.ok(), qPrintable(QString("round %1: %2").arg(round).arg(QString::fromStdString(rs.ToString()))));
+    }
   }
 
   void readOnlyVolume() {

@@ -66,6 +66,11 @@ class FuseMount {
 
   Status AddVolume(const std::string& name, std::shared_ptr<BlockDevice> dev, FileAccess access = {});
   Status RemoveVolume(const std::string& name);  // kBusy while the file is open
+  // True once `name`'s file is not open (or the volume is not shown).  close() returns before
+  // the kernel's FUSE_RELEASE arrives, so a file whose every handle was just closed (FLUSH
+  // seen) is waited for, up to 2 s; one with a handle still open answers false at once.
+  // Blocks: not from an event loop.
+  bool WaitUnused(const std::string& name);
   // The volume's device grew: show the new size now (also while the file is open; the kernel's
   // cached attributes are invalidated).  A loop device on the file then takes the new size with
   // `losetup -c`.  NotFound if the volume is not shown.
