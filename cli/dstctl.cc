@@ -341,6 +341,15 @@ int main(int argc, char** argv) {
   auto* mnt = app.add_subcommand("mount", "Mount the FUSE file system showing <volume>.img files");
   mnt->add_option("DIR", dir, "Mount point (created if missing)")->required();
   auto* umnt = app.add_subcommand("unmount", "Unmount the FUSE file system (fails while a file is open)");
+  // loop ...
+  auto* loop = app.add_subcommand("loop", "Loop devices over the FUSE files (losetup, done by dstd)");
+  loop->require_subcommand(1);
+  bool loop_ro = false;
+  auto* loop_att = loop->add_subcommand("attach", "Attach a free /dev/loopN to NAME.img and print it");
+  loop_att->add_option("NAME", name, "Volume or array name")->required();
+  loop_att->add_flag("--read-only", loop_ro, "Read-only loop device");
+  auto* loop_det = loop->add_subcommand("detach", "Detach the loop devices over NAME.img (fails while mounted)");
+  loop_det->add_option("NAME", name, "Volume or array name")->required();
   auto* status = app.add_subcommand("status", "Show daemon, exports, volumes, arrays and mount");
 
   // array ...
@@ -555,6 +564,20 @@ int main(int argc, char** argv) {
     if ((rc = Call(socket, "unmount", json::object(), &result)) != 0) return rc;
     if (as_json) PrintJson(result);
     else std::printf("unmounted\n");
+  } else if (loop_att->parsed()) {
+    json p{{"name", name}};
+    if (loop_ro) p["read_only"] = true;
+    if ((rc = Call(socket, "loop.attach", p, &result)) != 0) return rc;
+    if (as_json) PrintJson(result);
+    else std::printf("%s\n", result.value("device", std::string()).c_str());
+  } else if (loop_det->parsed()) {
+    if ((rc = Call(socket, "loop.detach", json{{"name", name}}, &result)) != 0) return rc;
+    if (as_json) {
+      PrintJson(result);
+    } else {
+      for (const auto& d : result.value("detached", json::array()))
+        if (d.is_string()) std::printf("%s detached\n", d.get<std::string>().c_str());
+    }
   } else if (status->parsed()) {
     if ((rc = Call(socket, "status", json::object(), &result)) != 0) return rc;
     if (as_json) PrintJson(result);

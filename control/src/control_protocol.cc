@@ -26,6 +26,8 @@ const std::vector<std::string>& Methods() {
       "batch",
       // issue 12: pause / resume a mirror's resync (runtime only)
       "array.pause_resync", "array.resume_resync",
+      // issue 12: loop devices over the FUSE files (the GUI's attach / detach actions)
+      "loop.attach", "loop.detach",
   };
   return kMethods;
 }

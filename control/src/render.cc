@@ -39,6 +39,24 @@ bool Bool(const json& o, const char* key) {
   return it != o.end() && it->is_boolean() && it->get<bool>();
 }
 
+// "/dev/loop3 (ro, mounted at /srv)" for each entry of a volume's or array's loop_devices.
+std::string LoopText(const json& o) {
+  auto it = o.find("loop_devices");
+  if (it == o.end() || !it->is_array()) return {};
+  std::string out;
+  for (const auto& d : *it) {
+    if (!d.is_object()) continue;
+    std::string one = Str(d, "device");
+    std::string notes;
+    if (Bool(d, "read_only")) notes = "ro";
+    if (d.contains("mounted_at") && d["mounted_at"].is_string())
+      notes += (notes.empty() ? "" : ", ") + std::string("mounted at ") + Str(d, "mounted_at");
+    if (!notes.empty()) one += " (" + notes + ")";
+    out += (out.empty() ? "" : ", ") + one;
+  }
+  return out;
+}
+
 std::string Fpc(const json& o) { return fmt::format("{:.2f}", Dbl(o, "frames_per_call")); }
 
 std::string VolumeSource(const json& v) {
@@ -168,8 +186,11 @@ std::string RenderStatus(const json& st) {
                          Str(v, "state"), U64(v, "reconnects"), U64(v, "resent"),
                          U64(v, "timeouts"), U64(v, "inflight"), U64(v, "requests"), Fpc(v));
     }
-    if (v.contains("file") && !v["file"].is_null())
-      out += fmt::format("  file:{} open:{}\n", Str(v, "file"), U64(v, "open_count"));
+    if (v.contains("file") && !v["file"].is_null()) {
+      const std::string loops = LoopText(v);
+      out += fmt::format("  file:{} open:{}{}\n", Str(v, "file"), U64(v, "open_count"),
+                         loops.empty() ? "" : " loop:" + loops);
+    }
     if (v.contains("error") && !v["error"].is_null())
       out += fmt::format("  error:{}\n", Str(v, "error"));
   }
@@ -394,6 +415,7 @@ std::string RenderDetail(const json& a) {
                                          Dbl(*stt, "commits_per_second"),
                                          U64(*stt, "intent_waits"))});
   if (a.contains("file") && a["file"].is_string()) kv.push_back({"File", Str(a, "file")});
+  if (const std::string loops = LoopText(a); !loops.empty()) kv.push_back({"Loop Devices", loops});
   if (a.contains("error") && a["error"].is_string()) kv.push_back({"Error", Str(a, "error")});
   std::string out = Str(a, "name") + ":\n";
   for (auto& [k, v] : kv) out += fmt::format("{:>18} : {}\n", k, v);

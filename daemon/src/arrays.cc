@@ -28,6 +28,7 @@
 #include "dst/file_device.h"
 #include "dst/layer.h"
 #include "layer_json.h"
+#include "loop_devices.h"
 #include "verify_store.h"
 
 namespace dst::daemon {
@@ -1505,11 +1506,13 @@ json Daemon::ArrayJson(const std::shared_ptr<Array>& a) {
   }
   j["exports"] = std::move(exported);
   j["file"] = nullptr;
+  j["loop_devices"] = json::array();
   if (m && dev) {
     for (auto& f : m->ListVolumes())
       if (f.name == cfg.name) {
         j["file"] = m->mountpoint() + "/" + cfg.name + ".img";
         j["open_count"] = f.open_count;
+        j["loop_devices"] = LoopDevicesJson(j["file"].get<std::string>());
       }
   }
   AddVerifyJson(cfg, mirror, &j);

@@ -1,5 +1,6 @@
 #include "daemon.h"
 #include "metrics.h"
+#include "loop_devices.h"
 
 #include <algorithm>
 #include <fcntl.h>
@@ -13,6 +14,7 @@
 #include <filesystem>
 #include <future>
 #include <sstream>
+#include <thread>
 
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -787,6 +789,8 @@ void Daemon::Handle(ctl::Request req, Reply reply) {
     finish(json{{"volumes", VolumesJson()}});
   } else if (m == "unmount") {
     UnmountRpc(std::move(finish));
+  } else if (m == "loop.attach" || m == "loop.detach") {
+    LoopRpc(m, p, std::move(finish));
   } else if (m.rfind("array.", 0) == 0) {
     ArrayRpc(m, p, std::move(finish));
   } else if (m == "apply") {
@@ -988,20 +992,26 @@ void Daemon::UnmountRpc(Finish finish) {
     if (mount_busy_) return finish(Status::Busy("a mount or unmount is in progress"));
     if (!mount_) return finish(Status::NotFound("nothing is mounted"));
     m = mount_;
+    mount_busy_ = true;  // until the worker decides
   }
-  for (const auto& f : m->ListVolumes()) {
-    if (f.open_count > 0)
-      return finish(Status::Busy(fmt::format("{}/{}.img is open ({} users)", m->mountpoint(),
-                                             f.name, f.open_count)));
-  }
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    if (mount_ != m) return finish(Status::Busy("the mount changed meanwhile"));
-    mount_busy_ = true;
-    mount_.reset();
-    for (auto& [name, v] : volumes_) v->in_mount = false;
-  }
+  // On a worker: a file closed just now is still open until its FUSE_RELEASE arrives, and
+  // WaitUnused waits for that (up to 2 s), which must not hold the control thread.
   workers_.Post([this, m, finish]() mutable {
+    for (const auto& f : m->ListVolumes()) {
+      if (f.open_count > 0 && !m->WaitUnused(f.name)) {
+        {
+          std::lock_guard<std::mutex> l(mu_);
+          mount_busy_ = false;
+        }
+        return finish(Status::Busy(fmt::format("{}/{}.img is open ({} users)", m->mountpoint(), f.name,
+                                               f.open_count)));
+      }
+    }
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      mount_.reset();
+      for (auto& [name, v] : volumes_) v->in_mount = false;
+    }
     std::string dir = m->mountpoint();
     m->Unmount();
     m.reset();
@@ -1013,6 +1023,75 @@ void Daemon::UnmountRpc(Finish finish) {
     spdlog::info("FUSE unmounted from {}", dir);
     Emit(json{{"type", "mount"}, {"state", "unmounted"}, {"path", dir}});
     finish(json::object());
+  });
+}
+
+// loop.attach / loop.detach: a loop device over a volume's or array's FUSE file (loop_devices.h).
+// The file is dstd's own FUSE file, so opening it needs dstd's FUSE threads: a worker runs it.
+void Daemon::LoopRpc(const std::string& m, const json& p, Finish finish) {
+  auto n = p.find("name");
+  if (n == p.end() || !n->is_string() || n->get<std::string>().empty())
+    return finish(Status::InvalidArgument("parameter \"name\" must be a volume or array name"));
+  const std::string name = n->get<std::string>();
+  bool read_only = false;
+  if (auto it = p.find("read_only"); it != p.end()) {
+    if (!it->is_boolean()) return finish(Status::InvalidArgument("parameter \"read_only\" must be a boolean"));
+    read_only = it->get<bool>();
+  }
+  std::shared_ptr<fuse::FuseMount> mnt;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    mnt = mount_;
+  }
+  if (!mnt)
+    return finish(Status::NotFound("nothing is mounted: a loop device sits on a FUSE file (dstctl mount DIR first)"));
+  bool shown = false;
+  for (const auto& f : mnt->ListVolumes()) shown = shown || f.name == name;
+  if (!shown)
+    return finish(Status::NotFound(fmt::format("no volume or array \"{}\" in the mount at {}", name, mnt->mountpoint())));
+  const std::string file = mnt->mountpoint() + "/" + name + ".img";
+  const bool attach = m == "loop.attach";
+  workers_.Post([this, name, file, read_only, attach, finish] {
+    if (attach) {
+      // One file, one loop device: a second one would be a second writer behind the same cache.
+      auto existing = LoopDevicesFor(file);
+      if (!existing.empty())
+        return finish(Status::Exists(fmt::format("{} is already attached to {}", file, existing.front().device)));
+      Result<std::string> dev = AttachLoop(file, read_only);
+      if (!dev.ok()) return finish(dev.status().WithContext(fmt::format("cannot attach {}", file)));
+      spdlog::info("loop device {} attached to {}{}", dev.value(), file, read_only ? " (read-only)" : "");
+      Emit(json{{"type", "loop"}, {"state", "attached"}, {"name", name}, {"device", dev.value()}});
+      return finish(json{{"device", dev.value()}, {"file", file}, {"read_only", read_only}});
+    }
+    auto devs = LoopDevicesFor(file);
+    if (devs.empty()) return finish(Status::NotFound(fmt::format("no loop device uses {}", file)));
+    json detached = json::array();
+    for (const auto& d : devs) {
+      if (Status st = DetachLoop(d); !st.ok()) {
+        if (!detached.empty()) Emit(json{{"type", "loop"}, {"state", "detached"}, {"name", name}});
+        return finish(st.WithContext(fmt::format("cannot detach {}", d.device)));
+      }
+      spdlog::info("loop device {} detached from {}", d.device, file);
+      detached.push_back(d.device);
+    }
+    // The loop driver lets go of the file without a close() (no FUSE_FLUSH), and its
+    // FUSE_RELEASE comes a moment later: wait for it (up to 2 s, less than that if another
+    // process keeps the file open), so a `volume remove` right after this is not refused.
+    for (int i = 0; i < 200; ++i) {
+      std::shared_ptr<fuse::FuseMount> mnt;
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        mnt = mount_;
+      }
+      int open = 0;
+      if (mnt)
+        for (const auto& f : mnt->ListVolumes())
+          if (f.name == name) open = f.open_count;
+      if (open == 0) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    Emit(json{{"type", "loop"}, {"state", "detached"}, {"name", name}, {"devices", detached}});
+    finish(json{{"detached", detached}, {"file", file}});
   });
 }
 
@@ -1113,6 +1192,7 @@ json Daemon::VolumeJson(const std::string& name, const Volume& v) {
   j["error"] = v.error.empty() ? json() : json(v.error);
   j["file"] = nullptr;
   j["open_count"] = 0;
+  j["loop_devices"] = json::array();
   return j;
 }
 
@@ -1133,6 +1213,7 @@ json Daemon::VolumesJson() {
       if (f.name != name) continue;
       j["file"] = m->mountpoint() + "/" + name + ".img";
       j["open_count"] = f.open_count;
+      j["loop_devices"] = LoopDevicesJson(j["file"].get<std::string>());
     }
     arr.push_back(std::move(j));
   }

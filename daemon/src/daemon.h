@@ -177,6 +177,7 @@ class Daemon {
   nlohmann::json VolumeJson(const std::string& name, const Volume& v);
 
   void UnmountRpc(Finish finish);
+  void LoopRpc(const std::string& m, const nlohmann::json& p, Finish finish);  // loop.attach / detach
 
   // Typed operations (operations.h, operations.cc).  Every change the control protocol makes is
   // an Operation (Validate, Plan, Apply); the single-object RPCs and `apply` both go through

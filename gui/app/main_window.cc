@@ -32,6 +32,7 @@ QStringList HostsFromArgs(const QStringList& arguments, const QString& env_socke
   QCommandLineParser p;
   p.setApplicationDescription("dst management GUI");
   p.addHelpOption();
+  p.addVersionOption();  // QCoreApplication::applicationVersion (main.cc)
   p.addOption({"host", "A dstd control socket, or user@host[:socket] reached with ssh (repeatable).",
                "host"});
   p.addOption({"ssh-command", "The ssh forward's command ({local}, {remote}, {target}); remembered.",
@@ -61,6 +62,7 @@ MainWindow::MainWindow(const QStringList& hosts, QWidget* parent)
       pending_(new PendingOpsPane(log_)),
       drops_(nullptr) {
   setWindowTitle(tr("dst"));
+  progress_->setFinishedLinger(10000);  // a finished resync shows "done 100 %" for 10 s
   auto* tint = new OfflineTint(this);
   tint->setSourceModel(model_);
   tree_->setModel(tint);
@@ -127,6 +129,17 @@ MainWindow::MainWindow(const QStringList& hosts, QWidget* parent)
   dock->setWidget(pending_);
   addDockWidget(Qt::RightDockWidgetArea, dock);
   drops_ = new DropController(canvas_, pending_, log_, DropController::DialogUi(this), this);
+  // The tree's drops go the same way as the canvas's; a refusal shows on the canvas at the
+  // target (the same object there), or at the canvas's corner for the empty area.
+  tree_->setDragEnabled(true);
+  tree_->setAcceptDrops(true);
+  tree_->setDropIndicatorShown(true);
+  tree_->setDragDropMode(QAbstractItemView::DragDrop);
+  connect(model_, &DeviceTreeModel::dropRequested, drops_, [this](const QString& source, const QString& target) {
+    const QPointF at = target.isEmpty() ? canvas_->mapToScene(canvas_->viewport()->rect().bottomRight() - QPoint(40, 40))
+                                        : canvas_->nodeRect(target).center();
+    drops_->drop(source, target, at);
+  });
   for (const QString& h : hosts) {
     auto* s = new HostSession(h, HostSocket(h, this, log_), this);
     model_->attach(s);

@@ -3,9 +3,13 @@
 #include <algorithm>
 #include <set>
 
+#include <QMimeData>
+#include <QStringList>
+
 #include "format.h"
 #include "host_session.h"
 #include "sorted_merge.h"
+#include "topology_graph.h"
 
 using nlohmann::json;
 
@@ -19,6 +23,7 @@ struct DeviceTreeModel::Node {
   qint64 dirty = -1;
   QString engine_state;
   QString spec, file;    // SpecRole, FileRole
+  QStringList loops;     // LoopDevicesRole
   bool offline = false;  // hosts only
   Node* parent = nullptr;
   std::vector<std::unique_ptr<Node>> children;
@@ -33,7 +38,7 @@ struct DeviceTreeModel::Node {
     for (int c = 0; c < kColumnCount; ++c)
       if (col[c] != o.col[c]) return false;
     return size == o.size && dirty == o.dirty && engine_state == o.engine_state &&
-           spec == o.spec && file == o.file;
+           spec == o.spec && file == o.file && loops == o.loops;
   }
   void copyValues(const Node& o) {
     for (int c = 0; c < kColumnCount; ++c) col[c] = o.col[c];
@@ -42,6 +47,7 @@ struct DeviceTreeModel::Node {
     engine_state = o.engine_state;
     spec = o.spec;
     file = o.file;
+    loops = o.loops;
   }
 };
 
@@ -50,6 +56,21 @@ namespace {
 using NodePtr = std::unique_ptr<DeviceTreeModel::Node>;
 using Node = DeviceTreeModel::Node;
 constexpr int kMaxStackDepth = 8;  // stacked arrays deeper than this are not expanded
+
+// A volume's or array's loop devices (status `loop_devices`), and their text for the info column.
+QStringList Loops(const json& o) {
+  QStringList out;
+  auto it = o.find("loop_devices");
+  if (it == o.end() || !it->is_array()) return out;
+  for (const auto& d : *it)
+    if (d.is_object() && d.contains("device") && d["device"].is_string())
+      out << QString::fromStdString(d["device"].get<std::string>());
+  return out;
+}
+
+QString LoopInfo(const QStringList& loops) {
+  return loops.isEmpty() ? QString() : ", loop " + loops.join(", ");
+}
 
 QString Str(const json& o, const char* k) {
   auto it = o.find(k);
@@ -106,8 +127,9 @@ NodePtr BuildVolume(const json& v) {
   QString src = Str(v, "source");
   n->spec = src;
   n->file = file;
+  n->loops = Loops(v);
   n->col[DeviceTreeModel::kInfo] =
-      (file.isEmpty() ? QStringLiteral("not mounted") : "mounted at " + file) +
+      (file.isEmpty() ? QStringLiteral("not mounted") : "mounted at " + file) + LoopInfo(n->loops) +
       (src.isEmpty() ? QString() : ", from " + src);
   return n;
 }
@@ -174,8 +196,9 @@ NodePtr BuildArray(const json& status, const json& a, std::set<QString>* stack) 
   n->col[DeviceTreeModel::kDirty] = HumanSize(dirty);
   QString file = Str(a, "file");
   n->file = file;
+  n->loops = Loops(a);
   n->col[DeviceTreeModel::kInfo] =
-      Str(a, "level") + (file.isEmpty() ? QString() : ", mounted at " + file);
+      Str(a, "level") + (file.isEmpty() ? QString() : ", mounted at " + file) + LoopInfo(n->loops);
   SortChildren(n.get());
   stack->erase(name);
   return n;
@@ -222,6 +245,57 @@ void SetHostValues(Node* h, const json& status) {
 DeviceTreeModel::DeviceTreeModel(QObject* parent)
     : QAbstractItemModel(parent), root_(std::make_unique<Node>()) {}
 DeviceTreeModel::~DeviceTreeModel() = default;
+
+QString DeviceTreeModel::graphKey(const QModelIndex& index) const {
+  if (!index.isValid()) return {};
+  const Node* n = nodeOf(index);
+  const Node* h = n;
+  while (h->parent != root_.get()) h = h->parent;
+  if (n == h) return n->key;  // a host: its socket path
+  if (n->kind == QLatin1String("leg"))
+    return TopologyGraph::LegKey(h->key, n->parent->col[kName].toString(), n->key.mid(5).toInt());
+  return TopologyGraph::ObjectKey(h->key, n->kind, n->col[kName].toString());
+}
+
+Qt::ItemFlags DeviceTreeModel::flags(const QModelIndex& index) const {
+  if (!index.isValid()) return Qt::ItemIsDropEnabled;  // the empty area: a new array
+  Qt::ItemFlags f = QAbstractItemModel::flags(index);
+  if (index.data(OfflineRole).toBool()) return f;  // nothing to or from an offline host
+  const QString kind = nodeOf(index)->kind;
+  if (kind != QLatin1String("host")) f |= Qt::ItemIsDragEnabled;
+  if (kind == QLatin1String("host") || kind == QLatin1String("array")) f |= Qt::ItemIsDropEnabled;
+  return f;
+}
+
+QStringList DeviceTreeModel::mimeTypes() const { return {QString::fromLatin1(kMimeType)}; }
+
+QMimeData* DeviceTreeModel::mimeData(const QModelIndexList& indexes) const {
+  QStringList keys;
+  for (const QModelIndex& i : indexes) {
+    const QString k = graphKey(i.siblingAtColumn(0));
+    if (!k.isEmpty() && !keys.contains(k)) keys << k;  // a row's columns come one by one
+  }
+  if (keys.isEmpty()) return nullptr;
+  auto* md = new QMimeData;
+  md->setData(QString::fromLatin1(kMimeType), keys.join('\n').toUtf8());
+  return md;
+}
+
+bool DeviceTreeModel::canDropMimeData(const QMimeData* data, Qt::DropAction, int, int,
+                                      const QModelIndex& parent) const {
+  if (!data || !data->hasFormat(QString::fromLatin1(kMimeType))) return false;
+  return (flags(parent) & Qt::ItemIsDropEnabled) != 0;
+}
+
+bool DeviceTreeModel::dropMimeData(const QMimeData* data, Qt::DropAction action, int row, int column,
+                                   const QModelIndex& parent) {
+  if (!canDropMimeData(data, action, row, column, parent)) return false;
+  const QStringList keys = QString::fromUtf8(data->data(QString::fromLatin1(kMimeType))).split('\n', Qt::SkipEmptyParts);
+  if (keys.isEmpty()) return false;
+  // Between two rows of a host or array (row >= 0) is a drop on that host or array too.
+  emit dropRequested(keys.first(), graphKey(parent.siblingAtColumn(0)));
+  return false;  // nothing moved: the drop is staged, and the rows follow the daemon
+}
 
 DeviceTreeModel::Node* DeviceTreeModel::nodeOf(const QModelIndex& index) const {
   return index.isValid() ? static_cast<Node*>(index.internalPointer()) : root_.get();
@@ -369,6 +443,8 @@ QVariant DeviceTreeModel::data(const QModelIndex& index, int role) const {
       return n->spec;
     case FileRole:
       return n->file;
+    case LoopDevicesRole:
+      return n->loops;
     case OfflineRole: {
       const Node* h = n;
       while (h->parent != root_.get()) h = h->parent;

@@ -4,7 +4,7 @@
 //
 //   host (socket path)
 //   +- export e1             size, "exported", device and clients
-//   +- volume v1             size, connection state, FUSE file when mounted
+//   +- volume v1             size, connection state, FUSE file when mounted, loop devices
 //   +- array m0              size, state (up to date / degraded / resyncing / verifying / ...)
 //      +- leg 0              spec, state, out-of-sync bytes
 //      +- leg 1  array:lin   (the stacked array "lin" and its legs below it)
@@ -42,6 +42,8 @@ class DeviceTreeModel : public QAbstractItemModel {
                                   // URI, an export's path, a host's listen address "addr:port"
     FileRole,                     // a volume's or array's FUSE file when mounted, a host's FUSE
                                   // mount point, else empty
+    LoopDevicesRole,              // QStringList: the loop devices over a volume's or array's
+                                  // FUSE file ("/dev/loop3"), status `loop_devices`
   };
 
   explicit DeviceTreeModel(QObject* parent = nullptr);
@@ -61,7 +63,28 @@ class DeviceTreeModel : public QAbstractItemModel {
   QVariant data(const QModelIndex& index, int role = Qt::DisplayRole) const override;
   QVariant headerData(int section, Qt::Orientation o, int role = Qt::DisplayRole) const override;
 
+  // Drag and drop in the tree view, the same drops as the canvas's (DropMapper): exports,
+  // volumes, arrays and legs can be dragged; arrays, hosts and the empty area below the rows
+  // accept.  A drop changes nothing here: dropMimeData emits dropRequested with TopologyGraph
+  // keys (target "" for the empty area) and the window stages it (DropController).
+  static constexpr const char* kMimeType = "application/x-dst-node-keys";
+  Qt::ItemFlags flags(const QModelIndex& index) const override;
+  QStringList mimeTypes() const override;
+  QMimeData* mimeData(const QModelIndexList& indexes) const override;
+  bool canDropMimeData(const QMimeData* data, Qt::DropAction action, int row, int column,
+                       const QModelIndex& parent) const override;
+  bool dropMimeData(const QMimeData* data, Qt::DropAction action, int row, int column,
+                    const QModelIndex& parent) override;
+  Qt::DropActions supportedDragActions() const override { return Qt::CopyAction | Qt::MoveAction; }
+  Qt::DropActions supportedDropActions() const override { return Qt::CopyAction | Qt::MoveAction; }
+  // The row's TopologyGraph key (ObjectKey / LegKey; a host's socket path); empty for none.
+  QString graphKey(const QModelIndex& index) const;
+
   struct Node;
+
+ signals:
+  void dropRequested(const QString& source_key, const QString& target_key);
+
 
  private:
   Node* nodeOf(const QModelIndex& index) const;

@@ -17,6 +17,23 @@ nlohmann::json Op(const char* method, nlohmann::json params) {
 
 MappedDrop Refuse(const QString& why) { return {{}, nullptr, why}; }
 
+// The array's level: the first word of its info column ("mirror, mounted at ...").
+QString LevelOf(const TopologyNode* array) { return array->info.section(',', 0, 0).trimmed(); }
+
+// What the engine's dry run cannot see of a dst:// leg (it learns size and mode only when the
+// step connects): the exporting host's status says both, so a drop that cannot work is refused
+// here, with the engine's reason codes.  Borderline sizes go on to the engine (a leg also holds
+// the array's metadata, which only the engine counts).
+QString CheckExportLeg(const TopologyNode* e, const TopologyNode* array) {
+  if (LevelOf(array) != QLatin1String("mirror")) return {};
+  if (e->state.contains(QLatin1String("read-only")))
+    return QStringLiteral("export %1 is read-only: a mirror writes every leg (read_only_leg)").arg(e->name);
+  if (e->size >= 0 && array->size > 0 && e->size < array->size)
+    return QStringLiteral("export %1 (%2 bytes) is smaller than mirror %3 (%4 bytes of data) (does_not_fit)")
+        .arg(e->name).arg(e->size).arg(array->name).arg(array->size);
+  return {};
+}
+
 }  // namespace
 
 QString DefaultCreateHost(const QString& source) {
@@ -64,6 +81,7 @@ MappedDrop MapDrop(const TopologyGraph& g, const QString& source, const QString&
   QString why;
   switch (ClassifyDrop(g, source, target)) {
     case DropKind::kAddLeg: {
+      if (const QString bad = CheckExportLeg(s, t); !bad.isEmpty()) return Refuse(bad);
       const QString uri = ExportUri(g, source, &why);
       if (uri.isEmpty()) return Refuse(why);
       return {t->host, Op("array.add_leg", {{"name", t->name.toStdString()}, {"leg", uri.toStdString()}}), {}};

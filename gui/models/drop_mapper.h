@@ -3,7 +3,10 @@
 // key (its box) or "" (the bare canvas):
 //
 //   export (any host) -> array        array.add_leg on the array's host, leg = the export's
-//                                     dst://LISTEN/EXPORT (the exporting host's daemon.listen)
+//                                     dst://LISTEN/EXPORT (the exporting host's daemon.listen);
+//                                     refused here when its host's status shows it read-only
+//                                     or smaller than a mirror's data (the engine's dry run
+//                                     learns a remote leg's size and mode only at the step)
 //   volume/array -> array (same host) array.add_leg, leg = "volume:NAME" / "array:NAME" (stack)
 //   exports -> host box or canvas     array.create on the chosen host (level, name asked)
 //   leg -> host box or canvas         array.detach_leg or array.remove_leg (asked)

@@ -1,6 +1,10 @@
 #include "progress_model.h"
 
 #include <algorithm>
+#include <functional>
+
+#include <QDeadlineTimer>
+#include <QTimer>
 
 #include "format.h"
 #include "host_session.h"
@@ -36,7 +40,8 @@ ProgressModel::Row MakeRow(const QString& host, const QString& array, const char
 }
 
 // The running passes of one host's snapshot, sorted by key.
-std::vector<ProgressModel::Row> RowsOf(const QString& host, const json& status) {
+std::vector<ProgressModel::Row> RowsOf(const QString& host, const json& status,
+                                       const std::function<bool(const QString&)>& keep_finished) {
   std::vector<ProgressModel::Row> rows;
   auto arrays = status.find("arrays");
   if (arrays == status.end() || !arrays->is_array()) return rows;
@@ -50,6 +55,15 @@ std::vector<ProgressModel::Row> RowsOf(const QString& host, const json& status) 
         if (p.is_object() && (p.value("state", "") == "running" || p.value("state", "") == "paused")) {
           rows.push_back(MakeRow(host, name, "resync", p.value("leg", -1), p));
           rows.back().paused = p.value("state", "") == "paused";  // array.pause_resync
+        } else if (p.is_object() && p.value("state", "") == "done") {
+          ProgressModel::Row r = MakeRow(host, name, "resync", p.value("leg", -1), p);
+          if (!keep_finished(r.key)) continue;
+          r.finished = true;
+          r.percent = 100;
+          r.done = r.total;
+          r.rate = 0;
+          r.eta = 0;
+          rows.push_back(std::move(r));
         }
     auto v = a.find("verify");
     if (v != a.end() && v->is_object() && v->value("state", "") == "running")
@@ -99,7 +113,11 @@ void ProgressModel::mergeHost(const QString& host, std::vector<Row> want) {
         const Row& w = want[j];
         const bool same = r.done == w.done && r.total == w.total && r.percent == w.percent &&
                           r.rate == w.rate && r.eta == w.eta;
-        if (same && r.limit == w.limit && r.paused == w.paused)
+        if (w.finished && !r.finished) {
+          r.finished_at_ms = QDeadlineTimer::current().deadline();
+          QTimer::singleShot(linger_ms_ + 10, this, &ProgressModel::pruneFinished);
+        }
+        if (same && r.limit == w.limit && r.paused == w.paused && r.finished == w.finished)
           return;  // the same snapshot again (another object changed): no new sample
         if (!same) {  // a limit change alone is no new sample either
           r.done = w.done, r.total = w.total, r.percent = w.percent, r.rate = w.rate, r.eta = w.eta;
@@ -108,12 +126,30 @@ void ProgressModel::mergeHost(const QString& host, std::vector<Row> want) {
         }
         r.limit = w.limit;
         r.paused = w.paused;
+        r.finished = w.finished;  // a new pass on the leg replaces a finished row
         emit dataChanged(index(int(base + i), 0), index(int(base + i), kColumnCount - 1));
       });
 }
 
 void ProgressModel::setHost(const QString& host, const json& status) {
-  mergeHost(host, RowsOf(host, status));
+  mergeHost(host, RowsOf(host, status, [this](const QString& key) { return keepFinished(key); }));
+}
+
+bool ProgressModel::keepFinished(const QString& key) const {
+  if (linger_ms_ <= 0) return false;
+  auto it = std::lower_bound(rows_.begin(), rows_.end(), key, [](const Row& r, const QString& k) { return r.key < k; });
+  if (it == rows_.end() || it->key != key) return false;
+  return !it->finished || QDeadlineTimer::current().deadline() - it->finished_at_ms < linger_ms_;
+}
+
+void ProgressModel::pruneFinished() {
+  const qint64 now = QDeadlineTimer::current().deadline();
+  for (std::size_t i = rows_.size(); i-- > 0;) {
+    if (!rows_[i].finished || now - rows_[i].finished_at_ms < linger_ms_) continue;
+    beginRemoveRows({}, int(i), int(i));
+    rows_.erase(rows_.begin() + std::ptrdiff_t(i));
+    endRemoveRows();
+  }
 }
 
 void ProgressModel::setHostOnline(const QString& host, bool online) {
@@ -153,6 +189,7 @@ QVariant ProgressModel::data(const QModelIndex& index, int role) const {
         case kArray: return r.array;
         case kLeg: return r.leg < 0 ? QStringLiteral("all") : QString::number(r.leg);
         case kKind: return r.kind == QLatin1String("verify") ? QStringLiteral("verifying")
+                           : r.finished                      ? QStringLiteral("done")
                            : r.paused                        ? QStringLiteral("paused")
                                                              : QStringLiteral("resyncing");
         case kPercent: return QStringLiteral("%1 %").arg(r.percent, 0, 'f', 1);

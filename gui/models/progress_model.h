@@ -5,7 +5,10 @@
 // Rows are keyed by host, array, kind and leg and diffed like DeviceTreeModel (inserted when a
 // pass starts, removed when it ends or its host goes offline, dataChanged in between).  Each row
 // keeps the rate of its last kHistory updates in a ring (RateHistoryRole, oldest first) for
-// the small graph next to the bar.  Percent is clamped to 0..100 (a bad figure never shows as
+// the small graph next to the bar.  With setFinishedLinger(ms) > 0 (dst-gui: 10 s), a resync pass
+// the model showed running that ends "done" stays for that long as a finished row at 100 %
+// (kKind "done"), so the user sees it complete instead of the bar vanishing; 0 (the default)
+// removes it at once.  Percent is clamped to 0..100 (a bad figure never shows as
 // 429496729 %); ETA is the engine's when it gives one, else remaining bytes / rate.
 #pragma once
 
@@ -40,6 +43,7 @@ class ProgressModel : public QAbstractTableModel {
   void setHostOnline(const QString& host, bool online);  // offline: its rows go
   void removeHost(const QString& host) { setHostOnline(host, false); }
   void attach(HostSession* session);
+  void setFinishedLinger(int ms) { linger_ms_ = ms; }
 
   int rowCount(const QModelIndex& parent = {}) const override;
   int columnCount(const QModelIndex& parent = {}) const override;
@@ -54,11 +58,17 @@ class ProgressModel : public QAbstractTableModel {
     qint64 done = 0, total = 0;
     qint64 limit = -1;  // RateLimitRole
     bool paused = false;  // a resync pass held by array.pause_resync (kKind "paused")
+    bool finished = false;      // ended "done", shown at 100 % until the linger passes
+    qint64 finished_at_ms = 0;  // steady clock
     std::deque<double> history;
   };
 
  private:
   void mergeHost(const QString& host, std::vector<Row> want);
+  bool keepFinished(const QString& key) const;  // a row shown running, or finished in the linger
+  void pruneFinished();
+
+  int linger_ms_ = 0;
 
   std::vector<Row> rows_;
 };

@@ -54,6 +54,16 @@ std::vector<RowAction> ActionsFor(const QModelIndex& index) {
                          {{"name", NameOf(array).toStdString()}, {"keep", slot}}, RowAction::kResolve));
     }
   }
+  if ((kind == QLatin1String("volume") || kind == QLatin1String("array")) &&
+      !index.data(DeviceTreeModel::FileRole).toString().isEmpty()) {
+    // Only a shown file can back a loop device; one device per file (dstd refuses a second).
+    const QStringList loops = index.data(DeviceTreeModel::LoopDevicesRole).toStringList();
+    if (loops.isEmpty())
+      out.push_back(Call(QObject::tr("Attach loop device"), host, "loop.attach", {{"name", name}}));
+    else
+      out.push_back(Call(QObject::tr("Detach loop device %1").arg(loops.join(", ")), host, "loop.detach",
+                         {{"name", name}}));
+  }
   if (h.data(DeviceTreeModel::FileRole).toString().isEmpty())
     out.push_back(Call(QObject::tr("Mount FUSE file system..."), host, "mount", nlohmann::json::object(),
                        RowAction::kAskMountPath));

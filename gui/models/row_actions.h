@@ -6,6 +6,8 @@
 //   array                       "Start verify" (array.verify {name}) or "Cancel verify"
 //                               (array.verify {name, cancel}); "Health check" (array.detail,
 //                               judged like `dstctl detail --test`, the detail shown)
+//   volume or array with a FUSE "Attach loop device" (loop.attach {name}) or "Detach loop device
+//   file                        /dev/loopN" (loop.detach {name}) when one is attached
 //   leg of a split-brain array  "Resolve split brain: keep leg N": array.resolve with dry_run
 //                               first, its figure (bytes overwritten) shown for confirmation,
 //                               then array.resolve {name, keep}

@@ -5,15 +5,20 @@
 // stacked arrays under their leg.
 #include <QtTest/QtTest>
 
+#include <QMimeData>
+#include <memory>
+
 #include <QAbstractItemModelTester>
 #include <set>
 
 #include "device_tree_model.h"
+#include "topology_graph.h"
 #include "model_dump.h"
 #include "snapshot_gen.h"
 #include "test_env.h"
 
 using dst::gui::DeviceTreeModel;
+using dst::gui::TopologyGraph;
 using dst::test::SnapshotGen;
 using nlohmann::json;
 
@@ -240,6 +245,63 @@ class DeviceTreeModelTest : public QObject {
   }
 
   // A leg that is another array shows it (and its legs) below; a cycle ends.
+  // The tree view's drag and drop: mimeData carries the rows' TopologyGraph keys; dropMimeData
+  // on an array, a host or the empty area emits dropRequested and changes nothing; other rows,
+  // offline hosts and foreign data are refused.
+  void mimeDragAndDrop() {
+    DeviceTreeModel model;
+    QAbstractItemModelTester tester(&model, QAbstractItemModelTester::FailureReportingMode::QtTest);
+    json s = OneArray("up-to-date", 0);
+    s["exports"] = {{{"name", "e1"}, {"size", 1 << 20}, {"path", "/e1.img"}}};
+    model.setHost("/a.sock", s);
+    model.setHost("/b.sock", OneArray("up-to-date", 0));
+    const QModelIndex a = model.index(0, 0), b = model.index(1, 0);
+    const QModelIndex e1 = Child(model, a, "export", "e1"), m0b = Child(model, b, "array", "m0");
+    const QModelIndex leg1 = model.index(1, 0, Child(model, a, "array", "m0"));
+    QVERIFY(e1.isValid() && m0b.isValid() && leg1.isValid());
+    QCOMPARE(model.graphKey(e1), TopologyGraph::ObjectKey("/a.sock", "export", "e1"));
+    QCOMPARE(model.graphKey(leg1), TopologyGraph::LegKey("/a.sock", "m0", 1));
+    QCOMPARE(model.graphKey(b), QStringLiteral("/b.sock"));
+    QVERIFY(model.flags(e1) & Qt::ItemIsDragEnabled);
+    QVERIFY(!(model.flags(e1) & Qt::ItemIsDropEnabled));
+    QVERIFY(model.flags(m0b) & Qt::ItemIsDropEnabled);
+    QVERIFY(!(model.flags(a) & Qt::ItemIsDragEnabled));
+    QVERIFY(model.flags({}) & Qt::ItemIsDropEnabled);
+    QCOMPARE(model.mimeTypes(), QStringList{DeviceTreeModel::kMimeType});
+
+    QSignalSpy spy(&model, &DeviceTreeModel::dropRequested);
+    // Every column of the row is dragged (what a view passes): one key.
+    std::unique_ptr<QMimeData> md(model.mimeData({e1, e1.siblingAtColumn(DeviceTreeModel::kSize)}));
+    QVERIFY(md);
+    QCOMPARE(md->data(DeviceTreeModel::kMimeType), TopologyGraph::ObjectKey("/a.sock", "export", "e1").toUtf8());
+    QVERIFY(model.canDropMimeData(md.get(), Qt::CopyAction, -1, -1, m0b));
+    QVERIFY(!model.dropMimeData(md.get(), Qt::CopyAction, -1, -1, m0b));  // nothing moves here
+    QCOMPARE(spy.count(), 1);
+    QCOMPARE(spy[0][0].toString(), TopologyGraph::ObjectKey("/a.sock", "export", "e1"));
+    QCOMPARE(spy[0][1].toString(), TopologyGraph::ObjectKey("/b.sock", "array", "m0"));
+    model.dropMimeData(md.get(), Qt::CopyAction, 0, 0, m0b);  // between the array's legs
+    QCOMPARE(spy.count(), 2);
+    QCOMPARE(spy[1][1].toString(), TopologyGraph::ObjectKey("/b.sock", "array", "m0"));
+    model.dropMimeData(md.get(), Qt::CopyAction, 2, 0, {});  // below the rows: a new array
+    QCOMPARE(spy.count(), 3);
+    QCOMPARE(spy[2][1].toString(), QString());
+    std::unique_ptr<QMimeData> legmd(model.mimeData({leg1}));
+    model.dropMimeData(legmd.get(), Qt::MoveAction, -1, -1, b);  // a leg onto a host box
+    QCOMPARE(spy.count(), 4);
+    QCOMPARE(spy[3][0].toString(), TopologyGraph::LegKey("/a.sock", "m0", 1));
+    QCOMPARE(spy[3][1].toString(), QStringLiteral("/b.sock"));
+    // Refused: onto an export row, foreign data, an offline host.
+    QVERIFY(!model.canDropMimeData(md.get(), Qt::CopyAction, -1, -1, e1));
+    QVERIFY(!model.dropMimeData(md.get(), Qt::CopyAction, -1, -1, e1));
+    QMimeData text;
+    text.setText("e1");
+    QVERIFY(!model.canDropMimeData(&text, Qt::CopyAction, -1, -1, m0b));
+    model.setHostOnline("/b.sock", false);
+    QVERIFY(!model.canDropMimeData(md.get(), Qt::CopyAction, -1, -1, m0b));
+    QVERIFY(!(model.flags(m0b) & Qt::ItemIsDragEnabled));
+    QCOMPARE(spy.count(), 4);
+  }
+
   void stackedArraysAndCycles() {
     DeviceTreeModel model;
     QAbstractItemModelTester tester(&model, QAbstractItemModelTester::FailureReportingMode::QtTest);

@@ -38,6 +38,25 @@ class DropMapperTest : public QObject {
     QCOMPARE(d.host, kC);
     QCOMPARE(d.op, (json{{"method", "array.add_leg"},
                          {"params", {{"name", "m0"}, {"leg", "dst://127.0.0.1:7401/e1"}}}}));
+    // What the exporter's status says and the engine's dry run cannot see yet: a read-only or
+    // too small export onto a mirror is refused with the engine's reason code.
+    {
+      json a = StatusA();
+      a["exports"][1]["read_only"] = true;  // e2
+      a["exports"].push_back(Export("small"));
+      a["exports"][2]["size"] = 8 << 20;
+      a["exports"].push_back(Export("big"));
+      a["exports"][3]["size"] = 32 << 20;
+      tree.setHost(kA, a);
+      d = MapDrop(g, TopologyGraph::ObjectKey(kA, "export", "e2"), m0);
+      QVERIFY(!d.ok());
+      QVERIFY2(d.refusal.contains("read-only") && d.refusal.contains("read_only_leg"), qPrintable(d.refusal));
+      d = MapDrop(g, TopologyGraph::ObjectKey(kA, "export", "small"), m0);
+      QVERIFY2(!d.ok() && d.refusal.contains("does_not_fit") && d.refusal.contains("8388608"), qPrintable(d.refusal));
+      QVERIFY(MapDrop(g, TopologyGraph::ObjectKey(kA, "export", "big"), m0).ok());
+      QVERIFY(MapDrop(g, e1, m0).ok());  // the same size: the engine decides at the step
+      tree.setHost(kA, StatusA());
+    }
     // C listens on 0.0.0.0: named by loopback.  Same host too: the export's own URI.
     QCOMPARE(MapDrop(g, e4, m1).op["params"]["leg"], json("dst://127.0.0.1:7403/e4"));
     QCOMPARE(MapDrop(g, e4, m0).host, kC);

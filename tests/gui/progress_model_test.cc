@@ -166,6 +166,43 @@ class ProgressModelTest : public QObject {
     model.setHostOnline("h", false);
     QCOMPARE(model.rowCount(), 0);
   }
+
+  // setFinishedLinger: a pass seen running that ends "done" stays as a 100 % "done" row for the
+  // linger, then goes; a "done" pass never seen running is not shown; a new pass replaces it.
+  void finishedRowLingers() {
+    ProgressModel model;
+    QAbstractItemModelTester tester(&model, QAbstractItemModelTester::FailureReportingMode::QtTest);
+    model.setFinishedLinger(300);
+    const qint64 total = 64 << 20;
+    json done = Progress(100, total, total, 0, 0);
+    done["arrays"][0]["progress"][0]["state"] = "done";
+    model.setHost("h", done);
+    QCOMPARE(model.rowCount(), 0);  // never seen running
+    model.setHost("h", Progress(40, total * 2 / 5, total, 1 << 20, 30));
+    QCOMPARE(model.rowCount(), 1);
+    json almost = Progress(99.2, total - 1000, total, 1 << 20, 1);
+    model.setHost("h", almost);
+    model.setHost("h", done);
+    QCOMPARE(model.rowCount(), 1);
+    const QModelIndex row = model.index(0, 0);
+    QCOMPARE(row.data(ProgressModel::PercentRole).toDouble(), 100.0);
+    QCOMPARE(row.data(ProgressModel::BytesDoneRole).toLongLong(), total);
+    QCOMPARE(model.index(0, ProgressModel::kKind).data().toString(), QStringLiteral("done"));
+    QCOMPARE(row.data(ProgressModel::EtaSecondsRole).toDouble(), 0.0);
+    model.setHost("h", done);  // the same snapshot again: still there, no new sample
+    QCOMPARE(model.rowCount(), 1);
+    QTRY_COMPARE_WITH_TIMEOUT(model.rowCount(), 0, 2000);
+    model.setHost("h", done);  // expired: not shown again
+    QCOMPARE(model.rowCount(), 0);
+    // A new pass on the leg while the finished row lingers takes its place.
+    model.setHost("h", Progress(10, total / 10, total, 1 << 20, 30));
+    model.setHost("h", done);
+    QCOMPARE(model.index(0, ProgressModel::kKind).data().toString(), QStringLiteral("done"));
+    model.setHost("h", Progress(5, total / 20, total, 1 << 20, 30));
+    QCOMPARE(model.rowCount(), 1);
+    QCOMPARE(model.index(0, ProgressModel::kKind).data().toString(), QStringLiteral("resyncing"));
+    QCOMPARE(model.index(0, 0).data(ProgressModel::PercentRole).toDouble(), 5.0);
+  }
 };
 
 QTEST_GUILESS_MAIN(ProgressModelTest)

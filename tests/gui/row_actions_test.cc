@@ -111,6 +111,39 @@ class RowActionsTest : public QObject {
     QVERIFY(ActionsFor(QModelIndex()).empty());
   }
 
+  // A shown volume or array file offers a loop device; an attached one offers detaching it, and
+  // the info column names it (status `loop_devices`, docs/control.md loop.attach).
+  void loopActions() {
+    DeviceTreeModel tree;
+    Watched w(&tree);
+    json st = Snapshot(true);
+    st["volumes"][0]["file"] = "/mnt/dst/v1.img";
+    st["volumes"][0]["loop_devices"] = json::array();
+    st["arrays"][0]["file"] = "/mnt/dst/m0.img";
+    st["arrays"][0]["loop_devices"] = {{{"device", "/dev/loop7"}, {"read_only", false}, {"mounted_at", "/srv"}}};
+    tree.setHost("/h.sock", st);
+    const QModelIndex host = tree.index(0, 0);
+    const QString unmount = "Unmount FUSE file system -> unmount {}";
+    QCOMPARE(Texts(ActionsFor(Find(tree, host, "v1"))),
+             (QStringList{"Attach loop device -> loop.attach {\"name\":\"v1\"}", unmount}));
+    QCOMPARE(Texts(ActionsFor(Find(tree, host, "m0"))),
+             (QStringList{"Start verify -> array.verify {\"name\":\"m0\"}",
+                          "Health check -> array.detail {\"name\":\"m0\"}",
+                          "Detach loop device /dev/loop7 -> loop.detach {\"name\":\"m0\"}", unmount}));
+    const QModelIndex m0 = Find(tree, host, "m0");
+    QCOMPARE(m0.data(DeviceTreeModel::LoopDevicesRole).toStringList(), QStringList{"/dev/loop7"});
+    QVERIFY2(m0.siblingAtColumn(DeviceTreeModel::kInfo).data().toString().contains("loop /dev/loop7"),
+             qPrintable(m0.siblingAtColumn(DeviceTreeModel::kInfo).data().toString()));
+    // Detached outside the GUI (dstctl loop detach): the row follows the next snapshot.
+    st["arrays"][0]["loop_devices"] = json::array();
+    tree.setHost("/h.sock", st);
+    QVERIFY(Find(tree, host, "m0").data(DeviceTreeModel::LoopDevicesRole).toStringList().isEmpty());
+    QCOMPARE(Texts(ActionsFor(Find(tree, host, "m0")))[2],
+             QStringLiteral("Attach loop device -> loop.attach {\"name\":\"m0\"}"));
+    // Legs never offer it (they have no file of their own).
+    QCOMPARE(Texts(ActionsFor(tree.index(0, 0, Find(tree, host, "m0")))), QStringList{unmount});
+  }
+
   void runnerCallsTheDaemon() {
     Rig rig;
     QTRY_VERIFY(rig.row("sb").isValid());

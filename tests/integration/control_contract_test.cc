@@ -306,6 +306,8 @@ class ControlContractTest : public QObject {
   Q_OBJECT
  private slots:
   void docMatchesLiveDaemon() {
+    DST_REQUIRE(dst::test::IsRoot() && dst::test::HaveFuse(), "needs root and /dev/fuse (the mount example)");
+    DST_REQUIRE(QFile::exists("/dev/loop-control"), "needs loop devices (the loop.attach example)");
     Doc doc;
     QString why;
     QVERIFY2(ParseDoc(DST_CONTROL_DOC, &doc, &why), qPrintable(why));
