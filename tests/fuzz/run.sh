@@ -15,6 +15,12 @@
 # killed, it resumes from the saved corpus and count, losing at most one chunk.  A target whose
 # state has reached DST_FUZZ_RUNS is only summarised; delete long.state to start over.
 # Prints one summary line per target; exits non-zero if any target crashed, leaked or hung.
+# A faster build for long runs of allocation-heavy targets (fuzz_control: ASan's allocator is
+# most of its time): UBSan plus libstdc++ assertions instead of ASan,
+#   CC=clang-14 CXX=clang++-14 cmake -S . -B build-fuzz-ub -DDST_FUZZ=ON \
+#       -DDST_FUZZ_SANITIZERS=undefined -DDST_BUILD_GUI=OFF
+#   cmake --build build-fuzz-ub -j2 --target fuzz_control
+#   bash tests/fuzz/run.sh --long --build-dir build-fuzz-ub fuzz_control
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
