@@ -1060,7 +1060,7 @@ void Daemon::LoopRpc(const std::string& m, const json& p, Finish finish) {
       Result<std::string> dev = AttachLoop(file, read_only);
       if (!dev.ok()) return finish(dev.status().WithContext(fmt::format("cannot attach {}", file)));
       spdlog::info("loop device {} attached to {}{}", dev.value(), file, read_only ? " (read-only)" : "");
-      Emit(json{{"type", "loop"}, {"state", "attached"}, {"name", name}, {"device", dev.value()}});
+      PokeEvents();  // the events thread reports the change (it reads sysfs, as status does)
       return finish(json{{"device", dev.value()}, {"file", file}, {"read_only", read_only}});
     }
     auto devs = LoopDevicesFor(file);
@@ -1068,7 +1068,7 @@ void Daemon::LoopRpc(const std::string& m, const json& p, Finish finish) {
     json detached = json::array();
     for (const auto& d : devs) {
       if (Status st = DetachLoop(d); !st.ok()) {
-        if (!detached.empty()) Emit(json{{"type", "loop"}, {"state", "detached"}, {"name", name}});
+        if (!detached.empty()) PokeEvents();
         return finish(st.WithContext(fmt::format("cannot detach {}", d.device)));
       }
       spdlog::info("loop device {} detached from {}", d.device, file);
@@ -1090,7 +1090,7 @@ void Daemon::LoopRpc(const std::string& m, const json& p, Finish finish) {
       if (open == 0) break;
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
-    Emit(json{{"type", "loop"}, {"state", "detached"}, {"name", name}, {"devices", detached}});
+    PokeEvents();
     finish(json{{"detached", detached}, {"file", file}});
   });
 }

@@ -266,6 +266,7 @@ class Daemon {
   void RefreshGrownFiles();
   void EventsLoop();
   void Emit(nlohmann::json ev);  // events_.Emit, and wakes the events thread
+  void PokeEvents();             // wakes the events thread to re-derive now
   void TryPendingExports();
 
   // Exclusive legs (exclusive.cc): who uses a file, remote export, volume or array here.

@@ -10,7 +10,8 @@
 //   * derived states (array_state clean / degraded / resyncing / failed, volume_state of local
 //     volumes and of network ones before their client exists or while removing, the leg
 //     states of linear and not yet assembled arrays), resync_progress, resync_done,
-//     verify_progress, leg_identity: the events thread re-derives them from the engine's JSON
+//     verify_progress, leg_identity, loop (devices over a FUSE file, from sysfs), export_clients:
+//     the events thread re-derives them from the engine's JSON
 //     at once after any pushed event and every 250 ms otherwise.  Progress goes through a
 //     ProgressGate: at most 4 events a second per leg (per verify run).
 #include <set>
@@ -41,6 +42,10 @@ bool IsPushedVolumeState(const json& v) {
 
 void Daemon::Emit(json ev) {
   events_.Emit(std::move(ev));
+  PokeEvents();
+}
+
+void Daemon::PokeEvents() {
   // The events thread itself is awake: waking it again would only re-derive twice.
   if (std::this_thread::get_id() == events_tid_.load(std::memory_order_relaxed)) return;
   {
@@ -147,6 +152,8 @@ void Daemon::EventsRpc(const json& p, Reply reply, const json& id) {
 
 void Daemon::EventsLoop() {
   std::map<std::string, std::string> arr_state, leg_state, leg_reason, vol_state;
+  std::map<std::string, json> loops;               // "volume:NAME" / "array:NAME" -> devices
+  std::map<std::string, std::uint64_t> export_conns;
   std::map<std::string, std::uint64_t> leg_idev;
   std::map<std::string, json> last_resync;
   bool first = true;
@@ -246,6 +253,28 @@ void Daemon::EventsLoop() {
         Emit(json{{"type", "volume_state"}, {"volume", name}, {"state", st},
                   {"previous", prev.empty() ? json() : json(prev)}});
       prev = st;
+    }
+    // Loop devices over the FUSE files (sysfs, so also ones made or removed by hand with
+    // losetup) and clients per export: the GUI's tree shows both, so a change is an event.
+    auto loop_event = [&](const std::string& kind, const json& o) {
+      json devs = json::array();
+      for (const auto& d : o.value("loop_devices", json::array())) devs.push_back(d.value("device", ""));
+      json& prev = loops[kind + ":" + o.value("name", "")];
+      if (!first && !prev.is_null() && prev != devs)
+        Emit(json{{"type", "loop"},
+                  {"state", devs.empty() ? "detached" : prev.empty() ? "attached" : "changed"},
+                  {kind, o["name"]}, {"devices", devs}});
+      prev = devs;
+    };
+    for (auto& v : vols) loop_event("volume", v);
+    for (auto& a : arrays) loop_event("array", a);
+    for (auto& e : ExportsJson()) {
+      const std::uint64_t n = e.value("connections", std::uint64_t{0});
+      auto [it, added] = export_conns.try_emplace(e.value("name", ""), n);
+      if (!added && it->second != n)
+        Emit(json{{"type", "export_clients"}, {"export", e["name"]}, {"connections", n},
+                  {"previous", it->second}});
+      it->second = n;
     }
     first = false;
   }

@@ -201,6 +201,14 @@ class ThreeHostsTest : public QObject {
     for (const auto& e : g->edges())
       if (e.cross_host && (e.to == ea || e.to == ec)) ++cross;
     QCOMPARE(cross, 2);
+    // The exporters' rows follow their clients (export_clients events): B is connected to both.
+    auto clients_of = [&](const QString& host, const QString& name) {
+      const QModelIndex h = Child(*w.deviceModel(), {}, DeviceTreeModel::KeyRole, host);
+      const QModelIndex e = Child(*w.deviceModel(), h, Qt::DisplayRole, name);
+      return e.siblingAtColumn(DeviceTreeModel::kInfo).data().toString();
+    };
+    QTRY_VERIFY2_WITH_TIMEOUT(clients_of(ha, "ea").endsWith(", 1 client(s)"), qPrintable(clients_of(ha, "ea")), 5000);
+    QTRY_VERIFY2_WITH_TIMEOUT(clients_of(hc, "ec").endsWith(", 1 client(s)"), qPrintable(clients_of(hc, "ec")), 5000);
     shot(&w, "main-window");
     // A refused drop: C's export onto m again (it is a leg of m already).
     QSignalSpy refused(w.drops(), &DropController::refused);

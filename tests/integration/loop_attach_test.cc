@@ -85,6 +85,12 @@ class LoopAttachTest : public QObject {
     const QString file = mnt + "/vol.img";
     QTRY_VERIFY_WITH_TIMEOUT(QFile::exists(file), 10000);
     QCOMPARE(VolumeOf(d, "vol")["loop_devices"], json::array());
+    // The event stream, from here on (checked at the end).
+    QProcess events;
+    events.start(QString::fromStdString(dst::test::BinPath("dstctl")),
+                 {"--socket", d.control_socket(), "events", "--json"});
+    QVERIFY(events.waitForStarted(5000));
+    QTest::qWait(300);
 
     // Attach: the device is printed, backed by the file, the size of the volume.
     QByteArray out, err;
@@ -150,7 +156,32 @@ class LoopAttachTest : public QObject {
     const QString by_hand = QString::fromUtf8(Run("losetup", {"--find", "--show", file}).trimmed());
     QVERIFY2(by_hand.startsWith("/dev/loop"), qPrintable(by_hand));
     QCOMPARE(VolumeOf(d, "vol")["loop_devices"][0]["device"], json(by_hand.toStdString()));
-    QCOMPARE(d.Ctl({"loop", "detach", "vol"}, &out, &err), 0);
+    QTest::qWait(600);  // the events thread sees it by itself (sysfs, every 250 ms)
+    Run("losetup", {"-d", by_hand}, &rc);
+    QCOMPARE(rc, 0);
+    QTRY_COMPARE_WITH_TIMEOUT(VolumeOf(d, "vol")["loop_devices"], json::array(), 5000);
+    QTest::qWait(600);
+
+    // Events: every attach and detach, by dstd or by hand, with the devices.
+    events.kill();
+    events.waitForFinished(5000);
+    std::vector<json> loop_events;
+    for (const QByteArray& line : events.readAllStandardOutput().split('\n')) {
+      json e = json::parse(line.toStdString(), nullptr, false);
+      if (e.is_object() && e.value("type", "") == "loop") loop_events.push_back(e);
+    }
+    auto seen = [&](const char* state, const QString& device) {
+      for (const json& e : loop_events)
+        if (e.value("state", "") == state && e.value("volume", "") == "vol" &&
+            (device.isEmpty() ? e["devices"].empty() : e["devices"] == json::array({device.toStdString()})))
+          return true;
+      return false;
+    };
+    QString all;
+    for (const json& e : loop_events) all += QString::fromStdString(e.dump()) + "\n";
+    QVERIFY2(seen("attached", dev) && seen("attached", ro) && seen("attached", by_hand), qPrintable(all));
+    QVERIFY2(seen("detached", QString()), qPrintable(all));
+    QVERIFY2(loop_events.size() == 6, qPrintable(all));  // 3 attaches, 3 detaches, no duplicates
 
     // Errors name what is wrong.
     QCOMPARE(d.Ctl({"loop", "attach", "nope"}, &out, &err), 65);
