@@ -313,6 +313,9 @@ class StagedDropTest : public QObject {
     QVERIFY(StartWithMirror(dir.path(), d, true));
     const QString host = d.control_socket();
     MainWindow w({host});
+    DropController::Ui ui;
+    ui.askRemoveLeg = [](const QString&) { return std::optional<bool>(false); };  // detach
+    w.drops()->setUi(ui);
     w.resize(1600, 1200);
     w.show();
     QVERIFY(QTest::qWaitForWindowExposed(&w));
@@ -351,6 +354,22 @@ class StagedDropTest : public QObject {
     QCOMPARE(model->rowCount(), 1);
     // An export row is no drop target.
     QVERIFY(!view_model->canDropMimeData(md.get(), Qt::CopyAction, -1, -1, proxy_index(e1)));
+
+    // The last good leg: with leg 1 failed, dragging leg 0 out (to the empty area) is refused
+    // by the engine as last_good_leg.
+    QByteArray out, err;
+    QVERIFY2(d.Ctl({"array", "fail-leg", "m0", "1"}, &out, &err) == 0, err.constData());
+    const QString leg0 = TopologyGraph::LegKey(host, "m0", 0);
+    QTRY_VERIFY_WITH_TIMEOUT(w.indexOfNode(TopologyGraph::LegKey(host, "m0", 1)).isValid() &&
+                                 w.indexOfNode(TopologyGraph::LegKey(host, "m0", 1))
+                                         .siblingAtColumn(DeviceTreeModel::kState).data().toString() == "failed",
+                             5000);
+    std::unique_ptr<QMimeData> legmd(view_model->mimeData({proxy_index(leg0)}));
+    QVERIFY(legmd && view_model->canDropMimeData(legmd.get(), Qt::MoveAction, 0, 0, QModelIndex()));
+    view_model->dropMimeData(legmd.get(), Qt::MoveAction, view_model->rowCount(), 0, QModelIndex());
+    QTRY_COMPARE_WITH_TIMEOUT(refused.count(), 3, 5000);
+    QVERIFY2(refused[2][0].toString().contains("last_good_leg"), qPrintable(refused[2][0].toString()));
+    QCOMPARE(model->rowCount(), 1);
   }
 };
 
