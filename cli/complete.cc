@@ -18,7 +18,7 @@ using nlohmann::json;
 namespace ctl = dst::control;
 
 // What a position takes, when dstd knows the candidates.
-enum class Kind { kNone, kExport, kVolume, kArray, kLayer, kSlot };
+enum class Kind { kNone, kExport, kVolume, kArray, kLayer, kSlot, kFile };
 
 // One request with a short deadline; null on any failure (completion stays silent).
 json Ask(const std::string& socket, const std::string& method, const json& params) {
@@ -53,6 +53,8 @@ std::vector<std::string> Lookup(Kind k, const std::string& socket, const std::st
       return v;
     }
     case Kind::kArray: return Names(Ask(socket, "array.list", json::object()), "arrays", "name");
+    // A <name>.img on the FUSE mount: every volume, an array's own volume included.
+    case Kind::kFile: return Names(Ask(socket, "volume.list", json::object()), "volumes", "name");
     case Kind::kLayer: return Names(Ask(socket, "array.layers", json::object()), "layers", "name");
     case Kind::kSlot:
       if (array.empty()) return {};
@@ -70,6 +72,7 @@ Kind PositionalKind(const std::vector<std::string>& path, const std::string& pos
     if (top == "export" && (sub == "remove" || sub == "allow")) return Kind::kExport;
     if (top == "volume" && sub == "remove") return Kind::kVolume;
     if (top == "detail") return Kind::kArray;
+    if (top == "loop") return Kind::kFile;
     if (top == "array" && sub != "create" && sub != "import") return Kind::kArray;
   }
   if (pos == "SLOT") return Kind::kSlot;

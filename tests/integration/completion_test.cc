@@ -98,6 +98,8 @@ class CompletionTest : public QObject {
     QCOMPARE(Complete(s + "export remove a"), QStringList{"alpha"});
     QCOMPARE(Complete(s + "export allow b"), QStringList{"beta"});
     QCOMPARE(Complete(s + "volume remove "), QStringList{"vol1"});  // not m0's own volume
+    QCOMPARE(Complete(s + "loop attach "), (QStringList{"m0", "vol1"}));  // every file on the mount
+    QCOMPARE(Complete(s + "loop detach v"), QStringList{"vol1"});
     QCOMPARE(Complete(s + "detail "), QStringList{"m0"});
     QCOMPARE(Complete(s + "array fail-leg "), QStringList{"m0"});
     QCOMPARE(Complete(s + "array fail-leg m0 "), (QStringList{"0", "1"}));
