@@ -403,7 +403,7 @@ class ConfigTest : public QObject {
     QVERIFY(r.value().tls());
     QCOMPARE(r.value().tls_identity, std::string("host-a"));
     QCOMPARE(r.value().volumes[0].port, std::uint16_t(7401));
-    QVERIFY(ParseConfig("[daemon]\nlisten = \"10.0.0.1:7400\"\ntls_cert = \"/c\"\ntls_key = \"/k\"\n"
+    QVERIFY(ParseConfig("[daemon]\nlisten = \"192.0.2.1:7400\"\ntls_cert = \"/c\"\ntls_key = \"/k\"\n"
                         "tls_ca = \"/ca\"\n", "t.toml", {false}).ok());
     QVERIFY(ParseConfig("[daemon]\nlisten = \"0.0.0.0:7400\"\ninsecure = true\n", "t.toml", {false}).ok());
     QVERIFY(ParseConfig("[daemon]\nlisten = \"127.0.0.2:7400\"\n", "t.toml", {false}).ok());
