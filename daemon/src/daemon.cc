@@ -14,7 +14,6 @@
 #include <filesystem>
 #include <future>
 #include <sstream>
-#include <thread>
 
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -1075,21 +1074,14 @@ void Daemon::LoopRpc(const std::string& m, const json& p, Finish finish) {
       detached.push_back(d.device);
     }
     // The loop driver lets go of the file without a close() (no FUSE_FLUSH), and its
-    // FUSE_RELEASE comes a moment later: wait for it (up to 2 s, less than that if another
-    // process keeps the file open), so a `volume remove` right after this is not refused.
-    for (int i = 0; i < 200; ++i) {
-      std::shared_ptr<fuse::FuseMount> mnt;
-      {
-        std::lock_guard<std::mutex> l(mu_);
-        mnt = mount_;
-      }
-      int open = 0;
-      if (mnt)
-        for (const auto& f : mnt->ListVolumes())
-          if (f.name == name) open = f.open_count;
-      if (open == 0) break;
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    // FUSE_RELEASE comes a moment later: wait for it (up to 2 s), so a `volume remove` right
+    // after this is not refused.
+    std::shared_ptr<fuse::FuseMount> mnt;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      mnt = mount_;
     }
+    if (mnt) (void)mnt->WaitUnused(name, /*release_expected=*/true);
     PokeEvents();
     finish(json{{"detached", detached}, {"file", file}});
   });

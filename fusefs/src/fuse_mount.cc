@@ -157,8 +157,9 @@ class FuseMount::Impl {
 
   Status AddVolume(const std::string& name, std::shared_ptr<BlockDevice> dev, const FileAccess& access);
   Status RemoveVolume(const std::string& name);
-  bool WaitUnused(const std::string& name);
-  bool WaitReleasedLocked(std::unique_lock<std::mutex>& l, const Volume* v);  // REQUIRES: mu_
+  bool WaitUnused(const std::string& name, bool release_expected);
+  // REQUIRES: mu_
+  bool WaitReleasedLocked(std::unique_lock<std::mutex>& l, const Volume* v, bool release_expected = false);
   Status RefreshVolume(const std::string& name);
   std::vector<VolumeEntry> ListVolumes() const;
 
@@ -528,9 +529,11 @@ Status FuseMount::Impl::AddVolume(const std::string& name, std::shared_ptr<Block
 
 // Waits (up to kReleaseGrace) for the FUSE_RELEASEs of handles already closed; false at once
 // while a handle has not been closed at all (no FLUSH yet: a process or loop device holds it).
-bool FuseMount::Impl::WaitReleasedLocked(std::unique_lock<std::mutex>& l, const Volume* v) {
+bool FuseMount::Impl::WaitReleasedLocked(std::unique_lock<std::mutex>& l, const Volume* v,
+                                         bool release_expected) {
   auto settled = [&] {
     if (v->open_count == 0) return true;
+    if (release_expected) return false;
     for (const OpenFile* of : open_files_)
       if (of->vol == v && !of->closing) return true;  // really open: no point waiting
     return false;
@@ -539,12 +542,12 @@ bool FuseMount::Impl::WaitReleasedLocked(std::unique_lock<std::mutex>& l, const 
   return v->open_count == 0;
 }
 
-bool FuseMount::Impl::WaitUnused(const std::string& name) {
+bool FuseMount::Impl::WaitUnused(const std::string& name, bool release_expected) {
   std::unique_lock<std::mutex> l(mu_);
   auto it = by_name_.find(name);
   if (it == by_name_.end()) return true;
   const std::shared_ptr<Volume> v = it->second;
-  return WaitReleasedLocked(l, v.get());
+  return WaitReleasedLocked(l, v.get(), release_expected);
 }
 
 Status FuseMount::Impl::RemoveVolume(const std::string& name) {
@@ -1193,7 +1196,9 @@ Status FuseMount::AddVolume(const std::string& name, std::shared_ptr<BlockDevice
   return impl_->AddVolume(name, std::move(dev), access);
 }
 Status FuseMount::RemoveVolume(const std::string& name) { return impl_->RemoveVolume(name); }
-bool FuseMount::WaitUnused(const std::string& name) { return impl_->WaitUnused(name); }
+bool FuseMount::WaitUnused(const std::string& name, bool release_expected) {
+  return impl_->WaitUnused(name, release_expected);
+}
 Status FuseMount::RefreshVolume(const std::string& name) { return impl_->RefreshVolume(name); }
 std::vector<VolumeEntry> FuseMount::ListVolumes() const { return impl_->ListVolumes(); }
 const std::string& FuseMount::mountpoint() const { return impl_->mountpoint_; }

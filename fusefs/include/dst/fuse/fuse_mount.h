@@ -69,8 +69,10 @@ class FuseMount {
   // True once `name`'s file is not open (or the volume is not shown).  close() returns before
   // the kernel's FUSE_RELEASE arrives, so a file whose every handle was just closed (FLUSH
   // seen) is waited for, up to 2 s; one with a handle still open answers false at once.
+  // `release_expected`: the caller itself just let go of a handle without a close() (a loop
+  // device detached): wait the grace for it whatever the handles' FLUSH state.
   // Blocks: not from an event loop.
-  bool WaitUnused(const std::string& name);
+  bool WaitUnused(const std::string& name, bool release_expected = false);
   // The volume's device grew: show the new size now (also while the file is open; the kernel's
   // cached attributes are invalidated).  A loop device on the file then takes the new size with
   // `losetup -c`.  NotFound if the volume is not shown.
