@@ -266,7 +266,9 @@ void Daemon::EventsLoop() {
                   {kind, o["name"]}, {"devices", devs}});
       prev = devs;
     };
-    for (auto& v : vols) loop_event("volume", v);
+    // An array's own volume shows the array's file: report it once, as the array.
+    for (auto& v : vols)
+      if (!seen_arrays.count(v.value("name", ""))) loop_event("volume", v);
     for (auto& a : arrays) loop_event("array", a);
     for (auto& e : ExportsJson()) {
       const std::uint64_t n = e.value("connections", std::uint64_t{0});

@@ -192,6 +192,45 @@ class LoopAttachTest : public QObject {
     QVERIFY2(err.contains("nothing is mounted"), err.constData());
     QCOMPARE(d.Terminate(), 0);
   }
+
+  // An array's file is also its own volume's: its loop events come once, as the array's.
+  void arrayFileEventsOnce() {
+    DST_REQUIRE(dst::test::IsRoot() && dst::test::HaveFuse(), "needs root and /dev/fuse");
+    DST_REQUIRE(QFile::exists("/dev/loop-control"), "needs loop devices");
+    QTemporaryDir dir;
+    Cleanup cleanup{dir.path(), {}, dir.path() + "/mnt"};
+    for (const char* n : {"p0", "p1"}) {
+      QFile f(dir.path() + "/" + n + ".img");
+      QVERIFY(f.open(QIODevice::WriteOnly) && f.resize(16 << 20));
+    }
+    DaemonProcess d(dir.path() + "/d");
+    d.config() = QString("[[array]]\nname = \"a\"\nlevel = \"mirror\"\nlegs = [\"%1/p0.img\", \"%1/p1.img\"]\n")
+                     .arg(dir.path());
+    d.extra_args() << "--mount" << dir.path() + "/mnt";
+    QVERIFY2(d.Start(), d.Log().constData());
+    QTRY_VERIFY_WITH_TIMEOUT(QFile::exists(dir.path() + "/mnt/a.img"), 10000);
+    QProcess events;
+    events.start(QString::fromStdString(dst::test::BinPath("dstctl")),
+                 {"--socket", d.control_socket(), "events", "--json"});
+    QVERIFY(events.waitForStarted(5000));
+    QTest::qWait(300);
+    QByteArray out, err;
+    QVERIFY2(d.Ctl({"loop", "attach", "a"}, &out, &err) == 0, err.constData());
+    QTest::qWait(600);
+    QVERIFY2(d.Ctl({"loop", "detach", "a"}, &out, &err) == 0, err.constData());
+    QTest::qWait(600);
+    events.kill();
+    events.waitForFinished(5000);
+    QStringList loop_events;
+    for (const QByteArray& line : events.readAllStandardOutput().split('\n')) {
+      json e = json::parse(line.toStdString(), nullptr, false);
+      if (e.is_object() && e.value("type", "") == "loop") loop_events << QString::fromStdString(e.dump());
+    }
+    QVERIFY2(loop_events.size() == 2 && loop_events[0].contains("\"array\":\"a\"") &&
+                 loop_events[0].contains("attached") && loop_events[1].contains("detached"),
+             qPrintable(loop_events.join('\n')));
+    QCOMPARE(d.Terminate(), 0);
+  }
 };
 
 DST_TEST_MAIN(LoopAttachTest)
