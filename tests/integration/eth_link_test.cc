@@ -174,18 +174,8 @@ void RequireNetns() {
   DST_REQUIRE(dst::test::HaveTool("ip"), "iproute2 (ip) not installed");
 }
 
-// Sends one hand-made frame through a plain AF_PACKET socket on `ifname` (in the current netns).
 void Inject(const std::string& ifname, const std::vector<std::uint8_t>& frame) {
-  const int fd = ::socket(AF_PACKET, SOCK_RAW, 0);
-  QVERIFY(fd >= 0);
-  sockaddr_ll sll{};
-  sll.sll_family = AF_PACKET;
-  sll.sll_ifindex = int(if_nametoindex(ifname.c_str()));
-  sll.sll_halen = kMacLen;
-  std::memcpy(sll.sll_addr, frame.data(), kMacLen);
-  const ssize_t n = ::sendto(fd, frame.data(), frame.size(), 0, reinterpret_cast<sockaddr*>(&sll), sizeof sll);
-  ::close(fd);
-  QCOMPARE(n, ssize_t(frame.size()));
+  QVERIFY(dst::test::InjectFrame(ifname, frame));
 }
 
 }  // namespace

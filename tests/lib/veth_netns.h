@@ -10,6 +10,9 @@
 #pragma once
 
 #include <dirent.h>
+#include <net/if.h>
+#include <linux/if_packet.h>
+#include <sys/socket.h>
 #include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
@@ -17,7 +20,9 @@
 
 #include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <string>
+#include <vector>
 
 namespace dst::test {
 
@@ -107,5 +112,20 @@ class InNetns {
   int self_ = -1;
   bool ok_ = false;
 };
+
+// Sends one hand-made frame (from the destination MAC on) through a plain AF_PACKET socket on
+// `ifname`, in the calling thread's namespace: malformed-frame tests.
+inline bool InjectFrame(const std::string& ifname, const std::vector<std::uint8_t>& frame) {
+  const int fd = ::socket(AF_PACKET, SOCK_RAW, 0);
+  if (fd < 0) return false;
+  sockaddr_ll sll{};
+  sll.sll_family = AF_PACKET;
+  sll.sll_ifindex = int(if_nametoindex(ifname.c_str()));
+  sll.sll_halen = 6;
+  std::memcpy(sll.sll_addr, frame.data(), 6);
+  const ssize_t n = ::sendto(fd, frame.data(), frame.size(), 0, reinterpret_cast<sockaddr*>(&sll), sizeof sll);
+  ::close(fd);
+  return n == ssize_t(frame.size());
+}
 
 }  // namespace dst::test

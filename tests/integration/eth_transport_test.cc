@@ -1,0 +1,393 @@
+// Integration: the raw-Ethernet Transport (netdriver/include/dst/net/eth_transport.h) carrying
+// real DST traffic: an Exporter listening on one end of a veth pair and a RemoteDevice dialling
+// it from the other, each in a network namespace the test creates and removes.  Verified random
+// workloads (plain, encrypted, with injected loss, reordering and duplication), a dead link
+// (EIO after the dead time, no hang), an exporter restart, malformed frames and a wrong key.
+#include <arpa/inet.h>
+#include <net/if.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <QTemporaryDir>
+#include <QtTest/QtTest>
+
+#include <chrono>
+#include <cstring>
+#include <memory>
+#include <thread>
+
+#include "dst/block_device.h"
+#include "dst/file_device.h"
+#include "dst/net/eth_format.h"
+#include "dst/net/eth_transport.h"
+#include "dst/net/exporter.h"
+#include "dst/net/remote_device.h"
+#include "io_thread.h"
+#include "remote_workload.h"
+#include "test_env.h"
+#include "veth_netns.h"
+
+using namespace dst;
+using namespace dst::net;
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+namespace {
+
+const std::vector<std::uint8_t> kKey(32, 0x5a);
+
+void RequireNetns() {
+  DST_REQUIRE(dst::test::IsRoot(), "network namespaces and AF_PACKET sockets need root");
+  DST_REQUIRE(dst::test::HaveTool("ip"), "iproute2 (ip) not installed");
+}
+
+struct Setup {
+  bool encrypted = true;
+  EthFaultOptions fault;
+  milliseconds dead_time{10000};
+  std::uint64_t export_size = 64ull << 20;
+};
+
+// A veth pair, an exporter on side b, endpoints on both sides.
+class Rig {
+ public:
+  explicit Rig(Setup s) : s_(s) {}
+  ~Rig() {
+    if (dev) dev->Close();
+    dev.reset();
+    StopServer();
+    if (a) a->Close();
+  }
+
+  bool Start(std::string* err) {
+    if (!dir_.isValid()) return *err = "no temporary directory", false;
+    if (!v_.Create(err)) return false;
+    auto ra = OpenEndpoint(0, s_.fault, "host-a");
+    if (!ra.ok()) return *err = ra.status().ToString(), false;
+    a = ra.value();
+    return StartServer(err);
+  }
+
+  Result<std::shared_ptr<EthEndpoint>> OpenEndpoint(int side, const EthFaultOptions& fault, const std::string& ident,
+                                                    std::vector<std::uint8_t> key = kKey) {
+    dst::test::InNetns in(v_.ns(side));
+    if (!in.ok()) return Status::Unavailable("cannot enter " + v_.ns(side));
+    EthEndpointOptions o;
+    o.link.ifname = v_.ifname(side);
+    if (s_.encrypted) {
+      o.psks.push_back({ident, key});
+      o.identity = ident;
+    } else {
+      o.insecure_segment = true;
+    }
+    o.dead_time = s_.dead_time;
+    o.fault = fault;
+    return EthEndpoint::Open(o);
+  }
+
+  bool StartServer(std::string* err) {
+    auto rb = OpenEndpoint(1, s_.fault, "host-a");
+    if (!rb.ok()) return *err = rb.status().ToString(), false;
+    b = rb.value();
+    FileDeviceOptions fo;
+    fo.create = true;
+    fo.size = s_.export_size;
+    auto fd = FileDevice::Open((dir_.path() + "/disk.img").toStdString(), fo);
+    if (!fd.ok()) return *err = fd.status().ToString(), false;
+    ExporterOptions eo;
+    auto ep = b;
+    eo.listener = [ep](const Strand& ex) { return ep->MakeListener(ex); };
+    exp = std::make_unique<Exporter>(io.io, eo);
+    if (Status st = exp->Start(); !st.ok()) return *err = st.ToString(), false;
+    if (Status st = exp->AddExport({"disk", fd.value(), false, {}}); !st.ok()) return *err = st.ToString(), false;
+    std::memcpy(mac_b.data(), b->mac(), 6);
+    return true;
+  }
+  void StopServer() {
+    if (exp) {
+      std::promise<Status> p;
+      exp->Drain([&p](Status s) { p.set_value(s); });
+      p.get_future().wait_for(std::chrono::seconds(10));
+      exp.reset();
+    }
+    if (b) b->Close();
+    b.reset();
+  }
+
+  Result<std::shared_ptr<RemoteDevice>> Connect(RemoteOptions o = {}) {
+    o.export_name = "disk";
+    o.queue_depth = 32;
+    auto ep = a;
+    auto mac = mac_b;
+    o.connector = [ep, mac](const Strand& s) { return ep->MakeConnector(s, mac); };
+    return RemoteDevice::Connect(io.io, o);
+  }
+
+  // Start() and Connect() in one: the device lands in `dev`.
+  Status StartConnected(RemoteOptions o = {}) {
+    std::string err;
+    if (!Start(&err)) return Status::Unavailable(err);
+    auto d = Connect(o);
+    if (!d.ok()) return d.status();
+    dev = d.value();
+    return Status::OK();
+  }
+
+  dst::test::VethNetns& veth() { return v_; }
+
+  dst::test::IoThread io;
+  std::shared_ptr<EthEndpoint> a, b;
+  std::unique_ptr<Exporter> exp;
+  std::shared_ptr<RemoteDevice> dev;
+  std::array<std::uint8_t, 6> mac_b{};
+
+ private:
+  Setup s_;
+  QTemporaryDir dir_;
+  dst::test::VethNetns v_;
+};
+
+void PrintStats(const char* who, const EthEndpointStats& s) {
+  qInfo("%s %s (%s, mtu %u, tx %s, rx %s): %llu frames in %llu send calls (%.1f per call), %llu received "
+        "in %llu calls (%.1f per call), ring peak %llu, retransmits %llu, timeouts %llu, duplicates %llu, "
+        "out of order %llu, malformed %llu, bad tag %llu, replayed %llu, faults drop/dup/reorder %llu/%llu/%llu",
+        who, s.ifname.c_str(), s.mac.c_str(), s.mtu, s.tx_mode.c_str(), s.rx_mode.c_str(),
+        (unsigned long long)s.frames_sent, (unsigned long long)s.send_calls, s.frames_per_send_call,
+        (unsigned long long)s.frames_received, (unsigned long long)s.receive_calls, s.frames_per_receive_call,
+        (unsigned long long)s.tx_ring_peak, (unsigned long long)s.retransmits, (unsigned long long)s.timeouts,
+        (unsigned long long)s.duplicates, (unsigned long long)s.out_of_order, (unsigned long long)s.malformed,
+        (unsigned long long)s.bad_tag, (unsigned long long)s.replayed, (unsigned long long)s.fault_dropped,
+        (unsigned long long)s.fault_duplicated, (unsigned long long)s.fault_reordered);
+}
+
+// Runs a verified random workload of `bytes`, then reads everything back.
+void RunWorkload(BlockDevice& dev, std::uint64_t size, std::uint64_t bytes, int seconds) {
+  dst::test::Workload w(dev, size, 32, 7);
+  const auto t0 = Clock::now();
+  QVERIFY2(w.Run(bytes, nullptr, t0 + std::chrono::seconds(seconds)), "requests hung");
+  const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+  auto t = w.totals();
+  qInfo("%llu ops, %.1f MiB in %.1f s = %.0f MiB/s, max latency %lld ms", (unsigned long long)t.ops,
+        t.bytes / 1048576.0, secs, t.bytes / 1048576.0 / secs, (long long)t.max_latency.count());
+  QCOMPARE(t.errors, std::uint64_t(0));
+  QVERIFY2(t.mismatches == 0, t.first_mismatch.c_str());
+  QVERIFY2(t.bytes >= bytes, "workload did not finish within the time budget");
+  std::string first;
+  const auto bad = w.VerifyAll(&first);
+  QVERIFY2(bad == 0, (std::to_string(bad) + " bad blocks, first " + first).c_str());
+}
+
+void Inject(const std::string& ifname, const std::vector<std::uint8_t>& frame) {
+  QVERIFY(dst::test::InjectFrame(ifname, frame));
+}
+
+}  // namespace
+
+class EthTransportTest : public QObject {
+  Q_OBJECT
+
+ private slots:
+  // 256 MiB of verified random I/O over an encrypted session (and the counters that show the
+  // batching).
+  void verifiedWorkloadEncrypted() {
+    RequireNetns();
+    Rig r(Setup{});
+    const Status up = r.StartConnected();
+    QVERIFY2(up.ok(), up.ToString().c_str());
+    QCOMPARE(r.dev->Info().size, std::uint64_t(64) << 20);
+    RunWorkload(*r.dev, 64ull << 20, 256ull << 20, 150);
+    const auto sa = r.a->Stats(), sb = r.b->Stats();
+    PrintStats("client", sa);
+    PrintStats("server", sb);
+    QVERIFY(sa.encrypted && !sa.insecure_segment);
+    QCOMPARE(sa.bad_tag + sb.bad_tag, std::uint64_t(0));
+    QCOMPARE(sa.malformed + sb.malformed, std::uint64_t(0));
+    QVERIFY2(sa.frames_per_send_call > 1.5, "the transmitter did not batch");
+    QCOMPARE(QString::fromStdString(r.dev->Stats().state), QString("connected"));
+    QCOMPARE(r.dev->Stats().reconnects, std::uint64_t(0));
+  }
+
+  // Loss, reordering and duplication from the transport's fault hook, on both ends: the data
+  // stays right and the retransmits are counted.
+  void faultsKeepDataIntact_data() {
+    QTest::addColumn<bool>("encrypted");
+    QTest::newRow("unencrypted") << false;
+    QTest::newRow("encrypted") << true;
+  }
+  void faultsKeepDataIntact() {
+    QFETCH(bool, encrypted);
+    RequireNetns();
+    Setup s;
+    s.encrypted = encrypted;
+    s.fault.drop = 0.01;
+    s.fault.duplicate = 0.01;
+    s.fault.reorder = 0.02;
+    s.fault.seed = 99;
+    Rig r(s);
+    const Status up = r.StartConnected();
+    QVERIFY2(up.ok(), up.ToString().c_str());
+    RunWorkload(*r.dev, 64ull << 20, 48ull << 20, 150);
+    const auto sa = r.a->Stats(), sb = r.b->Stats();
+    PrintStats("client", sa);
+    PrintStats("server", sb);
+    QVERIFY(sa.fault_dropped > 0 && sa.fault_duplicated > 0 && sa.fault_reordered > 0);
+    QVERIFY2(sa.retransmits + sb.retransmits > 0, "losses were not repaired by retransmits");
+    if (encrypted)
+      QVERIFY2(sa.replayed + sb.replayed > 0, "duplicated frames were not caught by the replay window");
+    else
+      QVERIFY2(sa.duplicates + sb.duplicates > 0, "duplicated fragments were not counted");
+    QVERIFY(sa.out_of_order + sb.out_of_order > 0);
+    QCOMPARE(sa.bad_tag + sb.bad_tag, std::uint64_t(0));
+  }
+
+  // The link goes down past the dead time: pending and new I/O fail with EIO, nothing hangs.
+  void linkDownFailsWithEio() {
+    RequireNetns();
+    Setup s;
+    s.dead_time = milliseconds(1000);
+    Rig r(s);
+    RemoteOptions o;
+    o.io_timeout = milliseconds(3000);
+    o.keepalive_timeout = milliseconds(2000);
+    const Status up = r.StartConnected(o);
+    QVERIFY2(up.ok(), up.ToString().c_str());
+    std::vector<char> w(64 << 10, 'x'), rd(64 << 10);
+    QVERIFY(WriteSync(*r.dev, 0, w.data(), w.size()).ok());
+    QCOMPARE(std::system(("ip -n " + r.veth().ns(1) + " link set " + r.veth().ifname(1) + " down").c_str()), 0);
+    const auto t0 = Clock::now();
+    Status st = WriteSync(*r.dev, 65536, w.data(), w.size());
+    const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+    qInfo("write with the link down: %s after %.1f s", st.ToString().c_str(), secs);
+    QVERIFY(!st.ok());
+    QVERIFY2(st.IsIoError(), st.ToString().c_str());
+    QVERIFY2(secs < 15, "the write hung");
+    st = ReadSync(*r.dev, 0, rd.data(), rd.size());
+    QVERIFY(!st.ok());
+    QVERIFY(r.a->Stats().dead_sessions + r.dev->Stats().reconnects > 0);
+    // The link comes back: the client reconnects by itself and the data written before is there.
+    QCOMPARE(std::system(("ip -n " + r.veth().ns(1) + " link set " + r.veth().ifname(1) + " up").c_str()), 0);
+    const auto end = Clock::now() + std::chrono::seconds(20);
+    while (Clock::now() < end && QString::fromStdString(r.dev->Stats().state) != "connected")
+      std::this_thread::sleep_for(milliseconds(100));
+    QCOMPARE(QString::fromStdString(r.dev->Stats().state), QString("connected"));
+    QVERIFY(ReadSync(*r.dev, 0, rd.data(), rd.size()).ok());
+    QVERIFY(std::memcmp(rd.data(), w.data(), w.size()) == 0);
+  }
+
+  // The exporter (and its endpoint) go away and come back: the import recovers by itself.
+  void exporterRestartRecovers() {
+    RequireNetns();
+    Setup s;
+    s.dead_time = milliseconds(1500);
+    Rig r(s);
+    RemoteOptions o;
+    o.io_timeout = milliseconds(30000);
+    o.keepalive_timeout = milliseconds(1500);
+    const Status up = r.StartConnected(o);
+    QVERIFY2(up.ok(), up.ToString().c_str());
+    std::vector<char> w(256 << 10), rd(256 << 10);
+    for (std::size_t i = 0; i < w.size(); ++i) w[i] = char(i * 7);
+    QVERIFY(WriteSync(*r.dev, 1 << 20, w.data(), w.size()).ok());
+    r.StopServer();
+    std::this_thread::sleep_for(milliseconds(500));
+    std::string err;
+    QVERIFY2(r.StartServer(&err), err.c_str());
+    const auto t0 = Clock::now();
+    QVERIFY(ReadSync(*r.dev, 1 << 20, rd.data(), rd.size()).ok());
+    qInfo("read after the restart took %.1f s, reconnects %llu",
+          std::chrono::duration<double>(Clock::now() - t0).count(), (unsigned long long)r.dev->Stats().reconnects);
+    QVERIFY(std::memcmp(rd.data(), w.data(), w.size()) == 0);
+    QVERIFY(r.dev->Stats().reconnects >= 1);
+  }
+
+  // Garbage on the segment is dropped and counted; the sessions stay up.
+  void malformedFramesIgnored() {
+    RequireNetns();
+    Rig r(Setup{});
+    const Status up = r.StartConnected();
+    QVERIFY2(up.ok(), up.ToString().c_str());
+    std::vector<char> w(128 << 10, 'q'), rd(128 << 10);
+    QVERIFY(WriteSync(*r.dev, 0, w.data(), w.size()).ok());
+    const auto before = r.b->Stats();
+
+    EthHeader h;
+    std::memcpy(h.dst, r.b->mac(), 6);
+    std::memcpy(h.src, r.a->mac(), 6);
+    h.type = EthType::kData;
+    h.session = 0x1234;
+    h.msg_len = 100;
+    h.frag_count = 1;
+    std::vector<std::uint8_t> payload(100, 0xee);
+    std::vector<std::uint8_t> good(kEthOverhead + payload.size());
+    QVERIFY(EncodeEthFrame(h, payload.data(), payload.size(), good.data(), good.size()) == good.size());
+    {
+      dst::test::InNetns in(r.veth().ns(0));
+      QVERIFY(in.ok());
+      auto wrong_type = good;
+      wrong_type[12] = 0x88, wrong_type[13] = 0xb6;  // another EtherType: never even delivered
+      Inject(r.veth().ifname(0), wrong_type);
+      Inject(r.veth().ifname(0), std::vector<std::uint8_t>(good.begin(), good.begin() + 40));  // truncated
+      auto oversized = good;
+      oversized.resize(good.size() + 8, 0);  // trailing bytes past payload_len
+      Inject(r.veth().ifname(0), oversized);
+      auto bad_magic = good;
+      bad_magic[14] = 0;
+      Inject(r.veth().ifname(0), bad_magic);
+      // A well-formed first frame of a new session with a forged tag: no key opens it.
+      auto forged = good;
+      forged[14 + 5] |= 0x02;  // flag AEAD
+      for (int i = 0; i < 16; ++i) forged[14 + 48 + i] = std::uint8_t(i + 1);
+      Inject(r.veth().ifname(0), forged);
+      // An unencrypted frame for the live session's peer: refused on an encrypted endpoint.
+      Inject(r.veth().ifname(0), good);
+    }
+    std::this_thread::sleep_for(milliseconds(200));
+    const auto after = r.b->Stats();
+    PrintStats("server", after);
+    QVERIFY2(after.malformed >= before.malformed + 3, "malformed frames were not counted");
+    QVERIFY2(after.bad_tag >= before.bad_tag + 1, "the forged tag was not counted");
+    QCOMPARE(after.sessions_opened, before.sessions_opened);  // garbage never makes a session
+    QVERIFY(ReadSync(*r.dev, 0, rd.data(), rd.size()).ok());
+    QVERIFY(std::memcmp(rd.data(), w.data(), w.size()) == 0);
+    QCOMPARE(r.dev->Stats().reconnects, std::uint64_t(0));
+  }
+
+  // A client with another key never gets a session: its frames fail authentication.
+  void wrongKeyRefused() {
+    RequireNetns();
+    Rig r(Setup{});
+    std::string err;
+    QVERIFY2(r.Start(&err), err.c_str());
+    r.a->Close();
+    auto other = r.OpenEndpoint(0, {}, "host-a", std::vector<std::uint8_t>(32, 0x11));
+    QVERIFY2(other.ok(), other.status().ToString().c_str());
+    r.a = other.value();
+    RemoteOptions o;
+    o.connect_timeout = milliseconds(1500);
+    auto d = r.Connect(o);
+    QVERIFY(!d.ok());
+    qInfo("connect with the wrong key: %s", d.status().ToString().c_str());
+    QVERIFY(r.b->Stats().bad_tag > 0);
+  }
+
+  // Without CAP_NET_RAW, or without keys and without insecure_segment, opening says why.
+  void openErrorsAreClear() {
+    EthEndpointOptions o;
+    o.link.ifname = "lo";
+    auto r = EthEndpoint::Open(o);
+    QVERIFY(!r.ok());
+    QVERIFY2(r.status().message().find("insecure_segment") != std::string::npos, r.status().ToString().c_str());
+    o.psks.push_back({"x", std::vector<std::uint8_t>(8, 1)});
+    r = EthEndpoint::Open(o);
+    QVERIFY(!r.ok());
+    QVERIFY(r.status().message().find("16 bytes") != std::string::npos);
+    std::array<std::uint8_t, 6> m{};
+    QVERIFY(ParseMac("02:00:00:00:00:01", &m).ok());
+    QCOMPARE(int(m[5]), 1);
+    QVERIFY(!ParseMac("01:00:5e:00:00:01", &m).ok());  // multicast
+    QVERIFY(!ParseMac("02:00:00:00:00", &m).ok());
+  }
+};
+
+QTEST_GUILESS_MAIN(EthTransportTest)
+#include "eth_transport_test.moc"
