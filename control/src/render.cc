@@ -160,6 +160,19 @@ std::string RenderStatus(const json& st) {
   out += fmt::format("  mount:{}\n", (mount == st.end() || mount->is_null())
                                          ? std::string("none")
                                          : mount->get<std::string>());
+  if (Bool(d, "insecure_segment"))
+    out += "  WARNING: insecure_segment = true: raw-Ethernet frames are neither encrypted nor authenticated "
+           "(any station on the segment can read and write)\n";
+  for (auto& e : st.value("eth", json::array())) {
+    out += fmt::format("  eth {} {} mtu:{} {} tx:{} rx:{} sessions:{}{}\n", Str(e, "interface"), Str(e, "mac"),
+                       U64(e, "mtu"), Bool(e, "encrypted") ? "aes-256-gcm" : "UNENCRYPTED", Str(e, "tx_mode"),
+                       Str(e, "rx_mode"), U64(e, "sessions"), Bool(e, "listening") ? " listening" : "");
+    out += fmt::format("    frames/send call:{:.1f} frames/receive call:{:.1f} ring:{} (peak {}) retransmits:{} "
+                       "timeouts:{} dropped: malformed {} bad-tag {} replayed {}\n",
+                       Dbl(e, "frames_per_send_call"), Dbl(e, "frames_per_receive_call"), U64(e, "tx_ring_occupancy"),
+                       U64(e, "tx_ring_peak"), U64(e, "retransmits"), U64(e, "timeouts"), U64(e, "malformed"),
+                       U64(e, "bad_tag"), U64(e, "replayed"));
+  }
   if (auto ex = st.find("exporter"); ex != st.end() && ex->is_object()) {
     out += fmt::format("  exporter connections:{} requests:{} errors:{} frames/call:{}\n",
                        U64(*ex, "connections_open"), U64(*ex, "requests"),

@@ -309,11 +309,30 @@ Status ParseDaemon(const toml::table& t, const ErrorSink& sink, Config* cfg) {
                           fmt::format("\"{}\": expected \"require\", \"allow\" or \"off\"", cfg->nbd_tls));
     } else if (key == "insecure") {
       DST_RETURN_IF_ERROR(f.Bool(v, key, &cfg->insecure));
+    } else if (key == "insecure_segment") {
+      DST_RETURN_IF_ERROR(f.Bool(v, key, &cfg->insecure_segment));
+    } else if (key == "eth_interfaces") {
+      if (!v.is_array())
+        return sink.Error(v.source(), f.ctx, key,
+                          fmt::format("expected an array of interface names, got {}", TypeName(v)));
+      for (auto&& e : *v.as_array()) {
+        std::string ifname;
+        DST_RETURN_IF_ERROR(f.String(e, key, &ifname));
+        if (ifname.empty() || ifname.size() > 15 || ifname.find_first_of("/: ") != std::string::npos)
+          return sink.Error(e.source(), f.ctx, key, fmt::format("\"{}\" is not an interface name", ifname));
+        cfg->eth_interfaces.push_back(ifname);
+      }
+      // (keys are read in file order, so look the other two up directly)
+      if (!t.get("tls_psk_file") && !t["insecure_segment"].value_or(false))
+        return sink.Error(v.source(), f.ctx, key,
+                          "raw Ethernet needs keys: set tls_psk_file (dstctl key generate), or insecure_segment = "
+                          "true to run DST on the segment unencrypted");
     } else {
       return UnknownKey(sink, k, f.ctx,
                         "listen, nbd_listen, metrics_listen, mountpoint, fuse_allow_other, batching, io_threads, "
                         "verify_interval, host_name, export_roots, tls_psk_file, tls_identity, "
-                        "tls_cert, tls_key, tls_ca, tls_server_name, nbd_tls, insecure");
+                        "tls_cert, tls_key, tls_ca, tls_server_name, nbd_tls, insecure, eth_interfaces, "
+                        "insecure_segment");
     }
   }
   return CheckDaemonTls(t, sink, *cfg);
@@ -695,7 +714,9 @@ bool IsLoopbackHost(std::string_view host) {
   return false;
 }
 
-bool IsDstUri(std::string_view uri) { return uri.rfind("dst://", 0) == 0 || uri.rfind("dsts://", 0) == 0; }
+bool IsDstUri(std::string_view uri) {
+  return uri.rfind("dst://", 0) == 0 || uri.rfind("dsts://", 0) == 0 || uri.rfind("eth://", 0) == 0;
+}
 
 Status ParseVolumeRemote(std::string_view uri, VolumeConfig* v) {
   if (IsDstUri(uri)) {

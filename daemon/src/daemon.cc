@@ -243,6 +243,37 @@ int Daemon::Start() {
   auto tls_error = std::make_shared<Status>();
   if (tls_server_)
     eo.listener = net::MakeTlsListenerFactory(io_, tls_server_, cfg_.listen_host, cfg_.listen_port, tls_port, tls_error);
+  // Raw Ethernet: the same exporter also accepts sessions on each eth interface.
+  std::vector<std::shared_ptr<net::EthEndpoint>> eth_listen;
+  for (const std::string& ifname : cfg_.eth_interfaces) {
+    auto ep = EthEndpointFor(ifname);
+    if (!ep.ok()) {
+      spdlog::error("eth {}: {}", ifname, Message(ep.status()));
+      return ep.status().code() == Status::Code::kInvalidArgument ? ctl::kExConfig : ctl::kExUnavailable;
+    }
+    eth_listen.push_back(ep.value());
+  }
+  if (!eth_listen.empty()) {
+    net::ListenerFactory inner = eo.listener;
+    eo.listener = [this, inner, eth_listen, tls_port, tls_error](const net::Strand& ex) -> std::unique_ptr<net::Listener> {
+      std::vector<std::unique_ptr<net::Listener>> all;
+      if (inner) {
+        auto l = inner(ex);
+        if (!l) return nullptr;
+        all.push_back(std::move(l));
+      } else {
+        auto l = net::TcpListener::Open(io_, ex, cfg_.listen_host, cfg_.listen_port);
+        if (!l.ok()) {
+          *tls_error = l.status();
+          return nullptr;
+        }
+        *tls_port = l.value()->port();
+        all.push_back(std::move(l).value());
+      }
+      for (const auto& ep : eth_listen) all.push_back(ep->MakeListener(ex));
+      return net::MakeMultiListener(std::move(all), ex);
+    };
+  }
   exporter_ = std::make_unique<net::Exporter>(io_, eo);
   if (Status st = exporter_->Start(); !st.ok()) {
     if (!tls_error->ok()) st = *tls_error;
@@ -253,7 +284,12 @@ int Daemon::Start() {
     return ctl::kExUnavailable;
   }
   exporter_started_ = true;
-  listen_port_ = tls_server_ ? *tls_port : exporter_->port();
+  listen_port_ = tls_server_ || !eth_listen.empty() ? *tls_port : exporter_->port();
+  for (const auto& ep : eth_listen) {
+    const auto st = ep->Stats();
+    spdlog::info("exporter listening on eth://{}/{} (mtu {}, tx {}, rx {}, {})", st.ifname, st.mac, st.mtu,
+                 st.tx_mode, st.rx_mode, st.encrypted ? "AES-256-GCM" : "insecure_segment: unencrypted");
+  }
   spdlog::info("exporter listening on {}:{} (batching {}, {})", cfg_.listen_host, listen_port_,
                cfg_.batching ? "on" : "off",
                tls_server_ ? (cfg_.tls_psk_file.empty() ? "TLS 1.3, X.509" : "TLS 1.3, PSK") : "no TLS");
@@ -435,6 +471,7 @@ void Daemon::Shutdown() {
     std::lock_guard<std::mutex> l(mu_);
     volumes_.clear();
   }
+  CloseEthEndpoints();
 
   work_.reset();
   io_.stop();
@@ -513,9 +550,19 @@ Status Daemon::LoadTls() {
   return Status::OK();
 }
 
-Status Daemon::UseTls(const std::string& uri, const std::string& host, std::uint16_t port, net::ClientOptions* co) {
+Status Daemon::UseTls(const std::string& uri, const std::string& host, std::uint16_t port, net::RemoteOptions* co) {
   net::BlockUri u;
-  if (!net::ParseBlockUri(uri, &u).ok() || !u.tls) return Status::OK();
+  if (!net::ParseBlockUri(uri, &u).ok()) return Status::OK();
+  if (u.eth) {
+    auto ep = EthEndpointFor(u.host);
+    if (!ep.ok()) return ep.status().WithContext(uri);
+    std::array<std::uint8_t, 6> mac{};
+    DST_RETURN_IF_ERROR(net::ParseMac(u.mac, &mac));
+    co->connector = [ep = ep.value(), mac](const net::Strand& s) { return ep->MakeConnector(s, mac); };
+    co->uri = u.Canonical();
+    return Status::OK();
+  }
+  if (!u.tls) return Status::OK();
   if (!tls_client_)
     return Status::InvalidArgument(
         fmt::format("{}: dsts:// needs TLS keys ([daemon] tls_psk_file, or tls_cert/tls_key/tls_ca)", uri));
@@ -523,6 +570,56 @@ Status Daemon::UseTls(const std::string& uri, const std::string& host, std::uint
     return std::make_unique<net::TlsConnector>(std::make_unique<net::TcpConnector>(s, host, port), ctx, host);
   };
   return Status::OK();
+}
+
+Result<std::shared_ptr<net::EthEndpoint>> Daemon::EthEndpointFor(const std::string& ifname) {
+  std::lock_guard<std::mutex> l(eth_mu_);
+  if (auto it = eth_.find(ifname); it != eth_.end()) return it->second;
+  if (stopping_) return Status::Unavailable("dstd is stopping");
+  net::EthEndpointOptions o;
+  o.link.ifname = ifname;
+  o.insecure_segment = cfg_.insecure_segment;
+  if (!cfg_.tls_psk_file.empty()) {
+    auto psks = net::LoadPskFile(cfg_.tls_psk_file);
+    if (!psks.ok()) return psks.status();
+    for (auto& e : psks.value()) o.psks.emplace_back(e.identity, e.key);
+    o.identity = cfg_.tls_identity;
+  }
+  auto ep = net::EthEndpoint::Open(std::move(o));
+  if (!ep.ok()) return ep.status();
+  if (cfg_.insecure_segment && cfg_.tls_psk_file.empty())
+    spdlog::warn("insecure_segment = true: DST frames on {} are neither encrypted nor authenticated", ifname);
+  eth_[ifname] = ep.value();
+  return ep.value();
+}
+
+void Daemon::CloseEthEndpoints() {
+  std::map<std::string, std::shared_ptr<net::EthEndpoint>> all;
+  {
+    std::lock_guard<std::mutex> l(eth_mu_);
+    all.swap(eth_);
+  }
+  for (auto& [n, ep] : all) ep->Close();
+}
+
+nlohmann::json Daemon::EthStatusJson() {
+  json out = json::array();
+  std::lock_guard<std::mutex> l(eth_mu_);
+  for (const auto& [n, ep] : eth_) {
+    const auto s = ep->Stats();
+    out.push_back({{"interface", s.ifname}, {"mac", s.mac}, {"mtu", s.mtu}, {"tx_mode", s.tx_mode},
+                   {"rx_mode", s.rx_mode}, {"encrypted", s.encrypted}, {"insecure_segment", s.insecure_segment},
+                   {"listening", std::find(cfg_.eth_interfaces.begin(), cfg_.eth_interfaces.end(), n) !=
+                                     cfg_.eth_interfaces.end()},
+                   {"sessions", s.sessions}, {"frames_sent", s.frames_sent}, {"send_calls", s.send_calls},
+                   {"frames_per_send_call", s.frames_per_send_call}, {"tx_ring_occupancy", s.tx_ring_occupancy},
+                   {"tx_ring_peak", s.tx_ring_peak}, {"frames_received", s.frames_received},
+                   {"receive_calls", s.receive_calls}, {"frames_per_receive_call", s.frames_per_receive_call},
+                   {"retransmits", s.retransmits}, {"timeouts", s.timeouts}, {"duplicates", s.duplicates},
+                   {"out_of_order", s.out_of_order}, {"malformed", s.malformed}, {"bad_tag", s.bad_tag},
+                   {"replayed", s.replayed}, {"dead_sessions", s.dead_sessions}});
+  }
+  return out;
 }
 
 Status Daemon::ConnectVolume(const std::shared_ptr<Volume>& vol) {
@@ -1246,6 +1343,9 @@ json Daemon::StatusJson() {
                       {"send_calls", s.send_calls},
                       {"frames_per_call", s.frames_per_call}};
   }
+  st["eth"] = EthStatusJson();
+  // Raw-Ethernet sessions run unencrypted ([daemon] insecure_segment = true, no PSK): status warns.
+  st["daemon"]["insecure_segment"] = cfg_.tls_psk_file.empty() && cfg_.insecure_segment && !st["eth"].empty();
   st["nbd"] = NbdJson();
   st["exports"] = ExportsJson();
   st["volumes"] = VolumesJson();

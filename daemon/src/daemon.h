@@ -38,6 +38,7 @@
 #include "dst/counting_device.h"
 #include "dst/daemon/config.h"
 #include "dst/fuse/fuse_mount.h"
+#include "dst/net/eth_transport.h"
 #include "dst/net/exporter.h"
 #include "dst/linear_device.h"
 #include "dst/mirror_device.h"
@@ -328,7 +329,8 @@ class Daemon {
   Status LoadTls();
   // For a dsts:// `uri`: a TLS connector to host:port in *co; dst://: nothing.  Refused when the
   // config has no TLS keys.
-  Status UseTls(const std::string& uri, const std::string& host, std::uint16_t port, net::ClientOptions* co);
+  // Plugs the connector a volume or leg URI needs: TLS for dsts://, the Ethernet endpoint for eth://.
+  Status UseTls(const std::string& uri, const std::string& host, std::uint16_t port, net::RemoteOptions* co);
   // For an nbds:// client: the TLS client context (STARTTLS); refused without keys.
   Status UseNbdTls(const std::string& uri, net::NbdClientOptions* no);
   void ScheduleRetry(const std::shared_ptr<Volume>& vol);
@@ -365,6 +367,13 @@ class Daemon {
   std::optional<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>> work_;
   std::vector<std::thread> io_threads_;
   std::shared_ptr<net::TlsContext> tls_server_, tls_client_;
+  // Raw-Ethernet endpoints (eth_transport.h), one per interface: opened at start for
+  // [daemon] eth_interfaces (the exporter listens there) and on first use by eth:// imports.
+  Result<std::shared_ptr<net::EthEndpoint>> EthEndpointFor(const std::string& ifname);
+  void CloseEthEndpoints();
+  nlohmann::json EthStatusJson();
+  std::mutex eth_mu_;
+  std::map<std::string, std::shared_ptr<net::EthEndpoint>> eth_;
   std::unique_ptr<net::Exporter> exporter_;
   std::unique_ptr<NbdFrontend> nbd_;  // null: NBD disabled or not started
   std::unique_ptr<MetricsServer> metrics_;  // null: [daemon] metrics_listen not set

@@ -1,6 +1,8 @@
 // DST over raw Ethernet: frame encode/decode (docs/protocol.md §12).
 #include "dst/net/eth_format.h"
 
+#include <fmt/format.h>
+
 #include <cstring>
 #include <string>
 
@@ -153,6 +155,30 @@ EthDecodeError DecodeEthFrame(const std::uint8_t* in, std::size_t len, std::size
   }
   *payload = in + kEthOverhead;
   return EthDecodeError::kOk;
+}
+
+std::string FormatMac(const std::uint8_t* m) {
+  return fmt::format("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5]);
+}
+
+Status ParseMac(std::string_view s, std::array<std::uint8_t, 6>* out) {
+  std::array<std::uint8_t, 6> m{};
+  auto hex = [](char c) -> int {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+  };
+  bool ok = s.size() == 17;
+  for (std::size_t i = 0; ok && i < 6; ++i) {
+    int hi = hex(s[i * 3]), lo = hex(s[i * 3 + 1]);
+    if (hi < 0 || lo < 0 || (i < 5 && s[i * 3 + 2] != ':' && s[i * 3 + 2] != '-')) ok = false;
+    else m[i] = std::uint8_t(hi * 16 + lo);
+  }
+  if (!ok) return Status::InvalidArgument(fmt::format("bad MAC address \"{}\" (want aa:bb:cc:dd:ee:ff)", s));
+  if (m[0] & 1) return Status::InvalidArgument(fmt::format("MAC address {} is multicast; a peer is one station", s));
+  *out = m;
+  return Status::OK();
 }
 
 }  // namespace dst::net

@@ -69,7 +69,8 @@ class RemoteDevice::Protocol final : public ClientProtocol {
   std::atomic<std::uint64_t> digest_errors_{0};
   std::atomic<bool> stat_digest_{false};
 
-  std::string Describe() const override {
+ std::string Describe() const override {
+    if (!opts_.uri.empty()) return opts_.uri;
     return "dst://" + opts_.host + ":" + std::to_string(opts_.port) + "/" + opts_.export_name;
   }
   Task<Status> Handshake(HandshakeIo& io, Negotiated* n, bool* hard) override;
@@ -320,7 +321,8 @@ RemoteStats RemoteDevice::Stats() const {
 Status ParseDstUri(const std::string& uri, RemoteOptions* opts) {
   BlockUri u;
   DST_RETURN_IF_ERROR(ParseBlockUri(uri, &u));
-  if (u.scheme != UriScheme::kDst) return Status::InvalidArgument("remote URI must start with dst://: " + uri);
+  if (u.scheme != UriScheme::kDst || u.eth)
+    return Status::InvalidArgument("remote URI must start with dst://: " + uri);
   opts->host = u.host;
   opts->port = u.port;
   opts->export_name = u.export_name;

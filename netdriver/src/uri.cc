@@ -3,7 +3,10 @@
 
 #include <sys/un.h>
 
+#include <array>
+
 #include "dst/net/dst_format.h"
+#include "dst/net/eth_format.h"
 #include "dst/net/nbd_format.h"
 
 namespace dst::net {
@@ -12,6 +15,7 @@ namespace {
 
 constexpr std::string_view kDst = "dst://";
 constexpr std::string_view kDsts = "dsts://";  // DST inside TLS 1.3 (tls.h)
+constexpr std::string_view kEth = "eth://";    // DST over raw Ethernet (eth_transport.h)
 constexpr std::string_view kNbd = "nbd://";
 constexpr std::string_view kNbdUnix = "nbd+unix://";
 
@@ -88,6 +92,15 @@ Status ParseAuthority(std::string_view uri, std::string_view authority, std::uin
   return Status::OK();
 }
 
+// A DST export name (§3): 1..255 printable ASCII characters without spaces.
+Status CheckDstExportName(std::string_view uri, std::string_view name) {
+  if (name.size() > kMaxExportNameLen) return Bad(uri, "export name too long");
+  for (char c : name)
+    if (static_cast<unsigned char>(c) < 0x21 || static_cast<unsigned char>(c) > 0x7e)
+      return Bad(uri, "export name must be printable ASCII without spaces");
+  return Status::OK();
+}
+
 Status ParseDst(std::string_view uri, BlockUri* u) {
   std::string_view rest = uri.substr(u->tls ? kDsts.size() : kDst.size());
   const std::size_t slash = rest.find('/');
@@ -95,10 +108,30 @@ Status ParseDst(std::string_view uri, BlockUri* u) {
   DST_RETURN_IF_ERROR(ParseAuthority(uri, rest.substr(0, slash), kDefaultPort, &u->host, &u->port));
   std::string_view name = rest.substr(slash + 1);
   if (name.empty()) return Bad(uri, "missing export (dst://HOST[:PORT]/EXPORT)");
-  if (name.size() > kMaxExportNameLen) return Bad(uri, "export name too long");
-  for (char c : name)
-    if (static_cast<unsigned char>(c) < 0x21 || static_cast<unsigned char>(c) > 0x7e)
-      return Bad(uri, "export name must be printable ASCII without spaces");
+  DST_RETURN_IF_ERROR(CheckDstExportName(uri, name));
+  u->export_name.assign(name);
+  return Status::OK();
+}
+
+Status ParseEth(std::string_view uri, BlockUri* u) {
+  std::string_view rest = uri.substr(kEth.size());
+  const std::size_t s1 = rest.find('/');
+  const std::size_t s2 = s1 == std::string_view::npos ? s1 : rest.find('/', s1 + 1);
+  if (s2 == std::string_view::npos) return Bad(uri, "expected eth://IFACE/PEER-MAC/EXPORT");
+  const std::string_view iface = rest.substr(0, s1), mac = rest.substr(s1 + 1, s2 - s1 - 1),
+                         name = rest.substr(s2 + 1);
+  if (iface.empty() || iface.size() > 15) return Bad(uri, "interface name must be 1..15 characters");
+  for (char c : iface)
+    if (static_cast<unsigned char>(c) < 0x21 || static_cast<unsigned char>(c) > 0x7e || c == ':')
+      return Bad(uri, "bad interface name");
+  std::array<std::uint8_t, 6> m{};
+  if (Status st = ParseMac(mac, &m); !st.ok()) return Bad(uri, st.message());
+  if (name.empty()) return Bad(uri, "missing export (eth://IFACE/PEER-MAC/EXPORT)");
+  DST_RETURN_IF_ERROR(CheckDstExportName(uri, name));
+  u->host.assign(iface);
+  u->port = 0;
+  u->eth = true;
+  u->mac = FormatMac(m.data());
   u->export_name.assign(name);
   return Status::OK();
 }
@@ -139,7 +172,7 @@ Status ParseNbdUnix(std::string_view uri, BlockUri* u) {
 }  // namespace
 
 bool HasBlockUriScheme(std::string_view s) {
-  return StartsWith(s, kDst) || StartsWith(s, kDsts) || StartsWith(s, kNbd) || StartsWith(s, kNbdUnix) || StartsWith(s, "nbds://") ||
+  return StartsWith(s, kDst) || StartsWith(s, kDsts) || StartsWith(s, kEth) || StartsWith(s, kNbd) || StartsWith(s, kNbdUnix) || StartsWith(s, "nbds://") ||
          StartsWith(s, "nbds+unix://");
 }
 
@@ -156,6 +189,9 @@ Status ParseBlockUri(std::string_view uri, BlockUri* out) {
     u.scheme = UriScheme::kDst;
     u.tls = StartsWith(uri, kDsts);
     st = ParseDst(uri, &u);
+  } else if (StartsWith(uri, kEth)) {
+    u.scheme = UriScheme::kDst;
+    st = ParseEth(uri, &u);
   } else if (StartsWith(uri, kNbd)) {
     u.scheme = UriScheme::kNbd;
     st = ParseNbd(uri, &u);
@@ -163,7 +199,7 @@ Status ParseBlockUri(std::string_view uri, BlockUri* out) {
     u.scheme = UriScheme::kNbdUnix;
     st = ParseNbdUnix(uri, &u);
   } else {
-    st = Bad(uri, "unknown scheme (expected dst://, dsts://, nbd:// or nbd+unix://)");
+    st = Bad(uri, "unknown scheme (expected dst://, dsts://, eth://, nbd:// or nbd+unix://)");
   }
   if (!st.ok()) return st;
   *out = std::move(u);
@@ -172,6 +208,7 @@ Status ParseBlockUri(std::string_view uri, BlockUri* out) {
 
 std::string BlockUri::Canonical() const {
   if (scheme == UriScheme::kNbdUnix) return "nbd+unix:///" + export_name + "?socket=" + socket;
+  if (eth) return "eth://" + host + "/" + mac + "/" + export_name;
   const std::string h = host.find(':') != std::string::npos ? "[" + host + "]" : host;
   return (scheme == UriScheme::kDst ? (tls ? "dsts://" : "dst://") : (tls ? "nbds://" : "nbd://")) + h + ":" + std::to_string(port) + "/" + export_name;
 }

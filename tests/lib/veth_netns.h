@@ -48,6 +48,9 @@ class VethNetns {
             ifname(1) + " netns " + b + " mtu " + std::to_string(mtu),
         "ip -n " + a + " link set " + ifname(0) + " up",
         "ip -n " + b + " link set " + ifname(1) + " up",
+        // Loopback too: daemons started inside bind their TCP and NBD listeners to 127.0.0.1.
+        "ip -n " + a + " link set lo up",
+        "ip -n " + b + " link set lo up",
     };
     for (const std::string& c : cmds) {
       if (std::system((c + " 2>/dev/null").c_str()) != 0) {

@@ -406,6 +406,20 @@ class ConfigTest : public QObject {
     QVERIFY(ParseConfig("[daemon]\nlisten = \"192.0.2.1:7400\"\ntls_cert = \"/c\"\ntls_key = \"/k\"\n"
                         "tls_ca = \"/ca\"\n", "t.toml", {false}).ok());
     QVERIFY(ParseConfig("[daemon]\nlisten = \"0.0.0.0:7400\"\ninsecure = true\n", "t.toml", {false}).ok());
+    // Raw Ethernet: keys (the PSK file) or an explicit insecure_segment; eth:// volumes parse.
+    auto eth = ParseConfig("[daemon]\neth_interfaces = [\"veth0\"]\n", "t.toml", {false});
+    QVERIFY(!eth.ok());
+    QVERIFY2(eth.status().message().find("insecure_segment") != std::string::npos, eth.status().message().c_str());
+    eth = ParseConfig("[daemon]\neth_interfaces = [\"veth0\"]\ninsecure_segment = true\n[[volume]]\nname = \"v\"\n"
+                    "remote = \"eth://veth0/02:00:00:00:00:01/e\"\n", "t.toml", {false});
+    QVERIFY2(eth.ok(), eth.status().message().c_str());
+    QVERIFY(eth.value().insecure_segment);
+    QCOMPARE(eth.value().eth_interfaces, std::vector<std::string>{"veth0"});
+    QCOMPARE(eth.value().volumes[0].host, std::string("veth0"));
+    QCOMPARE(eth.value().volumes[0].export_name, std::string("e"));
+    QVERIFY(ParseConfig("[daemon]\ntls_psk_file = \"/etc/dst/lab.psk\"\neth_interfaces = [\"veth0\"]\n", "t.toml",
+                        {false}).ok());
+    QVERIFY(!ParseConfig("[daemon]\ninsecure_segment = true\neth_interfaces = [\"a/b\"]\n", "t.toml", {false}).ok());
     QVERIFY(ParseConfig("[daemon]\nlisten = \"127.0.0.2:7400\"\n", "t.toml", {false}).ok());
 
     std::string e = Error("[daemon]\nlisten = \"0.0.0.0:7400\"\n");

@@ -81,6 +81,13 @@ class UriTest : public QObject {
         {"nbd://u@h/x", "user names"},
         {"dst://h/with space", "printable ASCII"},
         {"nbd://h/x?tls=on", "query parameters"},
+        {"eth://eth0/02:00:00:00:00:01", "expected eth://"},
+        {"eth:///02:00:00:00:00:01/x", "interface name"},
+        {"eth://e:0/02:00:00:00:00:01/x", "bad interface name"},
+        {"eth://eth0/02:00:00:00:01/x", "bad MAC"},
+        {"eth://eth0/ff:ff:ff:ff:ff:ff/x", "multicast"},
+        {"eth://eth0/02:00:00:00:00:01/", "missing export"},
+        {"eth://eth0/02:00:00:00:00:01/a b", "printable ASCII"},
     };
     for (const Case& c : cases) {
       BlockUri u;
@@ -98,6 +105,13 @@ class UriTest : public QObject {
     QVERIFY(u.tls && u.scheme == UriScheme::kNbd && u.host == "h" && u.port == 10900 && u.export_name == "x");
     QCOMPARE(u.Canonical(), std::string("nbds://h:10900/x"));
     QVERIFY(!ParseBlockUri("dst://h/" + std::string(256, 'a'), &u).ok());
+    // eth://IFACE/PEER-MAC/EXPORT: DST over raw Ethernet; the MAC is normalised.
+    QVERIFY(ParseBlockUri("eth://veth0/02:AB:cd:00:00:0F/disk", &u).ok());
+    QVERIFY(u.eth && !u.tls && u.scheme == UriScheme::kDst && u.host == "veth0" && u.port == 0);
+    QCOMPARE(u.mac, std::string("02:ab:cd:00:00:0f"));
+    QCOMPARE(u.export_name, std::string("disk"));
+    QCOMPARE(u.Canonical(), std::string("eth://veth0/02:ab:cd:00:00:0f/disk"));
+    QVERIFY(HasBlockUriScheme("eth://veth0/02:00:00:00:00:01/d"));
   }
 };
 

@@ -148,6 +148,11 @@ struct Config {
   // Serve DST without TLS, or NBD without nbd_tls = "require", on a non-loopback address
   // (refused otherwise).
   bool insecure = false;
+  // Raw Ethernet (docs/protocol.md §12): the exporter also accepts DST sessions on these
+  // interfaces, and eth:// volumes and legs dial out of them.  Frames are sealed with keys from
+  // tls_psk_file; without one, insecure_segment = true must say that the segment is trusted.
+  std::vector<std::string> eth_interfaces;
+  bool insecure_segment = false;
   bool tls() const { return !tls_psk_file.empty() || !tls_cert.empty(); }
   std::string nbd_tls_mode() const { return !nbd_tls.empty() ? nbd_tls : tls() ? "require" : "off"; }
   std::vector<ExportConfig> exports;

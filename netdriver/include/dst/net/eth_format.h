@@ -11,8 +11,11 @@
 // bytes: no allocation, no I/O, safe from any thread.
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
+#include <string>
+#include <string_view>
 
 #include "dst/net/dst_format.h"
 #include "dst/status.h"
@@ -120,5 +123,10 @@ Status EthDecodeStatus(EthDecodeError e);
 // see EthDecodeError and docs/protocol.md §12.4.
 EthDecodeError DecodeEthFrame(const std::uint8_t* in, std::size_t len, std::size_t max_payload,
                               EthHeader* out, const std::uint8_t** payload);
+
+// Parses "aa:bb:cc:dd:ee:ff" (or with '-'); a multicast address is refused (a peer is one
+// station).  FormatMac writes the lower-case colon form.
+Status ParseMac(std::string_view s, std::array<std::uint8_t, 6>* out);
+std::string FormatMac(const std::uint8_t* mac);
 
 }  // namespace dst::net

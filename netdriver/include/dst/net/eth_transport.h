@@ -156,10 +156,6 @@ class EthEndpoint : public std::enable_shared_from_this<EthEndpoint> {
   std::shared_ptr<Impl> impl_;
 };
 
-// Parses "aa:bb:cc:dd:ee:ff" (unicast only).
-Status ParseMac(std::string_view s, std::array<std::uint8_t, 6>* out);
-std::string FormatMac(const std::uint8_t* mac);
-
 // Accepts from several listeners at once (TCP and Ethernet on one server).
 std::unique_ptr<Listener> MakeMultiListener(std::vector<std::unique_ptr<Listener>> inner, const Strand& ex);
 

@@ -49,6 +49,9 @@ struct RemoteOptions : ClientOptions {
   std::string export_name;
   // Offer XXH3-64 payload digests (docs/protocol.md §4.1); used when the exporter accepts.
   bool checksum = false;
+  // What Describe() and log lines call the peer; empty: dst://host:port/export.  Set when a
+  // connector dials something else (eth://IFACE/MAC/EXPORT).
+  std::string uri;
 };
 
 // Parses "dst://host[:port]/export" into opts (host, port, export_name).

@@ -7,6 +7,9 @@
 //                                        (the server's default export), %XX decoded
 //   nbds://HOST[:PORT][/EXPORT]          NBD with STARTTLS (TLS 1.3, nbd_client_device.h)
 //   nbd+unix:///[EXPORT]?socket=/PATH    NBD over a Unix socket (empty host; %XX decoded)
+//   eth://IFACE/PEER-MAC/EXPORT          DST over raw Ethernet (docs/protocol.md §12) on local
+//                                        interface IFACE to the station PEER-MAC (unicast,
+//                                        aa:bb:cc:dd:ee:ff); scheme kDst with eth set, host = IFACE
 //
 // HOST may be an IPv6 address in brackets ([::1]).  Errors are InvalidArgument, worded
 // 'bad URI "URI": REASON' (REASON: "empty host", "bad port", "missing export", "unknown scheme"...);
@@ -30,6 +33,8 @@ struct BlockUri {
   std::string export_name;  // decoded
   std::string socket;       // nbd+unix only
   bool tls = false;         // dsts://, nbds://
+  bool eth = false;         // eth:// (host is the interface, port 0)
+  std::string mac;          // eth:// only: the peer's MAC, lower case
 
   // Canonical form, with the port spelled out ("dst://h:7400/e"), so equal devices compare equal.
   std::string Canonical() const;
