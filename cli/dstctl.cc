@@ -350,6 +350,12 @@ int main(int argc, char** argv) {
   loop_att->add_flag("--read-only", loop_ro, "Read-only loop device");
   auto* loop_det = loop->add_subcommand("detach", "Detach the loop devices over NAME.img (fails while mounted)");
   loop_det->add_option("NAME", name, "Volume or array name")->required();
+  // discover IFACE
+  std::string iface;
+  double disc_timeout = 1.0;
+  auto* disc = app.add_subcommand("discover", "List the DST exports other hosts offer on a raw-Ethernet segment");
+  disc->add_option("IFACE", iface, "Local interface on that segment (e.g. eth0)")->required();
+  disc->add_option("--timeout", disc_timeout, "Seconds to wait for answers (default 1)")->check(CLI::Range(0.01, 60.0));
   auto* status = app.add_subcommand("status", "Show daemon, exports, volumes, arrays and mount");
 
   // array ...
@@ -578,6 +584,11 @@ int main(int argc, char** argv) {
       for (const auto& d : result.value("detached", json::array()))
         if (d.is_string()) std::printf("%s detached\n", d.get<std::string>().c_str());
     }
+  } else if (disc->parsed()) {
+    json p{{"interface", iface}, {"timeout_ms", std::uint64_t(disc_timeout * 1000)}};
+    if ((rc = Call(socket, "eth.discover", p, &result)) != 0) return rc;
+    if (as_json) PrintJson(result);
+    else std::fputs(ctl::RenderDiscovery(result).c_str(), stdout);
   } else if (status->parsed()) {
     if ((rc = Call(socket, "status", json::object(), &result)) != 0) return rc;
     if (as_json) PrintJson(result);

@@ -28,6 +28,8 @@ const std::vector<std::string>& Methods() {
       "array.pause_resync", "array.resume_resync",
       // issue 12: loop devices over the FUSE files (the GUI's attach / detach actions)
       "loop.attach", "loop.detach",
+      // issue 13: who exports what on a raw-Ethernet segment
+      "eth.discover",
   };
   return kMethods;
 }

@@ -141,6 +141,18 @@ std::string RenderVolumeList(const json& volumes) {
   return RenderTable({"NAME", "SIZE", "STATE", "RECONNECTS", "INFLIGHT", "SOURCE"}, rows);
 }
 
+std::string RenderDiscovery(const json& r) {
+  std::vector<std::vector<std::string>> rows;
+  for (auto& s : r.value("stations", json::array()))
+    for (auto& e : s.value("exports", json::array()))
+      rows.push_back({Str(s, "mac"), Str(e, "name"), FormatSize(U64(e, "size")), Bool(e, "read_only") ? "ro" : "rw",
+                      Str(e, "uri")});
+  std::string head = fmt::format("segment {} (us: {}, {})\n", Str(r, "interface"), Str(r, "mac"),
+                                 Bool(r, "encrypted") ? "encrypted" : "UNENCRYPTED");
+  if (rows.empty()) return head + "no exports answered\n";
+  return head + RenderTable({"STATION", "EXPORT", "SIZE", "MODE", "URI"}, rows);
+}
+
 std::string RenderStatus(const json& st) {
   std::string out;
   const json d = st.value("daemon", json::object());

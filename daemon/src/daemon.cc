@@ -589,8 +589,64 @@ Result<std::shared_ptr<net::EthEndpoint>> Daemon::EthEndpointFor(const std::stri
   if (!ep.ok()) return ep.status();
   if (cfg_.insecure_segment && cfg_.tls_psk_file.empty())
     spdlog::warn("insecure_segment = true: DST frames on {} are neither encrypted nor authenticated", ifname);
+  // Only a listening interface answers DISCOVER: elsewhere there is nothing to dial.
+  if (std::find(cfg_.eth_interfaces.begin(), cfg_.eth_interfaces.end(), ifname) != cfg_.eth_interfaces.end())
+    ep.value()->SetDiscoveryResponder([this](const std::string& identity) { return DiscoveryListing(identity); });
   eth_[ifname] = ep.value();
   return ep.value();
+}
+
+std::string Daemon::DiscoveryListing(const std::string& identity) {
+  if (!exporter_ || stopping_) return {};
+  std::string out;
+  const std::vector<net::ExportStatus> list = exporter_->ListExports();
+  std::lock_guard<std::mutex> l(mu_);
+  for (const auto& e : list) {
+    auto it = exports_.find(e.name);
+    const net::Access a = it == exports_.end() ? net::Access::kNone : net::AccessFor(it->second.allow, identity);
+    if (a == net::Access::kNone) continue;  // the peer could not open it: do not name it
+    out += fmt::format("{} {} {}\n", e.name, e.size, e.read_only || a == net::Access::kReadOnly ? "ro" : "rw");
+  }
+  return out;
+}
+
+// eth.discover {interface, timeout_ms}: who exports what on that segment (docs/protocol.md §12.8).
+void Daemon::DiscoverRpc(const json& p, Finish finish) {
+  auto i = p.find("interface");
+  if (i == p.end() || !i->is_string() || i->get<std::string>().empty())
+    return finish(Status::InvalidArgument("parameter \"interface\" must name a network interface"));
+  std::uint64_t wait_ms = 1000;
+  if (auto t = p.find("timeout_ms"); t != p.end()) {
+    if (!t->is_number_unsigned() || t->get<std::uint64_t>() < 10 || t->get<std::uint64_t>() > 60000)
+      return finish(Status::InvalidArgument("parameter \"timeout_ms\" must be 10..60000"));
+    wait_ms = t->get<std::uint64_t>();
+  }
+  const std::string ifname = i->get<std::string>();
+  workers_.Post([this, ifname, wait_ms, finish] {
+    auto ep = EthEndpointFor(ifname);
+    if (!ep.ok()) return finish(ep.status().WithContext(fmt::format("eth {}", ifname)));
+    auto found = ep.value()->Discover(std::chrono::milliseconds(wait_ms));
+    if (!found.ok()) return finish(found.status());
+    json stations = json::array();
+    for (const auto& s : found.value()) {
+      json exports = json::array();
+      std::size_t pos = 0;
+      while (pos < s.listing.size()) {
+        std::size_t nl = s.listing.find('\n', pos);
+        if (nl == std::string::npos) nl = s.listing.size();
+        const std::string line = s.listing.substr(pos, nl - pos);
+        pos = nl + 1;
+        char name[256] = {}, mode[3] = {};
+        unsigned long long size = 0;
+        if (std::sscanf(line.c_str(), "%255s %llu %2s", name, &size, mode) != 3) continue;  // not ours to trust
+        exports.push_back({{"name", name}, {"size", std::uint64_t(size)}, {"read_only", std::string(mode) == "ro"},
+                           {"uri", fmt::format("eth://{}/{}/{}", ifname, s.mac, name)}});
+      }
+      stations.push_back({{"mac", s.mac}, {"exports", exports}});
+    }
+    const auto st = ep.value()->Stats();
+    finish(json{{"interface", ifname}, {"mac", st.mac}, {"encrypted", st.encrypted}, {"stations", stations}});
+  });
 }
 
 void Daemon::CloseEthEndpoints() {
@@ -887,6 +943,8 @@ void Daemon::Handle(ctl::Request req, Reply reply) {
     UnmountRpc(std::move(finish));
   } else if (m == "loop.attach" || m == "loop.detach") {
     LoopRpc(m, p, std::move(finish));
+  } else if (m == "eth.discover") {
+    DiscoverRpc(p, std::move(finish));
   } else if (m.rfind("array.", 0) == 0) {
     ArrayRpc(m, p, std::move(finish));
   } else if (m == "apply") {

@@ -179,6 +179,8 @@ class Daemon {
 
   void UnmountRpc(Finish finish);
   void LoopRpc(const std::string& m, const nlohmann::json& p, Finish finish);  // loop.attach / detach
+  void DiscoverRpc(const nlohmann::json& p, Finish finish);  // eth.discover
+  std::string DiscoveryListing(const std::string& identity);  // what a DISCOVER from `identity` sees
 
   // Typed operations (operations.h, operations.cc).  Every change the control protocol makes is
   // an Operation (Validate, Plan, Apply); the single-object RPCs and `apply` both go through

@@ -64,6 +64,7 @@ const char* EthDecodeErrorName(EthDecodeError e) {
     case EthDecodeError::kBadFirstFragment: return "first fragment not at offset 0";
     case EthDecodeError::kBadLastFragment: return "last fragment does not end the message";
     case EthDecodeError::kBadAck: return "bad ACK frame";
+    case EthDecodeError::kBadDiscover: return "bad DISCOVER frame";
   }
   return "unknown";
 }
@@ -117,7 +118,7 @@ EthDecodeError DecodeEthFrame(const std::uint8_t* in, std::size_t len, std::size
   if (GetU16(d + kOffMagic) != kEthMagic) return EthDecodeError::kBadMagic;
   if (d[kOffVersion] != kEthVersion) return EthDecodeError::kBadVersion;
   const std::uint8_t type = d[kOffType];
-  if (type != static_cast<std::uint8_t>(EthType::kData) && type != static_cast<std::uint8_t>(EthType::kAck))
+  if (type < static_cast<std::uint8_t>(EthType::kData) || type > static_cast<std::uint8_t>(EthType::kDiscoverReply))
     return EthDecodeError::kUnknownType;
   h->type = static_cast<EthType>(type);
   h->flags = GetU16(d + kOffFlags);
@@ -148,6 +149,10 @@ EthDecodeError DecodeEthFrame(const std::uint8_t* in, std::size_t len, std::size
   if (h->session == 0) return EthDecodeError::kNoSession;
   if (h->type == EthType::kData) {
     if (const EthDecodeError e = CheckFragment(*h); e != EthDecodeError::kOk) return e;
+  } else if (h->type == EthType::kDiscover || h->type == EthType::kDiscoverReply) {
+    if ((h->flags & kEthFlagAck) || h->seq || h->ack || h->msg_len || h->frag_offset || h->frag_index ||
+        h->frag_count)
+      return EthDecodeError::kBadDiscover;
   } else {
     if (!(h->flags & kEthFlagAck)) return EthDecodeError::kBadAck;
     if (h->payload_len || h->msg_len || h->frag_offset || h->frag_index || h->frag_count)

@@ -10,6 +10,7 @@
 #include <deque>
 #include <map>
 #include <mutex>
+#include <condition_variable>
 #include <optional>
 #include <thread>
 
@@ -161,6 +162,13 @@ class EthEndpoint::Impl : public std::enable_shared_from_this<EthEndpoint::Impl>
   std::shared_ptr<ListenerState> listener;
 
   std::uint64_t rng = 1;
+
+  // Discovery: the responder (under map_mu) and the one query in flight (under disc_mu).
+  EthEndpoint::DiscoveryResponder responder;
+  std::mutex disc_mu;
+  std::condition_variable disc_cv;
+  std::uint64_t disc_id = 0;
+  std::vector<EthDiscovered> disc_found;
   std::vector<std::uint8_t> stash, dup;  // fault hook: held-back and duplicated frames
   std::vector<std::uint8_t> trial_buf;   // a new session's first frame, opened with each key
   std::size_t stash_len = 0;
@@ -530,9 +538,92 @@ class EthEndpoint::Impl : public std::enable_shared_from_this<EthEndpoint::Impl>
     return s;
   }
 
+  // The PSK entry this endpoint dials with.
+  const std::pair<std::string, std::vector<std::uint8_t>>& OwnPsk() const {
+    const auto* entry = &opt.psks.front();
+    for (const auto& e : opt.psks)
+      if (e.first == opt.identity) entry = &e;
+    return *entry;
+  }
+
+  // Sends one discovery frame (DISCOVER or a reply), sealed with `key` when given.
+  void SendDiscovery(EthType type, const std::uint8_t* to, std::uint64_t id, const std::string& text,
+                     const EthKey* key) {
+    std::lock_guard<std::mutex> t(tx_mu);
+    if (closed) return;
+    std::uint8_t* buf = TxBuffer();
+    if (!buf) return;
+    EthHeader h;
+    std::memcpy(h.dst, to, kMacLen);
+    std::memcpy(h.src, link->mac(), kMacLen);
+    h.type = type;
+    h.session = id;
+    h.packet = key ? 0 : 1;
+    const std::size_t n = std::min<std::size_t>(text.size(), link->max_fragment());
+    const std::size_t len = EncodeEthFrame(h, text.data(), n, buf, link->max_frame());
+    if (key) {
+      EthSealer sealer(*key);
+      if (!sealer.Seal(buf, len)) return;
+    }
+    link->CommitTx(len);
+    FlushLocked();
+  }
+
+  // A DISCOVER from a peer: answer with the responder's listing for the identity that sealed it.
+  void OnDiscover(const EthHeader& h, std::uint8_t* frame, std::size_t len) {
+    EthEndpoint::DiscoveryResponder r;
+    {
+      std::lock_guard<std::mutex> l(map_mu);
+      r = responder;
+    }
+    if (!r) return;
+    static const std::uint8_t kBroadcast[kMacLen] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+    if (!encrypted()) {
+      if (h.flags & kEthFlagAead) return void(++malformed);
+      SendDiscovery(EthType::kDiscoverReply, h.src, h.session, r(""), nullptr);
+      return;
+    }
+    if (!(h.flags & kEthFlagAead)) return void(++malformed);
+    for (const auto& [id, key] : opt.psks) {
+      auto q = DeriveEthKeys(key, id, FormatMac(kBroadcast), h.session);
+      if (!q.ok()) continue;
+      EthOpener opener(q.value().initiator_to_responder);
+      trial_buf.assign(frame, frame + len);
+      if (!opener.Open(trial_buf.data(), len)) continue;
+      // The reply is bound to our own MAC: the asker derives the key from the address it came from.
+      auto a = DeriveEthKeys(key, id, FormatMac(link->mac()), h.session);
+      if (!a.ok()) return;
+      SendDiscovery(EthType::kDiscoverReply, h.src, h.session, r(id), &a.value().responder_to_initiator);
+      return;
+    }
+    ++bad_tag;
+  }
+
+  void OnDiscoverReply(const EthHeader& h, std::uint8_t* frame, std::size_t len, const std::uint8_t* payload) {
+    std::lock_guard<std::mutex> l(disc_mu);
+    if (disc_id == 0 || h.session != disc_id) return void(++unknown_session);
+    if (encrypted()) {
+      if (!(h.flags & kEthFlagAead)) return void(++malformed);
+      const auto& own = OwnPsk();
+      auto k = DeriveEthKeys(own.second, own.first, FormatMac(h.src), h.session);
+      if (!k.ok()) return;
+      EthOpener opener(k.value().responder_to_initiator);
+      if (!opener.Open(frame, len)) return void(++bad_tag);
+    } else if (h.flags & kEthFlagAead) {
+      return void(++malformed);
+    }
+    const std::string mac = FormatMac(h.src);
+    for (const auto& f : disc_found)
+      if (f.mac == mac) return;  // a duplicate
+    disc_found.push_back({mac, std::string(reinterpret_cast<const char*>(payload), h.payload_len)});
+    disc_cv.notify_all();
+  }
+
   void Handle(const EthHeader& h, const std::uint8_t* payload, Clock::time_point now) {
     std::uint8_t* frame = const_cast<std::uint8_t*>(payload) - kEthOverhead;
     const std::size_t len = kEthOverhead + h.payload_len;
+    if (h.type == EthType::kDiscover) return OnDiscover(h, frame, len);
+    if (h.type == EthType::kDiscoverReply) return OnDiscoverReply(h, frame, len, payload);
     std::shared_ptr<EthSession> s;
     const std::pair<std::uint64_t, std::uint64_t> key{MacKey(h.src), h.session};
     if (cached && cached->id == h.session && MacKey(cached->peer) == key.first) {
@@ -1162,6 +1253,43 @@ std::unique_ptr<Listener> EthEndpoint::MakeListener(const Strand& ex) {
     impl_->listener = st;
   }
   return std::make_unique<EthListener>(impl_, st);
+}
+
+void EthEndpoint::SetDiscoveryResponder(DiscoveryResponder r) {
+  std::lock_guard<std::mutex> l(impl_->map_mu);
+  impl_->responder = std::move(r);
+}
+
+Result<std::vector<EthDiscovered>> EthEndpoint::Discover(std::chrono::milliseconds wait) {
+  Impl& i = *impl_;
+  if (i.closed) return Status::Unavailable(fmt::format("eth {}: the endpoint is closed", opt_.link.ifname));
+  const std::uint64_t id = RandomSession();
+  {
+    std::lock_guard<std::mutex> l(i.disc_mu);
+    if (i.disc_id != 0) return Status::Busy(fmt::format("eth {}: a discovery is already running", opt_.link.ifname));
+    i.disc_id = id;
+    i.disc_found.clear();
+  }
+  static const std::uint8_t kBroadcast[kMacLen] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+  if (i.encrypted()) {
+    const auto& own = i.OwnPsk();
+    auto k = DeriveEthKeys(own.second, own.first, FormatMac(kBroadcast), id);
+    if (!k.ok()) {
+      std::lock_guard<std::mutex> l(i.disc_mu);
+      i.disc_id = 0;
+      return k.status();
+    }
+    i.SendDiscovery(EthType::kDiscover, kBroadcast, id, std::string(), &k.value().initiator_to_responder);
+  } else {
+    i.SendDiscovery(EthType::kDiscover, kBroadcast, id, std::string(), nullptr);
+  }
+  std::unique_lock<std::mutex> l(i.disc_mu);
+  i.disc_cv.wait_for(l, wait, [] { return false; });
+  std::vector<EthDiscovered> found = std::move(i.disc_found);
+  i.disc_found.clear();
+  i.disc_id = 0;
+  std::sort(found.begin(), found.end(), [](const EthDiscovered& a, const EthDiscovered& b) { return a.mac < b.mac; });
+  return found;
 }
 
 EthEndpointStats EthEndpoint::Stats() const {

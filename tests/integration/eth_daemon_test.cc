@@ -83,8 +83,18 @@ class EthDaemonTest : public QObject {
     QVERIFY2(StartIn(v, 1, b), b.Log().right(3000).constData());
 
     const QString ifb = QString::fromStdString(v.ifname(1));
-    const QString eth_disk = QString("eth://%1/%2/disk").arg(ifb, QString::fromStdString(mac_a));
+    // dstctl discover: A answers B's (sealed) DISCOVER with its exports.
     QByteArray out, e;
+    const json disc = dst::test::CtlJson(b, {"discover", ifb, "--json"});
+    QVERIFY2(disc.is_object() && disc["stations"].size() == 1, disc.dump().c_str());
+    QCOMPARE(disc["stations"][0]["mac"].get<std::string>(), mac_a);
+    QCOMPARE(disc["stations"][0]["exports"].size(), std::size_t(2));
+    QVERIFY(disc["encrypted"].get<bool>());
+    const QString disk_uri = QString("eth://%1/%2/disk").arg(ifb, QString::fromStdString(mac_a));
+    QCOMPARE(QString::fromStdString(disc["stations"][0]["exports"][0]["uri"]), disk_uri);
+    QVERIFY(b.Ctl({"discover", ifb}, &out) == 0);
+    QVERIFY2(out.contains(disk_uri.toUtf8()) && out.contains("32 MiB"), out.constData());
+    const QString eth_disk = QString("eth://%1/%2/disk").arg(ifb, QString::fromStdString(mac_a));
     QVERIFY2(b.Ctl({"volume", "import", "v", eth_disk}, &out, &e) == 0, e.constData());
     QVERIFY(dst::test::WaitUntil(
         [&] {

@@ -370,6 +370,30 @@ class EthTransportTest : public QObject {
     QVERIFY(r.b->Stats().bad_tag > 0);
   }
 
+  // DISCOVER: a station with our key answers with its listing; one with another key hears
+  // nothing it can read and answers nothing.
+  void discovery() {
+    RequireNetns();
+    Rig r(Setup{});
+    std::string err;
+    QVERIFY2(r.Start(&err), err.c_str());
+    r.b->SetDiscoveryResponder([](const std::string& identity) { return "disk 67108864 rw # " + identity + "\n"; });
+    auto found = r.a->Discover(milliseconds(300));
+    QVERIFY2(found.ok(), found.status().ToString().c_str());
+    QCOMPARE(found.value().size(), std::size_t(1));
+    QCOMPARE(found.value()[0].mac, FormatMac(r.b->mac()));
+    QCOMPARE(found.value()[0].listing, std::string("disk 67108864 rw # host-a\n"));
+    r.a->Close();
+    auto other = r.OpenEndpoint(0, {}, "host-a", std::vector<std::uint8_t>(32, 0x11));
+    QVERIFY2(other.ok(), other.status().ToString().c_str());
+    r.a = other.value();
+    const auto before = r.b->Stats().bad_tag;
+    found = r.a->Discover(milliseconds(300));
+    QVERIFY(found.ok());
+    QCOMPARE(found.value().size(), std::size_t(0));
+    QCOMPARE(r.b->Stats().bad_tag, before + 1);
+  }
+
   // Without CAP_NET_RAW, or without keys and without insecure_segment, opening says why.
   void openErrorsAreClear() {
     EthEndpointOptions o;

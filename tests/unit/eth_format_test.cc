@@ -183,7 +183,7 @@ class EthFormatTest : public QObject {
     QCOMPARE(Mutated([](F& f) { f[kD + 2] = 0; }), E::kBadVersion);
     QCOMPARE(Mutated([](F& f) { f[kD + 2] = 2; }), E::kBadVersion);
     QCOMPARE(Mutated([](F& f) { f[kD + 3] = 0; }), E::kUnknownType);
-    QCOMPARE(Mutated([](F& f) { f[kD + 3] = 3; }), E::kUnknownType);
+    QCOMPARE(Mutated([](F& f) { f[kD + 3] = 5; }), E::kUnknownType);
     QCOMPARE(Mutated([](F& f) { PutU16(f.data() + kD + 4, 0x0004); }), E::kUnknownFlags);
     QCOMPARE(Mutated([](F& f) { f[kD + 47] = 1; }), E::kReservedSet);
     QCOMPARE(Mutated([](F& f) { f[kD + kEthTagOffset + 5] = 1; }), E::kTagWithoutAead);
@@ -242,12 +242,39 @@ class EthFormatTest : public QObject {
     QCOMPARE(DecodeEthFrame(f, kEthOverhead, kFrag, &d, &p), E::kBadAck);
   }
 
+  // §12.8: DISCOVER and DISCOVER_REPLY carry a listing (or nothing) and no stream fields.
+  void discoverFrames() {
+    using E = EthDecodeError;
+    EthHeader h = DataHeader(0, 0, 0, 0);
+    h.type = EthType::kDiscover;
+    h.msg_len = h.frag_count = 0;
+    h.seq = 0;
+    std::uint8_t f[kEthOverhead + 8];
+    EthHeader d;
+    const std::uint8_t* p = nullptr;
+    QCOMPARE(EncodeEthFrame(h, nullptr, 0, f, sizeof f), kEthOverhead);
+    QCOMPARE(DecodeEthFrame(f, kEthOverhead, kFrag, &d, &p), E::kOk);
+    QVERIFY(d.type == EthType::kDiscover);
+    h.type = EthType::kDiscoverReply;
+    const std::uint8_t x[8] = {'d', ' ', '1', '6', ' ', 'r', 'w', '\n'};
+    QCOMPARE(EncodeEthFrame(h, x, 8, f, sizeof f), sizeof f);
+    QCOMPARE(DecodeEthFrame(f, sizeof f, kFrag, &d, &p), E::kOk);
+    QCOMPARE(d.payload_len, std::uint16_t(8));
+    h.flags = kEthFlagAck;
+    EncodeEthFrame(h, nullptr, 0, f, sizeof f);
+    QCOMPARE(DecodeEthFrame(f, kEthOverhead, kFrag, &d, &p), E::kBadDiscover);
+    h.flags = 0;
+    h.seq = 3;
+    EncodeEthFrame(h, nullptr, 0, f, sizeof f);
+    QCOMPARE(DecodeEthFrame(f, kEthOverhead, kFrag, &d, &p), E::kBadDiscover);
+  }
+
   void statusNamesTheReason() {
     QVERIFY(EthDecodeStatus(EthDecodeError::kOk).ok());
     const Status s = EthDecodeStatus(EthDecodeError::kWrongEtherType);
     QCOMPARE(s.code(), Status::Code::kProtocolError);
     QVERIFY(s.ToString().find("wrong EtherType") != std::string::npos);
-    for (int e = 1; e <= int(EthDecodeError::kBadAck); ++e)
+    for (int e = 1; e <= int(EthDecodeError::kBadDiscover); ++e)
       QVERIFY(std::strcmp(EthDecodeErrorName(EthDecodeError(e)), "unknown") != 0);
   }
 };

@@ -23,6 +23,7 @@ std::string RenderTable(const std::vector<std::string>& header,
 std::string RenderExportList(const nlohmann::json& exports);  // array of export objects
 std::string RenderVolumeList(const nlohmann::json& volumes);  // array of volume objects
 std::string RenderStatus(const nlohmann::json& status);       // the status result
+std::string RenderDiscovery(const nlohmann::json& result);    // the eth.discover result
 
 // Arrays (issue 3).  `array` is one object of status "arrays" / array.detail.
 // /proc/mdstat-like block (2 or 3 lines); every percentage clamped to 0..100:

@@ -41,6 +41,8 @@ inline constexpr std::size_t kEthTagSize = 16;    // AES-GCM / ChaCha20-Poly1305
 enum class EthType : std::uint8_t {
   kData = 1,  // one fragment of a DST message
   kAck = 2,   // acknowledgement only, no payload
+  kDiscover = 3,       // §12.8: who exports what on this segment (usually to the broadcast MAC)
+  kDiscoverReply = 4,  // §12.8: one station's export listing, unicast to the asker
 };
 
 // §12.2 flags.
@@ -111,6 +113,7 @@ enum class EthDecodeError : std::uint8_t {
   kBadFirstFragment,
   kBadLastFragment,
   kBadAck,            // ACK without the ack flag, or with payload/fragment fields
+  kBadDiscover,       // DISCOVER / DISCOVER_REPLY with the ack flag, seq/ack or fragment fields
 };
 const char* EthDecodeErrorName(EthDecodeError e);
 // The verdict as a Status: OK, or ProtocolError naming the reason.  DecodeEthFrame itself returns

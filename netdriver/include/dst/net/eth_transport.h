@@ -97,6 +97,12 @@ struct EthEndpointStats {
 class EthEndpoint;
 struct EthSession;
 
+// One answer to Discover(): a station on the segment and what it exports to us.
+struct EthDiscovered {
+  std::string mac;      // the station's MAC (for eth://IFACE/MAC/EXPORT)
+  std::string listing;  // its DiscoveryResponder's text: "NAME SIZE ro|rw" lines
+};
+
 class EthTransport final : public Transport {
  public:
   EthTransport(std::shared_ptr<EthSession> s, Strand strand);
@@ -142,6 +148,15 @@ class EthEndpoint : public std::enable_shared_from_this<EthEndpoint> {
   std::unique_ptr<Listener> MakeListener(const Strand& ex);
   // Stops the io thread, fails every session, closes the link.  Idempotent.
   void Close();
+
+  // Discovery (docs/protocol.md §12.8).  The responder answers a peer's DISCOVER with a listing
+  // for the identity that sealed it ("" on an insecure segment); it runs on the endpoint's io
+  // thread, so keep it short.  Unset: DISCOVER frames are ignored.
+  using DiscoveryResponder = std::function<std::string(const std::string& identity)>;
+  void SetDiscoveryResponder(DiscoveryResponder r);
+  // Broadcasts one DISCOVER and collects the replies that arrive within `wait` (blocking: not
+  // on an io thread).  With keys, only stations holding our PSK can read the query or answer.
+  Result<std::vector<EthDiscovered>> Discover(std::chrono::milliseconds wait);
 
   EthEndpointStats Stats() const;
   const std::string& ifname() const { return opt_.link.ifname; }
