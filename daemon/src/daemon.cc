@@ -624,7 +624,7 @@ void Daemon::DiscoverRpc(const json& p, Finish finish) {
   const std::string ifname = i->get<std::string>();
   workers_.Post([this, ifname, wait_ms, finish] {
     auto ep = EthEndpointFor(ifname);
-    if (!ep.ok()) return finish(ep.status().WithContext(fmt::format("eth {}", ifname)));
+    if (!ep.ok()) return finish(ep.status());
     auto found = ep.value()->Discover(std::chrono::milliseconds(wait_ms));
     if (!found.ok()) return finish(found.status());
     json stations = json::array();
