@@ -55,7 +55,7 @@ struct EthFaultOptions {
 };
 
 struct EthEndpointOptions {
-  EthLinkOptions link;                 // link.ifname is required
+  EthLinkOptions link;                 // link.ifname is required; rx kAuto means recvmmsg here
   // Keys: every (identity, key) a responder accepts; an initiator uses the entry named
   // `identity` (empty: the first).  Empty list: unencrypted, only with insecure_segment.
   std::vector<std::pair<std::string, std::vector<std::uint8_t>>> psks;
