@@ -20,6 +20,7 @@
 #include <fmt/format.h>
 
 #include "dst/net/eth_aead.h"
+#include "server_alloc.h"
 
 namespace dst::net {
 
@@ -58,7 +59,7 @@ bool Chance(std::uint64_t* s, double p) { return p > 0 && double(NextRand(s) >> 
 // ---------------------------------------------------------------------------------------------
 // One session: both directions' windows, guarded by mu.  Shared by the EthTransport handle
 // (owner strand) and the endpoint's io thread (receive, timers).
-struct EthSession {
+struct EthSession : std::enable_shared_from_this<EthSession> {
   struct TxSlot {
     EthHeader h;  // DATA header without ack/window/packet (filled at each transmission)
     Clock::time_point sent{};
@@ -114,6 +115,10 @@ struct EthSession {
   IoCallback rd_cb;
 
   std::optional<Strand> owner;  // set once a transport handle exists
+  // Completions posted to the owner come from the endpoint's thread; Asio's per-thread handler
+  // cache would free them on the owner's thread and allocate anew each time, so they take
+  // slots here (server_alloc.h; the heap only if all are busy).
+  detail::HandlerArena arena;
   bool failed = false, read_shut = false, send_shut = false, closed = false, accepted = false;
   bool in_batch = false;
   boost::system::error_code fail_ec;
@@ -123,7 +128,8 @@ struct EthSession {
   void Post(IoCallback cb, boost::system::error_code ec, std::size_t n) {
     if (!cb) return;
     if (!owner) return;
-    asio::post(*owner, [cb = std::move(cb), ec, n]() mutable { cb(ec, n); });
+    asio::post(*owner, detail::Bind(&arena, *owner,
+                                    [self = shared_from_this(), cb = std::move(cb), ec, n]() mutable { cb(ec, n); }));
   }
 };
 
@@ -147,7 +153,9 @@ class EthEndpoint::Impl : public std::enable_shared_from_this<EthEndpoint::Impl>
   EthEndpointOptions opt;
   asio::io_context io;
   Strand strand;
-  asio::steady_timer tick;
+  // Typed on the strand: a steady_timer (any_io_executor) would copy the strand to the heap on
+  // every wait, a thousand times a second.
+  asio::basic_waitable_timer<std::chrono::steady_clock, asio::wait_traits<std::chrono::steady_clock>, Strand> tick;
   asio::executor_work_guard<asio::io_context::executor_type> work;
   std::thread thread;
   std::unique_ptr<EthLink> link;
@@ -163,7 +171,8 @@ class EthEndpoint::Impl : public std::enable_shared_from_this<EthEndpoint::Impl>
   std::vector<std::shared_ptr<EthSession>> touched;  // sessions that got frames in this batch
   std::shared_ptr<EthSession> cached;             // the last session looked up
   std::shared_ptr<ListenerState> listener;
-  bool tick_long = false;  // strand only
+  std::atomic<bool> tick_long{false};  // written on the strand; read by senders to skip a post
+  Clock::time_point last_busy{};      // strand only
 
   std::uint64_t rng = 1;
 
@@ -797,7 +806,10 @@ class EthEndpoint::Impl : public std::enable_shared_from_this<EthEndpoint::Impl>
       std::lock_guard<std::mutex> t(tx_mu);
       FlushLocked();
     }
-    ArmTick(busy);
+    // Stay on the short tick for a second after the last busy one: request/reply traffic
+    // empties the windows between batches, and every switch back would cost the sender a post.
+    if (busy) last_busy = now;
+    ArmTick(busy || now - last_busy < std::chrono::seconds(1));
   }
 
   // The tick runs every ShortTick() while a session has data outstanding or an ack pending,
@@ -913,7 +925,8 @@ std::size_t EthTransport::SendFrames(const TxFrame* head, std::size_t offset, co
     if (s.snd_una == s.snd_end) {
       s.last_heard = now;  // the dead-peer clock starts with outstanding data
       // and the retransmit timer with it: make sure the tick runs often
-      asio::post(ep->strand, [ep = s.ep_ref] { ep->TickSoon(); });
+      if (ep->tick_long.load(std::memory_order_relaxed))
+        asio::post(ep->strand, [ep = s.ep_ref] { ep->TickSoon(); });
     }
     std::size_t pos = 0;
     for (std::uint32_t i = 0; i < nfrag; ++i) {

@@ -4,6 +4,7 @@
 // workloads (plain, encrypted, with injected loss, reordering and duplication), a dead link
 // (EIO after the dead time, no hang), an exporter restart, malformed frames and a wrong key.
 #include <arpa/inet.h>
+#include <execinfo.h>
 #include <net/if.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -11,8 +12,14 @@
 #include <QTemporaryDir>
 #include <QtTest/QtTest>
 
+#include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <new>
 #include <memory>
 #include <thread>
 
@@ -26,6 +33,31 @@
 #include "remote_workload.h"
 #include "test_env.h"
 #include "veth_netns.h"
+
+// --- allocation counter (noAllocationPerIo) -------------------------------------------------
+static std::atomic<bool> g_count_allocs{false};
+static std::atomic<std::uint64_t> g_allocs{0};
+static thread_local bool t_tracing = false;
+// DST_ALLOC_TRACE=1 prints a backtrace of the first few counted allocations (to find them).
+void* operator new(std::size_t n) {
+  if (g_count_allocs.load(std::memory_order_relaxed) && !t_tracing &&
+      g_allocs.fetch_add(1, std::memory_order_relaxed) < 6 && getenv("DST_ALLOC_TRACE")) {
+    t_tracing = true;
+    void* bt[30];
+    const int k = backtrace(bt, 30);
+    std::fprintf(stderr, "--- alloc %zu\n", n);
+    backtrace_symbols_fd(bt, k, 2);
+    t_tracing = false;
+  }
+  void* p = std::malloc(n ? n : 1);
+  if (!p) throw std::bad_alloc();
+  return p;
+}
+void* operator new[](std::size_t n) { return operator new(n); }
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
 
 using namespace dst;
 using namespace dst::net;
@@ -392,6 +424,71 @@ class EthTransportTest : public QObject {
     QVERIFY(found.ok());
     QCOMPARE(found.value().size(), std::size_t(0));
     QCOMPARE(r.b->Stats().bad_tag, before + 1);
+  }
+
+  // Steady-state I/O over an encrypted session: heap allocations per request, counted on every
+  // thread (client, exporter, endpoints, AEAD).
+  void noAllocationPerIo() {
+    RequireNetns();
+    Rig r(Setup{});
+    const Status up = r.StartConnected();
+    QVERIFY2(up.ok(), up.ToString().c_str());
+    constexpr int kDepth = 16;
+    constexpr std::uint32_t kLen = 16 << 10;
+    std::vector<char> buf(std::size_t(kDepth) * kLen, 'a');
+    std::vector<IoRequest> reqs(kDepth);
+    struct Batch {
+      std::mutex mu;
+      std::condition_variable cv;
+      int done = 0, errors = 0;
+      static void Done(IoRequest* q, Status st) {
+        auto* b = static_cast<Batch*>(q->ctx);
+        std::lock_guard<std::mutex> l(b->mu);
+        b->errors += !st.ok();
+        ++b->done;
+        b->cv.notify_all();
+      }
+    };
+    auto round = [&](Batch& b, int n) {
+      for (int i = 0; i < kDepth; ++i) {
+        IoRequest& q = reqs[i];
+        q = IoRequest{};
+        q.op = (n + i) % 3 == 0 ? IoOp::kRead : IoOp::kWrite;
+        q.offset = std::uint64_t(i) * kLen;
+        q.length = kLen;
+        q.data = buf.data() + std::size_t(i) * kLen;
+        q.done = &Batch::Done;
+        q.ctx = &b;
+        r.dev->Submit(&q);
+      }
+      std::unique_lock<std::mutex> l(b.mu);
+      b.cv.wait_for(l, std::chrono::seconds(30), [&] { return b.done == kDepth; });
+    };
+    for (int n = 0; n < 100; ++n) {  // warm-up: sessions, pools and Asio's caches settle
+      Batch b;
+      round(b, n);
+    }
+    constexpr int kRounds = 300;
+    int errors = 0;
+    g_allocs = 0;
+    g_count_allocs = true;
+    for (int n = 0; n < kRounds; ++n) {
+      Batch b;
+      round(b, n);
+      errors += b.errors + (kDepth - b.done);
+    }
+    g_count_allocs = false;
+    const std::uint64_t allocs = g_allocs.load();
+    const int ios = kRounds * kDepth;
+    qInfo("allocations during %d I/Os over eth: %llu (%.4f per I/O)", ios, (unsigned long long)allocs,
+          double(allocs) / ios);
+    QCOMPARE(errors, 0);
+    // Not zero yet (the TCP path is: remote_device_test): completions cross from the endpoint's
+    // thread to the owners' strands, and Asio's per-thread handler caches then miss on the io
+    // thread now and then (about 0.14 per I/O, from 0.41 before the typed tick timer and the
+    // per-session handler arena).  This bound keeps it from growing back; see the closing note
+    // of issue 13.
+    QVERIFY2(double(allocs) / ios < 0.3, qPrintable(QString("allocations: %1").arg(allocs)));
   }
 
   // Without CAP_NET_RAW, or without keys and without insecure_segment, opening says why.
