@@ -1123,6 +1123,11 @@ class EthListener final : public Listener {
       st_->open = false;
       if (st_->cb) asio::post(st_->ex, [cb = std::move(st_->cb)] { cb(asio::error::operation_aborted, nullptr); });
       st_->cb = nullptr;
+      // Sessions nobody accepted: closed, so the tick drops them (they would linger otherwise).
+      for (auto& s : st_->backlog) {
+        std::lock_guard<std::mutex> sl(s->mu);
+        s->closed = true;
+      }
       st_->backlog.clear();
     }
     std::lock_guard<std::mutex> l(ep_->map_mu);

@@ -18,6 +18,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <future>
 #include <mutex>
 #include <new>
 #include <memory>
@@ -67,6 +69,16 @@ using std::chrono::milliseconds;
 namespace {
 
 const std::vector<std::uint8_t> kKey(32, 0x5a);
+
+// Polls pred every 10 ms until it holds or `ms` pass.
+bool WaitFor(const std::function<bool()>& pred, int ms) {
+  const auto end = Clock::now() + milliseconds(ms);
+  while (!pred()) {
+    if (Clock::now() >= end) return false;
+    std::this_thread::sleep_for(milliseconds(10));
+  }
+  return true;
+}
 
 void RequireNetns() {
   DST_REQUIRE(dst::test::IsRoot(), "network namespaces and AF_PACKET sockets need root");
@@ -489,6 +501,52 @@ class EthTransportTest : public QObject {
     // per-session handler arena).  This bound keeps it from growing back; see the closing note
     // of issue 13.
     QVERIFY2(double(allocs) / ios < 0.3, qPrintable(QString("allocations: %1").arg(allocs)));
+  }
+
+  // A session a peer opened but nobody accepted is dropped when the listener closes (it used to
+  // stay in the endpoint's table, acknowledging, until the endpoint closed).
+  void unacceptedSessionsGoWithTheListener() {
+    RequireNetns();
+    Rig r(Setup{});
+    std::string err;
+    QVERIFY2(r.veth().Create(&err), err.c_str());
+    auto a = r.OpenEndpoint(0, {}, "host-a");
+    auto b = r.OpenEndpoint(1, {}, "host-a");
+    QVERIFY(a.ok() && b.ok());
+    Strand strand = boost::asio::make_strand(r.io.io);
+    auto listener = b.value()->MakeListener(strand);  // never accepts
+    std::array<std::uint8_t, 6> mac{};
+    std::memcpy(mac.data(), b.value()->mac(), 6);
+    auto conn = a.value()->MakeConnector(strand, mac);
+    std::promise<std::unique_ptr<Transport>> got;
+    boost::asio::post(strand, [&] {
+      conn->AsyncConnect(milliseconds(1000), [&](Status st, std::unique_ptr<Transport> t) {
+        if (!st.ok()) t.reset();
+        got.set_value(std::move(t));
+      });
+    });
+    std::unique_ptr<Transport> t = got.get_future().get();
+    QVERIFY(t);
+    static const char kHello[] = "hello";
+    std::promise<boost::system::error_code> wrote;
+    boost::asio::post(strand, [&] {
+      t->AsyncWrite(boost::asio::buffer(kHello, sizeof kHello),
+                    [&](const boost::system::error_code& ec, std::size_t) { wrote.set_value(ec); });
+    });
+    QVERIFY(!wrote.get_future().get());
+    QVERIFY(WaitFor([&] { return b.value()->Stats().sessions == 1; }, 2000));
+    listener->Close();
+    QVERIFY2(WaitFor([&] { return b.value()->Stats().sessions == 0; }, 2000),
+             "the unaccepted session stayed after the listener closed");
+    boost::asio::post(strand, [&] { t->Close(); });
+    std::promise<void> closed;
+    boost::asio::post(strand, [&] {
+      t.reset();
+      closed.set_value();
+    });
+    closed.get_future().wait();
+    a.value()->Close();
+    b.value()->Close();
   }
 
   // Without CAP_NET_RAW, or without keys and without insecure_segment, opening says why.
