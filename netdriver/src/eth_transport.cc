@@ -72,7 +72,6 @@ struct EthSession : std::enable_shared_from_this<EthSession> {
   std::shared_ptr<EthEndpoint::Impl> ep_ref;  // keeps it so
   std::uint8_t peer[kMacLen] = {};
   std::uint64_t id = 0;
-  bool initiator = false;
   std::string peer_name;  // "eth://if/mac" for log lines
   std::string identity;   // the PSK identity of the initiator (empty: unencrypted)
   std::unique_ptr<EthSealer> sealer;
@@ -119,7 +118,7 @@ struct EthSession : std::enable_shared_from_this<EthSession> {
   // cache would free them on the owner's thread and allocate anew each time, so they take
   // slots here (server_alloc.h; the heap only if all are busy).
   detail::HandlerArena arena;
-  bool failed = false, read_shut = false, send_shut = false, closed = false, accepted = false;
+  bool failed = false, read_shut = false, send_shut = false, closed = false;
   bool in_batch = false;
   boost::system::error_code fail_ec;
 
@@ -165,7 +164,7 @@ class EthEndpoint::Impl : public std::enable_shared_from_this<EthEndpoint::Impl>
   std::atomic<bool> closed{false};
   std::atomic<bool> shut{false};
 
-  std::mutex map_mu;
+  mutable std::mutex map_mu;
   std::map<std::pair<std::uint64_t, std::uint64_t>, std::shared_ptr<EthSession>> sessions;
   std::vector<std::shared_ptr<EthSession>> scan;   // tick's copy (capacity kept)
   std::vector<std::shared_ptr<EthSession>> touched;  // sessions that got frames in this batch
@@ -192,13 +191,12 @@ class EthEndpoint::Impl : public std::enable_shared_from_this<EthEndpoint::Impl>
 
   bool encrypted() const { return !opt.psks.empty(); }
 
-  std::shared_ptr<EthSession> NewSession(const std::uint8_t* peer, std::uint64_t id, bool initiator) {
+  std::shared_ptr<EthSession> NewSession(const std::uint8_t* peer, std::uint64_t id) {
     auto s = std::make_shared<EthSession>();
     s->ep = this;
     s->ep_ref = shared_from_this();
     std::memcpy(s->peer, peer, kMacLen);
     s->id = id;
-    s->initiator = initiator;
     s->peer_name = fmt::format("eth://{}/{}", opt.link.ifname, FormatMac(peer));
     s->W = opt.window;
     s->frag = std::uint32_t(link->max_fragment());
@@ -521,7 +519,7 @@ class EthEndpoint::Impl : public std::enable_shared_from_this<EthEndpoint::Impl>
       ++malformed;
       return nullptr;
     }
-    auto s = NewSession(h.src, h.session, false);
+    auto s = NewSession(h.src, h.session);
     if (keys) {
       s->identity = ident;
       s->opener = std::make_unique<EthOpener>(keys->initiator_to_responder);
@@ -537,18 +535,23 @@ class EthEndpoint::Impl : public std::enable_shared_from_this<EthEndpoint::Impl>
     if (ls->cb) {
       auto cb = std::move(ls->cb);
       ls->cb = nullptr;
-      s->accepted = true;
-      Strand st(ls->ex.get_inner_executor());
-      {
-        std::lock_guard<std::mutex> sl(s->mu);
-        s->owner = st;
-      }
-      auto t = std::make_shared<std::unique_ptr<Transport>>(std::make_unique<EthTransport>(s, st));
-      asio::post(ls->ex, [cb = std::move(cb), t] { cb({}, std::move(*t)); });
+      HandOver(*ls, s, std::move(cb));
     } else {
       ls->backlog.push_back(s);
     }
     return s;
+  }
+
+  // Gives an accepted session a transport on a fresh strand of the listener's io_context and
+  // posts it to the accept callback.  REQUIRES: ls.mu held.
+  static void HandOver(ListenerState& ls, const std::shared_ptr<EthSession>& s, Listener::AcceptCallback cb) {
+    Strand st(ls.ex.get_inner_executor());
+    {
+      std::lock_guard<std::mutex> sl(s->mu);
+      s->owner = st;
+    }
+    auto t = std::make_shared<std::unique_ptr<Transport>>(std::make_unique<EthTransport>(s, st));
+    asio::post(ls.ex, [cb = std::move(cb), t] { cb({}, std::move(*t)); });
   }
 
   // The PSK entry this endpoint dials with.
@@ -683,12 +686,11 @@ class EthEndpoint::Impl : public std::enable_shared_from_this<EthEndpoint::Impl>
     }
   }
 
-  void HandleCopy(const std::uint8_t* bytes, std::size_t len, std::vector<std::uint8_t>& buf, Clock::time_point now) {
-    if (buf.data() != bytes) buf.assign(bytes, bytes + len);
+  // Handles a frame the fault hook held in one of its own buffers (decoded again from there).
+  void HandleHeld(std::vector<std::uint8_t>& buf, std::size_t len, Clock::time_point now) {
     EthHeader h;
     const std::uint8_t* p = nullptr;
-    if (DecodeEthFrame(buf.data(), len, link->max_fragment(), &h, &p) != EthDecodeError::kOk) return;
-    Handle(h, p, now);
+    if (DecodeEthFrame(buf.data(), len, link->max_fragment(), &h, &p) == EthDecodeError::kOk) Handle(h, p, now);
   }
 
   void Fault(const EthHeader& h, const std::uint8_t* payload, Clock::time_point now) {
@@ -711,17 +713,14 @@ class EthEndpoint::Impl : public std::enable_shared_from_this<EthEndpoint::Impl>
       dup.assign(frame, frame + len);
     }
     Handle(h, payload, now);
-    if (twice) HandleCopy(dup.data(), len, dup, now);
+    if (twice) HandleHeld(dup, len, now);
     FlushStash(now);
   }
   void FlushStash(Clock::time_point now) {
     if (stash_len == 0) return;
     const std::size_t n = stash_len;
     stash_len = 0;
-    std::vector<std::uint8_t>& b = stash;
-    EthHeader h;
-    const std::uint8_t* p = nullptr;
-    if (DecodeEthFrame(b.data(), n, link->max_fragment(), &h, &p) == EthDecodeError::kOk) Handle(h, p, now);
+    HandleHeld(stash, n, now);
   }
 
   void OnReadable() {
@@ -1104,14 +1103,7 @@ class EthListener final : public Listener {
     if (!st_->backlog.empty()) {
       auto s = st_->backlog.front();
       st_->backlog.pop_front();
-      Strand st(st_->ex.get_inner_executor());
-      {
-        std::lock_guard<std::mutex> sl(s->mu);
-        s->owner = st;
-        s->accepted = true;
-      }
-      auto t = std::make_shared<std::unique_ptr<Transport>>(std::make_unique<EthTransport>(s, st));
-      asio::post(st_->ex, [done = std::move(done), t] { done({}, std::move(*t)); });
+      EthEndpoint::Impl::HandOver(*st_, s, std::move(done));
       return;
     }
     st_->cb = std::move(done);
@@ -1152,11 +1144,9 @@ void EthConnector::AsyncConnect(std::chrono::milliseconds, ConnectCallback done)
     });
     return;
   }
-  auto s = ep_->NewSession(mac_.data(), RandomSession(), true);
+  auto s = ep_->NewSession(mac_.data(), RandomSession());
   if (ep_->encrypted()) {
-    const auto* entry = &ep_->opt.psks.front();
-    for (const auto& e : ep_->opt.psks)
-      if (e.first == ep_->opt.identity) entry = &e;
+    const auto* entry = &ep_->OwnPsk();
     auto keys = DeriveEthKeys(entry->second, entry->first, FormatMac(mac_.data()), s->id);
     if (!keys.ok()) {
       Status st = keys.status();
@@ -1170,7 +1160,6 @@ void EthConnector::AsyncConnect(std::chrono::milliseconds, ConnectCallback done)
     s->opener = std::make_unique<EthOpener>(keys.value().responder_to_initiator);
   }
   s->owner = strand_;
-  s->accepted = true;
   ep_->Register(s);
   auto t = std::make_shared<std::unique_ptr<Transport>>(std::make_unique<EthTransport>(s, strand_));
   asio::post(strand_, [done = std::move(done), token, t] {
@@ -1355,7 +1344,7 @@ EthEndpointStats EthEndpoint::Stats() const {
   s.encrypted = !opt_.psks.empty();
   s.insecure_segment = opt_.psks.empty();
   {
-    std::lock_guard<std::mutex> l(const_cast<Impl&>(i).map_mu);
+    std::lock_guard<std::mutex> l(i.map_mu);
     s.sessions = i.sessions.size();
   }
   const EthLinkStats& ls = i.link->stats();
