@@ -514,6 +514,12 @@ std::vector<ResyncProgress> MirrorDevice::Progress() const {
     if (impl_->paused_ && L.state == LegState::kResyncing &&
         (p.state == ResyncState::kRunning || p.state == ResyncState::kPending))
       p.state = ResyncState::kPaused;
+    // Only a running pass moves: a paused or waiting one has no rate and no ETA (the last
+    // pass's figures would promise progress nothing is making).
+    if (p.state != ResyncState::kRunning) {
+      p.rate_bytes_per_s = 0;
+      p.eta_seconds = p.state == ResyncState::kDone ? 0 : -1;
+    }
     v.push_back(p);
   }
   return v;

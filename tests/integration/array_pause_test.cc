@@ -67,6 +67,9 @@ class ArrayPauseTest : public QObject {
     QCOMPARE(PassState(p2), std::string("paused"));
     QCOMPARE(p2["resync"].value("state", ""), std::string("paused"));
     QCOMPARE(p2.value("resync_paused", false), true);
+    // A paused pass promises nothing: no rate, ETA unknown (they were the last pass's figures).
+    QCOMPARE(p2["progress"][1].value("rate", -1ll), 0ll);
+    QCOMPARE(p2["progress"][1].value("eta_seconds", 0.0), -1.0);
     QCOMPARE(BytesResyncedTotal(p2), BytesResyncedTotal(p1));
     QCOMPARE(p2["progress"][1].value("bytes_done", 0ull), p1["progress"][1].value("bytes_done", 0ull));
     QVERIFY(BytesResyncedTotal(p2) < std::int64_t(60 * kMiB));
