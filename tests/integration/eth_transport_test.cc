@@ -90,6 +90,7 @@ struct Setup {
   EthFaultOptions fault;
   milliseconds dead_time{10000};
   std::uint64_t export_size = 64ull << 20;
+  bool coalesce = true;
 };
 
 // A veth pair, an exporter on side b, endpoints on both sides.
@@ -126,6 +127,7 @@ class Rig {
     }
     o.dead_time = s_.dead_time;
     o.fault = fault;
+    o.coalesce = s_.coalesce;
     return EthEndpoint::Open(o);
   }
 
@@ -545,6 +547,117 @@ class EthTransportTest : public QObject {
       closed.set_value();
     });
     closed.get_future().wait();
+    a.value()->Close();
+    b.value()->Close();
+  }
+
+  // The DST frames of one SendFrames call share fragments (§12.7): 64 small frames and a few
+  // with payloads that straddle fragment boundaries arrive byte for byte, in far fewer frames
+  // than DST frames; with coalescing off each DST frame takes at least one fragment.
+  void framesOfOneCallShareFragments_data() {
+    QTest::addColumn<bool>("coalesce");
+    QTest::newRow("coalesced") << true;
+    QTest::newRow("per-frame") << false;
+  }
+  void framesOfOneCallShareFragments() {
+    QFETCH(bool, coalesce);
+    RequireNetns();
+    Setup setup;
+    setup.coalesce = coalesce;
+    Rig r(setup);
+    std::string err;
+    QVERIFY2(r.veth().Create(&err), err.c_str());
+    auto a = r.OpenEndpoint(0, {}, "host-a");
+    auto b = r.OpenEndpoint(1, {}, "host-a");
+    QVERIFY(a.ok() && b.ok());
+    Strand strand = boost::asio::make_strand(r.io.io);
+    auto listener = b.value()->MakeListener(strand);
+    std::promise<std::unique_ptr<Transport>> accepted;
+    boost::asio::post(strand, [&] {
+      listener->AsyncAccept([&](const boost::system::error_code& ec, std::unique_ptr<Transport> t) {
+        if (ec) t.reset();
+        accepted.set_value(std::move(t));
+      });
+    });
+    std::array<std::uint8_t, 6> mac{};
+    std::memcpy(mac.data(), b.value()->mac(), 6);
+    auto conn = a.value()->MakeConnector(strand, mac);
+    std::promise<std::unique_ptr<Transport>> got;
+    boost::asio::post(strand, [&] {
+      conn->AsyncConnect(milliseconds(1000), [&](Status st, std::unique_ptr<Transport> t) {
+        if (!st.ok()) t.reset();
+        got.set_value(std::move(t));
+      });
+    });
+    std::unique_ptr<Transport> t = got.get_future().get();
+    QVERIFY(t);
+
+    // 64 header-only frames, then three with payloads (one larger than a fragment), in one list.
+    constexpr int kSmall = 64, kBig = 3;
+    std::vector<TxFrame> frames(kSmall + kBig);
+    std::vector<std::vector<char>> payloads(kBig);
+    std::string expect;
+    for (int i = 0; i < kSmall + kBig; ++i) {
+      TxFrame& f = frames[i];
+      f.header_len = std::uint8_t(i % 3 == 0 ? 20 : kHeaderSize);
+      for (int k = 0; k < f.header_len; ++k) f.header[k] = std::uint8_t(i * 7 + k);
+      expect.append(reinterpret_cast<const char*>(f.header), f.header_len);
+      if (i >= kSmall) {
+        auto& p = payloads[i - kSmall];
+        p.resize(i == kSmall ? 3000 : 700 + i);
+        for (std::size_t k = 0; k < p.size(); ++k) p[k] = char(k * 13 + i);
+        f.payload = p.data();
+        f.payload_len = std::uint32_t(p.size());
+        expect.append(p.data(), p.size());
+      }
+      if (i + 1 < kSmall + kBig) f.next = &frames[i + 1];
+    }
+    const auto before = a.value()->Stats();
+    std::promise<std::pair<std::size_t, boost::system::error_code>> sent;
+    boost::asio::post(strand, [&] {
+      boost::system::error_code ec;
+      const std::size_t n = t->SendFrames(&frames[0], 0, SendLimits{}, ec);
+      sent.set_value({n, ec});
+    });
+    const auto [n, ec] = sent.get_future().get();
+    QVERIFY2(!ec, ec.message().c_str());
+    QCOMPARE(n, expect.size());
+
+    std::unique_ptr<Transport> peer = accepted.get_future().get();
+    QVERIFY(peer);
+    std::string in(expect.size(), '\0');
+    std::promise<boost::system::error_code> read;
+    boost::asio::post(peer->strand(), [&] {
+      peer->AsyncRead(boost::asio::buffer(in.data(), in.size()),
+                      [&](const boost::system::error_code& e, std::size_t) { read.set_value(e); });
+    });
+    auto rf = read.get_future();
+    QVERIFY(rf.wait_for(std::chrono::seconds(5)) == std::future_status::ready);
+    QVERIFY2(!rf.get(), "read failed");
+    QVERIFY2(in == expect, "the stream arrived different from what was sent");
+    // frames_sent also counts retransmits (a slow CI machine may see one): not new data.
+    const auto after = a.value()->Stats();
+    const std::uint64_t data_frames =
+        (after.frames_sent - before.frames_sent) - (after.retransmits - before.retransmits);
+    const std::uint32_t frag = std::uint32_t(EthMaxFragment(1500));
+    qInfo("%zu bytes in %d DST frames went out as %llu Ethernet frames (coalesce=%d)", expect.size(),
+          kSmall + kBig, (unsigned long long)data_frames, int(coalesce));
+    if (coalesce)
+      QCOMPARE(data_frames, std::uint64_t(EthFragmentCount(std::uint32_t(expect.size()), frag)));
+    else
+      QVERIFY(data_frames >= std::uint64_t(kSmall + kBig));
+    std::promise<void> closed;
+    boost::asio::post(strand, [&] {
+      t->Close();
+      t.reset();
+      boost::asio::post(peer->strand(), [&] {
+        peer->Close();
+        peer.reset();
+        closed.set_value();
+      });
+    });
+    closed.get_future().wait();
+    listener->Close();
     a.value()->Close();
     b.value()->Close();
   }

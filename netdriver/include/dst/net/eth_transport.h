@@ -66,6 +66,9 @@ struct EthEndpointOptions {
   std::chrono::milliseconds rto_min{5};
   std::chrono::milliseconds rto_max{1000};
   std::chrono::milliseconds dead_time{10000};
+  // The DST frames of one SendFrames call form one message, so small frames share fragments
+  // (§12.7).  false: one message per DST frame (the first sender; benchmarks compare the two).
+  bool coalesce = true;
   EthFaultOptions fault;
 };
 
