@@ -85,6 +85,21 @@ void RequireNetns() {
   DST_REQUIRE(dst::test::HaveTool("ip"), "iproute2 (ip) not installed");
 }
 
+// Opens a session from endpoint `a` to endpoint `b` on `strand` (null on failure).
+std::unique_ptr<Transport> ConnectOn(EthEndpoint& a, EthEndpoint& b, const Strand& strand) {
+  std::array<std::uint8_t, 6> mac{};
+  std::memcpy(mac.data(), b.mac(), 6);
+  auto conn = a.MakeConnector(strand, mac);
+  std::promise<std::unique_ptr<Transport>> got;
+  boost::asio::post(strand, [&] {
+    conn->AsyncConnect(milliseconds(1000), [&](Status st, std::unique_ptr<Transport> t) {
+      if (!st.ok()) t.reset();
+      got.set_value(std::move(t));
+    });
+  });
+  return got.get_future().get();
+}
+
 struct Setup {
   bool encrypted = true;
   EthFaultOptions fault;
@@ -517,17 +532,7 @@ class EthTransportTest : public QObject {
     QVERIFY(a.ok() && b.ok());
     Strand strand = boost::asio::make_strand(r.io.io);
     auto listener = b.value()->MakeListener(strand);  // never accepts
-    std::array<std::uint8_t, 6> mac{};
-    std::memcpy(mac.data(), b.value()->mac(), 6);
-    auto conn = a.value()->MakeConnector(strand, mac);
-    std::promise<std::unique_ptr<Transport>> got;
-    boost::asio::post(strand, [&] {
-      conn->AsyncConnect(milliseconds(1000), [&](Status st, std::unique_ptr<Transport> t) {
-        if (!st.ok()) t.reset();
-        got.set_value(std::move(t));
-      });
-    });
-    std::unique_ptr<Transport> t = got.get_future().get();
+    std::unique_ptr<Transport> t = ConnectOn(*a.value(), *b.value(), strand);
     QVERIFY(t);
     static const char kHello[] = "hello";
     std::promise<boost::system::error_code> wrote;
@@ -579,17 +584,7 @@ class EthTransportTest : public QObject {
         accepted.set_value(std::move(t));
       });
     });
-    std::array<std::uint8_t, 6> mac{};
-    std::memcpy(mac.data(), b.value()->mac(), 6);
-    auto conn = a.value()->MakeConnector(strand, mac);
-    std::promise<std::unique_ptr<Transport>> got;
-    boost::asio::post(strand, [&] {
-      conn->AsyncConnect(milliseconds(1000), [&](Status st, std::unique_ptr<Transport> t) {
-        if (!st.ok()) t.reset();
-        got.set_value(std::move(t));
-      });
-    });
-    std::unique_ptr<Transport> t = got.get_future().get();
+    std::unique_ptr<Transport> t = ConnectOn(*a.value(), *b.value(), strand);
     QVERIFY(t);
 
     // 64 header-only frames, then three with payloads (one larger than a fragment), in one list.
