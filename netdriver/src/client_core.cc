@@ -543,7 +543,8 @@ void ClientCore::Submit(IoRequest* req) {
 void ClientCore::ArmKick() {
   auto self = shared_from_this();
   kick_.async_wait(asio::posix::descriptor_base::wait_read,
-                   [self](const boost::system::error_code& ec) { self->OnKick(ec); });
+                   detail::Bind(&kick_arena_, strand_,
+                                [self](const boost::system::error_code& ec) { self->OnKick(ec); }));
 }
 
 void ClientCore::OnKick(const boost::system::error_code& ec) {

@@ -82,6 +82,7 @@
 #include "dst/net/transport.h"
 #include "dst/status.h"
 #include "rx_buffer.h"
+#include "server_alloc.h"
 
 namespace dst::net {
 
@@ -341,6 +342,9 @@ class ClientCore : public std::enable_shared_from_this<ClientCore> {
   std::unique_ptr<Transport> transport_;  // the current connection (closed between connections)
   boost::asio::basic_waitable_timer<ClientClock, boost::asio::wait_traits<ClientClock>, Strand> tick_timer_{strand_};
   boost::asio::posix::basic_stream_descriptor<Strand> kick_{strand_};
+  // Memory for the kick wait: Asio's one-slot per-thread cache misses when a second handler is
+  // live on the io thread (the eth transport's completions are), and every I/O kicks.
+  detail::HandlerArena kick_arena_;
   const std::chrono::milliseconds tick_;
 
   // Shared with submitters.
