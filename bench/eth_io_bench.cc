@@ -18,12 +18,14 @@
 //               namespaces), the anchor;
 //   eth:        the raw-Ethernet transport, insecure_segment (no AEAD);
 //   eth_sealed: the raw-Ethernet transport with a PSK (every frame sealed);
-//   eth_per_frame: eth with coalescing off (one message per DST frame, as the first sender did),
-//               so the data-path change shows old and new side by side.
+//   eth_first:  the first design of the transport, beside the current one: each endpoint on an
+//               io thread of its own and one message per DST frame (eth and eth_sealed run their
+//               endpoints on the client's and the exporter's io_context and coalesce the frames
+//               of a batch, as dstd does).
 // Workloads per transport and rep: 4 KiB random I/O (half reads, half writes) at queue depth
 // 32, then 1 MiB sequential writes and reads at queue depth 8.  Transports are interleaved rep
 // by rep and the median rep is reported.  Prints RESULT lines and RATIO lines (eth/tcp with the
-// issue's targets, eth_sealed/eth, eth/eth_per_frame); exits 77 without root.  docs/benchmarks.md: the CI smoke
+// issue's targets, eth_sealed/eth, eth/eth_first); exits 77 without root.  docs/benchmarks.md: the CI smoke
 // run is `--seconds 0.3 --reps 1`; a real run `--seconds 5 --reps 5`.
 #include <unistd.h>
 
@@ -162,7 +164,7 @@ struct Sample {
   double iops = 0, write_mbs = 0, read_mbs = 0;
 };
 
-enum class Kind { kTcp, kEth, kEthSealed, kEthPerFrame };
+enum class Kind { kTcp, kEth, kEthSealed, kEthFirst };
 std::string g_modes;  // " tx=... rx=..." of the Ethernet runs
 
 const char* Name(Kind k) {
@@ -170,19 +172,20 @@ const char* Name(Kind k) {
     case Kind::kTcp: return "tcp";
     case Kind::kEth: return "eth";
     case Kind::kEthSealed: return "eth_sealed";
-    case Kind::kEthPerFrame: return "eth_per_frame";
+    case Kind::kEthFirst: return "eth_first";
   }
   return "?";
 }
 
 Result<std::shared_ptr<EthEndpoint>> OpenEp(const std::string& ns, const std::string& ifname, bool sealed,
-                                            bool coalesce) {
+                                            bool first, boost::asio::io_context* io) {
   dst::test::InNetns in(ns);
   EthEndpointOptions o;
   o.link.ifname = ifname;
   o.link.rx = g_rx;
   o.link.tx = g_tx;
-  o.coalesce = coalesce;
+  o.coalesce = !first;
+  o.io = first ? nullptr : io;
   if (sealed) {
     o.psks.push_back({"bench", std::vector<std::uint8_t>(32, 0x42)});
   } else {
@@ -205,9 +208,9 @@ Sample RunOne(Kind kind, const dst::test::VethNetns& v, const std::shared_ptr<Bl
       return std::move(l).value();
     };
   } else {
-    const bool sealed = kind == Kind::kEthSealed, coalesce = kind != Kind::kEthPerFrame;
-    auto a = OpenEp(v.ns(0), v.ifname(0), sealed, coalesce);
-    auto b = OpenEp(v.ns(1), v.ifname(1), sealed, coalesce);
+    const bool sealed = kind == Kind::kEthSealed, first = kind == Kind::kEthFirst;
+    auto a = OpenEp(v.ns(0), v.ifname(0), sealed, first, &cli.io);
+    auto b = OpenEp(v.ns(1), v.ifname(1), sealed, first, &srv.io);
     if (!a.ok() || !b.ok()) {
       std::fprintf(stderr, "eth: %s\n", (a.ok() ? b.status() : a.status()).ToString().c_str());
       std::exit(2);
@@ -319,7 +322,7 @@ int main(int argc, char** argv) {
   }
   std::printf("eth_io_bench: veth %s <-> %s (mtu %u), export %llu MiB on tmpfs, %.1f s per workload, %d reps\n",
               v.ifname(0).c_str(), v.ifname(1).c_str(), mtu, (unsigned long long)size_mib, seconds, reps);
-  const Kind kinds[] = {Kind::kTcp, Kind::kEth, Kind::kEthSealed, Kind::kEthPerFrame};
+  const Kind kinds[] = {Kind::kTcp, Kind::kEth, Kind::kEthSealed, Kind::kEthFirst};
   constexpr int kKinds = 4;
   std::vector<Sample> samples[kKinds];
   for (int r = 0; r < reps; ++r)
@@ -343,7 +346,7 @@ int main(int argc, char** argv) {
   std::printf("RATIO eth_sealed/eth rand4k_qd32_iops=%.2f seq1m_write=%.2f seq1m_read=%.2f\n",
               ratio(med[2].iops, med[1].iops), ratio(med[2].write_mbs, med[1].write_mbs),
               ratio(med[2].read_mbs, med[1].read_mbs));
-  std::printf("RATIO eth/eth_per_frame rand4k_qd32_iops=%.2f seq1m_write=%.2f seq1m_read=%.2f\n",
+  std::printf("RATIO eth/eth_first rand4k_qd32_iops=%.2f seq1m_write=%.2f seq1m_read=%.2f\n",
               ratio(med[1].iops, med[3].iops), ratio(med[1].write_mbs, med[3].write_mbs),
               ratio(med[1].read_mbs, med[3].read_mbs));
   return 0;

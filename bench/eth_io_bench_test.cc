@@ -36,11 +36,11 @@ class EthIoBenchTest : public QObject {
       seen << m.captured(1);
       for (int i = 2; i <= 4; ++i) QVERIFY2(m.captured(i).toDouble() > 0, qPrintable(m.captured(0)));
     }
-    QCOMPARE(seen, (QStringList{"tcp", "eth", "eth_sealed", "eth_per_frame"}));
+    QCOMPARE(seen, (QStringList{"tcp", "eth", "eth_sealed", "eth_first"}));
     QVERIFY(text.contains(QRegularExpression("RATIO eth/tcp rand4k_qd32_iops=[0-9.]+ target=1.00")));
     QVERIFY(text.contains(QRegularExpression("RATIO eth/tcp seq1m_write=[0-9.]+ seq1m_read=[0-9.]+")));
     QVERIFY(text.contains(QRegularExpression("RATIO eth_sealed/eth rand4k_qd32_iops=[0-9.]+")));
-    QVERIFY(text.contains(QRegularExpression("RATIO eth/eth_per_frame rand4k_qd32_iops=[0-9.]+ seq1m_write=[0-9.]+")));
+    QVERIFY(text.contains(QRegularExpression("RATIO eth/eth_first rand4k_qd32_iops=[0-9.]+ seq1m_write=[0-9.]+")));
   }
 };
 

@@ -579,6 +579,9 @@ Result<std::shared_ptr<net::EthEndpoint>> Daemon::EthEndpointFor(const std::stri
   net::EthEndpointOptions o;
   o.link.ifname = ifname;
   o.insecure_segment = cfg_.insecure_segment;
+  // On dstd's io_context: the sessions' owners (remote devices, the exporter) run there, so the
+  // endpoint hands them completions without waking another thread (docs/architecture.md).
+  o.io = &io_;
   if (!cfg_.tls_psk_file.empty()) {
     auto psks = net::LoadPskFile(cfg_.tls_psk_file);
     if (!psks.ok()) return psks.status();
@@ -591,7 +594,10 @@ Result<std::shared_ptr<net::EthEndpoint>> Daemon::EthEndpointFor(const std::stri
     spdlog::warn("insecure_segment = true: DST frames on {} are neither encrypted nor authenticated", ifname);
   // Only a listening interface answers DISCOVER: elsewhere there is nothing to dial.
   if (std::find(cfg_.eth_interfaces.begin(), cfg_.eth_interfaces.end(), ifname) != cfg_.eth_interfaces.end())
-    ep.value()->SetDiscoveryResponder([this](const std::string& identity) { return DiscoveryListing(identity); });
+    // The listing takes dstd's locks: build it on a worker, never on the io thread.
+    ep.value()->SetDiscoveryResponder([this](const std::string& identity, net::EthEndpoint::DiscoveryAnswer answer) {
+      workers_.Post([this, identity, answer = std::move(answer)] { answer(DiscoveryListing(identity)); });
+    });
   eth_[ifname] = ep.value();
   return ep.value();
 }

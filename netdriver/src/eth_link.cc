@@ -1,5 +1,6 @@
 // EthLink: batched AF_PACKET I/O (eth_link.h, docs/protocol.md §12).
 #include "dst/net/eth_link.h"
+#include "server_alloc.h"
 
 #include <arpa/inet.h>
 #include <linux/if_arp.h>
@@ -113,7 +114,11 @@ const char* EthLink::RxModeName(EthLinkOptions::Rx m) {
 }
 
 EthLink::EthLink(const Strand& strand, const EthLinkOptions& opt)
-    : strand_(strand), tx_sd_(strand), rx_sd_(strand), ifname_(opt.ifname) {}
+    : strand_(strand),
+      arena_(std::make_shared<detail::HandlerArena>()),
+      tx_sd_(strand),
+      rx_sd_(strand),
+      ifname_(opt.ifname) {}
 
 EthLink::~EthLink() { Close(); }
 
@@ -424,8 +429,7 @@ std::size_t EthLink::FlushBatch(boost::system::error_code& ec) {
 }
 
 void EthLink::AsyncWaitWritable(IoCallback done) {
-  tx_sd_.async_wait(Descriptor::wait_write,
-                    [cb = std::move(done)](const boost::system::error_code& ec) mutable { cb(ec, 0); });
+  tx_sd_.async_wait(Descriptor::wait_write, detail::ArenaHandler(arena_, strand_, std::move(done)));
 }
 
 // ---- receive ----
@@ -507,8 +511,7 @@ bool EthLink::NextRx(EthHeader* h, const std::uint8_t** payload) {
 }
 
 void EthLink::AsyncWaitReadable(IoCallback done) {
-  rx_sd_.async_wait(Descriptor::wait_read,
-                    [cb = std::move(done)](const boost::system::error_code& ec) mutable { cb(ec, 0); });
+  rx_sd_.async_wait(Descriptor::wait_read, detail::ArenaHandler(arena_, strand_, std::move(done)));
 }
 
 std::uint64_t EthLink::UpdateKernelDrops() {

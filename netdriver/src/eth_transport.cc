@@ -6,11 +6,12 @@
 #include <sys/random.h>
 
 #include <algorithm>
+#include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <future>
 #include <map>
 #include <mutex>
-#include <condition_variable>
 #include <optional>
 #include <thread>
 
@@ -145,16 +146,22 @@ class EthEndpoint::Impl : public std::enable_shared_from_this<EthEndpoint::Impl>
   };
 
   explicit Impl(EthEndpointOptions o)
-      : opt(std::move(o)), strand(asio::make_strand(io)), tick(strand), work(asio::make_work_guard(io)) {
+      : opt(std::move(o)),
+        io(opt.io ? *opt.io : own_io),
+        strand(asio::make_strand(io)),
+        tick(strand),
+        work(asio::make_work_guard(own_io)) {
     rng = opt.fault.seed;
   }
 
   EthEndpointOptions opt;
-  asio::io_context io;
+  asio::io_context own_io;  // idle when opt.io is given
+  asio::io_context& io;     // what the strand runs on
   Strand strand;
   // Typed on the strand: a steady_timer (any_io_executor) would copy the strand to the heap on
   // every wait, a thousand times a second.
   asio::basic_waitable_timer<std::chrono::steady_clock, asio::wait_traits<std::chrono::steady_clock>, Strand> tick;
+  detail::HandlerArena tick_arena;  // the tick's wait (the handler holds the endpoint, so the arena lives on)
   asio::executor_work_guard<asio::io_context::executor_type> work;
   std::thread thread;
   std::unique_ptr<EthLink> link;
@@ -593,10 +600,19 @@ class EthEndpoint::Impl : public std::enable_shared_from_this<EthEndpoint::Impl>
       r = responder;
     }
     if (!r) return;
+    // The responder answers when it has the listing, from any thread: the reply is sent then.
+    auto answer = [this, &h](std::optional<EthKey> key) -> EthEndpoint::DiscoveryAnswer {
+      std::array<std::uint8_t, kMacLen> to{};
+      std::memcpy(to.data(), h.src, kMacLen);
+      return [w = weak_from_this(), to, id = h.session, key](const std::string& listing) {
+        if (auto self = w.lock())
+          self->SendDiscovery(EthType::kDiscoverReply, to.data(), id, listing, key ? &*key : nullptr);
+      };
+    };
     static const std::uint8_t kBroadcast[kMacLen] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
     if (!encrypted()) {
       if (h.flags & kEthFlagAead) return void(++malformed);
-      SendDiscovery(EthType::kDiscoverReply, h.src, h.session, r(""), nullptr);
+      r("", answer(std::nullopt));
       return;
     }
     if (!(h.flags & kEthFlagAead)) return void(++malformed);
@@ -609,7 +625,7 @@ class EthEndpoint::Impl : public std::enable_shared_from_this<EthEndpoint::Impl>
       // The reply is bound to our own MAC: the asker derives the key from the address it came from.
       auto a = DeriveEthKeys(key, id, FormatMac(link->mac()), h.session);
       if (!a.ok()) return;
-      SendDiscovery(EthType::kDiscoverReply, h.src, h.session, r(id), &a.value().responder_to_initiator);
+      r(id, answer(a.value().responder_to_initiator));
       return;
     }
     ++bad_tag;
@@ -819,9 +835,9 @@ class EthEndpoint::Impl : public std::enable_shared_from_this<EthEndpoint::Impl>
   void ArmTick(bool busy) {
     tick_long = !busy;
     tick.expires_after(busy ? ShortTick() : std::chrono::milliseconds(20));
-    tick.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
+    tick.async_wait(detail::Bind(&tick_arena, strand, [self = shared_from_this()](const boost::system::error_code& ec) {
       if (!ec) self->OnTick();
-    });
+    }));
   }
   void TickSoon() {
     if (tick_long && !closed) ArmTick(true);  // expires_after cancels the long wait
@@ -836,7 +852,20 @@ class EthEndpoint::Impl : public std::enable_shared_from_this<EthEndpoint::Impl>
       self->OnTick();
       self->OnReadable();
     });
-    thread = std::thread([this] { io.run(); });
+    if (!opt.io) thread = std::thread([this] { own_io.run(); });
+  }
+
+  // The last step of Shutdown, on the strand: nothing of the link is touched after it.
+  void CloseOnStrand() {
+    {
+      std::lock_guard<std::mutex> t(tx_mu);
+      closed = true;
+    }
+    cached.reset();
+    touched.clear();
+    tick.cancel();
+    link->Close();
+    work.reset();
   }
 
   void Shutdown() {
@@ -862,18 +891,21 @@ class EthEndpoint::Impl : public std::enable_shared_from_this<EthEndpoint::Impl>
       Fail(*s, asio::error::make_error_code(asio::error::shut_down));
     }
     all.clear();
-    if (thread.joinable()) {
-      asio::post(strand, [this] {
-        {
-          std::lock_guard<std::mutex> t(tx_mu);
-          closed = true;
-        }
-        cached.reset();
-        touched.clear();
-        tick.cancel();
-        link->Close();
-        work.reset();
+    if (opt.io) {
+      // A given io_context: inline on the strand; else posted, and waited for unless this is one
+      // of the io_context's own threads (which would then never run it).
+      if (strand.running_in_this_thread()) return CloseOnStrand();
+      auto done = std::make_shared<std::promise<void>>();
+      std::future<void> f = done->get_future();
+      asio::post(strand, [self = shared_from_this(), done] {
+        self->CloseOnStrand();
+        done->set_value();
       });
+      if (!io.get_executor().running_in_this_thread() && !io.stopped()) f.wait();
+      return;
+    }
+    if (thread.joinable()) {
+      asio::post(strand, [this] { CloseOnStrand(); });
       if (thread.get_id() == std::this_thread::get_id()) thread.detach();
       else thread.join();
     }
@@ -1343,6 +1375,10 @@ void EthEndpoint::SetDiscoveryResponder(DiscoveryResponder r) {
 Result<std::vector<EthDiscovered>> EthEndpoint::Discover(std::chrono::milliseconds wait) {
   Impl& i = *impl_;
   if (i.closed) return Status::Unavailable(fmt::format("eth {}: the endpoint is closed", opt_.link.ifname));
+  if (opt_.io && opt_.io->get_executor().running_in_this_thread())
+    return Status::NotSupported(fmt::format(
+        "eth {}: discovery blocks, and this thread runs the endpoint that would receive the answers",
+        opt_.link.ifname));
   const std::uint64_t id = RandomSession();
   {
     std::lock_guard<std::mutex> l(i.disc_mu);

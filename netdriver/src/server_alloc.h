@@ -15,11 +15,14 @@
 
 #include <atomic>
 #include <cstddef>
+#include <memory>
 #include <new>
 #include <utility>
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/strand.hpp>
+
+#include "dst/net/transport.h"
 
 namespace dst::net::detail {
 
@@ -118,6 +121,17 @@ class BoundHandler {
 template <typename F>
 BoundHandler<F> Bind(HandlerArena* arena, const Strand& strand, F f) {
   return BoundHandler<F>(arena, strand, std::move(f));
+}
+
+// Wraps an IoCallback as an Asio handler bound to `arena` and `strand`.  The handler keeps the
+// arena alive: a cancelled operation may complete (and free its memory into the arena) after its
+// owner is gone, e.g. a Transmitter's writable-wait, which holds no owner.
+inline auto ArenaHandler(const std::shared_ptr<HandlerArena>& arena, const Strand& strand, IoCallback done) {
+  return Bind(arena.get(), strand,
+              // n defaults for waits, whose completions carry no byte count.
+              [keep = arena, cb = std::move(done)](const boost::system::error_code& ec, std::size_t n = 0) mutable {
+                cb(ec, n);
+              });
 }
 
 }  // namespace dst::net::detail

@@ -68,20 +68,6 @@ std::size_t detail::SendFramesOnFd(int fd, const TxFrame* head, std::size_t offs
 // ------------------------------------------------------------------------------------------------
 // TcpTransport
 
-namespace {
-
-// Wraps an IoCallback as an Asio handler bound to the transport's arena and strand.  The handler
-// keeps the arena alive: a cancelled operation may complete (and free its memory into the arena)
-// after the transport is gone, e.g. a Transmitter's writable-wait, which holds no owner.
-auto Handler(const std::shared_ptr<detail::HandlerArena>& arena, const Strand& strand, IoCallback done) {
-  return detail::Bind(arena.get(), strand,
-                      [keep = arena, cb = std::move(done)](const boost::system::error_code& ec, std::size_t n) mutable {
-                        cb(ec, n);
-                      });
-}
-
-}  // namespace
-
 TcpTransport::TcpTransport(Socket socket, Strand strand, std::string peer)
     : socket_(std::move(socket)),
       strand_(std::move(strand)),
@@ -113,15 +99,15 @@ void TcpTransport::AsyncWaitWritable(IoCallback done) {
 }
 
 void TcpTransport::AsyncReadSome(asio::mutable_buffer buf, IoCallback done) {
-  socket_.async_read_some(buf, Handler(arena_, strand_, std::move(done)));
+  socket_.async_read_some(buf, detail::ArenaHandler(arena_, strand_, std::move(done)));
 }
 
 void TcpTransport::AsyncRead(asio::mutable_buffer buf, IoCallback done) {
-  asio::async_read(socket_, buf, Handler(arena_, strand_, std::move(done)));
+  asio::async_read(socket_, buf, detail::ArenaHandler(arena_, strand_, std::move(done)));
 }
 
 void TcpTransport::AsyncWrite(asio::const_buffer buf, IoCallback done) {
-  asio::async_write(socket_, buf, Handler(arena_, strand_, std::move(done)));
+  asio::async_write(socket_, buf, detail::ArenaHandler(arena_, strand_, std::move(done)));
 }
 
 void TcpTransport::Shutdown(ShutdownHow how) {

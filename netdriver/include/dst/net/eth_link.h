@@ -46,6 +46,10 @@
 
 namespace dst::net {
 
+namespace detail {
+class HandlerArena;
+}
+
 struct EthLinkOptions {
   enum class Tx { kAuto, kRing, kSendmmsg, kSendto };  // kAuto: ring, else sendmmsg
   enum class Rx { kAuto, kRing, kRecvmmsg, kNone };    // kAuto: ring, else recvmmsg; kNone: send only
@@ -150,6 +154,9 @@ class EthLink {
   void NoteOccupancy();
 
   Strand strand_;
+  // Memory for the two waits: Asio's one-slot per-thread cache misses when the link shares an io
+  // thread with its sessions' owners (dstd), and every receive batch waits again.
+  std::shared_ptr<detail::HandlerArena> arena_;
   Descriptor tx_sd_;
   Descriptor rx_sd_;
   EthLinkOptions::Tx tx_mode_ = EthLinkOptions::Tx::kSendto;
