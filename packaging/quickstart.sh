@@ -15,7 +15,7 @@
 #           --sanitize        build with clang-14, AddressSanitizer, UBSan and the libFuzzer targets
 #                             (default build tree ./build-sanitize); test runs unit|integration
 #           --labels REGEX    (test) only the CTest labels matching REGEX, e.g. 'unit|fuzz'
-# Environment: DST_JOBS (default 2) parallel build and test jobs; DST_FUZZ_SECONDS (default 40)
+# Environment: DST_JOBS (default 2) parallel build and test jobs; DST_FUZZ_SECONDS (default 30)
 #              per fuzz target in the fuzz_smoke_* tests (label fuzz); DST_DEMO_TIMEOUT (default 300)
 #              seconds before a hung demo is torn down; DST_DEMO_MKFS_OPTIONS extra mkfs.ext4 options.
 #

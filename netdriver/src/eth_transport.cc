@@ -901,7 +901,10 @@ class EthEndpoint::Impl : public std::enable_shared_from_this<EthEndpoint::Impl>
         self->CloseOnStrand();
         done->set_value();
       });
-      if (!io.get_executor().running_in_this_thread() && !io.stopped()) f.wait();
+      // Bounded: if the io_context is stopped meanwhile the step never runs (the link then
+      // closes when the endpoint goes), and Close must not hang on it.
+      if (!io.get_executor().running_in_this_thread() && !io.stopped())
+        f.wait_for(std::chrono::seconds(5));
       return;
     }
     if (thread.joinable()) {

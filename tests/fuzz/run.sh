@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the libFuzzer targets of tests/fuzz (built with -DDST_FUZZ=ON, see CMakeLists.txt there).
 #
-#   bash tests/fuzz/run.sh [TARGET...]            # DST_FUZZ_SECONDS (default 40) each: the CI smoke
+#   bash tests/fuzz/run.sh [TARGET...]            # DST_FUZZ_SECONDS (default 30) each: the CI smoke
 #   bash tests/fuzz/run.sh --long [TARGET...]     # DST_FUZZ_RUNS (default 10,000,000) executions each,
 #                                                 # resumable (see below)
 #   bash tests/fuzz/run.sh --replay [TARGET...]   # every seed and saved crash input once
@@ -89,7 +89,7 @@ for t in "${TARGETS[@]}"; do
   else
     case "$MODE" in
       replay) args=(-runs=0 "${dirs[@]}") ;;
-      smoke) args=(-max_total_time="${DST_FUZZ_SECONDS:-40}" "$out/corpus" "${dirs[@]}") ;;
+      smoke) args=(-max_total_time="${DST_FUZZ_SECONDS:-30}" "$out/corpus" "${dirs[@]}") ;;
     esac
     start=$(date +%s)
     "$bin" "${common[@]}" "${args[@]}" >"$log" 2>&1 || rc=$?

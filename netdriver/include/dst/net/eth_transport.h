@@ -36,7 +36,8 @@
 //   open --Close--> sessions failed (shut_down), listener ended --on the strand--> link closed,
 //        timers cancelled.  With an own thread, Close waits for that step and joins the thread;
 //        with a given io_context it runs it inline when called on the strand, else posts it and
-//        waits for it unless called on one of that io_context's threads.
+//        waits for it (at most 5 s: the io_context may be stopping) unless called on one of that
+//        io_context's threads.
 #pragma once
 
 #include <array>
