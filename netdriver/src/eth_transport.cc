@@ -950,7 +950,7 @@ std::size_t EthTransport::SendFrames(const TxFrame* head, std::size_t offset, co
   std::size_t skip = offset;  // a datagram transport takes whole frames only: the Transmitter never has an offset
   while (f && frames < lim.max_frames && taken < lim.max_bytes) {
     // Gather frames while the message still fits the free window and the §12.3 message limit.
-    const std::uint32_t room = std::min(s.Free(), s.W);
+    const std::uint32_t room = s.Free();
     std::size_t total = 0;
     const TxFrame* last = f;
     int group = 0;
@@ -960,10 +960,9 @@ std::size_t EthTransport::SendFrames(const TxFrame* head, std::size_t offset, co
          g = g->next) {
       const std::size_t len = std::size_t(g->header_len) + g->payload_len - (g == f ? skip : 0);
       const std::size_t sum = total + len;
-      if (sum > kEthMaxMessage || EthFragmentCount(std::uint32_t(std::min<std::size_t>(sum, kEthMaxMessage)), s.frag) > room) {
+      if (sum > kEthMaxMessage || EthFragmentCount(std::uint32_t(sum), s.frag) > room) {
         if (group == 0) {
-          if (EthFragmentCount(std::uint32_t(std::min<std::size_t>(len, kEthMaxMessage)), s.frag) > s.W ||
-              len > kEthMaxMessage) {
+          if (len > kEthMaxMessage || EthFragmentCount(std::uint32_t(len), s.frag) > s.W) {
             ec = asio::error::message_size;
           } else {
             s.want_slots = EthFragmentCount(std::uint32_t(len), s.frag);
@@ -977,7 +976,7 @@ std::size_t EthTransport::SendFrames(const TxFrame* head, std::size_t offset, co
     }
     if (group == 0) break;
     if (total == 0) {  // only empty frames
-      for (int i = 0; i < group; ++i) f = f->next;
+      f = last->next;
       frames += group;
       skip = 0;
       continue;
