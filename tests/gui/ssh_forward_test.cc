@@ -227,10 +227,15 @@ class SshForwardTest : public QObject {
         if (Alive(k)) ::kill(k, SIGKILL);
     });
     QTRY_VERIFY_WITH_TIMEOUT((kids = ChildrenOf(gui.processId())).size() == 1, 10000);
-    QFile cmdline(QString("/proc/%1/cmdline").arg(kids[0]));
-    QVERIFY(cmdline.open(QIODevice::ReadOnly));
-    QList<QByteArray> argv = cmdline.readAll().split('\0');
-    QVERIFY(argv.contains("tester@fakehost"));
+    // The child is visible from fork on, but until its exec its cmdline is still dst-gui's own
+    // (which holds "tester@fakehost:<socket>", not the ssh target): wait for the exec.
+    QList<QByteArray> argv;
+    auto read_argv = [&] {
+      QFile cmdline(QString("/proc/%1/cmdline").arg(kids[0]));
+      argv = cmdline.open(QIODevice::ReadOnly) ? cmdline.readAll().split('\0') : QList<QByteArray>{};
+      return argv;
+    };
+    QTRY_VERIFY2_WITH_TIMEOUT(read_argv().contains("tester@fakehost"), argv.join(' ').constData(), 10000);
     QByteArray forward;
     for (qsizetype i = 0; i + 1 < argv.size(); ++i)
       if (argv[i] == "-L") forward = argv[i + 1];
