@@ -165,6 +165,7 @@ struct Sample {
 };
 
 enum class Kind { kTcp, kEth, kEthSealed, kEthFirst };
+bool g_only_4k = false;  // --only: the 4 KiB workload alone (a profile of it)
 std::string g_modes;  // " tx=... rx=..." of the Ethernet runs
 
 const char* Name(Kind k) {
@@ -249,8 +250,10 @@ Sample RunOne(Kind kind, const dst::test::VethNetns& v, const std::shared_ptr<Bl
   auto dev = r.value();
   Sample s;
   s.iops = Drive(*dev, size, 4096, 32, false, 0.5, seconds);
-  s.write_mbs = Drive(*dev, size, 1 << 20, 8, true, 0.0, seconds);
-  s.read_mbs = Drive(*dev, size, 1 << 20, 8, true, 1.0, seconds);
+  if (!g_only_4k) {
+    s.write_mbs = Drive(*dev, size, 1 << 20, 8, true, 0.0, seconds);
+    s.read_mbs = Drive(*dev, size, 1 << 20, 8, true, 1.0, seconds);
+  }
   dev->Close();
   std::promise<Status> p;
   exp.Drain([&p](Status st) { p.set_value(st); });
@@ -272,6 +275,7 @@ int main(int argc, char** argv) {
   int reps = 3;
   std::uint64_t size_mib = 256;
   unsigned mtu = 1500;
+  std::string only;  // --only KIND: run that transport alone (for profiling); no RATIO lines
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--seconds" && i + 1 < argc) seconds = std::atof(argv[++i]);
@@ -282,10 +286,11 @@ int main(int argc, char** argv) {
     else if (a == "--rx" && i + 1 < argc && std::string(argv[i + 1]) == "recvmmsg") g_rx = EthLinkOptions::Rx::kRecvmmsg, ++i;
     else if (a == "--tx" && i + 1 < argc && std::string(argv[i + 1]) == "ring") g_tx = EthLinkOptions::Tx::kRing, ++i;
     else if (a == "--tx" && i + 1 < argc && std::string(argv[i + 1]) == "sendmmsg") g_tx = EthLinkOptions::Tx::kSendmmsg, ++i;
+    else if (a == "--only" && i + 1 < argc) only = argv[++i], g_only_4k = true;
     else {
       std::fprintf(stderr,
                    "usage: eth_io_bench [--seconds S] [--reps R] [--size-mib N] [--mtu M] [--rx ring|recvmmsg] "
-                   "[--tx ring|sendmmsg]\n");
+                   "[--tx ring|sendmmsg] [--only tcp|eth|eth_sealed|eth_first]\n");
       return 2;
     }
   }
@@ -326,7 +331,19 @@ int main(int argc, char** argv) {
   constexpr int kKinds = 4;
   std::vector<Sample> samples[kKinds];
   for (int r = 0; r < reps; ++r)
-    for (int k = 0; k < kKinds; ++k) samples[k].push_back(RunOne(kinds[k], v, disk.value(), size, seconds));
+    for (int k = 0; k < kKinds; ++k)
+      if (only.empty() || only == Name(kinds[k])) samples[k].push_back(RunOne(kinds[k], v, disk.value(), size, seconds));
+  if (!only.empty()) {
+    for (int k = 0; k < kKinds; ++k)
+      if (!samples[k].empty()) {
+        std::vector<double> iops;
+        for (const Sample& s : samples[k]) iops.push_back(s.iops);
+        std::printf("RESULT transport=%s rand4k_qd32_iops=%.0f (alone)\n", Name(kinds[k]), Median(iops));
+        return 0;
+      }
+    std::fprintf(stderr, "eth_io_bench: --only: unknown transport %s\n", only.c_str());
+    return 2;
+  }
   Sample med[kKinds];
   for (int k = 0; k < kKinds; ++k) {
     std::vector<double> iops, w, rd;
