@@ -393,9 +393,10 @@ class ServerConn : public std::enable_shared_from_this<ServerConn> {
   template <typename Req>
   std::unique_ptr<Req[]> MakeSlots() {
     const std::uint32_t n = core_->options().max_inflight_per_connection;
-    std::unique_ptr<Req[]> slots(new Req[n]);
-    for (std::uint32_t i = 0; i < n; ++i) AddSlot(&slots[i]);
-    return slots;
+    // Not "slots": Qt defines that as a macro, and the tests see Qt's headers first (DST_PCH).
+    std::unique_ptr<Req[]> reqs(new Req[n]);
+    for (std::uint32_t i = 0; i < n; ++i) AddSlot(&reqs[i]);
+    return reqs;
   }
   void AddSlot(ServerReq* r);
   // A free slot.  REQUIRES: phase kServing and a free slot (HandleFrame is only called then).
