@@ -33,7 +33,7 @@ std::vector<ctl::OpRequest> Samples() {
           ctl::LegChangeOp{"m", ctl::LegAction::kRemove, 0, "", true},
           ctl::LegChangeOp{"m", ctl::LegAction::kReAdd, 2, "/d", false},
           ctl::LegChangeOp{"m", ctl::LegAction::kDetach, 3, "", false},
-          ctl::ExportAddOp{"e", "/img", "", "", "1M", true, false, true},
+          ctl::ExportAddOp{"e", "/img", "", "", "1M", true, false, true, {}},
           ctl::ExportAddOp{"e2", "", "m", "", "", false, false, false, {"hostc:rw", "backup:ro"}},
           ctl::ExportAllowOp{"e2", {"anonymous:ro"}},
           ctl::ExportAllowOp{"e2", {}},
