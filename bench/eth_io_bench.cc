@@ -37,6 +37,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <future>
+#include <iterator>
 #include <memory>
 #include <mutex>
 #include <random>
@@ -294,6 +295,12 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
+  const Kind kinds[] = {Kind::kTcp, Kind::kEth, Kind::kEthSealed, Kind::kEthFirst};
+  constexpr int kKinds = 4;
+  if (g_only_4k && std::none_of(std::begin(kinds), std::end(kinds), [&](Kind k) { return only == Name(k); })) {
+    std::fprintf(stderr, "eth_io_bench: --only: unknown transport %s\n", only.c_str());
+    return 2;
+  }
   if (::geteuid() != 0) {
     std::fprintf(stderr, "eth_io_bench: needs root (network namespaces, AF_PACKET)\n");
     return 77;
@@ -327,25 +334,13 @@ int main(int argc, char** argv) {
   }
   std::printf("eth_io_bench: veth %s <-> %s (mtu %u), export %llu MiB on tmpfs, %.1f s per workload, %d reps\n",
               v.ifname(0).c_str(), v.ifname(1).c_str(), mtu, (unsigned long long)size_mib, seconds, reps);
-  const Kind kinds[] = {Kind::kTcp, Kind::kEth, Kind::kEthSealed, Kind::kEthFirst};
-  constexpr int kKinds = 4;
   std::vector<Sample> samples[kKinds];
   for (int r = 0; r < reps; ++r)
     for (int k = 0; k < kKinds; ++k)
       if (only.empty() || only == Name(kinds[k])) samples[k].push_back(RunOne(kinds[k], v, disk.value(), size, seconds));
-  if (!only.empty()) {
-    for (int k = 0; k < kKinds; ++k)
-      if (!samples[k].empty()) {
-        std::vector<double> iops;
-        for (const Sample& s : samples[k]) iops.push_back(s.iops);
-        std::printf("RESULT transport=%s rand4k_qd32_iops=%.0f (alone)\n", Name(kinds[k]), Median(iops));
-        return 0;
-      }
-    std::fprintf(stderr, "eth_io_bench: --only: unknown transport %s\n", only.c_str());
-    return 2;
-  }
   Sample med[kKinds];
   for (int k = 0; k < kKinds; ++k) {
+    if (samples[k].empty()) continue;  // --only another transport
     std::vector<double> iops, w, rd;
     for (const Sample& s : samples[k]) {
       iops.push_back(s.iops);
@@ -353,9 +348,15 @@ int main(int argc, char** argv) {
       rd.push_back(s.read_mbs);
     }
     med[k] = {Median(iops), Median(w), Median(rd)};
+    if (g_only_4k) {
+      std::printf("RESULT transport=%s rand4k_qd32_iops=%.0f (alone)%s\n", Name(kinds[k]), med[k].iops,
+                  k ? g_modes.c_str() : "");
+      continue;
+    }
     std::printf("RESULT transport=%s rand4k_qd32_iops=%.0f seq1m_write_mib_s=%.1f seq1m_read_mib_s=%.1f%s\n",
                 Name(kinds[k]), med[k].iops, med[k].write_mbs, med[k].read_mbs, k ? g_modes.c_str() : "");
   }
+  if (g_only_4k) return 0;
   auto ratio = [](double a, double b) { return b > 0 ? a / b : 0.0; };
   std::printf("RATIO eth/tcp rand4k_qd32_iops=%.2f target=1.00\n", ratio(med[1].iops, med[0].iops));
   std::printf("RATIO eth/tcp seq1m_write=%.2f seq1m_read=%.2f\n", ratio(med[1].write_mbs, med[0].write_mbs),
